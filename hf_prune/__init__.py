@@ -1,0 +1,33 @@
+"""hf_prune: structural pruning for Hugging Face transformers models."""
+
+from .checkpoint import load_pruned
+from .config import PruningConfig
+from .errors import (
+    HFPruneError,
+    InvalidPruningTargetError,
+    NotPrunedError,
+    OutputExistsError,
+    PrunedCheckpointError,
+    UnsupportedArchitectureError,
+    UsageError,
+    VanillaFormatError,
+)
+from .pruner import HFPruner
+from .report import PruningReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HFPruneError",
+    "HFPruner",
+    "InvalidPruningTargetError",
+    "NotPrunedError",
+    "OutputExistsError",
+    "PrunedCheckpointError",
+    "PruningConfig",
+    "PruningReport",
+    "UnsupportedArchitectureError",
+    "UsageError",
+    "VanillaFormatError",
+    "load_pruned",
+]

@@ -1,0 +1,231 @@
+"""Pruned checkpoints on disk: the vanilla format when a standard config can express the shapes,
+the loader format otherwise; written atomically, safetensors only.
+
+*Vanilla*: `config.json` carries the family's standard fields (`num_attention_heads`,
+`num_key_value_heads`, `head_dim`, `intermediate_size`, `num_hidden_layers`, `layer_types`, ...)
+and the folder loads with `AutoModelFor*.from_pretrained` in a process that never imports hf_prune.
+
+*Loader*: the shapes differ per layer, or the family's config derives a shape the pruned model
+no longer has. `config.json` then gets `model_type: "hf_prune"` (so plain transformers refuses it
+with a message naming hf_prune instead of a size mismatch) and an `hf_prune` entry with the base
+`model_type` and every layer's shape; `load_pruned` rebuilds the skeleton and loads the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+
+from .errors import OutputExistsError, PrunedCheckpointError, UsageError
+from .groups import ArchitectureAdapter, LayerGeometry, get_adapter
+from .plan import LayerPlan, PruningPlan
+from .surgery import apply_plan
+
+LOADER_MODEL_TYPE = "hf_prune"
+LOADER_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FormatDecision:
+    """Which format a pruned model is written in, why, and (vanilla) the config fields to write."""
+
+    vanilla: bool
+    reason: str
+    config_fields: dict
+
+    @property
+    def name(self) -> str:
+        return "vanilla" if self.vanilla else "loader"
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose tensors live on the meta device: shapes without memory, for dry runs."""
+    memo = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        meta = tensor.detach().to("meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def layer_geometries(model: nn.Module, adapter: ArchitectureAdapter) -> list[LayerGeometry]:
+    return [adapter.geometry(layer) for layer in adapter.layers(model)]
+
+
+def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> FormatDecision:
+    """Vanilla if every layer has the same shape and the family's config class, given the
+    standard fields for that shape, builds a model with exactly the pruned model's tensor shapes."""
+    geometries = layer_geometries(model, adapter)
+    if any(g.attention is None or g.intermediate_size is None for g in geometries):
+        return FormatDecision(False, "some attention or MLP branches were removed: no standard config field says so", {})
+    if any(g != geometries[0] for g in geometries):
+        return FormatDecision(False, "layers have different head or neuron counts: standard configs hold one size", {})
+    fields = adapter.config_fields(model.config, geometries[0])
+    candidate = copy.deepcopy(model.config)
+    for key, value in fields.items():
+        setattr(candidate, key, value)
+    try:
+        candidate = type(candidate).from_dict(candidate.to_dict())
+        with torch.device("meta"):
+            expected = type(model)(candidate).state_dict()
+    except Exception as error:  # the config class's own validation says why
+        reason = str(error).strip().splitlines()[-1]
+        return FormatDecision(False, f"{type(model.config).__name__} rejects the pruned shapes ({reason})", {})
+    actual = model.state_dict()
+    mismatched = [
+        name
+        for name in sorted(set(expected) | set(actual))
+        if name not in expected or name not in actual or expected[name].shape != actual[name].shape
+    ]
+    if mismatched:
+        name = mismatched[0]
+        detail = (
+            f"{name}: config gives {tuple(expected[name].shape)}, pruned model has {tuple(actual[name].shape)}"
+            if name in expected and name in actual
+            else f"{name} exists in only one of them"
+        )
+        return FormatDecision(
+            False, f"{type(model.config).__name__} derives a different shape from its fields ({detail})", {}
+        )
+    return FormatDecision(True, "every layer has the same shape and the standard config fields express it", fields)
+
+
+# --------------------------------------------------------------------------- saving
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"output folder {str(target)!r} is an existing file; choose another path.")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output folder {str(target)!r} exists and is not empty; choose another folder or pass overwrite=True "
+            "(CLI: --overwrite). Nothing in it was touched."
+        )
+
+
+def write_atomically(target: str | os.PathLike, write, overwrite: bool = False) -> Path:
+    """Call `write(folder)` on a temporary folder beside `target`, then move it into place.
+
+    An error or interrupt midway leaves no partial output and the previous folder untouched.
+    """
+    target = Path(target).resolve()
+    _check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        write(staging)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, retired / "folder")
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_loader_config(folder: Path, model: PreTrainedModel, adapter: ArchitectureAdapter) -> None:
+    """Rewrite `config.json` into the loader format (see the module docstring)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["hf_prune"] = {
+        "format_version": LOADER_FORMAT_VERSION,
+        "base_model_type": config["model_type"],
+        "layers": [geometry.to_dict() for geometry in layer_geometries(model, adapter)],
+    }
+    config["model_type"] = LOADER_MODEL_TYPE
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- loading
+_LOAD_KWARGS = ("dtype", "torch_dtype", "device_map", "attn_implementation")
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise PrunedCheckpointError(f"{folder} holds no model.safetensors (hf_prune never writes pickled weights).")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return state
+
+
+def load_pruned(folder: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a folder hf_prune wrote, in either format, without `trust_remote_code`.
+
+    Vanilla folders go straight to `from_pretrained`. Loader-format folders are rebuilt: the
+    family's model is built on the meta device from the dense config, shaped layer by layer
+    as the saved metadata says, and filled with the saved weights. The model class is taken
+    from `config.architectures`. Supported keywords there: `dtype`, `device_map` (one device),
+    `attn_implementation`.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise PrunedCheckpointError(f"{folder} has no config.json; pass the folder that save_pretrained wrote.")
+    raw = json.loads(config_path.read_text())
+    architectures = raw.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise PrunedCheckpointError(f"{config_path} names no known model class in 'architectures' ({architectures}).")
+    if raw.get("model_type") != LOADER_MODEL_TYPE:
+        return model_class.from_pretrained(folder, **from_pretrained_kwargs)
+
+    unknown = sorted(set(from_pretrained_kwargs) - set(_LOAD_KWARGS))
+    if unknown:
+        raise UsageError(
+            f"load_pruned got {unknown} for a loader-format folder; supported keywords: {', '.join(_LOAD_KWARGS)}."
+        )
+    metadata = raw.pop("hf_prune")
+    if metadata.get("format_version") != LOADER_FORMAT_VERSION:
+        raise PrunedCheckpointError(
+            f"{config_path} uses loader format version {metadata.get('format_version')}; this hf_prune reads "
+            f"version {LOADER_FORMAT_VERSION}. Upgrade hf_prune."
+        )
+    base_type = metadata["base_model_type"]
+    raw.pop("model_type")
+    config = AutoConfig.for_model(base_type, **raw)
+    if "attn_implementation" in from_pretrained_kwargs:
+        config._attn_implementation = from_pretrained_kwargs["attn_implementation"]
+    adapter = get_adapter(base_type)
+    with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed for real
+        model = model_class(config)
+    dense = layer_geometries(model, adapter)
+    targets = [LayerGeometry.from_dict(entry) for entry in metadata["layers"]]
+    if len(targets) != len(dense):
+        raise PrunedCheckpointError(f"{config_path}: {len(targets)} layer shapes for {len(dense)} layers.")
+    apply_plan(model, adapter, PruningPlan([LayerPlan.first(i, d, t) for i, (d, t) in enumerate(zip(dense, targets))]))
+
+    state = _read_state_dict(folder)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_empty = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
+    if still_empty:
+        raise PrunedCheckpointError(f"{folder}: weights missing from the safetensors files: {still_empty[:5]}")
+    dtype = from_pretrained_kwargs.get("dtype", from_pretrained_kwargs.get("torch_dtype"))
+    if dtype is not None:
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    device = from_pretrained_kwargs.get("device_map")
+    if device is not None:
+        model.to(device)
+    if (folder / "generation_config.json").exists() and model.can_generate():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return model.eval()

@@ -1,0 +1,22 @@
+"""Random: uniform scores from a seeded generator. The floor every criterion must beat."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..groups import ArchitectureAdapter, Group
+from .base import Criterion
+from .registry import register_criterion
+
+
+@register_criterion
+class RandomCriterion(Criterion):
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def score(self, model: nn.Module, adapter: ArchitectureAdapter, groups: Sequence[Group]) -> torch.Tensor:
+        return torch.rand(len(groups), generator=self._generator, dtype=torch.float64)

@@ -1,0 +1,33 @@
+"""Typed exceptions: every failure a user can act on has its own class, and says what to do."""
+
+
+class HFPruneError(Exception):
+    """Base class of every error hf_prune raises on purpose."""
+
+
+class UsageError(HFPruneError):
+    """The caller asked for something impossible; fixing the arguments fixes it (CLI exit code 2)."""
+
+
+class UnsupportedArchitectureError(UsageError):
+    """No architecture adapter is registered for the model's `model_type`."""
+
+
+class InvalidPruningTargetError(UsageError, ValueError):
+    """A pruning target (fraction, count, combination) cannot be met for this model."""
+
+
+class OutputExistsError(UsageError, FileExistsError):
+    """The output folder exists and is not empty, and `overwrite=True` was not given."""
+
+
+class VanillaFormatError(UsageError):
+    """`require_vanilla=True` was asked, but the model's config class cannot express the pruned shapes."""
+
+
+class PrunedCheckpointError(HFPruneError):
+    """A folder is not a checkpoint hf_prune can load (missing files, unknown format version)."""
+
+
+class NotPrunedError(HFPruneError):
+    """An operation needs `prune()` to have run first."""

@@ -1,0 +1,325 @@
+"""What must be removed together: tensor slices, dependency groups, and the adapter contract.
+
+An architecture adapter knows, for one transformers family, which slices of which parameters
+belong to an attention head, a KV group, an MLP neuron, and how to put a pruned layer's modules
+back into a consistent state. Everything else (planning, masking, surgery, saving) is generic
+and works only through this contract.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+GroupKind = Literal["heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"]
+Branch = Literal["attention", "mlp"]
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Indices `[start, stop)` along `dim` of one parameter, named relative to its layer module.
+
+    `consumer` marks the input columns of the projection that reads the group's output
+    (`o_proj`, `down_proj`, ...): zeroing exactly these removes the group's contribution,
+    which is the masking semantics every surgery is compared against.
+    """
+
+    parameter: str
+    dim: int
+    start: int
+    stop: int
+    consumer: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Head counts of one attention block. Query heads `j*g .. (j+1)*g-1` share KV head `j`."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def heads_of_group(self, kv_head: int) -> range:
+        g = self.heads_per_group
+        return range(kv_head * g, (kv_head + 1) * g)
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """The prunable shape of one layer; `None` means that branch has been removed."""
+
+    attention: AttentionGeometry | None
+    intermediate_size: int | None
+
+    def to_dict(self) -> dict:
+        attention = self.attention
+        return {
+            "num_attention_heads": attention.num_heads if attention else 0,
+            "num_key_value_heads": attention.num_kv_heads if attention else 0,
+            "head_dim": attention.head_dim if attention else None,
+            "intermediate_size": self.intermediate_size or 0,
+            "attention": attention is not None,
+            "mlp": self.intermediate_size is not None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerGeometry:
+        attention = (
+            AttentionGeometry(data["num_attention_heads"], data["num_key_value_heads"], data["head_dim"])
+            if data["attention"]
+            else None
+        )
+        return cls(attention, data["intermediate_size"] if data["mlp"] else None)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prunable unit: its kind, the (original) layer it lives in, its index, its slices."""
+
+    kind: GroupKind
+    layer: int
+    index: int
+    slices: tuple[TensorSlice, ...]
+
+
+class RemovedBranch(nn.Module):
+    """Parameter-free stand-in (but for a kept LayerNorm) for a removed attention or MLP sub-block.
+
+    The layer's own forward keeps running, so the skip connection stays. `output` says what the
+    replaced module returned to its caller:
+    `"zeros"` (a tensor), `"zeros_and_none"` (attention modules return `(output, weights)`),
+    `"identity"` (the input, for a module whose result is ignored downstream),
+    `"normed_input_and_none"` / `"normed_residual"` (post-LayerNorm encoders such as BERT, whose
+    masked branch is `LayerNorm(residual + 0)`: the LayerNorm after the branch stays).
+    """
+
+    OUTPUTS = ("zeros", "zeros_and_none", "identity", "normed_input_and_none", "normed_residual")
+
+    def __init__(self, output: str, norm: nn.Module | None = None):
+        super().__init__()
+        if output not in self.OUTPUTS:
+            raise ValueError(f"output must be one of {self.OUTPUTS}, got {output!r}")
+        self.output = output
+        self.norm = norm
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.output == "zeros":
+            return torch.zeros_like(hidden_states)
+        if self.output == "zeros_and_none":
+            return torch.zeros_like(hidden_states), None
+        if self.output == "identity":
+            return hidden_states
+        if self.output == "normed_input_and_none":
+            return self.norm(hidden_states), None
+        residual = args[0] if args else kwargs["input_tensor"]
+        return self.norm(residual)
+
+
+class ArchitectureAdapter(ABC):
+    """Maps one transformers family to its dependency groups and keeps its modules consistent.
+
+    Subclasses name the layer stack and the projections; the defaults cover separate
+    `q/k/v/o` projections and a (gated or plain) MLP held as `nn.Linear` or GPT-2 `Conv1D`.
+    Fused projections override the slice methods.
+    """
+
+    model_types: ClassVar[tuple[str, ...]]
+    #: dotted path of the `ModuleList` of layers, relative to the base model (suffix match).
+    layers_path: ClassVar[str]
+    attention_module: ClassVar[str]
+    mlp_module: ClassVar[str]
+    q_proj: ClassVar[str | None] = None
+    k_proj: ClassVar[str | None] = None
+    v_proj: ClassVar[str | None] = None
+    o_proj: ClassVar[str]
+    gate_proj: ClassVar[str | None] = None
+    up_proj: ClassVar[str]
+    down_proj: ClassVar[str]
+    #: module (relative to the layer) whose attributes hold the head counts and head size.
+    heads_module: ClassVar[str | None] = None
+    head_dim_attribute: ClassVar[str] = "head_dim"
+    #: How the replaced modules' callers expect their output (see `RemovedBranch`).
+    removed_attention_output: ClassVar[str] = "zeros_and_none"
+    removed_mlp_output: ClassVar[str] = "zeros"
+
+    # ----------------------------------------------------------------- layer stack
+    def layers_name(self, model: nn.Module) -> str:
+        """Qualified name of the model's `ModuleList` of layers (base and task models alike)."""
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and (name == self.layers_path or name.endswith("." + self.layers_path)):
+                return name
+        raise LookupError(f"{type(model).__name__} has no layer list named '{self.layers_path}'")
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_name(model))
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        replace_module(model, self.layers_name(model), layers)
+
+    # ----------------------------------------------------------------- geometry
+    def geometry(self, layer: nn.Module) -> LayerGeometry:
+        """Read the layer's current shape from its modules (not the config: layers may differ)."""
+        return LayerGeometry(self.attention_geometry(layer), self.intermediate_size(layer))
+
+    def has_branch(self, layer: nn.Module, branch: Branch) -> bool:
+        name = self.attention_module if branch == "attention" else self.mlp_module
+        return not isinstance(layer.get_submodule(name), RemovedBranch)
+
+    def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
+        if not self.has_branch(layer, "attention"):
+            return None
+        head_dim = getattr(self._heads_module(layer), self.head_dim_attribute)
+        num_heads = out_features(layer.get_submodule(self.q_proj)) // head_dim
+        num_kv_heads = out_features(layer.get_submodule(self.k_proj)) // head_dim
+        return AttentionGeometry(num_heads, num_kv_heads, head_dim)
+
+    def intermediate_size(self, layer: nn.Module) -> int | None:
+        if not self.has_branch(layer, "mlp"):
+            return None
+        return in_features(layer.get_submodule(self.down_proj))
+
+    def _heads_module(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.heads_module or self.attention_module)
+
+    # ----------------------------------------------------------------- slices
+    def query_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, head: int) -> list[TensorSlice]:
+        """Rows of the query projection for `head` and the matching input columns of `o_proj`."""
+        d = geometry.head_dim
+        return output_slices(layer, self.q_proj, head * d, (head + 1) * d) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
+
+    def kv_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, kv_head: int) -> list[TensorSlice]:
+        """Rows of the key and value projections for `kv_head` (its query heads are separate groups)."""
+        d = geometry.head_dim
+        return output_slices(layer, self.k_proj, kv_head * d, (kv_head + 1) * d) + output_slices(
+            layer, self.v_proj, kv_head * d, (kv_head + 1) * d
+        )
+
+    def neuron_slices(self, layer: nn.Module, intermediate_size: int, neuron: int) -> list[TensorSlice]:
+        """Row `neuron` of the gate and up projections, column `neuron` of the down projection."""
+        producers = [self.gate_proj, self.up_proj] if self.gate_proj else [self.up_proj]
+        slices = [s for name in producers for s in output_slices(layer, name, neuron, neuron + 1)]
+        return slices + input_slices(layer, self.down_proj, neuron, neuron + 1)
+
+    def branch_consumer_slices(self, layer: nn.Module, branch: Branch) -> list[TensorSlice]:
+        """Everything a branch adds to the residual stream: its output projection, bias included."""
+        name = self.o_proj if branch == "attention" else self.down_proj
+        return module_slices(layer, name, consumer=True)
+
+    def branch_slices(self, layer: nn.Module, branch: Branch) -> list[TensorSlice]:
+        """Every parameter the branch owns (for scoring and parameter counts)."""
+        name = self.attention_module if branch == "attention" else self.mlp_module
+        return module_slices(layer, name)
+
+    def groups(self, layer: nn.Module, index: int, kind: GroupKind) -> list[Group]:
+        """Every group of `kind` in one layer (`index` is the layer's position in the model)."""
+        if kind == "layers":
+            return [Group(kind, index, 0, tuple(module_slices(layer, "")))]
+        if kind in ("attention_branches", "mlp_branches"):
+            branch = "attention" if kind == "attention_branches" else "mlp"
+            return [Group(kind, index, 0, tuple(self.branch_slices(layer, branch)))] if self.has_branch(layer, branch) else []
+        if kind == "neurons":
+            size = self.intermediate_size(layer)
+            return [Group(kind, index, n, tuple(self.neuron_slices(layer, size, n))) for n in range(size or 0)]
+        attention = self.attention_geometry(layer)
+        if attention is None:
+            return []
+        if kind == "heads":
+            return [
+                Group(kind, index, h, tuple(self.query_head_slices(layer, attention, h)))
+                for h in range(attention.num_heads)
+            ]
+        return [  # kv_groups: the KV head and every query head that reads it
+            Group(
+                kind,
+                index,
+                j,
+                tuple(self.kv_head_slices(layer, attention, j))
+                + tuple(s for h in attention.heads_of_group(j) for s in self.query_head_slices(layer, attention, h)),
+            )
+            for j in range(attention.num_kv_heads)
+        ]
+
+    # ----------------------------------------------------------------- module updates
+    def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
+        """Update the attention module's head attributes after its projections were sliced."""
+        attention = self._heads_module(layer)
+        if hasattr(attention, "num_key_value_groups"):
+            attention.num_key_value_groups = geometry.heads_per_group
+        for attribute in ("num_heads", "num_attention_heads"):
+            if hasattr(attention, attribute):
+                setattr(attention, attribute, geometry.num_heads)
+        if hasattr(attention, "num_key_value_heads"):
+            attention.num_key_value_heads = geometry.num_kv_heads
+        if hasattr(attention, "all_head_size"):
+            attention.all_head_size = geometry.num_heads * geometry.head_dim
+
+    def remove_branch(self, layer: nn.Module, branch: Branch) -> None:
+        """Replace a sub-block by a parameter-free stand-in; the skip connection stays."""
+        name = self.attention_module if branch == "attention" else self.mlp_module
+        output = self.removed_attention_output if branch == "attention" else self.removed_mlp_output
+        replace_module(layer, name, RemovedBranch(output))
+
+    # ----------------------------------------------------------------- config
+    @abstractmethod
+    def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
+        """Standard config fields that describe a model whose every layer has `geometry`."""
+
+    def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
+        """Rewrite the layer-count fields after keeping only `kept_layers` (original indices)."""
+        old_count = config.num_hidden_layers
+        config.num_hidden_layers = len(kept_layers)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[i] for i in kept_layers]
+        if getattr(config, "max_window_layers", None) is not None:
+            config.max_window_layers = sum(1 for i in kept_layers if i < min(config.max_window_layers, old_count))
+
+
+# --------------------------------------------------------------------- helpers
+def is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)
+
+
+def out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if is_conv1d(module) else module.weight.shape[0]
+
+
+def in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def output_slices(layer: nn.Module, name: str, start: int, stop: int) -> list[TensorSlice]:
+    """Output rows `[start, stop)` of a projection (weight and bias)."""
+    module = layer.get_submodule(name)
+    slices = [TensorSlice(f"{name}.weight", 1 if is_conv1d(module) else 0, start, stop)]
+    if getattr(module, "bias", None) is not None:
+        slices.append(TensorSlice(f"{name}.bias", 0, start, stop))
+    return slices
+
+
+def input_slices(layer: nn.Module, name: str, start: int, stop: int) -> list[TensorSlice]:
+    """Input columns `[start, stop)` of a consuming projection."""
+    module = layer.get_submodule(name)
+    return [TensorSlice(f"{name}.weight", 0 if is_conv1d(module) else 1, start, stop, consumer=True)]
+
+
+def module_slices(layer: nn.Module, name: str, consumer: bool = False) -> list[TensorSlice]:
+    module = layer.get_submodule(name)
+    return [
+        TensorSlice(f"{name}.{parameter_name}" if name else parameter_name, 0, 0, parameter.shape[0], consumer)
+        for parameter_name, parameter in module.named_parameters()
+    ]
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attribute, new)

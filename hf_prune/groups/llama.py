@@ -1,0 +1,34 @@
+"""Llama-style decoders: separate q/k/v/o projections (GQA), gated MLP, pre-norm residuals.
+
+Covers Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 and Gemma 3 (per-head q/k norms, which act on
+`head_dim` and so stay untouched when heads are removed).
+"""
+
+from transformers import PretrainedConfig
+
+from .base import ArchitectureAdapter, LayerGeometry
+from .registry import register_adapter
+
+
+@register_adapter
+class LlamaAdapter(ArchitectureAdapter):
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+    layers_path = "layers"
+    attention_module = "self_attn"
+    mlp_module = "mlp"
+    q_proj = "self_attn.q_proj"
+    k_proj = "self_attn.k_proj"
+    v_proj = "self_attn.v_proj"
+    o_proj = "self_attn.o_proj"
+    gate_proj = "mlp.gate_proj"
+    up_proj = "mlp.up_proj"
+    down_proj = "mlp.down_proj"
+
+    def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
+        attention = geometry.attention
+        return {
+            "num_attention_heads": attention.num_heads,
+            "num_key_value_heads": attention.num_kv_heads,
+            "head_dim": attention.head_dim,
+            "intermediate_size": geometry.intermediate_size,
+        }

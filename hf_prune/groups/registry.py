@@ -1,0 +1,35 @@
+"""`model_type` → architecture adapter. Adding an architecture is adding one decorated file."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from ..errors import UnsupportedArchitectureError
+from .base import ArchitectureAdapter
+
+_ADAPTERS: dict[str, type[ArchitectureAdapter]] = {}
+
+
+def register_adapter(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
+    """Class decorator: make `cls` the adapter for each of its `model_types`."""
+    for model_type in cls.model_types:
+        if model_type in _ADAPTERS:
+            raise ValueError(f"model_type {model_type!r} already has adapter {_ADAPTERS[model_type].__name__}")
+        _ADAPTERS[model_type] = cls
+    return cls
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_adapter(config: PretrainedConfig | str) -> ArchitectureAdapter:
+    """The adapter for a config (or a `model_type` string); a typed error names the supported ones."""
+    model_type = config if isinstance(config, str) else config.model_type
+    try:
+        return _ADAPTERS[model_type]()
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} has no architecture adapter. Supported: {', '.join(supported_model_types())}. "
+            "Add one file in hf_prune/groups/ (see llama.py) to support it."
+        ) from None
