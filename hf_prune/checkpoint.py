@@ -24,12 +24,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate import init_empty_weights
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
-from .errors import OutputExistsError, PrunedCheckpointError, UsageError
+from .errors import OutputExistsError, PrunedCheckpointError
 from .groups import ArchitectureAdapter, LayerGeometry, get_adapter
 from .plan import LayerPlan, PruningPlan
 from .surgery import apply_plan
@@ -151,31 +149,32 @@ def write_loader_config(folder: Path, model: PreTrainedModel, adapter: Architect
 
 
 # --------------------------------------------------------------------------- loading
-_LOAD_KWARGS = ("dtype", "torch_dtype", "device_map", "attn_implementation")
+def _shaped_class(model_class: type[PreTrainedModel], adapter: ArchitectureAdapter, targets: list[LayerGeometry]):
+    """A subclass of `model_class` that takes the saved per-layer shapes as soon as it is built,
+    so transformers' own `from_pretrained` (key renames, dtype, device_map, ...) fills it."""
 
+    class Shaped(model_class):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            dense = layer_geometries(self, adapter)
+            if len(dense) != len(targets):
+                raise PrunedCheckpointError(f"{len(targets)} saved layer shapes for {len(dense)} layers")
+            plans = [LayerPlan.first(i, d, t) for i, (d, t) in enumerate(zip(dense, targets))]
+            apply_plan(self, adapter, PruningPlan(plans))
 
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise PrunedCheckpointError(f"{folder} holds no model.safetensors (hf_prune never writes pickled weights).")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
-    return state
+    # Present as the family's own class: transformers applies its checkpoint key renames
+    # (e.g. GPT-NeoX `embed_out` → `lm_head`) only to classes defined inside transformers.
+    Shaped.__name__ = Shaped.__qualname__ = model_class.__name__
+    Shaped.__module__ = model_class.__module__
+    return Shaped
 
 
 def load_pruned(folder: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
     """Load a folder hf_prune wrote, in either format, without `trust_remote_code`.
 
-    Vanilla folders go straight to `from_pretrained`. Loader-format folders are rebuilt: the
-    family's model is built on the meta device from the dense config, shaped layer by layer
-    as the saved metadata says, and filled with the saved weights. The model class is taken
-    from `config.architectures`. Supported keywords there: `dtype`, `device_map` (one device),
-    `attn_implementation`.
+    Vanilla folders go straight to `from_pretrained`. For loader-format folders the family's
+    model class (from `config.architectures`) is shaped layer by layer as the saved metadata
+    says, then filled by `from_pretrained`; every `from_pretrained` keyword works.
     """
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -189,43 +188,14 @@ def load_pruned(folder: str | os.PathLike, **from_pretrained_kwargs) -> PreTrain
     if raw.get("model_type") != LOADER_MODEL_TYPE:
         return model_class.from_pretrained(folder, **from_pretrained_kwargs)
 
-    unknown = sorted(set(from_pretrained_kwargs) - set(_LOAD_KWARGS))
-    if unknown:
-        raise UsageError(
-            f"load_pruned got {unknown} for a loader-format folder; supported keywords: {', '.join(_LOAD_KWARGS)}."
-        )
     metadata = raw.pop("hf_prune")
     if metadata.get("format_version") != LOADER_FORMAT_VERSION:
         raise PrunedCheckpointError(
             f"{config_path} uses loader format version {metadata.get('format_version')}; this hf_prune reads "
             f"version {LOADER_FORMAT_VERSION}. Upgrade hf_prune."
         )
-    base_type = metadata["base_model_type"]
     raw.pop("model_type")
-    config = AutoConfig.for_model(base_type, **raw)
-    if "attn_implementation" in from_pretrained_kwargs:
-        config._attn_implementation = from_pretrained_kwargs["attn_implementation"]
-    adapter = get_adapter(base_type)
-    with init_empty_weights():  # parameters on meta; buffers (rotary tables) computed for real
-        model = model_class(config)
-    dense = layer_geometries(model, adapter)
+    config = AutoConfig.for_model(metadata["base_model_type"], **raw)
     targets = [LayerGeometry.from_dict(entry) for entry in metadata["layers"]]
-    if len(targets) != len(dense):
-        raise PrunedCheckpointError(f"{config_path}: {len(targets)} layer shapes for {len(dense)} layers.")
-    apply_plan(model, adapter, PruningPlan([LayerPlan.first(i, d, t) for i, (d, t) in enumerate(zip(dense, targets))]))
-
-    state = _read_state_dict(folder)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    still_empty = [name for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
-    if still_empty:
-        raise PrunedCheckpointError(f"{folder}: weights missing from the safetensors files: {still_empty[:5]}")
-    dtype = from_pretrained_kwargs.get("dtype", from_pretrained_kwargs.get("torch_dtype"))
-    if dtype is not None:
-        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    device = from_pretrained_kwargs.get("device_map")
-    if device is not None:
-        model.to(device)
-    if (folder / "generation_config.json").exists() and model.can_generate():
-        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
-    return model.eval()
+    shaped = _shaped_class(model_class, get_adapter(config), targets)
+    return shaped.from_pretrained(folder, config=config, **from_pretrained_kwargs)

@@ -14,7 +14,7 @@ from .allocation import build_plan
 from .checkpoint import decide_format, meta_copy, write_atomically, write_loader_config
 from .config import PruningConfig
 from .criteria import get_criterion
-from .errors import NotPrunedError, VanillaFormatError
+from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .groups import get_adapter
 from .plan import PruningPlan
 from .report import PruningReport
@@ -98,6 +98,10 @@ class HFPruner:
         if config is not None and kwargs:
             raise TypeError("pass either a PruningConfig or keyword arguments, not both")
         config = config or PruningConfig(**kwargs)
+        if config.is_empty:
+            raise InvalidPruningTargetError(
+                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS)} (e.g. mlp_neurons=0.25)."
+            )
         criterion = get_criterion(config.criterion, seed=config.seed)
         plan = build_plan(self.model, self.adapter, config, criterion)
         before = parameter_count(self.model)

@@ -9,7 +9,7 @@ from .registry import register_adapter
 @register_adapter
 class ViTAdapter(ArchitectureAdapter):
     model_types = ("vit",)
-    layers_path = "encoder.layer"
+    layers_path = "layers"
     attention_module = "attention"
     mlp_module = "mlp"
     q_proj = "attention.q_proj"
