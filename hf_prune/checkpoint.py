@@ -101,7 +101,9 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
 
 
 # --------------------------------------------------------------------------- saving
-def _check_target(target: Path, overwrite: bool) -> None:
+def check_output_folder(target: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder without `overwrite`."""
+    target = Path(target)
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"output folder {str(target)!r} is an existing file; choose another path.")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
@@ -117,7 +119,7 @@ def write_atomically(target: str | os.PathLike, write, overwrite: bool = False) 
     An error or interrupt midway leaves no partial output and the previous folder untouched.
     """
     target = Path(target).resolve()
-    _check_target(target, overwrite)
+    check_output_folder(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:

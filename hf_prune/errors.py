@@ -25,6 +25,10 @@ class VanillaFormatError(UsageError):
     """`require_vanilla=True` was asked, but the model's config class cannot express the pruned shapes."""
 
 
+class DataNotFoundError(UsageError, FileNotFoundError):
+    """Calibration or evaluation data is missing or empty; the message says where hf_prune looked."""
+
+
 class PrunedCheckpointError(HFPruneError):
     """A folder is not a checkpoint hf_prune can load (missing files, unknown format version)."""
 

@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .allocation import build_plan
 from .checkpoint import decide_format, meta_copy, write_atomically, write_loader_config
+from .evaluation import parameter_count
 from .config import PruningConfig
 from .criteria import get_criterion
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
@@ -45,10 +46,6 @@ def _without_gguf_marker(model: PreTrainedModel) -> PreTrainedModel:
     clean.tie_weights()
     clean.generation_config = model.generation_config
     return clean.eval()
-
-
-def parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 class HFPruner:

@@ -83,13 +83,13 @@ FAMILIES: dict[str, TinyFamily] = {
             },
             gqa=True,
         ),
-        TinyFamily("phi3", "Phi3ForCausalLM", "AutoModelForCausalLM", "Phi3Config", {**_DECODER, **_GQA, "pad_token_id": 0}, gqa=True),
+        TinyFamily("phi3", "Phi3ForCausalLM", "AutoModelForCausalLM", "Phi3Config", {**_DECODER, **_GQA, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, gqa=True),
         TinyFamily(
             "gpt2",
             "GPT2LMHeadModel",
             "AutoModelForCausalLM",
             "GPT2Config",
-            dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=4, n_inner=48, n_positions=64),
+            dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, n_embd=64, n_head=4, n_layer=4, n_inner=48, n_positions=64),
             gqa=False,
         ),
         TinyFamily(

@@ -1,0 +1,29 @@
+"""Shared fixtures. Real checkpoints and data must be present under CI (CI=true): missing ones fail
+there instead of skipping; on a developer machine they skip with the install command."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hf_prune.errors import UsageError
+from hf_prune.pypi_checkpoints import find_pypi_checkpoint
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "HF_PRUNE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["HF_PRUNE_DATA_DIR"] = str(SHARED_DATA)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def require(reason: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Path, dict]:
+    try:
+        return find_pypi_checkpoint("smollm2-135m-instruct")
+    except UsageError as error:
+        require(str(error))
