@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -46,6 +47,15 @@ def _without_gguf_marker(model: PreTrainedModel) -> PreTrainedModel:
     clean.tie_weights()
     clean.generation_config = model.generation_config
     return clean.eval()
+
+
+def _own_config(model: PreTrainedModel) -> None:
+    """Give the model a private deep copy of its config before pruning rewrites it, so a config
+    object the caller shares with other models is never changed; every module follows."""
+    shared, private = model.config, copy.deepcopy(model.config)
+    for module in model.modules():
+        if getattr(module, "config", None) is shared:
+            module.config = private
 
 
 class HFPruner:
@@ -115,6 +125,7 @@ class HFPruner:
                 "can express, or drop require_vanilla to write the loader format (hf_prune.load_pruned)."
             )
 
+        _own_config(self.model)
         apply_plan(self.model, self.adapter, plan)
         for key, value in decision.config_fields.items():
             setattr(self.model.config, key, value)

@@ -81,3 +81,13 @@ def test_layers_of_different_sizes_use_the_loader_format(tmp_path):
     ids = torch.randint(3, 97, (2, 6))
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
     assert logits(reference, ids).shape == logits(model, ids).shape
+
+
+def test_the_callers_config_object_is_never_modified():
+    config = LlamaConfig(**SHAPE)
+    shared = LlamaForCausalLM(config)
+    pruner = HFPruner(shared)
+    pruner.prune(layers=1, mlp_neurons=0.5)
+    assert (config.num_hidden_layers, config.intermediate_size) == (2, 32)
+    assert (pruner.model.config.num_hidden_layers, pruner.model.config.intermediate_size) == (1, 16)
+    assert all(m.config is pruner.model.config for m in pruner.model.modules() if hasattr(m, "config"))
