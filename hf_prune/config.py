@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import dataclass, field, fields
 
 from .errors import InvalidPruningTargetError
 
 Amount = float | int
 
+GROUP_KINDS = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
+RECONSTRUCTIONS = ("none", "lstsq")
 _AMOUNT_HELP = "A float is a fraction in [0, 1), an int a count."
 ALLOCATIONS = ("uniform",)
 
@@ -34,9 +37,29 @@ class PruningConfig:
         default=0, metadata={"help": f"MLP sub-blocks removed (the skip connection stays). {_AMOUNT_HELP}"}
     )
     layers: Amount = field(default=0, metadata={"help": f"Whole layers removed. {_AMOUNT_HELP}"})
-    criterion: str = field(default="magnitude", metadata={"help": "How groups are scored (see hf_prune.criteria)."})
+    criterion: str | dict[str, str] = field(
+        default="magnitude",
+        metadata={
+            "help": "How groups are scored: one criterion name (hf_prune.criteria) for every kind, or a mapping "
+            f"from group kind ({', '.join(GROUP_KINDS)}) to a name; kinds left out use the single default."
+        },
+    )
     allocation: str = field(default="uniform", metadata={"help": f"How removals spread over layers: {ALLOCATIONS}."})
-    seed: int = field(default=0, metadata={"help": "Seed for every random choice (the `random` criterion, ties)."})
+    seed: int = field(default=0, metadata={"help": "Seed for every random choice (calibration windows, `random`)."})
+    calibration: object = field(
+        default="wikitext2",
+        metadata={
+            "help": "Calibration data: 'wikitext2', a text file, a folder of parquet files, a datasets.Dataset with a "
+            "'text' column, or a list of strings or token-id tensors. Read only by data-aware criteria and repairs."
+        },
+    )
+    num_samples: int = field(default=128, metadata={"help": "Calibration windows."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration windows per forward pass."})
+    reconstruct: str = field(
+        default="none",
+        metadata={"help": f"Training-free repair of the projections that lose channels: {RECONSTRUCTIONS}."},
+    )
     require_vanilla: bool = field(
         default=False,
         metadata={"help": "Fail instead of writing the loader format when a plain config cannot express the shapes."},
@@ -49,10 +72,26 @@ class PruningConfig:
 
         for name in self.AMOUNTS:
             _check_amount(name, getattr(self, name))
-        if self.criterion not in available_criteria():
+        names = self.criterion.values() if isinstance(self.criterion, dict) else [self.criterion]
+        for name in names:
+            if name not in available_criteria():
+                raise InvalidPruningTargetError(
+                    f"criterion={name!r} is unknown; choose one of {', '.join(available_criteria())}."
+                )
+        if isinstance(self.criterion, dict):
+            unknown = sorted(set(self.criterion) - set(GROUP_KINDS) - {"default"})
+            if unknown:
+                raise InvalidPruningTargetError(
+                    f"criterion has unknown group kinds {unknown}; use {', '.join(GROUP_KINDS)} or 'default'."
+                )
+        if self.reconstruct not in RECONSTRUCTIONS:
             raise InvalidPruningTargetError(
-                f"criterion={self.criterion!r} is unknown; choose one of {', '.join(available_criteria())}."
+                f"reconstruct={self.reconstruct!r} is unknown; choose one of {', '.join(RECONSTRUCTIONS)}."
             )
+        for name in ("num_samples", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidPruningTargetError(f"{name}={value!r} must be a positive int.")
         if self.allocation not in ALLOCATIONS:
             raise InvalidPruningTargetError(
                 f"allocation={self.allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}."
@@ -60,12 +99,26 @@ class PruningConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidPruningTargetError(f"seed must be an int, got {self.seed!r}.")
 
+    def criterion_for(self, kind: str) -> str:
+        """The criterion name that ranks groups of `kind`."""
+        if isinstance(self.criterion, str):
+            return self.criterion
+        return self.criterion.get(kind, self.criterion.get("default", PruningConfig.criterion))
+
     @property
     def is_empty(self) -> bool:
         return all(getattr(self, name) == 0 for name in self.AMOUNTS)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """A JSON-friendly copy (an in-memory calibration source is described, not copied)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.criterion, dict):
+            data["criterion"] = dict(self.criterion)
+        if not isinstance(self.calibration, (str, os.PathLike)):
+            data["calibration"] = f"<{type(self.calibration).__name__}>"
+        else:
+            data["calibration"] = str(self.calibration)
+        return data
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -11,15 +11,19 @@ import transformers
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .allocation import build_plan
-from .checkpoint import decide_format, meta_copy, write_atomically, write_loader_config
+from .allocation import build_plan, resolve_targets
+from .calibration import token_windows
+from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
 from .evaluation import parameter_count
-from .config import PruningConfig
-from .criteria import get_criterion
+from .config import GROUP_KINDS, PruningConfig
+from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
+from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .groups import get_adapter
 from .plan import PruningPlan
+from .reconstruction import reconstruct
 from .report import PruningReport
+from .statistics import collect_statistics
 from .surgery import apply_plan
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,17 @@ def _without_gguf_marker(model: PreTrainedModel) -> PreTrainedModel:
     clean.tie_weights()
     clean.generation_config = model.generation_config
     return clean.eval()
+
+
+def _criterion(config: PruningConfig, kind: str) -> Criterion:
+    criterion = get_criterion(config.criterion_for(kind), seed=config.seed)
+    if kind not in criterion.kinds:
+        able = [name for name in available_criteria() if kind in get_criterion(name).kinds]
+        raise InvalidPruningTargetError(
+            f"criterion {criterion.name!r} cannot rank {kind}; for {kind} use one of {', '.join(able)} "
+            f"(e.g. criterion={{'{kind}': '{able[0]}', ...}})."
+        )
+    return criterion
 
 
 def _own_config(model: PreTrainedModel) -> None:
@@ -101,7 +116,11 @@ class HFPruner:
         return cls(model.eval(), tokenizer=tokenizer, processor=processor)
 
     def prune(self, config: PruningConfig | None = None, **kwargs) -> PruningReport:
-        """Score, plan and cut. Pass a `PruningConfig`, or its fields as keywords."""
+        """Score, plan, repair and cut. Pass a `PruningConfig`, or its fields as keywords.
+
+        Targets are validated before any calibration runs, and the output format is decided on
+        a shape-only copy, so a refused prune leaves the model untouched.
+        """
         if config is not None and kwargs:
             raise TypeError("pass either a PruningConfig or keyword arguments, not both")
         config = config or PruningConfig(**kwargs)
@@ -109,22 +128,29 @@ class HFPruner:
             raise InvalidPruningTargetError(
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS)} (e.g. mlp_neurons=0.25)."
             )
-        criterion = get_criterion(config.criterion, seed=config.seed)
-        plan = build_plan(self.model, self.adapter, config, criterion)
+        targets = resolve_targets(PruningPlan.keep_all(self.model, self.adapter), config)
+        criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
+        # Uniform allocation: shapes depend on the counts only, so the format is known now.
+        self._check_format(ScoringContext(self.model, self.adapter), targets, config)
+
+        context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)
+        requirements = set().union(*(c.requires for c in criteria.values()))
+        if config.reconstruct != "none":
+            requirements |= {"moments", "mlp_gram"}
+        if requirements or any(c.needs_windows for c in criteria.values()):
+            context.windows = token_windows(
+                config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed
+            )
+        if requirements:
+            context.statistics = collect_statistics(
+                self.model, self.adapter, context.windows.split(config.batch_size), requirements
+            )
+        plan = build_plan(context, criteria, targets)
         before = parameter_count(self.model)
         expected_after = before - plan.removed_parameter_count(self.model, self.adapter)
+        decision = self._check_format(context, targets, config, plan)
 
-        # Decide the output format on a shape-only copy, so a refusal leaves the model untouched.
-        shadow = meta_copy(self.model)
-        apply_plan(shadow, self.adapter, plan)
-        decision = decide_format(shadow, self.adapter)
-        if config.require_vanilla and not decision.vanilla:
-            raise VanillaFormatError(
-                f"require_vanilla=True, but the pruned model needs the loader format: {decision.reason}. "
-                "Prune the same number of heads and neurons in every layer, prune only what the family's config "
-                "can express, or drop require_vanilla to write the loader format (hf_prune.load_pruned)."
-            )
-
+        reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
         _own_config(self.model)
         apply_plan(self.model, self.adapter, plan)
         for key, value in decision.config_fields.items():
@@ -137,6 +163,21 @@ class HFPruner:
             self.model.config.model_type, plan, before, after, decision.name, decision.reason, config.to_dict()
         )
         return self.report
+
+    def _check_format(self, context, targets, config: PruningConfig, plan: PruningPlan | None = None) -> FormatDecision:
+        """Decide the output format on a meta-device copy; refuse early under `require_vanilla`."""
+        if plan is None:  # any choice of groups with the target counts has the final shapes
+            plan = build_plan(context, {kind: RandomCriterion() for kind in GROUP_KINDS}, targets)
+        shadow = meta_copy(self.model)
+        apply_plan(shadow, self.adapter, plan)
+        decision = decide_format(shadow, self.adapter)
+        if config.require_vanilla and not decision.vanilla:
+            raise VanillaFormatError(
+                f"require_vanilla=True, but the pruned model needs the loader format: {decision.reason}. "
+                "Prune the same number of heads and neurons in every layer, prune only what the family's config "
+                "can express, or drop require_vanilla to write the loader format (hf_prune.load_pruned)."
+            )
+        return decision
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write config, safetensors weights, tokenizer or processor, and generation config.

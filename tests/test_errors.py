@@ -45,7 +45,7 @@ def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
         ({"kv_groups": -1}, r"kv_groups=-1 is a count and must be >= 0"),
         ({"attention_heads": True}, r"booleans are not amounts"),
         ({"mlp_neurons": "half"}, r"mlp_neurons='half' must be a float fraction"),
-        ({"criterion": "oracle"}, r"criterion='oracle' is unknown; choose one of magnitude, random"),
+        ({"criterion": "oracle"}, r"criterion='oracle' is unknown; choose one of activation, block_influence"),
         ({"allocation": "greedy"}, r"allocation='greedy' is unknown"),
     ],
 )

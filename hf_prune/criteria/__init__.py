@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from .base import Criterion, group_tensors
+from .base import Criterion, ScoringContext, group_tensors
 from .registry import available_criteria, get_criterion, register_criterion
 
 _INFRASTRUCTURE = {"base", "registry"}
@@ -11,4 +11,4 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _INFRASTRUCTURE:
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Criterion", "available_criteria", "get_criterion", "group_tensors", "register_criterion"]
+__all__ = ["Criterion", "ScoringContext", "available_criteria", "get_criterion", "group_tensors", "register_criterion"]

@@ -1,16 +1,16 @@
 """Magnitude: the L2 norm of every weight a group owns, `‖W_g‖₂` (data-free).
 
 The classic baseline (Li et al. 2017 for filters; Torch-Pruning's default importance). It
-ignores the data, so it is weak once the weights' scale stops tracking their effect.
+ignores the data, so it fails once a weight's scale stops tracking its effect: on SmolLM2 it
+takes perplexity from 29 to millions at 25% of MLP neurons.
 """
 
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from ..groups import ArchitectureAdapter, Group
-from .base import Criterion, group_tensors
+from ..groups import Group
+from .base import Criterion, ScoringContext, group_tensors
 from .registry import register_criterion
 
 
@@ -19,11 +19,7 @@ class MagnitudeCriterion(Criterion):
     name = "magnitude"
 
     @torch.no_grad()
-    def score(self, model: nn.Module, adapter: ArchitectureAdapter, groups: Sequence[Group]) -> torch.Tensor:
-        return torch.tensor(
-            [
-                sum(t.detach().double().pow(2).sum() for t in group_tensors(model, adapter, group)) ** 0.5
-                for group in groups
-            ],
-            dtype=torch.float64,
+    def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
+        return torch.stack(
+            [sum(t.double().pow(2).sum() for t in group_tensors(context, group)).sqrt() for group in groups]
         )

@@ -3,10 +3,9 @@
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-from ..groups import ArchitectureAdapter, Group
-from .base import Criterion
+from ..groups import Group
+from .base import Criterion, ScoringContext
 from .registry import register_criterion
 
 
@@ -18,5 +17,5 @@ class RandomCriterion(Criterion):
         super().__init__(seed)
         self._generator = torch.Generator().manual_seed(seed)
 
-    def score(self, model: nn.Module, adapter: ArchitectureAdapter, groups: Sequence[Group]) -> torch.Tensor:
+    def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
         return torch.rand(len(groups), generator=self._generator, dtype=torch.float64)

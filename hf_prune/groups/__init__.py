@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from .base import ArchitectureAdapter, AttentionGeometry, Group, GroupKind, LayerGeometry, RemovedBranch, TensorSlice
+from .base import ArchitectureAdapter, AttentionGeometry, Branch, Group, GroupKind, LayerGeometry, RemovedBranch, TensorSlice
 from .registry import get_adapter, register_adapter, supported_model_types
 
 _INFRASTRUCTURE = {"base", "registry"}
@@ -14,6 +14,7 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "ArchitectureAdapter",
     "AttentionGeometry",
+    "Branch",
     "Group",
     "GroupKind",
     "LayerGeometry",

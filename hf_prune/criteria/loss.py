@@ -1,0 +1,60 @@
+"""Loss: the exact change of the calibration loss when one layer or branch is removed.
+
+Each candidate is masked with the engine's own semantics (`masking.apply_masks`), the loss is
+measured on the first `max_windows` calibration windows, and the weights are restored. One
+forward pass over those windows per candidate: affordable for layers and branches only.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from ..groups import Group
+from ..masking import apply_masks
+from ..plan import PruningPlan
+from .base import BLOCK_KINDS, Criterion, ScoringContext
+from .registry import register_criterion
+
+
+@torch.no_grad()
+def calibration_loss(context: ScoringContext, windows: torch.Tensor) -> float:
+    device = next(context.model.parameters()).device
+    losses = [
+        context.model(input_ids=batch.to(device), labels=batch.to(device)).loss.item() * batch.shape[0]
+        for batch in windows.split(context.batch_size)
+    ]
+    return sum(losses) / windows.shape[0]
+
+
+@register_criterion
+class LossCriterion(Criterion):
+    name = "loss"
+    kinds = BLOCK_KINDS
+    needs_windows = True
+    max_windows = 16
+
+    def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
+        windows = context.windows[: self.max_windows]
+        if not hasattr(self, "_dense_loss"):
+            self._dense_loss = calibration_loss(context, windows)
+        scores = []
+        for group in groups:
+            plan = PruningPlan.keep_all(context.model, context.adapter)
+            layer_plan = plan.layers[group.layer]
+            if group.kind == "layers":
+                layer_plan.keep_layer = False
+            elif group.kind == "attention_branches":
+                layer_plan.keep_attention = False
+            else:
+                layer_plan.keep_mlp = False
+            layer = context.layer(group.layer)
+            saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
+            handles = apply_masks(context.model, context.adapter, plan)
+            try:
+                scores.append(calibration_loss(context, windows) - self._dense_loss)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for name, parameter in layer.named_parameters():
+                    parameter.data.copy_(saved[name])
+        return torch.tensor(scores, dtype=torch.float64)
