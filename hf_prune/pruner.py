@@ -110,7 +110,11 @@ class HFPruner:
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS)} (e.g. mlp_neurons=0.25)."
             )
         criterion = get_criterion(config.criterion, seed=config.seed)
-        plan = build_plan(self.model, self.adapter, config, criterion)
+        return self.apply(build_plan(self.model, self.adapter, config, criterion), config)
+
+    def apply(self, plan: PruningPlan, config: PruningConfig) -> PruningReport:
+        """Cut a plan made elsewhere (`PruningCallback`'s training-time masks) exactly as `prune`
+        cuts its own: format check first, surgery, config fields, report; then `save_pretrained` works."""
         before = parameter_count(self.model)
         expected_after = before - plan.removed_parameter_count(self.model, self.adapter)
 
