@@ -4,7 +4,12 @@ bit, compaction equals the masked model, LoRA adapters are masked and merged, gr
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +150,14 @@ def test_masks_are_exact_after_every_step_only_grow_and_meet_the_targets(tmp_pat
     assert after.counts[-1] == target and after.counts[2]["mlp_neurons"] == 21  # 24 · (1 − 0.5³)
 
 
+def test_bf16_mixed_precision_keeps_masks_exact_and_compacts(tmp_path):
+    model = FAMILIES["llama"].build()
+    pruning = PruningCallback(PruningConfig(**TARGETS["llama"]), SCHEDULE)
+    trainer, before, after = train(tmp_path, model, pruning, bf16=True)  # AfterEachStep checks every step
+    assert after.counts[-1]["mlp_neurons"] == 24
+    torch.testing.assert_close(logits(trainer.model, FAMILIES["llama"].inputs()), before.logits, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_compaction_at_train_end_equals_the_masked_model_and_is_saved(tmp_path, family):
     model = FAMILIES[family].build()
@@ -266,3 +279,18 @@ def test_bad_callback_arguments_are_refused():
         PruningCallback(PruningConfig())
     with pytest.raises(Exception, match=r"score='fisher' is unknown; choose one of taylor, movement, activation, criterion"):
         PruningCallback(PruningConfig(mlp_neurons=0.5), score="fisher")
+
+
+def test_torchrun_processes_take_identical_masks(tmp_path):
+    """Two CPU processes (gloo) see different batches; summing the scores before each decision makes
+    every process mask the same groups."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    job = Path(__file__).with_name("ddp_callback_job.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(job), str(tmp_path)]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=job.parent)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first["world_size"] == 2
+    assert first["pending"] != second["pending"]  # each process scored its own batches since the last event
+    assert first["totals"] == second["totals"]
+    assert first["plan"] == second["plan"]
