@@ -223,6 +223,8 @@ class PruningCallback(TrainerCallback):
         """
         if self.plan is None:
             raise NotPrunedError("PruningCallback has no masks yet: call finalize() after training has started.")
+        if self.pruned_model is not None:
+            raise UsageError("finalize() has already cut this model; the result is callback.pruned_model.")
         self._masks.plan = self.plan
         self._masks.apply(model)  # exact zeros, adapters included, before merging
         self._release_hooks()

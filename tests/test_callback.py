@@ -184,6 +184,23 @@ def test_finalize_on_demand_equals_the_masked_model(tmp_path):
     torch.testing.assert_close(logits(load_pruned(tmp_path / "on-demand"), inputs), before.logits, atol=1e-5, rtol=0)
 
 
+def test_load_best_model_at_end_cuts_the_best_checkpoint_with_its_own_masks(tmp_path):
+    pruning = PruningCallback(PruningConfig(mlp_neurons=0.5), SCHEDULE)
+    before = MaskedLogitsAtEnd(FAMILIES["llama"].inputs())
+    args = arguments(
+        tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # the worst: early
+    )
+    trainer = Trainer(
+        model=FAMILIES["llama"].build(), args=args, train_dataset=dataset(), eval_dataset=dataset(4),
+        callbacks=[before, pruning],
+    )
+    trainer.train()
+    best = json.loads((Path(trainer.state.best_model_checkpoint) / STATE_FOLDER / "state.json").read_text())
+    assert [p.to_dict() for p in pruning.plan.layers] == best["plan"]
+    torch.testing.assert_close(logits(trainer.model, FAMILIES["llama"].inputs()), before.logits, atol=1e-5, rtol=0)
+
+
 def test_resume_reproduces_masks_scores_and_weights_bit_for_bit(tmp_path):
     def run(output_dir, resume=None):
         pruning = PruningCallback(PruningConfig(**TARGETS["llama"]), SCHEDULE, compact_at_end=False)
