@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,14 +54,12 @@ class _Target:
 class TrainingScores:
     """Hooks that accumulate `taylor`, `movement` or `activation` scores for the kinds asked for."""
 
-    KINDS: ClassVar[tuple[GroupKind, ...]] = (*_FEATURE_KINDS, *_BRANCH_KINDS, "layers")
-
     def __init__(self, model: nn.Module, adapter: ArchitectureAdapter, kinds: Iterable[GroupKind], score: str):
         if score not in TRAINING_SCORES:
             raise UsageError(f"score={score!r} is not a training score; choose one of {', '.join(TRAINING_SCORES)}.")
         self.score_name = score
         self._sites: set[str] = set()
-        self._step: dict[str, torch.Tensor] = {}  # site → this optimizer step's sums (float64, CPU)
+        self._step: dict[str, torch.Tensor] = {}  # site → this optimizer step's sums (float64, on the model's device)
         self._targets: dict[str, _Target] = {}  # "kind.layer" → target
         self.pending: dict[str, torch.Tensor] = {}  # "kind.layer" → not yet synchronized
         self.total: dict[str, torch.Tensor] = {}  # "kind.layer" → synchronized
@@ -146,10 +142,12 @@ class TrainingScores:
                 return
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
+            delta = (hidden_out - hidden_in).detach()  # what removing the layer takes away
+            if not torch.is_grad_enabled():
+                return
             if self.score_name == "activation":
-                self._observe(site, hidden_out - hidden_in, features=False)
+                self._add(site, delta.float().pow(2), features=False)
             elif hidden_out.requires_grad:
-                delta = (hidden_out - hidden_in).detach()
                 hidden_out.register_hook(lambda grad: self._add(site, delta.float() * grad.float(), False))
 
         self._handles.append(layer.register_forward_hook(hook, with_kwargs=True))
