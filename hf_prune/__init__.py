@@ -1,5 +1,6 @@
 """hf_prune: structural pruning for Hugging Face transformers models."""
 
+from .callback import PruningCallback
 from .checkpoint import load_pruned
 from .config import PruningConfig
 from .errors import (
@@ -14,6 +15,7 @@ from .errors import (
 )
 from .pruner import HFPruner
 from .report import PruningReport
+from .schedule import PruningSchedule
 
 __version__ = "0.1.0"
 
@@ -24,8 +26,10 @@ __all__ = [
     "NotPrunedError",
     "OutputExistsError",
     "PrunedCheckpointError",
+    "PruningCallback",
     "PruningConfig",
     "PruningReport",
+    "PruningSchedule",
     "UnsupportedArchitectureError",
     "UsageError",
     "VanillaFormatError",

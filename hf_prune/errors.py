@@ -17,6 +17,14 @@ class InvalidPruningTargetError(UsageError, ValueError):
     """A pruning target (fraction, count, combination) cannot be met for this model."""
 
 
+class InvalidScheduleError(UsageError, ValueError):
+    """A `PruningSchedule` (or how it meets the Trainer's step count) cannot be followed."""
+
+
+class CallbackStateError(UsageError):
+    """A resumed run cannot find or use the `PruningCallback` state of the checkpoint it resumes from."""
+
+
 class OutputExistsError(UsageError, FileExistsError):
     """The output folder exists and is not empty, and `overwrite=True` was not given."""
 

@@ -11,15 +11,23 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .groups import ArchitectureAdapter
-from .plan import PruningPlan
+from .groups import ArchitectureAdapter, TensorSlice
+from .plan import LayerPlan, PruningPlan
 
 
-def _identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+def identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     hidden_states = args[0] if args else kwargs["hidden_states"]
     if isinstance(output, tuple):
         return (hidden_states, *output[1:])
     return hidden_states
+
+
+def masked_slices(adapter: ArchitectureAdapter, layer: nn.Module, layer_plan: LayerPlan) -> list[TensorSlice]:
+    """What masking zeroes in a kept layer: consumer slices of removed units, removed branches' output projections."""
+    pieces = [piece for piece in layer_plan.removed_slices(adapter, layer) if piece.consumer]
+    for branch in layer_plan.removed_branches():
+        pieces += adapter.branch_consumer_slices(layer, branch)
+    return pieces
 
 
 @torch.no_grad()
@@ -30,11 +38,8 @@ def apply_masks(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPla
     for layer_plan in plan.layers:
         layer = layers[layer_plan.layer]
         if not layer_plan.keep_layer:
-            handles.append(layer.register_forward_hook(_identity_hook, with_kwargs=True))
+            handles.append(layer.register_forward_hook(identity_hook, with_kwargs=True))
             continue
-        pieces = [piece for piece in layer_plan.removed_slices(adapter, layer) if piece.consumer]
-        for branch in layer_plan.removed_branches():
-            pieces += adapter.branch_consumer_slices(layer, branch)
-        for piece in pieces:
+        for piece in masked_slices(adapter, layer, layer_plan):
             layer.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()
     return handles

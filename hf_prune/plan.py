@@ -57,6 +57,20 @@ class LayerPlan:
             plan.neurons = tuple(range(target.intermediate_size))
         return plan
 
+    @classmethod
+    def from_dict(cls, data: dict, geometry: LayerGeometry) -> LayerPlan:
+        """The inverse of `to_dict`; `geometry` is the dense layer's, read from the model."""
+        return cls(
+            data["layer"],
+            geometry,
+            data["keep_layer"],
+            data["keep_attention"],
+            data["keep_mlp"],
+            tuple(data["kv_heads"]),
+            tuple(data["query_heads"]),
+            tuple(data["neurons"]),
+        )
+
     def pruned_geometry(self) -> LayerGeometry:
         attention = self.geometry.attention
         kept_attention = (

