@@ -90,6 +90,7 @@ class _InfluenceRecorder:
         self.stats = stats
         self.sums: dict[tuple[int, str], float] = {}
         self.counts: dict[tuple[int, str], int] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
         self.stream: dict[int, torch.Tensor] = {}
 
     def _add(self, key: tuple[int, str], values: torch.Tensor) -> None:
@@ -98,10 +99,11 @@ class _InfluenceRecorder:
 
     def register(self, index: int, layer: nn.Module, adapter: ArchitectureAdapter) -> list:
         def layer_input(module, args, kwargs):
-            self.stream[index] = args[0] if args else kwargs["hidden_states"]
+            self.inputs[index] = self.stream[index] = args[0] if args else kwargs["hidden_states"]
 
         def layer_output(module, args, kwargs, output):
-            self._add((index, "layer"), _one_minus_cos(self.stream[index], _first(output)))
+            self._add((index, "layer"), _one_minus_cos(self.inputs.pop(index), _first(output)))
+            self.stream.pop(index)
 
         def branch_output(branch: str):
             def hook(module, args, output):

@@ -59,7 +59,7 @@ def group_tensors(context: ScoringContext, group: Group) -> list[torch.Tensor]:
     """The parameter slices a group owns, as views."""
     layer = context.layer(group.layer)
     return [
-        layer.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start)
+        layer.get_parameter(piece.parameter).detach().narrow(piece.dim, piece.start, piece.stop - piece.start)
         for piece in group.slices
     ]
 

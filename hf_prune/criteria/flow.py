@@ -31,18 +31,14 @@ class FlowCriterion(Criterion):
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
         kind, index = groups[0].kind, groups[0].layer
         branches = ("attention", "mlp") if kind == "layers" else (branch_of(kind),)
-        scores = []
-        for group in groups:
-            total = torch.zeros((), dtype=torch.float64)
-            for branch in branches:
-                stats = context.statistics.consumers.get((index, branch))
-                if stats is None:
-                    continue
-                weight = consumer_weight(context, index, branch).double()
-                if kind in BLOCK_KINDS:
-                    total = total + _energy(weight, stats.gram, stats.mean_square, 0, weight.shape[1], stats.count)
-                else:
-                    for piece in (p for p in group.slices if p.consumer):
-                        total = total + _energy(weight, stats.gram, stats.mean_square, piece.start, piece.stop, stats.count)
-            scores.append(total)
-        return torch.stack(scores)
+        totals = torch.zeros(len(groups), dtype=torch.float64)
+        for branch in branches:
+            stats = context.statistics.consumers.get((index, branch))
+            if stats is None:
+                continue
+            weight = consumer_weight(context, index, branch).double()
+            for position, group in enumerate(groups):
+                pieces = [(0, weight.shape[1])] if kind in BLOCK_KINDS else [(p.start, p.stop) for p in group.slices if p.consumer]
+                for start, stop in pieces:
+                    totals[position] += _energy(weight, stats.gram, stats.mean_square, start, stop, stats.count)
+        return totals
