@@ -9,7 +9,7 @@ import textwrap
 from collections.abc import Sequence
 
 from .checkpoint import check_output_folder
-from .config import ALLOCATIONS, PruningConfig
+from .config import ALLOCATIONS, DEFAULT_CRITERIA, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
 from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names
@@ -32,6 +32,15 @@ def _amount(text: str) -> float | int:
         return float(text) if any(c in text for c in ".eE") else int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction (0.25) nor a count (4)") from None
+
+
+def _criterion(text: str) -> str | dict[str, str]:
+    if "=" not in text:
+        return text
+    try:
+        return dict(part.split("=", 1) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write KIND=NAME,KIND=NAME") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     for name in PruningConfig.AMOUNTS:
         help_text = PruningConfig.__dataclass_fields__[name].metadata["help"]
         prune.add_argument(f"--{name.replace('_', '-')}", type=_amount, default=0, help=help_text)
-    prune.add_argument("--criterion", default="magnitude", choices=available_criteria())
+    prune.add_argument(
+        "--criterion",
+        type=_criterion,
+        help=f"one of {', '.join(available_criteria())} for every kind, or KIND=NAME,... per group kind "
+        f"(default: {', '.join(f'{k}={v}' for k, v in DEFAULT_CRITERIA.items())})",
+    )
+    prune.add_argument("--reconstruct", default="lstsq", choices=RECONSTRUCTIONS, help="training-free repair")
+    prune.add_argument("--num-samples", type=int, default=128, help="calibration windows (WikiText-2 validation)")
     prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--require-vanilla", action="store_true", help="fail rather than write the loader format")
@@ -72,7 +88,9 @@ def _prune(args: argparse.Namespace) -> None:
 
     config = PruningConfig(
         **{name: getattr(args, name) for name in PruningConfig.AMOUNTS},
-        criterion=args.criterion,
+        **({"criterion": args.criterion} if args.criterion else {}),
+        reconstruct=args.reconstruct,
+        num_samples=args.num_samples,
         allocation=args.allocation,
         seed=args.seed,
         require_vanilla=args.require_vanilla,

@@ -11,6 +11,16 @@ Amount = float | int
 
 GROUP_KINDS = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
 RECONSTRUCTIONS = ("none", "lstsq")
+#: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
+#: structured OBS with the least-squares refit for channels, block influence for blocks.
+DEFAULT_CRITERIA = {
+    "heads": "obs",
+    "kv_groups": "obs",
+    "neurons": "obs",
+    "attention_branches": "block_influence",
+    "mlp_branches": "block_influence",
+    "layers": "block_influence",
+}
 _AMOUNT_HELP = "A float is a fraction in [0, 1), an int a count."
 ALLOCATIONS = ("uniform",)
 
@@ -38,10 +48,11 @@ class PruningConfig:
     )
     layers: Amount = field(default=0, metadata={"help": f"Whole layers removed. {_AMOUNT_HELP}"})
     criterion: str | dict[str, str] = field(
-        default="magnitude",
+        default_factory=lambda: dict(DEFAULT_CRITERIA),
         metadata={
             "help": "How groups are scored: one criterion name (hf_prune.criteria) for every kind, or a mapping "
-            f"from group kind ({', '.join(GROUP_KINDS)}) to a name; kinds left out use the single default."
+            f"from group kind ({', '.join(GROUP_KINDS)}) to a name; kinds left out use the defaults "
+            f"({DEFAULT_CRITERIA})."
         },
     )
     allocation: str = field(default="uniform", metadata={"help": f"How removals spread over layers: {ALLOCATIONS}."})
@@ -57,7 +68,7 @@ class PruningConfig:
     seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
     batch_size: int = field(default=8, metadata={"help": "Calibration windows per forward pass."})
     reconstruct: str = field(
-        default="none",
+        default="lstsq",
         metadata={"help": f"Training-free repair of the projections that lose channels: {RECONSTRUCTIONS}."},
     )
     require_vanilla: bool = field(
@@ -103,7 +114,7 @@ class PruningConfig:
         """The criterion name that ranks groups of `kind`."""
         if isinstance(self.criterion, str):
             return self.criterion
-        return self.criterion.get(kind, self.criterion.get("default", PruningConfig.criterion))
+        return self.criterion.get(kind, self.criterion.get("default", DEFAULT_CRITERIA[kind]))
 
     @property
     def is_empty(self) -> bool:

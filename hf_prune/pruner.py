@@ -23,7 +23,7 @@ from .groups import get_adapter
 from .plan import PruningPlan
 from .reconstruction import reconstruct
 from .report import PruningReport
-from .statistics import collect_statistics
+from .statistics import CalibrationStatistics, collect_statistics
 from .surgery import apply_plan
 
 logger = logging.getLogger(__name__)
@@ -115,11 +115,15 @@ class HFPruner:
                 logger.info("No tokenizer or image processor found at %s; saving weights and config only.", name_or_path)
         return cls(model.eval(), tokenizer=tokenizer, processor=processor)
 
-    def prune(self, config: PruningConfig | None = None, **kwargs) -> PruningReport:
+    def prune(
+        self, config: PruningConfig | None = None, *, statistics: CalibrationStatistics | None = None, **kwargs
+    ) -> PruningReport:
         """Score, plan, repair and cut. Pass a `PruningConfig`, or its fields as keywords.
 
         Targets are validated before any calibration runs, and the output format is decided on
-        a shape-only copy, so a refused prune leaves the model untouched.
+        a shape-only copy, so a refused prune leaves the model untouched. `statistics` reuses one
+        calibration pass (`hf_prune.statistics.collect_statistics` on this same dense model) across
+        several prunes, as the benchmarks do.
         """
         if config is not None and kwargs:
             raise TypeError("pass either a PruningConfig or keyword arguments, not both")
@@ -138,11 +142,18 @@ class HFPruner:
         requirements = set().union(*(c.requires for c in criteria.values()))
         if config.reconstruct != "none":
             requirements |= {"moments", "mlp_gram"}
-        if requirements or any(c.needs_windows for c in criteria.values()):
+        if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
             context.windows = token_windows(
                 config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed
             )
-        if requirements:
+        if statistics is not None and requirements - statistics.requirements:
+            raise InvalidPruningTargetError(
+                f"the statistics passed in lack {sorted(requirements - statistics.requirements)}, which the "
+                "criteria or the repair need; collect them with those requirements."
+            )
+        if statistics is not None:
+            context.statistics = statistics
+        elif requirements:
             context.statistics = collect_statistics(
                 self.model, self.adapter, context.windows.split(config.batch_size), requirements
             )

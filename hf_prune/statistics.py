@@ -73,6 +73,8 @@ class CalibrationStatistics:
     gradient_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     batches: int = 0
     tokens: int = 0
+    #: what was collected, so a reuse can check it has what its criteria need.
+    requirements: frozenset[str] = frozenset()
 
 
 def _first(output):
@@ -145,7 +147,7 @@ def collect_statistics(
     requirements: set[Requirement],
 ) -> CalibrationStatistics:
     """Run the calibration batches once and return what `requirements` ask for."""
-    stats = CalibrationStatistics()
+    stats = CalibrationStatistics(requirements=frozenset(requirements))
     layers = adapter.layers(model)
     handles = []
     if requirements & {"moments", "mlp_gram"}:

@@ -286,7 +286,9 @@ def test_impossible_schedules_fail_at_train_start(tmp_path, schedule, score, err
 
 
 def test_oneshot_at_step_zero_with_a_weight_criterion_prunes_before_training(tmp_path):
-    pruning = PruningCallback(PruningConfig(mlp_neurons=0.5), PruningSchedule("oneshot", start_step=0), score="criterion")
+    pruning = PruningCallback(
+        PruningConfig(mlp_neurons=0.5, criterion="magnitude"), PruningSchedule("oneshot", start_step=0), score="criterion"
+    )
     _, _, after = train(tmp_path, FAMILIES["llama"].build(), pruning, max_steps=2)
     assert after.counts[0]["mlp_neurons"] == 24
 

@@ -20,6 +20,7 @@ def tiny_llama(tmp_path_factory):
 
 def test_prune_prints_the_summary_and_writes_the_folder(tiny_llama, tmp_path, capsys):
     code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "out"), "--kv-groups", "1",
+                 "--criterion", "magnitude", "--reconstruct", "none",
                  "--mlp-neurons", "0.25", "--layers", "1", "--report-json", str(tmp_path / "report.json")])
     printed = capsys.readouterr().out
     assert code == 0

@@ -15,7 +15,7 @@ from hf_prune import (
     UnsupportedArchitectureError,
     VanillaFormatError,
 )
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, STRUCTURAL
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -84,7 +84,7 @@ def test_require_vanilla_refuses_before_touching_the_model():
     with pytest.raises(VanillaFormatError, match=r"require_vanilla=True.*BertConfig rejects"):
         pruner.prune(attention_heads=1, require_vanilla=True)
     assert_unchanged(pruner.model, before)
-    assert pruner.prune(mlp_neurons=0.5, require_vanilla=True).output_format == "vanilla"
+    assert pruner.prune(mlp_neurons=0.5, require_vanilla=True, **STRUCTURAL).output_format == "vanilla"
 
 
 def test_save_before_prune_is_an_error(tmp_path):
@@ -94,7 +94,7 @@ def test_save_before_prune_is_an_error(tmp_path):
 
 def test_existing_output_folder_is_refused_and_untouched(tmp_path):
     pruner = HFPruner(FAMILIES["llama"].build())
-    pruner.prune(mlp_neurons=0.25)
+    pruner.prune(mlp_neurons=0.25, **STRUCTURAL)
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("mine")
@@ -118,7 +118,7 @@ def _interrupt_after_weights(model):
 
 def test_interrupted_save_leaves_no_partial_output(tmp_path):
     pruner = HFPruner(FAMILIES["llama"].build())
-    pruner.prune(mlp_neurons=0.25)
+    pruner.prune(mlp_neurons=0.25, **STRUCTURAL)
     _interrupt_after_weights(pruner.model)
     with pytest.raises(KeyboardInterrupt):
         pruner.save_pretrained(tmp_path / "out")
@@ -130,7 +130,7 @@ def test_interrupted_overwrite_keeps_the_previous_folder(tmp_path):
     target.mkdir()
     (target / "old.txt").write_text("previous run")
     pruner = HFPruner(FAMILIES["llama"].build())
-    pruner.prune(mlp_neurons=0.25)
+    pruner.prune(mlp_neurons=0.25, **STRUCTURAL)
     _interrupt_after_weights(pruner.model)
     with pytest.raises(KeyboardInterrupt):
         pruner.save_pretrained(target, overwrite=True)

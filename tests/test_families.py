@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_prune import HFPruner
+from hf_prune import HFPruner, PruningConfig
 from hf_prune.masking import apply_masks
-from tiny_models import FAMILIES, TinyFamily
+from hf_prune.reconstruction import reconstruct
+from hf_prune.statistics import collect_statistics
+from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_windows
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
 
@@ -26,14 +28,14 @@ def scenarios(family: TinyFamily) -> dict[str, dict]:
     """The single kinds, then three random combinations (seeded, so the suite is stable)."""
     heads = {"attention_heads": 0.5} if family.gqa else {"attention_heads": 0.25}
     cases = {
-        "heads": heads,
-        "neurons": {"mlp_neurons": 0.25},
-        "attention_branch": {"attention_branches": 1},
-        "mlp_branch": {"mlp_branches": 1},
-        "layer": {"layers": 1},
+        "heads": {**heads, **STRUCTURAL},
+        "neurons": {"mlp_neurons": 0.25, **STRUCTURAL},
+        "attention_branch": {"attention_branches": 1, **STRUCTURAL},
+        "mlp_branch": {"mlp_branches": 1, **STRUCTURAL},
+        "layer": {"layers": 1, **STRUCTURAL},
     }
     if family.gqa:
-        cases["kv_groups"] = {"kv_groups": 1}
+        cases["kv_groups"] = {"kv_groups": 1, **STRUCTURAL}
     rng = random.Random(family.model_type)
     for index in range(3):
         combo = {}
@@ -46,7 +48,8 @@ def scenarios(family: TinyFamily) -> dict[str, dict]:
                 "layers": rng.choice([0, 1, 2]),
                 "kv_groups": rng.choice([0, 1]) if family.gqa else 0,
             }
-        cases[f"combo{index}"] = {**combo, "criterion": "random", "seed": index}
+        # Combinations run the default pipeline: calibration, data-aware criteria, least-squares repair.
+        cases[f"combo{index}"] = {**combo, "seed": index}
     return cases
 
 
@@ -65,8 +68,12 @@ def pruned_case(family_name: str, case: str, root: Path) -> dict:
     dense = family.build()
     inputs = family.inputs()
     pruner = HFPruner(copy.deepcopy(dense))
-    report = pruner.prune(**scenarios(family)[case])
+    config = PruningConfig(**scenarios(family)[case], calibration=calibration_windows(), batch_size=4)
+    report = pruner.prune(config)
     masked = copy.deepcopy(dense)
+    if config.reconstruct != "none":  # the reference is the repaired dense model, masked
+        batches = config.calibration[0].split(config.batch_size)
+        reconstruct(masked, pruner.adapter, pruner.plan, collect_statistics(masked, pruner.adapter, batches, {"moments", "mlp_gram"}), config.reconstruct)
     apply_masks(masked, pruner.adapter, pruner.plan)
 
     folder = root / family_name / case

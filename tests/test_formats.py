@@ -12,7 +12,7 @@ from hf_prune.checkpoint import decide_format, write_loader_config
 from hf_prune.groups import get_adapter
 from hf_prune.plan import PruningPlan
 from hf_prune.surgery import apply_plan
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, STRUCTURAL
 
 # 8 query heads in 4 KV groups, hidden 64: removing one KV group leaves 6 heads, and 64 % 6 != 0.
 SHAPE = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8, intermediate_size=32,
@@ -31,7 +31,7 @@ def logits(model, ids):
 def test_head_pruning_is_vanilla_only_where_the_config_accepts_it(config_class, model_class, expected, tmp_path):
     torch.manual_seed(0)
     pruner = HFPruner(model_class(config_class(**SHAPE)).eval())
-    report = pruner.prune(kv_groups=1)
+    report = pruner.prune(kv_groups=1, **STRUCTURAL)
     assert report.output_format == expected
     if expected == "loader":
         assert "hidden size (64) is not a multiple of the number of attention heads (6)" in report.format_reason
@@ -42,7 +42,7 @@ def test_head_pruning_is_vanilla_only_where_the_config_accepts_it(config_class, 
 
 def test_loader_format_refuses_plain_transformers_with_a_message_naming_hf_prune(tmp_path):
     pruner = HFPruner(FAMILIES["llama"].build())
-    pruner.prune(attention_branches=1)
+    pruner.prune(attention_branches=1, **STRUCTURAL)
     out = pruner.save_pretrained(tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "hf_prune" and config["hf_prune"]["base_model_type"] == "llama"
@@ -53,7 +53,7 @@ def test_loader_format_refuses_plain_transformers_with_a_message_naming_hf_prune
 
 def test_load_pruned_passes_from_pretrained_keywords(tmp_path):
     pruner = HFPruner(FAMILIES["gpt2"].build())
-    pruner.prune(attention_heads=1, mlp_neurons=0.25)
+    pruner.prune(attention_heads=1, mlp_neurons=0.25, **STRUCTURAL)
     out = pruner.save_pretrained(tmp_path / "out")
     model = load_pruned(out, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -87,7 +87,7 @@ def test_the_callers_config_object_is_never_modified():
     config = LlamaConfig(**SHAPE)
     shared = LlamaForCausalLM(config)
     pruner = HFPruner(shared)
-    pruner.prune(layers=1, mlp_neurons=0.5)
+    pruner.prune(layers=1, mlp_neurons=0.5, **STRUCTURAL)
     assert (config.num_hidden_layers, config.intermediate_size) == (2, 32)
     assert (pruner.model.config.num_hidden_layers, pruner.model.config.intermediate_size) == (1, 16)
     assert all(m.config is pruner.model.config for m in pruner.model.modules() if hasattr(m, "config"))

