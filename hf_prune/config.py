@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import InvalidPruningTargetError
@@ -70,6 +71,13 @@ class PruningConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> PruningConfig:
+        """The `pruning` section of a YAML recipe, checked (see `hf_prune.recipes`; errors name file and key)."""
+        from .recipes import load_recipe  # recipes imports this module
+
+        return load_recipe(path).pruning
 
 
 def _check_amount(name: str, value: object) -> None:
