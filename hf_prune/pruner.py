@@ -13,11 +13,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 from .allocation import build_plan
 from .checkpoint import decide_format, meta_copy, write_atomically, write_loader_config
-from .evaluation import parameter_count
+from .evaluation import flops_per_token, parameter_count
 from .config import PruningConfig
 from .criteria import get_criterion
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .groups import get_adapter
+from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
 from .report import PruningReport
 from .surgery import apply_plan
@@ -75,6 +76,8 @@ class HFPruner:
         self.adapter = get_adapter(model.config)
         self.report: PruningReport | None = None
         self.plan: PruningPlan | None = None
+        self.card_facts = CardFacts(parameter_count(model), flops_per_token(model))
+        self.last_save: tuple[Path, PruningReport] | None = None  # (folder, the report it holds)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> HFPruner:
@@ -98,7 +101,9 @@ class HFPruner:
                 processor = transformers.AutoImageProcessor.from_pretrained(name_or_path, **shared)
             except (OSError, ValueError, KeyError):
                 logger.info("No tokenizer or image processor found at %s; saving weights and config only.", name_or_path)
-        return cls(model.eval(), tokenizer=tokenizer, processor=processor)
+        pruner = cls(model.eval(), tokenizer=tokenizer, processor=processor)
+        pruner.card_facts.record_source(name_or_path)
+        return pruner
 
     def prune(self, config: PruningConfig | None = None, **kwargs) -> PruningReport:
         """Score, plan and cut. Pass a `PruningConfig`, or its fields as keywords."""
@@ -139,7 +144,8 @@ class HFPruner:
         return self.report
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write config, safetensors weights, tokenizer or processor, and generation config.
+        """Write config, safetensors weights, tokenizer or processor, generation config, and the
+        model card (README.md, its plot and the recipe).
 
         The folder appears complete or not at all; an existing non-empty folder is refused
         unless `overwrite=True`.
@@ -155,5 +161,8 @@ class HFPruner:
             for extra in (self.tokenizer, self.processor):
                 if extra is not None:
                     extra.save_pretrained(folder)
+            write_model_card(folder, self, model_id=Path(save_directory).name)
 
-        return write_atomically(save_directory, write, overwrite=overwrite)
+        folder = write_atomically(save_directory, write, overwrite=overwrite)
+        self.last_save = (folder, self.report)
+        return folder
