@@ -9,6 +9,7 @@ from pathlib import Path
 
 import transformers
 from accelerate import init_empty_weights
+from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .allocation import build_plan
@@ -166,3 +167,13 @@ class HFPruner:
         folder = write_atomically(save_directory, write, overwrite=overwrite)
         self.last_save = (folder, self.report)
         return folder
+
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, token: str | None = None, commit_message: str | None = None,
+        api: HfApi | None = None,
+    ) -> str:
+        """Upload the folder `save_pretrained` wrote, in one commit (saved to a temporary folder
+        first when this prune was never saved); see `hf_prune.hub.push_folder`."""
+        from .hub import push_pruner
+
+        return push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)
