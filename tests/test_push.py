@@ -9,6 +9,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from hf_prune import HFPruner
+from hf_prune.cli import main
 from hf_prune.errors import PushError
 from hf_prune.hub import plan_push, push_folder
 from tiny_models import FAMILIES
@@ -83,6 +84,29 @@ def test_a_failed_push_keeps_the_folder_hides_the_token_and_says_how_to_retry(pr
     assert TOKEN not in message and "***" in message
     assert f"retry with `hf-prune push {folder} me/pruned`" in message
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_cli_push_dry_run_lists_files_and_metadata_and_sends_nothing(pruner, tmp_path, capsys, monkeypatch):
+    folder = pruner.save_pretrained(tmp_path / "pruned")
+    monkeypatch.setattr("hf_prune.hub.HfApi", mock.Mock(side_effect=AssertionError("no Hub call in a dry run")))
+    assert main(["push", str(folder), "me/pruned", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"me/pruned ← {folder}: {len(FILES)} files in one commit" in out
+    assert all(name in out for name in FILES)
+    assert "tags: ['pruned', 'structured-pruning', 'hf_prune']" in out and "dry run: nothing sent" in out
+
+
+def test_cli_push_uploads_with_one_commit_and_failures_exit_1(pruner, tmp_path, capsys, monkeypatch):
+    folder = pruner.save_pretrained(tmp_path / "pruned")
+    api = mock_api([])
+    monkeypatch.setattr("hf_prune.hub.HfApi", lambda: api)
+    assert main(["push", str(folder), "me/pruned", "--private"]) == 0
+    assert api.upload_folder.call_count == 1 and api.create_repo.call_args.kwargs["private"] is True
+    assert "pushed" in capsys.readouterr().out
+    api.create_repo.side_effect = OSError("network down")
+    assert main(["push", str(folder), "me/pruned"]) == 1
+    assert "The folder is unchanged; retry with" in capsys.readouterr().err
+    assert main(["push", str(tmp_path), "me/pruned"]) == 1  # not a saved folder
 
 
 @pytest.mark.hub

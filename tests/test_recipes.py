@@ -5,9 +5,11 @@ from pathlib import Path
 import pytest
 
 from hf_prune import PruningConfig, UsageError
+from hf_prune.cli import main
 from hf_prune.errors import RecipeError
 from hf_prune.recipes import load_recipe, recipe_yaml
 from hf_prune.schedule import GradualSchedule
+from tiny_models import FAMILIES
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 REQUIRED = {
@@ -80,3 +82,27 @@ def test_the_cubic_schedule_prunes_fast_first_and_reaches_the_target_at_the_end(
     gains = [b - a for a, b in zip([0, *shares], shares)]
     assert gains == sorted(gains, reverse=True)  # every step removes less than the one before
     assert GradualSchedule(0, 300, 200, exponent=1).pruning_steps() == [200, 300]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "llama"
+    FAMILIES["llama"].build().save_pretrained(folder)
+    return folder
+
+
+def test_cli_recipe_with_an_override(tiny_llama, tmp_path, capsys):
+    code = main(["prune", "--model", str(tiny_llama), "--recipe", str(RECIPES / "llama-zero-shot-20pct.yaml"),
+                 "--mlp-neurons", "0.5", "--output", str(tmp_path / "out")])
+    assert code == 0
+    config = PruningConfig.from_yaml(tmp_path / "out" / "hf_prune_recipe.yaml")
+    assert (config.attention_heads, config.mlp_neurons) == (0.34, 0.5)
+    assert "neurons 48→24" in capsys.readouterr().out
+
+
+def test_cli_bad_recipe_exits_2_naming_the_file(tiny_llama, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("pruning: {neurons: 0.5}\n")
+    code = main(["prune", "--model", str(tiny_llama), "--recipe", str(tmp_path / "bad.yaml"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "bad.yaml: unknown key 'pruning.neurons'" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "out").exists()
