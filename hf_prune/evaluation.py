@@ -16,6 +16,8 @@ from .groups import get_adapter
 
 #: The project's WikiText-2 protocol (dense SmolLM2-135M-Instruct: 29.52 at 80 windows).
 WIKITEXT2_DATASET = "Salesforce/wikitext"
+#: Attention context `flops_per_token` assumes unless told.
+FLOPS_CONTEXT = 512
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -23,7 +25,7 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(model: nn.Module, context: int = 512) -> int:
+def flops_per_token(model: nn.Module, context: int = FLOPS_CONTEXT) -> int:
     """Forward FLOPs per token (2 per multiply-add) with `context` tokens of attention context.
 
     Every `Linear` / `Conv1D` weight is one multiply-add per token and a patch-embedding `Conv2d`

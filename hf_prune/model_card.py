@@ -18,7 +18,7 @@ import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
 
-from .evaluation import flops_per_token, parameter_count
+from .evaluation import FLOPS_CONTEXT, flops_per_token, parameter_count
 from .plots import PLOT_FILE, plot_kept_structure
 from .recipes import recipe_yaml
 from .remote_code import auto_classes
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 TEMPLATE_FILE = "pruned_model_card.md"
 RECIPE_FILE = "hf_prune_recipe.yaml"
 TAGS = ["pruned", "structured-pruning", "hf_prune"]
-FLOPS_CONTEXT = 512
 _PIPELINE_TAGS = {
     "AutoModelForCausalLM": "text-generation",
     "AutoModelForMaskedLM": "fill-mask",
@@ -82,11 +81,15 @@ class CardFacts:
         can be read (a local folder's README.md, or the Hub card: offline it stays unknown)."""
         self.source = str(name_or_path)
         local = Path(name_or_path)
-        if not local.is_dir():
-            self.base_model = str(name_or_path)
+        if local.is_dir():
+            card_location = local / "README.md"
+            if not card_location.is_file():
+                return
+        else:
+            self.base_model = card_location = str(name_or_path)
         try:
-            card = ModelCard.load(local / "README.md" if local.is_dir() else self.base_model)
-        except (OSError, ValueError):  # no card, offline, gated: the license stays unknown
+            card = ModelCard.load(card_location)
+        except (OSError, ValueError):  # offline, gated, no card, unreadable metadata: the license stays unknown
             return
         self.base_license = card.data.license or self.base_license
 
@@ -95,9 +98,15 @@ def _pair(before: int, after: int) -> str:
     return f"{before} → {after}" if before != after else str(after)
 
 
+def relative_change(before: float, after: float) -> str:
+    """`-19.7%`, or `×69,352` once a number grows more than tenfold (a percentage would hide it)."""
+    if not before:
+        return "–"
+    return f"×{after / before:,.0f}" if after / before > 10 else f"{(after - before) / before:+.1%}"
+
+
 def _change_row(name: str, before: float, after: float, number: str) -> list[str]:
-    change = f"{(after - before) / before:+.1%}" if before else "–"
-    return [name, format(before, number), format(after, number), change]
+    return [name, format(before, number), format(after, number), relative_change(before, after)]
 
 
 def _table(report: PruningReport) -> tuple[list[str], list[list[str]]]:
@@ -169,7 +178,7 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
         calibration=", ".join(f"{k}={v}" for k, v in calibration.items()) or "none (no calibration step ran)",
         size_rows=[
             _change_row("parameters", facts.dense_parameters, parameters, ","),
-            _change_row("FLOPs per token", facts.dense_flops, flops_per_token(pruner.model, FLOPS_CONTEXT), ","),
+            _change_row("FLOPs per token", facts.dense_flops, flops_per_token(pruner.model), ","),
             *(_change_row(m.metric, m.before, m.after, ",.2f") for m in speed),
         ],
         flops_context=FLOPS_CONTEXT,

@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 import hf_prune
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.evaluation import flops_per_token
-from hf_prune.model_card import CardFacts, Measurement, template_path
+from hf_prune.model_card import CardFacts, Measurement, relative_change, template_path
 from tiny_models import FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +90,7 @@ def test_measurements_and_source_reach_card_and_metadata(tmp_path):
     assert metadata["license"] == "mit" and metadata["datasets"] == ["Salesforce/wikitext"]
     assert "base_model" not in metadata  # a local folder is not a Hub repo
     assert "| WikiText-2 perplexity | 30.00 | 36.00 | +20.0% |" in body
+    assert relative_change(30.0, 2_425_374.19) == "×80,846" and relative_change(0, 1) == "–"
     assert "| latency (ms) | 10.00 | 8.00 | -20.0% |" in body
     assert "Protocol: latency (ms): batch 1 × 16 tokens." in body
     assert "Protocol: WikiText-2 perplexity: first 2 windows." in body
