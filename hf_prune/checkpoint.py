@@ -34,6 +34,7 @@ from .groups import ArchitectureAdapter
 from .loader_format import LOADER_FORMAT_VERSION, LOADER_MODEL_TYPE, HFPruneConfig, layer_geometries, load_shaped
 from .remote_code import write_remote_code
 
+
 @dataclass(frozen=True)
 class FormatDecision:
     """Which format a pruned model is written in, why, and (vanilla) the config fields to write."""
