@@ -9,7 +9,6 @@ from hf_prune.cli import main
 from hf_prune.errors import RecipeError
 from hf_prune.recipes import load_recipe, recipe_yaml
 from hf_prune.schedule import GradualSchedule
-from tiny_models import FAMILIES
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 REQUIRED = {
@@ -82,13 +81,6 @@ def test_the_cubic_schedule_prunes_fast_first_and_reaches_the_target_at_the_end(
     gains = [b - a for a, b in zip([0, *shares], shares)]
     assert gains == sorted(gains, reverse=True)  # every step removes less than the one before
     assert GradualSchedule(0, 300, 200, exponent=1).pruning_steps() == [200, 300]
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "llama"
-    FAMILIES["llama"].build().save_pretrained(folder)
-    return folder
 
 
 def test_cli_recipe_with_an_override(tiny_llama, tmp_path, capsys):
