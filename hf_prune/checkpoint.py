@@ -6,9 +6,11 @@ the loader format otherwise; written atomically, safetensors only.
 and the folder loads with `AutoModelFor*.from_pretrained` in a process that never imports hf_prune.
 
 *Loader*: the shapes differ per layer, or the family's config derives a shape the pruned model
-no longer has. `config.json` then gets `model_type: "hf_prune"` (so plain transformers refuses it
-with a message naming hf_prune instead of a size mismatch) and an `hf_prune` entry with the base
-`model_type` and every layer's shape; `load_pruned` rebuilds the skeleton and loads the weights.
+no longer has. `config.json` then gets `model_type: "hf_prune"` and an `hf_prune` entry with the
+base `model_type` and every layer's shape (see `loader_format.py`); `load_pruned` rebuilds the
+skeleton and loads the weights. The folder also carries `modeling_hf_prune.py`, named in
+`auto_map`, so `AutoModelFor*.from_pretrained(folder, trust_remote_code=True)` works without
+hf_prune; without `trust_remote_code` transformers refuses the custom code, never with a size mismatch.
 """
 
 from __future__ import annotations
@@ -25,15 +27,12 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from .errors import OutputExistsError, PrunedCheckpointError
-from .groups import ArchitectureAdapter, LayerGeometry, get_adapter
-from .plan import LayerPlan, PruningPlan
-from .surgery import apply_plan
-
-LOADER_MODEL_TYPE = "hf_prune"
-LOADER_FORMAT_VERSION = 1
+from .groups import ArchitectureAdapter
+from .loader_format import LOADER_FORMAT_VERSION, LOADER_MODEL_TYPE, HFPruneConfig, layer_geometries, load_shaped
+from .remote_code import write_remote_code
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,6 @@ def meta_copy(model: nn.Module) -> nn.Module:
         meta = tensor.detach().to("meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
-
-
-def layer_geometries(model: nn.Module, adapter: ArchitectureAdapter) -> list[LayerGeometry]:
-    return [adapter.geometry(layer) for layer in adapter.layers(model)]
 
 
 def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> FormatDecision:
@@ -138,7 +133,7 @@ def write_atomically(target: str | os.PathLike, write, overwrite: bool = False) 
 
 
 def write_loader_config(folder: Path, model: PreTrainedModel, adapter: ArchitectureAdapter) -> None:
-    """Rewrite `config.json` into the loader format (see the module docstring)."""
+    """Rewrite `config.json` into the loader format and add the remote code (see the module docstring)."""
     path = folder / "config.json"
     config = json.loads(path.read_text())
     config["hf_prune"] = {
@@ -147,57 +142,29 @@ def write_loader_config(folder: Path, model: PreTrainedModel, adapter: Architect
         "layers": [geometry.to_dict() for geometry in layer_geometries(model, adapter)],
     }
     config["model_type"] = LOADER_MODEL_TYPE
+    config["auto_map"] = write_remote_code(folder, type(model.config), config["architectures"][0])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- loading
-def _shaped_class(model_class: type[PreTrainedModel], adapter: ArchitectureAdapter, targets: list[LayerGeometry]):
-    """A subclass of `model_class` that takes the saved per-layer shapes as soon as it is built,
-    so transformers' own `from_pretrained` (key renames, dtype, device_map, ...) fills it."""
+def load_pruned(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
+    """Load a folder (or Hub repo) hf_prune wrote, in either format, without `trust_remote_code`.
 
-    class Shaped(model_class):
-        def __init__(self, config, *args, **kwargs):
-            super().__init__(config, *args, **kwargs)
-            dense = layer_geometries(self, adapter)
-            if len(dense) != len(targets):
-                raise PrunedCheckpointError(f"{len(targets)} saved layer shapes for {len(dense)} layers")
-            plans = [LayerPlan.first(i, d, t) for i, (d, t) in enumerate(zip(dense, targets))]
-            apply_plan(self, adapter, PruningPlan(plans))
-
-    # Present as the family's own class: transformers applies its checkpoint key renames
-    # (e.g. GPT-NeoX `embed_out` → `lm_head`) only to classes defined inside transformers.
-    Shaped.__name__ = Shaped.__qualname__ = model_class.__name__
-    Shaped.__module__ = model_class.__module__
-    return Shaped
-
-
-def load_pruned(folder: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
-    """Load a folder hf_prune wrote, in either format, without `trust_remote_code`.
-
-    Vanilla folders go straight to `from_pretrained`. For loader-format folders the family's
+    Vanilla checkpoints go straight to `from_pretrained`. For loader-format ones the family's
     model class (from `config.architectures`) is shaped layer by layer as the saved metadata
     says, then filled by `from_pretrained`; every `from_pretrained` keyword works.
     """
-    folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise PrunedCheckpointError(f"{folder} has no config.json; pass the folder that save_pretrained wrote.")
-    raw = json.loads(config_path.read_text())
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(name_or_path, **dict(from_pretrained_kwargs))
+    except OSError as error:
+        raise PrunedCheckpointError(
+            f"{name_or_path} has no readable config.json ({error}); pass the folder that save_pretrained wrote "
+            "or the Hub repo it was pushed to."
+        ) from error
     architectures = raw.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is None:
-        raise PrunedCheckpointError(f"{config_path} names no known model class in 'architectures' ({architectures}).")
+        raise PrunedCheckpointError(f"config.json of {name_or_path} names no known model class in 'architectures' ({architectures}).")
     if raw.get("model_type") != LOADER_MODEL_TYPE:
-        return model_class.from_pretrained(folder, **from_pretrained_kwargs)
-
-    metadata = raw.pop("hf_prune")
-    if metadata.get("format_version") != LOADER_FORMAT_VERSION:
-        raise PrunedCheckpointError(
-            f"{config_path} uses loader format version {metadata.get('format_version')}; this hf_prune reads "
-            f"version {LOADER_FORMAT_VERSION}. Upgrade hf_prune."
-        )
-    raw.pop("model_type")
-    config = AutoConfig.for_model(metadata["base_model_type"], **raw)
-    targets = [LayerGeometry.from_dict(entry) for entry in metadata["layers"]]
-    shaped = _shaped_class(model_class, get_adapter(config), targets)
-    return shaped.from_pretrained(folder, config=config, **from_pretrained_kwargs)
+        return model_class.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    return load_shaped(model_class, name_or_path, HFPruneConfig.from_dict(raw), **from_pretrained_kwargs)

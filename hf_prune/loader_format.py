@@ -1,0 +1,142 @@
+"""The loader format, readable with or without hf_prune installed.
+
+A loader-format `config.json` holds the family's own fields, `"model_type": "hf_prune"` and an
+`hf_prune` entry with the base `model_type` and every layer's shape. `HFPruneConfig` reads it;
+`load_shaped` builds the family's class, cuts each layer to its saved shape with the same surgery
+that pruned it, and lets transformers' `from_pretrained` fill the weights.
+
+`hf_prune.remote_code` bundles this module with the adapters, plan and surgery it uses into the
+`modeling_hf_prune.py` that loader-format folders carry, so the `HFPrune*` classes below are what
+`auto_map` names for `AutoModelFor*.from_pretrained(..., trust_remote_code=True)`. Keep its imports
+to torch, transformers and hf_prune modules that import no more (the bundler checks).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from .errors import PrunedCheckpointError
+from .groups import ArchitectureAdapter, LayerGeometry, get_adapter
+from .plan import LayerPlan, PruningPlan
+from .surgery import apply_plan
+
+LOADER_MODEL_TYPE = "hf_prune"
+LOADER_FORMAT_VERSION = 1
+
+
+def layer_geometries(model: nn.Module, adapter: ArchitectureAdapter) -> list[LayerGeometry]:
+    return [adapter.geometry(layer) for layer in adapter.layers(model)]
+
+
+class HFPruneConfig(PretrainedConfig):
+    """A loader-format config: the base family's fields plus the per-layer shapes."""
+
+    model_type = LOADER_MODEL_TYPE
+
+    def _metadata(self) -> dict:
+        metadata = getattr(self, "hf_prune", None)
+        if not isinstance(metadata, dict):
+            raise PrunedCheckpointError("config.json has model_type 'hf_prune' but no 'hf_prune' entry.")
+        if metadata.get("format_version") != LOADER_FORMAT_VERSION:
+            raise PrunedCheckpointError(
+                f"config.json uses loader format version {metadata.get('format_version')}; this code reads "
+                f"version {LOADER_FORMAT_VERSION}. Upgrade hf_prune (or re-save the folder with it)."
+            )
+        return metadata
+
+    def base_config(self) -> PretrainedConfig:
+        """The family's own config class, with the fields saved beside the loader entry."""
+        fields = self.to_dict()
+        for key in ("hf_prune", "model_type", "auto_map", "transformers_version"):
+            fields.pop(key, None)
+        return AutoConfig.for_model(self._metadata()["base_model_type"], **fields)
+
+    def layer_shapes(self) -> list[LayerGeometry]:
+        return [LayerGeometry.from_dict(entry) for entry in self._metadata()["layers"]]
+
+
+def shaped_class(model_class: type[PreTrainedModel], adapter: ArchitectureAdapter, targets: list[LayerGeometry]):
+    """A subclass of `model_class` that takes the saved per-layer shapes as soon as it is built,
+    so transformers' own `from_pretrained` (key renames, dtype, device_map, ...) fills it."""
+
+    class Shaped(model_class):
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            dense = layer_geometries(self, adapter)
+            if len(dense) != len(targets):
+                raise PrunedCheckpointError(f"{len(targets)} saved layer shapes for {len(dense)} layers")
+            plans = [LayerPlan.first(i, d, t) for i, (d, t) in enumerate(zip(dense, targets))]
+            apply_plan(self, adapter, PruningPlan(plans))
+
+    # Present as the family's own class: transformers applies its checkpoint key renames
+    # (e.g. GPT-NeoX `embed_out` → `lm_head`) only to classes defined inside transformers.
+    Shaped.__name__ = Shaped.__qualname__ = model_class.__name__
+    Shaped.__module__ = model_class.__module__
+    return Shaped
+
+
+def load_shaped(
+    model_class: type[PreTrainedModel], name_or_path, config: HFPruneConfig, *args, **from_pretrained_kwargs
+) -> PreTrainedModel:
+    """`model_class` (a family class such as `LlamaForCausalLM`) cut to the saved shapes, weights loaded."""
+    base = config.base_config()
+    shaped = shaped_class(model_class, get_adapter(base), config.layer_shapes())
+    return shaped.from_pretrained(name_or_path, *args, config=base, **from_pretrained_kwargs)
+
+
+class HFPruneModel(PreTrainedModel):
+    """What `auto_map` names: `from_pretrained` returns the family's model of the same auto class
+    (`AutoModelForCausalLM` → e.g. `LlamaForCausalLM`), cut to the saved shapes."""
+
+    config_class = HFPruneConfig
+    auto_class_name: ClassVar[str] = "AutoModel"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *args, config: HFPruneConfig | None = None, **kwargs) -> PreTrainedModel:
+        if not isinstance(config, HFPruneConfig):
+            config = HFPruneConfig.from_pretrained(name_or_path)
+        auto_class = getattr(transformers, cls.auto_class_name)
+        model_class = auto_class._model_mapping[type(config.base_config())]
+        return load_shaped(model_class, name_or_path, config, *args, **kwargs)
+
+
+class HFPruneForCausalLM(HFPruneModel):
+    auto_class_name = "AutoModelForCausalLM"
+
+
+class HFPruneForMaskedLM(HFPruneModel):
+    auto_class_name = "AutoModelForMaskedLM"
+
+
+class HFPruneForSequenceClassification(HFPruneModel):
+    auto_class_name = "AutoModelForSequenceClassification"
+
+
+class HFPruneForTokenClassification(HFPruneModel):
+    auto_class_name = "AutoModelForTokenClassification"
+
+
+class HFPruneForQuestionAnswering(HFPruneModel):
+    auto_class_name = "AutoModelForQuestionAnswering"
+
+
+class HFPruneForImageClassification(HFPruneModel):
+    auto_class_name = "AutoModelForImageClassification"
+
+
+AUTO_CLASSES: dict[str, type[HFPruneModel]] = {
+    cls.auto_class_name: cls
+    for cls in (
+        HFPruneModel,
+        HFPruneForCausalLM,
+        HFPruneForMaskedLM,
+        HFPruneForSequenceClassification,
+        HFPruneForTokenClassification,
+        HFPruneForQuestionAnswering,
+        HFPruneForImageClassification,
+    )
+}

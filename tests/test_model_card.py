@@ -1,0 +1,120 @@
+"""Every save writes a model card: Hub-valid metadata, a per-layer table and plot, honest numbers,
+how to load it and how to reproduce it."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+import hf_prune
+from hf_prune import HFPruner, PruningConfig
+from hf_prune.evaluation import flops_per_token
+from hf_prune.model_card import CardFacts, Measurement, relative_change, template_path
+from tiny_models import FAMILIES
+
+REPO = Path(__file__).resolve().parents[1]
+# What the Hub's model-card metadata may hold here; `base_model_relation` only takes adapter,
+# merge, quantized or finetune, none of which a prune is, so it must never appear.
+ALLOWED_METADATA = {"base_model", "license", "library_name", "pipeline_tag", "tags", "datasets"}
+
+
+def metadata_and_body(folder: Path) -> tuple[dict, str]:
+    text = (folder / "README.md").read_text()
+    _, front_matter, body = text.split("---\n", 2)
+    return yaml.safe_load(front_matter), body
+
+
+@pytest.fixture(scope="module")
+def vanilla(tmp_path_factory) -> tuple[HFPruner, Path]:
+    pruner = HFPruner(FAMILIES["llama"].build())
+    pruner.prune(kv_groups=1, mlp_neurons=0.25, layers=1)
+    return pruner, pruner.save_pretrained(tmp_path_factory.mktemp("card") / "llama-pruned")
+
+
+def test_metadata_is_hub_valid_and_claims_nothing_unknown(vanilla):
+    _, folder = vanilla
+    metadata, _ = metadata_and_body(folder)
+    assert set(metadata) <= ALLOWED_METADATA
+    assert metadata["tags"] == ["pruned", "structured-pruning", "hf_prune"]
+    assert (metadata["library_name"], metadata["pipeline_tag"]) == ("transformers", "text-generation")
+    # Built from a model object: no known base repo, license or evaluation data.
+    assert not {"base_model", "license", "datasets"} & set(metadata)
+    assert ModelCard.load(folder / "README.md").data.tags == metadata["tags"]
+
+
+def test_body_tables_plot_and_unmeasured_fields(vanilla):
+    pruner, folder = vanilla
+    _, body = metadata_and_body(folder)
+    assert "| 0 | 6 → 4 | 3 → 2 | 48 → 36 | heads 6→4 (3→2 KV), neurons 48→36 |" in body
+    assert sum(1 for layer in pruner.report.layers if layer.removed) == 1
+    assert "| 1 | – | – | – | layer removed |" in body
+    assert "](pruning_plot.png)" in body
+    assert (folder / "pruning_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = pruner.report
+    assert f"| parameters | {report.parameters_before:,} | {report.parameters_after:,} | -43.0% |" in body
+    assert f"{pruner.card_facts.dense_flops:,} | {flops_per_token(pruner.model):,}" in body
+    assert "Latency: not measured." in body and "## Quality\n\nNot measured." in body
+    assert "**Criterion:** `magnitude`" in body and "**Repair:** none" in body
+    assert f"hf_prune {hf_prune.__version__}" in body
+    assert 'AutoModelForCausalLM.from_pretrained("llama-pruned")' in body and "trust_remote_code" not in body
+
+
+def test_the_saved_recipe_reproduces_the_config(vanilla):
+    pruner, folder = vanilla
+    assert PruningConfig.from_yaml(folder / "hf_prune_recipe.yaml").to_dict() == pruner.report.config
+    assert "hf-prune prune --model BASE_MODEL --recipe hf_prune_recipe.yaml" in metadata_and_body(folder)[1]
+
+
+def test_loader_format_cards_explain_both_load_paths(tmp_path):
+    pruner = HFPruner(FAMILIES["bert"].build())
+    pruner.prune(attention_heads=1, mlp_branches=1)
+    metadata, body = metadata_and_body(pruner.save_pretrained(tmp_path / "bert-pruned"))
+    assert metadata["pipeline_tag"] == "fill-mask"
+    assert 'hf_prune.load_pruned("bert-pruned")' in body
+    assert 'AutoModelForMaskedLM.from_pretrained("bert-pruned", trust_remote_code=True)' in body
+    assert "| 0 | 4 → 3 | 48 → 0 | heads 4→3, MLP branch removed |" in body
+
+
+def test_measurements_and_source_reach_card_and_metadata(tmp_path):
+    FAMILIES["gpt2"].build().save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
+    pruner = HFPruner.from_pretrained(tmp_path / "base")
+    pruner.prune(mlp_neurons=0.5)
+    pruner.card_facts.measurements += [
+        Measurement("WikiText-2 perplexity", 30.0, 36.0, "first 2 windows", dataset="Salesforce/wikitext"),
+        Measurement("latency (ms)", 10.0, 8.0, "batch 1 × 16 tokens", kind="speed"),
+    ]
+    metadata, body = metadata_and_body(pruner.save_pretrained(tmp_path / "out"))
+    assert metadata["license"] == "mit" and metadata["datasets"] == ["Salesforce/wikitext"]
+    assert "base_model" not in metadata  # a local folder is not a Hub repo
+    assert "| WikiText-2 perplexity | 30.00 | 36.00 | +20.0% |" in body
+    assert relative_change(30.0, 2_425_374.19) == "×80,846" and relative_change(0, 1) == "–"
+    assert "| latency (ms) | 10.00 | 8.00 | -20.0% |" in body
+    assert "Protocol: latency (ms): batch 1 × 16 tokens." in body
+    assert "Protocol: WikiText-2 perplexity: first 2 windows." in body
+    assert "not measured" not in body.lower()
+    assert f'HFPruner.from_pretrained("{tmp_path / "base"}")' in body
+
+
+@pytest.mark.parametrize("card_text, license", [("---\nlicense: apache-2.0\n---\n", "apache-2.0"), (None, None)])
+def test_a_hub_id_becomes_base_model_with_the_license_its_card_gives(monkeypatch, card_text, license):
+    def load(repo_id):  # the Hub, as ModelCard.load sees it: a card, or a failure (offline, gated, missing)
+        assert repo_id == "some-org/some-model"
+        if card_text is None:
+            raise OSError("offline")
+        return ModelCard(card_text)
+
+    monkeypatch.setattr(ModelCard, "load", load)
+    facts = CardFacts(dense_parameters=1, dense_flops=1)
+    facts.record_source("some-org/some-model")
+    assert (facts.base_model, facts.base_license) == ("some-org/some-model", license)
+
+
+def test_the_template_lives_in_model_cards_and_every_package_is_listed_for_the_wheel():
+    assert template_path() == REPO / "model_cards" / "pruned_model_card.md"
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "hf_prune").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"hf_prune.model_cards"}
+    assert setuptools["package-dir"] == {"hf_prune.model_cards": "model_cards"}
