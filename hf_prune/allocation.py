@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .config import PruningConfig, count_of
+from .config import GROUP_KINDS, PruningConfig, count_of
 from .criteria import Criterion, ScoringContext
 from .errors import InvalidPruningTargetError
 from .groups import ArchitectureAdapter, GroupKind
@@ -199,3 +200,10 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targe
             removed = _lowest(_scores(context, criteria["neurons"], layer_plan.layer, "neurons"), count)
             layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
     return plan
+
+
+def plan_for(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig, criterion: Criterion) -> PruningPlan:
+    """A uniform plan for `config`'s amounts with one data-free criterion for every kind
+    (dry runs, inspection, gradual steps)."""
+    targets = resolve_targets(PruningPlan.keep_all(model, adapter), config)
+    return build_plan(ScoringContext(model, adapter), dict.fromkeys(GROUP_KINDS, criterion), targets)

@@ -79,6 +79,8 @@ def token_windows(
 ) -> torch.Tensor:
     """`num_samples × seq_len` token ids for calibration, drawn reproducibly from `source`."""
     if isinstance(source, Sequence) and source and all(isinstance(item, torch.Tensor) for item in source):
+        if source[0].is_floating_point():  # images: (N, C, H, W) pixel batches, used as they are
+            return torch.cat(list(source))[:num_samples]
         windows = torch.cat([item.reshape(-1, item.shape[-1]) for item in source])
         return windows[:num_samples].long()
     if tokenizer is None:

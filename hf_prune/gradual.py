@@ -15,8 +15,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .allocation import build_plan, resolve_targets
-from .config import GROUP_KINDS, PruningConfig
+from .allocation import plan_for
+from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError
@@ -119,8 +119,3 @@ class GradualPlanner:
     ) -> PruningPlan:
         return plan_for(model, adapter, self.config_at(fraction), _KeepRemoved(score, previous))
 
-
-def plan_for(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig, criterion: Criterion) -> PruningPlan:
-    """`build_plan` for `config`'s amounts with one criterion for every kind."""
-    targets = resolve_targets(PruningPlan.keep_all(model, adapter), config)
-    return build_plan(ScoringContext(model, adapter), dict.fromkeys(GROUP_KINDS, criterion), targets)

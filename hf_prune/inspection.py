@@ -9,10 +9,10 @@ from itertools import groupby
 
 from torch import nn
 
-from .allocation import build_plan
+from .allocation import plan_for
 from .checkpoint import decide_format, meta_copy
 from .config import PruningConfig
-from .criteria import get_criterion
+from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError
 from .evaluation import parameter_count
 from .groups import ArchitectureAdapter, GroupKind, LayerGeometry, get_adapter
@@ -81,7 +81,7 @@ class Inspection:
 def _format_of_removing_one(model: nn.Module, adapter: ArchitectureAdapter, kind: GroupKind) -> str:
     config = PruningConfig(**{KINDS[kind][0]: 1}, criterion="random")
     try:
-        plan = build_plan(model, adapter, config, get_criterion("random"))
+        plan = plan_for(model, adapter, config, RandomCriterion())
     except InvalidPruningTargetError as error:
         return f"not possible ({error})"
     shadow = meta_copy(model)

@@ -154,7 +154,6 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
     base_link = f"[{base_name}](https://huggingface.co/{base_name})" if facts.base_model else f"`{base_name}`"
     parameters = parameter_count(pruner.model)
     columns, rows = _table(report)
-    calibration = {key: value for key, value in report.config.items() if key.startswith("calibration")}
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -174,8 +173,8 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
         table_columns=columns,
         table_rows=rows,
         config=report.config,
-        repair=report.config.get("repair") or "none",
-        calibration=", ".join(f"{k}={v}" for k, v in calibration.items()) or "none (no calibration step ran)",
+        repair=report.config.get("reconstruct", "none") if report.calibration else "none",
+        calibration=", ".join(f"{k}={v}" for k, v in (report.calibration or {}).items()) or "none (no calibration step ran)",
         size_rows=[
             _change_row("parameters", facts.dense_parameters, parameters, ","),
             _change_row("FLOPs per token", facts.dense_flops, flops_per_token(pruner.model), ","),

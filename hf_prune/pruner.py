@@ -12,11 +12,11 @@ from accelerate import init_empty_weights
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .allocation import build_plan, resolve_targets
+from .allocation import build_plan, plan_for, resolve_targets
 from .calibration import token_windows
 from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
 from .evaluation import flops_per_token, parameter_count
-from .config import GROUP_KINDS, PruningConfig
+from .config import PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
@@ -141,8 +141,7 @@ class HFPruner:
         targets = resolve_targets(PruningPlan.keep_all(self.model, self.adapter), config)
         criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
         # Uniform allocation: shapes depend on the counts only, so the format is known before any work.
-        shapes_only = {kind: RandomCriterion() for kind in GROUP_KINDS}
-        self._check_format(build_plan(ScoringContext(self.model, self.adapter), shapes_only, targets), config)
+        self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
 
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)
         requirements = set().union(*(c.requires for c in criteria.values()))
@@ -165,9 +164,17 @@ class HFPruner:
             )
         plan = build_plan(context, criteria, targets)
         reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
-        return self.apply(plan, config)
+        calibration = None
+        if context.statistics is not None:
+            calibration = {
+                "source": config.to_dict()["calibration"],
+                "windows": len(context.windows) if context.windows is not None else config.num_samples,
+                "seq_len": config.seq_len,
+                "tokens": context.statistics.tokens,
+            }
+        return self.apply(plan, config, calibration=calibration)
 
-    def apply(self, plan: PruningPlan, config: PruningConfig) -> PruningReport:
+    def apply(self, plan: PruningPlan, config: PruningConfig, calibration: dict | None = None) -> PruningReport:
         """Cut a plan made elsewhere (`PruningCallback`'s training-time masks) exactly as `prune`
         cuts its own: format check first, surgery, config fields, report; then `save_pretrained` works."""
         decision = self._check_format(plan, config)
@@ -182,7 +189,8 @@ class HFPruner:
             raise RuntimeError(f"surgery left {after:,} parameters, the plan predicts {expected_after:,}")
         self.plan = plan
         self.report = PruningReport.build(
-            self.model.config.model_type, plan, before, after, decision.name, decision.reason, config.to_dict()
+            self.model.config.model_type, plan, before, after, decision.name, decision.reason, config.to_dict(),
+            calibration,
         )
         return self.report
 

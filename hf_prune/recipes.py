@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from .config import PruningConfig
-from .errors import InvalidPruningTargetError, RecipeError
+from .errors import InvalidPruningTargetError, RecipeError, InvalidScheduleError
 from .schedule import PruningSchedule
 
 SECTIONS = ("description", "pruning", "schedule", "training")
@@ -66,7 +66,7 @@ def _typed(path: Path, section: str, cls: type, values: object, untyped: tuple[s
             raise RecipeError(f"{path}: '{section}.{key}' must be {type_name}, got {value!r}.")
     try:
         return cls(**values)
-    except InvalidPruningTargetError as error:
+    except (InvalidPruningTargetError, InvalidScheduleError) as error:
         raise RecipeError(f"{path}: '{section}': {error}") from None
 
 

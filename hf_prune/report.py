@@ -57,10 +57,16 @@ class PruningReport:
     format_reason: str
     config: dict
     layers: tuple[LayerReport, ...] = field(default_factory=tuple)
+    #: the calibration that actually ran (source, windows, seq_len, tokens), None for data-free prunes.
+    calibration: dict | None = None
 
     @classmethod
-    def build(cls, model_type: str, plan: PruningPlan, before: int, after: int, fmt: str, reason: str, config: dict):
-        return cls(model_type, before, after, fmt, reason, config, tuple(LayerReport.from_plan(p) for p in plan.layers))
+    def build(
+        cls, model_type: str, plan: PruningPlan, before: int, after: int, fmt: str, reason: str, config: dict,
+        calibration: dict | None = None,
+    ):
+        layers = tuple(LayerReport.from_plan(p) for p in plan.layers)
+        return cls(model_type, before, after, fmt, reason, config, layers, calibration)
 
     @property
     def removed_fraction(self) -> float:

@@ -19,7 +19,7 @@ from hf_prune import HFPruner, PruningConfig
 from hf_prune.masking import apply_masks
 from hf_prune.reconstruction import reconstruct
 from hf_prune.statistics import collect_statistics
-from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_windows
+from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images, calibration_windows
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
 
@@ -68,12 +68,14 @@ def pruned_case(family_name: str, case: str, root: Path) -> dict:
     dense = family.build()
     inputs = family.inputs()
     pruner = HFPruner(copy.deepcopy(dense))
-    config = PruningConfig(**scenarios(family)[case], calibration=calibration_windows(), batch_size=4)
+    calibration = calibration_images() if family.vision else calibration_windows()
+    config = PruningConfig(**scenarios(family)[case], calibration=calibration, batch_size=4)
     report = pruner.prune(config)
     masked = copy.deepcopy(dense)
     if config.reconstruct != "none":  # the reference is the repaired dense model, masked
         batches = config.calibration[0].split(config.batch_size)
-        reconstruct(masked, pruner.adapter, pruner.plan, collect_statistics(masked, pruner.adapter, batches, {"moments", "mlp_gram"}), config.reconstruct)
+        statistics = collect_statistics(masked, pruner.adapter, batches, {"moments", "mlp_gram"})
+        reconstruct(masked, pruner.adapter, pruner.plan, statistics, config.reconstruct)
     apply_masks(masked, pruner.adapter, pruner.plan)
 
     folder = root / family_name / case

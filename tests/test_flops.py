@@ -4,7 +4,7 @@ import pytest
 
 from hf_prune import HFPruner
 from hf_prune.evaluation import flops_per_token
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, STRUCTURAL
 
 
 def test_llama_by_hand():
@@ -25,5 +25,5 @@ def test_llama_by_hand():
 def test_pruning_removes_exactly_the_cut_multiply_adds(family, kwargs, saved_per_layer):
     pruner = HFPruner(FAMILIES[family].build())
     before = flops_per_token(pruner.model, context=8)
-    pruner.prune(**kwargs)
+    pruner.prune(**kwargs, **STRUCTURAL)
     assert before - flops_per_token(pruner.model, context=8) == 2 * 4 * saved_per_layer

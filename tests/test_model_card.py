@@ -12,7 +12,7 @@ import hf_prune
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.evaluation import flops_per_token
 from hf_prune.model_card import CardFacts, Measurement, relative_change, template_path
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, STRUCTURAL
 
 REPO = Path(__file__).resolve().parents[1]
 # What the Hub's model-card metadata may hold here; `base_model_relation` only takes adapter,
@@ -29,7 +29,7 @@ def metadata_and_body(folder: Path) -> tuple[dict, str]:
 @pytest.fixture(scope="module")
 def vanilla(tmp_path_factory) -> tuple[HFPruner, Path]:
     pruner = HFPruner(FAMILIES["llama"].build())
-    pruner.prune(kv_groups=1, mlp_neurons=0.25, layers=1)
+    pruner.prune(kv_groups=1, mlp_neurons=0.25, layers=1, **STRUCTURAL)
     return pruner, pruner.save_pretrained(tmp_path_factory.mktemp("card") / "llama-pruned")
 
 
@@ -69,7 +69,7 @@ def test_the_saved_recipe_reproduces_the_config(vanilla):
 
 def test_loader_format_cards_explain_both_load_paths(tmp_path):
     pruner = HFPruner(FAMILIES["bert"].build())
-    pruner.prune(attention_heads=1, mlp_branches=1)
+    pruner.prune(attention_heads=1, mlp_branches=1, **STRUCTURAL)
     metadata, body = metadata_and_body(pruner.save_pretrained(tmp_path / "bert-pruned"))
     assert metadata["pipeline_tag"] == "fill-mask"
     assert 'hf_prune.load_pruned("bert-pruned")' in body
@@ -81,7 +81,7 @@ def test_measurements_and_source_reach_card_and_metadata(tmp_path):
     FAMILIES["gpt2"].build().save_pretrained(tmp_path / "base")
     (tmp_path / "base" / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
     pruner = HFPruner.from_pretrained(tmp_path / "base")
-    pruner.prune(mlp_neurons=0.5)
+    pruner.prune(mlp_neurons=0.5, **STRUCTURAL)
     pruner.card_facts.measurements += [
         Measurement("WikiText-2 perplexity", 30.0, 36.0, "first 2 windows", dataset="Salesforce/wikitext"),
         Measurement("latency (ms)", 10.0, 8.0, "batch 1 × 16 tokens", kind="speed"),

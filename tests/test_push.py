@@ -12,7 +12,7 @@ from hf_prune import HFPruner
 from hf_prune.cli import main
 from hf_prune.errors import PushError
 from hf_prune.hub import plan_push, push_folder
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, STRUCTURAL
 from tiny_tokenizer import tiny_tokenizer
 
 TOKEN = "hf_secretTOKEN123"
@@ -43,7 +43,7 @@ def mock_api(seen: list) -> mock.MagicMock:
 @pytest.fixture
 def pruner() -> HFPruner:
     pruner = HFPruner(FAMILIES["llama"].build(), tokenizer=tiny_tokenizer())
-    pruner.prune(mlp_neurons=0.25)
+    pruner.prune(mlp_neurons=0.25, **STRUCTURAL)
     return pruner
 
 
@@ -67,7 +67,7 @@ def test_push_to_hub_without_a_save_stages_a_temporary_folder(pruner, tmp_path):
     pruner.push_to_hub("me/pruned", api=mock_api(seen))
     assert seen == [FILES]
     pruner.save_pretrained(tmp_path / "saved")
-    pruner.prune(mlp_neurons=0.25)  # the saved folder no longer holds this model: stage again
+    pruner.prune(mlp_neurons=0.25, **STRUCTURAL)  # the saved folder no longer holds this model: stage again
     api = mock_api(seen)
     pruner.push_to_hub("me/pruned", api=api)
     assert api.upload_folder.call_args.kwargs["folder_path"] != str(tmp_path / "saved")

@@ -46,7 +46,7 @@ def test_a_written_recipe_reads_back_equal(tmp_path):
     [
         ("pruning: {mlp_neurons: 0.25}\nschedual: {}\n", r"unknown key 'schedual'; allowed: description, pruning, schedule, training"),
         ("pruning: {mlp_neuron: 0.25}\n", r"unknown key 'pruning.mlp_neuron'; allowed: kv_groups, attention_heads, mlp_neurons"),
-        ("pruning: {criterion: oracle}\n", r"'pruning': criterion='oracle' is unknown; choose one of magnitude, random"),
+        ("pruning: {criterion: oracle}\n", r"'pruning': criterion='oracle' is unknown; choose one of activation, block_influence"),
         ("pruning: {mlp_neurons: 1.5}\n", r"'pruning': mlp_neurons=1.5 is a fraction and must lie in \[0, 1\)"),
         ("pruning: {seed: one}\n", r"'pruning.seed' must be an int, got 'one'"),
         ("pruning: {require_vanilla: 'yes'}\n", r"'pruning.require_vanilla' must be a boolean, got 'yes'"),
@@ -54,8 +54,8 @@ def test_a_written_recipe_reads_back_equal(tmp_path):
         ("description: x\n", r"missing key 'pruning'"),
         ("pruning: {mlp_neurons: 0.25\n", r"not valid YAML"),
         ("- a list\n", r"a recipe is a mapping"),
-        ("pruning: {layers: 1}\nschedule: {every_n_steps: 0}\n", r"'schedule': every_n_steps=0 must lie in \[1, end_step - start_step = 1000\]"),
-        ("pruning: {layers: 1}\nschedule: {steps: 5}\n", r"unknown key 'schedule.steps'; allowed: start_step, end_step, every_n_steps, exponent"),
+        ("pruning: {layers: 1}\nschedule: {frequency: 0}\n", r"'schedule': frequency=0 must be an int >= 1"),
+        ("pruning: {layers: 1}\nschedule: {steps: 5}\n", r"unknown key 'schedule.steps'; allowed: kind, start_step, end_step, frequency, initial_sparsity"),
         ("pruning: {layers: 1}\ntraining: {learning_rte: 0.1}\n", r"unknown key 'training.learning_rte'; allowed: the fields of transformers.TrainingArguments"),
     ],
 )
@@ -75,7 +75,8 @@ def test_a_missing_file_is_a_recipe_error(tmp_path):
 
 def test_cli_recipe_with_an_override(tiny_llama, tmp_path, capsys):
     code = main(["prune", "--model", str(tiny_llama), "--recipe", str(RECIPES / "llama-zero-shot-20pct.yaml"),
-                 "--mlp-neurons", "0.5", "--output", str(tmp_path / "out")])
+                 "--mlp-neurons", "0.5", "--criterion", "magnitude", "--reconstruct", "none",
+                 "--output", str(tmp_path / "out")])
     assert code == 0
     config = PruningConfig.from_yaml(tmp_path / "out" / "hf_prune_recipe.yaml")
     assert (config.attention_heads, config.mlp_neurons) == (0.34, 0.5)

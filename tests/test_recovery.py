@@ -8,7 +8,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_prune import HFPruner
 from hf_prune.recovery import load_recovered, lora_for_recovery
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, STRUCTURAL
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,7 +23,7 @@ def one_thread():
 def test_lora_recovery_adapter_points_at_the_pruned_model_and_reloads(tmp_path, amounts):
     family = FAMILIES["llama"]
     pruner = HFPruner(family.build())
-    report = pruner.prune(**amounts)
+    report = pruner.prune(**amounts, **STRUCTURAL)
     pruned_folder = pruner.save_pretrained(tmp_path / "pruned")
 
     model = lora_for_recovery(pruned_folder)

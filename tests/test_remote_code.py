@@ -18,7 +18,7 @@ from hf_prune.groups import get_adapter
 from hf_prune.plan import PruningPlan
 from hf_prune.remote_code import MODULE_NAME, remote_module_source
 from hf_prune.surgery import apply_plan
-from tiny_models import FAMILIES
+from tiny_models import FAMILIES, STRUCTURAL
 
 LOAD_SCRIPT = Path(__file__).with_name("load_remote_code.py")
 
@@ -39,7 +39,7 @@ def cases(tmp_path_factory) -> Path:
     for name, family in FAMILIES.items():
         pruner = HFPruner(family.build())
         heads = 0.5 if family.gqa else 1
-        report = pruner.prune(attention_heads=heads, mlp_neurons=0.25, attention_branches=1, mlp_branches=1)
+        report = pruner.prune(attention_heads=heads, mlp_neurons=0.25, attention_branches=1, mlp_branches=1, **STRUCTURAL)
         assert report.output_format == "loader"
         pruner.save_pretrained(root / name / "model")
         save_case(root, name, family, pruner.model, family.auto_class)

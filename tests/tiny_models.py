@@ -21,6 +21,11 @@ def calibration_windows(count: int = 8, length: int = 16, seed: int = 0) -> list
     return [torch.randint(3, VOCAB, (count, length), generator=torch.Generator().manual_seed(seed))]
 
 
+def calibration_images(count: int = 8, size: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    """Random images for the tiny vision models."""
+    return [torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))]
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     model_type: str
