@@ -14,7 +14,6 @@ from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
 from hf_prune.reconstruction import reconstruct
 from hf_prune.statistics import REQUIREMENTS, collect_statistics
-from hf_prune.surgery import apply_plan
 from tiny_models import FAMILIES, VOCAB
 
 DEAD_NEURON, DEAD_HEAD, DEAD_LAYER = 7, 3, 2
@@ -189,7 +188,7 @@ def test_missing_or_unusable_data_says_where_it_looked(tokenizer, tmp_path, sour
 
 
 def test_named_set_without_data_dir_and_without_hub_names_the_variable(tokenizer, monkeypatch):
-    monkeypatch.delenv("HF_PRUNE_DATA_DIR")
+    monkeypatch.delenv("HF_PRUNE_DATA_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataNotFoundError, match="HF_PRUNE_DATA_DIR is unset"):
         token_windows("wikitext2", tokenizer, num_samples=2, seq_len=16)

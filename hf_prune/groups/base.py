@@ -8,7 +8,7 @@ and works only through this contract.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -181,11 +181,12 @@ class ArchitectureAdapter(ABC):
         return not isinstance(layer.get_submodule(name), RemovedBranch)
 
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
+        """Head counts from the projections' widths; fused MHA layouts (no `k_proj`) have one KV head per head."""
         if not self.has_branch(layer, "attention"):
             return None
         head_dim = getattr(self._heads_module(layer), self.head_dim_attribute)
-        num_heads = out_features(layer.get_submodule(self.q_proj)) // head_dim
-        num_kv_heads = out_features(layer.get_submodule(self.k_proj)) // head_dim
+        num_heads = in_features(layer.get_submodule(self.o_proj)) // head_dim
+        num_kv_heads = out_features(layer.get_submodule(self.k_proj)) // head_dim if self.k_proj else num_heads
         return AttentionGeometry(num_heads, num_kv_heads, head_dim)
 
     def intermediate_size(self, layer: nn.Module) -> int | None:
@@ -275,9 +276,16 @@ class ArchitectureAdapter(ABC):
         replace_module(layer, name, RemovedBranch(output))
 
     # ----------------------------------------------------------------- config
-    @abstractmethod
     def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
-        """Standard config fields that describe a model whose every layer has `geometry`."""
+        """Standard config fields that describe a model whose every layer has `geometry` (the GQA
+        families' names; families that name or derive them differently override this)."""
+        attention = geometry.attention
+        return {
+            "num_attention_heads": attention.num_heads,
+            "num_key_value_heads": attention.num_kv_heads,
+            "head_dim": attention.head_dim,
+            "intermediate_size": geometry.intermediate_size,
+        }
 
     def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
         """Rewrite the layer-count fields after keeping only `kept_layers` (original indices)."""

@@ -3,7 +3,7 @@
 from torch import nn
 from transformers import PretrainedConfig
 
-from .base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, TensorSlice, in_features, input_slices, output_slices
+from .base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, TensorSlice, input_slices, output_slices
 from .registry import register_adapter
 
 
@@ -16,13 +16,6 @@ class GPT2Adapter(ArchitectureAdapter):
     o_proj = "attn.c_proj"
     up_proj = "mlp.c_fc"
     down_proj = "mlp.c_proj"
-
-    def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
-        if not self.has_branch(layer, "attention"):
-            return None
-        head_dim = layer.attn.head_dim
-        num_heads = in_features(layer.attn.c_proj) // head_dim
-        return AttentionGeometry(num_heads, num_heads, head_dim)
 
     def _qkv(self, layer: nn.Module, geometry: AttentionGeometry, part: int, head: int) -> list[TensorSlice]:
         d, width = geometry.head_dim, geometry.num_heads * geometry.head_dim

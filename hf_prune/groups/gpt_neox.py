@@ -3,7 +3,7 @@
 from torch import nn
 from transformers import PretrainedConfig
 
-from .base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, TensorSlice, in_features, input_slices, output_slices
+from .base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, TensorSlice, input_slices, output_slices
 from .registry import register_adapter
 
 
@@ -17,13 +17,6 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     o_proj = "attention.dense"
     up_proj = "mlp.dense_h_to_4h"
     down_proj = "mlp.dense_4h_to_h"
-
-    def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
-        if not self.has_branch(layer, "attention"):
-            return None
-        head_dim = layer.attention.head_size
-        num_heads = in_features(layer.attention.dense) // head_dim
-        return AttentionGeometry(num_heads, num_heads, head_dim)
 
     def _qkv(self, layer: nn.Module, geometry: AttentionGeometry, part: int, head: int) -> list[TensorSlice]:
         d = geometry.head_dim

@@ -4,9 +4,8 @@ Covers Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 and Gemma 3 (per-head q/k nor
 `head_dim` and so stay untouched when heads are removed).
 """
 
-from transformers import PretrainedConfig
 
-from .base import ArchitectureAdapter, LayerGeometry
+from .base import ArchitectureAdapter
 from .registry import register_adapter
 
 
@@ -23,12 +22,3 @@ class LlamaAdapter(ArchitectureAdapter):
     gate_proj = "mlp.gate_proj"
     up_proj = "mlp.up_proj"
     down_proj = "mlp.down_proj"
-
-    def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
-        attention = geometry.attention
-        return {
-            "num_attention_heads": attention.num_heads,
-            "num_key_value_heads": attention.num_kv_heads,
-            "head_dim": attention.head_dim,
-            "intermediate_size": geometry.intermediate_size,
-        }

@@ -3,9 +3,8 @@
 import copy
 
 from torch import nn
-from transformers import PretrainedConfig
 
-from .base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, TensorSlice, in_features, input_slices, output_slices
+from .base import ArchitectureAdapter, AttentionGeometry, TensorSlice, in_features, input_slices, output_slices
 from .registry import register_adapter
 
 
@@ -52,12 +51,3 @@ class Phi3Adapter(ArchitectureAdapter):
         attention.config = copy.copy(attention.config)
         attention.config.num_attention_heads = geometry.num_heads
         attention.config.num_key_value_heads = geometry.num_kv_heads
-
-    def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
-        attention = geometry.attention
-        return {
-            "num_attention_heads": attention.num_heads,
-            "num_key_value_heads": attention.num_kv_heads,
-            "head_dim": attention.head_dim,
-            "intermediate_size": geometry.intermediate_size,
-        }
