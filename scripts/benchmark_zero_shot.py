@@ -42,11 +42,11 @@ LAYER_CRITERIA = ("block_influence", "flow", "loss", "magnitude", "taylor", "fis
 def rows() -> dict[str, dict]:
     table = {}
     for criterion in CHANNEL_CRITERIA:
-        for budget in ("mlp50", "kv1of3"):
-            table[f"{budget}/{criterion}"] = {**BUDGETS[budget], "criterion": criterion}
+        for budget in ("mlp25", "mlp50", "kv1of3"):
+            table[f"{budget}/{criterion}"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "none"}
     for criterion in LAYER_CRITERIA:
-        table[f"layers4/{criterion}"] = {**BUDGETS["layers4"], "criterion": criterion}
-    for criterion in ("obs", "activation", "flow"):
+        table[f"layers4/{criterion}"] = {**BUDGETS["layers4"], "criterion": criterion, "reconstruct": "none"}
+    for criterion in ("obs", "activation", "flow", "fluctuation", "magnitude", "random"):
         for budget in ("mlp25", "mlp50", "kv1of3"):
             table[f"{budget}/{criterion}+lstsq"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq"}
     return table
