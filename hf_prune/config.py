@@ -132,10 +132,6 @@ class PruningConfig:
         return data
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PruningConfig:
         """The `pruning` section of a YAML recipe, checked (see `hf_prune.recipes`; errors name file and key)."""
         from .recipes import load_recipe  # recipes imports this module

@@ -36,3 +36,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "llama"
     FAMILIES["llama"].build().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on shared CPU cores: one intra-op thread is ~8× faster than oversubscribed threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

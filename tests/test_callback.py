@@ -34,13 +34,7 @@ TARGETS = {
 SCHEDULE = PruningSchedule("cubic", start_step=1, end_step=5, frequency=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on shared CPU cores: one intra-op thread is ~8× faster than oversubscribed threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(count: int = 16, length: int = 12) -> list[dict[str, torch.Tensor]]:

@@ -11,12 +11,7 @@ from hf_prune.recovery import load_recovered, lora_for_recovery
 from tiny_models import FAMILIES, STRUCTURAL
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("amounts", [{"mlp_neurons": 0.5}, {"attention_heads": 0.5, "mlp_branches": 1}])
