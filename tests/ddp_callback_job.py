@@ -36,4 +36,6 @@ pending = {name: value.tolist() for name, value in pruning._scores.pending.items
 plan = [p.to_dict() for p in pruning.plan.layers]
 record = {"world_size": trainer.args.world_size, "plan": plan, "totals": totals, "pending": pending}
 (output / f"rank{rank}.json").write_text(json.dumps(record))
+# Both processes must finish writing before either tears gloo down; a lone teardown aborts the other.
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
