@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoint import write_atomically
-from .config import PruningConfig
+from .config import BUDGET_TARGETS, PruningConfig
 from .criteria import ScoringContext, get_criterion
 from .errors import CallbackStateError, InvalidPruningTargetError, InvalidScheduleError, NotPrunedError, UsageError
 from .gradual import GradualPlanner, ScoreFunction
@@ -52,19 +52,14 @@ STATE_VERSION = 1
 SCORES = (*TRAINING_SCORES, "criterion")
 
 
-def _kinds(config: PruningConfig) -> list[GroupKind]:
-    """The group kinds `build_plan` scores for `config`."""
+def _kinds(counts: dict[str, int]) -> list[GroupKind]:
+    """The group kinds `build_plan` scores for the final per-kind counts (amount names)."""
     kinds: list[GroupKind] = []
-    if config.kv_groups or config.attention_heads:
+    if counts["kv_groups"] or counts["attention_heads"]:
         kinds += ["kv_groups", "heads"]
-    if config.mlp_neurons:
+    if counts["mlp_neurons"]:
         kinds.append("neurons")
-    if config.attention_branches:
-        kinds.append("attention_branches")
-    if config.mlp_branches:
-        kinds.append("mlp_branches")
-    if config.layers:
-        kinds.append("layers")
+    kinds += [kind for kind in ("attention_branches", "mlp_branches", "layers") if counts[kind]]
     return kinds
 
 
@@ -99,7 +94,13 @@ class PruningCallback(TrainerCallback):
             raise UsageError(f"config must be a PruningConfig, got {type(config).__name__}.")
         if config.is_empty:
             raise InvalidPruningTargetError(
-                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS)} (e.g. mlp_neurons=0.5)."
+                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} "
+                "(e.g. mlp_neurons=0.5)."
+            )
+        if config.allocation != "uniform" or config.protected_layers:
+            raise InvalidPruningTargetError(
+                "gradual pruning keeps every layer the same shape: use allocation='uniform' without protected_layers "
+                "in the callback, or prune in one shot with HFPruner.prune."
             )
         if schedule is not None and not isinstance(schedule, PruningSchedule):
             raise UsageError(f"schedule must be a PruningSchedule or None, got {type(schedule).__name__}.")
@@ -138,7 +139,7 @@ class PruningCallback(TrainerCallback):
         self._events = frozenset(self._resolved.events())
         self._planner = GradualPlanner(model, self._adapter, self.config)
         if self.score in TRAINING_SCORES:
-            self._scores = TrainingScores(model, self._adapter, _kinds(self.config), self.score)
+            self._scores = TrainingScores(model, self._adapter, _kinds(self._planner.counts), self.score)
         else:
             self._criterion_score = self._registry_score
         self.plan = PruningPlan.keep_all(model, self._adapter)

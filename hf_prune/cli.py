@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
 from .checkpoint import check_output_folder
-from .config import ALLOCATIONS, DEFAULT_CRITERIA, RECONSTRUCTIONS, PruningConfig
+from .allocation import available_allocations
+from .config import DEFAULT_CRITERIA, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
 from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names, pypi_checkpoint_origin
@@ -83,9 +84,16 @@ def _criterion(text: str) -> str | dict[str, str]:
         raise argparse.ArgumentTypeError(f"{text!r}: write KIND=NAME,KIND=NAME") from None
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write layer indices separated by commas, e.g. 0,-1") from None
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per scalar PruningConfig field, default None so that a recipe's value stands."""
-    choices = {"allocation": ALLOCATIONS, "reconstruct": RECONSTRUCTIONS}
+    choices = {"allocation": available_allocations(), "reconstruct": RECONSTRUCTIONS}
     for field in fields(PruningConfig):
         default = field.default
         if default is MISSING or type(default) not in (bool, int, float, str):
@@ -98,6 +106,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             option, type=kind, default=None, choices=choices.get(field.name), help=f"{help_text} (default: {default})"
         )
+    parser.add_argument(
+        "--protected-layers",
+        type=_layer_list,
+        default=None,
+        help="layer indices never pruned, comma-separated; negative counts from the end (e.g. 0,-1)",
+    )
     parser.add_argument(
         "--criterion",
         type=_criterion,

@@ -22,7 +22,8 @@ DEFAULT_CRITERIA = {
     "layers": "block_influence",
 }
 _AMOUNT_HELP = "A float is a fraction in [0, 1), an int a count."
-ALLOCATIONS = ("uniform",)
+#: Budget targets: mutually exclusive with each other and with the per-kind amounts.
+BUDGET_TARGETS = ("sparsity", "target_params", "target_flops")
 
 
 @dataclass
@@ -55,7 +56,43 @@ class PruningConfig:
             f"({DEFAULT_CRITERIA})."
         },
     )
-    allocation: str = field(default="uniform", metadata={"help": f"How removals spread over layers: {ALLOCATIONS}."})
+    sparsity: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction in [0, 1) of the prunable (non-embedding) parameters to remove, spread over attention "
+            "heads (whole KV groups on GQA models) and MLP neurons. Replaces the per-kind amounts."
+        },
+    )
+    target_params: int = field(
+        default=0,
+        metadata={"help": "Parameter count the pruned model should have (heads and neurons go; 0: unset)."},
+    )
+    target_flops: int = field(
+        default=0,
+        metadata={
+            "help": "Forward FLOPs per token, with seq_len tokens of attention context, the pruned model should "
+            "need (hf_prune.evaluation.flops_per_token; 0: unset)."
+        },
+    )
+    allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": "How removals spread over layers: 'uniform' (the same count in every layer; a standard config "
+            "fits), 'global' (each kind ranked model-wide after per-layer normalisation), 'adaptive' (FLAP-style: "
+            "heads and neurons ranked together by standardised score against one parameter budget)."
+        },
+    )
+    protected_layers: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "Layer indices never pruned (negative counts from the end: (0, -1) keeps the first and last)."},
+    )
+    round_to: int = field(
+        default=1,
+        metadata={
+            "help": "Keep a multiple of this many MLP neurons in every layer (8, 64: faster kernels). Attention "
+            "widths already move in steps of head_dim."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for every random choice (calibration windows, `random`)."})
     calibration: object = field(
         default="wikitext2",
@@ -103,12 +140,46 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidPruningTargetError(f"{name}={value!r} must be a positive int.")
-        if self.allocation not in ALLOCATIONS:
+        from .allocation import available_allocations  # the allocations import this module
+
+        if self.allocation not in available_allocations():
             raise InvalidPruningTargetError(
-                f"allocation={self.allocation!r} is unknown; choose one of {', '.join(ALLOCATIONS)}."
+                f"allocation={self.allocation!r} is unknown; choose one of {', '.join(available_allocations())}."
             )
+        self._check_budget_targets()
+        self.protected_layers = tuple(self.protected_layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.protected_layers):
+            raise InvalidPruningTargetError(
+                f"protected_layers={self.protected_layers!r} must hold layer indices (ints), e.g. (0, -1)."
+            )
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise InvalidPruningTargetError(f"round_to={self.round_to!r} must be a positive int (1: no rounding).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidPruningTargetError(f"seed must be an int, got {self.seed!r}.")
+
+    def _check_budget_targets(self) -> None:
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise InvalidPruningTargetError(
+                f"sparsity={self.sparsity!r} is a fraction of the prunable parameters and must lie in [0, 1)."
+            )
+        for name in ("target_params", "target_flops"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidPruningTargetError(f"{name}={value!r} must be a non-negative int (0: unset).")
+        given = [name for name in BUDGET_TARGETS if getattr(self, name)]
+        if len(given) > 1:
+            raise InvalidPruningTargetError(f"{' and '.join(given)} are alternatives; set only one of them.")
+        amounts = [name for name in self.AMOUNTS if getattr(self, name)]
+        if given and amounts:
+            raise InvalidPruningTargetError(
+                f"{given[0]} sets the whole budget and chooses the heads and neurons itself; drop "
+                f"{', '.join(amounts)} or drop {given[0]}."
+            )
+
+    @property
+    def budget_target(self) -> str | None:
+        """The budget target that is set (`sparsity`, `target_params`, `target_flops`), if any."""
+        return next((name for name in BUDGET_TARGETS if getattr(self, name)), None)
 
     def criterion_for(self, kind: str) -> str:
         """The criterion name that ranks groups of `kind`."""
@@ -118,13 +189,14 @@ class PruningConfig:
 
     @property
     def is_empty(self) -> bool:
-        return all(getattr(self, name) == 0 for name in self.AMOUNTS)
+        return all(getattr(self, name) == 0 for name in self.AMOUNTS + BUDGET_TARGETS)
 
     def to_dict(self) -> dict:
         """A JSON-friendly copy (an in-memory calibration source is described, not copied)."""
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         if isinstance(self.criterion, dict):
             data["criterion"] = dict(self.criterion)
+        data["protected_layers"] = list(self.protected_layers)
         if not isinstance(self.calibration, (str, os.PathLike)):
             data["calibration"] = f"<{type(self.calibration).__name__}>"
         else:

@@ -107,7 +107,8 @@ class GradualPlanner:
         """The config removing `round(fraction × final count)` of every kind; the config itself at 1."""
         if fraction >= 1:
             return self.config
-        return replace(self.config, **{kind: int(fraction * count + 0.5) for kind, count in self.counts.items()})
+        scaled = {kind: int(fraction * count + 0.5) for kind, count in self.counts.items()}
+        return replace(self.config, sparsity=0.0, target_params=0, target_flops=0, **scaled)
 
     def plan_at(
         self,

@@ -16,7 +16,7 @@ from .allocation import build_plan, plan_for, resolve_targets
 from .calibration import token_windows
 from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
 from .evaluation import flops_per_token, parameter_count
-from .config import PruningConfig
+from .config import BUDGET_TARGETS, PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
@@ -136,11 +136,11 @@ class HFPruner:
         config = config or PruningConfig(**kwargs)
         if config.is_empty:
             raise InvalidPruningTargetError(
-                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS)} (e.g. mlp_neurons=0.25)."
+                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} (e.g. mlp_neurons=0.25 or sparsity=0.2)."
             )
-        targets = resolve_targets(PruningPlan.keep_all(self.model, self.adapter), config)
+        targets = resolve_targets(self.model, self.adapter, config)
         criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
-        # Uniform allocation: shapes depend on the counts only, so the format is known before any work.
+        # Shapes depend on the counts (uniform) or mostly so: a random ranking tells the format before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
 
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)

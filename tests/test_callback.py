@@ -309,3 +309,17 @@ def test_torchrun_processes_take_identical_masks(tmp_path):
     assert first["pending"] != second["pending"]  # each process scored its own batches since the last event
     assert first["totals"] == second["totals"]
     assert first["plan"] == second["plan"]
+
+
+def test_sparsity_target_prunes_gradually_to_the_one_shot_counts(tmp_path):
+    config = PruningConfig(sparsity=0.3, criterion="magnitude")
+    pruning = PruningCallback(config, PruningSchedule("cubic", start_step=0, end_step=2), score="criterion")
+    _, _, after = train(tmp_path, FAMILIES["llama"].build(), pruning, max_steps=3)
+    dense = FAMILIES["llama"].build()
+    assert after.counts[-1] == final_counts(plan_for(dense, get_adapter(dense.config), config, RandomCriterion()))
+    assert after.counts[-1]["mlp_neurons"] > 0
+
+
+def test_non_uniform_allocations_are_refused_by_the_callback():
+    with pytest.raises(InvalidPruningTargetError, match="gradual pruning keeps every layer the same shape"):
+        PruningCallback(PruningConfig(mlp_neurons=0.5, allocation="global"))

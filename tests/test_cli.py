@@ -59,3 +59,13 @@ def test_malformed_amount_is_an_argparse_error_exit_2(tmp_path):
 def test_help_teaches_with_examples():
     process = subprocess.run([sys.executable, "-m", "hf_prune.cli", "prune", "--help"], capture_output=True, text=True)
     assert process.returncode == 0 and "pypi:smollm2-135m-instruct" in process.stdout
+
+
+def test_budget_allocation_and_protected_layers_from_the_command_line(tiny_llama, tmp_path, capsys):
+    code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "out"), "--sparsity", "0.3",
+                 "--allocation", "global", "--protected-layers", "0,-1", "--round-to", "4",
+                 "--criterion", "magnitude", "--reconstruct", "none", "--report-json", str(tmp_path / "report.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["protected_layers"] == [0, -1] and report["config"]["allocation"] == "global"
+    assert report["output_format"] == "loader"

@@ -93,7 +93,7 @@ def test_least_squares_repair_reduces_the_calibration_output_error(kind):
     adapter = HFPruner(model).adapter
     stats = collect_statistics(model, adapter, windows().split(4), {"moments", "mlp_gram"})
     config = PruningConfig(mlp_neurons=0.5) if kind == "neurons" else PruningConfig(attention_heads=0.5)
-    targets = resolve_targets(PruningPlan.keep_all(model, adapter), config)
+    targets = resolve_targets(model, adapter, config)
     context = ScoringContext(model, adapter, stats)
     plan = build_plan(context, dict.fromkeys(["neurons", "heads"], get_criterion("activation")), targets)
     branch, name = ("mlp", "mlp.down_proj") if kind == "neurons" else ("attention", "self_attn.o_proj")

@@ -1,0 +1,34 @@
+"""Scores → what to keep, and how removals spread over layers: one file per allocation.
+
+`resolve_targets` turns a config's amounts or budget into per-layer counts and validates them
+against the model's shapes (cheap, before any calibration); `build_plan` removes the lowest-scored
+blocks, asks the config's allocation how many heads and neurons each layer gives up, then removes
+the lowest-scored ones. Adding an allocation is adding one decorated file here.
+"""
+
+import importlib
+import pkgutil
+
+from .base import Allocation, Counts, LayerScores
+from .planning import build_plan, plan_for
+from .registry import available_allocations, get_allocation, register_allocation
+from .targets import Budget, Targets, resolve_targets
+
+_INFRASTRUCTURE = {"base", "costs", "planning", "ranking", "registry", "targets"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _INFRASTRUCTURE:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = [
+    "Allocation",
+    "Budget",
+    "Counts",
+    "LayerScores",
+    "Targets",
+    "available_allocations",
+    "build_plan",
+    "get_allocation",
+    "plan_for",
+    "register_allocation",
+    "resolve_targets",
+]

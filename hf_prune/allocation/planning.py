@@ -1,0 +1,88 @@
+"""Targets + scores → a `PruningPlan`: blocks first, then the allocation's per-layer counts.
+
+Whole layers go first, then branches among the remaining layers (both ranked model-wide, never
+in `protected_layers`), then KV groups, query heads inside the kept groups, and MLP neurons
+inside the branches that remain, the lowest-scored of each layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..config import GROUP_KINDS, PruningConfig
+from ..criteria import Criterion, ScoringContext
+from ..groups import ArchitectureAdapter
+from ..plan import LayerPlan, PruningPlan
+from .base import Counts, LayerScores, lowest
+from .registry import get_allocation
+from .targets import Targets, resolve_targets
+
+
+def _remove_blocks(scores: LayerScores, plan: PruningPlan, targets: Targets) -> None:
+    open_plans = [p for p in plan.layers if p.layer not in targets.protected]
+    if targets.layers:
+        ranked = torch.cat([scores(p.layer, "layers") for p in open_plans])
+        for position in lowest(ranked, targets.layers):
+            open_plans[position].keep_layer = False
+    for kind, flag in (("attention_branches", "keep_attention"), ("mlp_branches", "keep_mlp")):
+        count = getattr(targets, kind)
+        if not count:
+            continue
+        candidates = [p for p in open_plans if p.keep_layer and getattr(p, flag)]
+        ranked = torch.cat([scores(p.layer, kind) for p in candidates])
+        for position in lowest(ranked, count):
+            setattr(candidates[position], flag, False)
+
+
+def kept_groups(scores: LayerScores, plan: LayerPlan, counts: Counts) -> tuple[int, ...]:
+    """The KV groups (GQA) or heads (MHA) layer `plan` keeps under `counts`."""
+    if plan.layer in counts.mha_heads:
+        removed = lowest(scores(plan.layer, "kv_groups", "heads"), counts.mha_heads[plan.layer])
+    else:
+        removed = lowest(scores(plan.layer, "kv_groups"), counts.kv_groups.get(plan.layer, 0))
+    return tuple(j for j in plan.kv_heads if j not in removed)
+
+
+def _select_heads(scores: LayerScores, plan: LayerPlan, counts: Counts) -> None:
+    attention = plan.geometry.attention
+    if counts.kv_groups.get(plan.layer) or counts.mha_heads.get(plan.layer):
+        plan.kv_heads = kept_groups(scores, plan, counts)
+        plan.query_heads = tuple(h for j in plan.kv_heads for h in attention.heads_of_group(j))
+    heads = counts.heads_per_group.get(plan.layer, 0)
+    if heads:
+        ranked = scores(plan.layer, "heads")
+        kept = []
+        for j in plan.kv_heads:
+            members = list(attention.heads_of_group(j))
+            removed = lowest(ranked[members], heads)
+            kept += [h for position, h in enumerate(members) if position not in removed]
+        plan.query_heads = tuple(kept)
+
+
+def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targets: Targets) -> PruningPlan:
+    """Keep the best-scored groups (`criteria` maps kind → criterion) in the counts the
+    configured allocation decides."""
+    plan = PruningPlan.keep_all(context.model, context.adapter)
+    scores = LayerScores(context, criteria)
+    _remove_blocks(scores, plan, targets)
+    counts = get_allocation(targets.allocation).counts(scores, plan, targets)
+    for layer_plan in plan.layers:
+        if not layer_plan.keep_layer:
+            continue
+        if layer_plan.keep_attention and layer_plan.geometry.attention:
+            _select_heads(scores, layer_plan, counts)
+        count = counts.neurons.get(layer_plan.layer, 0)
+        if layer_plan.keep_mlp and count:
+            removed = lowest(scores(layer_plan.layer, "neurons"), count)
+            layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
+    return plan
+
+
+def plan_for(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig, criterion: Criterion) -> PruningPlan:
+    """A plan for `config` with one data-free criterion for every kind (dry runs, inspection,
+    gradual steps)."""
+    targets = resolve_targets(model, adapter, config)
+    return build_plan(ScoringContext(model, adapter), dict.fromkeys(GROUP_KINDS, criterion), targets)

@@ -1,0 +1,229 @@
+"""A config's amounts or budget → validated per-layer counts, before any calibration runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..config import PruningConfig, count_of
+from ..errors import InvalidPruningTargetError
+from ..groups import ArchitectureAdapter, GroupKind
+from ..plan import PruningPlan
+from .base import Counts
+from .costs import CostUnit, UnitCosts, unit_costs
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the uniform counts remove, in `unit`s; `global` and `adaptive` spend the same amount."""
+
+    unit: CostUnit
+    context: int
+    costs: dict[int, UnitCosts]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Blocks removed model-wide, the uniform per-layer counts, and how to spread them."""
+
+    layers: int
+    attention_branches: int
+    mlp_branches: int
+    counts: Counts
+    budget: Budget
+    allocation: str = "uniform"
+    protected: frozenset[int] = field(default_factory=frozenset)
+    round_to: int = 1
+
+    def kinds(self) -> set[GroupKind]:
+        """The group kinds that need a criterion."""
+        kinds = {kind for kind in ("layers", "attention_branches", "mlp_branches") if getattr(self, kind)}
+        return kinds | self.counts.kinds()
+
+
+def _block_count(kind: str, amount, total: int, candidates: int) -> int:
+    count = count_of(amount, total)
+    if amount and count >= total:
+        label = kind.replace("_", " ")
+        raise InvalidPruningTargetError(
+            f"{kind}={amount!r} removes all {total} {'layers' if kind == 'layers' else 'remaining ' + label}; "
+            f"remove at most {total - 1}."
+        )
+    if count > candidates:
+        raise InvalidPruningTargetError(
+            f"{kind}={amount!r} removes {count}, but only {candidates} are outside protected_layers; "
+            "remove fewer or protect fewer layers."
+        )
+    return count
+
+
+def _head_counts(config: PruningConfig, layer: int, attention) -> tuple[int, int]:
+    """(KV groups removed, query heads removed per kept group); MHA heads go as KV groups."""
+    per_group = attention.heads_per_group
+    if per_group == 1:
+        if config.kv_groups:
+            raise InvalidPruningTargetError(
+                f"kv_groups={config.kv_groups!r}: layer {layer} uses multi-head attention (one query head per KV head); "
+                "use attention_heads to remove heads."
+            )
+        amount, total, name, unit = config.attention_heads, attention.num_heads, "attention_heads", "heads"
+    else:
+        amount, total, name, unit = config.kv_groups, attention.num_kv_heads, "kv_groups", "KV groups"
+    groups = count_of(amount, total)
+    if amount and groups >= total:
+        raise InvalidPruningTargetError(
+            f"{name}={amount!r} removes all {total} {unit} of layer {layer}; the largest valid value is "
+            f"{total - 1} (or a fraction below {(total - 0.5) / total:.3g})."
+        )
+    if amount and groups == 0:
+        raise InvalidPruningTargetError(
+            f"{name}={amount!r} rounds to 0 of {total} per layer; the smallest valid fraction is {0.5 / total:.3g} (1 of {total})."
+        )
+    if per_group == 1 or not config.attention_heads:
+        return groups, 0
+    heads = count_of(config.attention_heads, per_group)
+    if heads == 0:
+        raise InvalidPruningTargetError(
+            f"attention_heads={config.attention_heads!r} rounds to 0 of the {per_group} query heads in each KV group; "
+            f"the smallest valid fraction is {0.5 / per_group:.3g} (1 head per group)."
+        )
+    if heads >= per_group:
+        raise InvalidPruningTargetError(
+            f"attention_heads={config.attention_heads!r} removes all {per_group} query heads of each KV group; the "
+            f"largest valid value is {per_group - 1} (or a fraction below {(per_group - 0.5) / per_group:.3g}). "
+            "To remove whole groups use kv_groups."
+        )
+    return groups, heads
+
+
+def rounded_neurons(removed: int, total: int, round_to: int) -> int:
+    """`removed` adjusted so that the kept width is a multiple of `round_to` (at least one multiple)."""
+    if round_to == 1 or not removed:
+        return removed
+    kept = max(round_to, round((total - removed) / round_to) * round_to)
+    return max(total - kept, 0)
+
+
+def _neuron_count(config: PruningConfig, layer: int, total: int) -> int:
+    count = count_of(config.mlp_neurons, total)
+    if config.mlp_neurons and count >= total:
+        raise InvalidPruningTargetError(
+            f"mlp_neurons={config.mlp_neurons!r} removes all {total} neurons of layer {layer}; "
+            f"remove at most {total - 1}, or use mlp_branches to drop whole MLPs."
+        )
+    if config.mlp_neurons and count == 0:
+        raise InvalidPruningTargetError(
+            f"mlp_neurons={config.mlp_neurons!r} rounds to 0 of {total} neurons; the smallest valid fraction is {0.5 / total:.3g}."
+        )
+    rounded = rounded_neurons(count, total, config.round_to)
+    if count and not rounded:
+        raise InvalidPruningTargetError(
+            f"mlp_neurons={config.mlp_neurons!r} with round_to={config.round_to} keeps all {total} neurons of layer "
+            f"{layer}; remove more neurons or use a smaller round_to."
+        )
+    return rounded
+
+
+def _protected(config: PruningConfig, total: int) -> frozenset[int]:
+    for index in config.protected_layers:
+        if not -total <= index < total:
+            raise InvalidPruningTargetError(
+                f"protected_layers={config.protected_layers!r}: layer {index} does not exist; the model has {total} "
+                f"layers (0 to {total - 1}, or -{total} to -1 from the end)."
+            )
+    return frozenset(index % total for index in config.protected_layers)
+
+
+def _amount_counts(config: PruningConfig, plan: PruningPlan, protected: frozenset[int]) -> Counts:
+    counts = Counts()
+    for layer_plan in plan.layers:
+        if layer_plan.layer in protected:
+            continue
+        attention, size = layer_plan.geometry.attention, layer_plan.geometry.intermediate_size
+        if attention and (config.kv_groups or config.attention_heads):
+            groups, per_group = _head_counts(config, layer_plan.layer, attention)
+            (counts.mha_heads if attention.heads_per_group == 1 else counts.kv_groups)[layer_plan.layer] = groups
+            counts.heads_per_group[layer_plan.layer] = per_group
+        if size and config.mlp_neurons:
+            counts.neurons[layer_plan.layer] = _neuron_count(config, layer_plan.layer, size)
+    return counts
+
+
+def _budget_amount(config: PruningConfig, model: nn.Module, costs: dict[int, UnitCosts]) -> float:
+    """What the budget target asks to remove, in its unit."""
+    from ..evaluation import flops_per_token, parameter_count  # evaluation imports the adapters
+
+    if config.sparsity:
+        return config.sparsity * sum(c.prunable for c in costs.values())
+    if config.target_params:
+        present, name, value = parameter_count(model), "target_params", config.target_params
+    else:
+        present, name, value = flops_per_token(model, context=config.seq_len), "target_flops", config.target_flops
+    if value >= present:
+        raise InvalidPruningTargetError(
+            f"{name}={value:,} is not below the model's present {present:,}; give a smaller target."
+        )
+    return float(present - value)
+
+
+def _budget_counts(config: PruningConfig, model: nn.Module, costs: dict[int, UnitCosts], protected: frozenset[int]) -> Counts:
+    """Per-layer counts removing the budget uniformly: in every unprotected layer the same share of
+    its heads and neurons, attention in whole units and the rest of the layer's share in neurons."""
+    name = config.budget_target
+    amount = _budget_amount(config, model, costs)
+    open_layers = {index: c for index, c in costs.items() if index not in protected}
+    share = amount / max(sum(c.prunable for c in open_layers.values()), 1.0)
+    counts = Counts()
+    removed = 0.0
+    for index, c in open_layers.items():
+        attention = min(round(share * c.attention_units), max(c.attention_units - 1, 0))
+        rest = share * c.prunable - attention * c.kv_group
+        neurons = min(max(round(rest / c.neuron), 0), c.num_neurons - 1) if c.num_neurons else 0
+        neurons = rounded_neurons(neurons, c.num_neurons, config.round_to)
+        if c.attention_units:
+            (counts.mha_heads if c.heads_per_group == 1 else counts.kv_groups)[index] = attention
+        if c.num_neurons:
+            counts.neurons[index] = neurons
+        removed += attention * c.kv_group + neurons * c.neuron
+    if removed < 0.98 * amount:
+        raise InvalidPruningTargetError(
+            f"{name}={getattr(config, name)!r} asks to remove {amount:,.0f} {'FLOPs per token' if config.target_flops else 'parameters'}, "
+            f"but every unprotected layer keeping one KV group and one neuron allows only {removed:,.0f}; "
+            f"ask for less{' or protect fewer layers' if protected else ''}."
+        )
+    if not removed:
+        raise InvalidPruningTargetError(f"{name}={getattr(config, name)!r} is too small to remove a single head or neuron.")
+    return counts
+
+
+def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig) -> Targets:
+    """Counts for every kind, validated on every layer's shape; raises before any work is done."""
+    from .registry import get_allocation  # the registry fills as the package imports
+
+    get_allocation(config.allocation).validate(config)
+    plan = PruningPlan.keep_all(model, adapter)
+    total = len(plan.layers)
+    protected = _protected(config, total)
+    open_plans = [p for p in plan.layers if p.layer not in protected]
+    layers = _block_count("layers", config.layers, total, len(open_plans))
+    with_attention = sum(1 for p in open_plans if p.keep_attention) - layers
+    with_mlp = sum(1 for p in open_plans if p.keep_mlp) - layers
+    unit: CostUnit = "flops" if config.target_flops else "params"
+    modules = adapter.layers(model)
+    costs = {p.layer: unit_costs(adapter, modules[p.layer], p.layer, unit, config.seq_len) for p in plan.layers}
+    counts = (
+        _budget_counts(config, model, costs, protected) if config.budget_target else _amount_counts(config, plan, protected)
+    )
+    return Targets(
+        layers=layers,
+        attention_branches=_block_count(
+            "attention_branches", config.attention_branches, max(with_attention, 0), max(with_attention, 0)
+        ),
+        mlp_branches=_block_count("mlp_branches", config.mlp_branches, max(with_mlp, 0), max(with_mlp, 0)),
+        counts=counts,
+        budget=Budget(unit, config.seq_len, costs),
+        allocation=config.allocation,
+        protected=protected,
+        round_to=config.round_to,
+    )

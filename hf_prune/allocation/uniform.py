@@ -1,0 +1,16 @@
+"""`uniform`: the same count in every (unprotected) layer, so a standard config fits."""
+
+from __future__ import annotations
+
+from ..plan import PruningPlan
+from .base import Allocation, Counts, LayerScores
+from .registry import register_allocation
+from .targets import Targets
+
+
+@register_allocation
+class UniformAllocation(Allocation):
+    name = "uniform"
+
+    def counts(self, scores: LayerScores, plan: PruningPlan, targets: Targets) -> Counts:
+        return targets.counts
