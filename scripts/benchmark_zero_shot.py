@@ -34,7 +34,9 @@ BUDGETS = {
     "mlp50": {"mlp_neurons": 0.5},
     "kv1of3": {"kv_groups": 1},
     "layers4": {"layers": 4},
+    "sparsity20": {"sparsity": 0.2},
 }
+ALLOCATIONS = ("uniform", "global", "adaptive")
 CHANNEL_CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "random")
 LAYER_CRITERIA = ("block_influence", "flow", "loss", "magnitude", "taylor", "fisher", "random")
 
@@ -49,6 +51,11 @@ def rows() -> dict[str, dict]:
     for criterion in ("obs", "activation", "flow", "fluctuation", "magnitude", "random"):
         for budget in ("mlp25", "mlp50", "kv1of3"):
             table[f"{budget}/{criterion}+lstsq"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq"}
+    for criterion in ("obs", "activation", "flow"):
+        for allocation in ALLOCATIONS:
+            for budget in ("sparsity20", "mlp50") if allocation != "uniform" else ("sparsity20",):
+                settings = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq", "allocation": allocation}
+                table[f"{budget}/{criterion}+lstsq/{allocation}"] = settings
     return table
 
 
