@@ -10,7 +10,7 @@ from .errors import InvalidPruningTargetError
 Amount = float | int
 
 GROUP_KINDS = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
-RECONSTRUCTIONS = ("none", "lstsq")
+RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.
 DEFAULT_CRITERIA = {

@@ -163,7 +163,7 @@ class HFPruner:
                 self.model, self.adapter, context.windows.split(config.batch_size), requirements
             )
         plan = build_plan(context, criteria, targets)
-        reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
+        plan = reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
         calibration = None
         if context.statistics is not None:
             calibration = {

@@ -1,23 +1,31 @@
 """Training-free repair of the projections that consume pruned channels.
 
-`lstsq` refits the consumer from the calibration statistics so it reproduces the dense output
-from the channels that stay (METHODS.md §4): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, with `G` the
-Gram matrix of the consumer's input and `λ` a small damping. The refit is written into the kept
-columns of the dense weight before surgery, so masking and surgery still agree exactly.
+- `lstsq` refits the consumer from the calibration statistics so it reproduces the dense output
+  from the channels that stay (METHODS.md §4): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, with `G` the
+  Gram matrix of the consumer's input and `λ` a small damping.
+- `bias` (FLAP) gives back the removed channels' mean contribution (`bias_compensation.py`).
+- `ispasp` re-selects which neurons, heads or KV groups stay with i-SpaSP's CoSaMP iterations,
+  starting from the criterion's choice, then refits like `lstsq` (`ispasp.py`).
+
+Repairs are written into the kept columns (and the bias) of the dense weight before surgery, so
+masking and surgery still agree exactly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
-from .criteria.obs import DAMPING
+from .bias_compensation import fold_constant_into_columns, removed_mean_contribution
 from .errors import InvalidPruningTargetError
 from .groups import ArchitectureAdapter, Branch
 from .groups.base import input_slices
+from .ispasp import least_squares_columns
+from .ispasp import select as ispasp_select
 from .plan import LayerPlan, PruningPlan
-from .statistics import CalibrationStatistics
-
+from .statistics import CalibrationStatistics, ChannelStatistics
 
 
 def removed_channels(adapter: ArchitectureAdapter, layer: nn.Module, plan: LayerPlan, branch: Branch) -> list[int]:
@@ -33,11 +41,48 @@ def removed_channels(adapter: ArchitectureAdapter, layer: nn.Module, plan: Layer
     )
 
 
-def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Least-squares refit of the kept columns of `weight` (outputs × channels)."""
-    gram_kept = gram[kept][:, kept]
-    regularised = gram_kept + damping * gram_kept.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype)
-    return torch.linalg.solve(regularised, (weight @ gram[:, kept]).T).T
+def _reselect(plan: LayerPlan, branch: Branch, weight: torch.Tensor, gram: torch.Tensor) -> LayerPlan:
+    """The layer plan with i-SpaSP's choice of neurons, heads (MHA) or whole KV groups.
+
+    Query heads removed inside GQA groups keep the criterion's choice: every group must keep the
+    same count, a constraint CoSaMP's free selection does not respect.
+    """
+    if branch == "mlp":
+        blocks = [torch.tensor([n]) for n in range(plan.geometry.intermediate_size)]
+        kept = ispasp_select(weight, gram, blocks, list(plan.neurons))
+        return dataclasses.replace(plan, neurons=tuple(kept))
+    attention = plan.geometry.attention
+    per_group, d = attention.heads_per_group, attention.head_dim
+    if len(plan.query_heads) != len(plan.kv_heads) * per_group:
+        return plan
+    blocks = [
+        torch.cat([torch.arange(h * d, (h + 1) * d) for h in attention.heads_of_group(j)])
+        for j in range(attention.num_kv_heads)
+    ]
+    kept = ispasp_select(weight, gram, blocks, list(plan.kv_heads))
+    return dataclasses.replace(
+        plan, kv_heads=tuple(kept), query_heads=tuple(h for j in kept for h in attention.heads_of_group(j))
+    )
+
+
+def _repair(
+    module: nn.Module,
+    weight: torch.Tensor,
+    stats: ChannelStatistics,
+    kept: torch.Tensor,
+    removed: torch.Tensor,
+    method: str,
+) -> torch.Tensor:
+    """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
+    gram = stats.gram / stats.count if stats.gram is not None else None
+    if method in ("lstsq", "ispasp"):
+        return least_squares_columns(weight, gram, kept)
+    constant = removed_mean_contribution(weight, stats.mean, removed)
+    if getattr(module, "bias", None) is not None:
+        module.bias += constant.to(module.bias.dtype)
+        return weight[:, kept]
+    second_moment = gram[kept][:, kept] if gram is not None else torch.diag(stats.mean_square[kept])
+    return weight[:, kept] + fold_constant_into_columns(constant, stats.mean[kept], second_moment)
 
 
 @torch.no_grad()
@@ -47,29 +92,38 @@ def reconstruct(
     plan: PruningPlan,
     statistics: CalibrationStatistics | None,
     method: str,
-) -> None:
-    """Repair every consumer that loses channels, in place, before surgery."""
+) -> PruningPlan:
+    """Repair every consumer that loses channels, in place, before surgery; returns the plan to cut
+    (`ispasp` may keep other channels than the criterion chose, always as many)."""
     if method == "none":
-        return
+        return plan
     if statistics is None:
         raise InvalidPruningTargetError(f"reconstruct={method!r} needs calibration statistics; set calibration=...")
     layers = adapter.layers(model)
+    repaired = []
     for layer_plan in plan.layers:
         if not layer_plan.keep_layer:
+            repaired.append(layer_plan)
             continue
         layer = layers[layer_plan.layer]
-        for branch, changed in (("attention", layer_plan.changes_attention), ("mlp", layer_plan.changes_mlp)):
+        for branch in ("attention", "mlp"):
+            changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
             if not changed:
                 continue
             stats = statistics.consumers[(layer_plan.layer, branch)]
             name = adapter.o_proj if branch == "attention" else adapter.down_proj
-            parameter = layer.get_submodule(name).weight
+            module = layer.get_submodule(name)
             transposed = input_slices(layer, name, 0, 1)[0].dim == 0
-            weight = (parameter.T if transposed else parameter).double()
-            removed = set(removed_channels(adapter, layer, layer_plan, branch))
-            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in removed])
-            new = refit(weight, stats.gram / stats.count, kept).to(parameter.dtype)
+            weight = (module.weight.T if transposed else module.weight).double()
+            if method == "ispasp":
+                layer_plan = _reselect(layer_plan, branch, weight, stats.gram / stats.count)
+            removed = removed_channels(adapter, layer, layer_plan, branch)
+            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in set(removed)])
+            new = _repair(module, weight, stats, kept, torch.tensor(removed, dtype=torch.long), method)
+            new = new.to(module.weight.dtype)
             if transposed:
-                parameter[kept, :] = new.T
+                module.weight[kept, :] = new.T
             else:
-                parameter[:, kept] = new
+                module.weight[:, kept] = new
+        repaired.append(layer_plan)
+    return PruningPlan(repaired)

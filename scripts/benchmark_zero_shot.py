@@ -37,8 +37,10 @@ BUDGETS = {
     "sparsity20": {"sparsity": 0.2},
 }
 ALLOCATIONS = ("uniform", "global", "adaptive")
-CHANNEL_CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "random")
-LAYER_CRITERIA = ("block_influence", "flow", "loss", "magnitude", "taylor", "fisher", "random")
+CHANNEL_CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "synflow", "random")
+LAYER_CRITERIA = ("block_influence", "flow", "loss", "magnitude", "taylor", "fisher", "synflow", "random")
+#: Repairs beyond `lstsq`, with the criteria they pair with (FLAP's bias goes with fluctuation).
+REPAIR_CRITERIA = {"bias": ("fluctuation", "activation", "obs"), "ispasp": ("obs", "activation", "flow")}
 
 
 def rows() -> dict[str, dict]:
@@ -56,6 +58,13 @@ def rows() -> dict[str, dict]:
             for budget in ("sparsity20", "mlp50") if allocation != "uniform" else ("sparsity20",):
                 settings = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq", "allocation": allocation}
                 table[f"{budget}/{criterion}+lstsq/{allocation}"] = settings
+    for repair, criteria in REPAIR_CRITERIA.items():
+        for criterion in criteria:
+            for budget in ("mlp25", "mlp50", "kv1of3"):
+                table[f"{budget}/{criterion}+{repair}"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": repair}
+    for importance in ("magnitude", "taylor"):
+        for budget in ("mlp25", "mlp50", "kv1of3"):
+            table[f"{budget}/torch-pruning-{importance}"] = {**BUDGETS[budget], "torch_pruning": importance}
     return table
 
 
@@ -69,6 +78,50 @@ def evaluation_ids(tokenizer, split: str, windows: int) -> torch.Tensor:
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: windows * 512]
     text = data_file("wikitext-2/wiki.valid.tokens").read_text(encoding="utf-8")
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][-windows * 512 :]
+
+
+def hf_prune_row(base: HFPruner, row: dict, num_samples: int, statistics, ids: torch.Tensor, dense: dict) -> dict:
+    pruner = HFPruner(copy.deepcopy(base.model), tokenizer=base.tokenizer)
+    start = time.perf_counter()
+    report = pruner.prune(PruningConfig(**row, num_samples=num_samples), statistics=statistics)
+    seconds = time.perf_counter() - start
+    value = perplexity(pruner.model, ids)
+    return {
+        **row,
+        "parameters": report.parameters_after,
+        "perplexity": value,
+        "ratio": value / dense["perplexity"],
+        "prune_seconds_without_calibration": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "format": report.output_format,
+    }
+
+
+def torch_pruning_row(base: HFPruner, row: dict, num_samples: int, ids: torch.Tensor, dense: dict) -> dict:
+    """The same budget with Torch-Pruning (its MetaPruner, magnitude or Taylor importance); a failure
+    is recorded in the row, with the error and the seconds it took."""
+    # The optional `bench` extra: imported here so hf_prune rows run without it.
+    from torch_pruning_baseline import prune_with_torch_pruning
+
+    config = PruningConfig(num_samples=num_samples)
+    windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
+    model = copy.deepcopy(base.model)
+    start = time.perf_counter()
+    try:
+        prune_with_torch_pruning(model, row, windows)
+    except Exception as error:  # noqa: BLE001 - any failure of the third-party tool is the measurement
+        return {**row, "error": f"{type(error).__name__}: {error}"[:500], "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    value = perplexity(model, ids)
+    return {
+        **row,
+        "parameters": parameter_count(model),
+        "perplexity": value,
+        "ratio": value / dense["perplexity"],
+        "prune_seconds_without_calibration": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "format": "pickle only (torch-pruning does not update the config)",
+    }
 
 
 def main() -> None:
@@ -96,7 +149,8 @@ def main() -> None:
     if "dense" not in results:
         results["dense"] = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
 
-    if todo:
+    statistics = None
+    if any("torch_pruning" not in rows()[name] for name in todo):
         config = PruningConfig(num_samples=args.num_samples)
         windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
         start = time.perf_counter()
@@ -106,32 +160,27 @@ def main() -> None:
         statistics = collect_statistics(base.model, base.adapter, windows.split(4 if "gradients" in requirements else 8), requirements)
         results["calibration_seconds"] = time.perf_counter() - start
     for name in todo:
-        pruner = HFPruner(copy.deepcopy(base.model), tokenizer=base.tokenizer)
-        start = time.perf_counter()
-        report = pruner.prune(PruningConfig(**rows()[name], num_samples=args.num_samples), statistics=statistics)
-        seconds = time.perf_counter() - start
-        value = perplexity(pruner.model, ids)
-        results["rows"][name] = {
-            **rows()[name],
-            "parameters": report.parameters_after,
-            "perplexity": value,
-            "ratio": value / results["dense"]["perplexity"],
-            "prune_seconds_without_calibration": seconds,
-            "peak_rss_mb": peak_rss_mb(),
-            "format": report.output_format,
-        }
+        if "torch_pruning" in rows()[name]:
+            results["rows"][name] = torch_pruning_row(base, rows()[name], args.num_samples, ids, results["dense"])
+        else:
+            results["rows"][name] = hf_prune_row(base, rows()[name], args.num_samples, statistics, ids, results["dense"])
+        row = results["rows"][name]
         output.parent.mkdir(parents=True, exist_ok=True)
         partial = output.with_suffix(".tmp")
         partial.write_text(json.dumps(results, indent=2))
         partial.replace(output)
-        print(f"{name:32} ppl {value:12.2f}  ×{value / results['dense']['perplexity']:8.3f}  {seconds:6.1f} s", flush=True)
-        del pruner
+        if "error" in row:
+            print(f"{name:32} failed after {row['seconds']:.1f} s: {row['error']}", flush=True)
+        else:
+            print(f"{name:32} ppl {row['perplexity']:12.2f}  ×{row['ratio']:8.3f}  {row['prune_seconds_without_calibration']:6.1f} s", flush=True)
 
     dense = results["dense"]
     print(f"\nSmolLM2-135M, WikiText-2 {args.split}, {args.eval_windows} × 512 tokens; dense perplexity {dense['perplexity']:.2f}")
     print(f"{'row':32} {'params':>12} {'perplexity':>12} {'× dense':>9} {'prune s':>8} {'peak MB':>8}")
     for name in wanted:
-        if name in results["rows"]:
+        if name in results["rows"] and "error" in results["rows"][name]:
+            print(f"{name:32} failed: {results['rows'][name]['error']}")
+        elif name in results["rows"]:
             row = results["rows"][name]
             print(
                 f"{name:32} {row['parameters']:>12,} {row['perplexity']:>12.2f} {row['ratio']:>9.3f} "

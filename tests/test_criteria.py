@@ -51,19 +51,19 @@ def scores(context, name, kind, layer=0):
     return get_criterion(name).score(context, groups)
 
 
-@pytest.mark.parametrize("name", ["magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher"])
+@pytest.mark.parametrize("name", ["magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "synflow"])
 def test_a_neuron_that_writes_nothing_scores_lowest(context, name):
     values = scores(context, name, "neurons")
     assert values.argmin().item() == DEAD_NEURON or values[DEAD_NEURON] == values.min()
 
 
-@pytest.mark.parametrize("name", ["activation", "fluctuation", "flow", "obs", "taylor", "fisher"])
+@pytest.mark.parametrize("name", ["activation", "fluctuation", "flow", "obs", "taylor", "fisher", "synflow"])
 def test_a_head_that_writes_nothing_scores_zero_and_lowest(context, name):
     values = scores(context, name, "heads")
     assert values[DEAD_HEAD] == pytest.approx(0, abs=1e-9) and values[DEAD_HEAD] == values.min()
 
 
-@pytest.mark.parametrize("name", ["block_influence", "flow", "loss"])
+@pytest.mark.parametrize("name", ["block_influence", "flow", "loss", "synflow"])
 def test_an_identity_layer_scores_lowest(context, name):
     all_layers = torch.cat([scores(context, name, "layers", i) for i in range(4)])
     assert all_layers.argmin().item() == DEAD_LAYER
@@ -77,7 +77,8 @@ def test_block_criteria_do_not_rank_channels():
 
 def test_every_registered_criterion_is_covered_here():
     assert set(available_criteria()) == {
-        "activation", "block_influence", "fisher", "flow", "fluctuation", "loss", "magnitude", "obs", "random", "taylor"
+        "activation", "block_influence", "fisher", "flow", "fluctuation", "loss", "magnitude", "obs", "random", "synflow",
+        "taylor",
     }
 
 

@@ -1,0 +1,92 @@
+"""i-SpaSP selection (Wolfe & Kyrillidis 2021): choose the channels a consumer keeps, CoSaMP-style.
+
+The target is the dense output `W x` of a consuming projection; a candidate keeps `s` channel
+blocks (neurons, heads or KV groups) and refits them by least squares (METHODS.md §4). Each
+iteration, from the current support `S` and its refit `V`:
+
+1. the residual's gradient w.r.t. column `j`, `g_j = ((W − V) G)[:, j]`, proposes the blocks
+   outside `S` with the largest gain `Σ_j ‖g_j‖² / G_jj` (the error one column alone could remove);
+2. least squares on the union `T` of `S` and the proposals;
+3. truncation back to `s` blocks, by greedy OBS removal from the refit on `T` (`criteria/obs.py`):
+   the blocks whose removal costs least after re-solving go, rather than the smallest coefficients.
+
+Everything is computed from the Gram matrix `G = E[x xᵀ]` of the consumer's input that the
+calibration pass already holds: no activations are stored, and the error `tr((W − V) G (W − V)ᵀ)`
+is exact on the calibration tokens. The best support seen (starting from the criterion's own
+choice) is kept, so the result is never worse on calibration data than the criterion's choice
+with the plain least-squares refit. The paper's optional gradient steps on the kept weights are
+not needed here: on the Gram objective the least-squares solve already is their fixed point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .criteria.obs import DAMPING, greedy_removal_scores
+
+#: CoSaMP rounds; each costs a few solves of the kept-channel size.
+ITERATIONS = 4
+#: Blocks proposed per round, as a fraction of the kept count (CoSaMP's `2s` makes the union the
+#: whole layer once half of it is pruned, which turns the truncation into a one-shot choice).
+PROPOSAL = 0.25
+
+
+def least_squares_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING):
+    """`W G[:, S] (G[S, S] + λI)⁻¹`: the kept columns that best reproduce `W x` (outputs × |S|)."""
+    gram_kept = gram[kept][:, kept]
+    regularised = gram_kept + damping * gram_kept.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype)
+    return torch.linalg.solve(regularised, (weight @ gram[:, kept]).T).T
+
+
+def output_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, columns: torch.Tensor) -> float:
+    """`E‖W x − V_S x_S‖²` from the Gram matrix."""
+    difference = weight.clone()
+    difference[:, kept] -= columns
+    return torch.einsum("ij,jk,ik->", difference, gram, difference).item()
+
+
+def _channels(blocks: list[torch.Tensor], chosen: list[int]) -> torch.Tensor:
+    return torch.cat([blocks[b] for b in chosen])
+
+
+def select(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    blocks: list[torch.Tensor],
+    initial: list[int],
+    iterations: int = ITERATIONS,
+    proposal: float = PROPOSAL,
+) -> list[int]:
+    """The blocks to keep (as many as `initial`, sorted); `blocks` hold channel indices of `weight`'s columns."""
+    keep = len(initial)
+    support = sorted(initial)
+    kept = _channels(blocks, support)
+    best, best_error = support, output_error(weight, gram, kept, least_squares_columns(weight, gram, kept))
+    diagonal = gram.diagonal().clamp_min(DAMPING * gram.diagonal().mean())
+    for _ in range(iterations):
+        outside = [b for b in range(len(blocks)) if b not in set(support)]
+        if not outside:
+            break
+        kept = _channels(blocks, support)
+        residual = weight.clone()
+        residual[:, kept] -= least_squares_columns(weight, gram, kept)
+        gain = (residual @ gram).pow(2).sum(0) / diagonal
+        block_gain = torch.stack([gain[blocks[b]].sum() for b in outside])
+        count = min(len(outside), max(1, round(proposal * keep)))
+        proposed = [outside[i] for i in torch.argsort(block_gain, descending=True, stable=True)[:count].tolist()]
+        union = sorted(support + proposed)
+        channels = _channels(blocks, union)
+        positions = {int(c): i for i, c in enumerate(channels.tolist())}
+        local = [torch.tensor([positions[int(c)] for c in blocks[b].tolist()]) for b in union]
+        refit = least_squares_columns(weight, gram, channels)
+        chunk = max(1, len(union) // 100)
+        removal = greedy_removal_scores(refit, gram[channels][:, channels], local, chunk)
+        survivors = sorted(union[i] for i in torch.argsort(removal, descending=True, stable=True)[:keep].tolist())
+        if survivors == support:
+            break
+        support = survivors
+        kept = _channels(blocks, support)
+        error = output_error(weight, gram, kept, least_squares_columns(weight, gram, kept))
+        if error < best_error:
+            best, best_error = support, error
+    return best
