@@ -6,18 +6,14 @@ blocks, asks the config's allocation how many heads and neurons each layer gives
 the lowest-scored ones. Adding an allocation is adding one decorated file here.
 """
 
-import importlib
-import pkgutil
-
+from ..plugins import import_plugins
 from .base import Allocation, Counts, LayerScores
 from .planning import build_plan, plan_for
 from .registry import available_allocations, get_allocation, register_allocation
 from .targets import Budget, Targets, resolve_targets
 
 _INFRASTRUCTURE = {"base", "costs", "planning", "ranking", "registry", "targets"}
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name not in _INFRASTRUCTURE:
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_plugins(__name__, __path__, _INFRASTRUCTURE)
 
 __all__ = [
     "Allocation",

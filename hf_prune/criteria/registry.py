@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
+from ..plugins import Registry
 from .base import Criterion
 
-_CRITERIA: dict[str, type[Criterion]] = {}
-
-
-def register_criterion(cls: type[Criterion]) -> type[Criterion]:
-    if cls.name in _CRITERIA:
-        raise ValueError(f"criterion {cls.name!r} is already registered by {_CRITERIA[cls.name].__name__}")
-    _CRITERIA[cls.name] = cls
-    return cls
-
-
-def available_criteria() -> list[str]:
-    return sorted(_CRITERIA)
+_CRITERIA: Registry[Criterion] = Registry("criterion")
+register_criterion = _CRITERIA.register
+available_criteria = _CRITERIA.names
 
 
 def get_criterion(name: str, seed: int = 0) -> Criterion:
