@@ -32,6 +32,8 @@ from ..groups import TensorSlice
 
 #: Label of an element that carries no prunable channel.
 NONE = -1.0
+#: Producer name prefix of the blocked stand-in channels that fixed-size padding creates.
+VIRTUAL_PREFIX = "<padding"
 #: Label of an element of a parameter or constant: a channel meeting it element-wise is blocked.
 CONSTANT = -2.0
 
@@ -132,6 +134,13 @@ def _op_name(target) -> str:
 def _module_of(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return next(reversed(stack.values()))[0] if stack else ""
+
+
+def _varies_along(labels: torch.Tensor, dim: int) -> bool:
+    """Whether different channels (or a channel and no channel) sit at different positions along `dim`."""
+    if labels.dim() == 0 or labels.shape[dim] <= 1 or not (labels >= 0).any():
+        return False
+    return bool((labels.amax(dim) != labels.amin(dim)).any())
 
 
 def _channels(labels: torch.Tensor) -> torch.Tensor:
@@ -322,18 +331,7 @@ class _LabelInterpreter(fx.Interpreter):
                 f"{where}: picks fixed positions along an axis that carries channels",
             )
         if name in ("constant_pad_nd", "pad"):
-            padding = args[1]
-            dims = [
-                data.dim() - 1 - i // 2
-                for i in range(0, len(padding), 2)
-                if padding[i] or padding[i + 1]
-            ]
-            self._require_uniform(
-                data,
-                dims,
-                f"{where}: pads a channel axis by a fixed amount (it would not follow a prune)",
-            )
-            return torch.nn.functional.pad(data, list(padding), value=NONE)
+            return self._pad(data, list(args[1]), where)
         args[0] = data
         real = {a: self.env[a] for a in args[1:] if isinstance(a, fx.Node)}
         args[1:] = [real.get(a, a) if isinstance(a, fx.Node) else a for a in args[1:]]
@@ -346,6 +344,29 @@ class _LabelInterpreter(fx.Interpreter):
             for k, v in node.kwargs.items()
         }
         return node.target(*args, **kwargs)
+
+    def _pad(self, data: torch.Tensor, padding: list[int], where: str) -> torch.Tensor:
+        """Zero padding is harmless along axes without channels. Along a channel axis its size is
+        fixed in code: the input's channels are blocked, and the padded positions become blocked
+        channels of their own, so whatever they are added to is blocked too."""
+        reason = f"{where}: pads a channel axis by a fixed amount (it would not follow a prune)"
+        result = torch.nn.functional.pad(data, padding, value=NONE)
+        for position in range(0, len(padding), 2):
+            before, after = padding[position], padding[position + 1]
+            dim = data.dim() - 1 - position // 2
+            if not (before or after) or not _varies_along(data, dim):
+                continue
+            self._block(data, reason)
+            stop = result.shape[dim] - after
+            for start, count in ((0, before), (stop, after)):
+                ids = self._new_channels(f"{VIRTUAL_PREFIX}: {where}>", count)
+                self._block(ids, reason)
+                shape = [1] * result.dim()
+                shape[dim] = count
+                result.narrow(dim, start, count).copy_(
+                    ids.reshape(shape).expand_as(result.narrow(dim, start, count))
+                )
+        return result
 
     def _elementwise(self, node: fx.Node, value, where: str):
         if not isinstance(value, torch.Tensor):

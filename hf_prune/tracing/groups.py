@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..groups import Group, TensorSlice
-from .graph import ChannelGraph
+from .graph import VIRTUAL_PREFIX, ChannelGraph
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,15 @@ def derive_groups(graph: ChannelGraph, model: nn.Module) -> TracedGroups:
         )
     report = tuple(
         BlockedChannels(
-            reason,
-            len(members),
-            tuple(sorted({graph.producers[c][0] for c in members})),
+            reason, len(real), tuple(sorted({graph.producers[c][0] for c in real}))
         )
         for reason, members in blocked.items()
+        if (
+            real := [
+                c
+                for c in members
+                if not graph.producers[c][0].startswith(VIRTUAL_PREFIX)
+            ]
+        )
     )
     return TracedGroups(tuple(result), report)
