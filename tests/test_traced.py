@@ -220,3 +220,26 @@ def test_traced_errors_name_the_fix():
         HFPruner.from_model(nn.Linear(4, 2), example_inputs=torch.randn(1, 4)).prune(
             channels=0.5
         )
+
+
+def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
+    import transformers
+
+    from hf_prune.cli import main
+
+    config = transformers.OPTConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=48,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    assert main(["inspect", str(tmp_path / "opt")]) == 0
+    out = capsys.readouterr().out
+    assert "handled by: tracing (no architecture adapter for model_type 'opt')" in out
+    assert "model.decoder.layers.0.fc1" in out and "left alone because" in out
+    FAMILIES["llama"].build().save_pretrained(tmp_path / "llama")
+    assert main(["inspect", str(tmp_path / "llama")]) == 0
+    assert "handled by: the 'llama' architecture adapter" in capsys.readouterr().out

@@ -50,6 +50,7 @@ _KEEP_LABELS = {
     "to",
     "_to_copy",
     "type_as",
+    "dropout_",
     "dropout",
     "feature_dropout",
     "alpha_dropout",
