@@ -63,9 +63,20 @@ _ELEMENTWISE = {
     "logical_not", "logical_and", "logical_or", "__and__", "__or__", "square", "reciprocal", "sin", "cos", "tanh_",
     "masked_fill", "lerp", "addcmul", "addcdiv", "fill", "gelu_", "silu_", "add_", "mul_", "sign", "floor", "round",
 }  # fmt: skip
-_SHAPE_ONLY = {"new_ones", "new_zeros", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
-               "arange", "_assert_tensor_metadata", "sym_size", "scalar_tensor", "zeros", "ones", "full", "empty",
-               "_assert_scalar", "sym_constrain_range_for_size"}  # fmt: skip
+_SHAPE_ONLY = {"zeros_like", "ones_like", "empty_like", "full_like", "_assert_tensor_metadata", "sym_size",
+               "scalar_tensor", "_assert_scalar", "sym_constrain_range_for_size"}  # fmt: skip
+#: Tensors created with sizes written in the graph: constants, like parameters.
+_CREATED = {
+    "new_ones",
+    "new_zeros",
+    "new_empty",
+    "new_full",
+    "arange",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+}
 #: Reductions whose result sums its inputs: removing an input removes its share exactly.
 _SUMS = {"sum", "amax", "amin", "max", "min", "cumsum"}
 #: Reductions that normalise over their inputs: removing an input changes the others' result.
@@ -228,6 +239,12 @@ class _LabelInterpreter(fx.Interpreter):
             return argument.target
         return None
 
+    def _constant(self, value) -> object:
+        """Labels for a parameter, buffer or created tensor: a scalar broadcasts anywhere, others are fixed."""
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            return torch.full(value.shape, CONSTANT, dtype=torch.float64)
+        return self._fresh(value)
+
     def _fresh(self, value) -> object:
         """Labels for a value that carries no channel."""
         if isinstance(value, torch.Tensor):
@@ -270,6 +287,8 @@ class _LabelInterpreter(fx.Interpreter):
         first = self._labels(node.args[0]) if node.args else None
         if name in _SHAPE_ONLY:
             return self._fresh(value)
+        if name in _CREATED:
+            return self._constant(value)
         if (
             name in _KEEP_LABELS
             and isinstance(first, torch.Tensor)
