@@ -101,6 +101,11 @@ class PruningCallback(TrainerCallback):
             raise InvalidPruningTargetError(
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS)} (e.g. mlp_neurons=0.5)."
             )
+        if config.channels:
+            raise InvalidPruningTargetError(
+                f"channels={config.channels!r}: the PruningCallback prunes heads, KV groups, neurons, branches and "
+                "layers; channel pruning is one-shot (HFPruner.from_model(...).prune(channels=...))."
+            )
         if schedule is not None and not isinstance(schedule, PruningSchedule):
             raise UsageError(f"schedule must be a PruningSchedule or None, got {type(schedule).__name__}.")
         if score not in SCORES:

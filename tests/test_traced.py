@@ -243,3 +243,10 @@ def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
     FAMILIES["llama"].build().save_pretrained(tmp_path / "llama")
     assert main(["inspect", str(tmp_path / "llama")]) == 0
     assert "handled by: the 'llama' architecture adapter" in capsys.readouterr().out
+
+
+def test_callback_refuses_channels():
+    from hf_prune import PruningCallback
+
+    with pytest.raises(InvalidPruningTargetError, match="one-shot"):
+        PruningCallback(PruningConfig(channels=0.3))
