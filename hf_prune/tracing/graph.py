@@ -259,12 +259,7 @@ class _LabelInterpreter(fx.Interpreter):
         if node.op == "placeholder":
             self.labels[node] = self._fresh(value)
         elif node.op == "get_attr":
-            constant = isinstance(value, torch.Tensor) and value.numel() > 1
-            self.labels[node] = (
-                torch.full(value.shape, CONSTANT, dtype=torch.float64)
-                if constant
-                else self._fresh(value)
-            )
+            self.labels[node] = self._constant(value)
         elif node.op == "call_function":
             self.labels[node] = self._call(node, value)
         elif node.op == "output":
