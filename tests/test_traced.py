@@ -250,3 +250,42 @@ def test_callback_refuses_channels():
 
     with pytest.raises(InvalidPruningTargetError, match="one-shot"):
         PruningCallback(PruningConfig(channels=0.3))
+
+
+class Concatenates(nn.Module):
+    """Two branches concatenated on the channel axis, one BatchNorm over both, a consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.norm = nn.BatchNorm2d(14)
+        self.merge = nn.Conv2d(14, 10, 3, padding=1)
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.norm(torch.cat([self.left(x), self.right(x)], dim=1)))
+        return self.head(self.merge(x).mean((2, 3)))
+
+
+def test_concatenated_branches_keep_their_offsets():
+    pruner = HFPruner.from_model(build(Concatenates), example_inputs=IMAGES)
+    assert [(f.name, len(f.groups)) for f in pruner.traced.families] == [
+        ("left", 8),
+        ("right", 6),
+        ("merge", 10),
+    ]
+    right = pruner.traced.families[1].groups[0].slices
+    assert {(p.parameter, p.start) for p in right if p.parameter.startswith(("norm", "merge"))} == {
+        ("norm.weight", 8), ("norm.bias", 8), ("norm.running_mean", 8), ("norm.running_var", 8), ("merge.weight", 8)
+    }  # fmt: skip
+    report = pruner.prune(channels=0.5, criterion="magnitude")
+    assert (
+        pruner.model.merge.in_channels == 14 - 4 - 3
+        and pruner.model.norm.num_features == 7
+    )
+    assert report.max_abs_difference < 1e-5
+
+
+def test_export_failure_is_a_tracing_error():
+    with pytest.raises(TracingError, match="example_inputs"):
+        HFPruner.from_model(build(), example_inputs={"pixels": IMAGES})

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from ..errors import TracingError
 from ..groups import TensorSlice
 
 #: Label of an element that carries no prunable channel.
@@ -679,8 +680,24 @@ def trace_channels(
     """Export `model` on `example_inputs` (a tensor, a tuple of positional inputs or a dict of keyword
     inputs) and label its channels; the model is left unchanged."""
     args, kwargs = split_inputs(example_inputs)
-    with torch.no_grad():
-        exported = torch.export.export(model, args, kwargs, strict=False)
+    if (
+        getattr(getattr(model, "config", None), "use_cache", None) is not None
+        and not args
+    ):
+        kwargs.setdefault(
+            "use_cache", False
+        )  # a KV cache in the output cannot be exported
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(model, args, kwargs, strict=False)
+    except (
+        Exception
+    ) as error:  # export raises many types; all mean the same to the caller
+        raise TracingError(
+            f"torch.export could not trace {type(model).__name__} on the example inputs "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+            "pass example_inputs the model's forward accepts (a tensor, a tuple, or a dict of keyword inputs)."
+        ) from error
     # get_attr nodes of the exported module name the user's parameters and buffers by their qualified
     # names; a tensor shared under several names (tied embeddings) is treated as computed: never sliced
     owners: dict[int, list[str]] = defaultdict(list)
