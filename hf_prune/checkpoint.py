@@ -147,13 +147,22 @@ def write_loader_config(folder: Path, model: PreTrainedModel, adapter: Architect
 
 
 # --------------------------------------------------------------------------- loading
-def load_pruned(name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> PreTrainedModel:
+def load_pruned(
+    name_or_path: str | os.PathLike, model: nn.Module | None = None, **from_pretrained_kwargs
+) -> PreTrainedModel:
     """Load a folder (or Hub repo) hf_prune wrote, in either format, without `trust_remote_code`.
+
+    A traced prune (`HFPruner.from_model`) is loaded into `model`, a freshly built unpruned instance
+    of the same architecture: it is cut as the saved description says, then filled.
 
     Vanilla checkpoints go straight to `from_pretrained`. For loader-format ones the family's
     model class (from `config.architectures`) is shaped layer by layer as the saved metadata
     says, then filled by `from_pretrained`; every `from_pretrained` keyword works.
     """
+    if model is not None:
+        from .tracing.checkpoint import load_traced
+
+        return load_traced(name_or_path, model)
     try:
         raw, _ = PretrainedConfig.get_config_dict(name_or_path, **dict(from_pretrained_kwargs))
     except OSError as error:

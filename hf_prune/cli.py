@@ -220,12 +220,20 @@ def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> None:
     import torch
     from transformers import AutoConfig, PreTrainedModel
 
-    from .inspection import inspect_model
+    from .groups import supported_model_types
+    from .inspection import inspect_model, inspect_traced
     from .pruner import _model_class
 
     path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
     config = AutoConfig.from_pretrained(path, **kwargs)
     model_class = _model_class(config, "gguf_file" in kwargs)
+    if config.model_type not in supported_model_types():  # traced: one forward pass on random weights
+        model = model_class(config) if issubclass(model_class, PreTrainedModel) else model_class.from_config(config)
+        inputs = _latency_inputs(model, tokens=8)
+        if getattr(config, "use_cache", None) is not None:
+            inputs["use_cache"] = False
+        print(inspect_traced(model.eval(), inputs, name=args.model))
+        return
     with torch.device("meta"):  # shapes only: no weights are read or allocated
         model = model_class(config) if issubclass(model_class, PreTrainedModel) else model_class.from_config(config)
     print(inspect_model(model, name=args.model))
@@ -236,7 +244,8 @@ def _latency_inputs(model, tokens: int = 128) -> dict:
 
     config = model.config
     if hasattr(config, "image_size"):
-        return {"pixel_values": torch.randn(1, 3, config.image_size, config.image_size)}
+        channels = getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.randn(1, channels, config.image_size, config.image_size)}
     return {"input_ids": torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))}
 
 

@@ -52,3 +52,8 @@ class RecipeError(UsageError, ValueError):
 
 class PushError(HFPruneError):
     """Uploading a saved folder to the Hub failed; the folder is intact and the message says how to retry."""
+
+
+class TracingError(UsageError):
+    """Tracing found nothing the request can prune, or a cut would not reproduce the masked model
+    (the forward uses sizes the graph does not show); the message names the groups involved."""

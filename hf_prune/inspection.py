@@ -1,5 +1,6 @@
 """`hf-prune inspect`: a model's dependency groups, what they weigh, and which output format each kind
 of pruning would give. Works on a shape-only (meta device) model: no weights are read, nothing is pruned.
+Models without an adapter are traced instead (`inspect_traced`): one forward pass on an example input.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import InvalidPruningTargetError
 from .evaluation import parameter_count
 from .groups import ArchitectureAdapter, GroupKind, LayerGeometry, get_adapter
 from .surgery import apply_plan
+from .tracing.groups import TracedGroups
 
 #: Group kind → the PruningConfig field that removes it, and how the table names it.
 KINDS: dict[GroupKind, tuple[str, str]] = {
@@ -51,6 +53,7 @@ class Inspection:
         lines = [
             f"{self.name}: {self.architecture} ({self.model_type}), {len(self.layers)} layers, "
             f"{self.parameters:,} parameters",
+            f"handled by: the '{self.model_type}' architecture adapter (heads, KV groups, neurons, branches, layers)",
             "",
             f"{'layers':>9}  {'heads':>5}  {'KV heads':>8}  {'head_dim':>8}  {'MLP neurons':>11}",
         ]
@@ -109,3 +112,36 @@ def inspect_model(model: nn.Module, name: str = "") -> Inspection:
         kinds.append(KindSummary(kind, len(groups), size, _format_of_removing_one(model, adapter, kind)))
     architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     return Inspection(name, model.config.model_type, architecture, parameter_count(model), geometries, kinds)
+
+
+@dataclass(frozen=True)
+class TracedInspection:
+    name: str
+    model_type: str
+    architecture: str
+    parameters: int
+    traced: TracedGroups
+
+    def __str__(self) -> str:
+        return "\n".join(
+            [
+                f"{self.name}: {self.architecture} ({self.model_type}), {self.parameters:,} parameters",
+                (
+                    f"handled by: tracing (no architecture adapter for model_type {self.model_type!r}); prune it "
+                    "with HFPruner.from_model(model, example_inputs=...) and channels=..."
+                ),
+                "",
+                str(self.traced),
+            ]
+        )
+
+
+def inspect_traced(model: nn.Module, example_inputs, name: str = "") -> TracedInspection:
+    """What tracing finds in a model without an adapter: its channel families and what it leaves alone, and why."""
+    from .tracing.pruner import TracedPruner
+
+    config = getattr(model, "config", None)
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    traced = TracedPruner(model, example_inputs).traced
+    model_type = getattr(config, "model_type", "torch.nn.Module")
+    return TracedInspection(name, model_type, architecture, parameter_count(model), traced)

@@ -20,7 +20,7 @@ from .config import BUDGET_TARGETS, PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
-from .groups import get_adapter
+from .groups import get_adapter, supported_model_types
 from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
 from .reconstruction import reconstruct
@@ -96,6 +96,23 @@ class HFPruner:
         self.last_save: tuple[Path, PruningReport] | None = None  # (folder, the report it holds)
 
     @classmethod
+    def from_model(cls, model, example_inputs=None, tokenizer=None, processor=None):
+        """Prune a model already in memory: an `HFPruner` when its `model_type` has an adapter, else a
+        `TracedPruner` whose channel groups are traced from one forward pass on `example_inputs`
+        (a tensor, a tuple of positional inputs or a dict of keyword inputs)."""
+        config = getattr(model, "config", None)
+        if isinstance(config, transformers.PretrainedConfig) and config.model_type in supported_model_types():
+            return cls(model, tokenizer=tokenizer, processor=processor)
+        if example_inputs is None:
+            raise InvalidPruningTargetError(
+                f"{type(model).__name__} has no architecture adapter; pass example_inputs=... (one input batch) so "
+                "its channel groups can be traced from the computation graph."
+            )
+        from .tracing.pruner import TracedPruner
+
+        return TracedPruner(model, example_inputs)
+
+    @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> HFPruner:
         """Load a model (and its tokenizer or image processor) as `from_pretrained` would.
 
@@ -137,6 +154,11 @@ class HFPruner:
         if config.is_empty:
             raise InvalidPruningTargetError(
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} (e.g. mlp_neurons=0.25 or sparsity=0.2)."
+            )
+        if config.channels:
+            raise InvalidPruningTargetError(
+                f"channels={config.channels!r} (the hidden width) is not supported for {self.model.config.model_type} "
+                "yet; prune heads, KV groups, neurons, branches or layers instead."
             )
         targets = resolve_targets(self.model, self.adapter, config)
         criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}

@@ -16,23 +16,47 @@ from .groups import ArchitectureAdapter, TensorSlice
 from .plan import PruningPlan
 
 
-def _slice_parameters(layer: nn.Module, pieces: list[TensorSlice]) -> None:
+def slice_tensors(root: nn.Module, pieces: list[TensorSlice]) -> None:
+    """Remove every slice in `pieces` from the parameters and buffers (BatchNorm statistics) of
+    `root` they name, then bring the modules' size attributes in line with their new weights."""
     removed: dict[tuple[str, int], set[int]] = defaultdict(set)
     for piece in pieces:
         removed[(piece.parameter, piece.dim)].update(range(piece.start, piece.stop))
+    buffers = dict(root.named_buffers())
     for (name, dim), indices in removed.items():
-        parameter = layer.get_parameter(name)
+        tensor = buffers[name] if name in buffers else root.get_parameter(name)
         keep = torch.tensor(
-            [i for i in range(parameter.shape[dim]) if i not in indices], dtype=torch.long, device=parameter.device
+            [i for i in range(tensor.shape[dim]) if i not in indices], dtype=torch.long, device=tensor.device
         )
         module_name, _, attribute = name.rpartition(".")
-        module = layer.get_submodule(module_name)
-        setattr(module, attribute, nn.Parameter(parameter.detach().index_select(dim, keep), parameter.requires_grad))
-    for module in layer.modules():
-        if isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
-        elif isinstance(module, Conv1D):
-            module.nx, module.nf = module.weight.shape
+        module = root.get_submodule(module_name)
+        kept = tensor.detach().index_select(dim, keep)
+        setattr(module, attribute, kept if name in buffers else nn.Parameter(kept, tensor.requires_grad))
+    for module in root.modules():
+        _sync_shape(module)
+
+
+def _sync_shape(module: nn.Module) -> None:
+    """Size attributes that forward() or repr() read, from the module's (sliced) tensors."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, Conv1D):
+        module.nx, module.nf = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        module.out_channels = module.weight.shape[0]
+        if depthwise:
+            module.groups = module.out_channels
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        tensor = module.weight if module.weight is not None else module.running_mean
+        if tensor is not None:
+            module.num_features = tensor.shape[0]
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        per_channel = module.num_groups == module.num_channels
+        module.num_channels = module.weight.shape[0]
+        if per_channel:
+            module.num_groups = module.num_channels
 
 
 @torch.no_grad()
@@ -43,7 +67,7 @@ def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPlan
         if not layer_plan.keep_layer:
             continue
         layer = layers[layer_plan.layer]
-        _slice_parameters(layer, list(layer_plan.removed_slices(adapter, layer)))
+        slice_tensors(layer, list(layer_plan.removed_slices(adapter, layer)))
         if layer_plan.changes_attention:
             adapter.set_attention_geometry(layer, layer_plan.pruned_geometry().attention)
         for branch in layer_plan.removed_branches():

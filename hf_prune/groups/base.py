@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-GroupKind = Literal["heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"]
+GroupKind = Literal["heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels"]
 Branch = Literal["attention", "mlp"]
 
 
