@@ -15,11 +15,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from .allocation import build_plan, plan_for, resolve_targets
 from .calibration import token_windows
 from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
-from .evaluation import flops_per_token, parameter_count
 from .config import PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
+from .distributed import from_main_process, is_main_process, wait_for_everyone
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
+from .evaluation import flops_per_token, parameter_count
 from .groups import get_adapter
 from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
@@ -162,7 +163,8 @@ class HFPruner:
             context.statistics = collect_statistics(
                 self.model, self.adapter, context.windows.split(config.batch_size), requirements
             )
-        plan = build_plan(context, criteria, targets)
+        # Under torchrun every process holds the same summed statistics; the main one plans, all cut alike.
+        plan = from_main_process(build_plan(context, criteria, targets) if is_main_process() else None)
         reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
         calibration = None
         if context.statistics is not None:
@@ -212,8 +214,14 @@ class HFPruner:
         model card (README.md, its plot and the recipe).
 
         The folder appears complete or not at all; an existing non-empty folder is refused
-        unless `overwrite=True`.
+        unless `overwrite=True`. Under torchrun only the main process writes; the others wait for it.
         """
+        folder = self._write_folder(save_directory, overwrite) if is_main_process() else Path(save_directory)
+        wait_for_everyone()
+        return folder
+
+    def _write_folder(self, save_directory: str | os.PathLike, overwrite: bool) -> Path:
+        """`save_pretrained`'s work in this process alone (`push_to_hub` stages through it on the main process)."""
         if self.report is None:
             raise NotPrunedError("call prune() before save_pretrained(); nothing has been pruned yet.")
         decision = decide_format(self.model, self.adapter)
@@ -236,7 +244,11 @@ class HFPruner:
         api: HfApi | None = None,
     ) -> str:
         """Upload the folder `save_pretrained` wrote, in one commit (saved to a temporary folder
-        first when this prune was never saved); see `hf_prune.hub.push_folder`."""
+        first when this prune was never saved); see `hf_prune.hub.push_folder`. Under torchrun only
+        the main process uploads; every process returns its commit URL."""
         from .hub import push_pruner
 
-        return push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)
+        url = None
+        if is_main_process():
+            url = push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)
+        return from_main_process(url)
