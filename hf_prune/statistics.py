@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -24,6 +25,25 @@ from .groups import ArchitectureAdapter, Branch
 
 Requirement = Literal["moments", "mlp_gram", "influence", "gradients"]
 REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients")
+
+
+#: Channel blocks of a Gram matrix: only the blocks on and above the diagonal are multiplied.
+GRAM_BLOCKS = 4
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """`gram += xᵀx` from the upper-triangular blocks of xᵀx, mirrored: (b+1)/2b of the multiply-adds
+    of one matmul (5/8 with 4 blocks; the MLP Gram costs about as much as the MLP's own forward).
+    Each entry is the same float32 dot product as in `x.T @ x`, added into float64."""
+    channels = x.shape[1]
+    edges = [round(i * channels / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    spans = [slice(start, stop) for start, stop in pairwise(edges) if stop > start]
+    for i, rows in enumerate(spans):
+        for columns in spans[i:]:
+            block = (x[:, rows].T @ x[:, columns]).double()
+            gram[rows, columns] += block
+            if columns != rows:
+                gram[columns, rows] += block.T
 
 
 @dataclass
@@ -48,7 +68,7 @@ class ChannelStatistics:
         self.total += x.sum(0).double()
         self.squares += x.pow(2).sum(0).double()
         if self.with_gram:
-            self.gram += (x.T @ x).double()
+            add_gram(self.gram, x)
 
     @property
     def mean(self) -> torch.Tensor:
