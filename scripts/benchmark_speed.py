@@ -196,8 +196,11 @@ def table(results: dict) -> str:
     if prunes:
         settings = results["settings"]
         lines += [
-            f"default prune ({PRUNE_TARGET}), {settings['num_samples']} × {settings['seq_len']} calibration tokens, "
-            f"{len(prunes)} repeat(s), {settings['threads']} thread(s); seconds and ratios to one plain forward pass",
+            (
+                f"default prune ({PRUNE_TARGET}), {settings['num_samples']} × {settings['seq_len']} calibration "
+                f"tokens, {len(prunes)} repeat(s), {settings['threads']} thread(s); seconds and ratios to one plain "
+                "forward pass"
+            ),
             f"{'repeat':>6} {'forward s':>9} {'prune s':>8} {'calib ×':>8} {'prune ×':>8}  stages (s)",
         ]
         for key, row in results["rows"].items():
@@ -223,8 +226,10 @@ def table(results: dict) -> str:
         lines += [
             "",
             "inference speed-up of pruned models (dense ms / pruned ms, medians); ideal = FLOP ratio at 512 context",
-            f"{'config':<18} {'round64':>7} {'params':>8} {'MLP width':>10} {'ideal':>6} {'prefill':>8} "
-            f"{'decode b1':>9} {'decode b8':>9}",
+            (
+                f"{'config':<18} {'round64':>7} {'params':>8} {'MLP width':>10} {'ideal':>6} {'prefill':>8} "
+                f"{'decode b1':>9} {'decode b8':>9}"
+            ),
         ]
         for name, row in inference.items():
             widths = "/".join(map(str, row["intermediate_sizes"]))
