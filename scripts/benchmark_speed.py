@@ -134,7 +134,7 @@ def prune_row(dense, tokenizer, config: PruningConfig) -> dict:
 def decode_ms(model, batch: int, context: int, steps: int = 8) -> float:
     """Median milliseconds per decoded token for `batch` sequences after a `context`-token prefill."""
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(100, 10_000, (batch, context), generator=generator)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=generator)
     output = model(input_ids=prompt, use_cache=True)
     cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
     times = []
@@ -147,7 +147,8 @@ def decode_ms(model, batch: int, context: int, steps: int = 8) -> float:
 
 
 def speed(model, repeats: int) -> dict[str, float]:
-    prompt = torch.randint(100, 10_000, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, PREFILL_TOKENS), generator=generator)
     measured = {"prefill_ms": latency_ms(model, {"input_ids": prompt}, repeats=repeats)}
     for batch in DECODE_BATCHES:
         measured[f"decode_b{batch}_ms"] = decode_ms(model, batch, PREFILL_TOKENS)
