@@ -4,7 +4,8 @@ calibrates on its own share of the batches.
 hf_prune adds no runtime of its own: accelerate's `PartialState` sets up the process group
 (gloo on CPU, nccl on GPU) from torchrun's environment. The statistics every process collected
 are summed (in float64) before scoring, the main process computes the plan and broadcasts it, so
-every process cuts the same groups, and only the main process writes or uploads. With a single
+every process cuts the same groups, and only the main process writes or uploads. `prune` must run
+on every process; `save_pretrained` and `push_to_hub` need not (they hold no collective). With a single
 process none of this runs and no process group is started.
 """
 
@@ -40,13 +41,6 @@ def is_main_process() -> bool:
     """True in the process that writes files: the only one, or rank 0."""
     state = process_state()
     return state is None or state.is_main_process
-
-
-def wait_for_everyone() -> None:
-    """A barrier across processes (nothing with one process)."""
-    state = process_state()
-    if state is not None:
-        state.wait_for_everyone()
 
 
 def local_share(batches: Sequence[Item]) -> list[Item]:

@@ -94,5 +94,5 @@ def push_pruner(pruner: HFPruner, repo_id: str, **push_kwargs) -> str:
     if pruner.last_save is not None and pruner.last_save[1] is pruner.report and pruner.last_save[0].is_dir():
         return push_folder(pruner.last_save[0], repo_id, **push_kwargs)
     with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as staging:
-        folder = pruner._write_folder(Path(staging) / repo_id.rpartition("/")[2], overwrite=False)
+        folder = pruner.save_pretrained(Path(staging) / repo_id.rpartition("/")[2])
         return push_folder(folder, repo_id, **push_kwargs)

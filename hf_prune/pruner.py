@@ -18,7 +18,7 @@ from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomical
 from .config import PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
-from .distributed import from_main_process, is_main_process, wait_for_everyone
+from .distributed import from_main_process, is_main_process
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .evaluation import flops_per_token, parameter_count
 from .groups import get_adapter
@@ -214,14 +214,11 @@ class HFPruner:
         model card (README.md, its plot and the recipe).
 
         The folder appears complete or not at all; an existing non-empty folder is refused
-        unless `overwrite=True`. Under torchrun only the main process writes; the others wait for it.
+        unless `overwrite=True`. Under torchrun only the main process writes; the others return the
+        path at once (no collective here, so guarding the call with `is_main_process` works too).
         """
-        folder = self._write_folder(save_directory, overwrite) if is_main_process() else Path(save_directory)
-        wait_for_everyone()
-        return folder
-
-    def _write_folder(self, save_directory: str | os.PathLike, overwrite: bool) -> Path:
-        """`save_pretrained`'s work in this process alone (`push_to_hub` stages through it on the main process)."""
+        if not is_main_process():
+            return Path(save_directory)
         if self.report is None:
             raise NotPrunedError("call prune() before save_pretrained(); nothing has been pruned yet.")
         decision = decide_format(self.model, self.adapter)
@@ -242,13 +239,12 @@ class HFPruner:
     def push_to_hub(
         self, repo_id: str, private: bool = False, token: str | None = None, commit_message: str | None = None,
         api: HfApi | None = None,
-    ) -> str:
+    ) -> str | None:
         """Upload the folder `save_pretrained` wrote, in one commit (saved to a temporary folder
         first when this prune was never saved); see `hf_prune.hub.push_folder`. Under torchrun only
-        the main process uploads; every process returns its commit URL."""
+        the main process uploads and returns the commit URL; the others return `None`."""
         from .hub import push_pruner
 
-        url = None
-        if is_main_process():
-            url = push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)
-        return from_main_process(url)
+        if not is_main_process():
+            return None
+        return push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)
