@@ -15,11 +15,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from .allocation import build_plan, plan_for, resolve_targets
 from .calibration import token_windows
 from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
-from .evaluation import flops_per_token, parameter_count
 from .config import BUDGET_TARGETS, PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
+from .distributed import from_main_process, is_main_process
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
+from .evaluation import flops_per_token, parameter_count
 from .groups import get_adapter, supported_model_types
 from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
@@ -184,7 +185,9 @@ class HFPruner:
             context.statistics = collect_statistics(
                 self.model, self.adapter, context.windows.split(config.batch_size), requirements
             )
-        plan = build_plan(context, criteria, targets)
+        # Under torchrun every process holds the same summed statistics; the main one plans, all cut alike
+        # (`ispasp` re-selects from those same statistics, so every process re-selects alike too).
+        plan = from_main_process(build_plan(context, criteria, targets) if is_main_process() else None)
         plan = reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
         calibration = None
         if context.statistics is not None:
@@ -234,8 +237,11 @@ class HFPruner:
         model card (README.md, its plot and the recipe).
 
         The folder appears complete or not at all; an existing non-empty folder is refused
-        unless `overwrite=True`.
+        unless `overwrite=True`. Under torchrun only the main process writes; the others return the
+        path at once (no collective here, so guarding the call with `is_main_process` works too).
         """
+        if not is_main_process():
+            return Path(save_directory)
         if self.report is None:
             raise NotPrunedError("call prune() before save_pretrained(); nothing has been pruned yet.")
         decision = decide_format(self.model, self.adapter)
@@ -256,9 +262,12 @@ class HFPruner:
     def push_to_hub(
         self, repo_id: str, private: bool = False, token: str | None = None, commit_message: str | None = None,
         api: HfApi | None = None,
-    ) -> str:
+    ) -> str | None:
         """Upload the folder `save_pretrained` wrote, in one commit (saved to a temporary folder
-        first when this prune was never saved); see `hf_prune.hub.push_folder`."""
+        first when this prune was never saved); see `hf_prune.hub.push_folder`. Under torchrun only
+        the main process uploads and returns the commit URL; the others return `None`."""
         from .hub import push_pruner
 
+        if not is_main_process():
+            return None
         return push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)

