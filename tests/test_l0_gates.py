@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from test_callback import SCHEDULE, arguments, dataset, logits, train
 from tiny_models import FAMILIES
@@ -65,6 +66,8 @@ def test_l0_masks_are_exact_meet_the_targets_and_compaction_equals_the_gated_mod
         assert (final["attention_heads"], final["mlp_neurons"]) == (1, 24)
     assert set(pruning.penalty.multipliers) == {"heads", "neurons"}
     assert all(multipliers[1] > 0 for multipliers in pruning.penalty.multipliers.values())
+    for kind, target in pruning.penalty.targets.items():  # the penalty pulled the gates to the targets
+        assert abs(pruning.penalty.expected[kind] - target) < 0.1, (kind, pruning.penalty.expected)
 
     inputs = FAMILIES[family].inputs()
     pruned = pruning.pruned_model
@@ -74,6 +77,19 @@ def test_l0_masks_are_exact_meet_the_targets_and_compaction_equals_the_gated_mod
         assert not any("gates" in key for key in saved.keys())  # noqa: SIM118 (safe_open is not iterable)
     reloaded = load_pruned(tmp_path / "pruned")  # plain transformers where the config can express the shapes
     torch.testing.assert_close(logits(reloaded, inputs), before.logits, atol=1e-5, rtol=0)
+
+
+def test_l0_gates_with_lora_fold_into_base_and_adapters_before_the_merge(tmp_path):
+    model = FAMILIES["llama"].build()
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = get_peft_model(model, lora)
+    pruning = PruningCallback(PruningConfig(attention_heads=0.5, mlp_neurons=0.5), SCHEDULE, score="l0")
+    pruning.attach_gates(model)  # after get_peft_model, which would freeze them
+    _, before, _ = train(tmp_path, model, pruning)  # AfterEachStep checks W + s·B·A
+
+    pruned = pruning.pruned_model
+    assert not any("lora" in name or "gates" in name for name in pruned.state_dict())
+    torch.testing.assert_close(logits(pruned, FAMILIES["llama"].inputs()), before.logits, atol=1e-5, rtol=0)
 
 
 def test_l0_resume_reproduces_masks_gates_and_multipliers(tmp_path):
