@@ -223,8 +223,8 @@ class PruningCallback(TrainerCallback):
         self._release_hooks()  # of an earlier train() call
         if self.score != "criterion" and args.gradient_checkpointing:
             raise UsageError(
-                f"score={self.score!r} reads activations in forward hooks, which gradient_checkpointing=True runs "
-                "twice; set TrainingArguments(gradient_checkpointing=False) or use score='criterion'."
+                f"score={self.score!r} reads activations (or samples gates) in forward hooks, which "
+                "gradient_checkpointing=True runs twice; set TrainingArguments(gradient_checkpointing=False) or use score='criterion'."
             )
         self._adapter = get_adapter(model.config)
         self._resolved = (self.schedule or PruningSchedule()).resolved(state.max_steps)
@@ -303,6 +303,9 @@ class PruningCallback(TrainerCallback):
                 state.global_step,
                 self._resolved.end_step,
             )
+        if self._loss_hook is not None:  # later forwards (evaluation, inference) carry no penalty
+            self._loss_hook.remove()
+            self._loss_hook = None
         if not self.compact_at_end:
             return
         if args.load_best_model_at_end and state.best_model_checkpoint:

@@ -84,7 +84,7 @@ class HardConcreteGates(nn.Module):
         self.settings = settings
         self.parameters_by_key = nn.ParameterDict()
         self._consumers: dict[str, tuple[str, int]] = {}  # key → (consumer module, its weight's input dim)
-        self._feature_gates: dict[str, torch.Tensor] = {}  # key → gate index of every input feature (−1: none)
+        self._feature_gates: dict[str, torch.Tensor] = {}  # key → gate of every input feature (len(units): constant 1)
         self._removed: dict[str, torch.Tensor] = {}  # key → masked units (they count as closed)
         self._handles: list[RemovableHandle] = []
         for index, layer in enumerate(adapter.layers(model)):
@@ -99,7 +99,7 @@ class HardConcreteGates(nn.Module):
                 self._removed[key] = torch.zeros(len(groups), dtype=torch.bool)
                 start = settings.initial_log_alpha / settings.lr_scale
                 self.parameters_by_key[key] = nn.Parameter(torch.full((len(groups),), start))
-        self.kinds = tuple(kind for kind in kinds if any(key.startswith(kind) for key in self._consumers))
+        self.kinds = tuple(kind for kind in kinds if any(key.startswith(kind + "_") for key in self._consumers))
         device = next(model.parameters()).device
         self.to(device)
         for index, layer in enumerate(adapter.layers(model)):
