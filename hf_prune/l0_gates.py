@@ -50,7 +50,11 @@ class L0Settings:
 
     Args:
         initial_log_alpha: every gate's starting `log_alpha`; 3.0 keeps the eval gates at exactly 1
-            (`sigmoid(3)·1.2 − 0.1 > 1`), so attaching the gates does not change the pretrained model.
+            (`sigmoid(3)·1.2 − 0.1 > 1`), so attaching the gates does not change the pretrained model. The
+            price: about 97% of the training samples then clamp at 1, where the task loss has no gradient,
+            so the task signal reaches a gate only through its unclamped samples until the penalty lowers
+            `log_alpha`; a lower start (0 gives samples inside (0, 1) half the time) trades that for a
+            changed model at attach time.
         temperature: β of the hard-concrete distribution (Louizos et al.: 2/3).
         stretch: (γ, ζ), the interval the concrete sample is stretched to before clamping to [0, 1].
         lr_scale: `log_alpha` moves `lr_scale ×` the Trainer's learning rate per Adam step.

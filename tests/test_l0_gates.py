@@ -36,7 +36,7 @@ def gated_run(output_dir, family="llama", resume=None, **overrides):
     return pruning, trainer, before, after
 
 
-def test_attached_gates_leave_the_model_unchanged_and_receive_gradients_from_the_task_loss():
+def test_attached_gates_leave_the_model_unchanged_sample_in_training_and_receive_gradients():
     model = FAMILIES["llama"].build()
     inputs = FAMILIES["llama"].inputs()
     dense = logits(model, inputs)
@@ -45,9 +45,18 @@ def test_attached_gates_leave_the_model_unchanged_and_receive_gradients_from_the
     torch.testing.assert_close(logits(model, inputs), dense, atol=0, rtol=0)  # eval gates start at exactly 1
 
     model.train()
+    torch.manual_seed(1)
+    sampled = model(**inputs).logits.detach()
     torch.manual_seed(0)
-    loss = model(**inputs, labels=inputs["input_ids"]).loss
-    loss.backward()
+    assert not torch.equal(model(**inputs).logits.detach(), sampled)  # hard-concrete samples in training mode
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    # At log α = 3 most samples clamp at 1 (no gradient there); the unclamped ones carry the task's.
+    assert sum(parameter.grad.abs().sum() for parameter in gates.parameters_by_key.values()) > 0
+
+    model = FAMILIES["llama"].build().train()
+    settings = L0Settings(initial_log_alpha=0.0)  # samples inside (0, 1): every gate gets a gradient
+    gates = PruningCallback(GATED["llama"], score="l0", l0=settings).attach_gates(model)
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
     for name, parameter in gates.parameters_by_key.items():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
@@ -90,6 +99,12 @@ def test_l0_gates_with_lora_fold_into_base_and_adapters_before_the_merge(tmp_pat
     pruned = pruning.pruned_model
     assert not any("lora" in name or "gates" in name for name in pruned.state_dict())
     torch.testing.assert_close(logits(pruned, FAMILIES["llama"].inputs()), before.logits, atol=1e-5, rtol=0)
+
+
+def test_l0_with_gradient_accumulation_keeps_masks_exact_and_meets_the_targets(tmp_path):
+    pruning, _, _, after = gated_run(tmp_path, compact=False, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    assert (after.counts[-1]["kv_groups"], after.counts[-1]["mlp_neurons"]) == (1, 24)  # AfterEachStep: exact zeros
+    assert all(abs(pruning.penalty.expected[kind] - t) < 0.1 for kind, t in pruning.penalty.targets.items())
 
 
 def test_l0_resume_reproduces_masks_gates_and_multipliers(tmp_path):
