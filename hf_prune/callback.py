@@ -13,6 +13,15 @@ trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callbac
 trainer.train()            # trainer.model is the pruned model; saved to output_dir/pruned
 ```
 
+With `score="l0"` the ranking comes from hard-concrete gates learned with the task loss
+(`l0_gates.py`); attach them before the Trainer builds its optimizer:
+
+```python
+callback = PruningCallback(PruningConfig(mlp_neurons=0.5), score="l0")
+callback.attach_gates(model)                                          # before Trainer(...)
+trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+```
+
 Every Trainer checkpoint gets a `hf_prune_callback/` folder (plan as JSON, score accumulators
 as safetensors, the step); `trainer.train(resume_from_checkpoint=...)` restores it, so a resumed
 run masks exactly what an uninterrupted one does.
@@ -34,9 +43,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .checkpoint import write_atomically
 from .config import BUDGET_TARGETS, PruningConfig
 from .criteria import ScoringContext, get_criterion
-from .errors import CallbackStateError, InvalidPruningTargetError, InvalidScheduleError, NotPrunedError, UsageError
+from .errors import (
+    CallbackStateError,
+    GatesNotAttachedError,
+    InvalidPruningTargetError,
+    InvalidScheduleError,
+    NotPrunedError,
+    UsageError,
+)
 from .gradual import GradualPlanner, ScoreFunction
 from .groups import ArchitectureAdapter, GroupKind, get_adapter
+from .l0_gates import HardConcreteGates, L0Settings, LagrangianPenalty, attach_gates, detach_gates, find_gates
 from .plan import LayerPlan, PruningPlan
 from .pruner import HFPruner
 from .report import PruningReport
@@ -48,8 +65,9 @@ logger = logging.getLogger(__name__)
 
 STATE_FOLDER = "hf_prune_callback"
 STATE_VERSION = 1
-#: `criterion` ranks with `config.criterion` (the registry's data-free criteria) on the current weights.
-SCORES = (*TRAINING_SCORES, "criterion")
+#: `criterion` ranks with `config.criterion` (the registry's data-free criteria) on the current weights;
+#: `l0` by the log-alpha of hard-concrete gates learned with the task loss.
+SCORES = (*TRAINING_SCORES, "criterion", "l0")
 
 
 def _kinds(counts: dict[str, int]) -> list[GroupKind]:
@@ -63,6 +81,28 @@ def _kinds(counts: dict[str, int]) -> list[GroupKind]:
     return kinds
 
 
+def _gate_targets(counts: dict[str, int], model: nn.Module, adapter: ArchitectureAdapter) -> dict[GroupKind, float]:
+    """The final kept fraction of query heads and MLP neurons the counts leave (uniform layers)."""
+    unsupported = [kind for kind in ("attention_branches", "mlp_branches", "layers") if counts[kind]]
+    if unsupported:
+        raise InvalidPruningTargetError(
+            f"score='l0' gates heads and MLP neurons only, but the config also removes {', '.join(unsupported)}; "
+            "drop those amounts, or use another score (e.g. score='taylor')."
+        )
+    geometry = adapter.geometry(adapter.layers(model)[0])
+    targets: dict[GroupKind, float] = {}
+    attention = geometry.attention
+    if attention is not None and (counts["kv_groups"] or counts["attention_heads"]):
+        if attention.heads_per_group == 1:
+            kept = attention.num_heads - counts["attention_heads"]
+        else:
+            kept = (attention.num_kv_heads - counts["kv_groups"]) * (attention.heads_per_group - counts["attention_heads"])
+        targets["heads"] = kept / attention.num_heads
+    if geometry.intermediate_size and counts["mlp_neurons"]:
+        targets["neurons"] = 1 - counts["mlp_neurons"] / geometry.intermediate_size
+    return targets
+
+
 def _json(data: dict) -> dict:
     """`data` as it reads back from JSON (tuples become lists), for comparisons with saved state."""
     return json.loads(json.dumps(data))
@@ -74,8 +114,10 @@ class PruningCallback(TrainerCallback):
     Args:
         config: the final targets (every `PruningConfig` amount) and, for `score="criterion"`, the criterion.
         schedule: when to mask more; default cubic from step 0 to 75% of the run's optimizer steps.
-        score: `taylor`, `movement`, `activation` (from the training batches, see `training_scores`)
-            or `criterion` (`config.criterion` on the current weights).
+        score: `taylor`, `movement`, `activation` (from the training batches, see `training_scores`),
+            `criterion` (`config.criterion` on the current weights) or `l0` (hard-concrete gates learned
+            with the task loss, see `l0_gates`; call `attach_gates(model)` before `Trainer(...)`).
+        l0: the gates' and penalty's hyperparameters for `score="l0"` (default `L0Settings()`).
         compact_at_end: cut the masked model physically in `on_train_end` (`trainer.model` is then the
             pruned model; under PEFT the `PeftModel` shell around the merged, pruned model).
         pruned_dir: folder under `args.output_dir` the compacted model is saved to (replaced if it
@@ -89,6 +131,7 @@ class PruningCallback(TrainerCallback):
         score: str = "taylor",
         compact_at_end: bool = True,
         pruned_dir: str | None = "pruned",
+        l0: L0Settings | None = None,
     ):
         if not isinstance(config, PruningConfig):
             raise UsageError(f"config must be a PruningConfig, got {type(config).__name__}.")
@@ -111,8 +154,13 @@ class PruningCallback(TrainerCallback):
             raise UsageError(f"schedule must be a PruningSchedule or None, got {type(schedule).__name__}.")
         if score not in SCORES:
             raise UsageError(f"score={score!r} is unknown; choose one of {', '.join(SCORES)}.")
+        if l0 is not None and score != "l0":
+            raise UsageError(f"l0=L0Settings(...) configures score='l0', but score={score!r}; drop l0 or set score='l0'.")
         self.config = config
         self.schedule = schedule
+        self.l0 = l0 or L0Settings()
+        #: For `score="l0"`: the Lagrange multipliers pulling the gates toward the targets.
+        self.penalty: LagrangianPenalty | None = None
         self.score = score
         self.compact_at_end = compact_at_end
         self.pruned_dir = pruned_dir
@@ -128,6 +176,50 @@ class PruningCallback(TrainerCallback):
         self._scores: TrainingScores | None = None
         self._criterion_score: ScoreFunction | None = None
         self._masks: TrainingMasks | None = None
+        self._gates: HardConcreteGates | None = None
+        self._loss_hook = None
+
+    # ------------------------------------------------------------------ L0 gates
+    def attach_gates(self, model: nn.Module) -> HardConcreteGates:
+        """Register the hard-concrete gates (`score="l0"`) on `model`, before `Trainer(...)` builds the optimizer.
+
+        Gates cover query heads when the config removes heads or KV groups, MLP neurons when it
+        removes neurons; their parameters live in the model's state (Trainer checkpoints keep them;
+        attach again on the fresh model of a resumed run) and are removed at compaction.
+        """
+        if self.score != "l0":
+            raise UsageError(f"attach_gates() is for score='l0'; this callback has score={self.score!r}.")
+        adapter = get_adapter(model.config)
+        targets = _gate_targets(GradualPlanner(model, adapter, self.config).counts, model, adapter)
+        return attach_gates(model, adapter, tuple(targets), self.l0)
+
+    def _start_gates(self, args: TrainingArguments, model: nn.Module, optimizer) -> None:
+        """Find the attached gates, check the optimizer trains them, add the penalty to the training loss."""
+        gates = find_gates(model)
+        if gates is None:
+            raise GatesNotAttachedError(
+                "score='l0' needs hard-concrete gates on the model before the Trainer builds its optimizer: call "
+                "callback.attach_gates(model) before Trainer(model=model, ...)."
+            )
+        if optimizer is not None:
+            optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if any(id(p) not in optimized for p in gates.parameters()):
+                raise GatesNotAttachedError(
+                    "the hard-concrete gates are not in the Trainer's optimizer (they were attached after it was "
+                    "built): call callback.attach_gates(model) before Trainer(model=model, ...)."
+                )
+        self._gates = gates
+        targets = _gate_targets(self._planner.counts, model, self._adapter)
+        self.penalty = LagrangianPenalty(targets, self.l0.multiplier_lr)
+        accumulation = args.gradient_accumulation_steps
+
+        def add_penalty(module: nn.Module, inputs, output):
+            # Every training forward's loss carries the penalty, divided over the micro-batches of a step.
+            if module.training and torch.is_grad_enabled() and getattr(output, "loss", None) is not None:
+                output["loss"] = output["loss"] + self.penalty.penalty(gates.expected_kept()) / accumulation
+            return output
+
+        self._loss_hook = model.register_forward_hook(add_penalty)
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(
@@ -136,8 +228,8 @@ class PruningCallback(TrainerCallback):
         self._release_hooks()  # of an earlier train() call
         if self.score != "criterion" and args.gradient_checkpointing:
             raise UsageError(
-                f"score={self.score!r} reads activations in forward hooks, which gradient_checkpointing=True runs "
-                "twice; set TrainingArguments(gradient_checkpointing=False) or use score='criterion'."
+                f"score={self.score!r} reads activations (or samples gates) in forward hooks, which "
+                "gradient_checkpointing=True runs twice; set TrainingArguments(gradient_checkpointing=False) or use score='criterion'."
             )
         self._adapter = get_adapter(model.config)
         self._resolved = (self.schedule or PruningSchedule()).resolved(state.max_steps)
@@ -145,13 +237,16 @@ class PruningCallback(TrainerCallback):
         self._planner = GradualPlanner(model, self._adapter, self.config)
         if self.score in TRAINING_SCORES:
             self._scores = TrainingScores(model, self._adapter, _kinds(self._planner.counts), self.score)
+        elif self.score == "l0":
+            self._start_gates(args, model, kwargs.get("optimizer"))
+            self._criterion_score = self._gates.score
         else:
             self._criterion_score = self._registry_score
         self.plan = PruningPlan.keep_all(model, self._adapter)
         if state.global_step > 0:
             self._restore(args, state, model)
         elif self._resolved.fraction(0) > 0:
-            if self._scores is not None:
+            if self.score != "criterion":
                 raise InvalidScheduleError(
                     f"the schedule masks {self._resolved.fraction(0):.0%} of the targets at step 0, before any "
                     f"training batch has produced {self.score!r} scores; use start_step >= 1 (or initial_sparsity=0), "
@@ -160,12 +255,16 @@ class PruningCallback(TrainerCallback):
             self._prune(model, 0)
         self._masks = TrainingMasks(self._adapter, self.plan)
         self._masks.apply(model)
+        if self._gates is not None:
+            self._gates.set_removed(self.plan)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
     ) -> None:
         if self._scores is not None:
             self._scores.end_step()
+        if self.penalty is not None:
+            self.penalty.step()
         if state.global_step in self._events:
             self._prune(model, state.global_step)
         self._masks.apply(model)
@@ -184,6 +283,8 @@ class PruningCallback(TrainerCallback):
             "schedule": self._resolved.to_dict(),
             "plan": [layer.to_dict() for layer in self.plan.layers],
         }
+        if self.penalty is not None:
+            state_data["lagrangian"] = self.penalty.state_dict()
 
         def write(staging: Path) -> None:
             (staging / "state.json").write_text(json.dumps(state_data, indent=2) + "\n")
@@ -207,6 +308,9 @@ class PruningCallback(TrainerCallback):
                 state.global_step,
                 self._resolved.end_step,
             )
+        if self._loss_hook is not None:  # later forwards (evaluation, inference) carry no penalty
+            self._loss_hook.remove()
+            self._loss_hook = None
         if not self.compact_at_end:
             return
         if args.load_best_model_at_end and state.best_model_checkpoint:
@@ -234,7 +338,10 @@ class PruningCallback(TrainerCallback):
             raise UsageError("finalize() has already cut this model; the result is callback.pruned_model.")
         self._masks.plan = self.plan
         self._masks.apply(model)  # exact zeros, adapters included, before merging
+        if self._gates is not None:  # the cut model computes what the gated model computes in eval mode
+            self._gates.fold_into(model, self._adapter)
         self._release_hooks()
+        detach_gates(model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
         pruner = HFPruner(model, tokenizer)
@@ -288,6 +395,8 @@ class PruningCallback(TrainerCallback):
         self.plan = self._planner.plan_at(model, self._adapter, fraction, score, self.plan)
         if self._masks is not None:
             self._masks.plan = self.plan
+        if self._gates is not None:
+            self._gates.set_removed(self.plan)
         logger.info("step %d: masking %.1f%% of the pruning targets", step, 100 * fraction)
 
     def _restore(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
@@ -317,6 +426,8 @@ class PruningCallback(TrainerCallback):
         self.plan = self._read_plan(folder, model)
         if self._scores is not None:
             self._scores.load_state_dict(load_file(str(folder / "scores.safetensors")))
+        if self.penalty is not None:
+            self.penalty.load_state_dict(saved["lagrangian"])
         logger.info("restored PruningCallback state from %s", folder)
 
     def _read_plan(self, folder: Path, model: nn.Module) -> PruningPlan:
@@ -329,3 +440,6 @@ class PruningCallback(TrainerCallback):
             self._scores.remove_hooks()
         if self._masks is not None:
             self._masks.remove_hooks()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None

@@ -25,6 +25,10 @@ class CallbackStateError(UsageError):
     """A resumed run cannot find or use the `PruningCallback` state of the checkpoint it resumes from."""
 
 
+class GatesNotAttachedError(UsageError):
+    """`score="l0"` found no hard-concrete gates in the model or its optimizer: attach them before `Trainer(...)`."""
+
+
 class OutputExistsError(UsageError, FileExistsError):
     """The output folder exists and is not empty, and `overwrite=True` was not given."""
 

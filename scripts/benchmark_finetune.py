@@ -7,7 +7,8 @@ SmolLM2-135M, MLP neurons −50%, causal-LM fine-tuning on 512-token windows of 
   zero-shot      one-shot prune, no training, every registered criterion (the table shows the best)
   oneshot-full   one-shot prune with the seed's best zero-shot criterion, then the budget as a full fine-tune
   oneshot-lora   the same with LoRA (r=8, every linear layer; adapter on the pruned folder), merged
-  gradual        PruningCallback, default schedule (cubic, step 0 → 75% of the steps), `--gradual-score`,
+  gradual        PruningCallback, default schedule (cubic, step 0 → 75% of the steps), `--gradual-score`
+                 (`l0` attaches hard-concrete gates first and records their expected kept fraction),
                  full fine-tune of the masked model, compacted at the end
 
 Quality: WikiText-2 *test* perplexity on the first 80 × 512-token windows (the zero-shot protocol).
@@ -118,7 +119,11 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
     elif row == "gradual":
         record["score"] = settings["gradual_score"]
         callback = PruningCallback(PruningConfig(**TARGET), score=settings["gradual_score"], pruned_dir=None)
+        if callback.score == "l0":
+            callback.attach_gates(model)  # before the Trainer builds its optimizer
         record["train_loss"] = train(model, data, settings, seed, settings["lr_full"], work, [callback])
+        if callback.penalty is not None:
+            record["l0_expected_kept"] = callback.penalty.expected
         model = callback.pruned_model
     record["train_s"] = time.perf_counter() - start
     evaluated = time.perf_counter()
