@@ -8,7 +8,7 @@ heads inside the kept groups, and MLP neurons inside the branches that remain.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -146,14 +146,22 @@ def _lowest(scores: torch.Tensor, count: int) -> set[int]:
     return set(torch.argsort(scores, stable=True)[:count].tolist())
 
 
-def _scores(context: ScoringContext, criterion: Criterion, index: int, kind: GroupKind) -> torch.Tensor:
+def group_scores(context: ScoringContext, criterion: Criterion, index: int, kind: GroupKind) -> torch.Tensor:
     groups = context.adapter.groups(context.layer(index), index, kind)
     return criterion.score(context, groups) if groups else torch.empty(0, dtype=torch.float64)
 
 
-def _remove_blocks(context: ScoringContext, criteria: Mapping[str, Criterion], plan: PruningPlan, targets: Targets) -> None:
+#: scores of one kind's groups in one (original) layer: `score(layer, kind) -> tensor`.
+BlockScores = Callable[[int, GroupKind], torch.Tensor]
+
+
+def remove_blocks(plan: PruningPlan, targets: Targets, score: BlockScores) -> None:
+    """Drop the lowest-scored layers model-wide, then branches among the remaining layers.
+
+    Scores come through `score`, so the low-memory mode can rank from a first pass over the layers.
+    """
     if targets.layers:
-        scores = torch.cat([_scores(context, criteria["layers"], p.layer, "layers") for p in plan.layers])
+        scores = torch.cat([score(p.layer, "layers") for p in plan.layers])
         for position in _lowest(scores, targets.layers):
             plan.layers[position].keep_layer = False
     for kind, flag in (("attention_branches", "keep_attention"), ("mlp_branches", "keep_mlp")):
@@ -161,7 +169,7 @@ def _remove_blocks(context: ScoringContext, criteria: Mapping[str, Criterion], p
         if not count:
             continue
         candidates = [p for p in plan.layers if p.keep_layer and getattr(p, flag)]
-        scores = torch.cat([_scores(context, criteria[kind], p.layer, kind) for p in candidates])
+        scores = torch.cat([score(p.layer, kind) for p in candidates])
         for position in _lowest(scores, count):
             setattr(candidates[position], flag, False)
 
@@ -173,11 +181,11 @@ def _select_heads(context: ScoringContext, criteria: Mapping[str, Criterion], pl
     if plan.layer in targets.mha_heads:
         groups, kind = targets.mha_heads[plan.layer], "heads"
     if groups:
-        removed = _lowest(_scores(context, criteria[kind], plan.layer, "kv_groups"), groups)
+        removed = _lowest(group_scores(context, criteria[kind], plan.layer, "kv_groups"), groups)
         plan.kv_heads = tuple(j for j in plan.kv_heads if j not in removed)
         plan.query_heads = tuple(h for j in plan.kv_heads for h in attention.heads_of_group(j))
     if heads:
-        scores = _scores(context, criteria["heads"], plan.layer, "heads")
+        scores = group_scores(context, criteria["heads"], plan.layer, "heads")
         kept = []
         for j in plan.kv_heads:
             members = list(attention.heads_of_group(j))
@@ -186,19 +194,24 @@ def _select_heads(context: ScoringContext, criteria: Mapping[str, Criterion], pl
         plan.query_heads = tuple(kept)
 
 
+def plan_layer(context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, targets: Targets) -> None:
+    """Choose the heads, KV groups and neurons one kept layer keeps; reads only that layer."""
+    if not layer_plan.keep_layer:
+        return
+    if layer_plan.keep_attention and layer_plan.geometry.attention:
+        _select_heads(context, criteria, layer_plan, targets)
+    count = targets.neurons.get(layer_plan.layer, 0)
+    if layer_plan.keep_mlp and count:
+        removed = _lowest(group_scores(context, criteria["neurons"], layer_plan.layer, "neurons"), count)
+        layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
+
+
 def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targets: Targets) -> PruningPlan:
     """Keep the best-scored groups, the same count per layer (`criteria` maps kind → criterion)."""
     plan = PruningPlan.keep_all(context.model, context.adapter)
-    _remove_blocks(context, criteria, plan, targets)
+    remove_blocks(plan, targets, lambda index, kind: group_scores(context, criteria[kind], index, kind))
     for layer_plan in plan.layers:
-        if not layer_plan.keep_layer:
-            continue
-        if layer_plan.keep_attention and layer_plan.geometry.attention:
-            _select_heads(context, criteria, layer_plan, targets)
-        count = targets.neurons.get(layer_plan.layer, 0)
-        if layer_plan.keep_mlp and count:
-            removed = _lowest(_scores(context, criteria["neurons"], layer_plan.layer, "neurons"), count)
-            layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
+        plan_layer(context, criteria, layer_plan, targets)
     return plan
 
 

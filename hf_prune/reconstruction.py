@@ -19,7 +19,6 @@ from .plan import LayerPlan, PruningPlan
 from .statistics import CalibrationStatistics
 
 
-
 def removed_channels(adapter: ArchitectureAdapter, layer: nn.Module, plan: LayerPlan, branch: Branch) -> list[int]:
     """Input channels of the branch's consumer that the plan removes."""
     consumer = adapter.o_proj if branch == "attention" else adapter.down_proj
@@ -36,7 +35,7 @@ def removed_channels(adapter: ArchitectureAdapter, layer: nn.Module, plan: Layer
 def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """Least-squares refit of the kept columns of `weight` (outputs × channels)."""
     gram_kept = gram[kept][:, kept]
-    regularised = gram_kept + damping * gram_kept.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype)
+    regularised = gram_kept + damping * gram_kept.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(regularised, (weight @ gram[:, kept]).T).T
 
 
@@ -67,7 +66,7 @@ def reconstruct(
             transposed = input_slices(layer, name, 0, 1)[0].dim == 0
             weight = (parameter.T if transposed else parameter).double()
             removed = set(removed_channels(adapter, layer, layer_plan, branch))
-            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in removed])
+            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in removed], device=weight.device)
             new = refit(weight, stats.gram / stats.count, kept).to(parameter.dtype)
             if transposed:
                 parameter[kept, :] = new.T

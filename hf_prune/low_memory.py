@@ -1,0 +1,452 @@
+"""Low-memory (sequential) pruning: only one layer's weights are in memory at a time.
+
+The model is built on the meta device. The calibration inputs of the first layer are captured
+with only the tensors outside the layer stack loaded (embeddings; rotary embeddings and masks
+are computed as usual). Then each layer in turn is read from the safetensors shards, measured
+with the same hooks as the whole-model pass (`statistics.register_layer_hooks`), scored and
+planned (`allocation.plan_layer`), repaired (`reconstruction.reconstruct`), cut
+(`surgery.cut_layer`), written to a staging folder and unloaded; its calibration outputs are the
+next layer's inputs.
+
+Propagating through the *unpruned* layer (the default) gives every layer exactly the inputs of
+the whole-model calibration pass, so layer-local criteria reproduce the in-memory prune;
+`propagate="pruned"` feeds the next layer what the pruned model will compute instead. Layer and
+branch removal rank blocks across layers: a first pass scores them, the second prunes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, PreTrainedModel
+
+from .allocation import group_scores, plan_layer, remove_blocks
+from .calibration import token_windows
+from .checkpoint import decide_format, write_atomically, write_loader_config
+from .config import PruningConfig
+from .criteria import Criterion, ScoringContext
+from .errors import LowMemoryError, NotPrunedError
+from .evaluation import parameter_count
+from .model_card import write_model_card
+from .plan import PruningPlan
+from .pruner import HFPruner, _model_class, _own_config, load_preprocessor
+from .reconstruction import reconstruct
+from .report import PruningReport
+from .statistics import (
+    CalibrationStatistics,
+    InfluenceRecorder,
+    Requirement,
+    register_layer_hooks,
+)
+from .surgery import cut_layer, drop_layers
+
+Propagation = Literal["unpruned", "pruned"]
+PROPAGATIONS: tuple[Propagation, ...] = ("unpruned", "pruned")
+BLOCK_TARGETS = ("layers", "attention_branches", "mlp_branches")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointShards:
+    """Where each tensor of a safetensors checkpoint lives (one file, or shards and their index)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index, single = folder / INDEX_FILE, folder / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, "pt") as handle:
+                self.files = dict.fromkeys(handle.keys(), single)
+        else:
+            raise LowMemoryError(
+                f"low_memory=True reads safetensors weights, and {folder} has neither {INDEX_FILE} nor "
+                "model.safetensors. Re-save the model with save_pretrained (safetensors is its default) or "
+                "load it without low_memory."
+            )
+
+    def load(self, names: Iterable[str], device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The named tensors, read from their shards straight onto `device`."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.files[name]].append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, "pt", device=str(device)) as handle:
+                for name in file_names:
+                    tensor = handle.get_tensor(name)
+                    tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return tensors
+
+
+def _checkpoint_names(model: PreTrainedModel, shards: CheckpointShards) -> dict[str, str]:
+    """Model state-dict name → checkpoint name, for every tensor the checkpoint holds (a base
+    model's checkpoint lacks the `base_model_prefix.` its task model's names carry, and vice versa)."""
+    prefix = model.base_model_prefix + "."
+    names = {}
+    for name in model.state_dict():
+        for spelling in (name, name.removeprefix(prefix), prefix + name):
+            if spelling in shards.files:
+                names[name] = spelling
+                break
+    return names
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attribute in module._parameters:
+        module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attribute] = tensor
+
+
+def _free(module: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Drop weights (all of `module`'s, or the named ones), keeping their (possibly pruned)
+    shapes on the meta device."""
+    tensors = module.state_dict(keep_vars=True)
+    for name in tensors if names is None else names:
+        _set_tensor(module, name, torch.empty_like(tensors[name], device="meta"))
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Captured(Exception):
+    """Raised by the first layer's hook: everything after it is not needed (and not loaded)."""
+
+
+@dataclass
+class LayerInputs:
+    """The calibration inputs of the current layer: per batch, the hidden states and the other
+    arguments the model passed (masks, position embeddings), which stay the same for every layer."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module) -> list[torch.Tensor]:
+        return [_first(layer(h, *a, **k)) for h, a, k in zip(self.hidden, self.args, self.kwargs)]
+
+
+class LowMemoryPruner(HFPruner):
+    """`HFPruner.from_pretrained(path, low_memory=True)`: prunes a model larger than memory layer by layer.
+
+    `model` stays on the meta device (with the pruned shapes after `prune`) until `load_model()`;
+    the pruned weights wait in a staging folder until `save_pretrained` moves them into place.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        shards: CheckpointShards,
+        tokenizer=None,
+        processor=None,
+        *,
+        propagate: Propagation = "unpruned",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        if propagate not in PROPAGATIONS:
+            raise LowMemoryError(f"propagate={propagate!r} is unknown; choose one of {', '.join(PROPAGATIONS)}.")
+        super().__init__(model, tokenizer=tokenizer, processor=processor)
+        self.shards = shards
+        self.propagate = propagate
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.names = _checkpoint_names(model, shards)
+        self.layers_name = self.adapter.layers_name(model)
+        #: where the pruned weights are: the staging folder after `prune`, the saved folder after a save.
+        self.weights_folder: Path | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        propagate: Propagation = "unpruned",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **from_pretrained_kwargs,
+    ) -> LowMemoryPruner:
+        """Build the model on the meta device from a local folder's config; no weights are read."""
+        if "gguf_file" in from_pretrained_kwargs:
+            raise LowMemoryError(
+                "low_memory=True cannot read gguf_file=...: GGUF tensors are quantized as a whole file. Load it "
+                "without low_memory and save_pretrained it once to get safetensors shards, then prune those."
+            )
+        path = Path(folder)
+        if not path.is_dir():
+            raise LowMemoryError(
+                f"low_memory=True reads a local folder of safetensors shards; {str(folder)!r} is not a folder. "
+                "Download it first (huggingface_hub.snapshot_download) and pass the folder."
+            )
+        unsupported = sorted(set(from_pretrained_kwargs) - {"local_files_only", "revision"})
+        if unsupported:
+            raise LowMemoryError(
+                f"low_memory=True does not take {', '.join(unsupported)}; it takes propagate=, device= and dtype=."
+            )
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            model = _model_class(config, from_gguf=False)(config)
+        tokenizer, processor = load_preprocessor(path, {})
+        pruner = cls(model.eval(), CheckpointShards(path), tokenizer, processor, propagate=propagate, device=device, dtype=dtype)
+        pruner.card_facts.record_source(folder)
+        return pruner
+
+    # ----------------------------------------------------------------- weights in and out
+    def _layer_names(self, index: int) -> list[str]:
+        prefix = f"{self.layers_name}.{index}."
+        return [name for name in self.names if name.startswith(prefix)]
+
+    def _load(self, names: list[str]) -> None:
+        tensors = self.shards.load([self.names[name] for name in names], self.device, self.dtype)
+        for name in names:
+            _set_tensor(self.model, name, tensors[self.names[name]])
+
+    def _outside_layers(self) -> list[str]:
+        """State-dict names outside the layer stack that the checkpoint holds (tied copies are not saved)."""
+        return [name for name in self.names if not name.startswith(self.layers_name + ".")]
+
+    def _check_layers_present(self) -> None:
+        expected = [name for name in self.model.state_dict() if name.startswith(self.layers_name + ".")]
+        missing = [name for name in expected if name not in self.names]
+        if missing:
+            raise LowMemoryError(
+                f"the checkpoint in {self.shards.folder} lacks {len(missing)} layer tensors the model needs "
+                f"(e.g. {missing[0]}); low_memory=True reads checkpoints that from_pretrained loads without renaming."
+            )
+
+    @torch.no_grad()
+    def _capture(self, batches: list[torch.Tensor]) -> LayerInputs:
+        """Run the model up to its first layer, with only the tensors outside the layer stack loaded."""
+        inputs = LayerInputs()
+
+        def catch(module, args, kwargs):
+            hidden, *rest = args if args else (kwargs.pop("hidden_states"),)
+            inputs.hidden.append(hidden)
+            inputs.args.append(tuple(rest))
+            inputs.kwargs.append(kwargs)
+            raise _Captured
+
+        outside = self._outside_layers()
+        self._load(outside)
+        base = getattr(self.model, self.model.base_model_prefix, self.model)
+        extra = {"use_cache": False} if getattr(self.model.config, "use_cache", False) else {}
+        handle = self.adapter.layers(self.model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            for batch in tqdm(batches, desc="embeddings", unit="batch", leave=False):
+                batch = batch.to(self.device)
+                key = "pixel_values" if batch.is_floating_point() else "input_ids"
+                try:
+                    base(**{key: batch.to(self.dtype) if key == "pixel_values" and self.dtype else batch}, **extra)
+                except _Captured:
+                    pass
+        finally:
+            handle.remove()
+            _free(self.model, outside)
+        return inputs
+
+    def _stage(self, staging: Path, file: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, staging / file, metadata={"format": "pt"})
+
+    # ----------------------------------------------------------------- passes
+    def _layer_pass(self, batches: list[torch.Tensor], requirements: set[Requirement], visit, description: str) -> None:
+        """Load each layer in turn, measure it on its calibration inputs, let `visit(index, layer,
+        statistics, inputs)` use it, propagate, unload. `visit` returns the outputs to propagate,
+        or None for the unpruned outputs."""
+        inputs = self._capture(batches) if batches else None
+        layers = self.adapter.layers(self.model)
+        for index in tqdm(range(len(layers)), desc=description, unit="layer"):
+            layer = layers[index]
+            self._load(self._layer_names(index))
+            statistics = CalibrationStatistics(requirements=frozenset(requirements))
+            outputs = None
+            if inputs is not None:
+                recorder = InfluenceRecorder(statistics) if "influence" in requirements else None
+                handles = register_layer_hooks(statistics, index, layer, self.adapter, recorder)
+                try:
+                    outputs = inputs.run(layer)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if recorder:
+                    recorder.finish()
+                statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
+            changed = visit(index, layer, statistics, inputs)
+            if inputs is not None:
+                inputs.hidden = changed if changed is not None else outputs
+            _free(layer)
+
+    def _block_scores(self, batches, criteria: dict[str, Criterion], targets) -> dict[tuple[int, str], torch.Tensor]:
+        """First pass, for layer and branch removal: every layer's block scores."""
+        kinds = [kind for kind in BLOCK_TARGETS if getattr(targets, kind)]
+        requirements = set().union(*(criteria[kind].requires for kind in kinds))
+        scores = {}
+
+        def visit(index, layer, statistics, inputs):
+            context = ScoringContext(self.model, self.adapter, statistics=statistics)
+            for kind in kinds:
+                scores[(index, kind)] = group_scores(context, criteria[kind], index, kind)
+
+        self._layer_pass(batches, requirements, visit, "scoring blocks")
+        return scores
+
+    # ----------------------------------------------------------------- pruning
+    def prune(self, config: PruningConfig | None = None, **kwargs) -> PruningReport:
+        """Prune layer by layer as `HFPruner.prune` would prune in memory (same config, same plan
+        for layer-local criteria), writing the pruned layers to a staging folder."""
+        if self.report is not None:
+            raise LowMemoryError("this low-memory pruner has already pruned; load the checkpoint again to prune anew.")
+        config, targets, criteria = self.validated(config, kwargs)
+        for kind, criterion in criteria.items():
+            if "gradients" in criterion.requires or criterion.needs_windows:
+                raise LowMemoryError(
+                    f"criterion {criterion.name!r} (for {kind}) needs whole-model forward and backward passes, which "
+                    "low_memory=True never runs; choose a layer-local criterion (e.g. criterion={'" + kind + "': "
+                    "'activation'}) or load the model without low_memory."
+                )
+        self._check_layers_present()
+        self._check_format(self._shape_plan(config), config)
+        requirements = set().union(*(c.requires for c in criteria.values()))
+        if config.reconstruct != "none":
+            requirements |= {"moments", "mlp_gram"}
+        batches = []
+        if requirements:
+            windows = token_windows(config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed)
+            batches = list(windows.split(config.batch_size))
+
+        plan = PruningPlan.keep_all(self.model, self.adapter)
+        if any(getattr(targets, kind) for kind in BLOCK_TARGETS):
+            scores = self._block_scores(batches, criteria, targets)
+            remove_blocks(plan, targets, lambda index, kind: scores[(index, kind)])
+        before = parameter_count(self.model)
+        _own_config(self.model)
+        staging = Path(tempfile.mkdtemp(prefix="hf_prune-staging-"))
+        weakref.finalize(self, shutil.rmtree, staging, True)
+        kept = plan.kept_layers
+        files = len(kept) + 1
+
+        def visit(index, layer, statistics, inputs):
+            layer_plan = plan.layers[index]
+            context = ScoringContext(self.model, self.adapter, statistics=statistics, batch_size=config.batch_size)
+            plan_layer(context, criteria, layer_plan, targets)
+            reconstruct(self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct)
+            if not layer_plan.keep_layer:
+                return list(inputs.hidden) if inputs is not None and self.propagate == "pruned" else None
+            cut_layer(layer, self.adapter, layer_plan)
+            position = kept.index(index)
+            self._stage(
+                staging,
+                f"model-{position + 2:05d}-of-{files:05d}.safetensors",
+                {f"{self.layers_name}.{position}.{name}": t for name, t in layer.state_dict().items()},
+            )
+            return inputs.run(layer) if inputs is not None and self.propagate == "pruned" else None
+
+        self._layer_pass(batches, requirements, visit, "pruning layers")
+        self._stage_outside(staging, files)
+        drop_layers(self.model, self.adapter, kept)
+        decision = decide_format(self.model, self.adapter)
+        for key, value in decision.config_fields.items():
+            setattr(self.model.config, key, value)
+        after = parameter_count(self.model)
+        self.weights_folder = staging
+        self.plan = plan
+        calibration = None
+        if batches:
+            calibration = {
+                "source": config.to_dict()["calibration"],
+                "windows": sum(len(b) for b in batches),
+                "seq_len": config.seq_len,
+                "tokens": sum(b.numel() for b in batches),
+            }
+        self.report = PruningReport.build(
+            self.model.config.model_type, plan, before, after, decision.name, decision.reason, config.to_dict(), calibration
+        )
+        return self.report
+
+    def _shape_plan(self, config: PruningConfig) -> PruningPlan:
+        """A plan with the target counts (uniform allocation: the shapes do not depend on which groups go)."""
+        from .allocation import plan_for
+        from .criteria.random import RandomCriterion
+
+        return plan_for(self.model, self.adapter, config, RandomCriterion())
+
+    def _stage_outside(self, staging: Path, files: int) -> None:
+        names = self._outside_layers()
+        tensors = self.shards.load([self.names[name] for name in names], torch.device("cpu"), self.dtype)
+        self._stage(staging, f"model-00001-of-{files:05d}.safetensors", {name: tensors[self.names[name]] for name in names})
+
+    # ----------------------------------------------------------------- results
+    def load_model(self) -> PreTrainedModel:
+        """Fill the meta-device model with the pruned weights (from staging, or from the saved folder)."""
+        if self.weights_folder is None:
+            raise NotPrunedError("call prune() before load_model(); the low-memory model has no weights until then.")
+        for file in sorted(self.weights_folder.glob("*.safetensors")):
+            with safe_open(file, "pt", device=str(self.device)) as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    _set_tensor(self.model, name, handle.get_tensor(name))
+        self.model.tie_weights()
+        return self.model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Move the staged shards into `save_directory` with an index, config, tokenizer and model
+        card; the folder appears complete or not at all (as `HFPruner.save_pretrained`)."""
+        if self.report is None:
+            raise NotPrunedError("call prune() before save_pretrained(); nothing has been pruned yet.")
+        decision = decide_format(self.model, self.adapter)
+        source = self.weights_folder
+
+        def write(folder: Path) -> None:
+            moved = []
+            try:
+                weight_map, total = {}, 0
+                for shard in sorted(source.glob("*.safetensors")):
+                    with safe_open(shard, "pt") as handle:
+                        for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                            weight_map[name] = shard.name
+                            piece = handle.get_slice(name)
+                            total += torch.Size(piece.get_shape()).numel() * _itemsize(piece.get_dtype())
+                    shutil.move(shard, folder / shard.name)
+                    moved.append(shard.name)
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+                self.model.config.save_pretrained(folder)
+                if self.model.generation_config is not None and self.model.can_generate():
+                    self.model.generation_config.save_pretrained(folder)
+                if not decision.vanilla:
+                    write_loader_config(folder, self.model, self.adapter)
+                for extra in (self.tokenizer, self.processor):
+                    if extra is not None:
+                        extra.save_pretrained(folder)
+                write_model_card(folder, self, model_id=Path(save_directory).name)
+            except BaseException:
+                for name in moved:  # the staged weights survive a failed save
+                    shutil.move(folder / name, source / name)
+                raise
+
+        folder = write_atomically(save_directory, write, overwrite=overwrite)
+        self.weights_folder = folder
+        self.last_save = (folder, self.report)
+        return folder
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}[dtype]

@@ -1,0 +1,79 @@
+"""Low-memory (layer-by-layer) pruning gives the in-memory result, keeps the model on the meta
+device until asked, and refuses what needs the whole model at once."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import FAMILIES, calibration_windows
+
+from hf_prune import HFPruner, load_pruned
+from hf_prune.errors import LowMemoryError
+
+CALIBRATION = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4, "reconstruct": "lstsq"}
+CASES = {
+    "heads+neurons/activation": {"kv_groups": 1, "mlp_neurons": 0.5, "criterion": "activation"},
+    "layers+neurons/obs+influence": {
+        "layers": 1, "mlp_neurons": 0.25, "criterion": {"neurons": "obs", "layers": "block_influence"}
+    },
+    "branch/magnitude (loader format)": {"attention_branches": 1, "mlp_neurons": 0.25, "criterion": "magnitude"},
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory):
+    """A tiny Llama saved in several safetensors shards with an index, as large checkpoints are."""
+    folder = tmp_path_factory.mktemp("models") / "sharded"
+    FAMILIES["llama"].build().save_pretrained(folder, max_shard_size="100KB")
+    return folder
+
+
+def _weights(folder):
+    return {name: t for file in sorted(folder.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_low_memory_matches_in_memory(sharded_llama, tmp_path, one_thread, case):
+    settings = {**CALIBRATION, **CASES[case]}
+    dense = HFPruner.from_pretrained(sharded_llama)
+    expected_report = dense.prune(**settings)
+    expected = dense.save_pretrained(tmp_path / "in_memory")
+
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
+    report = pruner.prune(**settings)
+    assert all(p.device.type == "meta" for p in pruner.model.parameters())  # pruned shapes, no weights
+    assert report.layers == expected_report.layers and report.parameters_after == expected_report.parameters_after
+    saved = pruner.save_pretrained(tmp_path / "low_memory")
+
+    want, got = _weights(expected), _weights(saved)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+    inputs = FAMILIES["llama"].inputs()
+    logits = load_pruned(expected)(**inputs).logits
+    torch.testing.assert_close(load_pruned(saved)(**inputs).logits, logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pruner.load_model()(**inputs).logits, logits, rtol=0, atol=1e-5)
+
+
+def test_propagating_pruned_activations(sharded_llama, tmp_path, one_thread):
+    """`propagate="pruned"`: later layers see what the pruned model computes, so their choices may
+    differ, but the shapes and the format are the same and the checkpoint loads."""
+    settings = {**CALIBRATION, **CASES["heads+neurons/activation"]}
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="pruned")
+    report = pruner.prune(**settings)
+    assert report.output_format == "vanilla"
+    model = load_pruned(pruner.save_pretrained(tmp_path / "out"))
+    assert model.config.intermediate_size == 24 and model.config.num_key_value_heads == 2
+    assert torch.isfinite(model(**FAMILIES["llama"].inputs()).logits).all()
+
+
+def test_low_memory_refusals(sharded_llama, tmp_path):
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
+    with pytest.raises(LowMemoryError, match="criterion 'taylor'.*activation"):
+        pruner.prune(mlp_neurons=0.25, criterion="taylor", **{k: v for k, v in CALIBRATION.items()})
+    with pytest.raises(LowMemoryError, match="gguf_file"):
+        HFPruner.from_pretrained(sharded_llama, low_memory=True, gguf_file="model.gguf")
+    with pytest.raises(LowMemoryError, match="propagate"):
+        HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="sideways")
+    (tmp_path / "config.json").write_text((sharded_llama / "config.json").read_text())
+    with pytest.raises(LowMemoryError, match="safetensors"):
+        HFPruner.from_pretrained(tmp_path, low_memory=True)
