@@ -77,3 +77,17 @@ def test_low_memory_refusals(sharded_llama, tmp_path):
     (tmp_path / "config.json").write_text((sharded_llama / "config.json").read_text())
     with pytest.raises(LowMemoryError, match="safetensors"):
         HFPruner.from_pretrained(tmp_path, low_memory=True)
+
+
+def test_cli_low_memory_writes_what_the_in_memory_prune_writes(tiny_llama, tmp_path, capsys, one_thread):
+    from hf_prune.cli import main
+
+    arguments = ["--kv-groups", "1", "--mlp-neurons", "0.25", "--layers", "1", "--criterion", "magnitude"]
+    arguments += ["--reconstruct", "none"]
+    assert main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "a"), *arguments]) == 0
+    assert main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "b"), "--low-memory", *arguments]) == 0
+    assert "layer removed" in capsys.readouterr().out
+    want, got = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[name], want[name]) for name in want)
+    code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "c"), "--low-memory", "--latency", *arguments])
+    assert code == 2 and "--low-memory" in capsys.readouterr().err
