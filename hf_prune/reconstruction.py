@@ -32,11 +32,14 @@ def removed_channels(adapter: ArchitectureAdapter, layer: nn.Module, plan: Layer
     )
 
 
-def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Least-squares refit of the kept columns of `weight` (outputs × channels)."""
-    gram_kept = gram[kept][:, kept]
+def refit(
+    weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING, count: int = 1
+) -> torch.Tensor:
+    """Least-squares refit of the kept columns of `weight` (outputs × channels) from the Gram
+    matrix summed over `count` tokens; only the kept rows are divided (no full-size copy)."""
+    gram_kept = gram[kept[:, None], kept] / count
     regularised = gram_kept + damping * gram_kept.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(regularised, (weight @ gram[:, kept]).T).T
+    return torch.linalg.solve(regularised, (weight @ (gram[:, kept] / count)).T).T
 
 
 @torch.no_grad()
@@ -67,7 +70,7 @@ def reconstruct(
             weight = (parameter.T if transposed else parameter).double()
             removed = set(removed_channels(adapter, layer, layer_plan, branch))
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in removed], device=weight.device)
-            new = refit(weight, stats.gram / stats.count, kept).to(parameter.dtype)
+            new = refit(weight, stats.gram, kept, count=stats.count).to(parameter.dtype)
             if transposed:
                 parameter[kept, :] = new.T
             else:

@@ -8,6 +8,7 @@ from tiny_models import FAMILIES, calibration_windows
 
 from hf_prune import HFPruner, load_pruned
 from hf_prune.errors import LowMemoryError
+from hf_prune.statistics import collect_statistics
 
 CALIBRATION = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4, "reconstruct": "lstsq"}
 CASES = {
@@ -91,3 +92,28 @@ def test_cli_low_memory_writes_what_the_in_memory_prune_writes(tiny_llama, tmp_p
     assert sorted(got) == sorted(want) and all(torch.equal(got[name], want[name]) for name in want)
     code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "c"), "--low-memory", "--latency", *arguments])
     assert code == 2 and "--low-memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_prune_in_memory_and_layer_by_layer_alike(tmp_path, one_thread, dtype):
+    """bf16 / fp16 weights: statistics still accumulate in float64 (from float32 blocks), the repair
+    is solved in float64 and written back in the model's dtype; both modes agree."""
+    folder = tmp_path / "half"
+    FAMILIES["llama"].build().to(dtype).save_pretrained(folder, max_shard_size="100KB")
+    settings = {**CALIBRATION, **CASES["heads+neurons/activation"]}
+    dense = HFPruner.from_pretrained(folder, dtype=dtype)
+    statistics = collect_statistics(
+        dense.model, dense.adapter, calibration_windows()[0].split(4), {"moments", "mlp_gram"}
+    )
+    assert statistics.consumers[(0, "mlp")].gram.dtype == torch.float64
+    dense.prune(**settings)
+    expected = dense.save_pretrained(tmp_path / "in_memory")
+    pruner = HFPruner.from_pretrained(folder, low_memory=True)
+    pruner.prune(**settings)
+    saved = pruner.save_pretrained(tmp_path / "low_memory")
+    want, got = _weights(expected), _weights(saved)
+    assert all(tensor.dtype == dtype for tensor in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+    logits = load_pruned(saved, dtype=dtype)(**FAMILIES["llama"].inputs()).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
