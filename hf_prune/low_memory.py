@@ -34,6 +34,12 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
 
 from .allocation import group_scores, plan_layer, remove_blocks
 from .calibration import token_windows
@@ -95,15 +101,22 @@ class CheckpointShards:
 
 
 def _checkpoint_names(model: PreTrainedModel, shards: CheckpointShards) -> dict[str, str]:
-    """Model state-dict name → checkpoint name, for every tensor the checkpoint holds (a base
-    model's checkpoint lacks the `base_model_prefix.` its task model's names carry, and vice versa)."""
-    prefix = model.base_model_prefix + "."
+    """Model state-dict name → checkpoint name, for every tensor the checkpoint holds.
+
+    Names go through the renames `from_pretrained` applies (legacy layouts such as GPT-NeoX's
+    `embed_out` or ViT's `encoder.layer.N.attention.attention.query`, and the base-model prefix).
+    Tensors that `from_pretrained` would convert (merge, split) are left out, and a missing layer
+    tensor is reported by `LowMemoryPruner.prune`.
+    """
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
     names = {}
-    for name in model.state_dict():
-        for spelling in (name, name.removeprefix(prefix), prefix + name):
-            if spelling in shards.files:
-                names[name] = spelling
-                break
+    for key in shards.files:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is None and name in state:
+            names[name] = key
     return names
 
 
@@ -129,21 +142,49 @@ def _first(output):
 
 
 class _Captured(Exception):
-    """Raised by the first layer's hook: everything after it is not needed (and not loaded)."""
+    """Raised by the last layer's stand-in: nothing after the layer stack is needed (or loaded)."""
 
 
 @dataclass
 class LayerInputs:
-    """The calibration inputs of the current layer: per batch, the hidden states and the other
-    arguments the model passed (masks, position embeddings), which stay the same for every layer."""
+    """The calibration inputs of the current layer: per batch, the hidden states; per layer and
+    batch, the other arguments the model passes (masks, position embeddings), which differ between
+    layer types (sliding-window and full attention, local and global rotary embeddings)."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
-    args: list[tuple] = field(default_factory=list)
-    kwargs: list[dict] = field(default_factory=list)
+    args: list[list[tuple]] = field(default_factory=list)
+    kwargs: list[list[dict]] = field(default_factory=list)
 
     @torch.no_grad()
-    def run(self, layer: nn.Module) -> list[torch.Tensor]:
-        return [_first(layer(h, *a, **k)) for h, a, k in zip(self.hidden, self.args, self.kwargs)]
+    def run(self, layer: nn.Module, index: int) -> list[torch.Tensor]:
+        return [_first(layer(h, *a, **k)) for h, a, k in zip(self.hidden, self.args[index], self.kwargs[index])]
+
+
+class _Recorder(nn.Module):
+    """Stands in for a (weightless) layer while the inputs are captured: records what the model
+    passes it and returns the hidden states unchanged; the last one stops the forward pass.
+    Attributes the model reads from its layers (`attention_type`, ...) come from the real layer."""
+
+    def __init__(self, layer: nn.Module, index: int, inputs: LayerInputs, last: bool):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: the stand-in owns nothing
+        self.index, self.inputs, self.last = index, inputs, last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        if self.index == 0:
+            self.inputs.hidden.append(hidden)
+        self.inputs.args[self.index].append(tuple(rest))
+        self.inputs.kwargs[self.index].append(kwargs)
+        if self.last:
+            raise _Captured
+        return hidden
 
 
 class LowMemoryPruner(HFPruner):
@@ -231,36 +272,31 @@ class LowMemoryPruner(HFPruner):
         if missing:
             raise LowMemoryError(
                 f"the checkpoint in {self.shards.folder} lacks {len(missing)} layer tensors the model needs "
-                f"(e.g. {missing[0]}); low_memory=True reads checkpoints that from_pretrained loads without renaming."
+                f"(e.g. {missing[0]}); low_memory=True reads checkpoints whose tensors from_pretrained only renames, never converts."
             )
 
-    @torch.no_grad()
     def _capture(self, batches: list[torch.Tensor]) -> LayerInputs:
-        """Run the model up to its first layer, with only the tensors outside the layer stack loaded."""
-        inputs = LayerInputs()
-
-        def catch(module, args, kwargs):
-            hidden, *rest = args if args else (kwargs.pop("hidden_states"),)
-            inputs.hidden.append(hidden)
-            inputs.args.append(tuple(rest))
-            inputs.kwargs.append(kwargs)
-            raise _Captured
-
+        """Run the model through stand-ins for its layers, with only the tensors outside the layer
+        stack loaded: the first layer's hidden states and every layer's other arguments."""
+        layers = self.adapter.layers(self.model)
+        inputs = LayerInputs(args=[[] for _ in layers], kwargs=[[] for _ in layers])
         outside = self._outside_layers()
         self._load(outside)
         base = getattr(self.model, self.model.base_model_prefix, self.model)
         extra = {"use_cache": False} if getattr(self.model.config, "use_cache", False) else {}
-        handle = self.adapter.layers(self.model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+        stand_ins = [_Recorder(layer, i, inputs, last=i == len(layers) - 1) for i, layer in enumerate(layers)]
+        self.adapter.set_layers(self.model, nn.ModuleList(stand_ins))
         try:
-            for batch in tqdm(batches, desc="embeddings", unit="batch", leave=False):
-                batch = batch.to(self.device)
-                key = "pixel_values" if batch.is_floating_point() else "input_ids"
-                try:
-                    base(**{key: batch.to(self.dtype) if key == "pixel_values" and self.dtype else batch}, **extra)
-                except _Captured:
-                    pass
+            with torch.no_grad():
+                for batch in tqdm(batches, desc="embeddings", unit="batch", leave=False):
+                    batch = batch.to(self.device)
+                    key = "pixel_values" if batch.is_floating_point() else "input_ids"
+                    try:
+                        base(**{key: batch.to(self.dtype) if key == "pixel_values" and self.dtype else batch}, **extra)
+                    except _Captured:
+                        pass
         finally:
-            handle.remove()
+            self.adapter.set_layers(self.model, layers)
             _free(self.model, outside)
         return inputs
 
@@ -268,31 +304,35 @@ class LowMemoryPruner(HFPruner):
         save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, staging / file, metadata={"format": "pt"})
 
     # ----------------------------------------------------------------- passes
-    def _layer_pass(self, batches: list[torch.Tensor], requirements: set[Requirement], visit, description: str) -> None:
+    def _layer_pass(
+        self, batches: list[torch.Tensor], requirements: set[Requirement], visit, description: str, propagate: Propagation
+    ) -> None:
         """Load each layer in turn, measure it on its calibration inputs, let `visit(index, layer,
-        statistics, inputs)` use it, propagate, unload. `visit` returns the outputs to propagate,
-        or None for the unpruned outputs."""
+        statistics, inputs)` use it, propagate, unload. With `propagate="pruned"`, `visit` returns
+        the outputs to propagate (None: the layer was removed, its inputs go on unchanged)."""
         inputs = self._capture(batches) if batches else None
         layers = self.adapter.layers(self.model)
         for index in tqdm(range(len(layers)), desc=description, unit="layer"):
             layer = layers[index]
             self._load(self._layer_names(index))
             statistics = CalibrationStatistics(requirements=frozenset(requirements))
-            outputs = None
             if inputs is not None:
                 recorder = InfluenceRecorder(statistics) if "influence" in requirements else None
                 handles = register_layer_hooks(statistics, index, layer, self.adapter, recorder)
                 try:
-                    outputs = inputs.run(layer)
+                    outputs = inputs.run(layer, index)
                 finally:
                     for handle in handles:
                         handle.remove()
                 if recorder:
                     recorder.finish()
                 statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
-            changed = visit(index, layer, statistics, inputs)
-            if inputs is not None:
-                inputs.hidden = changed if changed is not None else outputs
+                if propagate == "unpruned":
+                    inputs.hidden = outputs  # the unpruned outputs are all the next layer needs
+                del outputs
+            propagated = visit(index, layer, statistics, inputs)
+            if propagate == "pruned" and propagated is not None:
+                inputs.hidden = propagated
             _free(layer)
 
     def _block_scores(self, batches, criteria: dict[str, Criterion], targets) -> dict[tuple[int, str], torch.Tensor]:
@@ -306,7 +346,7 @@ class LowMemoryPruner(HFPruner):
             for kind in kinds:
                 scores[(index, kind)] = group_scores(context, criteria[kind], index, kind)
 
-        self._layer_pass(batches, requirements, visit, "scoring blocks")
+        self._layer_pass(batches, requirements, visit, "scoring blocks", "unpruned")
         return scores
 
     # ----------------------------------------------------------------- pruning
@@ -350,7 +390,7 @@ class LowMemoryPruner(HFPruner):
             plan_layer(context, criteria, layer_plan, targets)
             reconstruct(self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct)
             if not layer_plan.keep_layer:
-                return list(inputs.hidden) if inputs is not None and self.propagate == "pruned" else None
+                return None  # a removed layer is the identity: its inputs go on unchanged
             cut_layer(layer, self.adapter, layer_plan)
             position = kept.index(index)
             self._stage(
@@ -358,9 +398,9 @@ class LowMemoryPruner(HFPruner):
                 f"model-{position + 2:05d}-of-{files:05d}.safetensors",
                 {f"{self.layers_name}.{position}.{name}": t for name, t in layer.state_dict().items()},
             )
-            return inputs.run(layer) if inputs is not None and self.propagate == "pruned" else None
+            return inputs.run(layer, index) if inputs is not None and self.propagate == "pruned" else None
 
-        self._layer_pass(batches, requirements, visit, "pruning layers")
+        self._layer_pass(batches, requirements, visit, "pruning layers", self.propagate)
         self._stage_outside(staging, files)
         drop_layers(self.model, self.adapter, kept)
         decision = decide_format(self.model, self.adapter)
@@ -429,7 +469,7 @@ class LowMemoryPruner(HFPruner):
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
                 self.model.config.save_pretrained(folder)
-                if self.model.generation_config is not None and self.model.can_generate():
+                if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
                     self.model.generation_config.save_pretrained(folder)
                 if not decision.vanilla:
                     write_loader_config(folder, self.model, self.adapter)

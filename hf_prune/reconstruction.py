@@ -36,10 +36,16 @@ def refit(
     weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING, count: int = 1
 ) -> torch.Tensor:
     """Least-squares refit of the kept columns of `weight` (outputs × channels) from the Gram
-    matrix summed over `count` tokens; only the kept rows are divided (no full-size copy)."""
-    gram_kept = gram[kept[:, None], kept] / count
-    regularised = gram_kept + damping * gram_kept.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(regularised, (weight @ (gram[:, kept] / count)).T).T
+    matrix summed over `count` tokens. Slices are scaled and damped in place: at 8192 channels
+    every full-size temporary is hundreds of MB, which the low-memory mode cannot spare."""
+    kept_gram = gram[kept[:, None], kept]
+    kept_gram /= count
+    kept_gram.diagonal().add_(damping * kept_gram.diagonal().mean())
+    cross = gram[:, kept]
+    cross /= count
+    target = (weight @ cross).T
+    del cross
+    return torch.linalg.solve(kept_gram, target).T
 
 
 @torch.no_grad()

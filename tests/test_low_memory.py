@@ -4,7 +4,7 @@ device until asked, and refuses what needs the whole model at once."""
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import FAMILIES, calibration_windows
+from tiny_models import FAMILIES, calibration_images, calibration_windows
 
 from hf_prune import HFPruner, load_pruned
 from hf_prune.errors import LowMemoryError
@@ -58,12 +58,14 @@ def test_low_memory_matches_in_memory(sharded_llama, tmp_path, one_thread, case)
 def test_propagating_pruned_activations(sharded_llama, tmp_path, one_thread):
     """`propagate="pruned"`: later layers see what the pruned model computes, so their choices may
     differ, but the shapes and the format are the same and the checkpoint loads."""
-    settings = {**CALIBRATION, **CASES["heads+neurons/activation"]}
+    settings = {**CALIBRATION, **CASES["heads+neurons/activation"], "layers": 1}
+    settings["criterion"] = {"default": "activation", "layers": "block_influence"}
     pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="pruned")
     report = pruner.prune(**settings)
     assert report.output_format == "vanilla"
     model = load_pruned(pruner.save_pretrained(tmp_path / "out"))
     assert model.config.intermediate_size == 24 and model.config.num_key_value_heads == 2
+    assert model.config.num_hidden_layers == 3
     assert torch.isfinite(model(**FAMILIES["llama"].inputs()).logits).all()
 
 
@@ -117,3 +119,28 @@ def test_half_precision_models_prune_in_memory_and_layer_by_layer_alike(tmp_path
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
     logits = load_pruned(saved, dtype=dtype)(**FAMILIES["llama"].inputs()).logits
     assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_prunes_layer_by_layer_as_in_memory(family, tmp_path, one_thread):
+    """Per-layer arguments (sliding-window masks in Qwen2, local rotary embeddings in Gemma 3),
+    renamed checkpoint keys (GPT-NeoX `embed_out`, ViT's legacy names), encoders and vision."""
+    spec = FAMILIES[family]
+    spec.build().save_pretrained(tmp_path / "dense")
+    settings = {
+        **CALIBRATION,
+        "calibration": calibration_images() if spec.vision else calibration_windows(),
+        "mlp_neurons": 0.25,
+        "kv_groups" if spec.gqa else "attention_heads": 1,
+        "criterion": "activation",
+    }
+    dense = HFPruner.from_pretrained(tmp_path / "dense")
+    dense.prune(**settings)
+    expected = load_pruned(dense.save_pretrained(tmp_path / "in_memory"))
+    pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=True)
+    pruner.prune(**settings)
+    got = load_pruned(pruner.save_pretrained(tmp_path / "low_memory"))
+    want = expected.state_dict()
+    assert sorted(got.state_dict()) == sorted(want)
+    for name, tensor in got.state_dict().items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-5)
