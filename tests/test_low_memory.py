@@ -121,7 +121,13 @@ def test_half_precision_models_prune_in_memory_and_layer_by_layer_alike(tmp_path
     assert logits.dtype == dtype and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+#: Families whose capture or checkpoint names differ from Llama's run by default; the rest are `slow`.
+DISTINCT = ("qwen2", "gemma3_text", "gpt_neox", "bert", "vit")
+
+
+@pytest.mark.parametrize(
+    "family", [name if name in DISTINCT else pytest.param(name, marks=pytest.mark.slow) for name in FAMILIES]
+)
 def test_every_family_prunes_layer_by_layer_as_in_memory(family, tmp_path, one_thread):
     """Per-layer arguments (sliding-window masks in Qwen2, local rotary embeddings in Gemma 3),
     renamed checkpoint keys (GPT-NeoX `embed_out`, ViT's legacy names), encoders and vision."""
