@@ -156,8 +156,18 @@ class LayerInputs:
     kwargs: list[list[dict]] = field(default_factory=list)
 
     @torch.no_grad()
-    def run(self, layer: nn.Module, index: int) -> list[torch.Tensor]:
+    def outputs(self, layer: nn.Module, index: int) -> list[torch.Tensor]:
+        """`layer`'s outputs for every batch (layer `index`'s arguments)."""
         return [_first(layer(h, *a, **k)) for h, a, k in zip(self.hidden, self.args[index], self.kwargs[index])]
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, index: int, advance: bool) -> None:
+        """Run every batch through `layer` (for its hooks); with `advance`, each batch's outputs
+        replace its inputs at once, so inputs and outputs are never held whole side by side."""
+        for batch, (args, kwargs) in enumerate(zip(self.args[index], self.kwargs[index])):
+            output = _first(layer(self.hidden[batch], *args, **kwargs))
+            if advance:
+                self.hidden[batch] = output
 
 
 class _Recorder(nn.Module):
@@ -319,17 +329,14 @@ class LowMemoryPruner(HFPruner):
             if inputs is not None:
                 recorder = InfluenceRecorder(statistics) if "influence" in requirements else None
                 handles = register_layer_hooks(statistics, index, layer, self.adapter, recorder)
-                try:
-                    outputs = inputs.run(layer, index)
+                try:  # unpruned propagation: the dense outputs are all the next layer needs
+                    inputs.run(layer, index, advance=propagate == "unpruned")
                 finally:
                     for handle in handles:
                         handle.remove()
                 if recorder:
                     recorder.finish()
                 statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
-                if propagate == "unpruned":
-                    inputs.hidden = outputs  # the unpruned outputs are all the next layer needs
-                del outputs
             propagated = visit(index, layer, statistics, inputs)
             if propagate == "pruned" and propagated is not None:
                 inputs.hidden = propagated
@@ -398,7 +405,7 @@ class LowMemoryPruner(HFPruner):
                 f"model-{position + 2:05d}-of-{files:05d}.safetensors",
                 {f"{self.layers_name}.{position}.{name}": t for name, t in layer.state_dict().items()},
             )
-            return inputs.run(layer, index) if inputs is not None and self.propagate == "pruned" else None
+            return inputs.outputs(layer, index) if inputs is not None and self.propagate == "pruned" else None
 
         self._layer_pass(batches, requirements, visit, "pruning layers", self.propagate)
         self._stage_outside(staging, files)

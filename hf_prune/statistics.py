@@ -22,6 +22,8 @@ from .groups import ArchitectureAdapter, Branch
 
 Requirement = Literal["moments", "mlp_gram", "influence", "gradients"]
 REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients")
+#: Gram columns computed per matmul (bounds the float32 temporary).
+GRAM_BLOCK = 2048
 
 
 @dataclass
@@ -43,12 +45,13 @@ class ChannelStatistics:
             if self.with_gram:
                 self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=x.device)
         self.count += x.shape[0]
-        # In-place adds of float32 blocks into float64 sums: no float64 copy of a block is made,
-        # which at 8192 channels would be another 512 MB beside the Gram itself.
+        # In-place adds of float32 blocks into float64 sums, the Gram a block of columns at a time:
+        # at 8192 channels a whole float32 Gram is 256 MB and a float64 copy 512 MB more.
         self.total += x.sum(0)
         self.squares += x.pow(2).sum(0)
         if self.with_gram:
-            self.gram += x.T @ x
+            for start in range(0, x.shape[1], GRAM_BLOCK):
+                self.gram[:, start : start + GRAM_BLOCK] += x.T @ x[:, start : start + GRAM_BLOCK]
 
     @property
     def mean(self) -> torch.Tensor:
