@@ -226,6 +226,7 @@ class LowMemoryPruner(HFPruner):
         self.layers_name = self.adapter.layers_name(model)
         #: where the pruned weights are: the staging folder after `prune`, the saved folder after a save.
         self.weights_folder: Path | None = None
+        self.staging: Path | None = None
 
     @classmethod
     def from_checkpoint(
@@ -414,7 +415,7 @@ class LowMemoryPruner(HFPruner):
         for key, value in decision.config_fields.items():
             setattr(self.model.config, key, value)
         after = parameter_count(self.model)
-        self.weights_folder = staging
+        self.weights_folder = self.staging = staging
         self.plan = plan
         calibration = None
         if batches:
@@ -455,11 +456,13 @@ class LowMemoryPruner(HFPruner):
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Move the staged shards into `save_directory` with an index, config, tokenizer and model
-        card; the folder appears complete or not at all (as `HFPruner.save_pretrained`)."""
+        card; the folder appears complete or not at all (as `HFPruner.save_pretrained`). A later
+        save copies the shards from the folder saved first."""
         if self.report is None:
             raise NotPrunedError("call prune() before save_pretrained(); nothing has been pruned yet.")
         decision = decide_format(self.model, self.adapter)
-        source = self.weights_folder
+        source, staged = self.weights_folder, self.weights_folder == self.staging
+        transfer = shutil.move if staged else shutil.copy2
 
         def write(folder: Path) -> None:
             moved = []
@@ -471,7 +474,7 @@ class LowMemoryPruner(HFPruner):
                             weight_map[name] = shard.name
                             piece = handle.get_slice(name)
                             total += torch.Size(piece.get_shape()).numel() * _itemsize(piece.get_dtype())
-                    shutil.move(shard, folder / shard.name)
+                    transfer(shard, folder / shard.name)
                     moved.append(shard.name)
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -485,7 +488,7 @@ class LowMemoryPruner(HFPruner):
                         extra.save_pretrained(folder)
                 write_model_card(folder, self, model_id=Path(save_directory).name)
             except BaseException:
-                for name in moved:  # the staged weights survive a failed save
+                for name in moved if staged else ():  # the staged weights survive a failed save
                     shutil.move(folder / name, source / name)
                 raise
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from tiny_models import FAMILIES, calibration_images, calibration_windows
 
 from hf_prune import HFPruner, load_pruned
-from hf_prune.errors import LowMemoryError
+from hf_prune.errors import LowMemoryError, OutputExistsError
 from hf_prune.statistics import collect_statistics
 
 CALIBRATION = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4, "reconstruct": "lstsq"}
@@ -53,6 +53,10 @@ def test_low_memory_matches_in_memory(sharded_llama, tmp_path, one_thread, case)
     logits = load_pruned(expected)(**inputs).logits
     torch.testing.assert_close(load_pruned(saved)(**inputs).logits, logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(pruner.load_model()(**inputs).logits, logits, rtol=0, atol=1e-5)
+    with pytest.raises(OutputExistsError):  # no overwrite, and the first save stays whole
+        pruner.save_pretrained(saved)
+    again = pruner.save_pretrained(tmp_path / "again")
+    assert _weights(again).keys() == _weights(saved).keys() == want.keys()
 
 
 def test_propagating_pruned_activations(sharded_llama, tmp_path, one_thread):
