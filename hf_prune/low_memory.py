@@ -250,7 +250,7 @@ class LowMemoryPruner(HFPruner):
                 f"low_memory=True reads a local folder of safetensors shards; {str(folder)!r} is not a folder. "
                 "Download it first (huggingface_hub.snapshot_download) and pass the folder."
             )
-        unsupported = sorted(set(from_pretrained_kwargs) - {"local_files_only", "revision"})
+        unsupported = sorted(set(from_pretrained_kwargs) - {"local_files_only"})
         if unsupported:
             raise LowMemoryError(
                 f"low_memory=True does not take {', '.join(unsupported)}; it takes propagate=, device= and dtype=."
@@ -258,6 +258,7 @@ class LowMemoryPruner(HFPruner):
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights():
             model = _model_class(config, from_gguf=False)(config)
+        model.tie_weights()  # tied copies (an LM head tied to the embeddings) are not in the checkpoint
         tokenizer, processor = load_preprocessor(path, {})
         pruner = cls(model.eval(), CheckpointShards(path), tokenizer, processor, propagate=propagate, device=device, dtype=dtype)
         pruner.card_facts.record_source(folder)
@@ -277,12 +278,12 @@ class LowMemoryPruner(HFPruner):
         """State-dict names outside the layer stack that the checkpoint holds (tied copies are not saved)."""
         return [name for name in self.names if not name.startswith(self.layers_name + ".")]
 
-    def _check_layers_present(self) -> None:
-        expected = [name for name in self.model.state_dict() if name.startswith(self.layers_name + ".")]
-        missing = [name for name in expected if name not in self.names]
+    def _check_complete(self) -> None:
+        """Every parameter (a tied one counts once) must be in the checkpoint, or it would be saved missing."""
+        missing = [name for name, _ in self.model.named_parameters() if name not in self.names]
         if missing:
             raise LowMemoryError(
-                f"the checkpoint in {self.shards.folder} lacks {len(missing)} layer tensors the model needs "
+                f"the checkpoint in {self.shards.folder} lacks {len(missing)} tensors the model needs "
                 f"(e.g. {missing[0]}); low_memory=True reads checkpoints whose tensors from_pretrained only renames, never converts."
             )
 
@@ -371,7 +372,7 @@ class LowMemoryPruner(HFPruner):
                     "low_memory=True never runs; choose a layer-local criterion (e.g. criterion={'" + kind + "': "
                     "'activation'}) or load the model without low_memory."
                 )
-        self._check_layers_present()
+        self._check_complete()
         self._check_format(self._shape_plan(config), config)
         requirements = set().union(*(c.requires for c in criteria.values()))
         if config.reconstruct != "none":
