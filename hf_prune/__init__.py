@@ -6,6 +6,7 @@ from .config import PruningConfig
 from .errors import (
     HFPruneError,
     InvalidPruningTargetError,
+    LowMemoryError,
     NotPrunedError,
     OutputExistsError,
     PrunedCheckpointError,
@@ -26,6 +27,7 @@ __all__ = [
     "HFPruneError",
     "HFPruner",
     "InvalidPruningTargetError",
+    "LowMemoryError",
     "NotPrunedError",
     "OutputExistsError",
     "PrunedCheckpointError",

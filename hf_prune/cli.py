@@ -153,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--latency", action="store_true", help="measure forward latency before and after (batch 1)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     prune.add_argument("--report-json", help="also write the report as JSON to this file")
+    prune.add_argument("--low-memory", action="store_true",
+                       help="prune layer by layer from a local folder of safetensors shards, one layer in memory at a time")
 
     evaluate = command("eval", "WikiText-2 perplexity and size of a saved folder (either format)")
     evaluate.add_argument("model", metavar="MODEL_FOLDER", help=f"a folder hf_prune saved, any causal LM, or {models}")
@@ -264,10 +266,15 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
         check_output_folder(args.output, args.overwrite)
     if args.eval_windows < 0:
         raise UsageError(f"--eval-windows must be >= 0, got {args.eval_windows}.")
+    if args.low_memory and (args.eval_windows or args.latency):
+        raise UsageError(
+            "--low-memory never holds the whole model, so --eval-windows and --latency cannot measure it; "
+            "drop them and run `hf-prune eval` on the saved folder."
+        )
     steps = _Steps()
     path, kwargs, origin = _resolve_model(args.model, args.gguf_file)
     with steps("load model"):
-        pruner = HFPruner.from_pretrained(path, **kwargs)
+        pruner = HFPruner.from_pretrained(path, low_memory=args.low_memory, **kwargs)
     facts = pruner.card_facts
     facts.command = shlex.join(["hf-prune", *argv])
     if origin:

@@ -37,6 +37,11 @@ class VanillaFormatError(UsageError):
     """`require_vanilla=True` was asked, but the model's config class cannot express the pruned shapes."""
 
 
+class LowMemoryError(UsageError, ValueError):
+    """`low_memory=True` was asked for something that needs the whole model at once (GGUF input,
+    gradient or whole-model criteria) or a checkpoint it cannot read shard by shard."""
+
+
 class DataNotFoundError(UsageError, FileNotFoundError):
     """Calibration or evaluation data is missing or empty; the message says where hf_prune looked."""
 

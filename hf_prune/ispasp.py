@@ -31,11 +31,21 @@ ITERATIONS = 4
 PROPOSAL = 0.25
 
 
-def least_squares_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING):
-    """`W G[:, S] (G[S, S] + λI)⁻¹`: the kept columns that best reproduce `W x` (outputs × |S|)."""
-    gram_kept = gram[kept][:, kept]
-    regularised = gram_kept + damping * gram_kept.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype)
-    return torch.linalg.solve(regularised, (weight @ gram[:, kept]).T).T
+def least_squares_columns(
+    weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING, count: int = 1
+) -> torch.Tensor:
+    """`W G[:, S] (G[S, S] + λI)⁻¹`: the kept columns that best reproduce `W x` (outputs × |S|).
+
+    `gram` may be a sum over `count` tokens: only the kept slices are copied and scaled, in place,
+    since at 8192 channels every full-size temporary costs hundreds of MB (the low-memory mode)."""
+    gram_kept = gram[kept[:, None], kept]
+    gram_kept /= count
+    gram_kept.diagonal().add_(damping * gram_kept.diagonal().mean())
+    cross = gram[:, kept]
+    cross /= count
+    target = (weight @ cross).T
+    del cross
+    return torch.linalg.solve(gram_kept, target).T
 
 
 def output_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, columns: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .allocation import build_plan, plan_for, resolve_targets
+from .allocation import Targets, build_plan, plan_for, resolve_targets
 from .calibration import token_windows
 from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
 from .config import BUDGET_TARGETS, PruningConfig
@@ -76,6 +76,18 @@ def _own_config(model: PreTrainedModel) -> None:
             module.config = private
 
 
+def load_preprocessor(name_or_path: str | os.PathLike, shared: dict) -> tuple:
+    """(tokenizer, image processor) saved beside a model; either or both may be None."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, **shared), None
+    except (OSError, ValueError, KeyError):
+        try:
+            return None, transformers.AutoImageProcessor.from_pretrained(name_or_path, **shared)
+        except (OSError, ValueError, KeyError):
+            logger.info("No tokenizer or image processor found at %s; saving weights and config only.", name_or_path)
+    return None, None
+
+
 class HFPruner:
     """Structural pruning of one transformers model.
 
@@ -114,12 +126,21 @@ class HFPruner:
         return TracedPruner(model, example_inputs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **from_pretrained_kwargs) -> HFPruner:
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, low_memory: bool = False, **from_pretrained_kwargs
+    ) -> HFPruner:
         """Load a model (and its tokenizer or image processor) as `from_pretrained` would.
 
         The architecture is checked from the config first, so an unsupported model fails before
         its weights are read. `gguf_file=...` works: the weights are dequantized to float.
+        `low_memory=True` reads no weights yet and prunes layer by layer from the safetensors
+        shards of a local folder (`hf_prune.low_memory.LowMemoryPruner`; it also takes
+        `propagate="unpruned" | "pruned"`, `device=` and `dtype=`).
         """
+        if low_memory:
+            from .low_memory import LowMemoryPruner  # it subclasses HFPruner
+
+            return LowMemoryPruner.from_checkpoint(name_or_path, **from_pretrained_kwargs)
         shared = {key: from_pretrained_kwargs[key] for key in _SHARED_KWARGS if key in from_pretrained_kwargs}
         config = AutoConfig.from_pretrained(name_or_path, **shared)
         get_adapter(config)
@@ -127,14 +148,7 @@ class HFPruner:
         model = _model_class(config, from_gguf).from_pretrained(name_or_path, **from_pretrained_kwargs)
         if from_gguf:
             model = _without_gguf_marker(model)
-        tokenizer = processor = None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, **shared)
-        except (OSError, ValueError, KeyError):
-            try:
-                processor = transformers.AutoImageProcessor.from_pretrained(name_or_path, **shared)
-            except (OSError, ValueError, KeyError):
-                logger.info("No tokenizer or image processor found at %s; saving weights and config only.", name_or_path)
+        tokenizer, processor = load_preprocessor(name_or_path, shared)
         pruner = cls(model.eval(), tokenizer=tokenizer, processor=processor)
         pruner.card_facts.record_source(name_or_path)
         return pruner
@@ -149,20 +163,7 @@ class HFPruner:
         calibration pass (`hf_prune.statistics.collect_statistics` on this same dense model) across
         several prunes, as the benchmarks do.
         """
-        if config is not None and kwargs:
-            raise TypeError("pass either a PruningConfig or keyword arguments, not both")
-        config = config or PruningConfig(**kwargs)
-        if config.is_empty:
-            raise InvalidPruningTargetError(
-                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} (e.g. mlp_neurons=0.25 or sparsity=0.2)."
-            )
-        if config.channels:
-            raise InvalidPruningTargetError(
-                f"channels={config.channels!r} (the hidden width) is not supported for {self.model.config.model_type} "
-                "yet; prune heads, KV groups, neurons, branches or layers instead."
-            )
-        targets = resolve_targets(self.model, self.adapter, config)
-        criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
+        config, targets, criteria = self.validated(config, kwargs)
         # Shapes depend on the counts (uniform) or mostly so: a random ranking tells the format before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
 
@@ -198,6 +199,24 @@ class HFPruner:
                 "tokens": context.statistics.tokens,
             }
         return self.apply(plan, config, calibration=calibration)
+
+    def validated(self, config: PruningConfig | None, kwargs: dict) -> tuple[PruningConfig, Targets, dict[str, Criterion]]:
+        """The config, its per-kind counts and criteria, checked against the model's shapes before any work."""
+        if config is not None and kwargs:
+            raise TypeError("pass either a PruningConfig or keyword arguments, not both")
+        config = config or PruningConfig(**kwargs)
+        if config.is_empty:
+            raise InvalidPruningTargetError(
+                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} "
+                "(e.g. mlp_neurons=0.25 or sparsity=0.2)."
+            )
+        if config.channels:
+            raise InvalidPruningTargetError(
+                f"channels={config.channels!r} (the hidden width) is not supported for {self.model.config.model_type} "
+                "yet; prune heads, KV groups, neurons, branches or layers instead."
+            )
+        targets = resolve_targets(self.model, self.adapter, config)
+        return config, targets, {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
 
     def apply(self, plan: PruningPlan, config: PruningConfig, calibration: dict | None = None) -> PruningReport:
         """Cut a plan made elsewhere (`PruningCallback`'s training-time masks) exactly as `prune`

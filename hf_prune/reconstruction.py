@@ -74,14 +74,15 @@ def _repair(
     method: str,
 ) -> torch.Tensor:
     """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
-    gram = stats.gram / stats.count if stats.gram is not None else None
     if method in ("lstsq", "ispasp"):
-        return least_squares_columns(weight, gram, kept)
+        return least_squares_columns(weight, stats.gram, kept, count=stats.count)
     constant = removed_mean_contribution(weight, stats.mean, removed)
     if getattr(module, "bias", None) is not None:
         module.bias += constant.to(module.bias.dtype)
         return weight[:, kept]
-    second_moment = gram[kept][:, kept] if gram is not None else torch.diag(stats.mean_square[kept])
+    second_moment = (
+        stats.gram[kept[:, None], kept] / stats.count if stats.gram is not None else torch.diag(stats.mean_square[kept])
+    )
     return weight[:, kept] + fold_constant_into_columns(constant, stats.mean[kept], second_moment)
 
 
@@ -118,8 +119,8 @@ def reconstruct(
             if method == "ispasp":
                 layer_plan = _reselect(layer_plan, branch, weight, stats.gram / stats.count)
             removed = removed_channels(adapter, layer, layer_plan, branch)
-            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in set(removed)])
-            new = _repair(module, weight, stats, kept, torch.tensor(removed, dtype=torch.long), method)
+            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in set(removed)], device=weight.device)
+            new = _repair(module, weight, stats, kept, torch.tensor(removed, dtype=torch.long, device=weight.device), method)
             new = new.to(module.weight.dtype)
             if transposed:
                 module.weight[kept, :] = new.T

@@ -65,8 +65,10 @@ class ChannelStatistics:
             if self.with_gram:
                 self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=x.device)
         self.count += x.shape[0]
-        self.total += x.sum(0).double()
-        self.squares += x.pow(2).sum(0).double()
+        # In-place adds of float32 blocks into float64 sums, the Gram a block of columns at a time:
+        # at 8192 channels a whole float32 Gram is 256 MB and a float64 copy 512 MB more.
+        self.total += x.sum(0)
+        self.squares += x.pow(2).sum(0)
         if self.with_gram:
             add_gram(self.gram, x)
 
@@ -107,7 +109,7 @@ def _one_minus_cos(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     return 1 - nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)
 
 
-class _InfluenceRecorder:
+class InfluenceRecorder:
     """Hooks that measure how much each layer and branch turns the residual stream."""
 
     def __init__(self, stats: CalibrationStatistics):
@@ -169,6 +171,30 @@ def _sum_over_processes(stats: CalibrationStatistics) -> None:
         acc.count = int(count)
 
 
+def register_layer_hooks(
+    stats: CalibrationStatistics,
+    index: int,
+    layer: nn.Module,
+    adapter: ArchitectureAdapter,
+    recorder: InfluenceRecorder | None,
+) -> list:
+    """Hooks that accumulate one layer's forward-pass statistics into `stats` (as
+    `stats.requirements` asks): the whole-model pass and the low-memory layer loop share them."""
+    handles = []
+    if stats.requirements & {"moments", "mlp_gram"}:
+        for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
+            if not adapter.has_branch(layer, branch):
+                continue
+            # Attention Grams are small (heads × head_dim squared) and serve head criteria and repair.
+            accumulator = ChannelStatistics(with_gram=branch == "attention" or "mlp_gram" in stats.requirements)
+            stats.consumers[(index, branch)] = accumulator
+            module = layer.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(args[0])))
+    if recorder:
+        handles += recorder.register(index, layer, adapter)
+    return handles
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     """The model without its task head (the LM head alone costs ~25% of a small LM's forward)."""
     return getattr(model, getattr(model, "base_model_prefix", ""), model)
@@ -188,21 +214,10 @@ def collect_statistics(
     """Run the calibration batches once and return what `requirements` ask for."""
     stats = CalibrationStatistics(requirements=frozenset(requirements))
     layers = adapter.layers(model)
+    recorder = InfluenceRecorder(stats) if "influence" in requirements else None
     handles = []
-    if requirements & {"moments", "mlp_gram"}:
-        for index, layer in enumerate(layers):
-            for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
-                if not adapter.has_branch(layer, branch):
-                    continue
-                # Attention Grams are small (heads × head_dim squared) and serve head criteria and repair.
-                accumulator = ChannelStatistics(with_gram=branch == "attention" or "mlp_gram" in requirements)
-                stats.consumers[(index, branch)] = accumulator
-                module = layer.get_submodule(name)
-                handles.append(module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(args[0])))
-    recorder = _InfluenceRecorder(stats) if "influence" in requirements else None
-    if recorder:
-        for index, layer in enumerate(layers):
-            handles += recorder.register(index, layer, adapter)
+    for index, layer in enumerate(layers):
+        handles += register_layer_hooks(stats, index, layer, adapter, recorder)
 
     gradients = "gradients" in requirements
     layer_parameters = {id(p) for p in layers.parameters()}

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .groups import ArchitectureAdapter, TensorSlice
-from .plan import PruningPlan
+from .plan import LayerPlan, PruningPlan
 
 
 def slice_tensors(root: nn.Module, pieces: list[TensorSlice]) -> None:
@@ -60,25 +60,34 @@ def _sync_shape(module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def cut_layer(layer: nn.Module, adapter: ArchitectureAdapter, layer_plan: LayerPlan) -> None:
+    """Make one kept layer physically smaller as its plan says (in place)."""
+    slice_tensors(layer, list(layer_plan.removed_slices(adapter, layer)))
+    if layer_plan.changes_attention:
+        adapter.set_attention_geometry(layer, layer_plan.pruned_geometry().attention)
+    for branch in layer_plan.removed_branches():
+        adapter.remove_branch(layer, branch)
+
+
+def drop_layers(model: nn.Module, adapter: ArchitectureAdapter, kept: list[int]) -> None:
+    """Keep only the layers `kept` (original indices), renumbered, and rewrite the layer-count config fields."""
+    layers = adapter.layers(model)
+    if len(kept) == len(layers):
+        return
+    adapter.set_layers(model, nn.ModuleList(layers[i] for i in kept))
+    for new_index, layer in enumerate(adapter.layers(model)):
+        # The KV cache is indexed by `layer_idx`: renumber so generate() sees 0..n-1.
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    adapter.update_config_for_layers(model.config, kept)
+
+
+@torch.no_grad()
 def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPlan) -> None:
     """Make `model` physically smaller as `plan` says (in place); updates the layer-count config fields."""
     layers = adapter.layers(model)
     for layer_plan in plan.layers:
-        if not layer_plan.keep_layer:
-            continue
-        layer = layers[layer_plan.layer]
-        slice_tensors(layer, list(layer_plan.removed_slices(adapter, layer)))
-        if layer_plan.changes_attention:
-            adapter.set_attention_geometry(layer, layer_plan.pruned_geometry().attention)
-        for branch in layer_plan.removed_branches():
-            adapter.remove_branch(layer, branch)
-
-    kept = plan.kept_layers
-    if len(kept) < len(layers):
-        adapter.set_layers(model, nn.ModuleList(layers[i] for i in kept))
-        for new_index, layer in enumerate(adapter.layers(model)):
-            # The KV cache is indexed by `layer_idx`: renumber so generate() sees 0..n-1.
-            for module in layer.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = new_index
-        adapter.update_config_for_layers(model.config, kept)
+        if layer_plan.keep_layer:
+            cut_layer(layers[layer_plan.layer], adapter, layer_plan)
+    drop_layers(model, adapter, plan.kept_layers)

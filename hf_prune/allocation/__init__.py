@@ -7,8 +7,8 @@ the lowest-scored ones. Adding an allocation is adding one decorated file here.
 """
 
 from ..plugins import import_plugins
-from .base import Allocation, Counts, LayerScores
-from .planning import build_plan, plan_for
+from .base import Allocation, Counts, LayerScores, group_scores
+from .planning import build_plan, plan_for, plan_layer, remove_blocks
 from .registry import available_allocations, get_allocation, register_allocation
 from .targets import Budget, Targets, resolve_targets
 
@@ -24,7 +24,10 @@ __all__ = [
     "available_allocations",
     "build_plan",
     "get_allocation",
+    "group_scores",
     "plan_for",
+    "plan_layer",
     "register_allocation",
+    "remove_blocks",
     "resolve_targets",
 ]

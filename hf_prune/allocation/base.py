@@ -43,6 +43,12 @@ class Counts:
         return kinds
 
 
+def group_scores(context: ScoringContext, criterion: Criterion, index: int, kind: GroupKind) -> torch.Tensor:
+    """`criterion`'s scores of layer `index`'s groups of `kind` (empty when it has none)."""
+    groups = context.adapter.groups(context.layer(index), index, kind)
+    return criterion.score(context, groups).double() if groups else torch.empty(0, dtype=torch.float64)
+
+
 class LayerScores:
     """Scores of one layer's groups of one kind, computed once per build (some criteria, such as
     `obs`, are expensive and both the allocation and the selection read them)."""
@@ -58,11 +64,7 @@ class LayerScores:
         criterion_kind = criterion_kind or kind
         key = (index, kind, criterion_kind)
         if key not in self._cache:
-            groups = self.context.adapter.groups(self.context.layer(index), index, kind)
-            criterion = self.criteria[criterion_kind]
-            self._cache[key] = (
-                criterion.score(self.context, groups).double() if groups else torch.empty(0, dtype=torch.float64)
-            )
+            self._cache[key] = group_scores(self.context, self.criteria[criterion_kind], index, kind)
         return self._cache[key]
 
 

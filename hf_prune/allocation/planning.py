@@ -7,21 +7,27 @@ inside the branches that remain, the lowest-scored of each layer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from ..config import GROUP_KINDS, PruningConfig
 from ..criteria import Criterion, ScoringContext
-from ..groups import ArchitectureAdapter
+from ..groups import ArchitectureAdapter, GroupKind
 from ..plan import LayerPlan, PruningPlan
 from .base import Counts, LayerScores, lowest
 from .registry import get_allocation
 from .targets import Targets, resolve_targets
 
 
-def _remove_blocks(scores: LayerScores, plan: PruningPlan, targets: Targets) -> None:
+#: scores of one kind's groups in one (original) layer: `score(layer, kind) -> tensor`.
+BlockScores = Callable[[int, GroupKind], torch.Tensor]
+
+
+def remove_blocks(plan: PruningPlan, targets: Targets, scores: BlockScores) -> None:
+    """Drop the lowest-scored layers model-wide, then branches among the remaining layers. Scores
+    come through `scores`, so the low-memory mode can rank from a first pass over the layers."""
     open_plans = [p for p in plan.layers if p.layer not in targets.protected]
     if targets.layers:
         ranked = torch.cat([scores(p.layer, "layers") for p in open_plans])
@@ -62,22 +68,32 @@ def _select_heads(scores: LayerScores, plan: LayerPlan, counts: Counts) -> None:
         plan.query_heads = tuple(kept)
 
 
+def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts) -> None:
+    if not layer_plan.keep_layer:
+        return
+    if layer_plan.keep_attention and layer_plan.geometry.attention:
+        _select_heads(scores, layer_plan, counts)
+    count = counts.neurons.get(layer_plan.layer, 0)
+    if layer_plan.keep_mlp and count:
+        removed = lowest(scores(layer_plan.layer, "neurons"), count)
+        layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
+
+
+def plan_layer(context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, targets: Targets) -> None:
+    """Choose the heads, KV groups and neurons one kept layer keeps under the uniform counts,
+    reading only that layer (the low-memory mode plans layer by layer)."""
+    _select_groups(LayerScores(context, criteria), layer_plan, targets.counts)
+
+
 def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targets: Targets) -> PruningPlan:
     """Keep the best-scored groups (`criteria` maps kind → criterion) in the counts the
     configured allocation decides."""
     plan = PruningPlan.keep_all(context.model, context.adapter)
     scores = LayerScores(context, criteria)
-    _remove_blocks(scores, plan, targets)
+    remove_blocks(plan, targets, scores)
     counts = get_allocation(targets.allocation).counts(scores, plan, targets)
     for layer_plan in plan.layers:
-        if not layer_plan.keep_layer:
-            continue
-        if layer_plan.keep_attention and layer_plan.geometry.attention:
-            _select_heads(scores, layer_plan, counts)
-        count = counts.neurons.get(layer_plan.layer, 0)
-        if layer_plan.keep_mlp and count:
-            removed = lowest(scores(layer_plan.layer, "neurons"), count)
-            layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
+        _select_groups(scores, layer_plan, counts)
     return plan
 
 

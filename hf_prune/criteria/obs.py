@@ -22,7 +22,7 @@ COMPACT_AT = 0.75
 
 
 def damped_inverse(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    regularised = gram + damping * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    regularised = gram + damping * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.inv(regularised)
 
 

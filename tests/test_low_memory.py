@@ -1,0 +1,156 @@
+"""Low-memory (layer-by-layer) pruning gives the in-memory result, keeps the model on the meta
+device until asked, and refuses what needs the whole model at once."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import FAMILIES, calibration_images, calibration_windows
+
+from hf_prune import HFPruner, load_pruned
+from hf_prune.errors import LowMemoryError, OutputExistsError
+from hf_prune.statistics import collect_statistics
+
+CALIBRATION = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4, "reconstruct": "lstsq"}
+CASES = {
+    "heads+neurons/activation": {"kv_groups": 1, "mlp_neurons": 0.5, "criterion": "activation"},
+    "layers+neurons/obs+influence": {
+        "layers": 1, "mlp_neurons": 0.25, "criterion": {"neurons": "obs", "layers": "block_influence"}
+    },
+    "branch/magnitude (loader format)": {"attention_branches": 1, "mlp_neurons": 0.25, "criterion": "magnitude"},
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory):
+    """A tiny Llama saved in several safetensors shards with an index, as large checkpoints are."""
+    folder = tmp_path_factory.mktemp("models") / "sharded"
+    FAMILIES["llama"].build().save_pretrained(folder, max_shard_size="100KB")
+    return folder
+
+
+def _weights(folder):
+    return {name: t for file in sorted(folder.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_low_memory_matches_in_memory(sharded_llama, tmp_path, one_thread, case):
+    settings = {**CALIBRATION, **CASES[case]}
+    dense = HFPruner.from_pretrained(sharded_llama)
+    expected_report = dense.prune(**settings)
+    expected = dense.save_pretrained(tmp_path / "in_memory")
+
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
+    report = pruner.prune(**settings)
+    assert all(p.device.type == "meta" for p in pruner.model.parameters())  # pruned shapes, no weights
+    assert report.layers == expected_report.layers and report.parameters_after == expected_report.parameters_after
+    saved = pruner.save_pretrained(tmp_path / "low_memory")
+
+    want, got = _weights(expected), _weights(saved)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+    inputs = FAMILIES["llama"].inputs()
+    logits = load_pruned(expected)(**inputs).logits
+    torch.testing.assert_close(load_pruned(saved)(**inputs).logits, logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pruner.load_model()(**inputs).logits, logits, rtol=0, atol=1e-5)
+    with pytest.raises(OutputExistsError):  # no overwrite, and the first save stays whole
+        pruner.save_pretrained(saved)
+    again = pruner.save_pretrained(tmp_path / "again")
+    assert _weights(again).keys() == _weights(saved).keys() == want.keys()
+
+
+def test_propagating_pruned_activations(sharded_llama, tmp_path, one_thread):
+    """`propagate="pruned"`: later layers see what the pruned model computes, so their choices may
+    differ, but the shapes and the format are the same and the checkpoint loads."""
+    settings = {**CALIBRATION, **CASES["heads+neurons/activation"], "layers": 1}
+    settings["criterion"] = {"default": "activation", "layers": "block_influence"}
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="pruned")
+    report = pruner.prune(**settings)
+    assert report.output_format == "vanilla"
+    model = load_pruned(pruner.save_pretrained(tmp_path / "out"))
+    assert model.config.intermediate_size == 24 and model.config.num_key_value_heads == 2
+    assert model.config.num_hidden_layers == 3
+    assert torch.isfinite(model(**FAMILIES["llama"].inputs()).logits).all()
+
+
+def test_low_memory_refusals(sharded_llama, tmp_path):
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
+    with pytest.raises(LowMemoryError, match="criterion 'taylor'.*activation"):
+        pruner.prune(mlp_neurons=0.25, criterion="taylor", **{k: v for k, v in CALIBRATION.items()})
+    with pytest.raises(LowMemoryError, match="gguf_file"):
+        HFPruner.from_pretrained(sharded_llama, low_memory=True, gguf_file="model.gguf")
+    with pytest.raises(LowMemoryError, match="propagate"):
+        HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="sideways")
+    (tmp_path / "config.json").write_text((sharded_llama / "config.json").read_text())
+    with pytest.raises(LowMemoryError, match="safetensors"):
+        HFPruner.from_pretrained(tmp_path, low_memory=True)
+
+
+def test_cli_low_memory_writes_what_the_in_memory_prune_writes(tiny_llama, tmp_path, capsys, one_thread):
+    from hf_prune.cli import main
+
+    arguments = ["--kv-groups", "1", "--mlp-neurons", "0.25", "--layers", "1", "--criterion", "magnitude"]
+    arguments += ["--reconstruct", "none"]
+    assert main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "a"), *arguments]) == 0
+    assert main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "b"), "--low-memory", *arguments]) == 0
+    assert "layer removed" in capsys.readouterr().out
+    want, got = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[name], want[name]) for name in want)
+    code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "c"), "--low-memory", "--latency", *arguments])
+    assert code == 2 and "--low-memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_prune_in_memory_and_layer_by_layer_alike(tmp_path, one_thread, dtype):
+    """bf16 / fp16 weights: statistics still accumulate in float64 (from float32 blocks), the repair
+    is solved in float64 and written back in the model's dtype; both modes agree."""
+    folder = tmp_path / "half"
+    FAMILIES["llama"].build().to(dtype).save_pretrained(folder, max_shard_size="100KB")
+    settings = {**CALIBRATION, **CASES["heads+neurons/activation"]}
+    dense = HFPruner.from_pretrained(folder, dtype=dtype)
+    statistics = collect_statistics(
+        dense.model, dense.adapter, calibration_windows()[0].split(4), {"moments", "mlp_gram"}
+    )
+    assert statistics.consumers[(0, "mlp")].gram.dtype == torch.float64
+    dense.prune(**settings)
+    expected = dense.save_pretrained(tmp_path / "in_memory")
+    pruner = HFPruner.from_pretrained(folder, low_memory=True)
+    pruner.prune(**settings)
+    saved = pruner.save_pretrained(tmp_path / "low_memory")
+    want, got = _weights(expected), _weights(saved)
+    assert all(tensor.dtype == dtype for tensor in got.values())
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
+    logits = load_pruned(saved, dtype=dtype)(**FAMILIES["llama"].inputs()).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+#: Families whose capture or checkpoint names differ from Llama's run by default; the rest are `slow`.
+DISTINCT = ("qwen2", "gemma3_text", "gpt_neox", "bert", "vit")
+
+
+@pytest.mark.parametrize(
+    "family", [name if name in DISTINCT else pytest.param(name, marks=pytest.mark.slow) for name in FAMILIES]
+)
+def test_every_family_prunes_layer_by_layer_as_in_memory(family, tmp_path, one_thread):
+    """Per-layer arguments (sliding-window masks in Qwen2, local rotary embeddings in Gemma 3),
+    renamed checkpoint keys (GPT-NeoX `embed_out`, ViT's legacy names), encoders and vision."""
+    spec = FAMILIES[family]
+    spec.build().save_pretrained(tmp_path / "dense")
+    settings = {
+        **CALIBRATION,
+        "calibration": calibration_images() if spec.vision else calibration_windows(),
+        "mlp_neurons": 0.25,
+        "kv_groups" if spec.gqa else "attention_heads": 1,
+        "criterion": "activation",
+    }
+    dense = HFPruner.from_pretrained(tmp_path / "dense")
+    dense.prune(**settings)
+    expected = load_pruned(dense.save_pretrained(tmp_path / "in_memory"))
+    pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=True)
+    pruner.prune(**settings)
+    got = load_pruned(pruner.save_pretrained(tmp_path / "low_memory"))
+    want = expected.state_dict()
+    assert sorted(got.state_dict()) == sorted(want)
+    for name, tensor in got.state_dict().items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-5)
