@@ -94,3 +94,18 @@ def latency_ms(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int =
         model(**inputs)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def top1_accuracy(model: nn.Module, images, processor, batch_size: int = 250) -> float:
+    """Fraction of an `hf_prune.images.ImageSet` the classifier labels correctly, each batch of
+    uint8 images passed through the model's image processor as at inference time."""
+    from .images import pixel_values
+
+    device = next(model.parameters()).device
+    correct = 0
+    for start in tqdm(range(0, len(images), batch_size), desc="top-1", unit="batch", leave=False):
+        pixels = pixel_values(images.images[start : start + batch_size], processor).to(device)
+        predicted = model(pixel_values=pixels).logits.argmax(-1).cpu()
+        correct += (predicted == images.labels[start : start + batch_size]).sum().item()
+    return correct / len(images)
