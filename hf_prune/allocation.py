@@ -18,6 +18,7 @@ from .config import GROUP_KINDS, PruningConfig, count_of
 from .criteria import Criterion, ScoringContext
 from .errors import InvalidPruningTargetError
 from .groups import ArchitectureAdapter, GroupKind
+from .groups.base import TRANSFORMER_KINDS
 from .plan import LayerPlan, PruningPlan
 
 
@@ -33,6 +34,8 @@ class Targets:
     #: MHA layers: heads removed per layer (each head is its own KV group).
     mha_heads: dict[int, int]
     neurons: dict[int, int]
+    #: what the units of `neurons` are: MLP neurons, or a convolutional block's inner channels.
+    neuron_kind: GroupKind = "neurons"
 
     def kinds(self) -> set[GroupKind]:
         """The group kinds that need a criterion."""
@@ -41,7 +44,7 @@ class Targets:
             ("kv_groups", self.kv_groups),
             ("heads", self.heads_per_group),
             ("heads", self.mha_heads),
-            ("neurons", self.neurons),
+            (self.neuron_kind, self.neurons),
         ):
             if any(counts.values()):
                 kinds.add(kind)
@@ -98,22 +101,48 @@ def _head_counts(config: PruningConfig, layer: int, attention) -> tuple[int, int
     return groups, heads
 
 
-def _neuron_count(config: PruningConfig, layer: int, total: int) -> int:
-    count = count_of(config.mlp_neurons, total)
-    if config.mlp_neurons and count >= total:
+def _neuron_count(name: str, amount, layer: int, total: int) -> int:
+    count = count_of(amount, total)
+    if amount and count >= total:
+        unit = "neurons" if name == "mlp_neurons" else "channels"
         raise InvalidPruningTargetError(
-            f"mlp_neurons={config.mlp_neurons!r} removes all {total} neurons of layer {layer}; "
-            f"remove at most {total - 1}, or use mlp_branches to drop whole MLPs."
+            f"{name}={amount!r} removes all {total} {unit} of layer {layer}; remove at most {total - 1}"
+            + (", or use mlp_branches to drop whole MLPs." if name == "mlp_neurons" else ".")
         )
-    if config.mlp_neurons and count == 0:
+    if amount and count == 0:
         raise InvalidPruningTargetError(
-            f"mlp_neurons={config.mlp_neurons!r} rounds to 0 of {total} neurons; the smallest valid fraction is {0.5 / total:.3g}."
+            f"{name}={amount!r} rounds to 0 of {total}; the smallest valid fraction is {0.5 / total:.3g}."
         )
     return count
 
 
-def resolve_targets(plan: PruningPlan, config: PruningConfig) -> Targets:
-    """Counts for every kind, validated on every layer's shape; raises before any work is done."""
+#: Group kind → the PruningConfig amount that removes it.
+_AMOUNT_OF_KIND = {
+    "heads": "attention_heads",
+    "kv_groups": "kv_groups",
+    "neurons": "mlp_neurons",
+    "attention_branches": "attention_branches",
+    "mlp_branches": "mlp_branches",
+    "layers": "layers",
+    "channels": "channels",
+}
+
+
+def resolve_targets(plan: PruningPlan, config: PruningConfig, adapter: ArchitectureAdapter | None = None) -> Targets:
+    """Counts for every kind, validated on every layer's shape; raises before any work is done.
+
+    `adapter` says which kinds the family prunes (transformer kinds when not given).
+    """
+    neuron_kind: GroupKind = adapter.neuron_kind if adapter else "neurons"
+    kinds = adapter.kinds if adapter else TRANSFORMER_KINDS
+    neuron_amount = _AMOUNT_OF_KIND[neuron_kind]
+    for kind, name in _AMOUNT_OF_KIND.items():
+        if getattr(config, name) and kind not in kinds:
+            raise InvalidPruningTargetError(
+                f"{name}={getattr(config, name)!r}: this model cannot prune {kind}; set {name}=0 and use "
+                f"{', '.join(_AMOUNT_OF_KIND[k] for k in sorted(kinds))}."
+                + (" Transformers: channels (the hidden width) is not supported yet." if kind == "channels" else "")
+            )
     total = len(plan.layers)
     layers = _block_count("layers", config.layers, total)
     with_attention = sum(1 for p in plan.layers if p.keep_attention) - layers
@@ -128,8 +157,9 @@ def resolve_targets(plan: PruningPlan, config: PruningConfig) -> Targets:
             groups, per_group = _head_counts(config, layer_plan.layer, attention)
             (mha_heads if attention.heads_per_group == 1 else kv_groups)[layer_plan.layer] = groups
             heads[layer_plan.layer] = per_group
-        if size and config.mlp_neurons:
-            neurons[layer_plan.layer] = _neuron_count(config, layer_plan.layer, size)
+        amount = getattr(config, neuron_amount)
+        if size and amount:
+            neurons[layer_plan.layer] = _neuron_count(neuron_amount, amount, layer_plan.layer, size)
     return Targets(
         layers,
         _block_count("attention_branches", config.attention_branches, max(with_attention, 0)),
@@ -138,6 +168,7 @@ def resolve_targets(plan: PruningPlan, config: PruningConfig) -> Targets:
         heads,
         mha_heads,
         neurons,
+        neuron_kind,
     )
 
 
@@ -197,7 +228,8 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targe
             _select_heads(context, criteria, layer_plan, targets)
         count = targets.neurons.get(layer_plan.layer, 0)
         if layer_plan.keep_mlp and count:
-            removed = _lowest(_scores(context, criteria["neurons"], layer_plan.layer, "neurons"), count)
+            kind = targets.neuron_kind
+            removed = _lowest(_scores(context, criteria[kind], layer_plan.layer, kind), count)
             layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
     return plan
 
@@ -205,5 +237,5 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targe
 def plan_for(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig, criterion: Criterion) -> PruningPlan:
     """A uniform plan for `config`'s amounts with one data-free criterion for every kind
     (dry runs, inspection, gradual steps)."""
-    targets = resolve_targets(PruningPlan.keep_all(model, adapter), config)
+    targets = resolve_targets(PruningPlan.keep_all(model, adapter), config, adapter)
     return build_plan(ScoringContext(model, adapter), dict.fromkeys(GROUP_KINDS, criterion), targets)

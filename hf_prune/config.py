@@ -9,7 +9,7 @@ from .errors import InvalidPruningTargetError
 
 Amount = float | int
 
-GROUP_KINDS = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
+GROUP_KINDS = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels")
 RECONSTRUCTIONS = ("none", "lstsq")
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.
@@ -20,6 +20,7 @@ DEFAULT_CRITERIA = {
     "attention_branches": "block_influence",
     "mlp_branches": "block_influence",
     "layers": "block_influence",
+    "channels": "obs",
 }
 _AMOUNT_HELP = "A float is a fraction in [0, 1), an int a count."
 ALLOCATIONS = ("uniform",)
@@ -47,6 +48,13 @@ class PruningConfig:
         default=0, metadata={"help": f"MLP sub-blocks removed (the skip connection stays). {_AMOUNT_HELP}"}
     )
     layers: Amount = field(default=0, metadata={"help": f"Whole layers removed. {_AMOUNT_HELP}"})
+    channels: Amount = field(
+        default=0,
+        metadata={
+            "help": "Fraction or count of prunable output channels of convolution/linear groups "
+            f"(ResNet, ConvNeXt, traced models). {_AMOUNT_HELP}"
+        },
+    )
     criterion: str | dict[str, str] = field(
         default_factory=lambda: dict(DEFAULT_CRITERIA),
         metadata={
@@ -76,7 +84,7 @@ class PruningConfig:
         metadata={"help": "Fail instead of writing the loader format when a plain config cannot express the shapes."},
     )
 
-    AMOUNTS = ("kv_groups", "attention_heads", "mlp_neurons", "attention_branches", "mlp_branches", "layers")
+    AMOUNTS = ("kv_groups", "attention_heads", "mlp_neurons", "attention_branches", "mlp_branches", "layers", "channels")
 
     def __post_init__(self) -> None:
         from .criteria import available_criteria  # the registry imports this module's siblings

@@ -138,7 +138,7 @@ class HFPruner:
             raise InvalidPruningTargetError(
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS)} (e.g. mlp_neurons=0.25)."
             )
-        targets = resolve_targets(PruningPlan.keep_all(self.model, self.adapter), config)
+        targets = resolve_targets(PruningPlan.keep_all(self.model, self.adapter), config, self.adapter)
         criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
         # Uniform allocation: shapes depend on the counts only, so the format is known before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)

@@ -14,7 +14,7 @@ from torch import nn
 from .criteria.obs import DAMPING
 from .errors import InvalidPruningTargetError
 from .groups import ArchitectureAdapter, Branch
-from .groups.base import input_slices
+from .groups.base import input_slices, matrix_view
 from .plan import LayerPlan, PruningPlan
 from .statistics import CalibrationStatistics
 
@@ -65,11 +65,16 @@ def reconstruct(
             name = adapter.o_proj if branch == "attention" else adapter.down_proj
             parameter = layer.get_submodule(name).weight
             transposed = input_slices(layer, name, 0, 1)[0].dim == 0
-            weight = (parameter.T if transposed else parameter).double()
+            # A convolution is refitted per kernel tap from the channel Gram: the removed channels are
+            # predicted from the kept ones at the same pixel, which is what the per-tap refit substitutes.
+            weight = (parameter.T if transposed else matrix_view(parameter)).double()
             removed = set(removed_channels(adapter, layer, layer_plan, branch))
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in removed])
             new = refit(weight, stats.gram / stats.count, kept).to(parameter.dtype)
             if transposed:
                 parameter[kept, :] = new.T
+            elif parameter.dim() == 4:
+                out_channels, _, height, width = parameter.shape
+                parameter[:, kept] = new.reshape(out_channels, height, width, len(kept)).movedim(-1, 1)
             else:
                 parameter[:, kept] = new

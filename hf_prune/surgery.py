@@ -28,9 +28,16 @@ def _slice_parameters(layer: nn.Module, pieces: list[TensorSlice]) -> None:
         module_name, _, attribute = name.rpartition(".")
         module = layer.get_submodule(module_name)
         setattr(module, attribute, nn.Parameter(parameter.detach().index_select(dim, keep), parameter.requires_grad))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and attribute == "weight":
+            # The running statistics are buffers, not group slices: they follow the weight's channels.
+            for buffer in ("running_mean", "running_var"):
+                setattr(module, buffer, getattr(module, buffer).index_select(0, keep))
+            module.num_features = len(keep)
     for module in layer.modules():
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.Conv2d):
+            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
         elif isinstance(module, Conv1D):
             module.nx, module.nf = module.weight.shape
 

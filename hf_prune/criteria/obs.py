@@ -70,5 +70,5 @@ class OBSCriterion(Criterion):
         blocks = [
             torch.cat([torch.arange(p.start, p.stop) for p in group.slices if p.consumer]) for group in groups
         ]
-        chunk = max(1, len(groups) // 100) if groups[0].kind == "neurons" else 1
+        chunk = max(1, len(groups) // 100) if groups[0].kind in ("neurons", "channels") else 1
         return greedy_removal_scores(weight, stats.gram / stats.count, blocks, chunk)
