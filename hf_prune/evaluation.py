@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .data import wikitext2_test_text
 from .groups import get_adapter
+from .images import pixel_values
 
 #: The project's WikiText-2 protocol (dense SmolLM2-135M-Instruct: 29.52 at 80 windows).
 WIKITEXT2_DATASET = "Salesforce/wikitext"
@@ -100,8 +101,6 @@ def latency_ms(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int =
 def top1_accuracy(model: nn.Module, images, processor, batch_size: int = 250) -> float:
     """Fraction of an `hf_prune.images.ImageSet` the classifier labels correctly, each batch of
     uint8 images passed through the model's image processor as at inference time."""
-    from .images import pixel_values
-
     device = next(model.parameters()).device
     correct = 0
     for start in tqdm(range(0, len(images), batch_size), desc="top-1", unit="batch", leave=False):

@@ -149,7 +149,7 @@ class HFPruner:
             requirements |= {"moments", "mlp_gram"}
         if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
             context.windows = token_windows(
-                config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed
+                config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor
             )
         if statistics is not None and requirements - statistics.requirements:
             raise InvalidPruningTargetError(
