@@ -103,15 +103,15 @@ def _head_counts(config: PruningConfig, layer: int, attention) -> tuple[int, int
 
 def _neuron_count(name: str, amount, layer: int, total: int) -> int:
     count = count_of(amount, total)
+    unit = "neurons" if name == "mlp_neurons" else "channels"
     if amount and count >= total:
-        unit = "neurons" if name == "mlp_neurons" else "channels"
         raise InvalidPruningTargetError(
             f"{name}={amount!r} removes all {total} {unit} of layer {layer}; remove at most {total - 1}"
             + (", or use mlp_branches to drop whole MLPs." if name == "mlp_neurons" else ".")
         )
     if amount and count == 0:
         raise InvalidPruningTargetError(
-            f"{name}={amount!r} rounds to 0 of {total}; the smallest valid fraction is {0.5 / total:.3g}."
+            f"{name}={amount!r} rounds to 0 of {total} {unit}; the smallest valid fraction is {0.5 / total:.3g}."
         )
     return count
 
