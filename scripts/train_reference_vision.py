@@ -9,6 +9,8 @@ The ResNet's stem (7×7 stride-2 convolution and max-pool, fixed in transformers
 32×32 image to 8×8; its image processor therefore upsamples to 64×64, so the stages run at
 16/8/4 pixels as a CIFAR ResNet's do, and the checkpoint stays a plain `ResNetForImageClassification`.
 
+The epoch count may change on resume (the cosine schedule follows the new count).
+
 Resumable: every epoch writes the model (safetensors) and the optimizer state (safetensors)
 under `outputs/train_vision/<model>/`; rerunning the same command continues after the last
 finished epoch. The final folder (`--export`) holds config, weights and preprocessor config.
@@ -165,6 +167,12 @@ def main() -> None:
         type=Path,
         help="folder for the final checkpoint (default: reference_models/cifar10-<model>)",
     )
+    parser.add_argument(
+        "--save-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="dtype of the exported weights (float16 halves the file; load with dtype=torch.float32)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = MODELS[args.model]
@@ -244,14 +252,14 @@ def main() -> None:
         save_state(last, model, optimizer, epoch, history)
     model.eval()
     shutil.rmtree(export, ignore_errors=True)
-    model.save_pretrained(export)
+    model.to(getattr(torch, args.save_dtype)).save_pretrained(export)
     processor.save_pretrained(export)
     (export / "training.json").write_text(
         json.dumps(
             {
                 "command": f"python scripts/train_reference_vision.py --model "
                 f"{args.model} --epochs {args.epochs} --batch-size {args.batch_size} "
-                f"--seed {args.seed}",
+                f"--seed {args.seed} --save-dtype {args.save_dtype}",
                 "history": history,
                 "caveat": JPEG_CAVEAT,
             },
