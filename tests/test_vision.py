@@ -7,14 +7,14 @@ import os
 
 import pytest
 import torch
+from conftest import require
+from tiny_models import FAMILIES, STRUCTURAL
 from transformers import ViTImageProcessor
 
-from conftest import require
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.errors import DataNotFoundError, InvalidPruningTargetError
 from hf_prune.evaluation import top1_accuracy
 from hf_prune.images import ImageSet, cifar10, image_set
-from tiny_models import FAMILIES, STRUCTURAL
 
 PROCESSOR = ViTImageProcessor(size={"height": 16, "width": 16})
 
@@ -123,3 +123,16 @@ def test_group_kinds_each_family_accepts():
     with pytest.raises(InvalidPruningTargetError, match="channels=0.99 removes all"):
         HFPruner(FAMILIES["resnet"].build()).prune(channels=0.99, **STRUCTURAL)
     assert "channels" in PruningConfig(channels=0.3).to_dict()
+
+
+def test_cli_eval_reports_cifar10_top1(tmp_path, capsys, one_thread):
+    if not os.environ.get("HF_PRUNE_DATA_DIR"):
+        require("CIFAR-10 needs HF_PRUNE_DATA_DIR (../shared/data)")
+    from hf_prune.cli import main
+
+    pruner = HFPruner(FAMILIES["vit"].build(), processor=PROCESSOR)
+    pruner.prune(mlp_neurons=1, attention_branches=1, **STRUCTURAL)  # the loader format
+    pruner.save_pretrained(tmp_path / "vit")
+    assert main(["eval", str(tmp_path / "vit")]) == 0
+    output = capsys.readouterr().out
+    assert "CIFAR-10 top-1" in output and "quality-75 JPEG" in output
