@@ -15,6 +15,7 @@ import torch
 
 from .data import DATA_DIR_VARIABLE, data_file
 from .errors import DataNotFoundError
+from .images import calibration_pixels, is_image_source
 
 CalibrationSource = str | os.PathLike | Sequence[str] | Sequence[torch.Tensor] | object
 NAMED_SETS = ("wikitext2",)
@@ -75,9 +76,12 @@ def calibration_text(source: CalibrationSource) -> str:
 
 
 def token_windows(
-    source: CalibrationSource, tokenizer, num_samples: int, seq_len: int, seed: int = 0
+    source: CalibrationSource, tokenizer, num_samples: int, seq_len: int, seed: int = 0, processor=None
 ) -> torch.Tensor:
-    """`num_samples × seq_len` token ids for calibration, drawn reproducibly from `source`."""
+    """`num_samples × seq_len` token ids for calibration, drawn reproducibly from `source`; for an
+    image source (`"cifar10"`, an image folder) `num_samples` images through the image `processor`."""
+    if is_image_source(source) or (processor is not None and tokenizer is None and isinstance(source, (str, os.PathLike))):
+        return calibration_pixels(source, processor, num_samples, seed)
     if isinstance(source, Sequence) and source and all(isinstance(item, torch.Tensor) for item in source):
         if source[0].is_floating_point():  # images: (N, C, H, W) pixel batches, used as they are
             return torch.cat(list(source))[:num_samples]

@@ -61,9 +61,10 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
     """Vanilla if every layer has the same shape and the family's config class, given the
     standard fields for that shape, builds a model with exactly the pruned model's tensor shapes."""
     geometries = layer_geometries(model, adapter)
-    if any(g.attention is None or g.intermediate_size is None for g in geometries):
+    has_attention = "heads" in adapter.kinds
+    if any((has_attention and g.attention is None) or g.intermediate_size is None for g in geometries):
         return FormatDecision(False, "some attention or MLP branches were removed: no standard config field says so", {})
-    if any(g != geometries[0] for g in geometries):
+    if not adapter.shapes_per_stage and any(g != geometries[0] for g in geometries):
         return FormatDecision(False, "layers have different head or neuron counts: standard configs hold one size", {})
     fields = adapter.config_fields(model.config, geometries[0])
     candidate = copy.deepcopy(model.config)

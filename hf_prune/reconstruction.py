@@ -21,7 +21,7 @@ from torch import nn
 from .bias_compensation import fold_constant_into_columns, removed_mean_contribution
 from .errors import InvalidPruningTargetError
 from .groups import ArchitectureAdapter, Branch
-from .groups.base import input_slices
+from .groups.base import input_slices, matrix_view
 from .ispasp import least_squares_columns
 from .ispasp import select as ispasp_select
 from .plan import LayerPlan, PruningPlan
@@ -115,15 +115,26 @@ def reconstruct(
             name = adapter.o_proj if branch == "attention" else adapter.down_proj
             module = layer.get_submodule(name)
             transposed = input_slices(layer, name, 0, 1)[0].dim == 0
-            weight = (module.weight.T if transposed else module.weight).double()
+            # A convolution is refitted per kernel tap from the channel Gram: the removed channels are
+            # predicted from the kept ones at the same pixel, which is what the per-tap refit substitutes.
+            parameter = module.weight
+            if method == "bias" and parameter.dim() == 4:
+                raise InvalidPruningTargetError(
+                    "reconstruct='bias' folds a per-output constant into the bias, which a convolution's per-tap "
+                    "view cannot express; use reconstruct='lstsq' for convolutional models."
+                )
+            weight = (parameter.T if transposed else matrix_view(parameter)).double()
             if method == "ispasp":
                 layer_plan = _reselect(layer_plan, branch, weight, stats.gram / stats.count)
             removed = removed_channels(adapter, layer, layer_plan, branch)
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in set(removed)], device=weight.device)
             new = _repair(module, weight, stats, kept, torch.tensor(removed, dtype=torch.long, device=weight.device), method)
-            new = new.to(module.weight.dtype)
+            new = new.to(parameter.dtype)
             if transposed:
-                module.weight[kept, :] = new.T
+                parameter[kept, :] = new.T
+            elif parameter.dim() == 4:
+                out_channels, _, height, width = parameter.shape
+                parameter[:, kept] = new.reshape(out_channels, height, width, len(kept)).movedim(-1, 1)
             else:
                 module.weight[:, kept] = new
         repaired.append(layer_plan)

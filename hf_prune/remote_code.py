@@ -105,7 +105,11 @@ def auto_classes(config_class: type, architecture: str) -> list[str]:
     names = []
     for name in AUTO_CLASSES:
         mapping = getattr(transformers, name)._model_mapping
-        if config_class in mapping and (name == "AutoModel" or mapping[config_class].__name__ == architecture):
+        if config_class not in mapping:
+            continue
+        # Some configs map to several classes (DeiT: with and without its teacher classifier).
+        classes = mapping[config_class] if isinstance(mapping[config_class], tuple) else (mapping[config_class],)
+        if name == "AutoModel" or architecture in {cls.__name__ for cls in classes}:
             names.append(name)
     return names
 

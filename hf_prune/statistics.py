@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .distributed import local_share, sum_across_processes, sum_numbers
 from .groups import ArchitectureAdapter, Branch
+from .groups.base import channels_last
 
 Requirement = Literal["moments", "mlp_gram", "influence", "gradients"]
 REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients")
@@ -105,8 +106,8 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def _one_minus_cos(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    return 1 - nn.functional.cosine_similarity(before.float(), after.float(), dim=-1)
+def _one_minus_cos(before: torch.Tensor, after: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return 1 - nn.functional.cosine_similarity(before.float(), after.float(), dim=dim)
 
 
 class InfluenceRecorder:
@@ -128,7 +129,8 @@ class InfluenceRecorder:
             self.inputs[index] = self.stream[index] = args[0] if args else kwargs["hidden_states"]
 
         def layer_output(module, args, kwargs, output):
-            self._add((index, "layer"), _one_minus_cos(self.inputs.pop(index), _first(output)))
+            before, after = self.inputs.pop(index), _first(output)
+            self._add((index, "layer"), _one_minus_cos(before, after, adapter.stream_channel_dim))
             self.stream.pop(index)
 
         def branch_output(branch: str):
@@ -145,7 +147,8 @@ class InfluenceRecorder:
             layer.register_forward_hook(layer_output, with_kwargs=True),
         ]
         for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
-            if adapter.has_branch(layer, branch):
+            # Branch outputs add to the stream only in families that prune branches.
+            if f"{branch}_branches" in adapter.kinds and adapter.has_branch(layer, branch):
                 handles.append(layer.get_submodule(name).register_forward_hook(branch_output(branch)))
         return handles
 
@@ -189,7 +192,9 @@ def register_layer_hooks(
             accumulator = ChannelStatistics(with_gram=branch == "attention" or "mlp_gram" in stats.requirements)
             stats.consumers[(index, branch)] = accumulator
             module = layer.get_submodule(name)
-            handles.append(module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(args[0])))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(channels_last(m, args[0])))
+            )
     if recorder:
         handles += recorder.register(index, layer, adapter)
     return handles

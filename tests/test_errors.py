@@ -30,7 +30,7 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 
 def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
     model = OPTForCausalLM(OPTConfig(hidden_size=16, num_attention_heads=2, ffn_dim=32, num_hidden_layers=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match=r"'opt'.*Supported: bert, gemma3_text, gpt2"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"'opt'.*Supported: bert, convnext, deit, gemma3_text, gpt2"):
         HFPruner(model)
     model.save_pretrained(tmp_path / "opt")
     with pytest.raises(UnsupportedArchitectureError, match="'opt'"):

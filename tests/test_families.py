@@ -24,8 +24,21 @@ from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images, ca
 RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
 
 
+def convolutional_scenarios(family: TinyFamily) -> dict[str, dict]:
+    """Each supported kind alone, then seeded combinations through the default pipeline."""
+    choices = {"channels": [0.25, 0.5, 3], "mlp_neurons": [0.25, 0.5, 5], "layers": [1, 2]}
+    cases = {name: {name: choices[name][0], **STRUCTURAL} for name in family.convolutional_amounts}
+    rng = random.Random(family.model_type)
+    for index in range(3):
+        combo = {name: rng.choice(choices[name]) for name in family.convolutional_amounts}
+        cases[f"combo{index}"] = {**combo, "seed": index}
+    return cases
+
+
 def scenarios(family: TinyFamily) -> dict[str, dict]:
     """The single kinds, then three random combinations (seeded, so the suite is stable)."""
+    if family.convolutional_amounts:
+        return convolutional_scenarios(family)
     heads = {"attention_heads": 0.5} if family.gqa else {"attention_heads": 0.25}
     cases = {
         "heads": {**heads, **STRUCTURAL},

@@ -33,13 +33,19 @@ def save_case(root: Path, name: str, family, model, auto_class: str) -> None:
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> Path:
-    """Every family with heads, neurons and one attention and one MLP branch removed; and a Qwen2
-    whose layers all differ (the non-uniform shapes only the loader format holds)."""
+    """Every family with heads, neurons and one attention and one MLP branch removed (convolutional
+    families: a quarter of their first kind's units); and a Qwen2 whose layers all differ (the
+    non-uniform shapes only the loader format holds)."""
     root = tmp_path_factory.mktemp("remote")
     for name, family in FAMILIES.items():
         pruner = HFPruner(family.build())
         heads = 0.5 if family.gqa else 1
-        report = pruner.prune(attention_heads=heads, mlp_neurons=0.25, attention_branches=1, mlp_branches=1, **STRUCTURAL)
+        amounts = (
+            {family.convolutional_amounts[0]: 0.25}
+            if family.convolutional_amounts
+            else {"attention_heads": heads, "mlp_neurons": 0.25, "attention_branches": 1, "mlp_branches": 1}
+        )
+        report = pruner.prune(**amounts, **STRUCTURAL)
         assert report.output_format == "loader"
         pruner.save_pretrained(root / name / "model")
         save_case(root, name, family, pruner.model, family.auto_class)

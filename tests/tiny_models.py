@@ -1,7 +1,8 @@
 """Tiny randomly initialised models, one per supported family, built from configs.
 
 Shapes are chosen so that every pruning kind has something to remove: GQA families have
-3 KV groups of 2 query heads, MHA families 4 heads, every MLP 48 neurons, 4 layers.
+3 KV groups of 2 query heads, MHA families 4 heads, every MLP 48 neurons, 4 layers; the
+convolutional families two stages of two blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class TinyFamily:
     gqa: bool
     causal: bool = True
     vision: bool = False
+    #: the PruningConfig amounts the family supports, when not a transformer's.
+    convolutional_amounts: tuple[str, ...] = ()
 
     def build(self, seed: int = 0) -> transformers.PreTrainedModel:
         torch.manual_seed(seed)
@@ -46,12 +49,17 @@ class TinyFamily:
             for name, parameter in model.named_parameters():
                 if "norm" in name.lower() or name.endswith("bias"):
                     parameter.add_(0.1 * torch.randn_like(parameter))
+            for name, buffer in model.named_buffers():  # BatchNorm running statistics
+                if name.endswith("running_mean"):
+                    buffer.add_(0.1 * torch.randn_like(buffer))
+                elif name.endswith("running_var"):
+                    buffer.mul_(1 + 0.2 * torch.rand_like(buffer))
         return model
 
     def inputs(self, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(1)
         if self.vision:
-            size = self.config["image_size"]
+            size = self.config.get("image_size", 16)
             return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
         # Ids from 3 up: avoid pad/special ids (RoBERTa derives positions from the pad id).
         return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=generator)}
@@ -139,6 +147,47 @@ FAMILIES: dict[str, TinyFamily] = {
             gqa=False,
             causal=False,
             vision=True,
+        ),
+        TinyFamily(
+            "deit",
+            "DeiTForImageClassificationWithTeacher",
+            "AutoModelForImageClassification",
+            "DeiTConfig",
+            {
+                "image_size": 16,
+                "patch_size": 4,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 4,
+                "intermediate_size": 48,
+                "num_labels": 10,
+            },
+            gqa=False,
+            causal=False,
+            vision=True,
+        ),
+        TinyFamily(
+            "resnet",
+            "ResNetForImageClassification",
+            "AutoModelForImageClassification",
+            "ResNetConfig",
+            {"embedding_size": 8, "hidden_sizes": [16, 24], "depths": [2, 2], "layer_type": "basic", "num_labels": 10},
+            gqa=False,
+            causal=False,
+            vision=True,
+            convolutional_amounts=("channels",),
+        ),
+        TinyFamily(
+            "convnext",
+            "ConvNextForImageClassification",
+            "AutoModelForImageClassification",
+            "ConvNextConfig",
+            # layer_scale 1 (not 1e-6) so that every MLP neuron visibly changes the logits.
+            {"hidden_sizes": [8, 16], "depths": [2, 2], "num_stages": 2, "num_labels": 10, "layer_scale_init_value": 1.0},
+            gqa=False,
+            causal=False,
+            vision=True,
+            convolutional_amounts=("mlp_neurons", "layers"),
         ),
     ]
 }

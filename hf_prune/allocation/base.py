@@ -29,14 +29,14 @@ class Counts:
     mha_heads: dict[int, int] = field(default_factory=dict)
     neurons: dict[int, int] = field(default_factory=dict)
 
-    def kinds(self) -> set[GroupKind]:
-        """The group kinds that need a criterion."""
+    def kinds(self, neuron_kind: GroupKind = "neurons") -> set[GroupKind]:
+        """The group kinds that need a criterion (`neurons` counts units of `neuron_kind`)."""
         kinds: set[GroupKind] = set()
         for kind, counts in (
             ("kv_groups", self.kv_groups),
             ("heads", self.heads_per_group),
             ("heads", self.mha_heads),
-            ("neurons", self.neurons),
+            (neuron_kind, self.neurons),
         ):
             if any(counts.values()):
                 kinds.add(kind)

@@ -52,7 +52,7 @@ def unit_costs(adapter: ArchitectureAdapter, layer: nn.Module, index: int, unit:
     if attention is not None:
         kv_group = _slice_parameters(adapter, layer, index, "kv_groups")
         head = _slice_parameters(adapter, layer, index, "heads")
-    neuron = _slice_parameters(adapter, layer, index, "neurons") if width else 0
+    neuron = _slice_parameters(adapter, layer, index, adapter.neuron_kind) if width else 0
     if unit == "flops":
         per_head = 4 * attention.head_dim * context if attention is not None else 0
         kv_group = 2 * kv_group + per_head * (attention.heads_per_group if attention is not None else 0)

@@ -68,21 +68,21 @@ def _select_heads(scores: LayerScores, plan: LayerPlan, counts: Counts) -> None:
         plan.query_heads = tuple(kept)
 
 
-def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts) -> None:
+def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts, neuron_kind: GroupKind) -> None:
     if not layer_plan.keep_layer:
         return
     if layer_plan.keep_attention and layer_plan.geometry.attention:
         _select_heads(scores, layer_plan, counts)
     count = counts.neurons.get(layer_plan.layer, 0)
     if layer_plan.keep_mlp and count:
-        removed = lowest(scores(layer_plan.layer, "neurons"), count)
+        removed = lowest(scores(layer_plan.layer, neuron_kind), count)
         layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
 
 
 def plan_layer(context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, targets: Targets) -> None:
     """Choose the heads, KV groups and neurons one kept layer keeps under the uniform counts,
     reading only that layer (the low-memory mode plans layer by layer)."""
-    _select_groups(LayerScores(context, criteria), layer_plan, targets.counts)
+    _select_groups(LayerScores(context, criteria), layer_plan, targets.counts, targets.neuron_kind)
 
 
 def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targets: Targets) -> PruningPlan:
@@ -93,7 +93,7 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targe
     remove_blocks(plan, targets, scores)
     counts = get_allocation(targets.allocation).counts(scores, plan, targets)
     for layer_plan in plan.layers:
-        _select_groups(scores, layer_plan, counts)
+        _select_groups(scores, layer_plan, counts, targets.neuron_kind)
     return plan
 
 

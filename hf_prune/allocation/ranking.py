@@ -80,7 +80,7 @@ def neuron_candidates(scores: LayerScores, plan: PruningPlan, targets: Targets) 
     for p in _open_layers(plan, targets, "keep_mlp"):
         if not p.geometry.intermediate_size:
             continue
-        ranked = scores(p.layer, "neurons").sort().values
+        ranked = scores(p.layer, targets.neuron_kind).sort().values
         limit = len(ranked) - max(1, targets.round_to)
         candidates[p.layer] = Candidates(ranked, targets.budget.costs[p.layer].neuron, max(limit, 0))
     return candidates

@@ -35,11 +35,13 @@ class Targets:
     allocation: str = "uniform"
     protected: frozenset[int] = field(default_factory=frozenset)
     round_to: int = 1
+    #: what the units of `counts.neurons` are: MLP neurons, or a convolutional block's inner channels.
+    neuron_kind: GroupKind = "neurons"
 
     def kinds(self) -> set[GroupKind]:
         """The group kinds that need a criterion."""
         kinds = {kind for kind in ("layers", "attention_branches", "mlp_branches") if getattr(self, kind)}
-        return kinds | self.counts.kinds()
+        return kinds | self.counts.kinds(self.neuron_kind)
 
 
 def _block_count(kind: str, amount, total: int, candidates: int) -> int:
@@ -105,24 +107,50 @@ def rounded_neurons(removed: int, total: int, round_to: int) -> int:
     return max(total - kept, 0)
 
 
-def _neuron_count(config: PruningConfig, layer: int, total: int) -> int:
-    count = count_of(config.mlp_neurons, total)
-    if config.mlp_neurons and count >= total:
+#: Group kind → the PruningConfig amount that removes it.
+AMOUNT_OF_KIND = {
+    "heads": "attention_heads",
+    "kv_groups": "kv_groups",
+    "neurons": "mlp_neurons",
+    "attention_branches": "attention_branches",
+    "mlp_branches": "mlp_branches",
+    "layers": "layers",
+    "channels": "channels",
+}
+
+
+def _neuron_count(config: PruningConfig, name: str, layer: int, total: int) -> int:
+    """Units removed from one layer by the amount `name` (`mlp_neurons`, or `channels` on
+    convolutional families)."""
+    amount = getattr(config, name)
+    unit = "neurons" if name == "mlp_neurons" else "channels"
+    count = count_of(amount, total)
+    if amount and count >= total:
         raise InvalidPruningTargetError(
-            f"mlp_neurons={config.mlp_neurons!r} removes all {total} neurons of layer {layer}; "
-            f"remove at most {total - 1}, or use mlp_branches to drop whole MLPs."
+            f"{name}={amount!r} removes all {total} {unit} of layer {layer}; remove at most {total - 1}"
+            + (", or use mlp_branches to drop whole MLPs." if name == "mlp_neurons" else ".")
         )
-    if config.mlp_neurons and count == 0:
+    if amount and count == 0:
         raise InvalidPruningTargetError(
-            f"mlp_neurons={config.mlp_neurons!r} rounds to 0 of {total} neurons; the smallest valid fraction is {0.5 / total:.3g}."
+            f"{name}={amount!r} rounds to 0 of {total} {unit}; the smallest valid fraction is {0.5 / total:.3g}."
         )
     rounded = rounded_neurons(count, total, config.round_to)
     if count and not rounded:
         raise InvalidPruningTargetError(
-            f"mlp_neurons={config.mlp_neurons!r} with round_to={config.round_to} keeps all {total} neurons of layer "
-            f"{layer}; remove more neurons or use a smaller round_to."
+            f"{name}={amount!r} with round_to={config.round_to} keeps all {total} {unit} of layer "
+            f"{layer}; remove more or use a smaller round_to."
         )
     return rounded
+
+
+def _check_kinds(config: PruningConfig, adapter: ArchitectureAdapter) -> None:
+    for kind, name in AMOUNT_OF_KIND.items():
+        if getattr(config, name) and kind not in adapter.kinds:
+            raise InvalidPruningTargetError(
+                f"{name}={getattr(config, name)!r}: this model cannot prune {kind}; set {name}=0 and use "
+                f"{', '.join(AMOUNT_OF_KIND[k] for k in sorted(adapter.kinds))}."
+                + (" Transformers: channels (the hidden width) is not supported yet." if kind == "channels" else "")
+            )
 
 
 def _protected(config: PruningConfig, total: int) -> frozenset[int]:
@@ -135,8 +163,9 @@ def _protected(config: PruningConfig, total: int) -> frozenset[int]:
     return frozenset(index % total for index in config.protected_layers)
 
 
-def _amount_counts(config: PruningConfig, plan: PruningPlan, protected: frozenset[int]) -> Counts:
+def _amount_counts(config: PruningConfig, plan: PruningPlan, protected: frozenset[int], neuron_kind: GroupKind) -> Counts:
     counts = Counts()
+    neuron_amount = AMOUNT_OF_KIND[neuron_kind]
     for layer_plan in plan.layers:
         if layer_plan.layer in protected:
             continue
@@ -145,8 +174,8 @@ def _amount_counts(config: PruningConfig, plan: PruningPlan, protected: frozense
             groups, per_group = _head_counts(config, layer_plan.layer, attention)
             (counts.mha_heads if attention.heads_per_group == 1 else counts.kv_groups)[layer_plan.layer] = groups
             counts.heads_per_group[layer_plan.layer] = per_group
-        if size and config.mlp_neurons:
-            counts.neurons[layer_plan.layer] = _neuron_count(config, layer_plan.layer, size)
+        if size and getattr(config, neuron_amount):
+            counts.neurons[layer_plan.layer] = _neuron_count(config, neuron_amount, layer_plan.layer, size)
     return counts
 
 
@@ -202,6 +231,7 @@ def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: Prun
     from .registry import get_allocation  # the registry fills as the package imports
 
     get_allocation(config.allocation).validate(config)
+    _check_kinds(config, adapter)
     plan = PruningPlan.keep_all(model, adapter)
     total = len(plan.layers)
     protected = _protected(config, total)
@@ -213,7 +243,9 @@ def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: Prun
     modules = adapter.layers(model)
     costs = {p.layer: unit_costs(adapter, modules[p.layer], p.layer, unit, config.seq_len) for p in plan.layers}
     counts = (
-        _budget_counts(config, model, costs, protected) if config.budget_target else _amount_counts(config, plan, protected)
+        _budget_counts(config, model, costs, protected)
+        if config.budget_target
+        else _amount_counts(config, plan, protected, adapter.neuron_kind)
     )
     return Targets(
         layers=layers,
@@ -226,4 +258,5 @@ def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: Prun
         allocation=config.allocation,
         protected=protected,
         round_to=config.round_to,
+        neuron_kind=adapter.neuron_kind,
     )

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from ..groups import ArchitectureAdapter, Branch, Group, GroupKind
-from ..groups.base import input_slices
+from ..groups.base import input_slices, matrix_view
 from ..statistics import CalibrationStatistics, Requirement
 
 ALL_KINDS: frozenset[GroupKind] = frozenset(
-    ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
+    ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels")
 )
-CHANNEL_KINDS: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons"))
+CHANNEL_KINDS: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons", "channels"))
 BLOCK_KINDS: frozenset[GroupKind] = ALL_KINDS - CHANNEL_KINDS
 
 
@@ -65,16 +65,17 @@ def group_tensors(context: ScoringContext, group: Group) -> list[torch.Tensor]:
 
 
 def branch_of(kind: GroupKind) -> Branch:
-    return "mlp" if kind in ("neurons", "mlp_branches") else "attention"
+    return "mlp" if kind in ("neurons", "channels", "mlp_branches") else "attention"
 
 
 def consumer_weight(context: ScoringContext, index: int, branch: Branch) -> torch.Tensor:
-    """The consuming projection's weight as (outputs × input channels), whatever its storage."""
+    """The consuming projection's weight as (outputs × input channels), whatever its storage
+    (a convolution's kernel taps count as outputs, see `matrix_view`)."""
     layer = context.layer(index)
     name = context.adapter.o_proj if branch == "attention" else context.adapter.down_proj
     piece = input_slices(layer, name, 0, 1)[0]
     weight = layer.get_parameter(piece.parameter).detach()
-    return weight.T if piece.dim == 0 else weight
+    return weight.T if piece.dim == 0 else matrix_view(weight)
 
 
 def sum_over_groups(per_channel: torch.Tensor, groups: Sequence[Group]) -> torch.Tensor:

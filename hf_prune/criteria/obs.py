@@ -90,6 +90,8 @@ class OBSCriterion(Criterion):
         index, branch = groups[0].layer, branch_of(groups[0].kind)
         stats = context.statistics.consumers[(index, branch)]
         weight = consumer_weight(context, index, branch).double()
-        blocks = [torch.cat([torch.arange(p.start, p.stop) for p in group.slices if p.consumer]) for group in groups]
-        chunk = max(1, len(groups) // 100) if groups[0].kind == "neurons" else 1
+        blocks = [
+            torch.cat([torch.arange(p.start, p.stop) for p in group.slices if p.consumer]) for group in groups
+        ]
+        chunk = max(1, len(groups) // 100) if groups[0].kind in ("neurons", "channels") else 1
         return greedy_removal_scores(weight, stats.gram / stats.count, blocks, chunk)

@@ -18,6 +18,10 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 GroupKind = Literal["heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels"]
+#: What transformer adapters prune; convolutional adapters name their own `kinds`.
+TRANSFORMER_KINDS: frozenset[GroupKind] = frozenset(
+    ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
+)
 Branch = Literal["attention", "mlp"]
 
 
@@ -156,6 +160,16 @@ class ArchitectureAdapter(ABC):
     #: How the replaced modules' callers expect their output (see `RemovedBranch`).
     removed_attention_output: ClassVar[str] = "zeros_and_none"
     removed_mlp_output: ClassVar[str] = "zeros"
+    #: The group kinds this family can prune; the others are refused before any work.
+    kinds: ClassVar[frozenset[GroupKind]] = TRANSFORMER_KINDS
+    #: The kind whose units fill `LayerPlan.neurons`: MLP neurons, or a convolutional block's
+    #: inner channels (`channels`), which are planned, masked and cut the same way.
+    neuron_kind: ClassVar[GroupKind] = "neurons"
+    #: Dimension of a layer's input and output that holds the channels (1 for NCHW feature maps).
+    stream_channel_dim: ClassVar[int] = -1
+    #: Whether the dense model's layers differ in shape by design (convolutional stages): the
+    #: format decision then compares the whole model with one its config builds, layer by layer.
+    shapes_per_stage: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- layer stack
     def layers_name(self, model: nn.Module) -> str:
@@ -233,7 +247,7 @@ class ArchitectureAdapter(ABC):
         if kind in ("attention_branches", "mlp_branches"):
             branch = "attention" if kind == "attention_branches" else "mlp"
             return [Group(kind, index, 0, tuple(self.branch_slices(layer, branch)))] if self.has_branch(layer, branch) else []
-        if kind == "neurons":
+        if kind == self.neuron_kind:
             size = self.intermediate_size(layer)
             return [Group(kind, index, n, tuple(self.neuron_slices(layer, size, n))) for n in range(size or 0)]
         attention = self.attention_geometry(layer)
@@ -336,3 +350,14 @@ def module_slices(layer: nn.Module, name: str, consumer: bool = False) -> list[T
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attribute = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attribute, new)
+
+
+def channels_last(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A module's input with its channels in the last dimension (convolutions read NCHW)."""
+    return x.movedim(1, -1) if isinstance(module, nn.Conv2d) else x
+
+
+def matrix_view(weight: torch.Tensor) -> torch.Tensor:
+    """A consumer weight as (outputs × input channels): a convolution's (O, I, kh, kw) becomes
+    (O·kh·kw, I), one row per output channel and kernel tap."""
+    return weight.movedim(1, -1).reshape(-1, weight.shape[1]) if weight.dim() == 4 else weight

@@ -1,0 +1,244 @@
+"""Zero-shot pruning of the CIFAR-10 reference classifiers: accuracy, parameters, FLOPs, latency.
+
+Each reference model (scripts/train_reference_vision.py) is measured dense, then pruned to
+20%, 30% and 50% fewer parameters with every applicable criterion, with and without the
+least-squares repair, and with `random`. One calibration pass (CIFAR-10 train images through the
+model's image processor) serves every row of a model. Rows are written to JSON as they finish;
+a rerun skips the rows already there (`--rows` filters by substring).
+
+`PruningConfig(sparsity=...)` is not available yet, so the parameter fraction is converted here
+into per-kind amounts with the uniform allocation: ViT removes the same share of heads (whole
+heads, rounded) and fills the rest with MLP neurons; ResNet removes a fraction of every block's
+inner channels. The achieved fraction is reported beside the target.
+
+Accuracy is on the local CIFAR-10 test split, quality-75 JPEGs: about 11 points below the
+original test set.
+
+    python scripts/benchmark_vision.py --eval-images 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from hf_prune import HFPruner, PruningConfig
+from hf_prune.allocation import plan_for
+from hf_prune.criteria.random import RandomCriterion
+from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.evaluation import image_flops, latency_ms, parameter_count, top1_of_pixels
+from hf_prune.groups import get_adapter
+from hf_prune.images import JPEG_CAVEAT, calibration_pixels, cifar10, pixel_values
+from hf_prune.statistics import collect_statistics
+
+MODELS = {
+    "vit": "reference_models/cifar10-vit",
+    "resnet": "reference_models/cifar10-resnet",
+}
+RATIOS = (0.2, 0.3, 0.5)
+CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "random")
+REPAIRS = ("none", "lstsq")
+
+
+def removed_fraction(model, adapter, amounts: dict) -> float:
+    plan = plan_for(model, adapter, PruningConfig(**amounts), RandomCriterion())
+    return plan.removed_parameter_count(model, adapter) / parameter_count(model)
+
+
+def amounts_for(model, adapter, ratio: float) -> dict:
+    """Per-kind amounts (uniform allocation) whose removed parameters come closest to `ratio`."""
+    fractions = [k / 200 for k in range(1, 199)]
+    if "channels" in adapter.kinds:
+        candidates = [{"channels": f} for f in fractions]
+    else:
+        layer = adapter.layers(model)[0]
+        heads = adapter.geometry(layer).attention.num_heads
+        # The same share of heads as of neurons would give, rounded to whole heads.
+        equal = (
+            ratio
+            * parameter_count(model)
+            / sum(p.numel() for p in adapter.layers(model).parameters())
+        )
+        count = min(heads - 1, round(equal * heads))
+        candidates = [
+            {"attention_heads": count, "mlp_neurons": f}
+            if count
+            else {"mlp_neurons": f}
+            for f in fractions
+        ]
+    best, error = None, float("inf")
+    for amounts in candidates:
+        try:
+            achieved = removed_fraction(model, adapter, amounts)
+        except (
+            InvalidPruningTargetError
+        ):  # rounds to nothing or to everything in some layer
+            continue
+        if abs(achieved - ratio) < error:
+            best, error = amounts, abs(achieved - ratio)
+    return best
+
+
+def load_rows(path: Path) -> dict:
+    return (
+        {row["id"]: row for row in json.loads(path.read_text())["rows"]}
+        if path.is_file()
+        else {}
+    )
+
+
+def write_rows(path: Path, rows: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(
+        json.dumps({"caveat": JPEG_CAVEAT, "rows": list(rows.values())}, indent=2)
+        + "\n"
+    )
+    staging.replace(path)
+
+
+def measure(model, test_pixels, labels, latency_batch) -> dict:
+    return {
+        "top1": top1_of_pixels(model, test_pixels, labels),
+        "parameters": parameter_count(model),
+        "flops": image_flops(model, test_pixels),
+        "latency_ms": latency_ms(model, {"pixel_values": latency_batch}),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=list(MODELS)
+    )
+    parser.add_argument(
+        "--model-dir",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER",
+        help="override a model folder",
+    )
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA))
+    parser.add_argument(
+        "--eval-images",
+        type=int,
+        default=10_000,
+        help="test images, every k-th (class-balanced)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=256, help="calibration images"
+    )
+    parser.add_argument("--rows", help="only rows whose id contains this")
+    parser.add_argument(
+        "--output", type=Path, default=Path("outputs/benchmark_vision.json")
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folders = {**MODELS, **dict(item.split("=", 1) for item in args.model_dir)}
+    rows = load_rows(args.output)
+    test = cifar10("test")
+    chosen = torch.arange(0, len(test), max(1, len(test) // args.eval_images))[
+        : args.eval_images
+    ]
+
+    for name in args.models:
+        dense = transformers.AutoModelForImageClassification.from_pretrained(
+            folders[name], dtype=torch.float32
+        ).eval()
+        processor = transformers.AutoImageProcessor.from_pretrained(folders[name])
+        adapter = get_adapter(dense.config)
+        test_pixels = pixel_values(test.images[chosen], processor)
+        labels = test.labels[chosen]
+        latency_batch = test_pixels[:64]
+        plans = [("dense", None, None, None)] + [
+            (f"{criterion}/{repair}/{ratio}", criterion, repair, ratio)
+            for ratio in args.ratios
+            for criterion in args.criteria
+            for repair in REPAIRS
+        ]
+        statistics = None
+        for key, criterion, repair, ratio in plans:
+            row_id = f"{name}/{key}"
+            if row_id in rows or (args.rows and args.rows not in row_id):
+                continue
+            if criterion is None:
+                rows[row_id] = {
+                    "id": row_id,
+                    "model": name,
+                    "criterion": "dense",
+                    **measure(dense, test_pixels, labels, latency_batch),
+                }
+                write_rows(args.output, rows)
+                continue
+            if statistics is None:
+                calibration = calibration_pixels(
+                    "cifar10", processor, args.num_samples, seed=0
+                )
+                statistics = collect_statistics(
+                    dense, adapter, calibration.split(32), {"moments", "mlp_gram"}
+                )
+            amounts = amounts_for(dense, adapter, ratio)
+            pruner = HFPruner(copy.deepcopy(dense), processor=processor)
+            start = time.perf_counter()
+            report = pruner.prune(
+                PruningConfig(
+                    **amounts,
+                    criterion=criterion,
+                    reconstruct=repair,
+                    calibration="cifar10",
+                ),
+                statistics=statistics,
+            )
+            seconds = time.perf_counter() - start
+            result = measure(pruner.model.eval(), test_pixels, labels, latency_batch)
+            rows[row_id] = {
+                "id": row_id,
+                "model": name,
+                "criterion": criterion,
+                "repair": repair,
+                "target": ratio,
+                "amounts": amounts,
+                "removed": 1 - report.parameters_after / report.parameters_before,
+                "prune_seconds": seconds,
+                **result,
+            }
+            write_rows(args.output, rows)
+            print(f"{row_id}: top-1 {result['top1']:.4f}", flush=True)
+
+    print(
+        f"\n{JPEG_CAVEAT}\nTest images: {len(chosen)}; calibration: {args.num_samples} CIFAR-10 train images."
+    )
+    header = f"{'model':<7}{'criterion':<12}{'repair':<7}{'target':>7}{'removed':>8}{'top-1':>7}{'vs dense':>9}{'params':>9}{'MFLOPs':>8}{'ms/64':>7}"
+    print(header)
+    dense_top1 = {
+        row["model"]: row["top1"]
+        for row in rows.values()
+        if row["criterion"] == "dense"
+    }
+    for row in rows.values():
+        relative = (
+            row["top1"] / dense_top1[row["model"]]
+            if dense_top1.get(row["model"])
+            else float("nan")
+        )
+        print(
+            f"{row['model']:<7}{row['criterion']:<12}{row.get('repair', '-'):<7}{row.get('target', 0):>7.2f}"
+            f"{row.get('removed', 0):>8.3f}{row['top1']:>7.4f}{relative:>9.3f}{row['parameters']:>9,}"
+            f"{row['flops'] / 1e6:>8.1f}{row['latency_ms']:>7.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
