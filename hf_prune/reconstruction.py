@@ -118,7 +118,8 @@ def reconstruct(
             if method == "ispasp":
                 layer_plan = _reselect(layer_plan, branch, weight, stats.gram / stats.count)
             removed = removed_channels(adapter, layer, layer_plan, branch)
-            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in set(removed)])
+            gone = set(removed)
+            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone])
             new = _repair(module, weight, stats, kept, torch.tensor(removed, dtype=torch.long), method)
             new = new.to(module.weight.dtype)
             if transposed:
