@@ -73,6 +73,14 @@ def evaluation_ids(tokenizer, split: str, windows: int) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][-windows * 512 :]
 
 
+def save(results: dict, output: Path) -> None:
+    """Write atomically, so an interrupted run resumes from the last finished row."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_suffix(".tmp")
+    partial.write_text(json.dumps(results, indent=2))
+    partial.replace(output)
+
+
 def hf_prune_row(base: HFPruner, row: dict, num_samples: int, statistics, ids: torch.Tensor, dense: dict) -> dict:
     pruner = HFPruner(copy.deepcopy(base.model), tokenizer=base.tokenizer)
     start = time.perf_counter()
@@ -143,6 +151,7 @@ def main() -> None:
     results.setdefault("rows", {})
     if "dense" not in results:
         results["dense"] = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
+        save(results, output)
 
     statistics = None
     if any("torch_pruning" not in rows()[name] for name in todo):
@@ -150,7 +159,7 @@ def main() -> None:
         windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
         start = time.perf_counter()
         requirements = {"moments", "mlp_gram", "influence"}
-        if any(rows()[name]["criterion"] in ("taylor", "fisher") for name in todo):
+        if any(rows()[name].get("criterion") in ("taylor", "fisher") for name in todo):
             requirements.add("gradients")
         statistics = collect_statistics(base.model, base.adapter, windows.split(4 if "gradients" in requirements else 8), requirements)
         results["calibration_seconds"] = time.perf_counter() - start
@@ -160,10 +169,7 @@ def main() -> None:
         else:
             results["rows"][name] = hf_prune_row(base, rows()[name], args.num_samples, statistics, ids, results["dense"])
         row = results["rows"][name]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_suffix(".tmp")
-        partial.write_text(json.dumps(results, indent=2))
-        partial.replace(output)
+        save(results, output)
         if "error" in row:
             print(f"{name:32} failed after {row['seconds']:.1f} s: {row['error']}", flush=True)
         else:
