@@ -24,6 +24,7 @@ import torch
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration import token_windows
+from hf_prune.criteria import get_criterion
 from hf_prune.data import data_file, wikitext2_test_text
 from hf_prune.evaluation import parameter_count, perplexity
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
@@ -153,21 +154,31 @@ def main() -> None:
         results["dense"] = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
         save(results, output)
 
+    def needs_statistics(name: str) -> bool:
+        row = rows()[name]
+        if "torch_pruning" in row:
+            return False
+        return row["reconstruct"] != "none" or bool(get_criterion(row["criterion"]).requires)
+
     statistics = None
-    if any("torch_pruning" not in rows()[name] for name in todo):
-        config = PruningConfig(num_samples=args.num_samples)
-        windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
-        start = time.perf_counter()
-        requirements = {"moments", "mlp_gram", "influence"}
-        if any(rows()[name].get("criterion") in ("taylor", "fisher") for name in todo):
-            requirements.add("gradients")
-        statistics = collect_statistics(base.model, base.adapter, windows.split(4 if "gradients" in requirements else 8), requirements)
-        results["calibration_seconds"] = time.perf_counter() - start
     for name in todo:
+        if needs_statistics(name) and statistics is None:  # one pass, when the first row needs it
+            config = PruningConfig(num_samples=args.num_samples)
+            windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
+            start = time.perf_counter()
+            requirements = {"moments", "mlp_gram", "influence"}
+            if any(rows()[other].get("criterion") in ("taylor", "fisher") for other in todo):
+                requirements.add("gradients")
+            batches = windows.split(4 if "gradients" in requirements else 8)
+            statistics = collect_statistics(base.model, base.adapter, batches, requirements)
+            results["calibration_seconds"] = time.perf_counter() - start
         if "torch_pruning" in rows()[name]:
             results["rows"][name] = torch_pruning_row(base, rows()[name], args.num_samples, ids, results["dense"])
         else:
-            results["rows"][name] = hf_prune_row(base, rows()[name], args.num_samples, statistics, ids, results["dense"])
+            statistics_for_row = statistics if needs_statistics(name) else None
+            results["rows"][name] = hf_prune_row(
+                base, rows()[name], args.num_samples, statistics_for_row, ids, results["dense"]
+            )
         row = results["rows"][name]
         save(results, output)
         if "error" in row:
