@@ -74,7 +74,8 @@ def select(
     best, best_error = support, output_error(weight, gram, kept, least_squares_columns(weight, gram, kept))
     diagonal = gram.diagonal().clamp_min(DAMPING * gram.diagonal().mean())
     for _ in range(iterations):
-        outside = [b for b in range(len(blocks)) if b not in set(support)]
+        inside = set(support)
+        outside = [b for b in range(len(blocks)) if b not in inside]
         if not outside:
             break
         kept = _channels(blocks, support)

@@ -127,7 +127,8 @@ def reconstruct(
             if method == "ispasp":
                 layer_plan = _reselect(layer_plan, branch, weight, stats.gram / stats.count)
             removed = removed_channels(adapter, layer, layer_plan, branch)
-            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in set(removed)], device=weight.device)
+            gone = set(removed)
+            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)
             new = _repair(module, weight, stats, kept, torch.tensor(removed, dtype=torch.long, device=weight.device), method)
             new = new.to(parameter.dtype)
             if transposed:

@@ -6,7 +6,7 @@ non-overlapping 512-token windows, the first 80 (dense: 29.52). `--split valid` 
 last validation windows instead: choose defaults there, never on test.
 
 Resumable: finished rows are kept in the JSON file and skipped on the next run. `--rows` filters
-by substring of the row name. Prints a table and writes JSON.
+by substring of the row name and runs rows in that order. Prints a table and writes JSON.
 
     python scripts/benchmark_zero_shot.py --rows mlp50 --output outputs/zero_shot.json
 """
@@ -24,6 +24,7 @@ import torch
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration import token_windows
+from hf_prune.criteria import get_criterion
 from hf_prune.data import data_file, wikitext2_test_text
 from hf_prune.evaluation import parameter_count, perplexity
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
@@ -78,6 +79,14 @@ def evaluation_ids(tokenizer, split: str, windows: int) -> torch.Tensor:
         return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: windows * 512]
     text = data_file("wikitext-2/wiki.valid.tokens").read_text(encoding="utf-8")
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][-windows * 512 :]
+
+
+def save(results: dict, output: Path) -> None:
+    """Write atomically, so an interrupted run resumes from the last finished row."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_suffix(".tmp")
+    partial.write_text(json.dumps(results, indent=2))
+    partial.replace(output)
 
 
 def hf_prune_row(base: HFPruner, row: dict, num_samples: int, statistics, ids: torch.Tensor, dense: dict) -> dict:
@@ -135,7 +144,9 @@ def main() -> None:
 
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {}
-    wanted = [name for name in rows() if not args.rows or any(part in name for part in args.rows.split(","))]
+    parts = args.rows.split(",") if args.rows else [""]
+    # Rows run in the order `--rows` names them, so the most wanted finish first.
+    wanted = list(dict.fromkeys(name for part in parts for name in rows() if part in name))
     todo = [name for name in wanted if name not in results.get("rows", {})]
 
     folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
@@ -148,27 +159,35 @@ def main() -> None:
     results.setdefault("rows", {})
     if "dense" not in results:
         results["dense"] = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
+        save(results, output)
+
+    def needs_statistics(name: str) -> bool:
+        row = rows()[name]
+        if "torch_pruning" in row:
+            return False
+        return row["reconstruct"] != "none" or bool(get_criterion(row["criterion"]).requires)
 
     statistics = None
-    if any("torch_pruning" not in rows()[name] for name in todo):
-        config = PruningConfig(num_samples=args.num_samples)
-        windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
-        start = time.perf_counter()
-        requirements = {"moments", "mlp_gram", "influence"}
-        if any(rows()[name]["criterion"] in ("taylor", "fisher") for name in todo):
-            requirements.add("gradients")
-        statistics = collect_statistics(base.model, base.adapter, windows.split(4 if "gradients" in requirements else 8), requirements)
-        results["calibration_seconds"] = time.perf_counter() - start
     for name in todo:
+        if needs_statistics(name) and statistics is None:  # one pass, when the first row needs it
+            config = PruningConfig(num_samples=args.num_samples)
+            windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
+            start = time.perf_counter()
+            requirements = {"moments", "mlp_gram", "influence"}
+            if any(rows()[other].get("criterion") in ("taylor", "fisher") for other in todo):
+                requirements.add("gradients")
+            batches = windows.split(4 if "gradients" in requirements else 8)
+            statistics = collect_statistics(base.model, base.adapter, batches, requirements)
+            results["calibration_seconds"] = time.perf_counter() - start
         if "torch_pruning" in rows()[name]:
             results["rows"][name] = torch_pruning_row(base, rows()[name], args.num_samples, ids, results["dense"])
         else:
-            results["rows"][name] = hf_prune_row(base, rows()[name], args.num_samples, statistics, ids, results["dense"])
+            statistics_for_row = statistics if needs_statistics(name) else None
+            results["rows"][name] = hf_prune_row(
+                base, rows()[name], args.num_samples, statistics_for_row, ids, results["dense"]
+            )
         row = results["rows"][name]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_suffix(".tmp")
-        partial.write_text(json.dumps(results, indent=2))
-        partial.replace(output)
+        save(results, output)
         if "error" in row:
             print(f"{name:32} failed after {row['seconds']:.1f} s: {row['error']}", flush=True)
         else:

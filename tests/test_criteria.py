@@ -200,3 +200,9 @@ def test_text_calibration_without_a_tokenizer_is_refused_before_any_change():
     with pytest.raises(DataNotFoundError, match="needs a tokenizer"):
         pruner.prune(mlp_neurons=0.25, criterion="activation")
     assert pruner.report is None
+
+
+def test_synflow_needs_no_data_and_is_deterministic(tiny_llama):
+    data_free = ScoringContext(tiny_llama, HFPruner(tiny_llama).adapter)
+    first, again = scores(data_free, "synflow", "neurons", 1), scores(data_free, "synflow", "neurons", 1)
+    assert torch.equal(first, again) and first.argmin().item() == DEAD_NEURON

@@ -63,14 +63,29 @@ def _flow(model: torch.nn.Module, removed: list[Group], prefix: str) -> dict[str
     }
 
 
-def _group_score(scores: dict[str, torch.Tensor], group: Group, prefix: str) -> float:
+class _SliceSums:
+    """Sums of a score tensor over any index range along one dimension, from cumulative sums
+    (one reduction per parameter and dimension instead of one per group slice)."""
+
+    def __init__(self, scores: dict[str, torch.Tensor]):
+        self.scores = scores
+        self.cumulative: dict[tuple[str, int], list[float]] = {}
+
+    def __call__(self, name: str, dim: int, start: int, stop: int) -> float:
+        if (name, dim) not in self.cumulative:
+            tensor = self.scores[name]
+            others = [d for d in range(tensor.dim()) if d != dim]
+            per_index = tensor.sum(dim=others, dtype=torch.float64) if others else tensor.double()
+            self.cumulative[(name, dim)] = [0.0, *torch.cumsum(per_index, 0).tolist()]
+        cumulative = self.cumulative[(name, dim)]
+        return cumulative[stop] - cumulative[start]
+
+
+def _group_score(sums: _SliceSums, group: Group, prefix: str) -> float:
     return sum(
-        scores[f"{prefix}.{group.layer}.{piece.parameter}"]
-        .narrow(piece.dim, piece.start, piece.stop - piece.start)
-        .sum(dtype=torch.float64)
-        .item()
+        sums(f"{prefix}.{group.layer}.{piece.parameter}", piece.dim, piece.start, piece.stop)
         for piece in group.slices
-        if f"{prefix}.{group.layer}.{piece.parameter}" in scores
+        if f"{prefix}.{group.layer}.{piece.parameter}" in sums.scores
     )
 
 
@@ -102,11 +117,11 @@ class SynFlowCriterion(Criterion):
             if not any(alive):
                 break
             with torch.enable_grad():
-                scores = _flow(base, removed, layers_name)
+                sums = _SliceSums(_flow(base, removed, layers_name))
             for pool, step in zip(alive, steps):
                 if not pool:
                     continue
-                values = torch.tensor([_group_score(scores, group, layers_name) for group in pool], dtype=torch.float64)
+                values = torch.tensor([_group_score(sums, group, layers_name) for group in pool], dtype=torch.float64)
                 normalised = values / (values.max() + torch.finfo(torch.float64).tiny)
                 order = torch.argsort(values, stable=True)
                 last = round_index == ROUNDS - 1
