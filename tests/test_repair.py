@@ -111,7 +111,7 @@ def test_ispasp_reduces_the_calibration_output_error_at_least_as_much_as_lstsq(a
     model = FAMILIES["qwen2"].build()
     adapter = HFPruner(model).adapter
     stats = collect_statistics(model, adapter, calibration_windows()[0].split(4), {"moments", "mlp_gram"})
-    targets = resolve_targets(PruningPlan.keep_all(model, adapter), PruningConfig(**amounts))
+    targets = resolve_targets(model, adapter, PruningConfig(**amounts))
     plan = build_plan(
         ScoringContext(model, adapter, stats),
         dict.fromkeys(["neurons", "kv_groups"], get_criterion("activation")),
