@@ -13,8 +13,8 @@ default config draws them. Two parts:
              and 8) of pruned models against the dense one, measured interleaved, beside the ideal
              ratio of forward FLOPs per token (`hf_prune.evaluation.flops_per_token`, 512 context).
              Shapes only matter here, so these prunes use `magnitude` without repair.
-             `round_to=64` is emulated by amounts whose kept widths are multiples of 64 (PruningConfig
-             has no `round_to` on this branch yet); the unrounded rows keep odd widths.
+             The `round64` rows ask `PruningConfig(round_to=64)` for the same fraction; the unrounded
+             rows keep odd widths.
 
 Results go to `--output` (JSON) after every row; finished rows are skipped when the script runs
 again with the same settings.
@@ -59,9 +59,9 @@ STAGES = {
 #: 9 heads of 64 (3 KV groups), 1536 MLP neurons, 30 layers.
 INFERENCE_ROWS = {
     "mlp-30%": ({"mlp_neurons": 461}, False),  # 1075 neurons kept
-    "mlp-30% round64": ({"mlp_neurons": 448}, True),  # 1088 = 17 × 64
+    "mlp-30% round64": ({"mlp_neurons": 461, "round_to": 64}, True),  # 1088 = 17 × 64 kept
     "mlp-55%": ({"mlp_neurons": 845}, False),  # 691 kept
-    "mlp-55% round64": ({"mlp_neurons": 832}, True),  # 704 = 11 × 64
+    "mlp-55% round64": ({"mlp_neurons": 845, "round_to": 64}, True),  # 704 = 11 × 64 kept
     "kv1+mlp-25%": ({"kv_groups": 1, "mlp_neurons": 384}, True),  # 6 heads, 1152 = 18 × 64
     "layers-4": ({"layers": 4}, True),
 }
