@@ -289,3 +289,10 @@ def test_concatenated_branches_keep_their_offsets():
 def test_export_failure_is_a_tracing_error():
     with pytest.raises(TracingError, match="example_inputs"):
         HFPruner.from_model(build(), example_inputs={"pixels": IMAGES})
+
+
+def test_settings_tracing_cannot_honour_are_refused():
+    pruner = HFPruner.from_model(build(), example_inputs=IMAGES)
+    for settings, name in (({"allocation": "global"}, "allocation"), ({"round_to": 8}, "round_to"), ({"protected_layers": (0,)}, "protected_layers")):
+        with pytest.raises(InvalidPruningTargetError, match=f"{name}: traced models remove the same share"):
+            pruner.prune(PruningConfig(channels=0.3, criterion="magnitude", **settings))

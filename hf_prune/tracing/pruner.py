@@ -178,6 +178,18 @@ class TracedPruner:
             raise InvalidPruningTargetError(
                 "nothing to remove: set channels (a fraction, e.g. channels=0.3, or a count)."
             )
+        unsupported = {
+            "allocation": config.allocation != "uniform",
+            "protected_layers": bool(config.protected_layers),
+            "round_to": config.round_to != 1,
+            config.budget_target or "sparsity": config.budget_target is not None,
+        }
+        refused = [name for name, given in unsupported.items() if given]
+        if refused:
+            raise InvalidPruningTargetError(
+                f"{', '.join(refused)}: traced models remove the same share of every channel family (uniform "
+                "allocation, channels=...); drop these settings."
+            )
         if self.report is not None:
             raise InvalidPruningTargetError(
                 "this model was already pruned; trace the pruned model again to prune more."
