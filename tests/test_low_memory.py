@@ -17,6 +17,9 @@ CASES = {
         "layers": 1, "mlp_neurons": 0.25, "criterion": {"neurons": "obs", "layers": "block_influence"}
     },
     "branch/magnitude (loader format)": {"attention_branches": 1, "mlp_neurons": 0.25, "criterion": "magnitude"},
+    "sparsity+protected+round_to/activation+ispasp": {
+        "sparsity": 0.3, "protected_layers": (0,), "round_to": 4, "criterion": "activation", "reconstruct": "ispasp"
+    },
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -208,8 +209,11 @@ def _budget_counts(config: PruningConfig, model: nn.Module, costs: dict[int, Uni
     for index, c in open_layers.items():
         attention = min(round(share * c.attention_units), max(c.attention_units - 1, 0))
         rest = share * c.prunable - attention * c.kv_group
-        neurons = min(max(round(rest / c.neuron), 0), c.num_neurons - 1) if c.num_neurons else 0
-        neurons = rounded_neurons(neurons, c.num_neurons, config.round_to)
+        # At least the layer's share (never short of the budget), then down to a multiple of round_to.
+        neurons = min(max(math.ceil(rest / c.neuron - 1e-9), 0), c.num_neurons - 1) if c.num_neurons else 0
+        if neurons and config.round_to > 1:
+            kept = max(config.round_to, (c.num_neurons - neurons) // config.round_to * config.round_to)
+            neurons = max(c.num_neurons - kept, 0)
         if c.attention_units:
             (counts.mha_heads if c.heads_per_group == 1 else counts.kv_groups)[index] = attention
         if c.num_neurons:
