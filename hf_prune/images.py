@@ -12,9 +12,7 @@ below the original test set on it (`JPEG_CAVEAT`), which every vision report sta
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checkpoint import write_atomically
 from .data import DATA_DIR_VARIABLE, data_file
 from .errors import DataNotFoundError
 
@@ -61,19 +60,13 @@ def cifar10_folder() -> Path:
     if (target / "test").is_dir() and (target / "train").is_dir():
         return target
     archive = data_file(CIFAR10_ARCHIVE)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".cifar10.tmp-"))
-    try:
+
+    def extract(staging: Path) -> None:
         with tarfile.open(archive) as tar:
             tar.extractall(staging, filter="data")
-        if target.exists():  # a concurrent extraction finished first: keep its copy
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    # A half-extracted cache never appears; a concurrent extraction's copy is simply replaced.
+    return write_atomically(target, extract, overwrite=True)
 
 
 def read_image_folder(folder: str | os.PathLike) -> ImageSet:

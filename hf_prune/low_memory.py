@@ -43,12 +43,11 @@ from transformers.core_model_loading import (
 
 from .allocation import group_scores, plan_layer, remove_blocks
 from .calibration import token_windows
-from .checkpoint import decide_format, write_atomically, write_loader_config
+from .checkpoint import decide_format, write_atomically
 from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .errors import LowMemoryError, NotPrunedError
 from .evaluation import parameter_count
-from .model_card import write_model_card
 from .plan import PruningPlan
 from .pruner import HFPruner, _model_class, _own_config, load_preprocessor
 from .reconstruction import reconstruct
@@ -490,12 +489,7 @@ class LowMemoryPruner(HFPruner):
                 self.model.config.save_pretrained(folder)
                 if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
                     self.model.generation_config.save_pretrained(folder)
-                if not decision.vanilla:
-                    write_loader_config(folder, self.model, self.adapter)
-                for extra in (self.tokenizer, self.processor):
-                    if extra is not None:
-                        extra.save_pretrained(folder)
-                write_model_card(folder, self, model_id=Path(save_directory).name)
+                self.write_companions(folder, decision, model_id=Path(save_directory).name)
             except BaseException:
                 for name in moved if staged else ():  # the staged weights survive a failed save
                     shutil.move(folder / name, source / name)

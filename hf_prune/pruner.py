@@ -200,6 +200,16 @@ class HFPruner:
             }
         return self.apply(plan, config, calibration=calibration)
 
+    def write_companions(self, folder: Path, decision: FormatDecision, model_id: str) -> None:
+        """Everything a saved folder holds beside its weights and config: the loader-format files when
+        needed, tokenizer or processor, and the model card."""
+        if not decision.vanilla:
+            write_loader_config(folder, self.model, self.adapter)
+        for extra in (self.tokenizer, self.processor):
+            if extra is not None:
+                extra.save_pretrained(folder)
+        write_model_card(folder, self, model_id=model_id)
+
     def validated(self, config: PruningConfig | None, kwargs: dict) -> tuple[PruningConfig, Targets, dict[str, Criterion]]:
         """The config, its per-kind counts and criteria, checked against the model's shapes before any work."""
         if config is not None and kwargs:
@@ -262,12 +272,7 @@ class HFPruner:
 
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder)
-            if not decision.vanilla:
-                write_loader_config(folder, self.model, self.adapter)
-            for extra in (self.tokenizer, self.processor):
-                if extra is not None:
-                    extra.save_pretrained(folder)
-            write_model_card(folder, self, model_id=Path(save_directory).name)
+            self.write_companions(folder, decision, model_id=Path(save_directory).name)
 
         folder = write_atomically(save_directory, write, overwrite=overwrite)
         self.last_save = (folder, self.report)
