@@ -32,9 +32,16 @@ PROPOSAL = 0.25
 
 
 def least_squares_columns(
-    weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = DAMPING, count: int = 1
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    kept: torch.Tensor,
+    damping: float = DAMPING,
+    count: int = 1,
+    extra_target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`W G[:, S] (G[S, S] + λI)⁻¹`: the kept columns that best reproduce `W x` (outputs × |S|).
+    """`W G[:, S] (G[S, S] + λI)⁻¹`: the kept columns that best reproduce `W x` (outputs × |S|);
+    with `extra_target` `C = Σ d xᵀ` (a sum over the same tokens), the columns that best reproduce
+    `W x + d`: `(W G[:, S] + C[:, S]) (G[S, S] + λI)⁻¹`.
 
     `gram` may be a sum over `count` tokens: only the kept slices are copied and scaled, in place,
     since at 8192 channels every full-size temporary costs hundreds of MB (the low-memory mode)."""
@@ -43,8 +50,11 @@ def least_squares_columns(
     gram_kept.diagonal().add_(damping * gram_kept.diagonal().mean())
     cross = gram[:, kept]
     cross /= count
-    target = (weight @ cross).T
+    target = weight @ cross
     del cross
+    if extra_target is not None:
+        target += extra_target[:, kept] / count
+    target = target.T
     return torch.linalg.solve(gram_kept, target).T
 
 

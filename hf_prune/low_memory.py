@@ -48,6 +48,8 @@ from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .errors import LowMemoryError, NotPrunedError
 from .evaluation import parameter_count
+from .groups.base import channels_last, in_features, out_features
+from .layer_replacement import FOLDING_REPAIRS, RemovedRun, add_stream_target, removed_runs
 from .plan import PruningPlan
 from .pruner import HFPruner, _model_class, _own_config, load_preprocessor
 from .reconstruction import reconstruct
@@ -316,11 +318,18 @@ class LowMemoryPruner(HFPruner):
 
     # ----------------------------------------------------------------- passes
     def _layer_pass(
-        self, batches: list[torch.Tensor], requirements: set[Requirement], visit, description: str, propagate: Propagation
+        self,
+        batches: list[torch.Tensor],
+        requirements: set[Requirement],
+        visit,
+        description: str,
+        propagate: Propagation,
+        extra_hooks=None,
     ) -> None:
         """Load each layer in turn, measure it on its calibration inputs, let `visit(index, layer,
         statistics, inputs)` use it, propagate, unload. With `propagate="pruned"`, `visit` returns
-        the outputs to propagate (None: the layer was removed, its inputs go on unchanged)."""
+        the outputs to propagate (None: the layer was removed, its inputs go on unchanged).
+        `extra_hooks(index, layer)` returns more hook handles to hold during the measuring run."""
         inputs = self._capture(batches) if batches else None
         layers = self.adapter.layers(self.model)
         for index in tqdm(range(len(layers)), desc=description, unit="layer"):
@@ -330,6 +339,7 @@ class LowMemoryPruner(HFPruner):
             if inputs is not None:
                 recorder = InfluenceRecorder(statistics) if "influence" in requirements else None
                 handles = register_layer_hooks(statistics, index, layer, self.adapter, recorder)
+                handles += extra_hooks(index, layer) if extra_hooks else []
                 try:  # unpruned propagation: the dense outputs are all the next layer needs
                     inputs.run(layer, index, advance=propagate == "unpruned")
                 finally:
@@ -397,13 +407,27 @@ class LowMemoryPruner(HFPruner):
         weakref.finalize(self, shutil.rmtree, staging, True)
         kept = plan.kept_layers
         files = len(kept) + 1
+        runs = {}
+        if config.reconstruct in FOLDING_REPAIRS and batches:
+            runs = {run.writer: run for run in removed_runs(self.model, self.adapter, plan)}
+        writer_inputs: list[torch.Tensor] = []
+
+        def keep_writer_inputs(index, layer):
+            if index not in runs:
+                return []
+            writer_inputs.clear()
+            down_proj = layer.get_submodule(self.adapter.down_proj)
+            return [down_proj.register_forward_pre_hook(lambda m, args: writer_inputs.append(channels_last(m, args[0])))]
 
         def visit(index, layer, statistics, inputs):
             layer_plan = plan.layers[index]
             context = ScoringContext(self.model, self.adapter, statistics=statistics, batch_size=config.batch_size)
             plan_layer(context, criteria, layer_plan, targets)
+            stream_target = {index: self._stream_target(runs[index], layer, inputs, writer_inputs)} if index in runs else None
             # `ispasp` may re-select the layer's groups: cut (and record) what the repair chose.
-            layer_plan = reconstruct(self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct).layers[0]
+            layer_plan = reconstruct(
+                self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, stream_target
+            ).layers[0]
             plan.layers[index] = layer_plan
             if not layer_plan.keep_layer:
                 return None  # a removed layer is the identity: its inputs go on unchanged
@@ -416,7 +440,7 @@ class LowMemoryPruner(HFPruner):
             )
             return inputs.outputs(layer, index) if inputs is not None and self.propagate == "pruned" else None
 
-        self._layer_pass(batches, requirements, visit, "pruning layers", self.propagate)
+        self._layer_pass(batches, requirements, visit, "pruning layers", self.propagate, keep_writer_inputs)
         self._stage_outside(staging, files)
         drop_layers(self.model, self.adapter, kept)
         decision = decide_format(self.model, self.adapter)
@@ -437,6 +461,28 @@ class LowMemoryPruner(HFPruner):
             self.model.config.model_type, plan, before, after, decision.name, decision.reason, config.to_dict(), calibration
         )
         return self.report
+
+    @torch.no_grad()
+    def _stream_target(
+        self, run: RemovedRun, writer: nn.Module, inputs: LayerInputs, writer_inputs: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """What the removed layers `run.first..run.last` add to the stream, against the writer's
+        `down_proj` inputs (`layer_replacement`): they are loaded one at a time and run on the
+        writer's dense outputs, on the stream this mode propagates."""
+        # Unpruned propagation has already advanced the stream past the (still dense) writer.
+        before = inputs.hidden if self.propagate == "unpruned" else inputs.outputs(writer, run.writer)
+        after = list(before)
+        layers = self.adapter.layers(self.model)
+        for index in range(run.first, run.last + 1):
+            self._load(self._layer_names(index))
+            after = [_first(layers[index](h, *a, **k)) for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])]
+            _free(layers[index])
+        down_proj = writer.get_submodule(self.adapter.down_proj)
+        target = torch.zeros(out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=self.device)
+        for a, b, c in zip(writer_inputs, before, after):
+            add_stream_target(target, a, b, c)
+        writer_inputs.clear()
+        return target
 
     def _shape_plan(self, config: PruningConfig) -> PruningPlan:
         """A plan with the target counts (uniform allocation: the shapes do not depend on which groups go)."""

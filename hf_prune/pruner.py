@@ -22,6 +22,7 @@ from .distributed import from_main_process, is_main_process
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .evaluation import flops_per_token, parameter_count
 from .groups import get_adapter, supported_model_types
+from .layer_replacement import FOLDING_REPAIRS, removed_runs, stream_targets
 from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
 from .reconstruction import reconstruct
@@ -189,7 +190,19 @@ class HFPruner:
         # Under torchrun every process holds the same summed statistics; the main one plans, all cut alike
         # (`ispasp` re-selects from those same statistics, so every process re-selects alike too).
         plan = from_main_process(build_plan(context, criteria, targets) if is_main_process() else None)
-        plan = reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct)
+        targets_of_removed = None
+        if config.reconstruct in FOLDING_REPAIRS:
+            runs = removed_runs(self.model, self.adapter, plan)
+            if runs:
+                if context.windows is None:
+                    context.windows = token_windows(
+                        config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed,
+                        self.processor,
+                    )
+                targets_of_removed = stream_targets(
+                    self.model, self.adapter, context.windows.split(config.batch_size), runs
+                )
+        plan = reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct, targets_of_removed)
         calibration = None
         if context.statistics is not None:
             calibration = {

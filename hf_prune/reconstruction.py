@@ -6,6 +6,8 @@
 - `bias` (FLAP) gives back the removed channels' mean contribution (`bias_compensation.py`).
 - `ispasp` re-selects which neurons, heads or KV groups stay with i-SpaSP's CoSaMP iterations,
   starting from the criterion's choice, then refits like `lstsq` (`ispasp.py`).
+- With `lstsq` and `ispasp`, the MLP before a run of removed layers is refitted to also add what
+  they added to the residual stream (`layer_replacement.py`).
 
 Repairs are written into the kept columns (and the bias) of the dense weight before surgery, so
 masking and surgery still agree exactly.
@@ -72,10 +74,11 @@ def _repair(
     kept: torch.Tensor,
     removed: torch.Tensor,
     method: str,
+    stream_target: torch.Tensor | None,
 ) -> torch.Tensor:
     """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
     if method in ("lstsq", "ispasp"):
-        return least_squares_columns(weight, stats.gram, kept, count=stats.count)
+        return least_squares_columns(weight, stats.gram, kept, count=stats.count, extra_target=stream_target)
     constant = removed_mean_contribution(weight, stats.mean, removed)
     if getattr(module, "bias", None) is not None:
         module.bias += constant.to(module.bias.dtype)
@@ -93,9 +96,11 @@ def reconstruct(
     plan: PruningPlan,
     statistics: CalibrationStatistics | None,
     method: str,
+    stream_targets: dict[int, torch.Tensor] | None = None,
 ) -> PruningPlan:
     """Repair every consumer that loses channels, in place, before surgery; returns the plan to cut
-    (`ispasp` may keep other channels than the criterion chose, always as many)."""
+    (`ispasp` may keep other channels than the criterion chose, always as many). `stream_targets`
+    (`layer_replacement.stream_targets`) maps a layer to what the removed layers after it added."""
     if method == "none":
         return plan
     if statistics is None:
@@ -108,8 +113,9 @@ def reconstruct(
             continue
         layer = layers[layer_plan.layer]
         for branch in ("attention", "mlp"):
+            stream_target = (stream_targets or {}).get(layer_plan.layer) if branch == "mlp" else None
             changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
-            if not changed:
+            if not changed and stream_target is None:
                 continue
             stats = statistics.consumers[(layer_plan.layer, branch)]
             name = adapter.o_proj if branch == "attention" else adapter.down_proj
@@ -124,12 +130,13 @@ def reconstruct(
                     "view cannot express; use reconstruct='lstsq' for convolutional models."
                 )
             weight = (parameter.T if transposed else matrix_view(parameter)).double()
-            if method == "ispasp":
+            if method == "ispasp" and changed:
                 layer_plan = _reselect(layer_plan, branch, weight, stats.gram / stats.count)
             removed = removed_channels(adapter, layer, layer_plan, branch)
             gone = set(removed)
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)
-            new = _repair(module, weight, stats, kept, torch.tensor(removed, dtype=torch.long, device=weight.device), method)
+            removed_tensor = torch.tensor(removed, dtype=torch.long, device=weight.device)
+            new = _repair(module, weight, stats, kept, removed_tensor, method, stream_target)
             new = new.to(parameter.dtype)
             if transposed:
                 parameter[kept, :] = new.T

@@ -200,12 +200,12 @@ def register_layer_hooks(
     return handles
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The model without its task head (the LM head alone costs ~25% of a small LM's forward)."""
     return getattr(model, getattr(model, "base_model_prefix", ""), model)
 
 
-def _model_inputs(batch: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(batch: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     batch = batch.to(device)
     return {"pixel_values": batch} if batch.is_floating_point() else {"input_ids": batch}
 
@@ -234,12 +234,12 @@ def collect_statistics(
         for parameter in frozen:  # embeddings and heads: no gradient needed, saves a large matmul
             parameter.requires_grad_(False)
         for batch in tqdm(local_share(list(batches)), desc="calibration", unit="batch", leave=False):
-            inputs = _model_inputs(batch, device)
+            inputs = model_inputs(batch, device)
             stats.batches += 1
             stats.tokens += batch.numel() if "input_ids" in inputs else batch.shape[0]
             if not gradients:
                 with torch.no_grad():
-                    _base_model(model)(**inputs)
+                    base_model(model)(**inputs)
                 continue
             loss = model(**inputs, labels=inputs["input_ids"]).loss
             loss.backward()

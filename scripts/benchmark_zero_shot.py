@@ -54,6 +54,8 @@ def rows() -> dict[str, dict]:
     for criterion in ("obs", "activation", "flow", "fluctuation", "magnitude", "random"):
         for budget in ("mlp25", "mlp50", "kv1of3"):
             table[f"{budget}/{criterion}+lstsq"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq"}
+    for criterion in ("block_influence", "flow", "loss"):  # removed layers folded into the MLP before them
+        table[f"layers4/{criterion}+lstsq"] = {**BUDGETS["layers4"], "criterion": criterion, "reconstruct": "lstsq"}
     for criterion in ("obs", "activation", "flow"):
         for allocation in ALLOCATIONS:
             for budget in ("sparsity20", "mlp50") if allocation != "uniform" else ("sparsity20",):

@@ -170,6 +170,9 @@ class ArchitectureAdapter(ABC):
     #: Whether the dense model's layers differ in shape by design (convolutional stages): the
     #: format decision then compares the whole model with one its config builds, layer by layer.
     shapes_per_stage: ClassVar[bool] = False
+    #: Whether the MLP's output projection adds straight into the residual stream (pre-norm
+    #: blocks), so that what removed layers added can be refitted into it (`layer_replacement`).
+    mlp_adds_to_stream: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- layer stack
     def layers_name(self, model: nn.Module) -> str:
@@ -189,6 +192,10 @@ class ArchitectureAdapter(ABC):
     def geometry(self, layer: nn.Module) -> LayerGeometry:
         """Read the layer's current shape from its modules (not the config: layers may differ)."""
         return LayerGeometry(self.attention_geometry(layer), self.intermediate_size(layer))
+
+    def mlp_writes_stream(self, layer: nn.Module) -> bool:
+        """Whether this layer's `down_proj` output reaches the residual stream unchanged."""
+        return self.mlp_adds_to_stream and self.has_branch(layer, "mlp")
 
     def has_branch(self, layer: nn.Module, branch: Branch) -> bool:
         name = self.attention_module if branch == "attention" else self.mlp_module

@@ -16,6 +16,7 @@ class GPT2Adapter(ArchitectureAdapter):
     o_proj = "attn.c_proj"
     up_proj = "mlp.c_fc"
     down_proj = "mlp.c_proj"
+    mlp_adds_to_stream = True
 
     def _qkv(self, layer: nn.Module, geometry: AttentionGeometry, part: int, head: int) -> list[TensorSlice]:
         d, width = geometry.head_dim, geometry.num_heads * geometry.head_dim

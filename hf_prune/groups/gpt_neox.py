@@ -17,6 +17,7 @@ class GPTNeoXAdapter(ArchitectureAdapter):
     o_proj = "attention.dense"
     up_proj = "mlp.dense_h_to_4h"
     down_proj = "mlp.dense_4h_to_h"
+    mlp_adds_to_stream = True
 
     def _qkv(self, layer: nn.Module, geometry: AttentionGeometry, part: int, head: int) -> list[TensorSlice]:
         d = geometry.head_dim

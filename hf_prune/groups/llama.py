@@ -4,6 +4,7 @@ Covers Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 and Gemma 3 (per-head q/k nor
 `head_dim` and so stay untouched when heads are removed).
 """
 
+from torch import nn
 
 from .base import ArchitectureAdapter
 from .registry import register_adapter
@@ -22,3 +23,8 @@ class LlamaAdapter(ArchitectureAdapter):
     gate_proj = "mlp.gate_proj"
     up_proj = "mlp.up_proj"
     down_proj = "mlp.down_proj"
+    mlp_adds_to_stream = True
+
+    def mlp_writes_stream(self, layer: nn.Module) -> bool:
+        """Gemma 3 normalises the MLP output (`post_feedforward_layernorm`) before adding it."""
+        return super().mlp_writes_stream(layer) and not hasattr(layer, "post_feedforward_layernorm")

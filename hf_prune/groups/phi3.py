@@ -17,6 +17,7 @@ class Phi3Adapter(ArchitectureAdapter):
     o_proj = "self_attn.o_proj"
     up_proj = "mlp.gate_up_proj"
     down_proj = "mlp.down_proj"
+    mlp_adds_to_stream = True
 
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
         if not self.has_branch(layer, "attention"):

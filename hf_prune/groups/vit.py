@@ -18,6 +18,7 @@ class ViTAdapter(ArchitectureAdapter):
     o_proj = "attention.o_proj"
     up_proj = "mlp.fc1"
     down_proj = "mlp.fc2"
+    mlp_adds_to_stream = True
 
     def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
         # ViTAttention reads an explicit `head_dim` from the config when present.
