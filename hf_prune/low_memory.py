@@ -1,7 +1,7 @@
 """Low-memory (sequential) pruning: only one layer's weights are in memory at a time.
 
-The model is built on the meta device. The calibration inputs of the first layer are captured
-with only the tensors outside the layer stack loaded (embeddings; rotary embeddings and masks
+The model is built on the meta device. The calibration inputs of every layer are captured
+(`layer_inputs`) with only the tensors outside the layer stack loaded (embeddings; rotary embeddings and masks
 are computed as usual). Then each layer in turn is read from the safetensors shards, measured
 with the same hooks as the whole-model pass (`statistics.register_layer_hooks`), scored and
 planned (`allocation.plan_layer`), repaired (`reconstruction.reconstruct`), cut
@@ -23,7 +23,6 @@ import tempfile
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +48,7 @@ from .criteria import Criterion, ScoringContext
 from .errors import LowMemoryError, NotPrunedError
 from .evaluation import parameter_count
 from .groups.base import channels_last, in_features, out_features
+from .layer_inputs import LayerInputs, capture_layer_inputs, first_output
 from .layer_replacement import FOLDING_REPAIRS, RemovedRun, add_stream_target, removed_runs
 from .plan import PruningPlan
 from .pruner import HFPruner, _model_class, _own_config, load_preprocessor
@@ -136,66 +136,6 @@ def _free(module: nn.Module, names: Iterable[str] | None = None) -> None:
     tensors = module.state_dict(keep_vars=True)
     for name in tensors if names is None else names:
         _set_tensor(module, name, torch.empty_like(tensors[name], device="meta"))
-
-
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-class _Captured(Exception):
-    """Raised by the last layer's stand-in: nothing after the layer stack is needed (or loaded)."""
-
-
-@dataclass
-class LayerInputs:
-    """The calibration inputs of the current layer: per batch, the hidden states; per layer and
-    batch, the other arguments the model passes (masks, position embeddings), which differ between
-    layer types (sliding-window and full attention, local and global rotary embeddings)."""
-
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    args: list[list[tuple]] = field(default_factory=list)
-    kwargs: list[list[dict]] = field(default_factory=list)
-
-    @torch.no_grad()
-    def outputs(self, layer: nn.Module, index: int) -> list[torch.Tensor]:
-        """`layer`'s outputs for every batch (layer `index`'s arguments)."""
-        return [_first(layer(h, *a, **k)) for h, a, k in zip(self.hidden, self.args[index], self.kwargs[index])]
-
-    @torch.no_grad()
-    def run(self, layer: nn.Module, index: int, advance: bool) -> None:
-        """Run every batch through `layer` (for its hooks); with `advance`, each batch's outputs
-        replace its inputs at once, so inputs and outputs are never held whole side by side."""
-        for batch, (args, kwargs) in enumerate(zip(self.args[index], self.kwargs[index])):
-            output = _first(layer(self.hidden[batch], *args, **kwargs))
-            if advance:
-                self.hidden[batch] = output
-
-
-class _Recorder(nn.Module):
-    """Stands in for a (weightless) layer while the inputs are captured: records what the model
-    passes it and returns the hidden states unchanged; the last one stops the forward pass.
-    Attributes the model reads from its layers (`attention_type`, ...) come from the real layer."""
-
-    def __init__(self, layer: nn.Module, index: int, inputs: LayerInputs, last: bool):
-        super().__init__()
-        object.__setattr__(self, "layer", layer)  # not a submodule: the stand-in owns nothing
-        self.index, self.inputs, self.last = index, inputs, last
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["layer"], name)
-
-    def forward(self, *args, **kwargs):
-        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-        if self.index == 0:
-            self.inputs.hidden.append(hidden)
-        self.inputs.args[self.index].append(tuple(rest))
-        self.inputs.kwargs[self.index].append(kwargs)
-        if self.last:
-            raise _Captured
-        return hidden
 
 
 class LowMemoryPruner(HFPruner):
@@ -289,29 +229,13 @@ class LowMemoryPruner(HFPruner):
             )
 
     def _capture(self, batches: list[torch.Tensor]) -> LayerInputs:
-        """Run the model through stand-ins for its layers, with only the tensors outside the layer
-        stack loaded: the first layer's hidden states and every layer's other arguments."""
-        layers = self.adapter.layers(self.model)
-        inputs = LayerInputs(args=[[] for _ in layers], kwargs=[[] for _ in layers])
+        """Every layer's calibration arguments, with only the tensors outside the layer stack loaded."""
         outside = self._outside_layers()
         self._load(outside)
-        base = getattr(self.model, self.model.base_model_prefix, self.model)
-        extra = {"use_cache": False} if getattr(self.model.config, "use_cache", False) else {}
-        stand_ins = [_Recorder(layer, i, inputs, last=i == len(layers) - 1) for i, layer in enumerate(layers)]
-        self.adapter.set_layers(self.model, nn.ModuleList(stand_ins))
         try:
-            with torch.no_grad():
-                for batch in tqdm(batches, desc="embeddings", unit="batch", leave=False):
-                    batch = batch.to(self.device)
-                    key = "pixel_values" if batch.is_floating_point() else "input_ids"
-                    try:
-                        base(**{key: batch.to(self.dtype) if key == "pixel_values" and self.dtype else batch}, **extra)
-                    except _Captured:
-                        pass
+            return capture_layer_inputs(self.model, self.adapter, batches, self.device, self.dtype)
         finally:
-            self.adapter.set_layers(self.model, layers)
             _free(self.model, outside)
-        return inputs
 
     def _stage(self, staging: Path, file: str, tensors: dict[str, torch.Tensor]) -> None:
         save_file({name: tensor.contiguous().cpu() for name, tensor in tensors.items()}, staging / file, metadata={"format": "pt"})
@@ -475,7 +399,7 @@ class LowMemoryPruner(HFPruner):
         layers = self.adapter.layers(self.model)
         for index in range(run.first, run.last + 1):
             self._load(self._layer_names(index))
-            after = [_first(layers[index](h, *a, **k)) for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])]
+            after = [first_output(layers[index](h, *a, **k)) for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])]
             _free(layers[index])
         down_proj = writer.get_submodule(self.adapter.down_proj)
         target = torch.zeros(out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=self.device)

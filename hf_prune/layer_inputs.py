@@ -1,0 +1,107 @@
+"""The calibration inputs of every layer, so layers can be run one at a time.
+
+A pass through the model with each layer replaced by a stand-in that records its arguments and
+returns its input unchanged captures the first layer's hidden states and every layer's other
+arguments (masks, position embeddings), which differ between layer types (sliding-window and
+full attention, local and global rotary embeddings); no layer computes. The low-memory mode runs
+it with only the tensors outside the layer stack loaded; the sequential repair on a whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .groups import ArchitectureAdapter
+
+
+def first_output(output):
+    """A layer's hidden states, whether it returns a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Captured(Exception):
+    """Raised by the last layer's stand-in: nothing after the layer stack is needed (or loaded)."""
+
+
+@dataclass
+class LayerInputs:
+    """The calibration inputs of the current layer: per batch, the hidden states; per layer and
+    batch, the other arguments the model passes."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    args: list[list[tuple]] = field(default_factory=list)
+    kwargs: list[list[dict]] = field(default_factory=list)
+
+    @torch.no_grad()
+    def outputs(self, layer: nn.Module, index: int) -> list[torch.Tensor]:
+        """`layer`'s outputs for every batch (layer `index`'s arguments)."""
+        return [first_output(layer(h, *a, **k)) for h, a, k in zip(self.hidden, self.args[index], self.kwargs[index])]
+
+    @torch.no_grad()
+    def run(self, layer: nn.Module, index: int, advance: bool) -> None:
+        """Run every batch through `layer` (for its hooks); with `advance`, each batch's outputs
+        replace its inputs at once, so inputs and outputs are never held whole side by side."""
+        for batch, (args, kwargs) in enumerate(zip(self.args[index], self.kwargs[index])):
+            output = first_output(layer(self.hidden[batch], *args, **kwargs))
+            if advance:
+                self.hidden[batch] = output
+
+
+class _Recorder(nn.Module):
+    """Stands in for a (weightless) layer while the inputs are captured: records what the model
+    passes it and returns the hidden states unchanged; the last one stops the forward pass.
+    Attributes the model reads from its layers (`attention_type`, ...) come from the real layer."""
+
+    def __init__(self, layer: nn.Module, index: int, inputs: LayerInputs, last: bool):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: the stand-in owns nothing
+        self.index, self.inputs, self.last = index, inputs, last
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["layer"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+        if self.index == 0:
+            self.inputs.hidden.append(hidden)
+        self.inputs.args[self.index].append(tuple(rest))
+        self.inputs.kwargs[self.index].append(kwargs)
+        if self.last:
+            raise _Captured
+        return hidden
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    batches: list[torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> LayerInputs:
+    """Run the model through stand-ins for its layers: the first layer's hidden states and every
+    layer's other arguments, per batch."""
+    layers = adapter.layers(model)
+    inputs = LayerInputs(args=[[] for _ in layers], kwargs=[[] for _ in layers])
+    base = getattr(model, model.base_model_prefix, model)
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", False) else {}
+    stand_ins = [_Recorder(layer, i, inputs, last=i == len(layers) - 1) for i, layer in enumerate(layers)]
+    adapter.set_layers(model, nn.ModuleList(stand_ins))
+    try:
+        for batch in tqdm(batches, desc="embeddings", unit="batch", leave=False):
+            batch = batch.to(device)
+            key = "pixel_values" if batch.is_floating_point() else "input_ids"
+            try:
+                base(**{key: batch.to(dtype) if key == "pixel_values" and dtype else batch}, **extra)
+            except _Captured:
+                pass
+    finally:
+        adapter.set_layers(model, layers)
+    return inputs
