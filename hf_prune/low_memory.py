@@ -16,6 +16,7 @@ branch removal rank blocks across layers: a first pass scores them, the second p
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -61,6 +62,11 @@ from .statistics import (
     register_layer_hooks,
 )
 from .surgery import cut_layer, drop_layers
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc (macOS, Windows, musl)
+    _LIBC = None
 
 Propagation = Literal["unpruned", "pruned"]
 PROPAGATIONS: tuple[Propagation, ...] = ("unpruned", "pruned")
@@ -128,6 +134,14 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
     else:
         module._buffers[attribute] = tensor
+
+
+def _give_back_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc's `malloc_trim`): a layer's weights and its
+    statistics are freed after each layer, but glibc keeps the pages for reuse, which adds
+    fragments of every layer to the peak resident size. A no-op where glibc is absent."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _free(module: nn.Module, names: Iterable[str] | None = None) -> None:
@@ -276,6 +290,8 @@ class LowMemoryPruner(HFPruner):
             if propagate == "pruned" and propagated is not None:
                 inputs.hidden = propagated
             _free(layer)
+            statistics = recorder = propagated = None  # drop this layer's sums before trimming
+            _give_back_freed_memory()
 
     def _block_scores(self, batches, criteria: dict[str, Criterion], targets) -> dict[tuple[int, str], torch.Tensor]:
         """First pass, for layer and branch removal: every layer's block scores."""
