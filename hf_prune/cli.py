@@ -17,7 +17,7 @@ from dataclasses import MISSING, fields
 
 from .checkpoint import check_output_folder
 from .allocation import available_allocations
-from .config import DEFAULT_CRITERIA, RECONSTRUCTIONS, PruningConfig
+from .config import DEFAULT_CRITERIA, PROPAGATIONS, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
 from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names, pypi_checkpoint_origin
@@ -95,7 +95,7 @@ def _layer_list(text: str) -> list[int]:
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per scalar PruningConfig field, default None so that a recipe's value stands."""
-    choices = {"allocation": available_allocations(), "reconstruct": RECONSTRUCTIONS}
+    choices = {"allocation": available_allocations(), "reconstruct": RECONSTRUCTIONS, "propagate": PROPAGATIONS}
     for field in fields(PruningConfig):
         default = field.default
         if default is MISSING or type(default) not in (bool, int, float, str):

@@ -11,6 +11,7 @@ Amount = float | int
 
 GROUP_KINDS = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels")
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
+PROPAGATIONS = ("unpruned", "pruned")
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.
 DEFAULT_CRITERIA = {
@@ -118,6 +119,14 @@ class PruningConfig:
         default="lstsq",
         metadata={"help": f"Training-free repair of the projections that lose channels: {RECONSTRUCTIONS}."},
     )
+    propagate: str = field(
+        default="unpruned",
+        metadata={
+            "help": "Which activations each layer is measured on: 'unpruned' (one pass over the dense model) or "
+            "'pruned' (layer by layer, on what the already pruned layers compute; about one more forward pass; "
+            "uniform allocation only)."
+        },
+    )
     require_vanilla: bool = field(
         default=False,
         metadata={"help": "Fail instead of writing the loader format when a plain config cannot express the shapes."},
@@ -145,6 +154,10 @@ class PruningConfig:
         if self.reconstruct not in RECONSTRUCTIONS:
             raise InvalidPruningTargetError(
                 f"reconstruct={self.reconstruct!r} is unknown; choose one of {', '.join(RECONSTRUCTIONS)}."
+            )
+        if self.propagate not in PROPAGATIONS:
+            raise InvalidPruningTargetError(
+                f"propagate={self.propagate!r} is unknown; choose one of {', '.join(PROPAGATIONS)}."
             )
         for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)

@@ -8,9 +8,10 @@ planned (`allocation.plan_layer`), repaired (`reconstruction.reconstruct`), cut
 (`surgery.cut_layer`), written to a staging folder and unloaded; its calibration outputs are the
 next layer's inputs.
 
-Propagating through the *unpruned* layer (the default) gives every layer exactly the inputs of
-the whole-model calibration pass, so layer-local criteria reproduce the in-memory prune;
-`propagate="pruned"` feeds the next layer what the pruned model will compute instead. Layer and
+Propagating through the *unpruned* layer (`PruningConfig(propagate="unpruned")`, the default)
+gives every layer exactly the inputs of the whole-model calibration pass, so layer-local criteria
+reproduce the in-memory prune; `propagate="pruned"` feeds the next layer what the pruned model
+will compute instead, as the in-memory `layerwise` prune does (with the same result). Layer and
 branch removal rank blocks across layers: a first pass scores them, the second prunes.
 """
 
@@ -69,7 +70,6 @@ except OSError:  # not glibc (macOS, Windows, musl)
     _LIBC = None
 
 Propagation = Literal["unpruned", "pruned"]
-PROPAGATIONS: tuple[Propagation, ...] = ("unpruned", "pruned")
 BLOCK_TARGETS = ("layers", "attention_branches", "mlp_branches")
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -166,15 +166,11 @@ class LowMemoryPruner(HFPruner):
         tokenizer=None,
         processor=None,
         *,
-        propagate: Propagation = "unpruned",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ):
-        if propagate not in PROPAGATIONS:
-            raise LowMemoryError(f"propagate={propagate!r} is unknown; choose one of {', '.join(PROPAGATIONS)}.")
         super().__init__(model, tokenizer=tokenizer, processor=processor)
         self.shards = shards
-        self.propagate = propagate
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
         self.names = _checkpoint_names(model, shards)
@@ -188,7 +184,6 @@ class LowMemoryPruner(HFPruner):
         cls,
         folder: str | os.PathLike,
         *,
-        propagate: Propagation = "unpruned",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         **from_pretrained_kwargs,
@@ -208,14 +203,14 @@ class LowMemoryPruner(HFPruner):
         unsupported = sorted(set(from_pretrained_kwargs) - {"local_files_only"})
         if unsupported:
             raise LowMemoryError(
-                f"low_memory=True does not take {', '.join(unsupported)}; it takes propagate=, device= and dtype=."
+                f"low_memory=True does not take {', '.join(unsupported)}; it takes device= and dtype= (and PruningConfig(propagate=...) in prune)."
             )
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights():
             model = _model_class(config, from_gguf=False)(config)
         model.tie_weights()  # tied copies (an LM head tied to the embeddings) are not in the checkpoint
         tokenizer, processor = load_preprocessor(path, {})
-        pruner = cls(model.eval(), CheckpointShards(path), tokenizer, processor, propagate=propagate, device=device, dtype=dtype)
+        pruner = cls(model.eval(), CheckpointShards(path), tokenizer, processor, device=device, dtype=dtype)
         pruner.card_facts.record_source(folder)
         return pruner
 
@@ -363,7 +358,9 @@ class LowMemoryPruner(HFPruner):
             layer_plan = plan.layers[index]
             context = ScoringContext(self.model, self.adapter, statistics=statistics, batch_size=config.batch_size)
             plan_layer(context, criteria, layer_plan, targets)
-            stream_target = {index: self._stream_target(runs[index], layer, inputs, writer_inputs)} if index in runs else None
+            stream_target = None
+            if index in runs:
+                stream_target = {index: self._stream_target(runs[index], layer, inputs, writer_inputs, config.propagate)}
             # `ispasp` may re-select the layer's groups: cut (and record) what the repair chose.
             layer_plan = reconstruct(
                 self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, stream_target
@@ -378,9 +375,9 @@ class LowMemoryPruner(HFPruner):
                 f"model-{position + 2:05d}-of-{files:05d}.safetensors",
                 {f"{self.layers_name}.{position}.{name}": t for name, t in layer.state_dict().items()},
             )
-            return inputs.outputs(layer, index) if inputs is not None and self.propagate == "pruned" else None
+            return inputs.outputs(layer, index) if inputs is not None and config.propagate == "pruned" else None
 
-        self._layer_pass(batches, requirements, visit, "pruning layers", self.propagate, keep_writer_inputs)
+        self._layer_pass(batches, requirements, visit, "pruning layers", config.propagate, keep_writer_inputs)
         self._stage_outside(staging, files)
         drop_layers(self.model, self.adapter, kept)
         decision = decide_format(self.model, self.adapter)
@@ -404,13 +401,18 @@ class LowMemoryPruner(HFPruner):
 
     @torch.no_grad()
     def _stream_target(
-        self, run: RemovedRun, writer: nn.Module, inputs: LayerInputs, writer_inputs: list[torch.Tensor]
+        self,
+        run: RemovedRun,
+        writer: nn.Module,
+        inputs: LayerInputs,
+        writer_inputs: list[torch.Tensor],
+        propagate: Propagation,
     ) -> torch.Tensor:
         """What the removed layers `run.first..run.last` add to the stream, against the writer's
         `down_proj` inputs (`layer_replacement`): they are loaded one at a time and run on the
         writer's dense outputs, on the stream this mode propagates."""
         # Unpruned propagation has already advanced the stream past the (still dense) writer.
-        before = inputs.hidden if self.propagate == "unpruned" else inputs.outputs(writer, run.writer)
+        before = inputs.hidden if propagate == "unpruned" else inputs.outputs(writer, run.writer)
         after = list(before)
         layers = self.adapter.layers(self.model)
         for index in range(run.first, run.last + 1):

@@ -23,6 +23,7 @@ from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatErro
 from .evaluation import flops_per_token, parameter_count
 from .groups import get_adapter, supported_model_types
 from .layer_replacement import FOLDING_REPAIRS, removed_runs, stream_targets
+from .layerwise import prune_layer_by_layer
 from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
 from .reconstruction import reconstruct
@@ -136,7 +137,7 @@ class HFPruner:
         its weights are read. `gguf_file=...` works: the weights are dequantized to float.
         `low_memory=True` reads no weights yet and prunes layer by layer from the safetensors
         shards of a local folder (`hf_prune.low_memory.LowMemoryPruner`; it also takes
-        `propagate="unpruned" | "pruned"`, `device=` and `dtype=`).
+        `device=` and `dtype=`).
         """
         if low_memory:
             from .low_memory import LowMemoryPruner  # it subclasses HFPruner
@@ -168,6 +169,8 @@ class HFPruner:
         # Shapes depend on the counts (uniform) or mostly so: a random ranking tells the format before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
 
+        if config.propagate == "pruned":
+            return self._prune_layer_by_layer(config, targets, criteria, statistics)
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)
         requirements = set().union(*(c.requires for c in criteria.values()))
         if config.reconstruct != "none":
@@ -211,6 +214,41 @@ class HFPruner:
                 "seq_len": config.seq_len,
                 "tokens": context.statistics.tokens,
             }
+        return self.apply(plan, config, calibration=calibration)
+
+    def _prune_layer_by_layer(
+        self, config: PruningConfig, targets: Targets, criteria: dict[str, Criterion], statistics
+    ) -> PruningReport:
+        """`propagate="pruned"`: each layer measured on the pruned model's activations (`layerwise`)."""
+        if statistics is not None:
+            raise InvalidPruningTargetError(
+                "statistics=... holds the dense model's one-pass measurements, which propagate='pruned' does not use "
+                "(each layer is measured on the pruned layers' outputs); drop statistics= or use propagate='unpruned'."
+            )
+        if config.allocation != "uniform":
+            raise InvalidPruningTargetError(
+                f"propagate='pruned' plans one layer at a time, so allocation={config.allocation!r} (which ranks every "
+                "layer's groups together) cannot follow it; use allocation='uniform' or propagate='unpruned'."
+            )
+        for kind, criterion in criteria.items():
+            if "gradients" in criterion.requires or criterion.needs_windows:
+                raise InvalidPruningTargetError(
+                    f"criterion {criterion.name!r} (for {kind}) needs whole-model passes, which propagate='pruned' does "
+                    f"not run layer by layer; choose a layer-local criterion (e.g. criterion={{'{kind}': 'obs'}}) or "
+                    "propagate='unpruned'."
+                )
+        windows = token_windows(
+            config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor
+        )
+        # Every process plans alike: each layer's statistics are summed across processes first.
+        plan = prune_layer_by_layer(self.model, self.adapter, config, criteria, targets, windows)
+        tokens = windows.numel() if not windows.is_floating_point() else len(windows)
+        calibration = {
+            "source": config.to_dict()["calibration"],
+            "windows": len(windows),
+            "seq_len": config.seq_len,
+            "tokens": tokens,
+        }
         return self.apply(plan, config, calibration=calibration)
 
     def write_companions(self, folder: Path, decision: FormatDecision, model_id: str) -> None:

@@ -159,7 +159,7 @@ class InfluenceRecorder:
             self.stats.influence[key] = total / count
 
 
-def _sum_over_processes(stats: CalibrationStatistics) -> None:
+def sum_statistics(stats: CalibrationStatistics) -> None:
     """Add every process's moments, Grams, gradients and counts (nothing with one process)."""
     accumulators = [stats.consumers[key] for key in sorted(stats.consumers)]
     gradient_keys = sorted(stats.gradient_sum)
@@ -261,7 +261,7 @@ def collect_statistics(
         for parameter in frozen:
             parameter.requires_grad_(True)
         model.train(was_training)
-    _sum_over_processes(stats)
+    sum_statistics(stats)
     if recorder:
         recorder.finish()
     return stats

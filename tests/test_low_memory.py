@@ -62,18 +62,22 @@ def test_low_memory_matches_in_memory(sharded_llama, tmp_path, one_thread, case)
     assert _weights(again).keys() == _weights(saved).keys() == want.keys()
 
 
-def test_propagating_pruned_activations(sharded_llama, tmp_path, one_thread):
-    """`propagate="pruned"`: later layers see what the pruned model computes, so their choices may
-    differ, but the shapes and the format are the same and the checkpoint loads."""
-    settings = {**CALIBRATION, **CASES["heads+neurons/activation"], "layers": 1}
-    settings["criterion"] = {"default": "activation", "layers": "block_influence"}
-    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="pruned")
+@pytest.mark.parametrize("case", ["heads+neurons/activation", "layers+neurons/obs+influence"])
+def test_propagating_pruned_activations_matches_the_in_memory_layer_by_layer_prune(sharded_llama, tmp_path, one_thread, case):
+    """`propagate="pruned"`: later layers see what the pruned model computes; the low-memory loop
+    and the in-memory `layerwise` prune run the same algorithm and write the same weights."""
+    settings = {**CALIBRATION, **CASES[case], "propagate": "pruned"}
+    dense = HFPruner.from_pretrained(sharded_llama)
+    expected_report = dense.prune(**settings)
+    expected = dense.save_pretrained(tmp_path / "in_memory")
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
     report = pruner.prune(**settings)
-    assert report.output_format == "vanilla"
-    model = load_pruned(pruner.save_pretrained(tmp_path / "out"))
-    assert model.config.intermediate_size == 24 and model.config.num_key_value_heads == 2
-    assert model.config.num_hidden_layers == 3
-    assert torch.isfinite(model(**FAMILIES["llama"].inputs()).logits).all()
+    assert report.output_format == expected_report.output_format == "vanilla"
+    assert report.layers == expected_report.layers
+    want, got = _weights(expected), _weights(pruner.save_pretrained(tmp_path / "low_memory"))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5)
 
 
 def test_low_memory_refusals(sharded_llama, tmp_path):
@@ -82,8 +86,8 @@ def test_low_memory_refusals(sharded_llama, tmp_path):
         pruner.prune(mlp_neurons=0.25, criterion="taylor", **{k: v for k, v in CALIBRATION.items()})
     with pytest.raises(LowMemoryError, match="gguf_file"):
         HFPruner.from_pretrained(sharded_llama, low_memory=True, gguf_file="model.gguf")
-    with pytest.raises(LowMemoryError, match="propagate"):
-        HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="sideways")
+    with pytest.raises(LowMemoryError, match="device= and dtype="):
+        HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="pruned")
     (tmp_path / "config.json").write_text((sharded_llama / "config.json").read_text())
     with pytest.raises(LowMemoryError, match="safetensors"):
         HFPruner.from_pretrained(tmp_path, low_memory=True)
