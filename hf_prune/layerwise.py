@@ -23,15 +23,22 @@ from .allocation import Targets, plan_layer, remove_blocks
 from .allocation.base import LayerScores
 from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
-from .distributed import local_share, sum_across_processes
+from .distributed import local_share, sum_across_processes, sum_numbers
 from .groups import ArchitectureAdapter
-from .groups.base import channels_last, in_features, out_features
+from .groups.base import channels_last, in_features, is_conv1d, out_features
+from .ispasp import least_squares_columns
 from .layer_inputs import LayerInputs, capture_layer_inputs, first_output
 from .layer_replacement import FOLDING_REPAIRS, RemovedRun, add_stream_target, removed_runs
 from .masking import masked_slices
 from .plan import PruningPlan
 from .reconstruction import reconstruct
-from .statistics import CalibrationStatistics, collect_statistics, register_layer_hooks, sum_statistics
+from .statistics import (
+    CalibrationStatistics,
+    ChannelStatistics,
+    collect_statistics,
+    register_layer_hooks,
+    sum_statistics,
+)
 
 BLOCK_KINDS = ("layers", "attention_branches", "mlp_branches")
 
@@ -88,6 +95,63 @@ def _stream_target(
     return target
 
 
+@torch.no_grad()
+def _refit_toward_dense(
+    layer: nn.Module,
+    index: int,
+    adapter: ArchitectureAdapter,
+    layer_plan,
+    inputs: LayerInputs,
+    dense_after: list[torch.Tensor],
+) -> None:
+    """Refit the layer's `down_proj` (kept columns) so that the pruned stream after it comes as
+    close as least squares allows to the dense model's stream at the same point (`dense_after`):
+    target `W a + (h_dense − h_pruned)`, which also absorbs the error of earlier layers."""
+    down_proj = layer.get_submodule(adapter.down_proj)
+    gram = ChannelStatistics(with_gram=True)
+    target = torch.zeros(out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=dense_after[0].device)
+    current: dict[str, torch.Tensor] = {}
+    batch = iter(dense_after)
+
+    def keep_input(module, args):
+        current["a"] = channels_last(module, args[0])
+        gram.add(current["a"])
+
+    def add_target(module, args, kwargs, output):
+        add_stream_target(target, current.pop("a"), first_output(output), next(batch))
+
+    handles = [down_proj.register_forward_pre_hook(keep_input), layer.register_forward_hook(add_target, with_kwargs=True)]
+    try:
+        inputs.run(layer, index, advance=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    sum_across_processes([gram.gram, target])
+    gram.count = int(sum_numbers([gram.count])[0])
+    weight = down_proj.weight.double() if not is_conv1d(down_proj) else down_proj.weight.T.double()
+    kept = torch.tensor(layer_plan.neurons if layer_plan.keep_mlp else [], dtype=torch.long, device=weight.device)
+    new = least_squares_columns(weight, gram.gram, kept, count=gram.count, extra_target=target).to(down_proj.weight.dtype)
+    if is_conv1d(down_proj):
+        down_proj.weight[kept, :] = new.T
+    else:
+        down_proj.weight[:, kept] = new
+
+
+@torch.no_grad()
+def _dense_after(layers, plan: PruningPlan, index: int, dense: list[torch.Tensor], inputs: LayerInputs) -> list[torch.Tensor]:
+    """The dense stream where the pruned model's next kept layer reads it: after layer `index`
+    and after the removed layers that follow it (run ahead on the dense weights)."""
+    after = dense
+    following = index + 1
+    while following < len(layers) and not plan.layers[following].keep_layer:
+        after = [
+            first_output(layers[following](h, *a, **k))
+            for h, a, k in zip(after, inputs.args[following], inputs.kwargs[following])
+        ]
+        following += 1
+    return after
+
+
 def prune_layer_by_layer(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -95,6 +159,7 @@ def prune_layer_by_layer(
     criteria: Mapping[str, Criterion],
     targets: Targets,
     windows: torch.Tensor,
+    toward_dense: bool = False,
 ) -> PruningPlan:
     """Plan, repair and mask `model` in place one layer at a time; returns the plan to cut."""
     batches = local_share(list(windows.split(config.batch_size)))
@@ -107,12 +172,20 @@ def prune_layer_by_layer(
     device = next(model.parameters()).device
     inputs = capture_layer_inputs(model, adapter, batches, device)
     layers = adapter.layers(model)
+    toward_dense = toward_dense and config.reconstruct in FOLDING_REPAIRS
+    dense = [h.clone() for h in inputs.hidden] if toward_dense else None
+    if toward_dense:
+        runs = {}  # the dense stream target already holds what removed layers add
+    changed = False
     was_training = model.training
     model.eval()
     try:
         for index in tqdm(range(len(layers)), desc="pruning layer by layer", unit="layer"):
             layer, layer_plan = layers[index], plan.layers[index]
+            if dense is not None:  # the dense stream after this layer, before the layer changes
+                dense = [first_output(layer(h, *a, **k)) for h, a, k in zip(dense, inputs.args[index], inputs.kwargs[index])]
             if not layer_plan.keep_layer:
+                changed = True
                 continue  # the pruned model skips it: its inputs go on unchanged
             statistics = CalibrationStatistics(requirements=frozenset(requirements))
             handles = register_layer_hooks(statistics, index, layer, adapter, None)
@@ -137,6 +210,10 @@ def prune_layer_by_layer(
             layer_plan = reconstruct(model, adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, stream_target).layers[0]
             plan.layers[index] = layer_plan
             _mask_layer(layer, adapter, layer_plan)
+            changed = changed or layer_plan.changes_attention or layer_plan.changes_mlp
+            if dense is not None and changed and adapter.mlp_writes_stream(layer):
+                after = _dense_after(layers, plan, index, dense, inputs)
+                _refit_toward_dense(layer, index, adapter, layer_plan, inputs, after)
             inputs.run(layer, index, advance=True)
     finally:
         model.train(was_training)

@@ -54,6 +54,10 @@ def rows() -> dict[str, dict]:
     for criterion in ("obs", "activation", "flow", "fluctuation", "magnitude", "random"):
         for budget in ("mlp25", "mlp50", "kv1of3"):
             table[f"{budget}/{criterion}+lstsq"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq"}
+    for budget in ("mlp25", "mlp50", "kv1of3", "layers4"):  # layer by layer on the pruned model's activations
+        criterion = "block_influence" if budget == "layers4" else "obs"
+        settings = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq", "propagate": "pruned"}
+        table[f"{budget}/{criterion}+lstsq/pruned-stream"] = settings
     for criterion in ("block_influence", "flow", "loss"):  # removed layers folded into the MLP before them
         table[f"layers4/{criterion}+lstsq"] = {**BUDGETS["layers4"], "criterion": criterion, "reconstruct": "lstsq"}
     for criterion in ("obs", "activation", "flow"):
@@ -165,7 +169,7 @@ def main() -> None:
 
     def needs_statistics(name: str) -> bool:
         row = rows()[name]
-        if "torch_pruning" in row:
+        if "torch_pruning" in row or row.get("propagate") == "pruned":  # these measure layer by layer themselves
             return False
         return row["reconstruct"] != "none" or bool(get_criterion(row["criterion"]).requires)
 
