@@ -5,7 +5,8 @@ Forward hooks accumulate, per layer, the input channels of each branch's consumi
 batch computed in float32 and added into float64. Nothing is stored per token. Layer and branch
 influence (`1 − cos(h_in, h_out)`) is accumulated the same way. Gradient criteria add one
 backward pass per batch, summing gradients and squared gradients of the layers' parameters.
-Without gradients the task head is skipped: only the base model runs. Under torchrun each process
+On convolutional families that prune stage channels, `moments` also records the mean |value| of
+every stage's output channel (`streams`). Without gradients the task head is skipped: only the base model runs. Under torchrun each process
 runs its share of the batches and the sums are added across processes (`hf_prune.distributed`).
 """
 
@@ -91,6 +92,8 @@ class CalibrationStatistics:
     """Everything one calibration pass measured, keyed by (original) layer index."""
 
     consumers: dict[tuple[int, Branch], ChannelStatistics] = field(default_factory=dict)
+    #: stage → moments of |stage output| per stream channel (`mean` is the mean magnitude).
+    streams: dict[int, ChannelStatistics] = field(default_factory=dict)
     #: mean of 1 − cos(stream before, stream after) per token, for "layer", "attention", "mlp".
     influence: dict[tuple[int, str], float] = field(default_factory=dict)
     #: Σ over batches of the gradient, and of its square, per (layer, parameter name in the layer).
@@ -162,6 +165,7 @@ class InfluenceRecorder:
 def _sum_over_processes(stats: CalibrationStatistics) -> None:
     """Add every process's moments, Grams, gradients and counts (nothing with one process)."""
     accumulators = [stats.consumers[key] for key in sorted(stats.consumers)]
+    accumulators += [stats.streams[stage] for stage in sorted(stats.streams)]
     gradient_keys = sorted(stats.gradient_sum)
     sum_across_processes(
         [t for acc in accumulators for t in (acc.total, acc.squares, acc.gram) if t is not None]
@@ -200,6 +204,17 @@ def register_layer_hooks(
     return handles
 
 
+def register_stream_hooks(stats: CalibrationStatistics, model: nn.Module, adapter: ArchitectureAdapter) -> list:
+    """Hooks that accumulate |output| per channel of every stage (stream channel criteria)."""
+    handles = []
+    for stage, module in enumerate(adapter.stages(model)):
+        accumulator = stats.streams[stage] = ChannelStatistics()
+        handles.append(
+            module.register_forward_hook(lambda m, args, output, acc=accumulator: acc.add(output.abs().movedim(1, -1)))
+        )
+    return handles
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The model without its task head (the LM head alone costs ~25% of a small LM's forward)."""
     return getattr(model, getattr(model, "base_model_prefix", ""), model)
@@ -223,6 +238,8 @@ def collect_statistics(
     handles = []
     for index, layer in enumerate(layers):
         handles += register_layer_hooks(stats, index, layer, adapter, recorder)
+    if "moments" in requirements and "stage_channels" in adapter.kinds:
+        handles += register_stream_hooks(stats, model, adapter)
 
     gradients = "gradients" in requirements
     layer_parameters = {id(p) for p in layers.parameters()}
