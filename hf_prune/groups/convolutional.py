@@ -22,7 +22,15 @@ from typing import ClassVar
 from torch import nn
 from transformers import PretrainedConfig
 
-from .base import ArchitectureAdapter, Branch, Group, LayerGeometry, TensorSlice, input_slices, output_slices
+from .base import (
+    ArchitectureAdapter,
+    Branch,
+    Group,
+    LayerGeometry,
+    TensorSlice,
+    input_slices,
+    output_slices,
+)
 
 
 @dataclass(frozen=True)
