@@ -63,8 +63,8 @@ class PruningConfig:
         default=0,
         metadata={
             "help": "Fraction or count of each stage's stream channels removed, the same share in every stage "
-            "(ResNet, ConvNeXt: the channels the residual additions tie across a stage's blocks). Needs "
-            f"reconstruct='none'. {_AMOUNT_HELP}"
+            "(ResNet, ConvNeXt: the channels the residual additions tie across a stage's blocks); repaired by "
+            f"reconstruct='lstsq' or not at all ('none'). {_AMOUNT_HELP}"
         },
     )
     criterion: str | dict[str, str] = field(

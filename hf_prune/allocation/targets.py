@@ -186,8 +186,8 @@ def _amount_counts(config: PruningConfig, plan: PruningPlan, protected: frozense
 def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: ArchitectureAdapter) -> dict[int, int]:
     """Stream channels removed per stage: the same fraction (or count) of every stage's width.
 
-    Only the uniform allocation and no repair: the stream groups cross layers, which the per-layer
-    allocations and the per-consumer refits do not model.
+    Only the uniform allocation (the stream groups cross layers, which the per-layer allocations do
+    not model) and the `lstsq` repair of every stream consumer (`stream_reconstruction.py`) or none.
     """
     amount = config.stage_channels
     if not amount:
@@ -197,10 +197,10 @@ def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: Arch
             f"stage_channels={amount!r} removes the same share of every stage's stream; allocation="
             f"{config.allocation!r} cannot spread it. Use allocation='uniform' (the default) with stage_channels."
         )
-    if config.reconstruct != "none":
+    if config.reconstruct not in ("none", "lstsq"):
         raise InvalidPruningTargetError(
-            f"stage_channels={amount!r}: reconstruct={config.reconstruct!r} cannot repair stream channels yet (their "
-            "consumers sit in every block of the stage); pass reconstruct='none'."
+            f"stage_channels={amount!r}: reconstruct={config.reconstruct!r} cannot repair stream channels (a "
+            "convolution's per-tap refit has no per-output constant or re-selection); use reconstruct='lstsq' or 'none'."
         )
     counts = {}
     for stage in range(len(adapter.stages(model))):
