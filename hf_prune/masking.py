@@ -70,11 +70,12 @@ def mask_stream_channels(model: nn.Module, adapter: ArchitectureAdapter, plan: P
     """Zero every slice of the removed stream channels; hook the LayerNorms over those streams."""
     handles = []
     for stage, removed in plan.removed_stream_channels(model, adapter).items():
+        members = adapter.stream_members(model, stage)
         for channel in removed:
-            for piece in adapter.stage_channel_slices(model, stage, channel):
+            for piece in adapter.stage_channel_slices(model, stage, channel, members):
                 model.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()
         kept = torch.tensor(plan.stream_channels[stage], dtype=torch.long)
-        for name in adapter.stream_members(model, stage).norms:
+        for name in members.norms:
             norm = model.get_submodule(name)
             handles.append(norm.register_forward_hook(kept_channels_norm_hook(kept.to(norm.weight.device))))
     return handles

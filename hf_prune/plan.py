@@ -151,12 +151,11 @@ class PruningPlan:
 
     def removed_stream_slices(self, model: nn.Module, adapter: ArchitectureAdapter) -> list[TensorSlice]:
         """Slices of every removed stream channel, named from the model root."""
-        return [
-            piece
-            for stage, channels in self.removed_stream_channels(model, adapter).items()
-            for channel in channels
-            for piece in adapter.stage_channel_slices(model, stage, channel)
-        ]
+        slices = []
+        for stage, channels in self.removed_stream_channels(model, adapter).items():
+            members = adapter.stream_members(model, stage)
+            slices += [piece for c in channels for piece in adapter.stage_channel_slices(model, stage, c, members)]
+        return slices
 
     def removed_parameter_count(self, model: nn.Module, adapter: ArchitectureAdapter) -> int:
         """Parameters the plan removes, counted from the group slices (independent of surgery).

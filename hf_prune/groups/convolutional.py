@@ -87,9 +87,12 @@ class StagedAdapter(ArchitectureAdapter):
         producer = model.get_submodule(self.stream_members(model, stage).producers[0])
         return producer.weight.shape[0]
 
-    def stage_channel_slices(self, model: nn.Module, stage: int, channel: int) -> list[TensorSlice]:
-        """Every slice of stream channel `channel` of stage `stage`, named from the model root."""
-        members = self.stream_members(model, stage)
+    def stage_channel_slices(
+        self, model: nn.Module, stage: int, channel: int, members: StreamMembers | None = None
+    ) -> list[TensorSlice]:
+        """Every slice of stream channel `channel` of stage `stage`, named from the model root
+        (`members`: the stage's `stream_members`, when the caller already has them)."""
+        members = members or self.stream_members(model, stage)
         end = channel + 1
         slices = [
             piece for name in members.producers + members.norms for piece in output_slices(model, name, channel, end)
@@ -99,8 +102,9 @@ class StagedAdapter(ArchitectureAdapter):
 
     def stage_groups(self, model: nn.Module, stage: int) -> list[Group]:
         """One `stage_channels` group per stream channel of stage `stage` (`Group.layer` holds the stage)."""
+        members = self.stream_members(model, stage)
         return [
-            Group("stage_channels", stage, channel, tuple(self.stage_channel_slices(model, stage, channel)))
+            Group("stage_channels", stage, channel, tuple(self.stage_channel_slices(model, stage, channel, members)))
             for channel in range(self.stream_width(model, stage))
         ]
 
