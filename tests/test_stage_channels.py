@@ -14,7 +14,7 @@ import transformers
 from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images
 
 from hf_prune import HFPruner, PruningConfig, load_pruned
-from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.errors import InvalidPruningTargetError, LowMemoryError
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
 from hf_prune.reconstruction import reconstruct
@@ -152,3 +152,10 @@ def test_amount_limits_and_families():
         HFPruner(RESNET.build()).prune(stage_channels=0.01, **STRUCTURAL)
     with pytest.raises(InvalidPruningTargetError, match="cannot prune stage_channels"):
         HFPruner(FAMILIES["vit"].build()).prune(stage_channels=0.25, **STRUCTURAL)
+
+
+def test_low_memory_mode_refuses_stage_channels(tmp_path):
+    RESNET.build().save_pretrained(tmp_path / "dense")
+    pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=True)
+    with pytest.raises(LowMemoryError, match="stage_channels=0.25.*without low_memory"):
+        pruner.prune(stage_channels=0.25, **STRUCTURAL)
