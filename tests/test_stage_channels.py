@@ -14,6 +14,7 @@ import transformers
 from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images
 
 from hf_prune import HFPruner, PruningConfig, load_pruned
+from hf_prune.cli import main
 from hf_prune.errors import InvalidPruningTargetError, LowMemoryError
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
@@ -87,6 +88,8 @@ def test_cut_equals_masked_and_counts_hold(model_name, case, one_thread):
     assert all(w < d for w, d in zip(widths, dense.config.hidden_sizes))
     restored = PruningPlan.from_dict(pruner.plan.to_dict(), dense, pruner.adapter)
     assert restored == pruner.plan
+    assert pruner.report.stream_channels == dict(enumerate(widths))
+    assert f"stage 0 stream: {widths[0]} channels kept" in str(pruner.report)
 
 
 @pytest.mark.parametrize("model_name, case", PARAMS)
@@ -159,3 +162,12 @@ def test_low_memory_mode_refuses_stage_channels(tmp_path):
     pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=True)
     with pytest.raises(LowMemoryError, match="stage_channels=0.25.*without low_memory"):
         pruner.prune(stage_channels=0.25, **STRUCTURAL)
+
+
+def test_cli_prunes_stage_channels(tmp_path, capsys, one_thread):
+    RESNET.build().save_pretrained(tmp_path / "dense")
+    arguments = ["--stage-channels", "0.25", "--channels", "0.25", "--criterion", "magnitude", "--reconstruct", "none"]
+    assert main(["prune", "--model", str(tmp_path / "dense"), "--output", str(tmp_path / "out"), *arguments]) == 0
+    assert "stage 1 stream: 18 channels kept" in capsys.readouterr().out
+    reloaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert reloaded.config.hidden_sizes == [12, 18]
