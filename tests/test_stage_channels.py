@@ -30,6 +30,9 @@ MODELS: dict[str, TinyFamily] = {
     # embedding_size == hidden_sizes[0]: stage 0's first shortcut is the identity, the stem writes the stream.
     "resnet_stem": dataclasses.replace(RESNET, config={**RESNET.config, "embedding_size": 16}),
     "convnext": FAMILIES["convnext"],
+    "convnext_unscaled": dataclasses.replace(
+        FAMILIES["convnext"], config={**FAMILIES["convnext"].config, "layer_scale_init_value": 0.0}
+    ),
 }
 #: Stage channels alone, with the inner widths that keep the config's ratios (vanilla), and a data-aware case.
 CASES = {
@@ -42,15 +45,25 @@ CASES = {
         "alone": {"stage_channels": 0.25},
         "with_inner": {"stage_channels": 0.25, "channels": 0.25},
     },
-    "resnet_stem": {"alone": {"stage_channels": 0.25}, "random": {"stage_channels": 0.5, "criterion": "random"}},
+    "resnet_stem": {
+        "alone": {"stage_channels": 0.25},
+        "with_inner": {"stage_channels": 0.25, "channels": 0.25},
+        "random": {"stage_channels": 0.5, "criterion": "random"},
+    },
     "convnext": {
         "alone": {"stage_channels": 0.25},
         "with_inner": {"stage_channels": 0.25, "mlp_neurons": 0.25, "layers": 1},
         "activation": {"stage_channels": 0.5, "criterion": "activation"},
     },
+    "convnext_unscaled": {"with_inner": {"stage_channels": 0.25, "mlp_neurons": 0.25}},
 }
 #: A bottleneck's second inner width (not a prunable kind) stays dense, which no `hidden_sizes` expresses.
-VANILLA = {("resnet", "with_inner"), ("convnext", "with_inner")}
+VANILLA = {
+    ("resnet", "with_inner"),
+    ("resnet_stem", "with_inner"),
+    ("convnext", "with_inner"),
+    ("convnext_unscaled", "with_inner"),
+}
 PARAMS = [(model, case) for model, cases in CASES.items() for case in cases]
 
 
@@ -80,8 +93,10 @@ def test_cut_equals_masked_and_counts_hold(model_name, case, one_thread):
 
     dense_count = sum(p.numel() for p in dense.parameters())
     after = sum(p.numel() for p in pruner.model.parameters())
-    assert pruner.report.parameters_after == after == dense_count - pruner.plan.removed_parameter_count(
-        dense, pruner.adapter
+    assert (
+        pruner.report.parameters_after
+        == after
+        == dense_count - pruner.plan.removed_parameter_count(dense, pruner.adapter)
     )
     widths = [pruner.adapter.stream_width(pruner.model, stage) for stage in range(len(dense.config.hidden_sizes))]
     assert widths == [len(pruner.plan.stream_channels[s]) for s in range(len(widths))]
