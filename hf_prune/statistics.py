@@ -260,7 +260,8 @@ def collect_statistics(
 
     gradients = "gradients" in requirements
     # The classifier reads the last stage's stream: its repair needs the task head to run.
-    forward = model if "stream_gram" in requirements else base_model(model)
+    streams = "stream_gram" in requirements and "stage_channels" in adapter.kinds
+    forward = model if streams else base_model(model)
     layer_parameters = {id(p) for p in layers.parameters()}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in layer_parameters]
     device = next(model.parameters()).device
