@@ -36,7 +36,8 @@ def masked_slices(adapter: ArchitectureAdapter, layer: nn.Module, layer_plan: La
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPlan) -> list[RemovableHandle]:
-    """Mask `model` in place as `plan` says; returns the hooks that make removed layers the identity."""
+    """Mask `model` in place as `plan` says; returns the hooks that make removed layers the identity
+    and LayerNorms over cut streams normalise over their kept channels."""
     handles = mask_stream_channels(model, adapter, plan)
     layers = adapter.layers(model)
     for layer_plan in plan.layers:

@@ -7,8 +7,9 @@ influence (`1 − cos(h_in, h_out)`) is accumulated the same way. Gradient crite
 backward pass per batch, summing gradients and squared gradients of the layers' parameters.
 On convolutional families that prune stage channels, `moments` also records the mean |value| of
 every stage's output channel (`streams`), and `stream_gram` the Gram matrix of the stream channels
-at every module that reads them (`stream_consumers`, for their least-squares repair). Without gradients the task head is skipped: only the base model runs. Under torchrun each process
-runs its share of the batches and the sums are added across processes (`hf_prune.distributed`).
+at every module that reads them (`stream_consumers`, for their least-squares repair). Without
+gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
+classifier's input. Under torchrun each process runs its share of the batches and the sums are added across processes (`hf_prune.distributed`).
 """
 
 from __future__ import annotations

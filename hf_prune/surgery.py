@@ -1,8 +1,9 @@
 """Physical removal: slice parameters, swap removed branches for stand-ins, drop layers.
 
 Stream channels (`PruningPlan.stream_channels`) are cut first, on the dense model, where every
-name their groups hold still exists; then the layers; then removed layers go. Works on real tensors and on meta tensors alike, so the same code shapes a loader-format
-checkpoint's skeleton before its weights are loaded.
+name their groups hold still exists; then the layers; then removed layers go. Works on real
+tensors and on meta tensors alike, so the same code shapes a loader-format checkpoint's skeleton
+before its weights are loaded.
 """
 
 from __future__ import annotations
