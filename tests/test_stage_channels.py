@@ -17,6 +17,7 @@ from conftest import require
 from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images
 
 from hf_prune import HFPruner, PruningConfig, load_pruned
+from hf_prune.callback import PruningCallback
 from hf_prune.cli import main
 from hf_prune.errors import InvalidPruningTargetError, LowMemoryError
 from hf_prune.evaluation import top1_of_pixels
@@ -175,6 +176,11 @@ def test_amount_limits_and_families():
         HFPruner(RESNET.build()).prune(stage_channels=0.01, **STRUCTURAL)
     with pytest.raises(InvalidPruningTargetError, match="cannot prune stage_channels"):
         HFPruner(FAMILIES["vit"].build()).prune(stage_channels=0.25, **STRUCTURAL)
+
+
+def test_training_callback_refuses_stage_channels():
+    with pytest.raises(InvalidPruningTargetError, match="stage_channels=0.25.*one-shot"):
+        PruningCallback(PruningConfig(stage_channels=0.25))
 
 
 def test_low_memory_mode_refuses_stage_channels(tmp_path):
