@@ -22,6 +22,7 @@ from hf_prune.cli import main
 from hf_prune.errors import InvalidPruningTargetError, LowMemoryError
 from hf_prune.evaluation import top1_of_pixels
 from hf_prune.images import cifar10, pixel_values
+from hf_prune.inspection import inspect_model
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
 from hf_prune.reconstruction import reconstruct
@@ -215,3 +216,9 @@ def test_reference_resnet_keeps_accuracy_at_30_percent(one_thread):
     )
     assert report.output_format == "vanilla" and 0.28 < report.removed_fraction < 0.32
     assert top1_of_pixels(pruner.model, pixels, labels) >= 0.85 * dense
+
+
+def test_inspect_lists_stage_channels():
+    text = str(inspect_model(RESNET.build(), "tiny"))
+    assert "adapter (inner channels, stage channels)" in text
+    assert "stage channels            40" in text and "attention heads" not in text
