@@ -145,11 +145,12 @@ class PruningCallback(TrainerCallback):
                 "gradual pruning keeps every layer the same shape: use allocation='uniform' without protected_layers "
                 "in the callback, or prune in one shot with HFPruner.prune."
             )
-        if config.channels:
-            raise InvalidPruningTargetError(
-                f"channels={config.channels!r}: the PruningCallback prunes heads, KV groups, neurons, branches and "
-                "layers; channel pruning is one-shot (HFPruner.from_model(...).prune(channels=...))."
-            )
+        for name in ("channels", "stage_channels"):
+            if getattr(config, name):
+                raise InvalidPruningTargetError(
+                    f"{name}={getattr(config, name)!r}: the PruningCallback prunes heads, KV groups, neurons, branches "
+                    f"and layers; channel pruning is one-shot (HFPruner.from_model(...).prune({name}=...))."
+                )
         if schedule is not None and not isinstance(schedule, PruningSchedule):
             raise UsageError(f"schedule must be a PruningSchedule or None, got {type(schedule).__name__}.")
         if score not in SCORES:

@@ -31,7 +31,15 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from .errors import OutputExistsError, PrunedCheckpointError
 from .groups import ArchitectureAdapter
-from .loader_format import LOADER_FORMAT_VERSION, LOADER_MODEL_TYPE, HFPruneConfig, layer_geometries, load_shaped
+from .loader_format import (
+    LOADER_FORMAT_VERSION,
+    LOADER_MODEL_TYPE,
+    STREAM_FORMAT_VERSION,
+    HFPruneConfig,
+    layer_geometries,
+    load_shaped,
+    stream_widths,
+)
 from .remote_code import write_remote_code
 
 
@@ -66,7 +74,7 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
         return FormatDecision(False, "some attention or MLP branches were removed: no standard config field says so", {})
     if not adapter.shapes_per_stage and any(g != geometries[0] for g in geometries):
         return FormatDecision(False, "layers have different head or neuron counts: standard configs hold one size", {})
-    fields = adapter.config_fields(model.config, geometries[0])
+    fields = adapter.config_fields(model.config, geometries[0]) | adapter.stream_config_fields(model)
     candidate = copy.deepcopy(model.config)
     for key, value in fields.items():
         setattr(candidate, key, value)
@@ -142,6 +150,9 @@ def write_loader_config(folder: Path, model: PreTrainedModel, adapter: Architect
         "base_model_type": config["model_type"],
         "layers": [geometry.to_dict() for geometry in layer_geometries(model, adapter)],
     }
+    widths = stream_widths(model, adapter)
+    if widths is not None:  # the config keeps the dense `hidden_sizes`; the loader cuts the streams to these
+        config["hf_prune"] |= {"format_version": STREAM_FORMAT_VERSION, "stream_widths": widths}
     config["model_type"] = LOADER_MODEL_TYPE
     config["auto_map"] = write_remote_code(folder, type(model.config), config["architectures"][0])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -9,7 +9,9 @@ from .errors import InvalidPruningTargetError
 
 Amount = float | int
 
-GROUP_KINDS = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels")
+GROUP_KINDS = (
+    "heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels", "stage_channels"
+)
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
 PROPAGATIONS = ("unpruned", "pruned")
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
@@ -22,6 +24,7 @@ DEFAULT_CRITERIA = {
     "mlp_branches": "block_influence",
     "layers": "block_influence",
     "channels": "magnitude",
+    "stage_channels": "magnitude",
 }
 _AMOUNT_HELP = "A float is a fraction in [0, 1), an int a count."
 #: Budget targets: mutually exclusive with each other and with the per-kind amounts.
@@ -55,6 +58,14 @@ class PruningConfig:
         metadata={
             "help": "Fraction or count of prunable output channels of convolution/linear groups (ResNet, ConvNeXt, "
             f"traced models). {_AMOUNT_HELP}"
+        },
+    )
+    stage_channels: Amount = field(
+        default=0,
+        metadata={
+            "help": "Fraction or count of each stage's stream channels removed, the same share in every stage "
+            "(ResNet, ConvNeXt: the channels the residual additions tie across a stage's blocks); repaired by "
+            f"reconstruct='lstsq' or not at all ('none'). {_AMOUNT_HELP}"
         },
     )
     criterion: str | dict[str, str] = field(
@@ -132,7 +143,10 @@ class PruningConfig:
         metadata={"help": "Fail instead of writing the loader format when a plain config cannot express the shapes."},
     )
 
-    AMOUNTS = ("kv_groups", "attention_heads", "mlp_neurons", "attention_branches", "mlp_branches", "layers", "channels")
+    AMOUNTS = (
+        "kv_groups", "attention_heads", "mlp_neurons", "attention_branches", "mlp_branches", "layers", "channels",
+        "stage_channels",
+    )
 
     def __post_init__(self) -> None:
         from .criteria import available_criteria  # the registry imports this module's siblings

@@ -17,6 +17,7 @@ from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError
 from .evaluation import parameter_count
 from .groups import ArchitectureAdapter, GroupKind, LayerGeometry, get_adapter
+from .plan import removed_numel
 from .surgery import apply_plan
 from .tracing.groups import TracedGroups
 
@@ -28,6 +29,8 @@ KINDS: dict[GroupKind, tuple[str, str]] = {
     "attention_branches": ("attention_branches", "attention branches"),
     "mlp_branches": ("mlp_branches", "MLP branches"),
     "layers": ("layers", "layers"),
+    "channels": ("channels", "inner channels"),
+    "stage_channels": ("stage_channels", "stage channels"),
 }
 
 
@@ -53,7 +56,10 @@ class Inspection:
         lines = [
             f"{self.name}: {self.architecture} ({self.model_type}), {len(self.layers)} layers, "
             f"{self.parameters:,} parameters",
-            f"handled by: the '{self.model_type}' architecture adapter (heads, KV groups, neurons, branches, layers)",
+            (
+                f"handled by: the '{self.model_type}' architecture adapter "
+                f"({', '.join(KINDS[kind.kind][1] for kind in self.kinds)})"
+            ),
             "",
             f"{'layers':>9}  {'heads':>5}  {'KV heads':>8}  {'head_dim':>8}  {'MLP neurons':>11}",
         ]
@@ -70,7 +76,8 @@ class Inspection:
             "",
             "Dependency groups. share: the part of all parameters the groups of a kind hold (kinds overlap: a KV group",
             "holds its query heads, a layer everything in it). format: the checkpoint format that removing one group",
-            "of the kind gives (one per layer for heads, KV groups and neurons; one in all for branches and layers).",
+            "of the kind gives (one per layer for heads, KV groups, neurons and channels; one per stage for stage",
+            "channels; one in all for branches and layers).",
             f"{'kind':<20}{'groups':>8}{'parameters':>14}{'share':>8}  format",
         ]
         for kind in self.kinds:
@@ -104,11 +111,16 @@ def inspect_model(model: nn.Module, name: str = "") -> Inspection:
     geometries = [adapter.geometry(layer) for layer in layers]
     grouped_query = any(g.attention and g.attention.heads_per_group > 1 for g in geometries)
     kinds = []
-    for kind in KINDS:
+    for kind in (kind for kind in KINDS if kind in adapter.kinds):
         if kind == "kv_groups" and not grouped_query:
             continue  # multi-head attention: every head is its own KV group, listed as heads
-        groups = [group for index, layer in enumerate(layers) for group in adapter.groups(layer, index, kind)]
-        size = sum(piece.numel(layers[group.layer]) for group in groups for piece in group.slices)
+        if kind == "stage_channels":  # groups that cross layers, named from the model root
+            groups = [group for stage in range(len(adapter.stages(model))) for group in adapter.stage_groups(model, stage)]
+            # A stage's entry convolution reads the previous stream: count each parameter once.
+            size = removed_numel((model, piece) for group in groups for piece in group.slices)
+        else:
+            groups = [group for index, layer in enumerate(layers) for group in adapter.groups(layer, index, kind)]
+            size = sum(piece.numel(layers[group.layer]) for group in groups for piece in group.slices)
         kinds.append(KindSummary(kind, len(groups), size, _format_of_removing_one(model, adapter, kind)))
     architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     return Inspection(name, model.config.model_type, architecture, parameter_count(model), geometries, kinds)

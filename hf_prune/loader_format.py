@@ -1,7 +1,9 @@
 """The loader format, readable with or without hf_prune installed.
 
 A loader-format `config.json` holds the family's own fields, `"model_type": "hf_prune"` and an
-`hf_prune` entry with the base `model_type` and every layer's shape. `HFPruneConfig` reads it;
+`hf_prune` entry with the base `model_type`, every layer's shape and, when a convolutional model's
+stage streams were cut (version 2), every stage's stream width (`stream_widths`; the family's
+`hidden_sizes` stay dense, since they also derive the inner widths). `HFPruneConfig` reads it;
 `load_shaped` builds the family's class, cuts each layer to its saved shape with the same surgery
 that pruned it, and lets transformers' `from_pretrained` fill the weights.
 
@@ -26,10 +28,19 @@ from .surgery import apply_plan
 
 LOADER_MODEL_TYPE = "hf_prune"
 LOADER_FORMAT_VERSION = 1
+#: The version of folders that also record cut stage streams (`stream_widths`).
+STREAM_FORMAT_VERSION = 2
+READABLE_VERSIONS = (LOADER_FORMAT_VERSION, STREAM_FORMAT_VERSION)
 
 
 def layer_geometries(model: nn.Module, adapter: ArchitectureAdapter) -> list[LayerGeometry]:
     return [adapter.geometry(layer) for layer in adapter.layers(model)]
+
+
+def stream_widths(model: nn.Module, adapter: ArchitectureAdapter) -> list[int] | None:
+    """Every stage's stream width when some differ from the config's `hidden_sizes`, else `None`."""
+    widths = adapter.stream_config_fields(model).get("hidden_sizes")
+    return widths if widths is not None and widths != list(model.config.hidden_sizes) else None
 
 
 class HFPruneConfig(PretrainedConfig):
@@ -41,10 +52,10 @@ class HFPruneConfig(PretrainedConfig):
         metadata = getattr(self, "hf_prune", None)
         if not isinstance(metadata, dict):
             raise PrunedCheckpointError("config.json has model_type 'hf_prune' but no 'hf_prune' entry.")
-        if metadata.get("format_version") != LOADER_FORMAT_VERSION:
+        if metadata.get("format_version") not in READABLE_VERSIONS:
             raise PrunedCheckpointError(
                 f"config.json uses loader format version {metadata.get('format_version')}; this code reads "
-                f"version {LOADER_FORMAT_VERSION}. Upgrade hf_prune (or re-save the folder with it)."
+                f"versions {READABLE_VERSIONS}. Upgrade hf_prune (or re-save the folder with it)."
             )
         return metadata
 
@@ -58,8 +69,17 @@ class HFPruneConfig(PretrainedConfig):
     def layer_shapes(self) -> list[LayerGeometry]:
         return [LayerGeometry.from_dict(entry) for entry in self._metadata()["layers"]]
 
+    def stream_widths(self) -> list[int]:
+        """Every stage's cut stream width (empty: the streams have the config's widths)."""
+        return list(self._metadata().get("stream_widths", []))
 
-def shaped_class(model_class: type[PreTrainedModel], adapter: ArchitectureAdapter, targets: list[LayerGeometry]):
+
+def shaped_class(
+    model_class: type[PreTrainedModel],
+    adapter: ArchitectureAdapter,
+    targets: list[LayerGeometry],
+    widths: list[int] = (),
+):
     """A subclass of `model_class` that takes the saved per-layer shapes as soon as it is built,
     so transformers' own `from_pretrained` (key renames, dtype, device_map, ...) fills it."""
 
@@ -70,7 +90,8 @@ def shaped_class(model_class: type[PreTrainedModel], adapter: ArchitectureAdapte
             if len(dense) != len(targets):
                 raise PrunedCheckpointError(f"{len(targets)} saved layer shapes for {len(dense)} layers")
             plans = [LayerPlan.first(i, d, t) for i, (d, t) in enumerate(zip(dense, targets))]
-            apply_plan(self, adapter, PruningPlan(plans))
+            streams = {stage: tuple(range(width)) for stage, width in enumerate(widths)}
+            apply_plan(self, adapter, PruningPlan(plans, streams))
 
     # Present as the family's own class: transformers applies its checkpoint key renames
     # (e.g. GPT-NeoX `embed_out` → `lm_head`) only to classes defined inside transformers.
@@ -84,7 +105,7 @@ def load_shaped(
 ) -> PreTrainedModel:
     """`model_class` (a family class such as `LlamaForCausalLM`) cut to the saved shapes, weights loaded."""
     base = config.base_config()
-    shaped = shaped_class(model_class, get_adapter(base), config.layer_shapes())
+    shaped = shaped_class(model_class, get_adapter(base), config.layer_shapes(), config.stream_widths())
     return shaped.from_pretrained(name_or_path, *args, config=base, **from_pretrained_kwargs)
 
 

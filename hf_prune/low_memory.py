@@ -315,6 +315,11 @@ class LowMemoryPruner(HFPruner):
                 "layer-by-layer mode does not do yet; use allocation='uniform' (protected_layers and budgets work) "
                 "or load the model without low_memory."
             )
+        if targets.stage_channels:
+            raise LowMemoryError(
+                f"stage_channels={config.stage_channels!r}: a stream channel spans every block of its stage, which "
+                "the layer-by-layer mode never holds at once; load the model without low_memory."
+            )
         for kind, criterion in criteria.items():
             if "gradients" in criterion.requires or criterion.needs_windows:
                 raise LowMemoryError(

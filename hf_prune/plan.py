@@ -1,4 +1,5 @@
-"""A pruning plan: per layer, which heads, KV groups, neurons, branches survive.
+"""A pruning plan: per layer, which heads, KV groups, neurons, branches survive; per stage of a
+convolutional model, which stream channels survive (`stream_channels`: those groups cross layers).
 
 The plan is plain data in terms of the *original* indices. Masking (`masking.py`) and surgery
 (`surgery.py`) both read it, which is what makes "surgery equals the masked model" testable.
@@ -6,9 +7,11 @@ The plan is plain data in terms of the *original* indices. Masking (`masking.py`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .groups import ArchitectureAdapter, AttentionGeometry, LayerGeometry, TensorSlice
@@ -126,6 +129,8 @@ class LayerPlan:
 @dataclass
 class PruningPlan:
     layers: list[LayerPlan] = field(default_factory=list)
+    #: stage → the stream channels it keeps (original indices, increasing); stages left out keep all.
+    stream_channels: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def keep_all(cls, model: nn.Module, adapter: ArchitectureAdapter) -> PruningPlan:
@@ -135,17 +140,69 @@ class PruningPlan:
     def kept_layers(self) -> list[int]:
         return [plan.layer for plan in self.layers if plan.keep_layer]
 
+    def removed_stream_channels(self, model: nn.Module, adapter: ArchitectureAdapter) -> dict[int, list[int]]:
+        """Stage → the stream channels the plan removes (stages that lose none are left out)."""
+        removed = {}
+        for stage, kept in sorted(self.stream_channels.items()):
+            gone = sorted(set(range(adapter.stream_width(model, stage))) - set(kept))
+            if gone:
+                removed[stage] = gone
+        return removed
+
+    def removed_stream_slices(self, model: nn.Module, adapter: ArchitectureAdapter) -> list[TensorSlice]:
+        """Slices of every removed stream channel, named from the model root."""
+        slices = []
+        for stage, channels in self.removed_stream_channels(model, adapter).items():
+            members = adapter.stream_members(model, stage)
+            slices += [piece for c in channels for piece in adapter.stage_channel_slices(model, stage, c, members)]
+        return slices
+
     def removed_parameter_count(self, model: nn.Module, adapter: ArchitectureAdapter) -> int:
-        """Parameters the plan removes, counted from the group slices (independent of surgery)."""
+        """Parameters the plan removes, counted from the group slices (independent of surgery).
+
+        A parameter can lose rows to one group and columns to another (a stream channel and an inner
+        channel of the same convolution): it keeps the product of its kept extents, never a sum.
+        """
         layers = adapter.layers(model)
-        removed = 0
+        pieces: list[tuple[nn.Module, TensorSlice]] = []
         for plan in self.layers:
             layer = layers[plan.layer]
             if not plan.keep_layer:
-                removed += sum(p.numel() for p in layer.parameters())
+                pieces += [(layer, TensorSlice(name, 0, 0, p.shape[0])) for name, p in layer.named_parameters()]
                 continue
             slices = list(plan.removed_slices(adapter, layer))
             for branch in plan.removed_branches():
                 slices += adapter.branch_slices(layer, branch)
-            removed += sum(piece.numel(layer) for piece in slices)
-        return removed
+            pieces += [(layer, piece) for piece in slices]
+        pieces += [(model, piece) for piece in self.removed_stream_slices(model, adapter)]
+        return removed_numel(pieces)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [plan.to_dict() for plan in self.layers],
+            "stream_channels": {str(stage): list(kept) for stage, kept in sorted(self.stream_channels.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, model: nn.Module, adapter: ArchitectureAdapter) -> PruningPlan:
+        """The inverse of `to_dict`, on the dense `model` the plan was made for."""
+        geometries = [adapter.geometry(layer) for layer in adapter.layers(model)]
+        return cls(
+            [LayerPlan.from_dict(entry, geometries[entry["layer"]]) for entry in data["layers"]],
+            {int(stage): tuple(kept) for stage, kept in data.get("stream_channels", {}).items()},
+        )
+
+
+def removed_numel(pieces: Iterable[tuple[nn.Module, TensorSlice]]) -> int:
+    """How many entries the slices remove together: per parameter, its size minus the product of
+    the extents it keeps along each dimension (overlapping slices count once)."""
+    removed: dict[int, tuple[torch.Tensor, dict[int, set[int]]]] = {}
+    for root, piece in pieces:
+        parameter = root.get_parameter(piece.parameter)
+        _, per_dim = removed.setdefault(id(parameter), (parameter, {}))
+        per_dim.setdefault(piece.dim % parameter.dim(), set()).update(range(piece.start, piece.stop))
+    total = 0
+    for parameter, per_dim in removed.values():
+        kept = math.prod(size - len(per_dim.get(dim, ())) for dim, size in enumerate(parameter.shape))
+        total += parameter.numel() - kept
+    return total

@@ -174,7 +174,7 @@ class HFPruner:
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)
         requirements = set().union(*(c.requires for c in criteria.values()))
         if config.reconstruct != "none":
-            requirements |= {"moments", "mlp_gram"}
+            requirements |= {"moments", "mlp_gram"} | ({"stream_gram"} if targets.stage_channels else set())
         if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
             context.windows = token_windows(
                 config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor

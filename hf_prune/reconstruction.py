@@ -6,6 +6,8 @@
 - `bias` (FLAP) gives back the removed channels' mean contribution (`bias_compensation.py`).
 - `ispasp` re-selects which neurons, heads or KV groups stay with i-SpaSP's CoSaMP iterations,
   starting from the criterion's choice, then refits like `lstsq` (`ispasp.py`).
+- With `lstsq`, every module that reads a removed stream channel of a convolutional stage is
+  refitted on its own input (`stream_reconstruction.py`).
 - With `lstsq` and `ispasp`, the MLP before a run of removed layers is refitted to also add what
   they added to the residual stream (`layer_replacement.py`).
 
@@ -28,6 +30,7 @@ from .ispasp import least_squares_columns
 from .ispasp import select as ispasp_select
 from .plan import LayerPlan, PruningPlan
 from .statistics import CalibrationStatistics, ChannelStatistics
+from .stream_reconstruction import refit_stream_consumers
 
 
 def removed_channels(adapter: ArchitectureAdapter, layer: nn.Module, plan: LayerPlan, branch: Branch) -> list[int]:
@@ -146,4 +149,6 @@ def reconstruct(
             else:
                 module.weight[:, kept] = new
         repaired.append(layer_plan)
-    return PruningPlan(repaired)
+    if plan.stream_channels:
+        refit_stream_consumers(model, adapter, plan, statistics)
+    return PruningPlan(repaired, dict(plan.stream_channels))

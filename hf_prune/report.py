@@ -59,6 +59,8 @@ class PruningReport:
     layers: tuple[LayerReport, ...] = field(default_factory=tuple)
     #: the calibration that actually ran (source, windows, seq_len, tokens), None for data-free prunes.
     calibration: dict | None = None
+    #: stage → stream channels kept, for the stages that lost some (convolutional `stage_channels`).
+    stream_channels: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -66,7 +68,8 @@ class PruningReport:
         calibration: dict | None = None,
     ):
         layers = tuple(LayerReport.from_plan(p) for p in plan.layers)
-        return cls(model_type, before, after, fmt, reason, config, layers, calibration)
+        streams = {stage: len(kept) for stage, kept in sorted(plan.stream_channels.items())}
+        return cls(model_type, before, after, fmt, reason, config, layers, calibration, streams)
 
     @property
     def removed_fraction(self) -> float:
@@ -78,6 +81,7 @@ class PruningReport:
     def __str__(self) -> str:
         lines = [f"{'layer':>5}  change", f"{'-' * 5}  {'-' * 40}"]
         lines += [f"{layer.layer:>5}  {layer.describe()}" for layer in self.layers]
+        lines += [f"stage {stage} stream: {kept} channels kept" for stage, kept in self.stream_channels.items()]
         lines += [
             "",
             f"parameters: {self.parameters_before:,} → {self.parameters_after:,} "

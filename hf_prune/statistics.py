@@ -5,8 +5,11 @@ Forward hooks accumulate, per layer, the input channels of each branch's consumi
 batch computed in float32 and added into float64. Nothing is stored per token. Layer and branch
 influence (`1 − cos(h_in, h_out)`) is accumulated the same way. Gradient criteria add one
 backward pass per batch, summing gradients and squared gradients of the layers' parameters.
-Without gradients the task head is skipped: only the base model runs. Under torchrun each process
-runs its share of the batches and the sums are added across processes (`hf_prune.distributed`).
+On convolutional families that prune stage channels, `moments` also records the mean |value| of
+every stage's output channel (`streams`), and `stream_gram` the Gram matrix of the stream channels
+at every module that reads them (`stream_consumers`, for their least-squares repair). Without
+gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
+classifier's input. Under torchrun each process runs its share of the batches and the sums are added across processes (`hf_prune.distributed`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from .distributed import local_share, sum_across_processes, sum_numbers
 from .groups import ArchitectureAdapter, Branch
 from .groups.base import channels_last
 
-Requirement = Literal["moments", "mlp_gram", "influence", "gradients"]
-REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients")
+Requirement = Literal["moments", "mlp_gram", "influence", "gradients", "stream_gram"]
+REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients", "stream_gram")
 
 
 #: Channel blocks of a Gram matrix: only the blocks on and above the diagonal are multiplied.
@@ -91,6 +94,10 @@ class CalibrationStatistics:
     """Everything one calibration pass measured, keyed by (original) layer index."""
 
     consumers: dict[tuple[int, Branch], ChannelStatistics] = field(default_factory=dict)
+    #: stage → moments of |stage output| per stream channel (`mean` is the mean magnitude).
+    streams: dict[int, ChannelStatistics] = field(default_factory=dict)
+    #: qualified module name → moments and Gram of the stream channels it reads (`stream_gram`).
+    stream_consumers: dict[str, ChannelStatistics] = field(default_factory=dict)
     #: mean of 1 − cos(stream before, stream after) per token, for "layer", "attention", "mlp".
     influence: dict[tuple[int, str], float] = field(default_factory=dict)
     #: Σ over batches of the gradient, and of its square, per (layer, parameter name in the layer).
@@ -162,6 +169,8 @@ class InfluenceRecorder:
 def sum_statistics(stats: CalibrationStatistics) -> None:
     """Add every process's moments, Grams, gradients and counts (nothing with one process)."""
     accumulators = [stats.consumers[key] for key in sorted(stats.consumers)]
+    accumulators += [stats.streams[stage] for stage in sorted(stats.streams)]
+    accumulators += [stats.stream_consumers[name] for name in sorted(stats.stream_consumers)]
     gradient_keys = sorted(stats.gradient_sum)
     sum_across_processes(
         [t for acc in accumulators for t in (acc.total, acc.squares, acc.gram) if t is not None]
@@ -200,6 +209,30 @@ def register_layer_hooks(
     return handles
 
 
+def register_stream_hooks(stats: CalibrationStatistics, model: nn.Module, adapter: ArchitectureAdapter) -> list:
+    """Hooks that accumulate |output| per channel of every stage (`moments`, for stream channel
+    criteria) and the input Gram of every module reading a stream (`stream_gram`, for their repair)."""
+    handles = []
+    for stage, module in enumerate(adapter.stages(model)):
+        if "moments" in stats.requirements:
+            accumulator = stats.streams[stage] = ChannelStatistics()
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, args, output, acc=accumulator: acc.add(output.abs().movedim(1, -1))
+                )
+            )
+        if "stream_gram" in stats.requirements:
+            for name in adapter.stream_members(model, stage).consumers:
+                accumulator = stats.stream_consumers[name] = ChannelStatistics(with_gram=True)
+                consumer = model.get_submodule(name)
+                handles.append(
+                    consumer.register_forward_pre_hook(
+                        lambda m, args, acc=accumulator: acc.add(channels_last(m, args[0]))
+                    )
+                )
+    return handles
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The model without its task head (the LM head alone costs ~25% of a small LM's forward)."""
     return getattr(model, getattr(model, "base_model_prefix", ""), model)
@@ -223,8 +256,13 @@ def collect_statistics(
     handles = []
     for index, layer in enumerate(layers):
         handles += register_layer_hooks(stats, index, layer, adapter, recorder)
+    if requirements & {"moments", "stream_gram"} and "stage_channels" in adapter.kinds:
+        handles += register_stream_hooks(stats, model, adapter)
 
     gradients = "gradients" in requirements
+    # The classifier reads the last stage's stream: its repair needs the task head to run.
+    streams = "stream_gram" in requirements and "stage_channels" in adapter.kinds
+    forward = model if streams else base_model(model)
     layer_parameters = {id(p) for p in layers.parameters()}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in layer_parameters]
     device = next(model.parameters()).device
@@ -239,7 +277,7 @@ def collect_statistics(
             stats.tokens += batch.numel() if "input_ids" in inputs else batch.shape[0]
             if not gradients:
                 with torch.no_grad():
-                    base_model(model)(**inputs)
+                    forward(**inputs)
                 continue
             loss = model(**inputs, labels=inputs["input_ids"]).loss
             loss.backward()

@@ -1,7 +1,9 @@
 """Physical removal: slice parameters, swap removed branches for stand-ins, drop layers.
 
-Works on real tensors and on meta tensors alike, so the same code shapes a loader-format
-checkpoint's skeleton before its weights are loaded.
+Stream channels (`PruningPlan.stream_channels`) are cut first, on the dense model, where every
+name their groups hold still exists; then the layers; then removed layers go. Works on real
+tensors and on meta tensors alike, so the same code shapes a loader-format checkpoint's skeleton
+before its weights are loaded.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def _sync_shape(module: nn.Module) -> None:
         tensor = module.weight if module.weight is not None else module.running_mean
         if tensor is not None:
             module.num_features = tensor.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.GroupNorm) and module.weight is not None:
         per_channel = module.num_groups == module.num_channels
         module.num_channels = module.weight.shape[0]
@@ -92,7 +96,11 @@ def drop_layers(model: nn.Module, adapter: ArchitectureAdapter, kept: list[int])
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPlan) -> None:
-    """Make `model` physically smaller as `plan` says (in place); updates the layer-count config fields."""
+    """Make `model` physically smaller as `plan` says (in place); updates the layer-count config fields
+    (stream widths are config fields only when the vanilla format can hold them: `decide_format`)."""
+    stream_slices = plan.removed_stream_slices(model, adapter)
+    if stream_slices:
+        slice_tensors(model, stream_slices)
     layers = adapter.layers(model)
     for layer_plan in plan.layers:
         if layer_plan.keep_layer:

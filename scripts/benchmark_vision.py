@@ -11,6 +11,11 @@ into per-kind amounts with the uniform allocation: ViT removes the same share of
 heads, rounded) and fills the rest with MLP neurons; ResNet removes a fraction of every block's
 inner channels. The achieved fraction is reported beside the target.
 
+On ResNet a second family of rows, `stage channels` (ids `resnet/stage/...`), removes the same
+fraction of every stage's stream channels (tied across blocks by the residual additions) and of
+every block's inner channels, which keeps a basic-block ResNet in the vanilla format; only the
+criteria that rank stream channels (magnitude, activation, random) run there.
+
 Accuracy is on the local CIFAR-10 test split, quality-75 JPEGs: about 11 points below the
 original test set.
 
@@ -45,6 +50,8 @@ MODELS = {
 RATIOS = (0.2, 0.3, 0.5)
 CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "random")
 REPAIRS = ("none", "lstsq")
+#: Criteria that rank stream channels (`stage_channels`); the others refuse that kind.
+STAGE_CRITERIA = ("magnitude", "activation", "random")
 
 
 def removed_fraction(model, adapter, amounts: dict) -> float:
@@ -52,10 +59,13 @@ def removed_fraction(model, adapter, amounts: dict) -> float:
     return plan.removed_parameter_count(model, adapter) / parameter_count(model)
 
 
-def amounts_for(model, adapter, ratio: float) -> dict:
-    """Per-kind amounts (uniform allocation) whose removed parameters come closest to `ratio`."""
+def amounts_for(model, adapter, ratio: float, stage: bool = False) -> dict:
+    """Per-kind amounts (uniform allocation) whose removed parameters come closest to `ratio`
+    (`stage`: the same fraction of stream channels and inner channels)."""
     fractions = [k / 200 for k in range(1, 199)]
-    if "channels" in adapter.kinds:
+    if stage:
+        candidates = [{"stage_channels": f, "channels": f} for f in fractions]
+    elif "channels" in adapter.kinds:
         candidates = [{"channels": f} for f in fractions]
     else:
         layer = adapter.layers(model)[0]
@@ -162,14 +172,23 @@ def main() -> None:
         test_pixels = pixel_values(test.images[chosen], processor)
         labels = test.labels[chosen]
         latency_batch = test_pixels[:64]
-        plans = [("dense", None, None, None)] + [
-            (f"{criterion}/{repair}/{ratio}", criterion, repair, ratio)
+        plans = [("dense", None, None, None, False)] + [
+            (f"{criterion}/{repair}/{ratio}", criterion, repair, ratio, False)
             for ratio in args.ratios
             for criterion in args.criteria
             for repair in REPAIRS
         ]
+        if "stage_channels" in adapter.kinds:
+            plans += [
+                (f"stage/{criterion}/{repair}/{ratio}", criterion, repair, ratio, True)
+                for ratio in args.ratios
+                for criterion in args.criteria
+                if criterion in STAGE_CRITERIA
+                for repair in REPAIRS
+            ]
         statistics = None
-        for key, criterion, repair, ratio in plans:
+        amounts_of: dict[tuple[float, bool], dict] = {}  # (ratio, stage) → amounts: one search each
+        for key, criterion, repair, ratio, stage in plans:
             row_id = f"{name}/{key}"
             if row_id in rows or (args.rows and args.rows not in row_id):
                 continue
@@ -186,10 +205,15 @@ def main() -> None:
                 calibration = calibration_pixels(
                     "cifar10", processor, args.num_samples, seed=0
                 )
+                requirements = {"moments", "mlp_gram"}
+                if "stage_channels" in adapter.kinds:
+                    requirements.add("stream_gram")
                 statistics = collect_statistics(
-                    dense, adapter, calibration.split(32), {"moments", "mlp_gram"}
+                    dense, adapter, calibration.split(32), requirements
                 )
-            amounts = amounts_for(dense, adapter, ratio)
+            if (ratio, stage) not in amounts_of:
+                amounts_of[(ratio, stage)] = amounts_for(dense, adapter, ratio, stage)
+            amounts = amounts_of[(ratio, stage)]
             pruner = HFPruner(copy.deepcopy(dense), processor=processor)
             start = time.perf_counter()
             report = pruner.prune(
@@ -207,11 +231,13 @@ def main() -> None:
                 "id": row_id,
                 "model": name,
                 "criterion": criterion,
+                "units": "stage channels" if stage else "inner",
                 "repair": repair,
                 "target": ratio,
                 "amounts": amounts,
                 "removed": 1 - report.parameters_after / report.parameters_before,
                 "prune_seconds": seconds,
+                "format": report.output_format,
                 **result,
             }
             write_rows(args.output, rows)
@@ -220,7 +246,7 @@ def main() -> None:
     print(
         f"\n{JPEG_CAVEAT}\nTest images: {len(chosen)}; calibration: {args.num_samples} CIFAR-10 train images."
     )
-    header = f"{'model':<7}{'criterion':<12}{'repair':<7}{'target':>7}{'removed':>8}{'top-1':>7}{'vs dense':>9}{'params':>9}{'MFLOPs':>8}{'ms/64':>7}"
+    header = f"{'model':<7}{'units':<15}{'criterion':<12}{'repair':<7}{'target':>7}{'removed':>8}{'top-1':>7}{'vs dense':>9}{'params':>9}{'MFLOPs':>8}{'ms/64':>7}"
     print(header)
     dense_top1 = {
         row["model"]: row["top1"]
@@ -234,7 +260,7 @@ def main() -> None:
             else float("nan")
         )
         print(
-            f"{row['model']:<7}{row['criterion']:<12}{row.get('repair', '-'):<7}{row.get('target', 0):>7.2f}"
+            f"{row['model']:<7}{row.get('units', '-'):<15}{row['criterion']:<12}{row.get('repair', '-'):<7}{row.get('target', 0):>7.2f}"
             f"{row.get('removed', 0):>8.3f}{row['top1']:>7.4f}{relative:>9.3f}{row['parameters']:>9,}"
             f"{row['flops'] / 1e6:>8.1f}{row['latency_ms']:>7.1f}"
         )

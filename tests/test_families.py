@@ -26,7 +26,7 @@ RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
 
 def convolutional_scenarios(family: TinyFamily) -> dict[str, dict]:
     """Each supported kind alone, then seeded combinations through the default pipeline."""
-    choices = {"channels": [0.25, 0.5, 3], "mlp_neurons": [0.25, 0.5, 5], "layers": [1, 2]}
+    choices = {"channels": [0.25, 0.5, 3], "mlp_neurons": [0.25, 0.5, 5], "layers": [1, 2], "stage_channels": [0.25, 0.5, 3]}
     cases = {name: {name: choices[name][0], **STRUCTURAL} for name in family.convolutional_amounts}
     rng = random.Random(family.model_type)
     for index in range(3):
@@ -87,7 +87,7 @@ def pruned_case(family_name: str, case: str, root: Path) -> dict:
     masked = copy.deepcopy(dense)
     if config.reconstruct != "none":  # the reference is the repaired dense model, masked
         batches = config.calibration[0].split(config.batch_size)
-        statistics = collect_statistics(masked, pruner.adapter, batches, {"moments", "mlp_gram"})
+        statistics = collect_statistics(masked, pruner.adapter, batches, {"moments", "mlp_gram", "stream_gram"})
         reconstruct(masked, pruner.adapter, pruner.plan, statistics, config.reconstruct)
     apply_masks(masked, pruner.adapter, pruner.plan)
 

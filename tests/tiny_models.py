@@ -175,7 +175,7 @@ FAMILIES: dict[str, TinyFamily] = {
             gqa=False,
             causal=False,
             vision=True,
-            convolutional_amounts=("channels",),
+            convolutional_amounts=("channels", "stage_channels"),
         ),
         TinyFamily(
             "convnext",
@@ -187,7 +187,7 @@ FAMILIES: dict[str, TinyFamily] = {
             gqa=False,
             causal=False,
             vision=True,
-            convolutional_amounts=("mlp_neurons", "layers"),
+            convolutional_amounts=("mlp_neurons", "layers", "stage_channels"),
         ),
     ]
 }

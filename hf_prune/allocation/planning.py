@@ -2,7 +2,8 @@
 
 Whole layers go first, then branches among the remaining layers (both ranked model-wide, never
 in `protected_layers`), then KV groups, query heads inside the kept groups, and MLP neurons
-inside the branches that remain, the lowest-scored of each layer.
+inside the branches that remain, the lowest-scored of each layer. Stream channels of convolutional
+stages (`stage_channels`) go last, the lowest-scored of each stage.
 """
 
 from __future__ import annotations
@@ -94,7 +95,20 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targe
     counts = get_allocation(targets.allocation).counts(scores, plan, targets)
     for layer_plan in plan.layers:
         _select_groups(scores, layer_plan, counts, targets.neuron_kind)
+    select_stream_channels(context, criteria, plan, targets)
     return plan
+
+
+def select_stream_channels(
+    context: ScoringContext, criteria: Mapping[str, Criterion], plan: PruningPlan, targets: Targets
+) -> None:
+    """Keep, in every stage, all but the `targets.stage_channels` lowest-scored stream channels."""
+    for stage, count in targets.stage_channels.items():
+        if not count:
+            continue
+        groups = context.adapter.stage_groups(context.model, stage)
+        removed = lowest(criteria["stage_channels"].score(context, groups).double(), count)
+        plan.stream_channels[stage] = tuple(g.index for position, g in enumerate(groups) if position not in removed)
 
 
 def plan_for(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig, criterion: Criterion) -> PruningPlan:

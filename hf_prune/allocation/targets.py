@@ -38,10 +38,12 @@ class Targets:
     round_to: int = 1
     #: what the units of `counts.neurons` are: MLP neurons, or a convolutional block's inner channels.
     neuron_kind: GroupKind = "neurons"
+    #: stage → stream channels removed there (convolutional families' `stage_channels`).
+    stage_channels: dict[int, int] = field(default_factory=dict)
 
     def kinds(self) -> set[GroupKind]:
         """The group kinds that need a criterion."""
-        kinds = {kind for kind in ("layers", "attention_branches", "mlp_branches") if getattr(self, kind)}
+        kinds = {kind for kind in ("layers", "attention_branches", "mlp_branches", "stage_channels") if getattr(self, kind)}
         return kinds | self.counts.kinds(self.neuron_kind)
 
 
@@ -117,6 +119,7 @@ AMOUNT_OF_KIND = {
     "mlp_branches": "mlp_branches",
     "layers": "layers",
     "channels": "channels",
+    "stage_channels": "stage_channels",
 }
 
 
@@ -177,6 +180,45 @@ def _amount_counts(config: PruningConfig, plan: PruningPlan, protected: frozense
             counts.heads_per_group[layer_plan.layer] = per_group
         if size and getattr(config, neuron_amount):
             counts.neurons[layer_plan.layer] = _neuron_count(config, neuron_amount, layer_plan.layer, size)
+    return counts
+
+
+def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: ArchitectureAdapter) -> dict[int, int]:
+    """Stream channels removed per stage: the same fraction (or count) of every stage's width.
+
+    Only the uniform allocation (the stream groups cross layers, which the per-layer allocations do
+    not model) and the `lstsq` repair of every stream consumer (`stream_reconstruction.py`) or none.
+    `protected_layers` name layers; a stream spans all the blocks of its stage, so they do not apply.
+    """
+    amount = config.stage_channels
+    if not amount:
+        return {}
+    if config.allocation != "uniform":
+        raise InvalidPruningTargetError(
+            f"stage_channels={amount!r} removes the same share of every stage's stream; allocation="
+            f"{config.allocation!r} cannot spread it. Use allocation='uniform' (the default) with stage_channels."
+        )
+    if config.reconstruct not in ("none", "lstsq"):
+        raise InvalidPruningTargetError(
+            f"stage_channels={amount!r}: reconstruct={config.reconstruct!r} cannot repair stream channels (a "
+            "convolution's per-tap refit has no per-output constant or re-selection); use reconstruct='lstsq' or 'none'."
+        )
+    counts = {}
+    for stage in range(len(adapter.stages(model))):
+        width = adapter.stream_width(model, stage)
+        count = count_of(amount, width)
+        if count >= width:
+            raise InvalidPruningTargetError(
+                f"stage_channels={amount!r} removes all {width} stream channels of stage {stage}; remove at most "
+                f"{width - 1}" + (f" (a fraction below {(width - 0.5) / width:.3g})." if isinstance(amount, float) else ".")
+            )
+        counts[stage] = count
+    if not any(counts.values()):
+        smallest = min(adapter.stream_width(model, stage) for stage in counts)
+        raise InvalidPruningTargetError(
+            f"stage_channels={amount!r} rounds to 0 channels in every stage; the smallest valid fraction is "
+            f"{0.5 / smallest:.3g}."
+        )
     return counts
 
 
@@ -263,4 +305,5 @@ def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: Prun
         protected=protected,
         round_to=config.round_to,
         neuron_kind=adapter.neuron_kind,
+        stage_channels=_stage_channel_counts(config, model, adapter),
     )

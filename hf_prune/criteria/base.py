@@ -19,6 +19,9 @@ ALL_KINDS: frozenset[GroupKind] = frozenset(
 )
 CHANNEL_KINDS: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons", "channels"))
 BLOCK_KINDS: frozenset[GroupKind] = ALL_KINDS - CHANNEL_KINDS
+#: Groups that cross layers (`Group.layer` is a stage, slices are named from the model root); only
+#: criteria that name this kind rank it, the others are refused with a typed error.
+STAGE_KINDS: frozenset[GroupKind] = frozenset(("stage_channels",))
 
 
 @dataclass
@@ -55,12 +58,13 @@ class Criterion(ABC):
         """One float per group, in the order given (all groups belong to one layer and kind)."""
 
 
-def group_tensors(context: ScoringContext, group: Group) -> list[torch.Tensor]:
-    """The parameter slices a group owns, as views."""
-    layer = context.layer(group.layer)
+def group_tensors(context: ScoringContext, group: Group, producers_only: bool = False) -> list[torch.Tensor]:
+    """The parameter slices a group owns, as views (without its consumers' columns if `producers_only`)."""
+    root = context.model if group.kind in STAGE_KINDS else context.layer(group.layer)
     return [
-        layer.get_parameter(piece.parameter).detach().narrow(piece.dim, piece.start, piece.stop - piece.start)
+        root.get_parameter(piece.parameter).detach().narrow(piece.dim, piece.start, piece.stop - piece.start)
         for piece in group.slices
+        if not (producers_only and piece.consumer)
     ]
 
 

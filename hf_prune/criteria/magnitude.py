@@ -2,7 +2,8 @@
 
 The classic baseline (Li et al. 2017 for filters; Torch-Pruning's default importance). It
 ignores the data, so it fails once a weight's scale stops tracking its effect: on SmolLM2 it
-takes perplexity from 29 to millions at 25% of MLP neurons.
+takes perplexity from 29 to millions at 25% of MLP neurons. A stream channel (`stage_channels`) is
+scored by the weights that write it (producers, norms, scales), not by its many readers.
 """
 
 from collections.abc import Sequence
@@ -10,16 +11,21 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from .base import Criterion, ScoringContext, group_tensors
+from .base import ALL_KINDS, STAGE_KINDS, Criterion, ScoringContext, group_tensors
 from .registry import register_criterion
 
 
 @register_criterion
 class MagnitudeCriterion(Criterion):
     name = "magnitude"
+    kinds = ALL_KINDS | STAGE_KINDS
 
     @torch.no_grad()
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
+        producers_only = groups[0].kind in STAGE_KINDS
         return torch.stack(
-            [sum(t.double().pow(2).sum() for t in group_tensors(context, group)).sqrt() for group in groups]
+            [
+                sum(t.double().pow(2).sum() for t in group_tensors(context, group, producers_only)).sqrt()
+                for group in groups
+            ]
         )

@@ -5,13 +5,14 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from .base import Criterion, ScoringContext
+from .base import ALL_KINDS, STAGE_KINDS, Criterion, ScoringContext
 from .registry import register_criterion
 
 
 @register_criterion
 class RandomCriterion(Criterion):
     name = "random"
+    kinds = ALL_KINDS | STAGE_KINDS
 
     def __init__(self, seed: int = 0):
         super().__init__(seed)

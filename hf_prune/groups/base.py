@@ -17,7 +17,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-GroupKind = Literal["heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels"]
+GroupKind = Literal[
+    "heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels", "stage_channels"
+]
 #: What transformer adapters prune; convolutional adapters name their own `kinds`.
 TRANSFORMER_KINDS: frozenset[GroupKind] = frozenset(
     ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
@@ -307,6 +309,10 @@ class ArchitectureAdapter(ABC):
             "head_dim": attention.head_dim,
             "intermediate_size": geometry.intermediate_size,
         }
+
+    def stream_config_fields(self, model: nn.Module) -> dict:
+        """Config fields read from the whole model's shapes (convolutional stage widths); none here."""
+        return {}
 
     def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
         """Rewrite the layer-count fields after keeping only `kept_layers` (original indices)."""
