@@ -84,7 +84,7 @@ def add_stream_target(target: torch.Tensor, writer_input: torch.Tensor, before: 
 
 
 @torch.no_grad()
-def stream_targets(
+def removed_layer_targets(
     model: nn.Module, adapter: ArchitectureAdapter, batches: Iterable[torch.Tensor], runs: list[RemovedRun]
 ) -> dict[int, torch.Tensor]:
     """Per writer layer, `C = Σ_tokens D aᵀ` (stream channels × MLP channels, float64): what the

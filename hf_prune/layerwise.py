@@ -71,7 +71,7 @@ def _mask_layer(layer: nn.Module, adapter: ArchitectureAdapter, layer_plan) -> N
 
 
 @torch.no_grad()
-def _stream_target(
+def _removed_layer_target(
     model: nn.Module,
     adapter: ArchitectureAdapter,
     run: RemovedRun,
@@ -152,6 +152,7 @@ def _dense_after(layers, plan: PruningPlan, index: int, dense: list[torch.Tensor
     return after
 
 
+@torch.no_grad()
 def prune_layer_by_layer(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -204,10 +205,10 @@ def prune_layer_by_layer(
             statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
             sum_statistics(statistics)
             plan_layer(ScoringContext(model, adapter, statistics=statistics, batch_size=config.batch_size), criteria, layer_plan, targets)
-            stream_target = None
+            removed_layer_target = None
             if index in runs:
-                stream_target = {index: _stream_target(model, adapter, runs[index], inputs, writer_inputs)}
-            layer_plan = reconstruct(model, adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, stream_target).layers[0]
+                removed_layer_target = {index: _removed_layer_target(model, adapter, runs[index], inputs, writer_inputs)}
+            layer_plan = reconstruct(model, adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, removed_layer_target).layers[0]
             plan.layers[index] = layer_plan
             _mask_layer(layer, adapter, layer_plan)
             changed = changed or layer_plan.changes_attention or layer_plan.changes_mlp

@@ -363,12 +363,12 @@ class LowMemoryPruner(HFPruner):
             layer_plan = plan.layers[index]
             context = ScoringContext(self.model, self.adapter, statistics=statistics, batch_size=config.batch_size)
             plan_layer(context, criteria, layer_plan, targets)
-            stream_target = None
+            removed_layer_target = None
             if index in runs:
-                stream_target = {index: self._stream_target(runs[index], layer, inputs, writer_inputs, config.propagate)}
+                removed_layer_target = {index: self._removed_layer_target(runs[index], layer, inputs, writer_inputs, config.propagate)}
             # `ispasp` may re-select the layer's groups: cut (and record) what the repair chose.
             layer_plan = reconstruct(
-                self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, stream_target
+                self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, removed_layer_target
             ).layers[0]
             plan.layers[index] = layer_plan
             if not layer_plan.keep_layer:
@@ -405,7 +405,7 @@ class LowMemoryPruner(HFPruner):
         return self.report
 
     @torch.no_grad()
-    def _stream_target(
+    def _removed_layer_target(
         self,
         run: RemovedRun,
         writer: nn.Module,

@@ -22,7 +22,7 @@ from .distributed import from_main_process, is_main_process
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .evaluation import flops_per_token, parameter_count
 from .groups import get_adapter, supported_model_types
-from .layer_replacement import FOLDING_REPAIRS, removed_runs, stream_targets
+from .layer_replacement import FOLDING_REPAIRS, removed_layer_targets, removed_runs
 from .layerwise import prune_layer_by_layer
 from .model_card import CardFacts, write_model_card
 from .plan import PruningPlan
@@ -202,7 +202,7 @@ class HFPruner:
                         config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed,
                         self.processor,
                     )
-                targets_of_removed = stream_targets(
+                targets_of_removed = removed_layer_targets(
                     self.model, self.adapter, context.windows.split(config.batch_size), runs
                 )
         plan = reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct, targets_of_removed)

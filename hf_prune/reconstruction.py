@@ -77,11 +77,11 @@ def _repair(
     kept: torch.Tensor,
     removed: torch.Tensor,
     method: str,
-    stream_target: torch.Tensor | None,
+    removed_layer_target: torch.Tensor | None,
 ) -> torch.Tensor:
     """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
     if method in ("lstsq", "ispasp"):
-        return least_squares_columns(weight, stats.gram, kept, count=stats.count, extra_target=stream_target)
+        return least_squares_columns(weight, stats.gram, kept, count=stats.count, extra_target=removed_layer_target)
     constant = removed_mean_contribution(weight, stats.mean, removed)
     if getattr(module, "bias", None) is not None:
         module.bias += constant.to(module.bias.dtype)
@@ -99,11 +99,11 @@ def reconstruct(
     plan: PruningPlan,
     statistics: CalibrationStatistics | None,
     method: str,
-    stream_targets: dict[int, torch.Tensor] | None = None,
+    removed_layer_targets: dict[int, torch.Tensor] | None = None,
 ) -> PruningPlan:
     """Repair every consumer that loses channels, in place, before surgery; returns the plan to cut
-    (`ispasp` may keep other channels than the criterion chose, always as many). `stream_targets`
-    (`layer_replacement.stream_targets`) maps a layer to what the removed layers after it added."""
+    (`ispasp` may keep other channels than the criterion chose, always as many). `removed_layer_targets`
+    (`layer_replacement.removed_layer_targets`) maps a layer to what the removed layers after it added."""
     if method == "none":
         return plan
     if statistics is None:
@@ -116,9 +116,9 @@ def reconstruct(
             continue
         layer = layers[layer_plan.layer]
         for branch in ("attention", "mlp"):
-            stream_target = (stream_targets or {}).get(layer_plan.layer) if branch == "mlp" else None
+            removed_layer_target = (removed_layer_targets or {}).get(layer_plan.layer) if branch == "mlp" else None
             changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
-            if not changed and stream_target is None:
+            if not changed and removed_layer_target is None:
                 continue
             stats = statistics.consumers[(layer_plan.layer, branch)]
             name = adapter.o_proj if branch == "attention" else adapter.down_proj
@@ -139,7 +139,7 @@ def reconstruct(
             gone = set(removed)
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)
             removed_tensor = torch.tensor(removed, dtype=torch.long, device=weight.device)
-            new = _repair(module, weight, stats, kept, removed_tensor, method, stream_target)
+            new = _repair(module, weight, stats, kept, removed_tensor, method, removed_layer_target)
             new = new.to(parameter.dtype)
             if transposed:
                 parameter[kept, :] = new.T

@@ -54,7 +54,7 @@ STAGES = {
     "score+plan": "build_plan",
     "repair": "reconstruct",
     # What removed layers added to the stream: a second pass up to the last removed layer (lstsq folding).
-    "removed-layer targets": "stream_targets",
+    "removed-layer targets": "removed_layer_targets",
     "surgery": "apply_plan",
 }
 #: name → (PruningConfig amounts, whether every kept width is a multiple of 64). SmolLM2-135M:

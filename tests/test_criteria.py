@@ -11,7 +11,6 @@ from hf_prune.calibration import token_windows
 from hf_prune.criteria import ScoringContext, available_criteria, get_criterion
 from hf_prune.errors import DataNotFoundError, InvalidPruningTargetError
 from hf_prune.masking import apply_masks
-from hf_prune.plan import PruningPlan
 from hf_prune.reconstruction import reconstruct
 from hf_prune.statistics import REQUIREMENTS, collect_statistics
 from tiny_models import FAMILIES, VOCAB

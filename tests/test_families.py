@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from hf_prune import HFPruner, PruningConfig
+from hf_prune.layer_replacement import FOLDING_REPAIRS, removed_layer_targets, removed_runs
 from hf_prune.masking import apply_masks
 from hf_prune.reconstruction import reconstruct
 from hf_prune.statistics import collect_statistics
@@ -88,7 +89,10 @@ def pruned_case(family_name: str, case: str, root: Path) -> dict:
     if config.reconstruct != "none":  # the reference is the repaired dense model, masked
         batches = config.calibration[0].split(config.batch_size)
         statistics = collect_statistics(masked, pruner.adapter, batches, {"moments", "mlp_gram", "stream_gram"})
-        reconstruct(masked, pruner.adapter, pruner.plan, statistics, config.reconstruct)
+        # ... with what removed layers added folded into the MLP before them, as the prune does.
+        runs = removed_runs(masked, pruner.adapter, pruner.plan) if config.reconstruct in FOLDING_REPAIRS else []
+        targets = removed_layer_targets(masked, pruner.adapter, batches, runs)
+        reconstruct(masked, pruner.adapter, pruner.plan, statistics, config.reconstruct, targets)
     apply_masks(masked, pruner.adapter, pruner.plan)
 
     folder = root / family_name / case

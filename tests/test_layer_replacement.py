@@ -9,7 +9,7 @@ from tiny_models import FAMILIES, calibration_windows
 from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner
-from hf_prune.layer_replacement import RemovedRun, removed_runs, stream_targets
+from hf_prune.layer_replacement import RemovedRun, removed_layer_targets, removed_runs
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
 from hf_prune.reconstruction import reconstruct
@@ -51,7 +51,7 @@ def test_the_preceding_mlp_learns_what_the_removed_last_layer_added(family):
     plan.layers[last].keep_layer = False
     assert removed_runs(model, adapter, plan) == [RemovedRun(last - 1, last, last)]
     stats = collect_statistics(model, adapter, batches, {"moments", "mlp_gram"})
-    targets = stream_targets(model, adapter, batches, removed_runs(model, adapter, plan))
+    targets = removed_layer_targets(model, adapter, batches, removed_runs(model, adapter, plan))
 
     errors = {}
     for folded in (False, True):
