@@ -13,7 +13,7 @@ GROUP_KINDS = (
     "heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels", "stage_channels"
 )
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
-PROPAGATIONS = ("unpruned", "pruned")
+PROPAGATIONS = ("unpruned", "pruned", "both")
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.
 DEFAULT_CRITERIA = {
@@ -133,9 +133,10 @@ class PruningConfig:
     propagate: str = field(
         default="unpruned",
         metadata={
-            "help": "Which activations each layer is measured on: 'unpruned' (one pass over the dense model) or "
+            "help": "Which activations each layer is measured on: 'unpruned' (one pass over the dense model), "
             "'pruned' (layer by layer, on what the already pruned layers compute; about one more forward pass; "
-            "uniform allocation only)."
+            "uniform allocation only) or 'both' (as 'pruned', with the dense activations carried alongside: each "
+            "layer's MLP is refitted so the pruned stream after it matches the dense one; one more forward pass)."
         },
     )
     require_vanilla: bool = field(

@@ -9,6 +9,13 @@ least-squares refit absorbs, the error of the earlier ones. It costs about one m
 than the one-pass prune (each layer runs once to measure, once to propagate); removing layers or
 branches adds a whole-model pass that ranks them first. Only `uniform` allocation fits the
 layer-at-a-time order (the others rank every layer's groups together).
+
+`propagate="both"` carries the dense model's activations alongside, and refits each changed
+layer's MLP (in pre-norm families, where it writes the stream directly) so that the pruned stream
+after the layer comes as close as least squares allows to the dense stream at the same point:
+the refit then corrects the drift of all earlier layers, not only this layer's own loss, and it
+absorbs what removed layers added (the dense stream target runs through them). One more forward
+pass of the dense stream, and one more of the pruned stream in each refitted layer.
 """
 
 from __future__ import annotations

@@ -309,6 +309,12 @@ class LowMemoryPruner(HFPruner):
         if self.report is not None:
             raise LowMemoryError("this low-memory pruner has already pruned; load the checkpoint again to prune anew.")
         config, targets, criteria = self.validated(config, kwargs)
+        if config.propagate == "both":
+            raise LowMemoryError(
+                "propagate='both' carries the dense activations beside the pruned ones through the in-memory "
+                "layer-by-layer prune; low_memory=True does not yet. Use propagate='pruned' or 'unpruned', or load "
+                "the model without low_memory."
+            )
         if config.allocation != "uniform":
             raise LowMemoryError(
                 f"allocation={config.allocation!r} ranks every layer's heads and neurons together, which the "

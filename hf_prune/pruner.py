@@ -169,7 +169,7 @@ class HFPruner:
         # Shapes depend on the counts (uniform) or mostly so: a random ranking tells the format before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
 
-        if config.propagate == "pruned":
+        if config.propagate != "unpruned":
             return self._prune_layer_by_layer(config, targets, criteria, statistics)
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)
         requirements = set().union(*(c.requires for c in criteria.values()))
@@ -219,21 +219,21 @@ class HFPruner:
     def _prune_layer_by_layer(
         self, config: PruningConfig, targets: Targets, criteria: dict[str, Criterion], statistics
     ) -> PruningReport:
-        """`propagate="pruned"`: each layer measured on the pruned model's activations (`layerwise`)."""
+        """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`)."""
         if statistics is not None:
             raise InvalidPruningTargetError(
-                "statistics=... holds the dense model's one-pass measurements, which propagate='pruned' does not use "
+                f"statistics=... holds the dense model's one-pass measurements, which propagate={config.propagate!r} does not use "
                 "(each layer is measured on the pruned layers' outputs); drop statistics= or use propagate='unpruned'."
             )
         if config.allocation != "uniform":
             raise InvalidPruningTargetError(
-                f"propagate='pruned' plans one layer at a time, so allocation={config.allocation!r} (which ranks every "
+                f"propagate={config.propagate!r} plans one layer at a time, so allocation={config.allocation!r} (which ranks every "
                 "layer's groups together) cannot follow it; use allocation='uniform' or propagate='unpruned'."
             )
         for kind, criterion in criteria.items():
             if "gradients" in criterion.requires or criterion.needs_windows:
                 raise InvalidPruningTargetError(
-                    f"criterion {criterion.name!r} (for {kind}) needs whole-model passes, which propagate='pruned' does "
+                    f"criterion {criterion.name!r} (for {kind}) needs whole-model passes, which propagate={config.propagate!r} does "
                     f"not run layer by layer; choose a layer-local criterion (e.g. criterion={{'{kind}': 'obs'}}) or "
                     "propagate='unpruned'."
                 )
@@ -241,7 +241,9 @@ class HFPruner:
             config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor
         )
         # Every process plans alike: each layer's statistics are summed across processes first.
-        plan = prune_layer_by_layer(self.model, self.adapter, config, criteria, targets, windows)
+        plan = prune_layer_by_layer(
+            self.model, self.adapter, config, criteria, targets, windows, toward_dense=config.propagate == "both"
+        )
         tokens = windows.numel() if not windows.is_floating_point() else len(windows)
         calibration = {
             "source": config.to_dict()["calibration"],

@@ -36,6 +36,21 @@ def test_the_first_layer_is_pruned_alike_and_later_layers_see_the_pruned_stream(
     assert not torch.equal(first[last + ".weight"], later[last + ".weight"])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_carrying_the_dense_stream_brings_the_pruned_stream_closer_to_it(family):
+    """`propagate="both"` refits each MLP toward the dense model's stream, not only the dense layer."""
+    model = FAMILIES[family].build()
+    windows = calibration_windows(count=32)[0]
+    with torch.no_grad():
+        dense = model.base_model(windows).last_hidden_state
+    errors = {}
+    for propagate in ("pruned", "both"):
+        pruner = _pruned(model, family, propagate=propagate, num_samples=32, batch_size=8, calibration=[windows])
+        with torch.no_grad():
+            errors[propagate] = (pruner.model.base_model(windows).last_hidden_state - dense).pow(2).mean().item()
+    assert errors["both"] < errors["pruned"]
+
+
 def test_a_layer_by_layer_prune_saves_and_reloads(tmp_path):
     pruner = _pruned(FAMILIES["llama"].build(), "llama", propagate="pruned", kv_groups=1, layers=1,
                      criterion={"default": "obs", "layers": "block_influence"})
@@ -55,5 +70,7 @@ def test_layer_by_layer_refusals():
         pruner.prune(mlp_neurons=0.5, criterion="taylor", propagate="pruned", **calibration)
     with pytest.raises(InvalidPruningTargetError, match="propagate='unpruned'"):
         pruner.prune(PruningConfig(mlp_neurons=0.5, propagate="pruned", **calibration), statistics=object())
+    with pytest.raises(InvalidPruningTargetError, match="propagate='both' plans one layer at a time"):
+        pruner.prune(sparsity=0.2, allocation="adaptive", propagate="both", **calibration)
     with pytest.raises(InvalidPruningTargetError, match="propagate='sideways' is unknown"):
         PruningConfig(mlp_neurons=0.5, propagate="sideways")

@@ -86,6 +86,8 @@ def test_low_memory_refusals(sharded_llama, tmp_path):
         pruner.prune(mlp_neurons=0.25, criterion="taylor", **{k: v for k, v in CALIBRATION.items()})
     with pytest.raises(LowMemoryError, match="gguf_file"):
         HFPruner.from_pretrained(sharded_llama, low_memory=True, gguf_file="model.gguf")
+    with pytest.raises(LowMemoryError, match="propagate='both'"):
+        pruner.prune(mlp_neurons=0.25, propagate="both", **CALIBRATION)
     with pytest.raises(LowMemoryError, match="device= and dtype="):
         HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="pruned")
     (tmp_path / "config.json").write_text((sharded_llama / "config.json").read_text())
