@@ -56,8 +56,9 @@ def rows() -> dict[str, dict]:
             table[f"{budget}/{criterion}+lstsq"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq"}
     for budget in ("mlp25", "mlp50", "kv1of3", "layers4"):  # layer by layer on the pruned model's activations
         criterion = "block_influence" if budget == "layers4" else "obs"
-        settings = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq", "propagate": "pruned"}
-        table[f"{budget}/{criterion}+lstsq/pruned-stream"] = settings
+        for propagate, suffix in (("pruned", "pruned-stream"), ("both", "both-streams")):
+            settings = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq", "propagate": propagate}
+            table[f"{budget}/{criterion}+lstsq/{suffix}"] = settings
     for criterion in ("block_influence", "flow", "loss"):  # removed layers folded into the MLP before them
         table[f"layers4/{criterion}+lstsq"] = {**BUDGETS["layers4"], "criterion": criterion, "reconstruct": "lstsq"}
     for criterion in ("obs", "activation", "flow"):
@@ -169,7 +170,7 @@ def main() -> None:
 
     def needs_statistics(name: str) -> bool:
         row = rows()[name]
-        if "torch_pruning" in row or row.get("propagate") == "pruned":  # these measure layer by layer themselves
+        if "torch_pruning" in row or row.get("propagate", "unpruned") != "unpruned":  # measured layer by layer
             return False
         return row["reconstruct"] != "none" or bool(get_criterion(row["criterion"]).requires)
 
