@@ -13,7 +13,7 @@ removed blocks merged into the preceding MLP), fitted over all of `W` rather tha
 after it. `C` needs the plan, so it comes from a second pass over the calibration windows that
 stops after the last removed layer. Runs that start at layer 0, follow a layer whose MLP is
 removed, or follow a layer whose MLP output is normalised before it joins the stream (Gemma 3,
-post-LayerNorm encoders) are left as they are and logged.
+post-LayerNorm encoders) are left as they are, with a warning.
 """
 
 from __future__ import annotations
@@ -68,15 +68,24 @@ def removed_runs(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPl
     for run in runs:
         writer_plan = by_index.get(run.writer)
         if run.writer < 0 or (writer_plan is not None and not writer_plan.keep_mlp):
-            logger.info("Removed layers %d-%d have no preceding MLP to take their place; left as they are.", run.first, run.last)
+            logger.warning(
+                "Removed layers %d-%d have no preceding MLP to take their place; they are not folded.", run.first, run.last
+            )
         elif not adapter.mlp_writes_stream(layers[run.writer]):
-            logger.info("Layer %d's MLP output is not added straight into the stream; removed layers %d-%d are not folded into it.", run.writer, run.first, run.last)
+            logger.warning(
+                "Layer %d's MLP output is not added straight into the stream; removed layers %d-%d are not folded.",
+                run.writer,
+                run.first,
+                run.last,
+            )
         else:
             usable.append(run)
     return usable
 
 
-def add_stream_target(target: torch.Tensor, writer_input: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:
+def add_stream_target(
+    target: torch.Tensor, writer_input: torch.Tensor, before: torch.Tensor, after: torch.Tensor
+) -> None:
     """`target += Σ_tokens (after − before) aᵀ`, a float32 product added into float64 (pre-norm
     transformers: channels last in the stream and in the writer's input `a`)."""
     difference = (after - before).reshape(-1, after.shape[-1]).float()
@@ -136,4 +145,3 @@ def removed_layer_targets(
             handle.remove()
     sum_across_processes([targets[writer] for writer in sorted(targets)])
     return targets
-

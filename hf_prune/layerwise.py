@@ -116,7 +116,9 @@ def _refit_toward_dense(
     target `W a + (h_dense − h_pruned)`, which also absorbs the error of earlier layers."""
     down_proj = layer.get_submodule(adapter.down_proj)
     gram = ChannelStatistics(with_gram=True)
-    target = torch.zeros(out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=dense_after[0].device)
+    target = torch.zeros(
+        out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=dense_after[0].device
+    )
     current: dict[str, torch.Tensor] = {}
     batch = iter(dense_after)
 
@@ -127,7 +129,10 @@ def _refit_toward_dense(
     def add_target(module, args, kwargs, output):
         add_stream_target(target, current.pop("a"), first_output(output), next(batch))
 
-    handles = [down_proj.register_forward_pre_hook(keep_input), layer.register_forward_hook(add_target, with_kwargs=True)]
+    handles = [
+        down_proj.register_forward_pre_hook(keep_input),
+        layer.register_forward_hook(add_target, with_kwargs=True),
+    ]
     try:
         inputs.run(layer, index, advance=False)
     finally:
@@ -137,7 +142,9 @@ def _refit_toward_dense(
     gram.count = int(sum_numbers([gram.count])[0])
     weight = down_proj.weight.double() if not is_conv1d(down_proj) else down_proj.weight.T.double()
     kept = torch.tensor(layer_plan.neurons if layer_plan.keep_mlp else [], dtype=torch.long, device=weight.device)
-    new = least_squares_columns(weight, gram.gram, kept, count=gram.count, extra_target=target).to(down_proj.weight.dtype)
+    new = least_squares_columns(weight, gram.gram, kept, count=gram.count, extra_target=target).to(
+        down_proj.weight.dtype
+    )
     if is_conv1d(down_proj):
         down_proj.weight[kept, :] = new.T
     else:
@@ -145,7 +152,9 @@ def _refit_toward_dense(
 
 
 @torch.no_grad()
-def _dense_after(layers, plan: PruningPlan, index: int, dense: list[torch.Tensor], inputs: LayerInputs) -> list[torch.Tensor]:
+def _dense_after(
+    layers, plan: PruningPlan, index: int, dense: list[torch.Tensor], inputs: LayerInputs
+) -> list[torch.Tensor]:
     """The dense stream where the pruned model's next kept layer reads it: after layer `index`
     and after the removed layers that follow it (run ahead on the dense weights)."""
     after = dense
@@ -176,7 +185,9 @@ def prune_layer_by_layer(
     requirements = set().union(*(c.requires for c in criteria.values()))
     if config.reconstruct != "none":
         requirements |= {"moments", "mlp_gram"}
-    runs = {run.writer: run for run in removed_runs(model, adapter, plan)} if config.reconstruct in FOLDING_REPAIRS else {}
+    runs = (
+        {run.writer: run for run in removed_runs(model, adapter, plan)} if config.reconstruct in FOLDING_REPAIRS else {}
+    )
     device = next(model.parameters()).device
     inputs = capture_layer_inputs(model, adapter, batches, device)
     layers = adapter.layers(model)
@@ -191,7 +202,9 @@ def prune_layer_by_layer(
         for index in tqdm(range(len(layers)), desc="pruning layer by layer", unit="layer"):
             layer, layer_plan = layers[index], plan.layers[index]
             if dense is not None:  # the dense stream after this layer, before the layer changes
-                dense = [first_output(layer(h, *a, **k)) for h, a, k in zip(dense, inputs.args[index], inputs.kwargs[index])]
+                dense = [
+                    first_output(layer(h, *a, **k)) for h, a, k in zip(dense, inputs.args[index], inputs.kwargs[index])
+                ]
             if not layer_plan.keep_layer:
                 changed = True
                 continue  # the pruned model skips it: its inputs go on unchanged
@@ -211,11 +224,20 @@ def prune_layer_by_layer(
                     handle.remove()
             statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
             sum_statistics(statistics)
-            plan_layer(ScoringContext(model, adapter, statistics=statistics, batch_size=config.batch_size), criteria, layer_plan, targets)
+            plan_layer(
+                ScoringContext(model, adapter, statistics=statistics, batch_size=config.batch_size),
+                criteria,
+                layer_plan,
+                targets,
+            )
             removed_layer_target = None
             if index in runs:
-                removed_layer_target = {index: _removed_layer_target(model, adapter, runs[index], inputs, writer_inputs)}
-            layer_plan = reconstruct(model, adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, removed_layer_target).layers[0]
+                removed_layer_target = {
+                    index: _removed_layer_target(model, adapter, runs[index], inputs, writer_inputs)
+                }
+            layer_plan = reconstruct(
+                model, adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, removed_layer_target
+            ).layers[0]
             plan.layers[index] = layer_plan
             _mask_layer(layer, adapter, layer_plan)
             changed = changed or layer_plan.changes_attention or layer_plan.changes_mlp

@@ -363,7 +363,8 @@ class LowMemoryPruner(HFPruner):
                 return []
             writer_inputs.clear()
             down_proj = layer.get_submodule(self.adapter.down_proj)
-            return [down_proj.register_forward_pre_hook(lambda m, args: writer_inputs.append(channels_last(m, args[0])))]
+            keep = lambda module, args: writer_inputs.append(channels_last(module, args[0]))  # noqa: E731
+            return [down_proj.register_forward_pre_hook(keep)]
 
         def visit(index, layer, statistics, inputs):
             layer_plan = plan.layers[index]
@@ -371,10 +372,12 @@ class LowMemoryPruner(HFPruner):
             plan_layer(context, criteria, layer_plan, targets)
             removed_layer_target = None
             if index in runs:
-                removed_layer_target = {index: self._removed_layer_target(runs[index], layer, inputs, writer_inputs, config.propagate)}
+                target = self._removed_layer_target(runs[index], layer, inputs, writer_inputs, config.propagate)
+                removed_layer_target = {index: target}
             # `ispasp` may re-select the layer's groups: cut (and record) what the repair chose.
+            one_layer = PruningPlan([layer_plan])
             layer_plan = reconstruct(
-                self.model, self.adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, removed_layer_target
+                self.model, self.adapter, one_layer, statistics, config.reconstruct, removed_layer_target
             ).layers[0]
             plan.layers[index] = layer_plan
             if not layer_plan.keep_layer:

@@ -222,20 +222,22 @@ class HFPruner:
         """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`)."""
         if statistics is not None:
             raise InvalidPruningTargetError(
-                f"statistics=... holds the dense model's one-pass measurements, which propagate={config.propagate!r} does not use "
-                "(each layer is measured on the pruned layers' outputs); drop statistics= or use propagate='unpruned'."
+                f"statistics=... holds the dense model's one-pass measurements, which propagate={config.propagate!r} "
+                "does not use (each layer is measured on the pruned layers' outputs); drop statistics= or use "
+                "propagate='unpruned'."
             )
         if config.allocation != "uniform":
             raise InvalidPruningTargetError(
-                f"propagate={config.propagate!r} plans one layer at a time, so allocation={config.allocation!r} (which ranks every "
-                "layer's groups together) cannot follow it; use allocation='uniform' or propagate='unpruned'."
+                f"propagate={config.propagate!r} plans one layer at a time, so allocation={config.allocation!r} (which "
+                "ranks every layer's groups together) cannot follow it; use allocation='uniform' or "
+                "propagate='unpruned'."
             )
         for kind, criterion in criteria.items():
             if "gradients" in criterion.requires or criterion.needs_windows:
                 raise InvalidPruningTargetError(
-                    f"criterion {criterion.name!r} (for {kind}) needs whole-model passes, which propagate={config.propagate!r} does "
-                    f"not run layer by layer; choose a layer-local criterion (e.g. criterion={{'{kind}': 'obs'}}) or "
-                    "propagate='unpruned'."
+                    f"criterion {criterion.name!r} (for {kind}) needs whole-model passes, which "
+                    f"propagate={config.propagate!r} does not run layer by layer; choose a layer-local criterion "
+                    f"(e.g. criterion={{'{kind}': 'obs'}}) or propagate='unpruned'."
                 )
         windows = token_windows(
             config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor

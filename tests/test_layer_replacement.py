@@ -83,7 +83,9 @@ def test_layer_removal_with_lstsq_refits_only_the_writer_and_reloads(tmp_path):
     pruners = {}
     for repair in ("none", "lstsq"):
         pruners[repair] = HFPruner(copy.deepcopy(model))
-        pruners[repair].prune(layers=1, criterion="block_influence", reconstruct=repair, calibration=calibration_windows())
+        pruners[repair].prune(
+            layers=1, criterion="block_influence", reconstruct=repair, calibration=calibration_windows()
+        )
     plan = pruners["lstsq"].plan
     removed = next(p.layer for p in plan.layers if not p.keep_layer)
     assert removed > 0, "the tiny model's weakest layer should have a predecessor for this test"

@@ -52,8 +52,14 @@ def test_carrying_the_dense_stream_brings_the_pruned_stream_closer_to_it(family)
 
 
 def test_a_layer_by_layer_prune_saves_and_reloads(tmp_path):
-    pruner = _pruned(FAMILIES["llama"].build(), "llama", propagate="pruned", kv_groups=1, layers=1,
-                     criterion={"default": "obs", "layers": "block_influence"})
+    pruner = _pruned(
+        FAMILIES["llama"].build(),
+        "llama",
+        propagate="pruned",
+        kv_groups=1,
+        layers=1,
+        criterion={"default": "obs", "layers": "block_influence"},
+    )
     assert pruner.report.output_format == "vanilla"
     reloaded = AutoModelForCausalLM.from_pretrained(pruner.save_pretrained(tmp_path / "out"))
     inputs = FAMILIES["llama"].inputs()
