@@ -69,7 +69,9 @@ def removed_runs(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPl
         writer_plan = by_index.get(run.writer)
         if run.writer < 0 or (writer_plan is not None and not writer_plan.keep_mlp):
             logger.warning(
-                "Removed layers %d-%d have no preceding MLP to take their place; they are not folded.", run.first, run.last
+                "Removed layers %d-%d have no preceding MLP to take their place; they are not folded.",
+                run.first,
+                run.last,
             )
         elif not adapter.mlp_writes_stream(layers[run.writer]):
             logger.warning(
@@ -92,6 +94,21 @@ def add_stream_target(
     target += (difference.T @ writer_input.reshape(-1, writer_input.shape[-1]).float()).double()
 
 
+def empty_target(down_proj: nn.Module, device: torch.device) -> torch.Tensor:
+    """A zero `C` for `down_proj`: its output (stream) channels × its input channels, float64."""
+    return torch.zeros(out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=device)
+
+
+def run_target(
+    down_proj: nn.Module, writer_inputs: list[torch.Tensor], before: list[torch.Tensor], after: list[torch.Tensor]
+) -> torch.Tensor:
+    """`C` from per-batch writer inputs and the stream before and after the removed run."""
+    target = empty_target(down_proj, before[0].device)
+    for writer_input, start, end in zip(writer_inputs, before, after):
+        add_stream_target(target, writer_input, start, end)
+    return target
+
+
 @torch.no_grad()
 def removed_layer_targets(
     model: nn.Module, adapter: ArchitectureAdapter, batches: Iterable[torch.Tensor], runs: list[RemovedRun]
@@ -102,15 +119,7 @@ def removed_layer_targets(
         return {}
     layers = adapter.layers(model)
     device = next(model.parameters()).device
-    targets = {
-        run.writer: torch.zeros(
-            out_features(layers[run.writer].get_submodule(adapter.down_proj)),
-            in_features(layers[run.writer].get_submodule(adapter.down_proj)),
-            dtype=torch.float64,
-            device=device,
-        )
-        for run in runs
-    }
+    targets = {run.writer: empty_target(layers[run.writer].get_submodule(adapter.down_proj), device) for run in runs}
     writer_inputs: dict[int, torch.Tensor] = {}
     stream_before: dict[int, torch.Tensor] = {}
     handles = []

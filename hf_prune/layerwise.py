@@ -32,12 +32,18 @@ from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .distributed import local_share, sum_across_processes, sum_numbers
 from .groups import ArchitectureAdapter
-from .groups.base import channels_last, in_features, is_conv1d, out_features
-from .ispasp import least_squares_columns
+from .groups.base import channels_last
 from .layer_inputs import LayerInputs, capture_layer_inputs, first_output
-from .layer_replacement import FOLDING_REPAIRS, RemovedRun, add_stream_target, removed_runs
+from .layer_replacement import (
+    FOLDING_REPAIRS,
+    RemovedRun,
+    add_stream_target,
+    empty_target,
+    removed_runs,
+    run_target,
+)
 from .masking import masked_slices
-from .plan import PruningPlan
+from .plan import LayerPlan, PruningPlan
 from .reconstruction import reconstruct
 from .statistics import (
     CalibrationStatistics,
@@ -89,36 +95,37 @@ def _removed_layer_target(
     dense) outputs, against the writer's `down_proj` inputs (`layer_replacement`)."""
     layers = adapter.layers(model)
     before = inputs.outputs(layers[run.writer], run.writer)
-    after = list(before)
-    for index in range(run.first, run.last + 1):
-        after = [
-            first_output(layers[index](h, *a, **k)) for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])
-        ]
-    down_proj = layers[run.writer].get_submodule(adapter.down_proj)
-    target = torch.zeros(out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=before[0].device)
-    for a, b, c in zip(writer_inputs, before, after):
-        add_stream_target(target, a, b, c)
+    after = _run_layers(layers, range(run.first, run.last + 1), before, inputs)
+    target = run_target(layers[run.writer].get_submodule(adapter.down_proj), writer_inputs, before, after)
     sum_across_processes([target])
     return target
 
 
+def _run_layers(layers, indices: range, stream: list[torch.Tensor], inputs: LayerInputs) -> list[torch.Tensor]:
+    """`stream` (one tensor per batch) run through the layers `indices` as they are now."""
+    for index in indices:
+        stream = [
+            first_output(layers[index](h, *a, **k)) for h, a, k in zip(stream, inputs.args[index], inputs.kwargs[index])
+        ]
+    return stream
+
+
 @torch.no_grad()
 def _refit_toward_dense(
-    layer: nn.Module,
-    index: int,
+    model: nn.Module,
     adapter: ArchitectureAdapter,
-    layer_plan,
+    layer_plan: LayerPlan,
     inputs: LayerInputs,
     dense_after: list[torch.Tensor],
 ) -> None:
     """Refit the layer's `down_proj` (kept columns) so that the pruned stream after it comes as
     close as least squares allows to the dense model's stream at the same point (`dense_after`):
     target `W a + (h_dense − h_pruned)`, which also absorbs the error of earlier layers."""
+    index = layer_plan.layer
+    layer = adapter.layers(model)[index]
     down_proj = layer.get_submodule(adapter.down_proj)
     gram = ChannelStatistics(with_gram=True)
-    target = torch.zeros(
-        out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=dense_after[0].device
-    )
+    target = empty_target(down_proj, dense_after[0].device)
     current: dict[str, torch.Tensor] = {}
     batch = iter(dense_after)
 
@@ -140,32 +147,16 @@ def _refit_toward_dense(
             handle.remove()
     sum_across_processes([gram.gram, target])
     gram.count = int(sum_numbers([gram.count])[0])
-    weight = down_proj.weight.double() if not is_conv1d(down_proj) else down_proj.weight.T.double()
-    kept = torch.tensor(layer_plan.neurons if layer_plan.keep_mlp else [], dtype=torch.long, device=weight.device)
-    new = least_squares_columns(weight, gram.gram, kept, count=gram.count, extra_target=target).to(
-        down_proj.weight.dtype
-    )
-    if is_conv1d(down_proj):
-        down_proj.weight[kept, :] = new.T
-    else:
-        down_proj.weight[:, kept] = new
+    statistics = CalibrationStatistics(consumers={(index, "mlp"): gram})
+    reconstruct(model, adapter, PruningPlan([layer_plan]), statistics, "lstsq", {index: target}, branches=("mlp",))
 
 
-@torch.no_grad()
-def _dense_after(
-    layers, plan: PruningPlan, index: int, dense: list[torch.Tensor], inputs: LayerInputs
-) -> list[torch.Tensor]:
-    """The dense stream where the pruned model's next kept layer reads it: after layer `index`
-    and after the removed layers that follow it (run ahead on the dense weights)."""
-    after = dense
+def _removed_after(plan: PruningPlan, index: int) -> range:
+    """The removed layers right after layer `index` (the pruned model skips them)."""
     following = index + 1
-    while following < len(layers) and not plan.layers[following].keep_layer:
-        after = [
-            first_output(layers[following](h, *a, **k))
-            for h, a, k in zip(after, inputs.args[following], inputs.kwargs[following])
-        ]
+    while following < len(plan.layers) and not plan.layers[following].keep_layer:
         following += 1
-    return after
+    return range(index + 1, following)
 
 
 @torch.no_grad()
@@ -185,26 +176,23 @@ def prune_layer_by_layer(
     requirements = set().union(*(c.requires for c in criteria.values()))
     if config.reconstruct != "none":
         requirements |= {"moments", "mlp_gram"}
-    runs = (
-        {run.writer: run for run in removed_runs(model, adapter, plan)} if config.reconstruct in FOLDING_REPAIRS else {}
-    )
+    toward_dense = toward_dense and config.reconstruct in FOLDING_REPAIRS
+    # Carrying the dense stream, its target already holds what removed layers add: no separate fold.
+    folding = config.reconstruct in FOLDING_REPAIRS and not toward_dense
+    runs = {run.writer: run for run in removed_runs(model, adapter, plan)} if folding else {}
     device = next(model.parameters()).device
     inputs = capture_layer_inputs(model, adapter, batches, device)
     layers = adapter.layers(model)
-    toward_dense = toward_dense and config.reconstruct in FOLDING_REPAIRS
     dense = [h.clone() for h in inputs.hidden] if toward_dense else None
-    if toward_dense:
-        runs = {}  # the dense stream target already holds what removed layers add
     changed = False
+    dense_done = -1  # the last layer the dense stream has already passed (run ahead past removed layers)
     was_training = model.training
     model.eval()
     try:
         for index in tqdm(range(len(layers)), desc="pruning layer by layer", unit="layer"):
             layer, layer_plan = layers[index], plan.layers[index]
-            if dense is not None:  # the dense stream after this layer, before the layer changes
-                dense = [
-                    first_output(layer(h, *a, **k)) for h, a, k in zip(dense, inputs.args[index], inputs.kwargs[index])
-                ]
+            if dense is not None and index > dense_done:  # the dense stream after this layer, before it changes
+                dense = _run_layers(layers, range(index, index + 1), dense, inputs)
             if not layer_plan.keep_layer:
                 changed = True
                 continue  # the pruned model skips it: its inputs go on unchanged
@@ -241,9 +229,11 @@ def prune_layer_by_layer(
             plan.layers[index] = layer_plan
             _mask_layer(layer, adapter, layer_plan)
             changed = changed or layer_plan.changes_attention or layer_plan.changes_mlp
-            if dense is not None and changed and adapter.mlp_writes_stream(layer):
-                after = _dense_after(layers, plan, index, dense, inputs)
-                _refit_toward_dense(layer, index, adapter, layer_plan, inputs, after)
+            if dense is not None and changed and layer_plan.keep_mlp and adapter.mlp_writes_stream(layer):
+                ahead = _removed_after(plan, index)
+                dense = _run_layers(layers, ahead, dense, inputs)  # where the next kept layer reads it
+                dense_done = ahead.stop - 1
+                _refit_toward_dense(model, adapter, layer_plan, inputs, dense)
             inputs.run(layer, index, advance=True)
     finally:
         model.train(was_training)

@@ -49,9 +49,9 @@ from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .errors import LowMemoryError, NotPrunedError
 from .evaluation import parameter_count
-from .groups.base import channels_last, in_features, out_features
+from .groups.base import channels_last
 from .layer_inputs import LayerInputs, capture_layer_inputs, first_output
-from .layer_replacement import FOLDING_REPAIRS, RemovedRun, add_stream_target, removed_runs
+from .layer_replacement import FOLDING_REPAIRS, RemovedRun, removed_runs, run_target
 from .plan import PruningPlan
 from .pruner import HFPruner, _model_class, _own_config, load_preprocessor
 from .reconstruction import reconstruct
@@ -433,10 +433,7 @@ class LowMemoryPruner(HFPruner):
             self._load(self._layer_names(index))
             after = [first_output(layers[index](h, *a, **k)) for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])]
             _free(layers[index])
-        down_proj = writer.get_submodule(self.adapter.down_proj)
-        target = torch.zeros(out_features(down_proj), in_features(down_proj), dtype=torch.float64, device=self.device)
-        for a, b, c in zip(writer_inputs, before, after):
-            add_stream_target(target, a, b, c)
+        target = run_target(writer.get_submodule(self.adapter.down_proj), writer_inputs, before, after)
         writer_inputs.clear()
         return target
 

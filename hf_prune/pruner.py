@@ -176,9 +176,7 @@ class HFPruner:
         if config.reconstruct != "none":
             requirements |= {"moments", "mlp_gram"} | ({"stream_gram"} if targets.stage_channels else set())
         if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
-            context.windows = token_windows(
-                config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor
-            )
+            context.windows = self._calibration_windows(config)
         if statistics is not None and requirements - statistics.requirements:
             raise InvalidPruningTargetError(
                 f"the statistics passed in lack {sorted(requirements - statistics.requirements)}, which the "
@@ -198,10 +196,7 @@ class HFPruner:
             runs = removed_runs(self.model, self.adapter, plan)
             if runs:
                 if context.windows is None:
-                    context.windows = token_windows(
-                        config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed,
-                        self.processor,
-                    )
+                    context.windows = self._calibration_windows(config)
                 targets_of_removed = removed_layer_targets(
                     self.model, self.adapter, context.windows.split(config.batch_size), runs
                 )
@@ -215,6 +210,12 @@ class HFPruner:
                 "tokens": context.statistics.tokens,
             }
         return self.apply(plan, config, calibration=calibration)
+
+    def _calibration_windows(self, config: PruningConfig):
+        """The config's calibration windows (token ids, or pixel batches for image models)."""
+        return token_windows(
+            config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor
+        )
 
     def _prune_layer_by_layer(
         self, config: PruningConfig, targets: Targets, criteria: dict[str, Criterion], statistics
@@ -239,9 +240,7 @@ class HFPruner:
                     f"propagate={config.propagate!r} does not run layer by layer; choose a layer-local criterion "
                     f"(e.g. criterion={{'{kind}': 'obs'}}) or propagate='unpruned'."
                 )
-        windows = token_windows(
-            config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed, self.processor
-        )
+        windows = self._calibration_windows(config)
         # Every process plans alike: each layer's statistics are summed across processes first.
         plan = prune_layer_by_layer(
             self.model, self.adapter, config, criteria, targets, windows, toward_dense=config.propagate == "both"

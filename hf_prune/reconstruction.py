@@ -100,6 +100,7 @@ def reconstruct(
     statistics: CalibrationStatistics | None,
     method: str,
     removed_layer_targets: dict[int, torch.Tensor] | None = None,
+    branches: tuple[Branch, ...] = ("attention", "mlp"),
 ) -> PruningPlan:
     """Repair every consumer that loses channels, in place, before surgery; returns the plan to cut
     (`ispasp` may keep other channels than the criterion chose, always as many). `removed_layer_targets`
@@ -115,7 +116,7 @@ def reconstruct(
             repaired.append(layer_plan)
             continue
         layer = layers[layer_plan.layer]
-        for branch in ("attention", "mlp"):
+        for branch in branches:
             removed_layer_target = (removed_layer_targets or {}).get(layer_plan.layer) if branch == "mlp" else None
             changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
             if not changed and removed_layer_target is None:
