@@ -24,7 +24,7 @@ import torch
 
 from .criteria.obs import DAMPING, greedy_removal_scores
 
-#: Kept columns of the Gram matrix multiplied at a time in the refit (bounds its temporaries).
+#: Rows of the Gram matrix and of the weight multiplied at a time in the refit (bounds its temporaries).
 COLUMN_BLOCK = 1024
 #: CoSaMP rounds; each costs a few solves of the kept-channel size.
 ITERATIONS = 4
@@ -45,21 +45,28 @@ def least_squares_columns(
     with `extra_target` `C = Σ d xᵀ` (a sum over the same tokens), the columns that best reproduce
     `W x + d`: `(W G[:, S] + C[:, S]) (G[S, S] + λI)⁻¹`.
 
-    `gram` may be a sum over `count` tokens: only the kept slices are copied and scaled, in place,
-    since at 8192 channels every full-size temporary costs hundreds of MB (the low-memory mode)."""
+    Computed in `gram`'s dtype (float64); `weight` may be float32 and is converted a block at a
+    time. `gram` may be a sum over `count` tokens. At 8192 channels every full-size temporary costs
+    hundreds of MB (the low-memory mode), so only the kept slices are copied, the right-hand side is
+    built already transposed, and the two triangular solves of the Cholesky factor write in place."""
     gram_kept = gram[kept[:, None], kept]
     gram_kept /= count
     gram_kept.diagonal().add_(damping * gram_kept.diagonal().mean())
-    # `W G[:, S]` a block of kept columns at a time: a whole `G[:, S]` copy is 268 MB at 8192 × 4096.
-    target = torch.empty(weight.shape[0], len(kept), dtype=weight.dtype, device=weight.device)
+    factor = torch.linalg.cholesky(gram_kept)
+    del gram_kept
+    # `(W G[:, S])ᵀ = G[S, :] Wᵀ` (G is symmetric), a block of kept rows and of outputs at a time.
+    solution = torch.empty(len(kept), weight.shape[0], dtype=gram.dtype, device=gram.device)
     for start in range(0, len(kept), COLUMN_BLOCK):
-        columns = kept[start : start + COLUMN_BLOCK]
-        torch.matmul(weight, gram[:, columns], out=target[:, start : start + len(columns)])
+        rows = kept[start : start + COLUMN_BLOCK]
+        for first in range(0, weight.shape[0], COLUMN_BLOCK):
+            outputs = weight[first : first + COLUMN_BLOCK].to(gram.dtype)
+            solution[start : start + len(rows), first : first + len(outputs)] = gram[rows] @ outputs.T
     if extra_target is not None:
-        target += extra_target[:, kept]
-    target /= count
-    target = target.T
-    return torch.linalg.solve(gram_kept, target).T
+        solution += extra_target[:, kept].T
+    solution /= count
+    torch.linalg.solve_triangular(factor, solution, upper=False, out=solution)
+    torch.linalg.solve_triangular(factor.mT, solution, upper=True, out=solution)
+    return solution.T
 
 
 def output_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, columns: torch.Tensor) -> float:

@@ -82,6 +82,7 @@ def _repair(
     """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
     if method in ("lstsq", "ispasp"):
         return least_squares_columns(weight, stats.gram, kept, count=stats.count, extra_target=removed_layer_target)
+    weight = weight.double()
     constant = removed_mean_contribution(weight, stats.mean, removed)
     if getattr(module, "bias", None) is not None:
         module.bias += constant.to(module.bias.dtype)
@@ -133,9 +134,10 @@ def reconstruct(
                     "reconstruct='bias' folds a per-output constant into the bias, which a convolution's per-tap "
                     "view cannot express; use reconstruct='lstsq' for convolutional models."
                 )
-            weight = (parameter.T if transposed else matrix_view(parameter)).double()
+            # float32 here: the least-squares refit converts it a block at a time (8192-wide MLPs).
+            weight = parameter.T if transposed else matrix_view(parameter)
             if method == "ispasp" and changed:
-                layer_plan = _reselect(layer_plan, branch, weight, stats.gram / stats.count)
+                layer_plan = _reselect(layer_plan, branch, weight.double(), stats.gram / stats.count)
             removed = removed_channels(adapter, layer, layer_plan, branch)
             gone = set(removed)
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)

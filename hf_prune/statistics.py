@@ -4,7 +4,8 @@ Forward hooks accumulate, per layer, the input channels of each branch's consumi
 (`o_proj`, `down_proj`, ...): counts, sums, sums of squares and, where asked, Gram matrices, each
 batch computed in float32 and added into float64. Nothing is stored per token. Layer and branch
 influence (`1 − cos(h_in, h_out)`) is accumulated the same way. Gradient criteria add one
-backward pass per batch, summing gradients and squared gradients of the layers' parameters.
+backward pass per batch of the calibration loss (`calibration_loss`), summing gradients and squared
+gradients of the layers' parameters.
 On convolutional families that prune stage channels, `moments` also records the mean |value| of
 every stage's output channel (`streams`), and `stream_gram` the Gram matrix of the stream channels
 at every module that reads them (`stream_consumers`, for their least-squares repair). Without
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration_loss import calibration_loss
 from .distributed import local_share, sum_across_processes, sum_numbers
 from .groups import ArchitectureAdapter, Branch
 from .groups.base import channels_last
@@ -279,7 +281,7 @@ def collect_statistics(
                 with torch.no_grad():
                     forward(**inputs)
                 continue
-            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss = calibration_loss(model, inputs)
             loss.backward()
             for index, layer in enumerate(layers):
                 for name, parameter in layer.named_parameters():

@@ -34,10 +34,10 @@ def refit_stream_consumers(
         for name in adapter.stream_members(model, stage).consumers:
             module = model.get_submodule(name)
             parameter = module.weight
-            weight = matrix_view(parameter).double()
+            weight = matrix_view(parameter)
             kept = torch.tensor([c for c in range(width) if c not in gone], device=parameter.device)
             stats = statistics.stream_consumers[name]
-            new = least_squares_columns(weight, stats.gram.clone(), kept, count=stats.count).to(parameter.dtype)
+            new = least_squares_columns(weight, stats.gram, kept, count=stats.count).to(parameter.dtype)
             if parameter.dim() == 4:
                 out_channels, _, height, kernel_width = parameter.shape
                 parameter[:, kept] = new.reshape(out_channels, height, kernel_width, len(kept)).movedim(-1, 1)

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--mlp-neurons", type=float, default=0.5)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--force", action="store_true", help="rerun a row the JSON file already holds")
     args = parser.parse_args()
 

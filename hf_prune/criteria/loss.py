@@ -1,7 +1,8 @@
 """Loss: the exact change of the calibration loss when one layer or branch is removed.
 
 Each candidate is masked with the engine's own semantics (`masking.apply_masks`), the loss is
-measured on the first `max_windows` calibration windows, and the weights are restored. One
+measured on the first `max_windows` calibration windows (`calibration_loss`: for images, against
+the dense model's predictions), and the weights are restored. One
 forward pass over those windows per candidate: affordable for layers and branches only.
 """
 
@@ -9,21 +10,23 @@ from collections.abc import Sequence
 
 import torch
 
+from ..calibration_loss import calibration_loss, dense_predictions
 from ..groups import Group
 from ..masking import apply_masks
 from ..plan import PruningPlan
+from ..statistics import model_inputs
 from .base import BLOCK_KINDS, Criterion, ScoringContext
 from .registry import register_criterion
 
 
 @torch.no_grad()
-def calibration_loss(context: ScoringContext, windows: torch.Tensor) -> float:
+def mean_loss(context: ScoringContext, windows: torch.Tensor, targets: list[torch.Tensor | None]) -> float:
+    """Calibration loss over the windows (image targets: the dense model's predictions, per batch)."""
     device = next(context.model.parameters()).device
-    losses = [
-        context.model(input_ids=batch.to(device), labels=batch.to(device)).loss.item() * batch.shape[0]
-        for batch in windows.split(context.batch_size)
-    ]
-    return sum(losses) / windows.shape[0]
+    total = 0.0
+    for batch, target in zip(windows.split(context.batch_size), targets):
+        total += calibration_loss(context.model, model_inputs(batch, device), target).item() * batch.shape[0]
+    return total / windows.shape[0]
 
 
 @register_criterion
@@ -36,7 +39,12 @@ class LossCriterion(Criterion):
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
         windows = context.windows[: self.max_windows]
         if not hasattr(self, "_dense_loss"):
-            self._dense_loss = calibration_loss(context, windows)
+            device = next(context.model.parameters()).device
+            self._targets = [
+                dense_predictions(context.model, model_inputs(batch, device))
+                for batch in windows.split(context.batch_size)
+            ]
+            self._dense_loss = mean_loss(context, windows, self._targets)
         scores = []
         for group in groups:
             plan = PruningPlan.keep_all(context.model, context.adapter)
@@ -51,7 +59,7 @@ class LossCriterion(Criterion):
             saved = {name: p.detach().clone() for name, p in layer.named_parameters()}
             handles = apply_masks(context.model, context.adapter, plan)
             try:
-                scores.append(calibration_loss(context, windows) - self._dense_loss)
+                scores.append(mean_loss(context, windows, self._targets) - self._dense_loss)
             finally:
                 for handle in handles:
                     handle.remove()

@@ -33,22 +33,33 @@ from .registry import register_criterion
 ROUNDS = 10
 
 
+CONVOLUTIONAL_IMAGE_SIZE = 64
+
+
 def _ones_input(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """An all-ones input of one token (text) or one image (vision), in the model's dtype."""
     parameter = next(model.parameters())
     if "inputs_embeds" in inspect.signature(model.forward).parameters:
         shape = (1, 1, model.get_input_embeddings().embedding_dim)
         return {"inputs_embeds": torch.ones(shape, dtype=parameter.dtype)}
-    size = model.config.image_size
+    # Convolutional configs (ResNet, ConvNeXt) name no input size; 64 pixels leaves every stage of
+    # their stride-32 stacks a feature map of at least 2 × 2.
+    size = getattr(model.config, "image_size", CONVOLUTIONAL_IMAGE_SIZE)
     return {"pixel_values": torch.ones(1, model.config.num_channels, size, size, dtype=parameter.dtype)}
 
 
-def _flow(model: torch.nn.Module, removed: list[Group], prefix: str) -> dict[str, torch.Tensor]:
+def _layer_names(model: torch.nn.Module, layers: torch.nn.Module) -> list[str]:
+    """Each layer's qualified name in `model` (ResNet's blocks live in several stages' lists)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(layer)] for layer in layers]
+
+
+def _flow(model: torch.nn.Module, removed: list[Group], layer_names: list[str]) -> dict[str, torch.Tensor]:
     """`|θ ⊙ ∂R/∂θ|` for every parameter of the layers, with the `removed` groups' slices zeroed."""
     absolute = {name: p.detach().abs() for name, p in model.named_parameters()}
     for group in removed:
         for piece in group.slices:
-            absolute[f"{prefix}.{group.layer}.{piece.parameter}"].narrow(
+            absolute[f"{layer_names[group.layer]}.{piece.parameter}"].narrow(
                 piece.dim, piece.start, piece.stop - piece.start
             ).zero_()
     for tensor in absolute.values():
@@ -59,7 +70,7 @@ def _flow(model: torch.nn.Module, removed: list[Group], prefix: str) -> dict[str
     return {
         name: (tensor.detach() * gradient).abs()
         for (name, tensor), gradient in zip(absolute.items(), gradients)
-        if gradient is not None and name.startswith(prefix + ".")
+        if gradient is not None and name.startswith(tuple(f"{layer}." for layer in layer_names))
     }
 
 
@@ -81,11 +92,12 @@ class _SliceSums:
         return cumulative[stop] - cumulative[start]
 
 
-def _group_score(sums: _SliceSums, group: Group, prefix: str) -> float:
+def _group_score(sums: _SliceSums, group: Group, layer_names: list[str]) -> float:
+    prefix = layer_names[group.layer]
     return sum(
-        sums(f"{prefix}.{group.layer}.{piece.parameter}", piece.dim, piece.start, piece.stop)
+        sums(f"{prefix}.{piece.parameter}", piece.dim, piece.start, piece.stop)
         for piece in group.slices
-        if f"{prefix}.{group.layer}.{piece.parameter}" in sums.scores
+        if f"{prefix}.{piece.parameter}" in sums.scores
     )
 
 
@@ -106,8 +118,9 @@ class SynFlowCriterion(Criterion):
     def _rank_every_group(self, context: ScoringContext, kind: GroupKind) -> None:
         """Iterative SynFlow over all groups of `kind` in the model; fills `self._ranks`."""
         base = getattr(context.model, getattr(context.model, "base_model_prefix", ""), context.model)
-        layers_name = context.adapter.layers_name(base)
-        pools = [context.adapter.groups(layer, index, kind) for index, layer in enumerate(context.adapter.layers(base))]
+        layers = context.adapter.layers(base)
+        layer_names = _layer_names(base, layers)
+        pools = [context.adapter.groups(layer, index, kind) for index, layer in enumerate(layers)]
         if kind in BLOCK_KINDS:  # one pool: blocks compete across the model
             pools = [[group for pool in pools for group in pool]]
         removed: list[Group] = []
@@ -117,11 +130,11 @@ class SynFlowCriterion(Criterion):
             if not any(alive):
                 break
             with torch.enable_grad():
-                sums = _SliceSums(_flow(base, removed, layers_name))
+                sums = _SliceSums(_flow(base, removed, layer_names))
             for pool, step in zip(alive, steps):
                 if not pool:
                     continue
-                values = torch.tensor([_group_score(sums, group, layers_name) for group in pool], dtype=torch.float64)
+                values = torch.tensor([_group_score(sums, group, layer_names) for group in pool], dtype=torch.float64)
                 normalised = values / (values.max() + torch.finfo(torch.float64).tiny)
                 order = torch.argsort(values, stable=True)
                 last = round_index == ROUNDS - 1
