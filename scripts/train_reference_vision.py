@@ -9,7 +9,8 @@ The ResNet's stem (7×7 stride-2 convolution and max-pool, fixed in transformers
 32×32 image to 8×8; its image processor therefore upsamples to 64×64, so the stages run at
 16/8/4 pixels as a CIFAR ResNet's do, and the checkpoint stays a plain `ResNetForImageClassification`.
 
-The epoch count may change on resume (the cosine schedule follows the new count).
+The epoch count may change on resume (the cosine schedule follows the new count); `--stop-after`
+ends a run early so that such a sequence can be replayed exactly.
 
 Resumable: every epoch writes the model (safetensors) and the optimizer state (safetensors)
 under `outputs/train_vision/<model>/`; rerunning the same command continues after the last
@@ -161,6 +162,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        help="stop (and export) after this epoch; the learning-rate schedule still follows --epochs, "
+        "so a later run with another --epochs resumes from here (how the committed checkpoints were made)",
+    )
     parser.add_argument("--work", type=Path, default=Path("outputs/train_vision"))
     parser.add_argument(
         "--export",
@@ -216,7 +223,7 @@ def main() -> None:
         print(
             f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['test_top1']:>10.4f} {row['seconds']:>8.0f}"
         )
-    for epoch in range(done + 1, args.epochs + 1):
+    for epoch in range(done + 1, min(args.epochs, args.stop_after or args.epochs) + 1):
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         order = torch.randperm(len(train), generator=generator)
@@ -259,7 +266,8 @@ def main() -> None:
             {
                 "command": f"python scripts/train_reference_vision.py --model "
                 f"{args.model} --epochs {args.epochs} --batch-size {args.batch_size} "
-                f"--seed {args.seed} --save-dtype {args.save_dtype}",
+                f"--seed {args.seed} --save-dtype {args.save_dtype}"
+                + (f" --stop-after {args.stop_after}" if args.stop_after else ""),
                 "history": history,
                 "caveat": JPEG_CAVEAT,
             },
