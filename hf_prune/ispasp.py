@@ -25,7 +25,7 @@ import torch
 from .criteria.obs import DAMPING, greedy_removal_scores
 
 #: Rows of the Gram matrix and of the weight multiplied at a time in the refit (bounds its temporaries).
-COLUMN_BLOCK = 1024
+REFIT_BLOCK = 1024
 #: CoSaMP rounds; each costs a few solves of the kept-channel size.
 ITERATIONS = 4
 #: Blocks proposed per round, as a fraction of the kept count (CoSaMP's `2s` makes the union the
@@ -56,10 +56,10 @@ def least_squares_columns(
     del gram_kept
     # `(W G[:, S])ᵀ = G[S, :] Wᵀ` (G is symmetric), a block of kept rows and of outputs at a time.
     solution = torch.empty(len(kept), weight.shape[0], dtype=gram.dtype, device=gram.device)
-    for start in range(0, len(kept), COLUMN_BLOCK):
-        rows = kept[start : start + COLUMN_BLOCK]
-        for first in range(0, weight.shape[0], COLUMN_BLOCK):
-            outputs = weight[first : first + COLUMN_BLOCK].to(gram.dtype)
+    for start in range(0, len(kept), REFIT_BLOCK):
+        rows = kept[start : start + REFIT_BLOCK]
+        for first in range(0, weight.shape[0], REFIT_BLOCK):
+            outputs = weight[first : first + REFIT_BLOCK].to(gram.dtype)
             solution[start : start + len(rows), first : first + len(outputs)] = gram[rows] @ outputs.T
     if extra_target is not None:
         solution += extra_target[:, kept].T

@@ -147,11 +147,11 @@ def _map_large_allocations() -> None:
 
     glibc raises its mmap threshold (up to 32 MB) each time a mapped block is freed, so after the
     first layer most of a layer's tensors land in the heap, where freed blocks fragment and the
-    resident size creeps up layer after layer. Blocks already free in the heap are still reused,
-    so this is set as the low-memory pruner is built, before its first large allocation. Measured on the 1.7B synthetic checkpoint (12 of its
-    layers): peak RSS 2.42 GB without, 1.89 GB with. Fixing the threshold (which also stops its
-    adjustment) is process-wide and stays set: the process asked for low memory. A no-op where
-    glibc is absent."""
+    resident size creeps up layer after layer. Free heap blocks are still reused, so this is set
+    as the low-memory pruner is built, before its first large allocation. Measured on the 1.7B
+    synthetic checkpoint (`scripts/benchmark_scale.py`): peak RSS 2.50 GB without, 1.95 GB with.
+    Fixing the threshold (which also stops its adjustment) is process-wide and stays set: the
+    process asked for low memory. A no-op where glibc is absent."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 

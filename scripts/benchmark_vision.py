@@ -237,7 +237,8 @@ def main() -> None:
                 if criterion in STAGE_CRITERIA
                 for repair in REPAIRS
             ]
-        statistics = calibration = None
+        statistics = None  # one statistics pass per model, on the first pruned row
+        calibration = calibration_pixels("cifar10", processor, args.num_samples, seed=0)
         amounts_of: dict[tuple[float, bool], dict] = {}  # (ratio, stage) → amounts: one search each
         for key, criterion, repair, ratio, stage in plans:
             row_id = f"{name}/{key}"
@@ -253,7 +254,6 @@ def main() -> None:
                 write_rows(args.output, rows)
                 continue
             if statistics is None:
-                calibration = calibration_pixels("cifar10", processor, args.num_samples, seed=0)
                 requirements = {"moments", "mlp_gram"}
                 if "stage_channels" in adapter.kinds:
                     requirements.add("stream_gram")
@@ -297,8 +297,6 @@ def main() -> None:
                 row_id = f"{name}/torch-pruning/{importance}/{ratio}"
                 if row_id in rows or (args.rows and args.rows not in row_id):
                     continue
-                if calibration is None:
-                    calibration = calibration_pixels("cifar10", processor, args.num_samples, seed=0)
                 row = {
                     "id": row_id,
                     "model": name,

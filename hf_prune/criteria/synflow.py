@@ -31,8 +31,8 @@ from .base import BLOCK_KINDS, Criterion, ScoringContext
 from .registry import register_criterion
 
 ROUNDS = 10
-
-
+#: Input size for configs that name none (ResNet, ConvNeXt): 64 pixels leaves every stage of their
+#: stride-32 stacks a feature map of at least 2 × 2.
 CONVOLUTIONAL_IMAGE_SIZE = 64
 
 
@@ -42,8 +42,6 @@ def _ones_input(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if "inputs_embeds" in inspect.signature(model.forward).parameters:
         shape = (1, 1, model.get_input_embeddings().embedding_dim)
         return {"inputs_embeds": torch.ones(shape, dtype=parameter.dtype)}
-    # Convolutional configs (ResNet, ConvNeXt) name no input size; 64 pixels leaves every stage of
-    # their stride-32 stacks a feature map of at least 2 × 2.
     size = getattr(model.config, "image_size", CONVOLUTIONAL_IMAGE_SIZE)
     return {"pixel_values": torch.ones(1, model.config.num_channels, size, size, dtype=parameter.dtype)}
 
