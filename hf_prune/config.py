@@ -139,6 +139,17 @@ class PruningConfig:
             "layer's MLP is refitted so the pruned stream after it matches the dense one; one more forward pass)."
         },
     )
+    refine_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "With propagate='both': passes of Adam over the calibration batches that fit each changed "
+            "layer's kept weights to the dense stream after it (0: none; each pass costs about three forward "
+            "passes of the layer)."
+        },
+    )
+    refine_lr: float = field(
+        default=1e-3, metadata={"help": "Adam step of refine_epochs, relative to each tensor's RMS."}
+    )
     require_vanilla: bool = field(
         default=False,
         metadata={"help": "Fail instead of writing the loader format when a plain config cannot express the shapes."},
@@ -174,6 +185,7 @@ class PruningConfig:
             raise InvalidPruningTargetError(
                 f"propagate={self.propagate!r} is unknown; choose one of {', '.join(PROPAGATIONS)}."
             )
+        self._check_refinement()
         for name in ("num_samples", "seq_len", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -194,6 +206,18 @@ class PruningConfig:
             raise InvalidPruningTargetError(f"round_to={self.round_to!r} must be a positive int (1: no rounding).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidPruningTargetError(f"seed must be an int, got {self.seed!r}.")
+
+    def _check_refinement(self) -> None:
+        epochs, learning_rate = self.refine_epochs, self.refine_lr
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise InvalidPruningTargetError(f"refine_epochs={epochs!r} must be a non-negative int (0: no refinement).")
+        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
+            raise InvalidPruningTargetError(f"refine_lr={learning_rate!r} must be a positive float, e.g. 1e-3.")
+        if epochs and self.propagate != "both":
+            raise InvalidPruningTargetError(
+                f"refine_epochs={epochs} fits each layer to the dense stream, which only propagate='both' carries; "
+                f"set propagate='both' (got {self.propagate!r}) or refine_epochs=0."
+            )
 
     def _check_budget_targets(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:

@@ -15,12 +15,16 @@ layer's MLP (in pre-norm families, where it writes the stream directly) so that 
 after the layer comes as close as least squares allows to the dense stream at the same point:
 the refit then corrects the drift of all earlier layers, not only this layer's own loss, and it
 absorbs what removed layers added (the dense stream target runs through them). One more forward
-pass of the dense stream, and one more of the pruned stream in each refitted layer.
+pass of the dense stream, and one more of the pruned stream in each refitted layer. With
+`refine_epochs`, each changed layer is then fitted to the dense stream by gradient steps on all
+its kept weights (`block_refinement`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from torch import nn
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .allocation import Targets, plan_layer, remove_blocks
 from .allocation.base import LayerScores
+from .block_refinement import refine_toward_dense
 from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .distributed import local_share, sum_across_processes, sum_numbers
@@ -52,6 +57,8 @@ from .statistics import (
     register_layer_hooks,
     sum_statistics,
 )
+
+logger = logging.getLogger(__name__)
 
 BLOCK_KINDS = ("layers", "attention_branches", "mlp_branches")
 
@@ -229,11 +236,23 @@ def prune_layer_by_layer(
             plan.layers[index] = layer_plan
             _mask_layer(layer, adapter, layer_plan)
             changed = changed or layer_plan.changes_attention or layer_plan.changes_mlp
-            if dense is not None and changed and layer_plan.keep_mlp and adapter.mlp_writes_stream(layer):
+            if dense is not None and changed:
                 ahead = _removed_after(plan, index)
                 dense = _run_layers(layers, ahead, dense, inputs)  # where the next kept layer reads it
                 dense_done = ahead.stop - 1
-                _refit_toward_dense(model, adapter, layer_plan, inputs, dense)
+                if layer_plan.keep_mlp and adapter.mlp_writes_stream(layer):
+                    _refit_toward_dense(model, adapter, layer_plan, inputs, dense)
+                if config.refine_epochs:
+                    before, after = refine_toward_dense(
+                        layer,
+                        index,
+                        inputs,
+                        dense,
+                        config.refine_epochs,
+                        config.refine_lr,
+                        remask=partial(_mask_layer, layer, adapter, layer_plan),
+                    )
+                    logger.info("layer %d: stream error %.4g -> %.4g after refinement", index, before, after)
             inputs.run(layer, index, advance=True)
     finally:
         model.train(was_training)

@@ -80,6 +80,7 @@ def train(model, data: torch.Tensor, settings: dict, seed: int, learning_rate: f
         save_strategy="no",
         logging_steps=10,
         disable_tqdm=True,
+        bf16=settings["precision"] == "bf16",
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=list(callbacks))
     return trainer.train().training_loss
@@ -179,7 +180,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-lora", type=float, default=2e-4)
     parser.add_argument("--gradual-score", default="taylor")
-    parser.add_argument("--zero-shot-criteria", default=",".join(available_criteria()))
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="training precision (bf16 autocast halves the step time on CPUs with avx512_bf16); evaluation is fp32",
+    )
+    parser.add_argument(
+        "--zero-shot-criteria",
+        default="obs",
+        help=f"comma-separated criteria tried for the zero-shot row (of {', '.join(available_criteria())}); "
+        "obs is the best one-pass MLP -50%% criterion of scripts/benchmark_zero_shot.py",
+    )
     parser.add_argument("--output", default="outputs/benchmark_finetune.json")
     args = parser.parse_args(argv)
 
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {
         "model": args.model, "target": TARGET, "steps": args.steps, "windows_per_step": args.windows_per_step,
         "seq_len": args.seq_len, "eval_windows": args.eval_windows, "lr_full": args.lr_full, "lr_lora": args.lr_lora,
-        "gradual_score": args.gradual_score, "zero_shot_criteria": args.zero_shot_criteria.split(","),
+        "gradual_score": args.gradual_score, "precision": args.precision, "zero_shot_criteria": args.zero_shot_criteria.split(","),
     }
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {"settings": settings, "rows": {}}
@@ -204,8 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     if any(row.startswith("oneshot") for row in rows) and "zero-shot" not in rows:
         rows.insert(0, "zero-shot")  # the one-shot rows use each seed's best zero-shot criterion
     with tempfile.TemporaryDirectory(prefix="benchmark_finetune.") as scratch:
-        for row in [r for r in ROWS if r in rows]:
-            for seed in [0] if row == "dense" else seeds:
+        # Seed-major order: an interrupted run leaves whole seeds, which already compare the rows.
+        for seed in seeds:
+            for row in [r for r in ROWS if r in rows and not (r == "dense" and seed != seeds[0])]:
                 key = f"{row}/seed{seed}"
                 if key in results["rows"]:
                     continue
