@@ -43,8 +43,9 @@ def refine_toward_dense(
 ) -> tuple[float, float]:
     """Fit the layer's weights to `dense_after` with Adam; `remask` zeroes the removed weights
     after each step. Each tensor's step size is `learning_rate` times its RMS, so one setting
-    suits weights and norm scales alike (all-zero tensors take the smallest RMS). A pass that does not lower the calibration error is
-    undone and the step size halved. Returns the calibration error (before, after)."""
+    suits weights and norm scales alike (all-zero tensors take the smallest RMS). A pass that
+    does not lower the calibration error is undone and the step size halved. Returns the
+    calibration error (before, after)."""
     best = before = stream_error(layer, index, inputs, dense_after)
     parameters = [p for p in layer.parameters() if p.is_floating_point()]
     scales = [float(p.detach().float().pow(2).mean().sqrt()) for p in parameters]

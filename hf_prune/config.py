@@ -143,8 +143,8 @@ class PruningConfig:
         default=0,
         metadata={
             "help": "With propagate='both': passes of Adam over the calibration batches that fit each changed "
-            "layer's kept weights to the dense stream after it (0: none; each pass costs about three forward "
-            "passes of the layer)."
+            "layer's kept weights to the dense stream after it (0: none; each pass costs about four forward "
+            "passes of the layer: training and an error check)."
         },
     )
     refine_lr: float = field(
