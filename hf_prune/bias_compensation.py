@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .criteria.obs import DAMPING
+from .config import DAMPING
 
 
 def removed_mean_contribution(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

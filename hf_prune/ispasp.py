@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .criteria.obs import DAMPING, greedy_removal_scores
+from .config import DAMPING
+from .criteria.obs import greedy_removal_scores
 
 #: Rows of the Gram matrix and of the weight multiplied at a time in the refit (bounds its temporaries).
 REFIT_BLOCK = 1024
@@ -87,13 +88,14 @@ def select(
     initial: list[int],
     iterations: int = ITERATIONS,
     proposal: float = PROPOSAL,
+    damping: float = DAMPING,
 ) -> list[int]:
     """The blocks to keep (as many as `initial`, sorted); `blocks` hold channel indices of `weight`'s columns."""
     keep = len(initial)
     support = sorted(initial)
     kept = _channels(blocks, support)
-    best, best_error = support, output_error(weight, gram, kept, least_squares_columns(weight, gram, kept))
-    diagonal = gram.diagonal().clamp_min(DAMPING * gram.diagonal().mean())
+    best, best_error = support, output_error(weight, gram, kept, least_squares_columns(weight, gram, kept, damping))
+    diagonal = gram.diagonal().clamp_min(damping * gram.diagonal().mean())
     for _ in range(iterations):
         inside = set(support)
         outside = [b for b in range(len(blocks)) if b not in inside]
@@ -101,7 +103,7 @@ def select(
             break
         kept = _channels(blocks, support)
         residual = weight.clone()
-        residual[:, kept] -= least_squares_columns(weight, gram, kept)
+        residual[:, kept] -= least_squares_columns(weight, gram, kept, damping)
         gain = (residual @ gram).pow(2).sum(0) / diagonal
         block_gain = torch.stack([gain[blocks[b]].sum() for b in outside])
         count = min(len(outside), max(1, round(proposal * keep)))
@@ -110,15 +112,15 @@ def select(
         channels = _channels(blocks, union)
         positions = {int(c): i for i, c in enumerate(channels.tolist())}
         local = [torch.tensor([positions[int(c)] for c in blocks[b].tolist()]) for b in union]
-        refit = least_squares_columns(weight, gram, channels)
+        refit = least_squares_columns(weight, gram, channels, damping)
         chunk = max(1, len(union) // 100)
-        removal = greedy_removal_scores(refit, gram[channels][:, channels], local, chunk)
+        removal = greedy_removal_scores(refit, gram[channels][:, channels], local, chunk, damping)
         survivors = sorted(union[i] for i in torch.argsort(removal, descending=True, stable=True)[:keep].tolist())
         if survivors == support:
             break
         support = survivors
         kept = _channels(blocks, support)
-        error = output_error(weight, gram, kept, least_squares_columns(weight, gram, kept))
+        error = output_error(weight, gram, kept, least_squares_columns(weight, gram, kept, damping))
         if error < best_error:
             best, best_error = support, error
     return best

@@ -124,6 +124,7 @@ def _refit_toward_dense(
     layer_plan: LayerPlan,
     inputs: LayerInputs,
     dense_after: list[torch.Tensor],
+    damping: float,
 ) -> None:
     """Refit the layer's `down_proj` (kept columns) so that the pruned stream after it comes as
     close as least squares allows to the dense model's stream at the same point (`dense_after`):
@@ -155,7 +156,9 @@ def _refit_toward_dense(
     sum_across_processes([gram.gram, target])
     gram.count = int(sum_numbers([gram.count])[0])
     statistics = CalibrationStatistics(consumers={(index, "mlp"): gram})
-    reconstruct(model, adapter, PruningPlan([layer_plan]), statistics, "lstsq", {index: target}, branches=("mlp",))
+    reconstruct(
+        model, adapter, PruningPlan([layer_plan]), statistics, "lstsq", {index: target}, ("mlp",), damping
+    )
 
 
 def _removed_after(plan: PruningPlan, index: int) -> range:
@@ -220,7 +223,7 @@ def prune_layer_by_layer(
             statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
             sum_statistics(statistics)
             plan_layer(
-                ScoringContext(model, adapter, statistics=statistics, batch_size=config.batch_size),
+                ScoringContext(model, adapter, statistics, batch_size=config.batch_size, damping=config.damping),
                 criteria,
                 layer_plan,
                 targets,
@@ -231,7 +234,13 @@ def prune_layer_by_layer(
                     index: _removed_layer_target(model, adapter, runs[index], inputs, writer_inputs)
                 }
             layer_plan = reconstruct(
-                model, adapter, PruningPlan([layer_plan]), statistics, config.reconstruct, removed_layer_target
+                model,
+                adapter,
+                PruningPlan([layer_plan]),
+                statistics,
+                config.reconstruct,
+                removed_layer_target,
+                damping=config.damping,
             ).layers[0]
             plan.layers[index] = layer_plan
             _mask_layer(layer, adapter, layer_plan)
@@ -241,7 +250,7 @@ def prune_layer_by_layer(
                 dense = _run_layers(layers, ahead, dense, inputs)  # where the next kept layer reads it
                 dense_done = ahead.stop - 1
                 if layer_plan.keep_mlp and adapter.mlp_writes_stream(layer):
-                    _refit_toward_dense(model, adapter, layer_plan, inputs, dense)
+                    _refit_toward_dense(model, adapter, layer_plan, inputs, dense, config.damping)
                 if config.refine_epochs:
                     before, after = refine_toward_dense(
                         layer,

@@ -389,7 +389,9 @@ class LowMemoryPruner(HFPruner):
 
         def visit(index, layer, statistics, inputs):
             layer_plan = plan.layers[index]
-            context = ScoringContext(self.model, self.adapter, statistics=statistics, batch_size=config.batch_size)
+            context = ScoringContext(
+                self.model, self.adapter, statistics, batch_size=config.batch_size, damping=config.damping
+            )
             plan_layer(context, criteria, layer_plan, targets)
             removed_layer_target = None
             if index in runs:
@@ -398,7 +400,13 @@ class LowMemoryPruner(HFPruner):
             # `ispasp` may re-select the layer's groups: cut (and record) what the repair chose.
             one_layer = PruningPlan([layer_plan])
             layer_plan = reconstruct(
-                self.model, self.adapter, one_layer, statistics, config.reconstruct, removed_layer_target
+                self.model,
+                self.adapter,
+                one_layer,
+                statistics,
+                config.reconstruct,
+                removed_layer_target,
+                damping=config.damping,
             ).layers[0]
             plan.layers[index] = layer_plan
             if not layer_plan.keep_layer:

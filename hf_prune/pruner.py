@@ -171,7 +171,7 @@ class HFPruner:
 
         if config.propagate != "unpruned":
             return self._prune_layer_by_layer(config, targets, criteria, statistics)
-        context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size)
+        context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size, damping=config.damping)
         requirements = set().union(*(c.requires for c in criteria.values()))
         if config.reconstruct != "none":
             requirements |= {"moments", "mlp_gram"} | ({"stream_gram"} if targets.stage_channels else set())
@@ -200,7 +200,15 @@ class HFPruner:
                 targets_of_removed = removed_layer_targets(
                     self.model, self.adapter, context.windows.split(config.batch_size), runs
                 )
-        plan = reconstruct(self.model, self.adapter, plan, context.statistics, config.reconstruct, targets_of_removed)
+        plan = reconstruct(
+            self.model,
+            self.adapter,
+            plan,
+            context.statistics,
+            config.reconstruct,
+            targets_of_removed,
+            damping=config.damping,
+        )
         calibration = None
         if context.statistics is not None:
             calibration = {

@@ -2,7 +2,8 @@
 
 - `lstsq` refits the consumer from the calibration statistics so it reproduces the dense output
   from the channels that stay (METHODS.md §4): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, with `G` the
-  Gram matrix of the consumer's input and `λ` a small damping.
+  Gram matrix of the consumer's input and `λ` the ridge `PruningConfig.damping` times G's mean
+  diagonal.
 - `bias` (FLAP) gives back the removed channels' mean contribution (`bias_compensation.py`).
 - `ispasp` re-selects which neurons, heads or KV groups stay with i-SpaSP's CoSaMP iterations,
   starting from the criterion's choice, then refits like `lstsq` (`ispasp.py`).
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from .bias_compensation import fold_constant_into_columns, removed_mean_contribution
+from .config import DAMPING
 from .errors import InvalidPruningTargetError
 from .groups import ArchitectureAdapter, Branch
 from .groups.base import input_slices, matrix_view
@@ -46,7 +48,7 @@ def removed_channels(adapter: ArchitectureAdapter, layer: nn.Module, plan: Layer
     )
 
 
-def _reselect(plan: LayerPlan, branch: Branch, weight: torch.Tensor, gram: torch.Tensor) -> LayerPlan:
+def _reselect(plan: LayerPlan, branch: Branch, weight: torch.Tensor, gram: torch.Tensor, damping: float) -> LayerPlan:
     """The layer plan with i-SpaSP's choice of neurons, heads (MHA) or whole KV groups.
 
     Query heads removed inside GQA groups keep the criterion's choice: every group must keep the
@@ -54,7 +56,7 @@ def _reselect(plan: LayerPlan, branch: Branch, weight: torch.Tensor, gram: torch
     """
     if branch == "mlp":
         blocks = [torch.tensor([n]) for n in range(plan.geometry.intermediate_size)]
-        kept = ispasp_select(weight, gram, blocks, list(plan.neurons))
+        kept = ispasp_select(weight, gram, blocks, list(plan.neurons), damping=damping)
         return dataclasses.replace(plan, neurons=tuple(kept))
     attention = plan.geometry.attention
     per_group, d = attention.heads_per_group, attention.head_dim
@@ -64,7 +66,7 @@ def _reselect(plan: LayerPlan, branch: Branch, weight: torch.Tensor, gram: torch
         torch.cat([torch.arange(h * d, (h + 1) * d) for h in attention.heads_of_group(j)])
         for j in range(attention.num_kv_heads)
     ]
-    kept = ispasp_select(weight, gram, blocks, list(plan.kv_heads))
+    kept = ispasp_select(weight, gram, blocks, list(plan.kv_heads), damping=damping)
     return dataclasses.replace(
         plan, kv_heads=tuple(kept), query_heads=tuple(h for j in kept for h in attention.heads_of_group(j))
     )
@@ -78,10 +80,11 @@ def _repair(
     removed: torch.Tensor,
     method: str,
     removed_layer_target: torch.Tensor | None,
+    damping: float,
 ) -> torch.Tensor:
     """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
     if method in ("lstsq", "ispasp"):
-        return least_squares_columns(weight, stats.gram, kept, count=stats.count, extra_target=removed_layer_target)
+        return least_squares_columns(weight, stats.gram, kept, damping, stats.count, removed_layer_target)
     weight = weight.double()
     constant = removed_mean_contribution(weight, stats.mean, removed)
     if getattr(module, "bias", None) is not None:
@@ -90,7 +93,7 @@ def _repair(
     second_moment = (
         stats.gram[kept[:, None], kept] / stats.count if stats.gram is not None else torch.diag(stats.mean_square[kept])
     )
-    return weight[:, kept] + fold_constant_into_columns(constant, stats.mean[kept], second_moment)
+    return weight[:, kept] + fold_constant_into_columns(constant, stats.mean[kept], second_moment, damping)
 
 
 @torch.no_grad()
@@ -102,6 +105,7 @@ def reconstruct(
     method: str,
     removed_layer_targets: dict[int, torch.Tensor] | None = None,
     branches: tuple[Branch, ...] = ("attention", "mlp"),
+    damping: float = DAMPING,
 ) -> PruningPlan:
     """Repair every consumer that loses channels, in place, before surgery; returns the plan to cut
     (`ispasp` may keep other channels than the criterion chose, always as many). `removed_layer_targets`
@@ -137,12 +141,12 @@ def reconstruct(
             # float32 here: the least-squares refit converts it a block at a time (8192-wide MLPs).
             weight = parameter.T if transposed else matrix_view(parameter)
             if method == "ispasp" and changed:
-                layer_plan = _reselect(layer_plan, branch, weight.double(), stats.gram / stats.count)
+                layer_plan = _reselect(layer_plan, branch, weight.double(), stats.gram / stats.count, damping)
             removed = removed_channels(adapter, layer, layer_plan, branch)
             gone = set(removed)
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)
             removed_tensor = torch.tensor(removed, dtype=torch.long, device=weight.device)
-            new = _repair(module, weight, stats, kept, removed_tensor, method, removed_layer_target)
+            new = _repair(module, weight, stats, kept, removed_tensor, method, removed_layer_target, damping)
             new = new.to(parameter.dtype)
             if transposed:
                 parameter[kept, :] = new.T
@@ -153,5 +157,5 @@ def reconstruct(
                 module.weight[:, kept] = new
         repaired.append(layer_plan)
     if plan.stream_channels:
-        refit_stream_consumers(model, adapter, plan, statistics)
+        refit_stream_consumers(model, adapter, plan, statistics, damping)
     return PruningPlan(repaired, dict(plan.stream_channels))

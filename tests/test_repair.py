@@ -10,6 +10,7 @@ from hf_prune import HFPruner, PruningConfig
 from hf_prune.allocation import build_plan, resolve_targets
 from hf_prune.bias_compensation import fold_constant_into_columns
 from hf_prune.criteria import ScoringContext, get_criterion
+from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.ispasp import least_squares_columns, output_error, select
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
@@ -155,3 +156,30 @@ def test_ispasp_is_deterministic_keeps_the_counts_and_surgery_equals_the_masked_
     ids = windows[0][:2]
     with torch.no_grad():
         torch.testing.assert_close(first.model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_prune_passes_damping_to_the_refit_and_a_smaller_one_fits_the_calibration_output_closer():
+    dense = FAMILIES["llama"].build()
+    adapter = HFPruner(dense).adapter
+    windows = calibration_windows()
+    stats = collect_statistics(dense, adapter, windows[0].split(4), {"moments", "mlp_gram"})
+    errors = {}
+    for damping in (1e-4, 0.3):
+        pruner = HFPruner(copy.deepcopy(dense))
+        pruner.prune(mlp_neurons=0.5, criterion="activation", calibration=windows, damping=damping)
+        errors[damping] = sum(
+            output_error(
+                layer.mlp.down_proj.weight.detach().double(),
+                stats.consumers[(index, "mlp")].gram / stats.consumers[(index, "mlp")].count,
+                torch.tensor(pruner.plan.layers[index].neurons),
+                adapter.layers(pruner.model)[index].mlp.down_proj.weight.detach().double(),
+            )
+            for index, layer in enumerate(adapter.layers(dense))
+        )
+    assert errors[1e-4] < 0.9 * errors[0.3]
+
+
+@pytest.mark.parametrize("damping", [0, -1e-3, 1.0, True])
+def test_a_damping_outside_zero_to_one_is_refused_with_its_name(damping):
+    with pytest.raises(InvalidPruningTargetError, match=rf"damping={damping!r} must be a float in \(0, 1\)"):
+        PruningConfig(damping=damping)

@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..config import DAMPING
 from ..groups import ArchitectureAdapter, Branch, Group, GroupKind
 from ..groups.base import input_slices, matrix_view
 from ..statistics import CalibrationStatistics, Requirement
@@ -34,6 +35,8 @@ class ScoringContext:
     statistics: CalibrationStatistics | None = None
     windows: torch.Tensor | None = None
     batch_size: int = 8
+    #: ridge of least-squares solves (`PruningConfig.damping`).
+    damping: float = DAMPING
 
     def layer(self, index: int) -> nn.Module:
         return self.adapter.layers(self.model)[index]
