@@ -15,8 +15,9 @@ GROUP_KINDS = (
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
 PROPAGATIONS = ("unpruned", "pruned", "both")
 #: Ridge of every least-squares solve (OBS, the refits, bias folding), as a fraction of the mean
-#: diagonal of the Gram matrix. Chosen on WikiText-2 validation windows with SmolLM2-135M, MLP −25%:
-#: 1e-1 → 1e-2 → 1e-3 → 1e-4 gave 1.55, 1.30, 1.25, 1.22 × dense (1e-5: no further gain).
+#: diagonal of the Gram matrix. Chosen on WikiText-2 validation windows with SmolLM2-135M, MLP −25%,
+#: obs + lstsq: a refit ridge of 1e-1, 1e-2, 1e-3, 1e-4 gave 1.55, 1.30, 1.25, 1.24 × dense with OBS
+#: at 1e-2; both at 1e-4, 1.22 (both at 1e-5: the same). A small ridge shrinks the refit less.
 DAMPING = 1e-4
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.

@@ -62,6 +62,7 @@ def rows() -> dict[str, dict]:
             table[f"{budget}/{criterion}+lstsq/{suffix}"] = settings
         if budget != "layers4":  # each changed layer then fitted to the dense stream by gradient steps
             table[f"{budget}/{criterion}+lstsq/both-refined"] = {**settings, "refine_epochs": 2, "batch_size": 2}
+            table[f"{budget}/{criterion}+ispasp/both-streams"] = {**settings, "reconstruct": "ispasp"}
     for criterion in ("block_influence", "flow", "loss"):  # removed layers folded into the MLP before them
         table[f"layers4/{criterion}+lstsq"] = {**BUDGETS["layers4"], "criterion": criterion, "reconstruct": "lstsq"}
     for criterion in ("obs", "activation", "flow"):
