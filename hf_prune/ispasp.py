@@ -94,7 +94,8 @@ def select(
     keep = len(initial)
     support = sorted(initial)
     kept = _channels(blocks, support)
-    best, best_error = support, output_error(weight, gram, kept, least_squares_columns(weight, gram, kept, damping))
+    best = support
+    best_error = output_error(weight, gram, kept, least_squares_columns(weight, gram, kept, damping=damping))
     diagonal = gram.diagonal().clamp_min(damping * gram.diagonal().mean())
     for _ in range(iterations):
         inside = set(support)
@@ -103,7 +104,7 @@ def select(
             break
         kept = _channels(blocks, support)
         residual = weight.clone()
-        residual[:, kept] -= least_squares_columns(weight, gram, kept, damping)
+        residual[:, kept] -= least_squares_columns(weight, gram, kept, damping=damping)
         gain = (residual @ gram).pow(2).sum(0) / diagonal
         block_gain = torch.stack([gain[blocks[b]].sum() for b in outside])
         count = min(len(outside), max(1, round(proposal * keep)))
@@ -112,15 +113,15 @@ def select(
         channels = _channels(blocks, union)
         positions = {int(c): i for i, c in enumerate(channels.tolist())}
         local = [torch.tensor([positions[int(c)] for c in blocks[b].tolist()]) for b in union]
-        refit = least_squares_columns(weight, gram, channels, damping)
+        refit = least_squares_columns(weight, gram, channels, damping=damping)
         chunk = max(1, len(union) // 100)
-        removal = greedy_removal_scores(refit, gram[channels][:, channels], local, chunk, damping)
+        removal = greedy_removal_scores(refit, gram[channels][:, channels], local, chunk, damping=damping)
         survivors = sorted(union[i] for i in torch.argsort(removal, descending=True, stable=True)[:keep].tolist())
         if survivors == support:
             break
         support = survivors
         kept = _channels(blocks, support)
-        error = output_error(weight, gram, kept, least_squares_columns(weight, gram, kept, damping))
+        error = output_error(weight, gram, kept, least_squares_columns(weight, gram, kept, damping=damping))
         if error < best_error:
             best, best_error = support, error
     return best

@@ -156,9 +156,8 @@ def _refit_toward_dense(
     sum_across_processes([gram.gram, target])
     gram.count = int(sum_numbers([gram.count])[0])
     statistics = CalibrationStatistics(consumers={(index, "mlp"): gram})
-    reconstruct(
-        model, adapter, PruningPlan([layer_plan]), statistics, "lstsq", {index: target}, ("mlp",), damping
-    )
+    plan = PruningPlan([layer_plan])
+    reconstruct(model, adapter, plan, statistics, "lstsq", {index: target}, branches=("mlp",), damping=damping)
 
 
 def _removed_after(plan: PruningPlan, index: int) -> range:

@@ -84,7 +84,9 @@ def _repair(
 ) -> torch.Tensor:
     """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
     if method in ("lstsq", "ispasp"):
-        return least_squares_columns(weight, stats.gram, kept, damping, stats.count, removed_layer_target)
+        return least_squares_columns(
+            weight, stats.gram, kept, damping=damping, count=stats.count, extra_target=removed_layer_target
+        )
     weight = weight.double()
     constant = removed_mean_contribution(weight, stats.mean, removed)
     if getattr(module, "bias", None) is not None:

@@ -42,7 +42,8 @@ def refit_stream_consumers(
             weight = matrix_view(parameter)
             kept = torch.tensor([c for c in range(width) if c not in gone], device=parameter.device)
             stats = statistics.stream_consumers[name]
-            new = least_squares_columns(weight, stats.gram, kept, damping, stats.count).to(parameter.dtype)
+            new = least_squares_columns(weight, stats.gram, kept, damping=damping, count=stats.count)
+            new = new.to(parameter.dtype)
             if parameter.dim() == 4:
                 out_channels, _, height, kernel_width = parameter.shape
                 parameter[:, kept] = new.reshape(out_channels, height, kernel_width, len(kept)).movedim(-1, 1)

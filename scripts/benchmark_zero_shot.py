@@ -155,12 +155,12 @@ def main() -> None:
     parser.add_argument("--damping", type=float, default=DAMPING, help="PruningConfig.damping of every row")
     args = parser.parse_args()
 
+    table = rows()
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.exists() else {}
     parts = args.rows.split(",") if args.rows else [""]
     # Rows run in the order `--rows` names them, so the most wanted finish first.
     # A whole row name selects that row only; any other part, every row containing it.
-    table = rows()
     wanted = list(
         dict.fromkeys(name for part in parts for name in table if name == part or part not in table and part in name)
     )
@@ -181,7 +181,7 @@ def main() -> None:
         save(results, output)
 
     def needs_statistics(name: str) -> bool:
-        row = rows()[name]
+        row = table[name]
         if "torch_pruning" in row or row.get("propagate", "unpruned") != "unpruned":  # measured layer by layer
             return False
         return row["reconstruct"] != "none" or bool(get_criterion(row["criterion"]).requires)
@@ -193,16 +193,16 @@ def main() -> None:
             windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
             start = time.perf_counter()
             requirements = {"moments", "mlp_gram", "influence"}
-            if any(rows()[other].get("criterion") in ("taylor", "fisher") for other in todo):
+            if any(table[other].get("criterion") in ("taylor", "fisher") for other in todo):
                 requirements.add("gradients")
             batches = windows.split(4 if "gradients" in requirements else 8)
             statistics = collect_statistics(base.model, base.adapter, batches, requirements)
             results["calibration_seconds"] = time.perf_counter() - start
-        if "torch_pruning" in rows()[name]:
-            results["rows"][name] = torch_pruning_row(base, rows()[name], args.num_samples, ids, results["dense"])
+        if "torch_pruning" in table[name]:
+            results["rows"][name] = torch_pruning_row(base, table[name], args.num_samples, ids, results["dense"])
         else:
             statistics_for_row = statistics if needs_statistics(name) else None
-            results["rows"][name] = hf_prune_row(base, rows()[name], setting, statistics_for_row, ids, results["dense"])
+            results["rows"][name] = hf_prune_row(base, table[name], setting, statistics_for_row, ids, results["dense"])
         row = results["rows"][name]
         save(results, output)
         if "error" in row:
