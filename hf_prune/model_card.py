@@ -75,6 +75,22 @@ class CardFacts:
     base_license: str | None = None
     command: str | None = None
     measurements: list[Measurement] = field(default_factory=list)
+    source_weights: str | None = None  # what the weights were before loading, when not plain float tensors
+
+    def record_gguf_source(self, gguf_path: str | os.PathLike) -> None:
+        """A GGUF checkpoint loads dequantized to float, but it carries the rounding error of its
+        quantized tensors: the card says which GGUF tensor types the weights came from."""
+        import gguf  # read only when the source is a GGUF file
+
+        counts: dict[str, int] = {}
+        for tensor in gguf.GGUFReader(gguf_path).tensors:
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+        total = sum(counts.values())
+        types = ", ".join(f"{name} {100 * n / total:.1f}%" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        self.source_weights = (
+            f"dequantized to float from the GGUF file `{Path(gguf_path).name}` (tensor types by share of the "
+            f"weights: {types}); the pruned model is stored in float, with the source's quantization error"
+        )
 
     def record_source(self, name_or_path: str | os.PathLike) -> None:
         """A Hub id becomes `base_model`; the license comes from the base model's own card when it
@@ -186,6 +202,7 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
         quality_protocols=[f"{m.metric}: {m.protocol}" for m in quality],
         command=facts.command,
         source=facts.source or "BASE_MODEL",
+        source_weights=facts.source_weights,
         recipe_file=RECIPE_FILE,
         recipe=recipe_yaml(report.config),
         versions={"hf_prune": __version__, "transformers": transformers.__version__, "torch": torch.__version__},

@@ -11,6 +11,7 @@ import transformers
 from accelerate import init_empty_weights
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import cached_file
 
 from .allocation import Targets, build_plan, plan_for, resolve_targets
 from .calibration import token_windows
@@ -153,6 +154,10 @@ class HFPruner:
         tokenizer, processor = load_preprocessor(name_or_path, shared)
         pruner = cls(model.eval(), tokenizer=tokenizer, processor=processor)
         pruner.card_facts.record_source(name_or_path)
+        if from_gguf:
+            file_kwargs = {key: value for key, value in shared.items() if key != "gguf_file"}
+            gguf_path = cached_file(name_or_path, from_pretrained_kwargs["gguf_file"], **file_kwargs)
+            pruner.card_facts.record_gguf_source(gguf_path)
         return pruner
 
     def prune(
