@@ -46,6 +46,12 @@ class DataNotFoundError(UsageError, FileNotFoundError):
     """Calibration or evaluation data is missing or empty; the message says where hf_prune looked."""
 
 
+class NonFiniteError(UsageError, ValueError):
+    """A weight, or what the calibration pass measured, holds NaN or Inf: raised before any score or
+    least-squares solve, naming the tensor (or the layer whose statistics broke), the likely cause
+    (a damaged checkpoint, float16 overflow, bad calibration data) and the fix."""
+
+
 class PrunedCheckpointError(HFPruneError):
     """A folder is not a checkpoint hf_prune can load (missing files, unknown format version)."""
 

@@ -36,6 +36,7 @@ from .block_refinement import refine_toward_dense
 from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .distributed import local_share, sum_across_processes, sum_numbers
+from .finite import UNCHANGED, check_finite_statistics
 from .groups import ArchitectureAdapter
 from .groups.base import channels_last
 from .layer_inputs import LayerInputs, capture_layer_inputs, first_output
@@ -194,6 +195,7 @@ def prune_layer_by_layer(
     layers = adapter.layers(model)
     dense = [h.clone() for h in inputs.hidden] if toward_dense else None
     changed = False
+    pruned_before = False  # a kept layer has been planned and masked: the model is no longer what it was
     dense_done = -1  # the last layer the dense stream has already passed (run ahead past removed layers)
     was_training = model.training
     model.eval()
@@ -221,6 +223,13 @@ def prune_layer_by_layer(
                     handle.remove()
             statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
             sum_statistics(statistics)
+            check_finite_statistics(
+                statistics,
+                adapter,
+                model,
+                f"The layers before layer {index} were already pruned in place (propagate={config.propagate!r} goes "
+                "one layer at a time): load the model again before retrying." if pruned_before else UNCHANGED,
+            )
             plan_layer(
                 ScoringContext(model, adapter, statistics, batch_size=config.batch_size, damping=config.damping),
                 criteria,
@@ -261,6 +270,7 @@ def prune_layer_by_layer(
                         remask=partial(_mask_layer, layer, adapter, layer_plan),
                     )
                     logger.info("layer %d: stream error %.4g -> %.4g after refinement", index, before, after)
+            pruned_before = True
             inputs.run(layer, index, advance=True)
     finally:
         model.train(was_training)

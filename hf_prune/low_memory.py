@@ -49,6 +49,7 @@ from .config import PruningConfig
 from .criteria import Criterion, ScoringContext
 from .errors import LowMemoryError, NotPrunedError
 from .evaluation import parameter_count
+from .finite import check_finite_statistics, check_finite_weights
 from .groups.base import channels_last
 from .layer_inputs import LayerInputs, capture_layer_inputs, first_output
 from .layer_replacement import FOLDING_REPAIRS, RemovedRun, removed_runs, run_target
@@ -194,6 +195,7 @@ class LowMemoryPruner(HFPruner):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype
         self.names = _checkpoint_names(model, shards)
+        self.parameter_names = {name for name, _ in model.named_parameters()}
         self.layers_name = self.adapter.layers_name(model)
         #: where the pruned weights are: the staging folder after `prune`, the saved folder after a save.
         self.weights_folder: Path | None = None
@@ -241,9 +243,21 @@ class LowMemoryPruner(HFPruner):
         return [name for name in self.names if name.startswith(prefix)]
 
     def _load(self, names: list[str]) -> None:
+        """Read the named tensors into the model, the weights checked for NaN and Inf as they arrive."""
         tensors = self.shards.load([self.names[name] for name in names], self.device, self.dtype)
+        check_finite_weights(
+            ((name, tensors[self.names[name]]) for name in names if name in self.parameter_names),
+            f"the checkpoint in {self.shards.folder}",
+            self._failed_outcome,
+        )
         for name in names:
             _set_tensor(self.model, name, tensors[self.names[name]])
+
+    #: the end of a `NonFiniteError` raised mid-prune (earlier layers may already be cut on the meta model).
+    _failed_outcome = (
+        "The checkpoint files are unchanged; load it again (low_memory=True) before retrying, as this pruner may "
+        "already have cut the layers before."
+    )
 
     def _outside_layers(self) -> list[str]:
         """State-dict names outside the layer stack that the checkpoint holds (tied copies are not saved)."""
@@ -301,6 +315,7 @@ class LowMemoryPruner(HFPruner):
                         handle.remove()
                 if recorder:
                     recorder.finish()
+                check_finite_statistics(statistics, self.adapter, self.model, self._failed_outcome)
                 statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
             propagated = visit(index, layer, statistics, inputs)
             if propagate == "pruned" and propagated is not None:

@@ -22,6 +22,7 @@ from .criteria.random import RandomCriterion
 from .distributed import from_main_process, is_main_process
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .evaluation import flops_per_token, parameter_count
+from .finite import check_finite_weights
 from .groups import get_adapter, supported_model_types
 from .layer_replacement import FOLDING_REPAIRS, removed_layer_targets, removed_runs
 from .layerwise import prune_layer_by_layer
@@ -165,14 +166,16 @@ class HFPruner:
     ) -> PruningReport:
         """Score, plan, repair and cut. Pass a `PruningConfig`, or its fields as keywords.
 
-        Targets are validated before any calibration runs, and the output format is decided on
-        a shape-only copy, so a refused prune leaves the model untouched. `statistics` reuses one
-        calibration pass (`hf_prune.statistics.collect_statistics` on this same dense model) across
-        several prunes, as the benchmarks do.
+        Targets are validated before any calibration runs, the output format is decided on a
+        shape-only copy, and the weights and then the statistics are checked for NaN and Inf
+        (`NonFiniteError`) before any score or solve, so a refused prune leaves the model untouched.
+        `statistics` reuses one calibration pass (`hf_prune.statistics.collect_statistics` on this
+        same dense model) across several prunes, as the benchmarks do.
         """
         config, targets, criteria = self.validated(config, kwargs)
         # Shapes depend on the counts (uniform) or mostly so: a random ranking tells the format before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
+        check_finite_weights(self.model.named_parameters())
 
         if config.propagate != "unpruned":
             return self._prune_layer_by_layer(config, targets, criteria, statistics)

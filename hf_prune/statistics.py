@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .calibration_loss import calibration_loss
 from .distributed import local_share, sum_across_processes, sum_numbers
+from .finite import check_finite_statistics
 from .groups import ArchitectureAdapter, Branch
 from .groups.base import channels_last
 
@@ -251,7 +252,8 @@ def collect_statistics(
     batches: Iterable[torch.Tensor],
     requirements: set[Requirement],
 ) -> CalibrationStatistics:
-    """Run the calibration batches once and return what `requirements` ask for."""
+    """Run the calibration batches once and return what `requirements` ask for (checked finite:
+    `hf_prune.finite`; the model is left as it was)."""
     stats = CalibrationStatistics(requirements=frozenset(requirements))
     layers = adapter.layers(model)
     recorder = InfluenceRecorder(stats) if "influence" in requirements else None
@@ -304,4 +306,5 @@ def collect_statistics(
     sum_statistics(stats)
     if recorder:
         recorder.finish()
+    check_finite_statistics(stats, adapter, model)
     return stats

@@ -9,13 +9,15 @@ from transformers import OPTConfig, OPTForCausalLM
 from hf_prune import (
     HFPruner,
     InvalidPruningTargetError,
+    NonFiniteError,
     NotPrunedError,
     OutputExistsError,
     PruningConfig,
     UnsupportedArchitectureError,
     VanillaFormatError,
 )
-from tiny_models import FAMILIES, STRUCTURAL
+from safetensors.torch import load_file
+from tiny_models import FAMILIES, STRUCTURAL, calibration_images, calibration_windows
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -25,7 +27,8 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
     after = model.state_dict()
     assert after.keys() == before.keys()
-    assert all(torch.equal(after[name], before[name]) for name in before)
+    for name in before:  # bit for bit; a NaN the model held before counts as equal to itself
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
@@ -135,3 +138,96 @@ def test_interrupted_overwrite_keeps_the_previous_folder(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pruner.save_pretrained(target, overwrite=True)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(target) == ["old.txt"]
+
+
+# ----------------------------------------------------------------- NaN and Inf
+CALIBRATION = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4}
+
+
+def _poisoned(place: str):
+    """A tiny Llama with one bad weight: (model, the tensor's name, the count the message must give)."""
+    model = FAMILIES["llama"].build()
+    with torch.no_grad():
+        if place == "nan":
+            model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+            return model, "model.layers.1.mlp.up_proj.weight", "1 NaN"
+        if place == "inf":
+            model.model.layers[2].mlp.down_proj.weight[0, 7] = -float("inf")
+            return model, "model.layers.2.mlp.down_proj.weight", "1 Inf"
+        model.model.embed_tokens.weight[CALIBRATION["calibration"][0][0, 0]] = float("nan")  # a row calibration reads
+        return model, "model.embed_tokens.weight", f"{model.config.hidden_size} NaN"
+
+
+@pytest.mark.parametrize("propagate", ["unpruned", "pruned"])
+@pytest.mark.parametrize("place", ["nan", "inf", "embedding row"])
+def test_non_finite_weight_is_named_before_anything_changes(place, propagate):
+    """Default criterion and repair: without the check this ended in `linalg.cholesky ... not positive-definite`
+    (and, layer by layer, with the layers before the bad one already masked)."""
+    model, name, count = _poisoned(place)
+    pruner = HFPruner(model)
+    before = snapshot(model)
+    with pytest.raises(NonFiniteError, match=rf"{name}: {count} of [\d,]+ values.*float32.*model is unchanged"):
+        pruner.prune(mlp_neurons=0.25, propagate=propagate, **CALIBRATION)
+    assert_unchanged(model, before)
+    assert pruner.report is None
+
+
+def _overflowing(layer: int):
+    """Finite weights whose activations overflow float32 at layer `layer`'s MLP, as float16 models overflow
+    at 65504: its `up_proj` scaled by 1e30 makes the squares of the `down_proj` inputs (~1e60) Inf."""
+    model = FAMILIES["llama"].build()
+    with torch.no_grad():
+        model.model.layers[layer].mlp.up_proj.weight.mul_(1e30)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("propagate, layer", [("unpruned", 1), ("pruned", 0), ("both", 0)])
+def test_non_finite_statistics_name_the_layer_before_any_solve(propagate, layer):
+    model = _overflowing(layer)
+    pruner = HFPruner(model)
+    before = snapshot(model)
+    with pytest.raises(
+        NonFiniteError,
+        match=rf"statistics hold NaN or Inf, first at the inputs of model\.layers\.{layer}\.mlp\.down_proj "
+        r"\(sum of squares.*activations overflowed.*float32.*model is unchanged",
+    ):
+        pruner.prune(mlp_neurons=0.25, propagate=propagate, **CALIBRATION)
+    assert_unchanged(model, before)
+
+
+def test_layer_by_layer_says_when_earlier_layers_are_already_pruned():
+    """Layer by layer, an overflow behind pruned layers is found at its own layer: the message says to reload."""
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.2\.mlp\.down_proj.*layers before layer 2 were already"):
+        HFPruner(_overflowing(2)).prune(mlp_neurons=0.25, propagate="pruned", **CALIBRATION)
+
+
+def test_non_finite_calibration_data_is_named():
+    """NaN pixels in the calibration images: the first consumer that reads them is named."""
+    model = FAMILIES["vit"].build()
+    images = calibration_images()
+    images[0][2, 1, 3, 4] = float("nan")
+    model.get_submodule("vit.layers.0.attention.o_proj")  # the first consumer the statistics track
+    before = snapshot(model)
+    with pytest.raises(NonFiniteError, match=r"first at the inputs of vit\.layers\.0\.attention\.o_proj .*calibration data"):
+        HFPruner(model).prune(mlp_neurons=0.25, calibration=images, num_samples=8, batch_size=4)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case", ["weight", "statistics"])
+def test_low_memory_checks_each_layer_as_it_is_read(tmp_path, case):
+    if case == "weight":
+        model, name, count = _poisoned("inf")
+        message = rf"checkpoint in .*{name}: {count}"
+    else:
+        model, message = _overflowing(1), r"first at the inputs of model\.layers\.1\.mlp\.down_proj"
+    model.save_pretrained(tmp_path / "bad", max_shard_size="100KB")
+    files = {file.name: load_file(file) for file in (tmp_path / "bad").glob("*.safetensors")}
+    pruner = HFPruner.from_pretrained(tmp_path / "bad", low_memory=True)
+    with pytest.raises(NonFiniteError, match=message + r".*checkpoint files are unchanged"):
+        pruner.prune(mlp_neurons=0.25, **CALIBRATION)
+    assert sorted(files) == sorted(file.name for file in (tmp_path / "bad").glob("*.safetensors"))
+    for file, tensors in files.items():
+        again = load_file(tmp_path / "bad" / file)
+        for tensor_name, tensor in tensors.items():
+            torch.testing.assert_close(again[tensor_name], tensor, rtol=0, atol=0, equal_nan=True)

@@ -23,6 +23,7 @@ from ..checkpoint import write_atomically
 from ..config import PruningConfig, count_of
 from ..errors import InvalidPruningTargetError, NotPrunedError, TracingError
 from ..evaluation import parameter_count
+from ..finite import check_finite_weights
 from ..groups import Group, TensorSlice
 from ..surgery import slice_tensors
 from .graph import split_inputs, trace_channels
@@ -121,6 +122,7 @@ class TracedPruner:
             )
         config = config or PruningConfig(**kwargs)
         self._check(config)
+        check_finite_weights(self.model.named_parameters())
         criterion = config.criterion_for("channels")
         norms = None
         if TRACED_CRITERIA[criterion]:
