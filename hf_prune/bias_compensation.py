@@ -8,6 +8,8 @@ bias; Llama's `attention_bias` would add q/k/v biases too). There, the constant 
 the kept columns instead: the least-squares fit `Δ = argmin E‖c − Δ x_S‖² = c · E[x_S]ᵀ E[x_S x_Sᵀ]⁻¹`
 is added to `W_S`, so `Δ x_S` reproduces `c` as well as the kept channels can, and the pruned
 model keeps the dense model's parameter names and output format.
+
+Method notes and sources: docs/methods.md §4.2.
 """
 
 from __future__ import annotations

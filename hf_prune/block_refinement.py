@@ -4,7 +4,7 @@ The least-squares refit is the best *linear* repair of one projection. With
 `PruningConfig(propagate="both", refine_epochs=N)` every changed layer then takes `N` passes of
 Adam over the calibration batches on all its kept weights at once (attention, MLP and norms),
 minimising the mean squared difference between the pruned stream after the layer and the dense
-stream at the same point: i-SpaSP's "auxiliary training" (METHODS.md §4) at the scale of a whole
+stream at the same point: i-SpaSP's "auxiliary training" (docs/methods.md §4.7) at the scale of a whole
 block, as in block-wise reconstruction. The dense stream is the target, so the refinement also
 corrects the drift of the layers before it. Removed weights stay exactly zero: they are masked
 again after every step. A pass is kept only if it lowers the calibration error (else it is undone

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DATA_DIR_VARIABLE, data_file
+from .data import DATA_DIR_VARIABLE, DATA_LAYOUT, data_file
 from .errors import DataNotFoundError
 from .images import calibration_pixels, is_image_source
 
@@ -31,7 +31,8 @@ def _named_text(name: str) -> str:
     except Exception as error:
         raise DataNotFoundError(
             f"calibration={name!r}: {DATA_DIR_VARIABLE} is unset and the Hub copy (Salesforce/wikitext, "
-            f"wikitext-2-raw-v1) could not be loaded ({error}). Set {DATA_DIR_VARIABLE} to a local data folder."
+            f"wikitext-2-raw-v1) could not be loaded ({error}). Set {DATA_DIR_VARIABLE} to a local data folder; "
+            f"{DATA_LAYOUT}."
         ) from error
     return "\n\n".join(rows)
 

@@ -5,6 +5,8 @@ calibration images carry no labels (any image folder calibrates), so the loss is
 cross-entropy against the dense model's own top-1 predictions. A group then scores by how much
 it moves the model's decisions: the pseudo-label form of the Taylor and Fisher criteria, which
 Molchanov et al. (2019) state with true labels.
+
+Method notes and sources: docs/methods.md §2.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ one place) with integer counts `round(fraction × final count)` per kind, and wi
 that scores every group the previous plan removed `−inf`: the removed set only grows (once
 masked, always masked), and at fraction 1 the config's own amounts apply, so the targets are
 met exactly.
+
+Method notes and sources: docs/methods.md §6.1.
 """
 
 from __future__ import annotations

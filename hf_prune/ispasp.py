@@ -1,7 +1,7 @@
 """i-SpaSP selection (Wolfe & Kyrillidis 2021): choose the channels a consumer keeps, CoSaMP-style.
 
 The target is the dense output `W x` of a consuming projection; a candidate keeps `s` channel
-blocks (neurons, heads or KV groups) and refits them by least squares (METHODS.md §4). Each
+blocks (neurons, heads or KV groups) and refits them by least squares (docs/methods.md §4.1, §4.3). Each
 iteration, from the current support `S` and its refit `V`:
 
 1. the residual's gradient w.r.t. column `j`, `g_j = ((W − V) G)[:, j]`, proposes the blocks

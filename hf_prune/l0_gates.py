@@ -22,6 +22,8 @@ Adam moves a parameter by about the learning rate per step whatever its gradient
 fine-tuning learning rate (1e-5 .. 1e-4) would barely move a log-alpha. The gates therefore store
 `log_alpha / lr_scale` as the parameter: the Trainer's own optimizer then moves `log_alpha`
 about `lr_scale ×` the learning rate per step, without a custom optimizer.
+
+Method notes and sources: docs/methods.md §6.3.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Removing layers `i..j` leaves the residual stream short of `D = h_{j+1} − h_i`, the sum of what
 those layers wrote into it. In a pre-norm block the MLP of the last kept layer before them, `p`,
 writes `W a` straight into the stream, so the same least squares that repairs pruned neurons
-(METHODS.md §4) can make it write `W a + D` instead:
+(docs/methods.md §4.1, §4.4) can make it write `W a + D` instead:
 
     W'_S = (W G[:, S] + C[:, S]) (G[S, S] + λI)⁻¹,   C = Σ_tokens D aᵀ
 

@@ -18,6 +18,8 @@ absorbs what removed layers added (the dense stream target runs through them). O
 pass of the dense stream, and one more of the pruned stream in each refitted layer. With
 `refine_epochs`, each changed layer is then fitted to the dense stream by gradient steps on all
 its kept weights (`block_refinement`).
+
+Method notes and sources: docs/methods.md §4.6.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ a removed layer becomes the identity (a forward hook returns its input). A remov
 producers' rows and BatchNorm shift make the stream channel identically 0, its consumers' columns
 read nothing), and every LayerNorm over the stream normalises over the kept channels only (a
 forward hook), as the cut LayerNorm does.
+
+Method notes and sources: docs/methods.md §1.
 """
 
 from __future__ import annotations

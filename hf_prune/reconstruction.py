@@ -1,7 +1,7 @@
 """Training-free repair of the projections that consume pruned channels.
 
 - `lstsq` refits the consumer from the calibration statistics so it reproduces the dense output
-  from the channels that stay (METHODS.md §4): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, with `G` the
+  from the channels that stay (docs/methods.md §4.1): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, with `G` the
   Gram matrix of the consumer's input and `λ` the ridge `PruningConfig.damping` times G's mean
   diagonal.
 - `bias` (FLAP) gives back the removed channels' mean contribution (`bias_compensation.py`).

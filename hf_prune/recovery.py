@@ -11,6 +11,8 @@ model = load_recovered("adapter")                         # base (either format)
 The adapter's `base_model_name_or_path` is the pruned folder, never the dense model it came
 from, so the adapter is only ever applied to the shapes it was trained on. Loader-format bases
 need `load_pruned`, which plain `AutoPeftModel` does not call: `load_recovered` does.
+
+Method notes and sources: docs/methods.md §6.4.
 """
 
 from __future__ import annotations

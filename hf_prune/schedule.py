@@ -12,6 +12,8 @@ when the fraction reaches 1 (at `end_step`). Fractions only change at the schedu
   `Δt = frequency`: prunes fast while the network is redundant, slowly near the target.
 
 `initial_sparsity` (`s_i`) is the fraction of the targets already applied at `start_step`.
+
+Method notes and sources: docs/methods.md §6.1.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ every stage's output channel (`streams`), and `stream_gram` the Gram matrix of t
 at every module that reads them (`stream_consumers`, for their least-squares repair). Without
 gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
 classifier's input. Under torchrun each process runs its share of the batches and the sums are added across processes (`hf_prune.distributed`).
+
+Method notes and sources: docs/methods.md §2.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A removed stream channel is read by many consumers: every block's first convolution (ResNet) or
 `pwconv1` (ConvNeXt), the next stage's shortcut and first convolution or downsampling convolution,
 and the classifier. Each one is refitted on its own input, as `lstsq` refits a layer's consumer
-(METHODS.md §4): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, `G` the Gram matrix of the stream channels at
+(docs/methods.md §4.1, §4.5): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, `G` the Gram matrix of the stream channels at
 that consumer's input over the calibration images (`CalibrationStatistics.stream_consumers`). A
 convolution is refitted per kernel tap from the channel Gram at one pixel, as inner channels are.
 

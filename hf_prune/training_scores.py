@@ -22,6 +22,8 @@ recomputed forward would count twice; the callback is not meant to run with it.
 
 In multi-process runs each process sees its own batches; `synchronize` sums the accumulators
 over processes before every pruning decision, so every process takes the same one.
+
+Method notes and sources: docs/methods.md §6.2.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """`adaptive`: FLAP's adaptive structure search (An et al. 2024). Scores are standardised within
 each layer and kind (z-scores), then heads and neurons of all layers are ranked together and
 removed weakest first, each weighted by what it costs, until the uniform plan's budget (in
-parameters, or FLOPs for `target_flops`) is spent: layers and modules that matter less give up more."""
+parameters, or FLOPs for `target_flops`) is spent: layers and modules that matter less give up more.
+
+Method notes and sources: docs/methods.md §5.4.
+"""
 
 from __future__ import annotations
 

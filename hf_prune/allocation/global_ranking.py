@@ -1,6 +1,9 @@
 """`global`: every kind removes what `uniform` would in total, spread over layers by ranking all
 layers' groups together after dividing each layer's scores by their mean (scores of different
-layers live on different scales; the ratio to the layer's mean does not)."""
+layers live on different scales; the ratio to the layer's mean does not).
+
+Method notes and sources: docs/methods.md §5.3.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""A config's amounts or budget → validated per-layer counts, before any calibration runs."""
+"""A config's amounts or budget → validated per-layer counts, before any calibration runs.
+
+Method notes and sources: docs/methods.md §5.1.
+"""
 
 from __future__ import annotations
 

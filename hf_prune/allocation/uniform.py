@@ -1,4 +1,7 @@
-"""`uniform`: the same count in every (unprotected) layer, so a standard config fits."""
+"""`uniform`: the same count in every (unprotected) layer, so a standard config fits.
+
+Method notes and sources: docs/methods.md §5.2.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ calibration tokens and `W` the consuming projection (`o_proj`, `down_proj`).
 A channel matters when it is both large on real data and read by large weights. A stream channel
 (`stage_channels`), read by every block of its stage, is scored by its mean |value| at the stage's
 output over the calibration images (`CalibrationStatistics.streams`).
+
+Method notes and sources: docs/methods.md §3.3.
 """
 
 from collections.abc import Sequence

@@ -2,6 +2,8 @@
 
 A layer (or branch) whose output points where its input did changes the residual stream
 little and can go. Measured in the calibration pass by hooks, for layers and both branches.
+
+Method notes and sources: docs/methods.md §3.10.
 """
 
 from collections.abc import Sequence

@@ -1,5 +1,8 @@
 """OBD with the empirical Fisher (LeCun et al. 1989): `S_g = ½ Σ_{i∈g} F_ii w_i²`, where the
-Hessian diagonal is approximated by `F = E_batches[g²]`, the mean squared batch gradient."""
+Hessian diagonal is approximated by `F = E_batches[g²]`, the mean squared batch gradient.
+
+Method notes and sources: docs/methods.md §3.8.
+"""
 
 from collections.abc import Sequence
 

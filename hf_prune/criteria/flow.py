@@ -1,7 +1,7 @@
 """Information flow / output energy: `S_g = E‖W_g x_g‖² = tr(W_g G_gg W_gᵀ) / N`, with
 `G = Σ x xᵀ` the Gram matrix of the consumer's input over N calibration tokens.
 
-The share of the signal a group actually sends into the residual stream (METHODS.md §2). For a
+The share of the signal a group actually sends into the residual stream (docs/methods.md §3.5). For a
 head it uses the head's whole Gram block, so correlated channels inside a head count once; for a
 single neuron it is `E[x_j²] · ‖W[:, j]‖²`. A branch scores the energy of its whole output,
 a layer the sum of its two branches'.

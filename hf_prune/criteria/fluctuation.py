@@ -2,6 +2,8 @@
 
 A channel that barely varies over the data can be replaced by its mean: FLAP removes it and
 adds `W[:, j] · E[X_j]` back as a bias (`reconstruct="bias"`). What is lost is the fluctuation.
+
+Method notes and sources: docs/methods.md §3.4.
 """
 
 from collections.abc import Sequence

@@ -4,6 +4,8 @@ Each candidate is masked with the engine's own semantics (`masking.apply_masks`)
 measured on the first `max_windows` calibration windows (`calibration_loss`: for images, against
 the dense model's predictions), and the weights are restored. One
 forward pass over those windows per candidate: affordable for layers and branches only.
+
+Method notes and sources: docs/methods.md §3.9.
 """
 
 from collections.abc import Sequence

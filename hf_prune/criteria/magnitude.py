@@ -4,6 +4,8 @@ The classic baseline (Li et al. 2017 for filters; Torch-Pruning's default import
 ignores the data, so it fails once a weight's scale stops tracking its effect: on SmolLM2 it
 takes perplexity from 29 to millions at 25% of MLP neurons. A stream channel (`stage_channels`) is
 scored by the weights that write it (producers, norms, scales), not by its many readers.
+
+Method notes and sources: docs/methods.md §3.1.
 """
 
 from collections.abc import Sequence

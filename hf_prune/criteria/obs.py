@@ -6,6 +6,8 @@ the consumer's input. Groups are removed greedily, cheapest first, updating `W` 
 each removal as OBS prescribes; a group's score is the accumulated error when it went. This
 ranks groups by what is lost *after* the least-squares repair, so it pairs with
 `reconstruct="lstsq"`. Neurons are removed in chunks of ~1% per step to bound the cost.
+
+Method notes and sources: docs/methods.md §3.6.
 """
 
 from collections.abc import Sequence

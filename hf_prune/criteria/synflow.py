@@ -15,6 +15,8 @@ of each layer (layers and branches: of the model) are scored, the lowest `1/ROUN
 original count are masked, and the flow is recomputed. A group's score is the round it was
 removed in plus its normalised score in that round, so the order is budget-free and
 lower still means removed first.
+
+Method notes and sources: docs/methods.md §3.11.
 """
 
 from __future__ import annotations

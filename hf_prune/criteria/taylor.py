@@ -1,6 +1,8 @@
 """First-order Taylor (Molchanov et al. 2019): `S_g = |Σ_{i∈g} G_i w_i|`, with `G` the gradient
 of the calibration loss summed over all batches: the predicted loss change when the group's
 weights go to zero. One backward pass per calibration batch.
+
+Method notes and sources: docs/methods.md §3.7.
 """
 
 from collections.abc import Sequence
