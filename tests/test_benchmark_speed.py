@@ -1,24 +1,20 @@
 """scripts/benchmark_speed.py's measurements on a tiny Llama: the stages add up to the prune, the dense
-model is left as it was, the inference rows compare dense and pruned, the table prints them."""
+model is left as it was, the inference rows compare dense and pruned, the table prints this command's
+rows below the command that reproduces them, repeats resume and other settings are refused."""
 
-import importlib.util
-from pathlib import Path
+import json
 
 import pytest
+from script_modules import script_module
 from tiny_models import FAMILIES, calibration_windows
 
 from hf_prune import PruningConfig
 from hf_prune.evaluation import parameter_count
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_speed.py"
-
 
 @pytest.fixture(scope="module")
 def speed_script():
-    spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("benchmark_speed")
 
 
 def test_prune_stages_add_up_and_the_dense_model_stays(speed_script, one_thread):
@@ -51,5 +47,39 @@ def test_inference_row_and_table(speed_script, one_thread, monkeypatch):
     assert row["ideal_flop_ratio"] > 1
     for key in ("prefill_ms", "decode_b1_ms", "decode_b8_ms"):
         assert row[key]["dense"] > 0 and row[key]["pruned"] > 0
-    results = {"settings": {"num_samples": 8, "seq_len": 16, "threads": 1}, "rows": {"inference/tiny-mlp": row}}
-    assert "tiny-mlp" in speed_script.table(results)
+    settings = {"num_samples": 8, "seq_len": 16, "threads": 1, "inference_repeats": 1}
+    results = {"settings": settings, "rows": {"inference/tiny-mlp": row, "inference/other": row}}
+    text = speed_script.table(results, ["inference/tiny-mlp"])
+    assert "tiny-mlp" in text and "other" not in text and "medians of 1 interleaved" in text
+
+
+def test_main_resumes_repeats_and_refuses_other_settings(
+    speed_script, one_thread, smollm2, tmp_path, capsys, monkeypatch
+):
+    output = tmp_path / "speed.json"
+    argv = ["--model", "tiny", "--part", "prune", "--configs", "default", "--num-samples", "4", "--seq-len", "32",
+            "--threads", "1", "--output", str(output)]
+    calls = []
+    prune_row = speed_script.prune_row
+
+    def counted(*args):
+        calls.append(args)
+        return prune_row(*args)
+
+    monkeypatch.setattr(speed_script, "prune_row", counted)
+    speed_script.main([*argv, "--repeats", "1"])
+    assert len(calls) == 1
+    capsys.readouterr()
+    results = speed_script.main([*argv, "--repeats", "2"])  # one more repeat: one more prune
+    assert len(calls) == 2
+    assert sorted(results["rows"]) == ["prune/default/0", "prune/default/1"]
+    assert json.loads(output.read_text())["rows"] == results["rows"]
+    printed = capsys.readouterr().out
+    assert f"\npython scripts/benchmark_speed.py {' '.join(argv)} --repeats 2\n" in printed
+    assert "4 × 32 calibration tokens, 2 repeat(s), 1 thread(s)" in printed
+
+    speed_script.main([*argv, "--repeats", "1"])  # the table shows this command's repeat only
+    assert "2 repeat(s)" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        speed_script.main([*argv, "--repeats", "1", "--inference-repeats", "2"])
+    assert "inference_repeats: 5 in the file, 2 here" in capsys.readouterr().err
