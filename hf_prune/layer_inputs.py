@@ -5,6 +5,10 @@ returns its input unchanged captures the first layer's hidden states and every l
 arguments (masks, position embeddings), which differ between layer types (sliding-window and
 full attention, local and global rotary embeddings); no layer computes. The low-memory mode runs
 it with only the tensors outside the layer stack loaded; the sequential repair on a whole model.
+
+What the model runs between two layers outside the layer stack (ConvNeXt downsamples before each
+stage: `ArchitectureAdapter.layer_entries`) is kept as `LayerInputs.entries`: whoever walks the
+layers one at a time passes the stream through `entering(index, ...)` before layer `index`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .groups import ArchitectureAdapter
+from .groups.base import replace_module
 
 
 def first_output(output):
@@ -30,11 +35,20 @@ class _Captured(Exception):
 @dataclass
 class LayerInputs:
     """The calibration inputs of the current layer: per batch, the hidden states; per layer and
-    batch, the other arguments the model passes."""
+    batch, the other arguments the model passes; per layer, the modules the model runs on the
+    stream right before it, outside the layer stack (`entries`; most layers have none)."""
 
     hidden: list[torch.Tensor] = field(default_factory=list)
     args: list[list[tuple]] = field(default_factory=list)
     kwargs: list[list[dict]] = field(default_factory=list)
+    entries: dict[int, list[nn.Module]] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def entering(self, index: int, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`stream` (one tensor per batch, as layer `index - 1` leaves it) as layer `index` reads it."""
+        for module in self.entries.get(index, ()):
+            stream = [module(h) for h in stream]
+        return stream
 
     @torch.no_grad()
     def outputs(self, layer: nn.Module, index: int) -> list[torch.Tensor]:
@@ -87,13 +101,20 @@ def capture_layer_inputs(
     dtype: torch.dtype | None = None,
 ) -> LayerInputs:
     """Run the model through stand-ins for its layers: the first layer's hidden states and every
-    layer's other arguments, per batch."""
-    layers = adapter.layers(model)
-    inputs = LayerInputs(args=[[] for _ in layers], kwargs=[[] for _ in layers])
+    layer's other arguments, per batch. What runs between layers outside the stack (`entries`)
+    runs here on the first layer's hidden states, so its weights must be loaded."""
+    layers = list(adapter.layers(model))  # a base adapter returns the live list, changed below
+    entries = {
+        index: [part for name in names for part in _callables(model.get_submodule(name))]
+        for index, names in adapter.layer_entries(model).items()
+    }
+    inputs = LayerInputs(args=[[] for _ in layers], kwargs=[[] for _ in layers], entries=entries)
     base = getattr(model, model.base_model_prefix, model)
     extra = {"use_cache": False} if getattr(model.config, "use_cache", False) else {}
-    stand_ins = [_Recorder(layer, i, inputs, last=i == len(layers) - 1) for i, layer in enumerate(layers)]
-    adapter.set_layers(model, nn.ModuleList(stand_ins))
+    # Each layer is swapped in place (convolutional stages hold their blocks in separate lists).
+    names = [adapter.layer_name(model, index) for index in range(len(layers))]
+    for index, (name, layer) in enumerate(zip(names, layers)):
+        replace_module(model, name, _Recorder(layer, index, inputs, last=index == len(layers) - 1))
     try:
         for batch in tqdm(batches, desc="embeddings", unit="batch", leave=False):
             batch = batch.to(device)
@@ -103,5 +124,12 @@ def capture_layer_inputs(
             except _Captured:
                 pass
     finally:
-        adapter.set_layers(model, layers)
+        for name, layer in zip(names, layers):
+            replace_module(model, name, layer)
     return inputs
+
+
+def _callables(module: nn.Module) -> list[nn.Module]:
+    """The modules a forward pass calls for `module`: a `ModuleList`'s items in order (the owner
+    iterates it), else the module itself."""
+    return list(module) if isinstance(module, nn.ModuleList) else [module]

@@ -112,8 +112,10 @@ def _removed_layer_target(
 
 
 def _run_layers(layers, indices: range, stream: list[torch.Tensor], inputs: LayerInputs) -> list[torch.Tensor]:
-    """`stream` (one tensor per batch) run through the layers `indices` as they are now."""
+    """`stream` (one tensor per batch) run through the layers `indices` as they are now (and what
+    runs before each outside the layer stack, `LayerInputs.entering`)."""
     for index in indices:
+        stream = inputs.entering(index, stream)
         stream = [
             first_output(layers[index](h, *a, **k)) for h, a, k in zip(stream, inputs.args[index], inputs.kwargs[index])
         ]
@@ -204,6 +206,7 @@ def prune_layer_by_layer(
     try:
         for index in tqdm(range(len(layers)), desc="pruning layer by layer", unit="layer"):
             layer, layer_plan = layers[index], plan.layers[index]
+            inputs.hidden = inputs.entering(index, inputs.hidden)  # e.g. a stage's downsampling, kept as is
             if dense is not None and index > dense_done:  # the dense stream after this layer, before it changes
                 dense = _run_layers(layers, range(index, index + 1), dense, inputs)
             if not layer_plan.keep_layer:

@@ -2,11 +2,13 @@
 
 The model is built on the meta device. The calibration inputs of every layer are captured
 (`layer_inputs`) with only the tensors outside the layer stack loaded (embeddings; rotary embeddings and masks
-are computed as usual). Then each layer in turn is read from the safetensors shards, measured
-with the same hooks as the whole-model pass (`statistics.register_layer_hooks`), scored and
-planned (`allocation.plan_layer`), repaired (`reconstruction.reconstruct`), cut
-(`surgery.cut_layer`), written to a staging folder and unloaded; its calibration outputs are the
-next layer's inputs.
+are computed as usual; what runs between layers, such as ConvNeXt's downsampling before a stage, is
+loaded again for a moment before the layer it feeds). Then each layer in turn is read from the
+safetensors shards, measured with the same hooks as the whole-model pass
+(`statistics.register_layer_hooks`), scored and planned (`allocation.plan_layer`), repaired
+(`reconstruction.reconstruct`), cut (`surgery.cut_layer`), written to a staging folder (under the
+name it takes in the pruned model: `ArchitectureAdapter.kept_layer_names`) and unloaded; its
+calibration outputs are the next layer's inputs.
 
 Propagating through the *unpruned* layer (`PruningConfig(propagate="unpruned")`, the default)
 gives every layer exactly the inputs of the whole-model calibration pass, so layer-local criteria
@@ -196,7 +198,12 @@ class LowMemoryPruner(HFPruner):
         self.dtype = dtype
         self.names = _checkpoint_names(model, shards)
         self.parameter_names = {name for name, _ in model.named_parameters()}
-        self.layers_name = self.adapter.layers_name(model)
+        count = len(self.adapter.layers(model))
+        #: the state-dict name prefix of every layer, and of what runs before it outside the stack.
+        self.layer_prefixes = [f"{self.adapter.layer_name(model, index)}." for index in range(count)]
+        self.entry_prefixes = {
+            index: tuple(f"{name}." for name in names) for index, names in self.adapter.layer_entries(model).items()
+        }
         #: where the pruned weights are: the staging folder after `prune`, the saved folder after a save.
         self.weights_folder: Path | None = None
         self.staging: Path | None = None
@@ -239,8 +246,7 @@ class LowMemoryPruner(HFPruner):
 
     # ----------------------------------------------------------------- weights in and out
     def _layer_names(self, index: int) -> list[str]:
-        prefix = f"{self.layers_name}.{index}."
-        return [name for name in self.names if name.startswith(prefix)]
+        return [name for name in self.names if name.startswith(self.layer_prefixes[index])]
 
     def _load(self, names: list[str]) -> None:
         """Read the named tensors into the model, the weights checked for NaN and Inf as they arrive."""
@@ -260,8 +266,22 @@ class LowMemoryPruner(HFPruner):
     )
 
     def _outside_layers(self) -> list[str]:
-        """State-dict names outside the layer stack that the checkpoint holds (tied copies are not saved)."""
-        return [name for name in self.names if not name.startswith(self.layers_name + ".")]
+        """State-dict names outside every layer that the checkpoint holds (tied copies are not saved;
+        what runs between layers, such as ConvNeXt's downsampling, is outside)."""
+        layers = tuple(self.layer_prefixes)
+        return [name for name in self.names if not name.startswith(layers)]
+
+    def _entering(self, inputs: LayerInputs, index: int, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`stream` through what the model runs before layer `index` outside the stack
+        (`LayerInputs.entering`), its weights loaded for the while."""
+        if index not in self.entry_prefixes:
+            return stream
+        names = [name for name in self.names if name.startswith(self.entry_prefixes[index])]
+        self._load(names)
+        try:
+            return inputs.entering(index, stream)
+        finally:
+            _free(self.model, names)
 
     def _check_complete(self) -> None:
         """Every parameter (a tied one counts once) must be in the checkpoint, or it would be saved missing."""
@@ -302,6 +322,8 @@ class LowMemoryPruner(HFPruner):
         layers = self.adapter.layers(self.model)
         for index in tqdm(range(len(layers)), desc=description, unit="layer"):
             layer = layers[index]
+            if inputs is not None:  # the stream as this layer reads it (a stage's downsampling, kept as is)
+                inputs.hidden = self._entering(inputs, index, inputs.hidden)
             self._load(self._layer_names(index))
             statistics = CalibrationStatistics(requirements=frozenset(requirements))
             if inputs is not None:
@@ -388,6 +410,7 @@ class LowMemoryPruner(HFPruner):
         staging = Path(tempfile.mkdtemp(prefix="hf_prune-staging-"))
         weakref.finalize(self, shutil.rmtree, staging, True)
         kept = plan.kept_layers
+        kept_names = self.adapter.kept_layer_names(self.model, kept)
         files = len(kept) + 1
         runs = {}
         if config.reconstruct in FOLDING_REPAIRS and batches:
@@ -431,7 +454,7 @@ class LowMemoryPruner(HFPruner):
             self._stage(
                 staging,
                 f"model-{position + 2:05d}-of-{files:05d}.safetensors",
-                {f"{self.layers_name}.{position}.{name}": t for name, t in layer.state_dict().items()},
+                {f"{kept_names[position]}.{name}": t for name, t in layer.state_dict().items()},
             )
             return inputs.outputs(layer, index) if inputs is not None and config.propagate == "pruned" else None
 
@@ -474,6 +497,7 @@ class LowMemoryPruner(HFPruner):
         after = list(before)
         layers = self.adapter.layers(self.model)
         for index in range(run.first, run.last + 1):
+            after = self._entering(inputs, index, after)
             self._load(self._layer_names(index))
             after = [first_output(layers[index](h, *a, **k)) for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])]
             _free(layers[index])

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.groups.registry import get_adapter
+from hf_prune.layer_inputs import capture_layer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"mlp_neurons": 0.5, "num_samples": 8, "seq_len": 16, "batch_size": 4, "criterion": "obs"}
@@ -34,6 +36,37 @@ def test_the_first_layer_is_pruned_alike_and_later_layers_see_the_pruned_stream(
             torch.testing.assert_close(later[name], first[name], rtol=0, atol=0)
     last = f"{adapter.layers_name(one_pass.model)}.{len(adapter.layers(one_pass.model)) - 1}.{adapter.down_proj}"
     assert not torch.equal(first[last + ".weight"], later[last + ".weight"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "bert", "vit", "resnet", "convnext"])
+def test_captured_inputs_walk_the_layers_as_the_model_runs_them(family):
+    """From the captured first input, each layer's input (through `entering`: ConvNeXt downsamples
+    before a stage, outside its blocks) is what a plain forward pass feeds it; the capture leaves
+    the model whole (stage-held blocks included)."""
+    spec = FAMILIES[family]
+    model, inputs = spec.build(), spec.inputs()
+    adapter = get_adapter(model.config)
+    layers = list(adapter.layers(model))
+    seen = []
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+        )
+        for layer in layers
+    ]
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    for handle in handles:
+        handle.remove()
+    captured = capture_layer_inputs(model, adapter, list(inputs.values()), torch.device("cpu"))
+    assert list(adapter.layers(model)) == layers
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=0)
+    stream = captured.hidden
+    for index, layer in enumerate(layers):
+        captured.hidden = captured.entering(index, stream)
+        torch.testing.assert_close(captured.hidden[0], seen[index], rtol=0, atol=1e-6)
+        stream = captured.outputs(layer, index)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])

@@ -135,7 +135,24 @@ def test_half_precision_models_prune_in_memory_and_layer_by_layer_alike(tmp_path
 
 
 #: Families whose capture or checkpoint names differ from Llama's run by default; the rest are `slow`.
-DISTINCT = ("qwen2", "gemma3_text", "gpt_neox", "bert", "vit")
+#: ResNet and ConvNeXt name their blocks per stage, and ConvNeXt downsamples between stages.
+DISTINCT = ("qwen2", "gemma3_text", "gpt_neox", "bert", "vit", "resnet", "convnext")
+#: What the convolutional families prune instead of heads and neurons (their adapters' kinds; stage
+#: channels span a whole stage and are refused layer by layer: tests/test_stage_channels.py).
+OWN_AMOUNTS = {
+    "resnet": {"channels": 0.25, "criterion": "activation"},
+    "convnext": {"mlp_neurons": 0.25, "layers": 1, "criterion": {"neurons": "activation", "layers": "block_influence"}},
+}
+
+
+def _amounts(spec) -> dict:
+    if spec.model_type in OWN_AMOUNTS:
+        return OWN_AMOUNTS[spec.model_type]
+    return {"mlp_neurons": 0.25, "kv_groups" if spec.gqa else "attention_heads": 1, "criterion": "activation"}
+
+
+def _calibration(spec) -> dict:
+    return {**CALIBRATION, "calibration": calibration_images() if spec.vision else calibration_windows()}
 
 
 @pytest.mark.parametrize(
@@ -143,16 +160,11 @@ DISTINCT = ("qwen2", "gemma3_text", "gpt_neox", "bert", "vit")
 )
 def test_every_family_prunes_layer_by_layer_as_in_memory(family, tmp_path, one_thread):
     """Per-layer arguments (sliding-window masks in Qwen2, local rotary embeddings in Gemma 3),
-    renamed checkpoint keys (GPT-NeoX `embed_out`, ViT's legacy names), encoders and vision."""
+    renamed checkpoint keys (GPT-NeoX `embed_out`, ViT's legacy names), encoders and vision,
+    blocks numbered per stage (ResNet, ConvNeXt) and downsampling between stages (ConvNeXt)."""
     spec = FAMILIES[family]
     spec.build().save_pretrained(tmp_path / "dense")
-    settings = {
-        **CALIBRATION,
-        "calibration": calibration_images() if spec.vision else calibration_windows(),
-        "mlp_neurons": 0.25,
-        "kv_groups" if spec.gqa else "attention_heads": 1,
-        "criterion": "activation",
-    }
+    settings = {**_calibration(spec), **_amounts(spec)}
     dense = HFPruner.from_pretrained(tmp_path / "dense")
     dense.prune(**settings)
     expected = load_pruned(dense.save_pretrained(tmp_path / "in_memory"))
@@ -163,3 +175,52 @@ def test_every_family_prunes_layer_by_layer_as_in_memory(family, tmp_path, one_t
     assert sorted(got.state_dict()) == sorted(want)
     for name, tensor in got.state_dict().items():
         torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(OWN_AMOUNTS))
+def test_convolutional_families_prune_on_the_pruned_stream_as_in_memory(family, tmp_path, one_thread):
+    """`propagate="pruned"`: each block measured on what the pruned blocks (and, between ConvNeXt
+    stages, the downsampling layer) compute, layer by layer from the shards as in memory. In float64:
+    the tiny models' Gram matrices (32 positions for up to 64 channels) are so ill-conditioned
+    (condition numbers 1e8 to 1e18) that the float32 rounding of masked (in memory) and cut (low
+    memory) blocks, 1e-7 relative in the propagated activations, moves the repaired weights by ~1e-4."""
+    spec = FAMILIES[family]
+    spec.build().save_pretrained(tmp_path / "dense")
+    double = torch.float64
+    settings = {
+        **CALIBRATION, **_amounts(spec), "calibration": [calibration_images()[0].to(double)], "propagate": "pruned"
+    }
+    dense = HFPruner.from_pretrained(tmp_path / "dense", dtype=double)
+    dense.prune(**settings)
+    pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=True, dtype=double)
+    pruner.prune(**settings)
+    assert pruner.report.layers == dense.report.layers
+    want = load_pruned(dense.save_pretrained(tmp_path / "in_memory"), dtype=double).state_dict()
+    got = load_pruned(pruner.save_pretrained(tmp_path / "low_memory"), dtype=double).state_dict()
+    assert sorted(got) == sorted(want)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("propagate", ["unpruned", "pruned"])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_removing_the_first_block_of_a_convnext_stage_keeps_its_downsampling(
+    tmp_path, one_thread, propagate, low_memory
+):
+    """Block 2 (the first of stage 1, after the downsampling layer) is the only one open to removal;
+    the pruned model is the dense one without that block (plain torch below)."""
+    spec = FAMILIES["convnext"]
+    model = spec.build()
+    model.save_pretrained(tmp_path / "dense")
+    settings = {
+        **_calibration(spec), "layers": 1, "protected_layers": (0, 1, 3), "criterion": "block_influence",
+        "propagate": propagate,
+    }
+    pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=low_memory)
+    pruner.prune(**settings)
+    assert [layer.keep_layer for layer in pruner.plan.layers] == [True, True, False, True]
+    pruned = load_pruned(pruner.save_pretrained(tmp_path / "pruned"))
+    del model.convnext.encoder.stages[1].layers[0]  # the reference: the block gone, its downsampling kept
+    inputs = spec.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)

@@ -190,6 +190,21 @@ class ArchitectureAdapter(ABC):
     def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
         replace_module(model, self.layers_name(model), layers)
 
+    def layer_name(self, model: nn.Module, index: int) -> str:
+        """Qualified name of layer `index` (the index into `layers(model)`)."""
+        return f"{self.layers_name(model)}.{index}"
+
+    def kept_layer_names(self, model: nn.Module, kept: list[int]) -> list[str]:
+        """The qualified names the layers `kept` (original indices, ascending) take once the others
+        are dropped (`surgery.drop_layers`), in the order of `kept`."""
+        return [f"{self.layers_name(model)}.{position}" for position in range(len(kept))]
+
+    def layer_entries(self, model: nn.Module) -> dict[int, tuple[str, ...]]:
+        """Modules outside the layer stack that the model runs on the hidden states between layer
+        `index - 1` and layer `index`, by qualified name, in order (ConvNeXt's downsampling before
+        a stage). Transformers run nothing between their layers."""
+        return {}
+
     # ----------------------------------------------------------------- geometry
     def geometry(self, layer: nn.Module) -> LayerGeometry:
         """Read the layer's current shape from its modules (not the config: layers may differ)."""

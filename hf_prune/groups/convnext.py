@@ -12,6 +12,9 @@ Prunable:
   block's LayerNorm, the next stage's downsampling LayerNorm or the final LayerNorm; read by every
   `pwconv1` and the next stage's downsampling convolution or the classifier. The LayerNorms mix
   channels through their statistics, so masking recomputes them over the kept channels.
+
+A stage's downsampling layer (LayerNorm, strided convolution) runs outside its blocks, before the
+first: layer-by-layer passes run it there (`stage_entry`, `ArchitectureAdapter.layer_entries`).
 """
 
 from torch import nn
@@ -27,6 +30,7 @@ class ConvNextAdapter(StagedAdapter):
     kinds: frozenset[GroupKind] = frozenset(("neurons", "layers", "stage_channels"))
     up_proj = "pwconv1"
     down_proj = "pwconv2"
+    stage_entry = "downsampling_layer"
 
     def stream_members(self, model: nn.Module, stage: int) -> StreamMembers:
         stages_name, stages = self.stages_name(model), self.stages(model)

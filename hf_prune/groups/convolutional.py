@@ -58,6 +58,8 @@ class StagedAdapter(ArchitectureAdapter):
     o_proj = ""  # no attention branch
     stream_channel_dim = 1
     shapes_per_stage = True
+    #: What a stage runs on its input before its first block (relative to the stage), if anything.
+    stage_entry: ClassVar[str | None] = None
 
     def stages(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.stages_name(model))
@@ -69,6 +71,41 @@ class StagedAdapter(ArchitectureAdapter):
         kept = {id(layer) for layer in layers}
         for stage in self.stages(model):
             stage.layers = nn.Sequential(*(layer for layer in stage.layers if id(layer) in kept))
+
+    def layer_name(self, model: nn.Module, index: int) -> str:
+        stage, block = self._positions(model)[index]
+        return f"{self.stages_name(model)}.{stage}.layers.{block}"
+
+    def kept_layer_names(self, model: nn.Module, kept: list[int]) -> list[str]:
+        """Blocks are renumbered within their stage; the stages stay."""
+        positions, stages_name = self._positions(model), self.stages_name(model)
+        names, kept_in_stage = [], [0] * len(self.stages(model))
+        for index in kept:
+            stage = positions[index][0]
+            names.append(f"{stages_name}.{stage}.layers.{kept_in_stage[stage]}")
+            kept_in_stage[stage] += 1
+        return names
+
+    def layer_entries(self, model: nn.Module) -> dict[int, tuple[str, ...]]:
+        """Each stage's `stage_entry` (when it holds anything), before the stage's first block; a
+        stage without blocks passes its entry on to the next block."""
+        if self.stage_entry is None:
+            return {}
+        entries, pending, index = {}, [], 0
+        stages_name = self.stages_name(model)
+        for stage, module in enumerate(self.stages(model)):
+            entry = module.get_submodule(self.stage_entry)
+            if not isinstance(entry, nn.ModuleList) or len(entry):
+                pending.append(f"{stages_name}.{stage}.{self.stage_entry}")
+            if len(module.layers) and pending:
+                entries[index], pending = tuple(pending), []
+            index += len(module.layers)
+        return entries
+
+    def _positions(self, model: nn.Module) -> list[tuple[int, int]]:
+        """(stage, block within the stage) of every layer, in layer order."""
+        stages = self.stages(model)
+        return [(stage, block) for stage, module in enumerate(stages) for block in range(len(module.layers))]
 
     def stages_name(self, model: nn.Module) -> str:
         """Qualified name of the stage list (base and task models alike)."""
