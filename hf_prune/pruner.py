@@ -48,9 +48,12 @@ def _model_class(config, from_gguf: bool) -> type[PreTrainedModel]:
 
 
 def _without_gguf_marker(model: PreTrainedModel) -> PreTrainedModel:
-    """GGUF checkpoints load dequantized to float but flagged as quantized, which makes
-    `save_pretrained` refuse; rebuild the model from a clean config with the same tensors."""
+    """GGUF checkpoints load dequantized to float; recent transformers releases (5.23 does, 5.9 does
+    not) also flag them as quantized, which makes `save_pretrained` refuse: rebuild the model from a
+    clean config with the same tensors."""
     config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model
     del config.quantization_config
     with init_empty_weights():
         clean = type(model)(config)

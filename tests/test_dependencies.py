@@ -100,3 +100,22 @@ def test_the_check_sees_an_undeclared_import(tmp_path, monkeypatch):
     imports = imported_names(tmp_path / "pkg")
     assert undeclared(imports, {"pyyaml", "torch"}) == []
     assert undeclared(imports, {"torch"}) == ["yaml (pyyaml) imported by pkg/mod.py"]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_ci_tests_both_ends_of_the_declared_transformers_range():
+    """`.ci/run` runs the suite on the lowest release the range admits and on one below its upper bound."""
+    (requirement,) = [r for r in PYPROJECT["dependencies"] if _requirement_name(r) == "transformers"]
+    lower = _version(re.search(r">=\s*([\d.]+)", requirement).group(1))
+    upper = _version(re.search(r"<\s*([\d.]+)", requirement).group(1))
+    assert upper[:2] > lower[:2], f"{requirement} admits one minor release only; declare the range the suite passes on"
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    versions = [_version(v) for v in re.search(r"TRANSFORMERS_VERSIONS=\(([^)]*)\)", ci).group(1).split()]
+    assert versions[0][: len(lower)] == lower, f".ci/run's lowest transformers {versions[0]} is not {requirement}'s lower end"
+    newest_minor = (upper[0], upper[1] - 1)  # the range ends below `upper`: its newest minor release is tested
+    assert lower <= versions[-1] < upper and versions[-1][:2] == newest_minor, (
+        f".ci/run's newest transformers {versions[-1]} is not a {newest_minor} release inside {requirement}"
+    )
