@@ -10,7 +10,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-# One release of the declared transformers range (e.g. TRANSFORMERS_VERSION=5.9.0); empty: what pip resolves
+# One release of the declared transformers range (e.g. TRANSFORMERS_VERSION=5.18.0); empty: what pip resolves
 # (in a new environment, the newest release the range admits).
 TRANSFORMERS_VERSION ?=
 TRANSFORMERS_PIN := $(if $(TRANSFORMERS_VERSION),"transformers==$(TRANSFORMERS_VERSION)")

@@ -35,6 +35,7 @@ from .surgery import apply_plan
 
 logger = logging.getLogger(__name__)
 
+PROCESSOR_CONFIG = "preprocessor_config.json"
 # Keywords of `from_pretrained` that also apply to the config and the tokenizer.
 _SHARED_KWARGS = ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
 
@@ -84,14 +85,22 @@ def _own_config(model: PreTrainedModel) -> None:
 
 
 def load_preprocessor(name_or_path: str | os.PathLike, shared: dict) -> tuple:
-    """(tokenizer, image processor) saved beside a model; either or both may be None."""
+    """(tokenizer, image processor) saved beside a model; either or both may be None.
+
+    The image processor is loaded only where its `preprocessor_config.json` exists: without one,
+    some transformers releases (5.9 to 5.17) try a default processor that needs torchvision and raise
+    ImportError instead of saying the file is missing."""
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **shared), None
     except (OSError, ValueError, KeyError):
-        try:
+        file_kwargs = {key: value for key, value in shared.items() if key != "gguf_file"}
+        found = cached_file(
+            name_or_path, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False, **file_kwargs,
+        )
+        if found is not None:
             return None, transformers.AutoImageProcessor.from_pretrained(name_or_path, **shared)
-        except (OSError, ValueError, KeyError):
-            logger.info("No tokenizer or image processor found at %s; saving weights and config only.", name_or_path)
+        logger.info("No tokenizer or image processor found at %s; saving weights and config only.", name_or_path)
     return None, None
 
 
