@@ -40,6 +40,11 @@ PROCESSOR_CONFIG = "preprocessor_config.json"
 _SHARED_KWARGS = ("gguf_file", "revision", "token", "cache_dir", "local_files_only", "subfolder")
 
 
+def _file_kwargs(shared: dict) -> dict:
+    """The shared keywords that `cached_file` takes (all but `gguf_file`)."""
+    return {key: value for key, value in shared.items() if key != "gguf_file"}
+
+
 def _model_class(config, from_gguf: bool) -> type[PreTrainedModel]:
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
@@ -93,10 +98,9 @@ def load_preprocessor(name_or_path: str | os.PathLike, shared: dict) -> tuple:
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **shared), None
     except (OSError, ValueError, KeyError):
-        file_kwargs = {key: value for key, value in shared.items() if key != "gguf_file"}
         found = cached_file(
             name_or_path, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False, **file_kwargs,
+            _raise_exceptions_for_connection_errors=False, **_file_kwargs(shared),
         )
         if found is not None:
             return None, transformers.AutoImageProcessor.from_pretrained(name_or_path, **shared)
@@ -168,8 +172,7 @@ class HFPruner:
         pruner = cls(model.eval(), tokenizer=tokenizer, processor=processor)
         pruner.card_facts.record_source(name_or_path)
         if from_gguf:
-            file_kwargs = {key: value for key, value in shared.items() if key != "gguf_file"}
-            gguf_path = cached_file(name_or_path, from_pretrained_kwargs["gguf_file"], **file_kwargs)
+            gguf_path = cached_file(name_or_path, from_pretrained_kwargs["gguf_file"], **_file_kwargs(shared))
             pruner.card_facts.record_gguf_source(gguf_path)
         return pruner
 

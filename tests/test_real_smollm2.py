@@ -39,6 +39,10 @@ def test_smollm2_round_trip(smollm2, tmp_path):
 
     out = pruner.save_pretrained(tmp_path / "smollm2-pruned")
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    # The card says the weights were dequantized from the GGUF's 4-bit tensors (gguf.GGUFReader's tensor types).
+    card = (out / "README.md").read_text()
+    assert "**Source weights:** dequantized to float from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf`" in card
+    assert "Q4_1 " in card
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "llama" and "quantization_config" not in saved
 
