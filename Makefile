@@ -15,7 +15,12 @@ export TOKENIZERS_PARALLELISM ?= false
 TRANSFORMERS_VERSION ?=
 TRANSFORMERS_PIN := $(if $(TRANSFORMERS_VERSION),"transformers==$(TRANSFORMERS_VERSION)")
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow format
+
+# Fix what ruff can (import order, formatting); `make test` only checks.
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
 
 install:
 	# torch first, pinned: it resolves to the CPU wheel on these machines.
@@ -28,6 +33,9 @@ demo: install
 	$(PYTHON) scripts/demo.py
 
 test: install
+	# Lint and format first (ruff, configured in pyproject.toml): a tree that does not pass does not land.
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q
 
 test-slow: install

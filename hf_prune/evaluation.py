@@ -11,9 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .data import wikitext2_test_text
+from .calibration.data import wikitext2_test_text
+from .calibration.images import pixel_values
 from .groups import get_adapter
-from .images import pixel_values
 
 #: The project's WikiText-2 protocol (dense SmolLM2-135M-Instruct: 29.52 at 80 windows).
 WIKITEXT2_DATASET = "Salesforce/wikitext"
@@ -109,7 +109,7 @@ def top1_of_pixels(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
 
 
 def top1_accuracy(model: nn.Module, images, processor, batch_size: int = 250) -> float:
-    """Fraction of an `hf_prune.images.ImageSet` the classifier labels correctly, the uint8 images
+    """Fraction of an `hf_prune.calibration.images.ImageSet` the classifier labels correctly, the uint8 images
     passed through the model's image processor as at inference time."""
     return top1_of_pixels(model, pixel_values(images.images, processor), images.labels, batch_size)
 

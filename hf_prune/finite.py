@@ -20,8 +20,8 @@ from torch import nn
 from .errors import NonFiniteError
 
 if TYPE_CHECKING:
+    from .calibration.statistics import CalibrationStatistics
     from .groups import ArchitectureAdapter
-    from .statistics import CalibrationStatistics
 
 #: weight tensors named in a message; the rest are counted.
 SHOWN = 3

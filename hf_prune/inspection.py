@@ -11,12 +11,12 @@ from itertools import groupby
 from torch import nn
 
 from .allocation import plan_for
-from .checkpoint import decide_format, meta_copy
 from .config import PruningConfig
 from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError
 from .evaluation import parameter_count
 from .groups import ArchitectureAdapter, GroupKind, LayerGeometry, get_adapter
+from .output.checkpoint import decide_format, meta_copy
 from .plan import removed_numel
 from .surgery import apply_plan
 from .tracing.groups import TracedGroups
@@ -74,7 +74,8 @@ class Inspection:
             lines.append(f"{span:>9}  {heads[0]:>5}  {heads[1]:>8}  {heads[2]:>8}  {neurons:>11}")
         lines += [
             "",
-            "Dependency groups. share: the part of all parameters the groups of a kind hold (kinds overlap: a KV group",
+            "Dependency groups. share: the part of all parameters the groups of a kind hold (kinds overlap: a "
+            "KV group",
             "holds its query heads, a layer everything in it). format: the checkpoint format that removing one group",
             "of the kind gives (one per layer for heads, KV groups, neurons and channels; one per stage for stage",
             "channels; one in all for branches and layers).",
@@ -115,7 +116,9 @@ def inspect_model(model: nn.Module, name: str = "") -> Inspection:
         if kind == "kv_groups" and not grouped_query:
             continue  # multi-head attention: every head is its own KV group, listed as heads
         if kind == "stage_channels":  # groups that cross layers, named from the model root
-            groups = [group for stage in range(len(adapter.stages(model))) for group in adapter.stage_groups(model, stage)]
+            groups = [
+                group for stage in range(len(adapter.stages(model))) for group in adapter.stage_groups(model, stage)
+            ]
             # A stage's entry convolution reads the previous stream: count each parameter once.
             size = removed_numel((model, piece) for group in groups for piece in group.slices)
         else:

@@ -81,7 +81,9 @@ class LayerPlan:
             if self.keep_attention and attention
             else None
         )
-        return LayerGeometry(kept_attention, len(self.neurons) if self.keep_mlp and self.geometry.intermediate_size else None)
+        return LayerGeometry(
+            kept_attention, len(self.neurons) if self.keep_mlp and self.geometry.intermediate_size else None
+        )
 
     @property
     def changes_attention(self) -> bool:

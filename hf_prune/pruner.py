@@ -14,23 +14,23 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.utils import cached_file
 
 from .allocation import Targets, build_plan, plan_for, resolve_targets
-from .calibration import token_windows
-from .checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
+from .calibration.distributed import from_main_process, is_main_process
+from .calibration.sources import token_windows
+from .calibration.statistics import CalibrationStatistics, collect_statistics
 from .config import BUDGET_TARGETS, PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
-from .distributed import from_main_process, is_main_process
+from .engine.layerwise import prune_layer_by_layer
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .evaluation import flops_per_token, parameter_count
 from .finite import check_finite_weights
 from .groups import get_adapter, supported_model_types
-from .layer_replacement import FOLDING_REPAIRS, removed_layer_targets, removed_runs
-from .layerwise import prune_layer_by_layer
-from .model_card import CardFacts, write_model_card
+from .output.card import CardFacts, write_model_card
+from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
 from .plan import PruningPlan
-from .reconstruction import reconstruct
+from .repair.least_squares import reconstruct
+from .repair.removed_layers import FOLDING_REPAIRS, removed_layer_targets, removed_runs
 from .report import PruningReport
-from .statistics import CalibrationStatistics, collect_statistics
 from .surgery import apply_plan
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,11 @@ def load_preprocessor(name_or_path: str | os.PathLike, shared: dict) -> tuple:
         return AutoTokenizer.from_pretrained(name_or_path, **shared), None
     except (OSError, ValueError, KeyError):
         found = cached_file(
-            name_or_path, PROCESSOR_CONFIG, _raise_exceptions_for_missing_entries=False,
-            _raise_exceptions_for_connection_errors=False, **_file_kwargs(shared),
+            name_or_path,
+            PROCESSOR_CONFIG,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **_file_kwargs(shared),
         )
         if found is not None:
             return None, transformers.AutoImageProcessor.from_pretrained(name_or_path, **shared)
@@ -154,11 +157,11 @@ class HFPruner:
         The architecture is checked from the config first, so an unsupported model fails before
         its weights are read. `gguf_file=...` works: the weights are dequantized to float.
         `low_memory=True` reads no weights yet and prunes layer by layer from the safetensors
-        shards of a local folder (`hf_prune.low_memory.LowMemoryPruner`; it also takes
+        shards of a local folder (`hf_prune.engine.low_memory.LowMemoryPruner`; it also takes
         `device=` and `dtype=`).
         """
         if low_memory:
-            from .low_memory import LowMemoryPruner  # it subclasses HFPruner
+            from .engine.low_memory import LowMemoryPruner  # it subclasses HFPruner
 
             return LowMemoryPruner.from_checkpoint(name_or_path, **from_pretrained_kwargs)
         shared = {key: from_pretrained_kwargs[key] for key in _SHARED_KWARGS if key in from_pretrained_kwargs}
@@ -184,7 +187,7 @@ class HFPruner:
         Targets are validated before any calibration runs, the output format is decided on a
         shape-only copy, and the weights and then the statistics are checked for NaN and Inf
         (`NonFiniteError`) before any score or solve, so a refused prune leaves the model untouched.
-        `statistics` reuses one calibration pass (`hf_prune.statistics.collect_statistics` on this
+        `statistics` reuses one calibration pass (`hf_prune.calibration.statistics.collect_statistics` on this
         same dense model) across several prunes, as the benchmarks do.
         """
         config, targets, criteria = self.validated(config, kwargs)
@@ -260,7 +263,8 @@ class HFPruner:
             )
         if config.allocation != "uniform":
             raise InvalidPruningTargetError(
-                f"propagate={config.propagate!r} plans one layer at a time, so allocation={config.allocation!r} (which "
+                f"propagate={config.propagate!r} plans one layer at a time, so allocation={config.allocation!r} "
+                "(which "
                 "ranks every layer's groups together) cannot follow it; use allocation='uniform' or "
                 "propagate='unpruned'."
             )
@@ -295,7 +299,9 @@ class HFPruner:
                 extra.save_pretrained(folder)
         write_model_card(folder, self, model_id=model_id)
 
-    def validated(self, config: PruningConfig | None, kwargs: dict) -> tuple[PruningConfig, Targets, dict[str, Criterion]]:
+    def validated(
+        self, config: PruningConfig | None, kwargs: dict
+    ) -> tuple[PruningConfig, Targets, dict[str, Criterion]]:
         """The config, its per-kind counts and criteria, checked against the model's shapes before any work."""
         if config is not None and kwargs:
             raise TypeError("pass either a PruningConfig or keyword arguments, not both")
@@ -323,7 +329,13 @@ class HFPruner:
             raise RuntimeError(f"surgery left {after:,} parameters, the plan predicts {expected_after:,}")
         self.plan = plan
         self.report = PruningReport.build(
-            self.model.config.model_type, plan, before, after, decision.name, decision.reason, config.to_dict(),
+            self.model.config.model_type,
+            plan,
+            before,
+            after,
+            decision.name,
+            decision.reason,
+            config.to_dict(),
             calibration,
         )
         return self.report
@@ -364,13 +376,17 @@ class HFPruner:
         return folder
 
     def push_to_hub(
-        self, repo_id: str, private: bool = False, token: str | None = None, commit_message: str | None = None,
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str | None = None,
         api: HfApi | None = None,
     ) -> str | None:
         """Upload the folder `save_pretrained` wrote, in one commit (saved to a temporary folder
-        first when this prune was never saved); see `hf_prune.hub.push_folder`. Under torchrun only
+        first when this prune was never saved); see `hf_prune.output.hub.push_folder`. Under torchrun only
         the main process uploads and returns the commit URL; the others return `None`."""
-        from .hub import push_pruner
+        from .output.hub import push_pruner
 
         if not is_main_process():
             return None

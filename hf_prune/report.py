@@ -64,7 +64,14 @@ class PruningReport:
 
     @classmethod
     def build(
-        cls, model_type: str, plan: PruningPlan, before: int, after: int, fmt: str, reason: str, config: dict,
+        cls,
+        model_type: str,
+        plan: PruningPlan,
+        before: int,
+        after: int,
+        fmt: str,
+        reason: str,
+        config: dict,
         calibration: dict | None = None,
     ):
         layers = tuple(LayerReport.from_plan(p) for p in plan.layers)

@@ -24,10 +24,14 @@ def slice_tensors(root: nn.Module, pieces: list[TensorSlice]) -> None:
     removed: dict[tuple[str, int], set[int]] = defaultdict(set)
     for piece in pieces:
         removed[(piece.parameter, piece.dim)].update(range(piece.start, piece.stop))
-    for (name, dim), indices in list(removed.items()):
+    for (name, _dim), indices in list(removed.items()):
         module_name, _, attribute = name.rpartition(".")
         module = root.get_submodule(module_name)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and attribute == "weight" and module.track_running_stats:
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and attribute == "weight"
+            and module.track_running_stats
+        ):
             # Running statistics are buffers, not group slices (adapters): they follow the weight's channels.
             for buffer in ("running_mean", "running_var"):
                 removed[(f"{module_name}.{buffer}", 0)].update(indices)

@@ -37,10 +37,10 @@ from results_file import LANGUAGE_MODELS, PACKAGES, language_model, open_results
 from transformers import Trainer, TrainingArguments
 
 from hf_prune import HFPruner, PruningCallback, PruningConfig
+from hf_prune.calibration.data import data_file, wikitext2_test_text
 from hf_prune.criteria import available_criteria
-from hf_prune.data import data_file, wikitext2_test_text
 from hf_prune.evaluation import parameter_count, perplexity
-from hf_prune.recovery import lora_for_recovery
+from hf_prune.training.recovery import lora_for_recovery
 
 ROWS = ("dense", "zero-shot", "oneshot-full", "oneshot-lora", "gradual")
 TARGET = {"mlp_neurons": 0.5}

@@ -27,7 +27,7 @@ from results_file import open_results
 from transformers import AutoTokenizer
 
 from hf_prune import HFPruner
-from hf_prune.calibration import token_windows
+from hf_prune.calibration.sources import token_windows
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
 
 GOAL = 0.35

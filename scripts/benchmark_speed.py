@@ -45,7 +45,7 @@ from results_file import LANGUAGE_MODELS, language_model, open_results
 
 import hf_prune.pruner as pruner_module
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.calibration import token_windows
+from hf_prune.calibration.sources import token_windows
 from hf_prune.evaluation import flops_per_token, latency_ms, parameter_count
 
 #: Prunes that are timed: the default configuration, and one where every default criterion takes part.
@@ -85,7 +85,7 @@ def peak_rss_mb() -> float:
 @contextlib.contextmanager
 def stage_timer() -> Iterator[dict[str, float]]:
     """Wrap the functions `prune` calls so that each stage's seconds add up in the yielded dict."""
-    seconds = {stage: 0.0 for stage in STAGES}
+    seconds = dict.fromkeys(STAGES, 0.0)
 
     def timed(stage: str, function: Callable) -> Callable:
         def wrapper(*args, **kwargs):

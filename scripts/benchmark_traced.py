@@ -37,9 +37,7 @@ from tqdm import tqdm
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.evaluation import parameter_count
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "tests")
-)  # the reference architecture
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference architecture
 from cifar_resnet import CHECKPOINTS, MEAN, STD, load_cifar_resnet
 
 CLASSES = (
@@ -55,9 +53,7 @@ CLASSES = (
     "truck",
 )
 CRITERIA = ("magnitude", "activation", "random")
-JPEG_CAVEAT = (
-    "CIFAR-10 JPEG (quality 75) test split: lower than the original images' accuracy"
-)
+JPEG_CAVEAT = "CIFAR-10 JPEG (quality 75) test split: lower than the original images' accuracy"
 
 
 def extracted_cifar10(cache: Path) -> Path:
@@ -65,11 +61,7 @@ def extracted_cifar10(cache: Path) -> Path:
     folder = cache / "cifar10-jpg"
     if (folder / "test" / "truck").is_dir() and (folder / "train" / "truck").is_dir():
         return folder
-    data_dir = Path(
-        os.environ.get(
-            "HF_PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"
-        )
-    )
+    data_dir = Path(os.environ.get("HF_PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     staging = cache / "cifar10-jpg.partial"
     staging.mkdir(parents=True, exist_ok=True)
     with tarfile.open(data_dir / "cifar10" / "cifar10-jpg.tar.gz") as archive:
@@ -89,23 +81,14 @@ def load_images(
             files = random.Random(seed + label).sample(files, per_class)
         paths += files
         labels += [label] * len(files)
-    pixels = np.stack(
-        [
-            np.asarray(Image.open(p).convert("RGB"))
-            for p in tqdm(paths, desc=f"reading {split}")
-        ]
-    )
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in tqdm(paths, desc=f"reading {split}")])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
-    images = (images - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(
-        3, 1, 1
-    )
+    images = (images - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
     return images, torch.tensor(labels)
 
 
 @torch.no_grad()
-def accuracy(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500
-) -> float:
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 500) -> float:
     model.eval()
     correct = sum(
         (model(images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum().item()
@@ -115,9 +98,7 @@ def accuracy(
 
 
 @torch.no_grad()
-def recalibrate_batch_norm(
-    model: nn.Module, images: torch.Tensor, batch: int = 100
-) -> None:
+def recalibrate_batch_norm(model: nn.Module, images: torch.Tensor, batch: int = 100) -> None:
     """Re-estimate every BatchNorm's running mean and variance on `images` (a cumulative average)."""
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -134,19 +115,11 @@ def peak_memory_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--output", type=Path, default=Path("outputs/benchmark_traced.json")
-    )
-    parser.add_argument(
-        "--cache", type=Path, default=Path.home() / ".cache" / "hf_prune"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("outputs/benchmark_traced.json"))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "hf_prune")
     parser.add_argument("--channels", type=float, default=0.3)
-    parser.add_argument(
-        "--calibration-per-class", type=int, default=100, help="train images per class"
-    )
+    parser.add_argument("--calibration-per-class", type=int, default=100, help="train images per class")
     parser.add_argument(
         "--test-limit",
         type=int,
@@ -161,9 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     folder = extracted_cifar10(args.cache)
     test_images, test_labels = load_images(folder, "test")
     if args.test_limit:
-        order = torch.randperm(
-            len(test_images), generator=torch.Generator().manual_seed(0)
-        )[: args.test_limit]
+        order = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[: args.test_limit]
         test_images, test_labels = test_images[order], test_labels[order]
     calibration, _ = load_images(folder, "train", per_class=args.calibration_per_class)
     protocol = {
@@ -206,9 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             if all(n in results or args.rows not in n for n in names):
                 continue
             start = time.perf_counter()
-            pruner = HFPruner.from_model(
-                copy.deepcopy(dense), example_inputs=test_images[:1]
-            )
+            pruner = HFPruner.from_model(copy.deepcopy(dense), example_inputs=test_images[:1])
             report = pruner.prune(
                 PruningConfig(
                     channels=args.channels,
@@ -219,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
             prune_seconds = time.perf_counter() - start
             common = {
                 "parameters": report.parameters_after,
-                "parameters_removed": 1
-                - report.parameters_after / report.parameters_before,
+                "parameters_removed": 1 - report.parameters_after / report.parameters_before,
                 "channels_removed": 1 - report.channels_after / report.channels_before,
                 "prune_seconds": prune_seconds,
                 "cut_vs_masked": report.max_abs_difference,

@@ -12,7 +12,7 @@ into per-kind amounts with the uniform allocation (vanilla-loadable): ViT remove
 heads (whole heads, rounded) and fills the rest with MLP neurons; ResNet removes a fraction of
 every block's inner channels. The achieved fraction is reported beside the target. Gradient
 criteria (`taylor`, `fisher`) differentiate the cross-entropy against the dense model's own
-predictions (`hf_prune.calibration_loss`); `synflow` needs no data.
+predictions (`hf_prune.calibration.loss`); `synflow` needs no data.
 
 On ResNet a second family of rows, `stage channels` (ids `resnet/stage/...`), removes the same
 fraction of every stage's stream channels (tied across blocks by the residual additions) and of
@@ -56,12 +56,12 @@ from train_reference_vision import augment, normalise
 
 from hf_prune import HFPruner, PruningCallback, PruningConfig
 from hf_prune.allocation import plan_for
+from hf_prune.calibration.images import JPEG_CAVEAT, calibration_pixels, cifar10, pixel_values
+from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.criteria.random import RandomCriterion
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.evaluation import image_flops, latency_ms, parameter_count, top1_of_pixels
 from hf_prune.groups import get_adapter
-from hf_prune.images import JPEG_CAVEAT, calibration_pixels, cifar10, pixel_values
-from hf_prune.statistics import collect_statistics
 
 MODELS = {
     "vit": "reference_models/cifar10-vit",

@@ -27,11 +27,11 @@ import torch
 from results_file import LANGUAGE_MODELS, language_model, open_results, package_versions
 
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.calibration import token_windows
+from hf_prune.calibration.data import data_file, wikitext2_test_text
+from hf_prune.calibration.sources import token_windows
+from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.criteria import get_criterion
-from hf_prune.data import data_file, wikitext2_test_text
 from hf_prune.evaluation import parameter_count, perplexity
-from hf_prune.statistics import collect_statistics
 
 BUDGETS = {
     "mlp25": {"mlp_neurons": 0.25},
@@ -72,7 +72,12 @@ def rows() -> dict[str, dict]:
     for criterion in ("obs", "activation", "flow"):
         for allocation in ALLOCATIONS:
             for budget in ("sparsity20", "mlp50") if allocation != "uniform" else ("sparsity20",):
-                settings = {**BUDGETS[budget], "criterion": criterion, "reconstruct": "lstsq", "allocation": allocation}
+                settings = {
+                    **BUDGETS[budget],
+                    "criterion": criterion,
+                    "reconstruct": "lstsq",
+                    "allocation": allocation,
+                }
                 table[f"{budget}/{criterion}+lstsq/{allocation}"] = settings
     for repair, criteria in REPAIR_CRITERIA.items():
         for criterion in criteria:
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"evaluate the first N {SEQ_LEN}-token windows only (valid: the last N); default: the whole split",
     )
     parser.add_argument("--num-samples", type=int, default=PruningConfig.num_samples, help="calibration windows")
-    parser.add_argument("--damping", type=float, default=PruningConfig.damping, help="PruningConfig.damping, every row")
+    parser.add_argument(
+        "--damping", type=float, default=PruningConfig.damping, help="PruningConfig.damping, every row"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

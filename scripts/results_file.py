@@ -201,7 +201,13 @@ def language_model(name: str, seed: int = 0) -> HFPruner:
     tokenizer = smollm2_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
     )
     return HFPruner(LlamaForCausalLM(config).eval(), tokenizer=tokenizer)

@@ -20,9 +20,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from hf_prune.calibration_loss import calibration_loss
+from hf_prune.calibration.loss import calibration_loss
 
-#: Torch-Pruning's GQA head pruning did not finish in 60 s even on the 4-layer tiny Llama; a row that exceeds this fails.
+#: Torch-Pruning's GQA head pruning did not finish in 60 s even on the 4-layer tiny Llama; a row that exceeds
+#: this fails.
 TIME_LIMIT_SECONDS = 180
 #: Taylor importance: calibration windows in the backward pass (one accumulated backward over
 #: 128 × 512 tokens costs minutes on the shared 2-core machine; hf_prune's `taylor` uses all 128).
@@ -132,7 +133,7 @@ def prune_image_classifier(
     as Torch-Pruning's dependency graph couples them); ViT loses MLP neurons only, so budgets above
     the MLP's share of the parameters are unreachable (ValueError). Torch-Pruning's `pruning_ratio`
     counts channels, not parameters: it is bisected until the parameter fraction matches. Taylor
-    importance differentiates `hf_prune.calibration_loss` (cross-entropy against the model's own
+    importance differentiates `hf_prune.calibration.loss` (cross-entropy against the model's own
     predictions) on the calibration images.
     """
     total = sum(p.numel() for p in model.parameters())

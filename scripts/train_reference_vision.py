@@ -2,7 +2,7 @@
 
 No pretrained Hugging Face vision checkpoint is reachable here, so the vision benchmark prunes
 these. Data: the local quality-75 JPEG copy of CIFAR-10 (train split for training, test split for
-the accuracy printed per epoch), decoded once into a uint8 tensor cache (`hf_prune.images`).
+the accuracy printed per epoch), decoded once into a uint8 tensor cache (`hf_prune.calibration.images`).
 Augmentation: random 32×32 crop of the 4-pixel zero-padded image and horizontal flip.
 
 The ResNet's stem (7×7 stride-2 convolution and max-pool, fixed in transformers) would shrink a
@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_prune.calibration.images import JPEG_CAVEAT, cifar10
 from hf_prune.evaluation import top1_accuracy
-from hf_prune.images import JPEG_CAVEAT, cifar10
 
 #: CIFAR-10 channel statistics (on [0, 1] pixels).
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -92,9 +92,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     padded = nn.functional.pad(images, (4, 4, 4, 4))
     dx = torch.randint(0, 9, (n,), generator=generator)
     dy = torch.randint(0, 9, (n,), generator=generator)
-    cropped = torch.stack(
-        [padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32] for i in range(n)]
-    )
+    cropped = torch.stack([padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32] for i in range(n)])
     flip = torch.rand(n, generator=generator) < 0.5
     cropped[flip] = cropped[flip].flip(3)
     return cropped
@@ -104,9 +102,7 @@ def normalise(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 → the processor's pixel values (rescale, bilinear upsampling where asked, normalise)."""
     pixels = images.float() / 255
     if size != pixels.shape[-1]:
-        pixels = nn.functional.interpolate(
-            pixels, size=(size, size), mode="bilinear", align_corners=False
-        )
+        pixels = nn.functional.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
@@ -124,15 +120,9 @@ def save_state(folder: Path, model, optimizer, epoch: int, history: list[dict]) 
             if key in state:
                 moments[f"{index}.{key}"] = state[key].contiguous()
     save_file(moments, str(staging / "optimizer.safetensors"))
-    steps = [
-        float(optimizer.state[p]["step"])
-        for p in optimizer.param_groups[0]["params"]
-        if p in optimizer.state
-    ]
+    steps = [float(optimizer.state[p]["step"]) for p in optimizer.param_groups[0]["params"] if p in optimizer.state]
     (staging / "progress.json").write_text(
-        json.dumps(
-            {"epoch": epoch, "step": steps[0] if steps else 0, "history": history}
-        )
+        json.dumps({"epoch": epoch, "step": steps[0] if steps else 0, "history": history})
     )
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
@@ -154,9 +144,7 @@ def load_state(folder: Path, spec: dict, optimizer_factory):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -189,9 +177,7 @@ def main() -> None:
     processor = processor_for(spec["size"])
 
     def optimizer_factory(model):
-        return torch.optim.AdamW(
-            model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"]
-        )
+        return torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
 
     last = work / "last"
     if (last / "progress.json").is_file():
@@ -209,20 +195,12 @@ def main() -> None:
     def learning_rate(step: int) -> float:
         if step < warmup:
             return spec["lr"] * (step + 1) / warmup
-        return (
-            spec["lr"]
-            * 0.5
-            * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-        )
+        return spec["lr"] * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
-    print(
-        f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {JPEG_CAVEAT}"
-    )
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {JPEG_CAVEAT}")
     print(f"{'epoch':>5} {'train loss':>10} {'test top-1':>10} {'seconds':>8}")
     for row in history:
-        print(
-            f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['test_top1']:>10.4f} {row['seconds']:>8.0f}"
-        )
+        print(f"{row['epoch']:>5} {row['train_loss']:>10.4f} {row['test_top1']:>10.4f} {row['seconds']:>8.0f}")
     for epoch in range(done + 1, min(args.epochs, args.stop_after or args.epochs) + 1):
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)

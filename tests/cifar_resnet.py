@@ -20,11 +20,7 @@ STD = (0.229, 0.224, 0.225)
 
 
 def models_dir() -> Path:
-    data = Path(
-        os.environ.get(
-            "HF_PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"
-        )
-    )
+    data = Path(os.environ.get("HF_PRUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
     return data.parent / "models" / "cifar10-resnet"
 
 
@@ -46,9 +42,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = (
-            PadShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
-        )
+        self.shortcut = PadShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -64,9 +58,7 @@ class CifarResNet(nn.Module):
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
             blocks = []
             for index in range(blocks_per_stage):
-                blocks.append(
-                    BasicBlock(in_planes, planes, stride if index == 0 else 1)
-                )
+                blocks.append(BasicBlock(in_planes, planes, stride if index == 0 else 1))
                 in_planes = planes
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
@@ -81,17 +73,10 @@ class CifarResNet(nn.Module):
 
 def load_cifar_resnet(name: str) -> CifarResNet:
     """The trained network (its checkpoint: a state dict prefixed `module.`, saved from CUDA)."""
-    checkpoint = torch.load(
-        models_dir() / CHECKPOINTS[name], map_location="cpu", weights_only=True
-    )
+    checkpoint = torch.load(models_dir() / CHECKPOINTS[name], map_location="cpu", weights_only=True)
     model = CifarResNet(DEPTHS[name])
-    state = {
-        key.removeprefix("module."): value
-        for key, value in checkpoint["state_dict"].items()
-    }
+    state = {key.removeprefix("module."): value for key, value in checkpoint["state_dict"].items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not key.endswith("num_batches_tracked") for key in missing):
-        raise RuntimeError(
-            f"checkpoint mismatch: missing {missing}, unexpected {unexpected}"
-        )
+        raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
     return model.eval()

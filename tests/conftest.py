@@ -5,10 +5,10 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_models import FAMILIES
 
 from hf_prune.errors import UsageError
 from hf_prune.pypi_checkpoints import find_pypi_checkpoint
-from tiny_models import FAMILIES
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "HF_PRUNE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():

@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_models import FAMILIES
 from transformers import Trainer, TrainingArguments
 
 from hf_prune import PruningConfig
-from hf_prune.callback import PruningCallback
-from hf_prune.schedule import PruningSchedule
-from tiny_models import FAMILIES
+from hf_prune.training.callback import PruningCallback
+from hf_prune.training.schedule import PruningSchedule
 
 torch.set_num_threads(1)
 output = Path(sys.argv[1])
@@ -23,9 +23,17 @@ pruning = PruningCallback(
     compact_at_end=False,
 )
 args = TrainingArguments(
-    output_dir=str(output), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-    learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-    disable_tqdm=True, seed=0,
+    output_dir=str(output),
+    max_steps=4,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    learning_rate=1e-2,
+    report_to=[],
+    use_cpu=True,
+    save_strategy="no",
+    logging_strategy="no",
+    disable_tqdm=True,
+    seed=0,
 )
 trainer = Trainer(model=FAMILIES["llama"].build(), args=args, train_dataset=rows, callbacks=[pruning])
 trainer.train()

@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, calibration_windows
 
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.distributed import process_state
+from hf_prune.calibration.distributed import process_state
 
 torch.set_num_threads(1)
 output = Path(sys.argv[1])

@@ -33,7 +33,10 @@ def main(mode: str, root: Path) -> None:
         inputs = {k: expected[k] for k in ("input_ids", "pixel_values") if k in expected}
         with torch.no_grad():
             logits = model.eval()(**inputs).logits
-        results[case.name] = {"class": type(model).__name__, "max_abs_diff": (logits - expected["logits"]).abs().max().item()}
+        results[case.name] = {
+            "class": type(model).__name__,
+            "max_abs_diff": (logits - expected["logits"]).abs().max().item(),
+        }
     remote_used = any(name.startswith("transformers_modules") for name in sys.modules)
     assert remote_used == (mode == "remote"), f"remote code used: {remote_used} in mode {mode}"
     print(json.dumps(results))

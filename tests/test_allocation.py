@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import FAMILIES, STRUCTURAL
 
 from hf_prune import HFPruner, PruningConfig, load_pruned
 from hf_prune.allocation import resolve_targets
@@ -13,7 +14,6 @@ from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.evaluation import flops_per_token, parameter_count
 from hf_prune.groups import get_adapter
 from hf_prune.masking import apply_masks
-from tiny_models import FAMILIES, STRUCTURAL
 
 
 def prune(family: str, **settings) -> tuple[HFPruner, torch.nn.Module]:
@@ -51,7 +51,9 @@ def test_non_uniform_allocations_spend_the_uniform_budget_and_cut_exactly(family
     pruner, _ = prune(family, sparsity=0.3, allocation=allocation)
     budget = parameter_count(dense) - parameter_count(uniform.model)
     removed = parameter_count(dense) - parameter_count(pruner.model)
-    largest_unit = max(c.kv_group for c in resolve_targets(dense, pruner.adapter, PruningConfig(sparsity=0.3)).budget.costs.values())
+    largest_unit = max(
+        c.kv_group for c in resolve_targets(dense, pruner.adapter, PruningConfig(sparsity=0.3)).budget.costs.values()
+    )
     assert abs(removed - budget) <= largest_unit
     assert len(set(widths(pruner))) > 1  # redistributed over layers
 
@@ -113,7 +115,10 @@ def test_protected_layers_keep_everything_and_negative_indices_count_from_the_en
     last = dense.config.num_hidden_layers - 1
     first, final = pruner.plan.layers[0], pruner.plan.layers[last]
     assert first.keep_layer and final.keep_layer
-    assert len(first.neurons) == dense.config.intermediate_size and len(final.query_heads) == dense.config.num_attention_heads
+    assert (
+        len(first.neurons) == dense.config.intermediate_size
+        and len(final.query_heads) == dense.config.num_attention_heads
+    )
     assert not all(p.keep_layer for p in pruner.plan.layers[1:last])
     assert pruner.report.output_format == "loader"
 
@@ -144,8 +149,14 @@ def test_parameter_and_flop_targets_are_met_within_one_unit():
         ({"sparsity": 1.5}, r"sparsity=1.5 is a fraction of the prunable parameters"),
         ({"target_params": 10**9}, r"target_params=1,000,000,000 is not below the model's present"),
         ({"sparsity": 0.99}, r"sparsity=0.99 asks to remove .* allows only"),
-        ({"kv_groups": 1, "attention_heads": 1, "allocation": "adaptive"}, r"set kv_groups or attention_heads, not both"),
-        ({"mlp_neurons": 0.5, "protected_layers": (7,)}, r"protected_layers=\(7,\): layer 7 does not exist; the model has 4"),
+        (
+            {"kv_groups": 1, "attention_heads": 1, "allocation": "adaptive"},
+            r"set kv_groups or attention_heads, not both",
+        ),
+        (
+            {"mlp_neurons": 0.5, "protected_layers": (7,)},
+            r"protected_layers=\(7,\): layer 7 does not exist; the model has 4",
+        ),
         ({"layers": 3, "protected_layers": (0, 1)}, r"layers=3 removes 3, but only 2 are outside protected_layers"),
         ({"mlp_neurons": 0.1, "round_to": 64}, r"round_to=64 keeps all 48 neurons"),
         ({"mlp_neurons": 0.5, "round_to": 0}, r"round_to=0 must be a positive int"),

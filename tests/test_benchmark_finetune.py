@@ -11,7 +11,7 @@ import torch
 from script_modules import script_module
 
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.data import DATA_DIR_VARIABLE
+from hf_prune.calibration.data import DATA_DIR_VARIABLE
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +27,26 @@ def test_tiny_benchmark_runs_every_row_and_resumes(smollm2, tmp_path, capsys, mo
         pytest.skip(f"needs WikiText-2 under ${DATA_DIR_VARIABLE}")
     benchmark = script_module("benchmark_finetune")
     output = tmp_path / "results.json"
-    argv = ["--model", "tiny", "--steps", "4", "--windows-per-step", "2", "--seq-len", "64", "--windows", "2",
-            "--seeds", "0", "--zero-shot-criteria", "magnitude,random", "--damping", "0.03", "--output", str(output)]
+    argv = [
+        "--model",
+        "tiny",
+        "--steps",
+        "4",
+        "--windows-per-step",
+        "2",
+        "--seq-len",
+        "64",
+        "--windows",
+        "2",
+        "--seeds",
+        "0",
+        "--zero-shot-criteria",
+        "magnitude,random",
+        "--damping",
+        "0.03",
+        "--output",
+        str(output),
+    ]
 
     dampings = []  # of every prune and of the gradual row's callback
     prune = HFPruner.prune

@@ -57,8 +57,22 @@ def test_main_resumes_repeats_and_refuses_other_settings(
     speed_script, one_thread, smollm2, tmp_path, capsys, monkeypatch
 ):
     output = tmp_path / "speed.json"
-    argv = ["--model", "tiny", "--part", "prune", "--configs", "default", "--num-samples", "4", "--seq-len", "32",
-            "--threads", "1", "--output", str(output)]
+    argv = [
+        "--model",
+        "tiny",
+        "--part",
+        "prune",
+        "--configs",
+        "default",
+        "--num-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--threads",
+        "1",
+        "--output",
+        str(output),
+    ]
     calls = []
     prune_row = speed_script.prune_row
 

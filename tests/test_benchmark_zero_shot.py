@@ -10,7 +10,7 @@ import pytest
 from script_modules import script_module
 
 from hf_prune import HFPruner
-from hf_prune.data import DATA_DIR_VARIABLE, data_file, wikitext2_test_text
+from hf_prune.calibration.data import DATA_DIR_VARIABLE, data_file, wikitext2_test_text
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +40,22 @@ def test_evaluation_windows(zero_shot):
 
 def test_tiny_rows_resume_and_other_settings_are_refused(zero_shot, tmp_path, capsys, monkeypatch, one_thread):
     output = tmp_path / "zero_shot.json"
-    argv = ["--model", "tiny", "--rows", "mlp25/magnitude,mlp25/obs+lstsq", "--windows", "2", "--num-samples", "4",
-            "--damping", "0.02", "--threads", "1", "--output", str(output)]
+    argv = [
+        "--model",
+        "tiny",
+        "--rows",
+        "mlp25/magnitude,mlp25/obs+lstsq",
+        "--windows",
+        "2",
+        "--num-samples",
+        "4",
+        "--damping",
+        "0.02",
+        "--threads",
+        "1",
+        "--output",
+        str(output),
+    ]
     dampings = []
     prune = HFPruner.prune
 

@@ -8,9 +8,9 @@ from tiny_models import FAMILIES, calibration_windows
 from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.block_refinement import refine_toward_dense, stream_error
+from hf_prune.calibration.layer_inputs import capture_layer_inputs
 from hf_prune.errors import InvalidPruningTargetError
-from hf_prune.layer_inputs import capture_layer_inputs
+from hf_prune.repair.block_refinement import refine_toward_dense, stream_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"mlp_neurons": 0.5, "num_samples": 32, "seq_len": 16, "batch_size": 4, "criterion": "obs"}

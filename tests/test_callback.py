@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_models import FAMILIES
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_prune import PruningConfig, load_pruned
-from hf_prune.callback import STATE_FOLDER, PruningCallback
+from hf_prune.allocation import plan_for
 from hf_prune.criteria.random import RandomCriterion
 from hf_prune.errors import CallbackStateError, InvalidPruningTargetError, InvalidScheduleError
-from hf_prune.allocation import plan_for
-from hf_prune.gradual import final_counts, is_removed
 from hf_prune.groups import get_adapter
 from hf_prune.masking import masked_slices
-from hf_prune.schedule import PruningSchedule
-from tiny_models import FAMILIES
+from hf_prune.training.callback import STATE_FOLDER, PruningCallback
+from hf_prune.training.gradual import final_counts, is_removed
+from hf_prune.training.schedule import PruningSchedule
 
 TARGETS = {
     "llama": dict(kv_groups=1, attention_heads=0.5, mlp_neurons=0.5, mlp_branches=1, layers=1),
@@ -87,10 +87,14 @@ class AfterEachStep(TrainerCallback):
             layer_plan = pruning.plan.layers[index]
             if layer_plan.keep_layer:
                 for piece in masked_slices(adapter, layer, layer_plan):
-                    view = effective_weight(layer, piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start)
+                    view = effective_weight(layer, piece.parameter).narrow(
+                        piece.dim, piece.start, piece.stop - piece.start
+                    )
                     assert torch.count_nonzero(view) == 0, (state.global_step, index, piece)
             for kind in ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"):
-                removed |= {(kind, index, g.index) for g in adapter.groups(layer, index, kind) if is_removed(pruning.plan, g)}
+                removed |= {
+                    (kind, index, g.index) for g in adapter.groups(layer, index, kind) if is_removed(pruning.plan, g)
+                }
         self.removed.append(removed)
         self.counts.append(final_counts(pruning.plan))
 
@@ -138,7 +142,14 @@ def test_masks_are_exact_after_every_step_only_grow_and_meet_the_targets(tmp_pat
         assert earlier <= later  # once masked, always masked
     dense = FAMILIES["llama"].build()
     target = final_counts(plan_for(dense, get_adapter(dense.config), config, RandomCriterion()))
-    assert target == {"kv_groups": 1, "attention_heads": 1, "mlp_neurons": 24, "mlp_branches": 1, "layers": 1, "attention_branches": 0}
+    assert target == {
+        "kv_groups": 1,
+        "attention_heads": 1,
+        "mlp_neurons": 24,
+        "mlp_branches": 1,
+        "layers": 1,
+        "attention_branches": 0,
+    }
     resolved = SCHEDULE.resolved(6)
     for step, counts in enumerate(after.counts, start=1):
         fraction = resolved.fraction(step)
@@ -184,11 +195,20 @@ def test_load_best_model_at_end_cuts_the_best_checkpoint_with_its_own_masks(tmp_
     pruning = PruningCallback(PruningConfig(mlp_neurons=0.5), SCHEDULE)
     before = MaskedLogitsAtEnd(FAMILIES["llama"].inputs())
     args = arguments(
-        tmp_path, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-        load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,  # the worst: early
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # the worst: early
     )
     trainer = Trainer(
-        model=FAMILIES["llama"].build(), args=args, train_dataset=dataset(), eval_dataset=dataset(4),
+        model=FAMILIES["llama"].build(),
+        args=args,
+        train_dataset=dataset(),
+        eval_dataset=dataset(4),
         callbacks=[before, pruning],
     )
     trainer.train()
@@ -200,7 +220,9 @@ def test_load_best_model_at_end_cuts_the_best_checkpoint_with_its_own_masks(tmp_
 def test_resume_reproduces_masks_scores_and_weights_bit_for_bit(tmp_path):
     def run(output_dir, resume=None):
         pruning = PruningCallback(PruningConfig(**TARGETS["llama"]), SCHEDULE, compact_at_end=False)
-        trainer, _, _ = train(output_dir, FAMILIES["llama"].build(), pruning, resume, save_strategy="steps", save_steps=3)
+        trainer, _, _ = train(
+            output_dir, FAMILIES["llama"].build(), pruning, resume, save_strategy="steps", save_steps=3
+        )
         return pruning, trainer.model
 
     whole, whole_model = run(tmp_path / "whole")
@@ -271,8 +293,18 @@ def test_gradient_accumulation_scores_the_optimizer_step(tmp_path):
 @pytest.mark.parametrize(
     "schedule, score, error, message",
     [
-        (PruningSchedule("oneshot", start_step=0), "taylor", InvalidScheduleError, r"at step 0, before any training batch"),
-        (PruningSchedule(end_step=9), "taylor", InvalidScheduleError, r"end_step=9 is after the run's last optimizer step \(6\)"),
+        (
+            PruningSchedule("oneshot", start_step=0),
+            "taylor",
+            InvalidScheduleError,
+            r"at step 0, before any training batch",
+        ),
+        (
+            PruningSchedule(end_step=9),
+            "taylor",
+            InvalidScheduleError,
+            r"end_step=9 is after the run's last optimizer step \(6\)",
+        ),
     ],
 )
 def test_impossible_schedules_fail_at_train_start(tmp_path, schedule, score, error, message):
@@ -283,7 +315,9 @@ def test_impossible_schedules_fail_at_train_start(tmp_path, schedule, score, err
 
 def test_oneshot_at_step_zero_with_a_weight_criterion_prunes_before_training(tmp_path):
     pruning = PruningCallback(
-        PruningConfig(mlp_neurons=0.5, criterion="magnitude"), PruningSchedule("oneshot", start_step=0), score="criterion"
+        PruningConfig(mlp_neurons=0.5, criterion="magnitude"),
+        PruningSchedule("oneshot", start_step=0),
+        score="criterion",
     )
     _, _, after = train(tmp_path, FAMILIES["llama"].build(), pruning, max_steps=2)
     assert after.counts[0]["mlp_neurons"] == 24
@@ -292,7 +326,9 @@ def test_oneshot_at_step_zero_with_a_weight_criterion_prunes_before_training(tmp
 def test_bad_callback_arguments_are_refused():
     with pytest.raises(InvalidPruningTargetError, match="nothing to remove"):
         PruningCallback(PruningConfig())
-    with pytest.raises(Exception, match=r"score='fisher' is unknown; choose one of taylor, movement, activation, criterion"):
+    with pytest.raises(
+        Exception, match=r"score='fisher' is unknown; choose one of taylor, movement, activation, criterion"
+    ):
         PruningCallback(PruningConfig(mlp_neurons=0.5), score="fisher")
 
 

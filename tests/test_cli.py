@@ -11,9 +11,27 @@ from hf_prune.cli import main
 
 
 def test_prune_prints_the_summary_and_writes_the_folder(tiny_llama, tmp_path, capsys):
-    code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "out"), "--kv-groups", "1",
-                 "--criterion", "magnitude", "--reconstruct", "none",
-                 "--mlp-neurons", "0.25", "--layers", "1", "--report-json", str(tmp_path / "report.json")])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama),
+            "--output",
+            str(tmp_path / "out"),
+            "--kv-groups",
+            "1",
+            "--criterion",
+            "magnitude",
+            "--reconstruct",
+            "none",
+            "--mlp-neurons",
+            "0.25",
+            "--layers",
+            "1",
+            "--report-json",
+            str(tmp_path / "report.json"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "heads 6→4 (3→2 KV), neurons 48→36" in printed and "layer removed" in printed
@@ -44,14 +62,17 @@ def test_existing_output_exits_2_before_loading(tiny_llama, tmp_path, capsys):
 
 
 def test_missing_model_exits_1(tmp_path, capsys):
-    assert main(["prune", "--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"), "--layers", "1"]) == 1
+    assert (
+        main(["prune", "--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"), "--layers", "1"]) == 1
+    )
     assert "failed" in capsys.readouterr().err
 
 
 def test_malformed_amount_is_an_argparse_error_exit_2(tmp_path):
     process = subprocess.run(
         [sys.executable, "-m", "hf_prune.cli", "prune", "--model", "x", "--output", "y", "--layers", "many"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert process.returncode == 2 and "neither a fraction" in process.stderr
 
@@ -62,9 +83,29 @@ def test_help_teaches_with_examples():
 
 
 def test_budget_allocation_and_protected_layers_from_the_command_line(tiny_llama, tmp_path, capsys):
-    code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "out"), "--sparsity", "0.3",
-                 "--allocation", "global", "--protected-layers", "0,-1", "--round-to", "4",
-                 "--criterion", "magnitude", "--reconstruct", "none", "--report-json", str(tmp_path / "report.json")])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama),
+            "--output",
+            str(tmp_path / "out"),
+            "--sparsity",
+            "0.3",
+            "--allocation",
+            "global",
+            "--protected-layers",
+            "0,-1",
+            "--round-to",
+            "4",
+            "--criterion",
+            "magnitude",
+            "--reconstruct",
+            "none",
+            "--report-json",
+            str(tmp_path / "report.json"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["config"]["protected_layers"] == [0, -1] and report["config"]["allocation"] == "global"

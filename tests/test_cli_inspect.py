@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
-
-from hf_prune.cli import main
 from tiny_models import FAMILIES
 from tiny_tokenizer import tiny_tokenizer
+
+from hf_prune.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,10 @@ def test_inspect_reads_shapes_only_and_tells_groups_shares_and_formats(models, c
     assert "attention heads           24        73,728   39.8%  vanilla" in out
     assert "KV groups                 12       110,592   59.7%  vanilla" in out
     assert "MLP neurons              192        55,296   29.8%  vanilla" in out
-    assert "attention branches         4       110,592   59.7%  loader (some attention or MLP branches were removed" in out
+    assert (
+        "attention branches         4       110,592   59.7%  loader (some attention or MLP branches were removed"
+        in out
+    )
     assert "layers                     4       166,656   89.9%  vanilla" in out
 
 
@@ -43,8 +46,20 @@ def test_inspect_says_why_head_pruning_needs_the_loader_format(models, capsys):
 
 
 def test_prune_dry_run_prints_plan_and_resulting_config_and_writes_nothing(models, tmp_path, capsys):
-    code = main(["prune", "--model", str(models / "llama"), "--kv-groups", "1", "--layers", "1", "--dry-run",
-                 "--output", str(tmp_path / "out")])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(models / "llama"),
+            "--kv-groups",
+            "1",
+            "--layers",
+            "1",
+            "--dry-run",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and not (tmp_path / "out").exists()
     assert "heads 6→4 (3→2 KV)" in out and "layer removed" in out
@@ -63,18 +78,42 @@ def one_thread():
 
 
 def test_prune_measures_before_and_after_into_the_summary_and_the_card(models, tmp_path, capsys, one_thread):
-    code = main(["prune", "--model", str(models / "llama"), "--output", str(tmp_path / "out"),
-                 "--mlp-neurons", "0.5", "--eval-windows", "2", "--latency"])
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(models / "llama"),
+            "--output",
+            str(tmp_path / "out"),
+            "--mlp-neurons",
+            "0.5",
+            "--eval-windows",
+            "2",
+            "--latency",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    summary = out[out.index("\nsummary"):]
-    for row in ("load model (s)", "perplexity before (s)", "prune (s)", "save (s)", "parameters", "FLOPs per token",
-                "WikiText-2 perplexity", "latency (ms)", f"{tmp_path / 'out'} (vanilla format)"):
+    summary = out[out.index("\nsummary") :]
+    for row in (
+        "load model (s)",
+        "perplexity before (s)",
+        "prune (s)",
+        "save (s)",
+        "parameters",
+        "FLOPs per token",
+        "WikiText-2 perplexity",
+        "latency (ms)",
+        f"{tmp_path / 'out'} (vanilla format)",
+    ):
         assert row in summary, row
     card = (tmp_path / "out" / "README.md").read_text()
     assert "datasets:\n- Salesforce/wikitext" in card and "| WikiText-2 perplexity |" in card
     assert "first 2 non-overlapping windows of 512 tokens" in card and "| latency (ms) |" in card
-    assert "one forward pass on a 1 × 128 input, median of 5 after 1 warm-up, cpu, torch.float32, torch threads: 1" in card
+    assert (
+        "one forward pass on a 1 × 128 input, median of 5 after 1 warm-up, cpu, torch.float32, torch threads: 1"
+        in card
+    )
     assert f"hf-prune prune --model {models / 'llama'} --output {tmp_path / 'out'} --mlp-neurons 0.5" in card
 
 
@@ -93,7 +132,10 @@ def test_eval_reports_perplexity_and_size(models, tmp_path, capsys):
         (["prune", "--model", "MODELS/llama", "--mlp-neurons", "0.5"], "--output is required"),
         (["eval", "MODELS/bert"], "BertForMaskedLM is not one"),
         (["eval", "MODELS/llama", "--windows", "0"], "--windows must be >= 1"),
-        (["prune", "--model", "MODELS/bert", "--output", "OUT", "--layers", "1", "--eval-windows", "2"], "causal language models"),
+        (
+            ["prune", "--model", "MODELS/bert", "--output", "OUT", "--layers", "1", "--eval-windows", "2"],
+            "causal language models",
+        ),
     ],
 )
 def test_bad_arguments_exit_2(models, tmp_path, capsys, arguments, message):
@@ -117,6 +159,17 @@ def test_every_command_teaches_with_examples(command, capsys):
 
 
 def test_report_json_still_written(models, tmp_path):
-    main(["prune", "--model", str(models / "llama"), "--output", str(tmp_path / "out"), "--layers", "1",
-          "--report-json", str(tmp_path / "report.json")])
+    main(
+        [
+            "prune",
+            "--model",
+            str(models / "llama"),
+            "--output",
+            str(tmp_path / "out"),
+            "--layers",
+            "1",
+            "--report-json",
+            str(tmp_path / "report.json"),
+        ]
+    )
     assert json.loads((tmp_path / "report.json").read_text())["parameters_after"] < 185_376

@@ -4,16 +4,16 @@ import copy
 
 import pytest
 import torch
+from tiny_models import FAMILIES, VOCAB
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.allocation import build_plan, resolve_targets
-from hf_prune.calibration import token_windows
+from hf_prune.calibration.sources import token_windows
+from hf_prune.calibration.statistics import REQUIREMENTS, collect_statistics
 from hf_prune.criteria import ScoringContext, available_criteria, get_criterion
 from hf_prune.errors import DataNotFoundError, InvalidPruningTargetError
 from hf_prune.masking import apply_masks
-from hf_prune.reconstruction import reconstruct
-from hf_prune.statistics import REQUIREMENTS, collect_statistics
-from tiny_models import FAMILIES, VOCAB
+from hf_prune.repair.least_squares import reconstruct
 
 DEAD_NEURON, DEAD_HEAD, DEAD_LAYER = 7, 3, 2
 
@@ -50,7 +50,9 @@ def scores(context, name, kind, layer=0):
     return get_criterion(name).score(context, groups)
 
 
-@pytest.mark.parametrize("name", ["magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "synflow"])
+@pytest.mark.parametrize(
+    "name", ["magnitude", "activation", "fluctuation", "flow", "obs", "taylor", "fisher", "synflow"]
+)
 def test_a_neuron_that_writes_nothing_scores_lowest(context, name):
     values = scores(context, name, "neurons")
     assert values.argmin().item() == DEAD_NEURON or values[DEAD_NEURON] == values.min()
@@ -70,13 +72,26 @@ def test_an_identity_layer_scores_lowest(context, name):
 
 
 def test_block_criteria_do_not_rank_channels():
-    with pytest.raises(InvalidPruningTargetError, match="'block_influence' cannot rank neurons; for neurons use one of"):
-        HFPruner(FAMILIES["llama"].build()).prune(mlp_neurons=0.25, criterion="block_influence", calibration=[windows()])
+    with pytest.raises(
+        InvalidPruningTargetError, match="'block_influence' cannot rank neurons; for neurons use one of"
+    ):
+        HFPruner(FAMILIES["llama"].build()).prune(
+            mlp_neurons=0.25, criterion="block_influence", calibration=[windows()]
+        )
 
 
 def test_every_registered_criterion_is_covered_here():
     assert set(available_criteria()) == {
-        "activation", "block_influence", "fisher", "flow", "fluctuation", "loss", "magnitude", "obs", "random", "synflow",
+        "activation",
+        "block_influence",
+        "fisher",
+        "flow",
+        "fluctuation",
+        "loss",
+        "magnitude",
+        "obs",
+        "random",
+        "synflow",
         "taylor",
     }
 
@@ -104,7 +119,7 @@ def test_least_squares_repair_reduces_the_calibration_output_error(kind):
     repaired = copy.deepcopy(model)
     reconstruct(repaired, adapter, plan, stats, "lstsq")
     apply_masks(repaired, adapter, plan)
-    for index, layer in enumerate(adapter.layers(model)):
+    for index in range(len(adapter.layers(model))):
         gram = stats.consumers[(index, branch)].gram
         plain = output_error(dense[index], adapter.layers(masked)[index].get_submodule(name).weight, gram)
         refit = output_error(dense[index], adapter.layers(repaired)[index].get_submodule(name).weight, gram)

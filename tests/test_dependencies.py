@@ -21,9 +21,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 # Modules of this repository, imported by the scripts and tests beside them (not distributions).
-LOCAL = {"hf_prune", "__future__"} | {p.stem for p in (ROOT / "tests").glob("*.py")} | {
-    p.stem for p in (ROOT / "scripts").glob("*.py")
-}
+LOCAL = (
+    {"hf_prune", "__future__"}
+    | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    | {p.stem for p in (ROOT / "scripts").glob("*.py")}
+)
 
 
 def _normalise(name: str) -> str:
@@ -114,7 +116,9 @@ def test_ci_tests_both_ends_of_the_declared_transformers_range():
     assert upper[:2] > lower[:2], f"{requirement} admits one minor release only; declare the range the suite passes on"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     versions = [_version(v) for v in re.search(r"TRANSFORMERS_VERSIONS=\(([^)]*)\)", ci).group(1).split()]
-    assert versions[0][: len(lower)] == lower, f".ci/run's lowest transformers {versions[0]} is not {requirement}'s lower end"
+    assert versions[0][: len(lower)] == lower, (
+        f".ci/run's lowest transformers {versions[0]} is not {requirement}'s lower end"
+    )
     newest_minor = (upper[0], upper[1] - 1)  # the range ends below `upper`: its newest minor release is tested
     assert lower <= versions[-1] < upper and versions[-1][:2] == newest_minor, (
         f".ci/run's newest transformers {versions[-1]} is not a {newest_minor} release inside {requirement}"

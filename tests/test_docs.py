@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from hf_prune.allocation import available_allocations
+from hf_prune.calibration.data import data_file
 from hf_prune.criteria import available_criteria
-from hf_prune.data import data_file
 from hf_prune.errors import DataNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]

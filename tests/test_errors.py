@@ -4,6 +4,8 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tiny_models import FAMILIES, STRUCTURAL, calibration_images, calibration_windows
 from transformers import OPTConfig, OPTForCausalLM
 
 from hf_prune import (
@@ -16,8 +18,6 @@ from hf_prune import (
     UnsupportedArchitectureError,
     VanillaFormatError,
 )
-from safetensors.torch import load_file
-from tiny_models import FAMILIES, STRUCTURAL, calibration_images, calibration_windows
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -32,8 +32,12 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 
 
 def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
-    model = OPTForCausalLM(OPTConfig(hidden_size=16, num_attention_heads=2, ffn_dim=32, num_hidden_layers=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match=r"'opt'.*Supported: bert, convnext, deit, gemma3_text, gpt2"):
+    model = OPTForCausalLM(
+        OPTConfig(hidden_size=16, num_attention_heads=2, ffn_dim=32, num_hidden_layers=2, vocab_size=50)
+    )
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"'opt'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
+    ):
         HFPruner(model)
     model.save_pretrained(tmp_path / "opt")
     with pytest.raises(UnsupportedArchitectureError, match="'opt'"):
@@ -63,7 +67,11 @@ def test_invalid_amounts_are_refused_by_the_config(kwargs, message):
         ("llama", {"layers": 4}, r"layers=4 removes all 4 layers; remove at most 3"),
         ("llama", {"kv_groups": 3}, r"kv_groups=3 removes all 3 KV groups of layer 0; the largest valid value is 2"),
         ("llama", {"attention_heads": 2}, r"removes all 2 query heads of each KV group; the largest valid value is 1"),
-        ("llama", {"attention_heads": 0.2}, r"rounds to 0 of the 2 query heads in each KV group; the smallest valid fraction is 0\.25"),
+        (
+            "llama",
+            {"attention_heads": 0.2},
+            r"rounds to 0 of the 2 query heads in each KV group; the smallest valid fraction is 0\.25",
+        ),
         ("llama", {"mlp_neurons": 48}, r"mlp_neurons=48 removes all 48 neurons of layer 0"),
         ("llama", {"mlp_neurons": 0.001}, r"rounds to 0 of 48 neurons; the smallest valid fraction is 0\.0104"),
         ("llama", {"mlp_branches": 4}, r"mlp_branches=4 removes all 4 remaining mlp branches"),
@@ -209,7 +217,9 @@ def test_non_finite_calibration_data_is_named():
     images[0][2, 1, 3, 4] = float("nan")
     model.get_submodule("vit.layers.0.attention.o_proj")  # the first consumer the statistics track
     before = snapshot(model)
-    with pytest.raises(NonFiniteError, match=r"first at the inputs of vit\.layers\.0\.attention\.o_proj .*calibration data"):
+    with pytest.raises(
+        NonFiniteError, match=r"first at the inputs of vit\.layers\.0\.attention\.o_proj .*calibration data"
+    ):
         HFPruner(model).prune(mlp_neurons=0.25, calibration=images, num_samples=8, batch_size=4)
     assert_unchanged(model, before)
 

@@ -14,20 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images, calibration_windows
 
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.layer_replacement import FOLDING_REPAIRS, removed_layer_targets, removed_runs
+from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.masking import apply_masks
-from hf_prune.reconstruction import reconstruct
-from hf_prune.statistics import collect_statistics
-from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images, calibration_windows
+from hf_prune.repair.least_squares import reconstruct
+from hf_prune.repair.removed_layers import FOLDING_REPAIRS, removed_layer_targets, removed_runs
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
 
 
 def convolutional_scenarios(family: TinyFamily) -> dict[str, dict]:
     """Each supported kind alone, then seeded combinations through the default pipeline."""
-    choices = {"channels": [0.25, 0.5, 3], "mlp_neurons": [0.25, 0.5, 5], "layers": [1, 2], "stage_channels": [0.25, 0.5, 3]}
+    choices = {
+        "channels": [0.25, 0.5, 3],
+        "mlp_neurons": [0.25, 0.5, 5],
+        "layers": [1, 2],
+        "stage_channels": [0.25, 0.5, 3],
+    }
     cases = {name: {name: choices[name][0], **STRUCTURAL} for name in family.convolutional_amounts}
     rng = random.Random(family.model_type)
     for index in range(3):
@@ -121,7 +126,9 @@ def test_surgery_equals_masked_model(family_name, case, root):
     dense_count = sum(p.numel() for p in result["dense"].parameters())
     assert report.parameters_before == dense_count
     assert report.parameters_after == sum(p.numel() for p in pruner.model.parameters())
-    assert report.parameters_after == dense_count - pruner.plan.removed_parameter_count(result["dense"], pruner.adapter)
+    assert report.parameters_after == dense_count - pruner.plan.removed_parameter_count(
+        result["dense"], pruner.adapter
+    )
     assert report.parameters_after < dense_count
 
 

@@ -1,10 +1,10 @@
 """`flops_per_token`: the analytic count the model card quotes, checked by hand on tiny models."""
 
 import pytest
+from tiny_models import FAMILIES, STRUCTURAL
 
 from hf_prune import HFPruner
 from hf_prune.evaluation import flops_per_token
-from tiny_models import FAMILIES, STRUCTURAL
 
 
 def test_llama_by_hand():

@@ -5,18 +5,25 @@ import json
 
 import pytest
 import torch
+from tiny_models import FAMILIES, STRUCTURAL
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from hf_prune import HFPruner, load_pruned
-from hf_prune.checkpoint import decide_format, write_loader_config
 from hf_prune.groups import get_adapter
+from hf_prune.output.checkpoint import decide_format, write_loader_config
 from hf_prune.plan import PruningPlan
 from hf_prune.surgery import apply_plan
-from tiny_models import FAMILIES, STRUCTURAL
 
 # 8 query heads in 4 KV groups, hidden 64: removing one KV group leaves 6 heads, and 64 % 6 != 0.
-SHAPE = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, head_dim=8, intermediate_size=32,
-             num_hidden_layers=2, vocab_size=50)
+SHAPE = dict(
+    hidden_size=64,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=8,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    vocab_size=50,
+)
 
 
 def logits(model, ids):

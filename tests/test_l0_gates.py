@@ -16,9 +16,9 @@ from tiny_models import FAMILIES
 from transformers import Trainer
 
 from hf_prune import PruningConfig, load_pruned
-from hf_prune.callback import STATE_FOLDER, PruningCallback
 from hf_prune.errors import GatesNotAttachedError, InvalidPruningTargetError, UsageError
-from hf_prune.l0_gates import L0Settings, find_gates
+from hf_prune.training.callback import STATE_FOLDER, PruningCallback
+from hf_prune.training.l0_gates import L0Settings, find_gates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,14 +102,18 @@ def test_l0_gates_with_lora_fold_into_base_and_adapters_before_the_merge(tmp_pat
 
 
 def test_l0_with_gradient_accumulation_keeps_masks_exact_and_meets_the_targets(tmp_path):
-    pruning, _, _, after = gated_run(tmp_path, compact=False, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    pruning, _, _, after = gated_run(
+        tmp_path, compact=False, per_device_train_batch_size=1, gradient_accumulation_steps=2
+    )
     assert (after.counts[-1]["kv_groups"], after.counts[-1]["mlp_neurons"]) == (1, 24)  # AfterEachStep: exact zeros
     assert all(abs(pruning.penalty.expected[kind] - t) < 0.1 for kind, t in pruning.penalty.targets.items())
 
 
 def test_l0_resume_reproduces_masks_gates_and_multipliers(tmp_path):
     def run(output_dir, resume=None):
-        pruning, trainer, _, _ = gated_run(output_dir, resume=resume, compact=False, save_strategy="steps", save_steps=3)
+        pruning, trainer, _, _ = gated_run(
+            output_dir, resume=resume, compact=False, save_strategy="steps", save_steps=3
+        )
         return pruning, trainer.model
 
     whole, whole_model = run(tmp_path / "whole")

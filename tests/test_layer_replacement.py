@@ -5,15 +5,14 @@ import copy
 import pytest
 import torch
 from tiny_models import FAMILIES, calibration_windows
-
 from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner
-from hf_prune.layer_replacement import RemovedRun, removed_layer_targets, removed_runs
+from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
-from hf_prune.reconstruction import reconstruct
-from hf_prune.statistics import collect_statistics
+from hf_prune.repair.least_squares import reconstruct
+from hf_prune.repair.removed_layers import RemovedRun, removed_layer_targets, removed_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ from tiny_models import FAMILIES, calibration_images, calibration_windows
 from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner, PruningConfig
+from hf_prune.calibration.layer_inputs import capture_layer_inputs
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.groups.registry import get_adapter
-from hf_prune.layer_inputs import capture_layer_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = {"mlp_neurons": 0.5, "num_samples": 8, "seq_len": 16, "batch_size": 4, "criterion": "obs"}

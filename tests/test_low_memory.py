@@ -7,18 +7,30 @@ from safetensors.torch import load_file
 from tiny_models import FAMILIES, calibration_images, calibration_windows
 
 from hf_prune import HFPruner, load_pruned
+from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.errors import LowMemoryError, OutputExistsError
-from hf_prune.statistics import collect_statistics
 
-CALIBRATION = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4, "reconstruct": "lstsq"}
+CALIBRATION = {
+    "calibration": calibration_windows(),
+    "num_samples": 8,
+    "seq_len": 16,
+    "batch_size": 4,
+    "reconstruct": "lstsq",
+}
 CASES = {
     "heads+neurons/activation": {"kv_groups": 1, "mlp_neurons": 0.5, "criterion": "activation"},
     "layers+neurons/obs+influence": {
-        "layers": 1, "mlp_neurons": 0.25, "criterion": {"neurons": "obs", "layers": "block_influence"}
+        "layers": 1,
+        "mlp_neurons": 0.25,
+        "criterion": {"neurons": "obs", "layers": "block_influence"},
     },
     "branch/magnitude (loader format)": {"attention_branches": 1, "mlp_neurons": 0.25, "criterion": "magnitude"},
     "sparsity+protected+round_to/activation+ispasp": {
-        "sparsity": 0.3, "protected_layers": (0,), "round_to": 4, "criterion": "activation", "reconstruct": "ispasp"
+        "sparsity": 0.3,
+        "protected_layers": (0,),
+        "round_to": 4,
+        "criterion": "activation",
+        "reconstruct": "ispasp",
     },
 }
 
@@ -63,7 +75,9 @@ def test_low_memory_matches_in_memory(sharded_llama, tmp_path, one_thread, case)
 
 
 @pytest.mark.parametrize("case", ["heads+neurons/activation", "layers+neurons/obs+influence"])
-def test_propagating_pruned_activations_matches_the_in_memory_layer_by_layer_prune(sharded_llama, tmp_path, one_thread, case):
+def test_propagating_pruned_activations_matches_the_in_memory_layer_by_layer_prune(
+    sharded_llama, tmp_path, one_thread, case
+):
     """`propagate="pruned"`: later layers see what the pruned model computes; the low-memory loop
     and the in-memory `layerwise` prune run the same algorithm and write the same weights."""
     settings = {**CALIBRATION, **CASES[case], "propagate": "pruned"}
@@ -83,7 +97,7 @@ def test_propagating_pruned_activations_matches_the_in_memory_layer_by_layer_pru
 def test_low_memory_refusals(sharded_llama, tmp_path):
     pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
     with pytest.raises(LowMemoryError, match="criterion 'taylor'.*activation"):
-        pruner.prune(mlp_neurons=0.25, criterion="taylor", **{k: v for k, v in CALIBRATION.items()})
+        pruner.prune(mlp_neurons=0.25, criterion="taylor", **dict(CALIBRATION))
     with pytest.raises(LowMemoryError, match="gguf_file"):
         HFPruner.from_pretrained(sharded_llama, low_memory=True, gguf_file="model.gguf")
     with pytest.raises(LowMemoryError, match="propagate='both'"):
@@ -101,11 +115,15 @@ def test_cli_low_memory_writes_what_the_in_memory_prune_writes(tiny_llama, tmp_p
     arguments = ["--kv-groups", "1", "--mlp-neurons", "0.25", "--layers", "1", "--criterion", "magnitude"]
     arguments += ["--reconstruct", "none"]
     assert main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "a"), *arguments]) == 0
-    assert main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "b"), "--low-memory", *arguments]) == 0
+    assert (
+        main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "b"), "--low-memory", *arguments]) == 0
+    )
     assert "layer removed" in capsys.readouterr().out
     want, got = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert sorted(got) == sorted(want) and all(torch.equal(got[name], want[name]) for name in want)
-    code = main(["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "c"), "--low-memory", "--latency", *arguments])
+    code = main(
+        ["prune", "--model", str(tiny_llama), "--output", str(tmp_path / "c"), "--low-memory", "--latency", *arguments]
+    )
     assert code == 2 and "--low-memory" in capsys.readouterr().err
 
 
@@ -141,7 +159,11 @@ DISTINCT = ("qwen2", "gemma3_text", "gpt_neox", "bert", "vit", "resnet", "convne
 #: channels span a whole stage and are refused layer by layer: tests/test_stage_channels.py).
 OWN_AMOUNTS = {
     "resnet": {"channels": 0.25, "criterion": "activation"},
-    "convnext": {"mlp_neurons": 0.25, "layers": 1, "criterion": {"neurons": "activation", "layers": "block_influence"}},
+    "convnext": {
+        "mlp_neurons": 0.25,
+        "layers": 1,
+        "criterion": {"neurons": "activation", "layers": "block_influence"},
+    },
 }
 
 
@@ -188,7 +210,10 @@ def test_convolutional_families_prune_on_the_pruned_stream_as_in_memory(family, 
     spec.build().save_pretrained(tmp_path / "dense")
     double = torch.float64
     settings = {
-        **CALIBRATION, **_amounts(spec), "calibration": [calibration_images()[0].to(double)], "propagate": "pruned"
+        **CALIBRATION,
+        **_amounts(spec),
+        "calibration": [calibration_images()[0].to(double)],
+        "propagate": "pruned",
     }
     dense = HFPruner.from_pretrained(tmp_path / "dense", dtype=double)
     dense.prune(**settings)
@@ -213,7 +238,10 @@ def test_removing_the_first_block_of_a_convnext_stage_keeps_its_downsampling(
     model = spec.build()
     model.save_pretrained(tmp_path / "dense")
     settings = {
-        **_calibration(spec), "layers": 1, "protected_layers": (0, 1, 3), "criterion": "block_influence",
+        **_calibration(spec),
+        "layers": 1,
+        "protected_layers": (0, 1, 3),
+        "criterion": "block_influence",
         "propagate": propagate,
     }
     pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=low_memory)

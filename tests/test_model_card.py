@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import ModelCard
+from tiny_models import FAMILIES, STRUCTURAL
 
 import hf_prune
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.evaluation import flops_per_token
-from hf_prune.model_card import CardFacts, Measurement, relative_change, template_path
-from tiny_models import FAMILIES, STRUCTURAL
+from hf_prune.output.card import CardFacts, Measurement, relative_change, template_path
 
 REPO = Path(__file__).resolve().parents[1]
 # What the Hub's model-card metadata may hold here; `base_model_relation` only takes adapter,

@@ -7,13 +7,13 @@ from unittest import mock
 
 import pytest
 from huggingface_hub import HfApi
+from tiny_models import FAMILIES, STRUCTURAL
+from tiny_tokenizer import tiny_tokenizer
 
 from hf_prune import HFPruner
 from hf_prune.cli import main
 from hf_prune.errors import PushError
-from hf_prune.hub import plan_push, push_folder
-from tiny_models import FAMILIES, STRUCTURAL
-from tiny_tokenizer import tiny_tokenizer
+from hf_prune.output.hub import plan_push, push_folder
 
 TOKEN = "hf_secretTOKEN123"
 FILES = [
@@ -88,7 +88,7 @@ def test_a_failed_push_keeps_the_folder_hides_the_token_and_says_how_to_retry(pr
 
 def test_cli_push_dry_run_lists_files_and_metadata_and_sends_nothing(pruner, tmp_path, capsys, monkeypatch):
     folder = pruner.save_pretrained(tmp_path / "pruned")
-    monkeypatch.setattr("hf_prune.hub.HfApi", mock.Mock(side_effect=AssertionError("no Hub call in a dry run")))
+    monkeypatch.setattr("hf_prune.output.hub.HfApi", mock.Mock(side_effect=AssertionError("no Hub call in a dry run")))
     assert main(["push", str(folder), "me/pruned", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"me/pruned ← {folder}: {len(FILES)} files in one commit" in out
@@ -99,7 +99,7 @@ def test_cli_push_dry_run_lists_files_and_metadata_and_sends_nothing(pruner, tmp
 def test_cli_push_uploads_with_one_commit_and_failures_exit_1(pruner, tmp_path, capsys, monkeypatch):
     folder = pruner.save_pretrained(tmp_path / "pruned")
     api = mock_api([])
-    monkeypatch.setattr("hf_prune.hub.HfApi", lambda: api)
+    monkeypatch.setattr("hf_prune.output.hub.HfApi", lambda: api)
     assert main(["push", str(folder), "me/pruned", "--private"]) == 0
     assert api.upload_folder.call_count == 1 and api.create_repo.call_args.kwargs["private"] is True
     assert "pushed" in capsys.readouterr().out

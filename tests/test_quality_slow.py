@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from hf_prune import HFPruner
-from hf_prune.data import wikitext2_test_text
+from hf_prune.calibration.data import wikitext2_test_text
 from hf_prune.evaluation import perplexity
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,11 @@ def test_default_criteria_and_repair_keep_perplexity_close(dense, amounts, at_mo
 def test_defaults_beat_magnitude_and_random(dense):
     pruner, ids, _ = dense
     results = {}
-    for name, options in {"default": {}, "magnitude": {"criterion": "magnitude", "reconstruct": "none"},
-                          "random": {"criterion": "random", "reconstruct": "none"}}.items():
+    for name, options in {
+        "default": {},
+        "magnitude": {"criterion": "magnitude", "reconstruct": "none"},
+        "random": {"criterion": "random", "reconstruct": "none"},
+    }.items():
         pruned = HFPruner(copy.deepcopy(pruner.model), tokenizer=pruner.tokenizer)
         pruned.prune(mlp_neurons=0.5, num_samples=64, **options)
         results[name] = perplexity(pruned.model, ids, max_windows=16)

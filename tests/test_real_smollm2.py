@@ -46,7 +46,9 @@ def test_smollm2_round_trip(smollm2, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["model_type"] == "llama" and "quantization_config" not in saved
 
-    input_ids = pruner.tokenizer("Structural pruning keeps the model dense but smaller.", return_tensors="pt").input_ids
+    input_ids = pruner.tokenizer(
+        "Structural pruning keeps the model dense but smaller.", return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         logits = pruner.model(input_ids).logits
     save_file({"input_ids": input_ids, "logits": logits}, str(tmp_path / "expected.safetensors"))

@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import FAMILIES, STRUCTURAL
 from transformers import Trainer, TrainingArguments
 
 from hf_prune import HFPruner
-from hf_prune.recovery import load_recovered, lora_for_recovery
-from tiny_models import FAMILIES, STRUCTURAL
-
+from hf_prune.training.recovery import load_recovered, lora_for_recovery
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,8 +24,15 @@ def test_lora_recovery_adapter_points_at_the_pruned_model_and_reloads(tmp_path, 
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": (ids := torch.randint(3, 97, (12,), generator=generator)), "labels": ids} for _ in range(8)]
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
-        report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path / "run"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=rows).train()
     model.save_pretrained(tmp_path / "adapter")

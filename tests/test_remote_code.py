@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import FAMILIES, STRUCTURAL
 
 from hf_prune import HFPruner
-from hf_prune.checkpoint import write_loader_config
 from hf_prune.groups import get_adapter
+from hf_prune.output.checkpoint import write_loader_config
+from hf_prune.output.remote_code import MODULE_NAME, remote_module_source
 from hf_prune.plan import PruningPlan
-from hf_prune.remote_code import MODULE_NAME, remote_module_source
 from hf_prune.surgery import apply_plan
-from tiny_models import FAMILIES, STRUCTURAL
 
 LOAD_SCRIPT = Path(__file__).with_name("load_remote_code.py")
 
@@ -69,8 +69,13 @@ def load_in_fresh_processes(root: Path, modules_cache: Path) -> tuple[dict, dict
     """Both load paths, run side by side: (remote code without hf_prune, hf_prune.load_pruned)."""
     env = {**os.environ, "HF_MODULES_CACHE": str(modules_cache), "HF_HUB_OFFLINE": "1"}
     processes = [
-        subprocess.Popen([sys.executable, str(LOAD_SCRIPT), mode, str(root)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, str(LOAD_SCRIPT), mode, str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for mode in ("remote", "hf_prune")
     ]
     results = []
@@ -112,5 +117,7 @@ def test_the_remote_module_imports_only_torch_transformers_and_the_standard_libr
     assert imported - set(sys.stdlib_module_names) == {"torch", "transformers"}
     # Every registered adapter travels with it.
     assert {f"class {name}Adapter(" for name in ("Llama", "Phi3", "GPT2", "GPTNeoX", "Bert", "ViT")} <= {
-        line.split("ArchitectureAdapter")[0] for line in remote_module_source().splitlines() if line.startswith("class ")
+        line.split("ArchitectureAdapter")[0]
+        for line in remote_module_source().splitlines()
+        if line.startswith("class ")
     }

@@ -8,14 +8,14 @@ from tiny_models import FAMILIES, calibration_windows
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.allocation import build_plan, resolve_targets
-from hf_prune.bias_compensation import fold_constant_into_columns
+from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.criteria import ScoringContext, get_criterion
 from hf_prune.errors import InvalidPruningTargetError
-from hf_prune.ispasp import least_squares_columns, output_error, select
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
-from hf_prune.reconstruction import reconstruct
-from hf_prune.statistics import collect_statistics
+from hf_prune.repair.bias import fold_constant_into_columns
+from hf_prune.repair.ispasp import least_squares_columns, output_error, select
+from hf_prune.repair.least_squares import reconstruct
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@
 import pytest
 
 from hf_prune.errors import InvalidScheduleError, UsageError
-from hf_prune.schedule import PruningSchedule
+from hf_prune.training.schedule import PruningSchedule
 
 
 def test_cubic_follows_zhu_and_gupta_at_its_events():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from hf_prune.calibration.statistics import add_gram
 from hf_prune.criteria import obs
-from hf_prune.statistics import add_gram
 
 
 @pytest.mark.parametrize("channels", [3, 64, 577])

@@ -17,16 +17,16 @@ from conftest import require
 from tiny_models import FAMILIES, STRUCTURAL, TinyFamily, calibration_images
 
 from hf_prune import HFPruner, PruningConfig, load_pruned
-from hf_prune.callback import PruningCallback
+from hf_prune.calibration.images import cifar10, pixel_values
+from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.cli import main
 from hf_prune.errors import InvalidPruningTargetError, LowMemoryError
 from hf_prune.evaluation import top1_of_pixels
-from hf_prune.images import cifar10, pixel_values
 from hf_prune.inspection import inspect_model
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
-from hf_prune.reconstruction import reconstruct
-from hf_prune.statistics import collect_statistics
+from hf_prune.repair.least_squares import reconstruct
+from hf_prune.training.callback import PruningCallback
 
 RESNET = FAMILIES["resnet"]
 MODELS: dict[str, TinyFamily] = {

@@ -25,15 +25,9 @@ class SmallCNN(nn.Module):
 
     def __init__(self, width: int = 12):
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.inner = nn.Sequential(
-            nn.Conv2d(width, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
-        )
-        self.outer = nn.Sequential(
-            nn.Conv2d(16, width, 3, padding=1), nn.BatchNorm2d(width)
-        )
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.inner = nn.Sequential(nn.Conv2d(width, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.outer = nn.Sequential(nn.Conv2d(16, width, 3, padding=1), nn.BatchNorm2d(width))
         self.depthwise = nn.Sequential(
             nn.Conv2d(width, width, 3, padding=1, groups=width),
             nn.GroupNorm(width, width),
@@ -76,10 +70,7 @@ IMAGES = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 def _normalised(slices, prefix: str = "") -> frozenset:
     from hf_prune.groups import TensorSlice
 
-    renamed = [
-        TensorSlice(prefix + p.parameter, p.dim, p.start, p.stop, p.consumer)
-        for p in slices
-    ]
+    renamed = [TensorSlice(prefix + p.parameter, p.dim, p.start, p.stop, p.consumer) for p in slices]
     return frozenset(_merge(renamed))
 
 
@@ -103,9 +94,7 @@ def test_traced_groups_equal_the_adapters_groups(family, one_thread):
         for group in adapter.groups(layer, index, kind)
     }
     assert {_normalised(group.slices) for group in traced.groups} == expected
-    assert (
-        traced.blocked_channels >= model.config.hidden_size
-    )  # the residual stream and the logits stay
+    assert traced.blocked_channels >= model.config.hidden_size  # the residual stream and the logits stay
 
 
 def test_traced_cut_equals_masked_model():
@@ -125,23 +114,16 @@ def test_traced_cut_equals_masked_model():
     }
     report = pruner.prune(PruningConfig(channels=0.3, criterion="magnitude"))
     assert report.parameters_after < report.parameters_before
-    assert (
-        pruner.model.inner[0].out_channels == 16 - 5
-        and pruner.model.depthwise[0].groups == 12 - 4
-    )
+    assert pruner.model.inner[0].out_channels == 16 - 5 and pruner.model.depthwise[0].groups == 12 - 4
     mask_groups(dense, pruner.removed)
     with torch.no_grad():
-        torch.testing.assert_close(
-            pruner.model(IMAGES), dense(IMAGES), rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(pruner.model(IMAGES), dense(IMAGES), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("criterion", ["random", "activation"])
 def test_traced_criteria(criterion):
     pruner = HFPruner.from_model(build(), example_inputs=IMAGES)
-    report = pruner.prune(
-        channels=2, criterion=criterion, calibration=[IMAGES, IMAGES * 2]
-    )
+    report = pruner.prune(channels=2, criterion=criterion, calibration=[IMAGES, IMAGES * 2])
     assert report.criterion == criterion
     assert all(removed == 2 for _, removed in report.families.values())
 
@@ -173,15 +155,11 @@ def test_fixed_channel_slice_is_refused():
             self.tail = nn.Linear(8 * 2 * 2, 10)
 
         def forward(self, x):
-            x = self.inner(self.stem(x))[
-                :, :8
-            ]  # a fixed count: would not follow a prune of inner.0
+            x = self.inner(self.stem(x))[:, :8]  # a fixed count: would not follow a prune of inner.0
             return self.tail(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
 
     pruner = HFPruner.from_model(build(SlicesChannels), example_inputs=IMAGES)
-    assert not pruner.traced.families or "inner.0" not in [
-        f.name for f in pruner.traced.families
-    ]
+    assert not pruner.traced.families or "inner.0" not in [f.name for f in pruner.traced.families]
     assert any("fixed positions" in blocked.reason for blocked in pruner.traced.blocked)
 
 
@@ -217,9 +195,7 @@ def test_traced_errors_name_the_fix():
     with pytest.raises(InvalidPruningTargetError, match="hidden width"):
         adapter_pruner.prune(channels=0.2, criterion="magnitude")
     with pytest.raises(TracingError, match="no prunable"):
-        HFPruner.from_model(nn.Linear(4, 2), example_inputs=torch.randn(1, 4)).prune(
-            channels=0.5
-        )
+        HFPruner.from_model(nn.Linear(4, 2), example_inputs=torch.randn(1, 4)).prune(channels=0.5)
 
 
 def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
@@ -279,10 +255,7 @@ def test_concatenated_branches_keep_their_offsets():
         ("norm.weight", 8), ("norm.bias", 8), ("norm.running_mean", 8), ("norm.running_var", 8), ("merge.weight", 8)
     }  # fmt: skip
     report = pruner.prune(channels=0.5, criterion="magnitude")
-    assert (
-        pruner.model.merge.in_channels == 14 - 4 - 3
-        and pruner.model.norm.num_features == 7
-    )
+    assert pruner.model.merge.in_channels == 14 - 4 - 3 and pruner.model.norm.num_features == 7
     assert report.max_abs_difference < 1e-5
 
 
@@ -293,6 +266,10 @@ def test_export_failure_is_a_tracing_error():
 
 def test_settings_tracing_cannot_honour_are_refused():
     pruner = HFPruner.from_model(build(), example_inputs=IMAGES)
-    for settings, name in (({"allocation": "global"}, "allocation"), ({"round_to": 8}, "round_to"), ({"protected_layers": (0,)}, "protected_layers")):
+    for settings, name in (
+        ({"allocation": "global"}, "allocation"),
+        ({"round_to": 8}, "round_to"),
+        ({"protected_layers": (0,)}, "protected_layers"),
+    ):
         with pytest.raises(InvalidPruningTargetError, match=f"{name}: traced models remove the same share"):
             pruner.prune(PruningConfig(channels=0.3, criterion="magnitude", **settings))

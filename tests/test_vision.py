@@ -12,9 +12,9 @@ from tiny_models import FAMILIES, STRUCTURAL
 from transformers import ViTImageProcessor
 
 from hf_prune import HFPruner, PruningConfig
+from hf_prune.calibration.images import ImageSet, cifar10, image_set
 from hf_prune.errors import DataNotFoundError, InvalidPruningTargetError
 from hf_prune.evaluation import top1_accuracy
-from hf_prune.images import ImageSet, cifar10, image_set
 
 PROCESSOR = ViTImageProcessor(size={"height": 16, "width": 16})
 
@@ -26,9 +26,7 @@ def write_image_folder(root, per_class: int = 3) -> None:
     for name in ("cat", "dog"):
         (root / name).mkdir(parents=True)
         for index in range(per_class):
-            pixels = torch.randint(
-                0, 256, (8, 8, 3), dtype=torch.uint8, generator=generator
-            )
+            pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=generator)
             Image.fromarray(pixels.numpy()).save(root / name / f"{index}.png")
 
 
@@ -76,11 +74,11 @@ def test_synflow_ranks_resnet_channels():
 
 
 def test_loss_criterion_on_images_is_the_change_against_dense_predictions(tmp_path, one_thread):
-    from hf_prune.calibration_loss import calibration_loss, dense_predictions
+    from hf_prune.calibration.images import calibration_pixels
+    from hf_prune.calibration.loss import calibration_loss, dense_predictions
     from hf_prune.criteria import get_criterion
     from hf_prune.criteria.base import ScoringContext
     from hf_prune.groups import get_adapter
-    from hf_prune.images import calibration_pixels
     from hf_prune.masking import apply_masks
     from hf_prune.plan import PruningPlan
 
@@ -89,7 +87,9 @@ def test_loss_criterion_on_images_is_the_change_against_dense_predictions(tmp_pa
     adapter = get_adapter(model.config)
     pixels = calibration_pixels(str(tmp_path / "images"), PROCESSOR, 6)
     context = ScoringContext(model, adapter, windows=pixels, batch_size=6)
-    groups = [group for index, layer in enumerate(adapter.layers(model)) for group in adapter.groups(layer, index, "layers")]
+    groups = [
+        group for index, layer in enumerate(adapter.layers(model)) for group in adapter.groups(layer, index, "layers")
+    ]
     scores = get_criterion("loss").score(context, groups)
     targets = dense_predictions(model, {"pixel_values": pixels})
     dense = calibration_loss(model, {"pixel_values": pixels}, targets).item()
@@ -107,16 +107,10 @@ def test_cifar10_calibration(one_thread):
     if not os.environ.get("HF_PRUNE_DATA_DIR"):
         require("CIFAR-10 needs HF_PRUNE_DATA_DIR (../shared/data)")
     test = cifar10("test")
-    assert (
-        len(test) == 10_000
-        and test.images.dtype == torch.uint8
-        and test.images.shape[1:] == (3, 32, 32)
-    )
+    assert len(test) == 10_000 and test.images.dtype == torch.uint8 and test.images.shape[1:] == (3, 32, 32)
     assert test.labels.bincount().tolist() == [1000] * 10
     pruner = HFPruner(FAMILIES["resnet"].build(), processor=PROCESSOR)
-    report = pruner.prune(
-        channels=0.25, calibration="cifar10", num_samples=16, batch_size=8
-    )
+    report = pruner.prune(channels=0.25, calibration="cifar10", num_samples=16, batch_size=8)
     assert report.calibration["windows"] == 16
 
 
@@ -125,9 +119,7 @@ def test_missing_cifar10_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DataNotFoundError, match="cifar10-jpg.tar.gz is missing"):
         cifar10("test")
-    with pytest.raises(
-        DataNotFoundError, match="neither 'cifar10' nor an image folder"
-    ):
+    with pytest.raises(DataNotFoundError, match="neither 'cifar10' nor an image folder"):
         image_set(tmp_path / "nowhere")
     pruner = HFPruner(FAMILIES["vit"].build(), processor=PROCESSOR)
     (tmp_path / "empty" / "cat").mkdir(parents=True)
@@ -150,30 +142,18 @@ def test_top1_accuracy_counts_correct_labels(one_thread):
     )
     with torch.no_grad():
         predicted = model(
-            pixel_values=PROCESSOR(images=list(images), return_tensors="pt")[
-                "pixel_values"
-            ]
+            pixel_values=PROCESSOR(images=list(images), return_tensors="pt")["pixel_values"]
         ).logits.argmax(-1)
-    assert (
-        top1_accuracy(model, ImageSet(images, predicted, ()), PROCESSOR, batch_size=4)
-        == 1.0
-    )
+    assert top1_accuracy(model, ImageSet(images, predicted, ()), PROCESSOR, batch_size=4) == 1.0
     wrong = (predicted + 1) % 10
     wrong[:3] = predicted[:3]
-    assert (
-        top1_accuracy(model, ImageSet(images, wrong, ()), PROCESSOR, batch_size=4)
-        == 0.3
-    )
+    assert top1_accuracy(model, ImageSet(images, wrong, ()), PROCESSOR, batch_size=4) == 0.3
 
 
 def test_group_kinds_each_family_accepts():
-    with pytest.raises(
-        InvalidPruningTargetError, match="channels=0.25.*cannot prune channels"
-    ):
+    with pytest.raises(InvalidPruningTargetError, match="channels=0.25.*cannot prune channels"):
         HFPruner(FAMILIES["llama"].build()).prune(channels=0.25, **STRUCTURAL)
-    with pytest.raises(
-        InvalidPruningTargetError, match="mlp_neurons=0.25.*use channels"
-    ):
+    with pytest.raises(InvalidPruningTargetError, match="mlp_neurons=0.25.*use channels"):
         HFPruner(FAMILIES["resnet"].build()).prune(mlp_neurons=0.25, **STRUCTURAL)
     with pytest.raises(InvalidPruningTargetError, match="channels=0.99 removes all"):
         HFPruner(FAMILIES["resnet"].build()).prune(channels=0.99, **STRUCTURAL)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+from tiny_models import VOCAB
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_prune.data import wikitext2_test_text
-from tiny_models import VOCAB
+from hf_prune.calibration.data import wikitext2_test_text
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -79,7 +79,7 @@ class Allocation(ABC):
 
     name: ClassVar[str]
 
-    def validate(self, config: PruningConfig) -> None:
+    def validate(self, config: PruningConfig) -> None:  # noqa: B027 (optional hook: most allocations take any config)
         """Refuse, before any calibration, a config this allocation cannot honour."""
 
     @abstractmethod

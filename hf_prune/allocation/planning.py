@@ -21,7 +21,6 @@ from .base import Counts, LayerScores, lowest
 from .registry import get_allocation
 from .targets import Targets, resolve_targets
 
-
 #: scores of one kind's groups in one (original) layer: `score(layer, kind) -> tensor`.
 BlockScores = Callable[[int, GroupKind], torch.Tensor]
 
@@ -80,7 +79,9 @@ def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts, n
         layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
 
 
-def plan_layer(context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, targets: Targets) -> None:
+def plan_layer(
+    context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, targets: Targets
+) -> None:
     """Choose the heads, KV groups and neurons one kept layer keeps under the uniform counts,
     reading only that layer (the low-memory mode plans layer by layer)."""
     _select_groups(LayerScores(context, criteria), layer_plan, targets.counts, targets.neuron_kind)
@@ -111,7 +112,9 @@ def select_stream_channels(
         plan.stream_channels[stage] = tuple(g.index for position, g in enumerate(groups) if position not in removed)
 
 
-def plan_for(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig, criterion: Criterion) -> PruningPlan:
+def plan_for(
+    model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig, criterion: Criterion
+) -> PruningPlan:
     """A plan for `config` with one data-free criterion for every kind (dry runs, inspection,
     gradual steps)."""
     targets = resolve_targets(model, adapter, config)

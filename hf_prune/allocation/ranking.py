@@ -58,7 +58,9 @@ def attention_candidates(scores: LayerScores, plan: PruningPlan, targets: Target
     return candidates
 
 
-def head_slot_candidates(scores: LayerScores, plan: PruningPlan, targets: Targets, kv_counts: Counts) -> dict[int, Candidates]:
+def head_slot_candidates(
+    scores: LayerScores, plan: PruningPlan, targets: Targets, kv_counts: Counts
+) -> dict[int, Candidates]:
     """Query-head slots of GQA layers, given the KV groups `kv_counts` removes."""
     from .planning import kept_groups  # planning imports the allocations
 

@@ -46,7 +46,9 @@ class Targets:
 
     def kinds(self) -> set[GroupKind]:
         """The group kinds that need a criterion."""
-        kinds = {kind for kind in ("layers", "attention_branches", "mlp_branches", "stage_channels") if getattr(self, kind)}
+        kinds = {
+            kind for kind in ("layers", "attention_branches", "mlp_branches", "stage_channels") if getattr(self, kind)
+        }
         return kinds | self.counts.kinds(self.neuron_kind)
 
 
@@ -72,7 +74,8 @@ def _head_counts(config: PruningConfig, layer: int, attention) -> tuple[int, int
     if per_group == 1:
         if config.kv_groups:
             raise InvalidPruningTargetError(
-                f"kv_groups={config.kv_groups!r}: layer {layer} uses multi-head attention (one query head per KV head); "
+                f"kv_groups={config.kv_groups!r}: layer {layer} uses multi-head attention (one query head per "
+                "KV head); "
                 "use attention_heads to remove heads."
             )
         amount, total, name, unit = config.attention_heads, attention.num_heads, "attention_heads", "heads"
@@ -86,7 +89,8 @@ def _head_counts(config: PruningConfig, layer: int, attention) -> tuple[int, int
         )
     if amount and groups == 0:
         raise InvalidPruningTargetError(
-            f"{name}={amount!r} rounds to 0 of {total} per layer; the smallest valid fraction is {0.5 / total:.3g} (1 of {total})."
+            f"{name}={amount!r} rounds to 0 of {total} per layer; the smallest valid fraction is "
+            f"{0.5 / total:.3g} (1 of {total})."
         )
     if per_group == 1 or not config.attention_heads:
         return groups, 0
@@ -170,7 +174,9 @@ def _protected(config: PruningConfig, total: int) -> frozenset[int]:
     return frozenset(index % total for index in config.protected_layers)
 
 
-def _amount_counts(config: PruningConfig, plan: PruningPlan, protected: frozenset[int], neuron_kind: GroupKind) -> Counts:
+def _amount_counts(
+    config: PruningConfig, plan: PruningPlan, protected: frozenset[int], neuron_kind: GroupKind
+) -> Counts:
     counts = Counts()
     neuron_amount = AMOUNT_OF_KIND[neuron_kind]
     for layer_plan in plan.layers:
@@ -204,7 +210,8 @@ def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: Arch
     if config.reconstruct not in ("none", "lstsq"):
         raise InvalidPruningTargetError(
             f"stage_channels={amount!r}: reconstruct={config.reconstruct!r} cannot repair stream channels (a "
-            "convolution's per-tap refit has no per-output constant or re-selection); use reconstruct='lstsq' or 'none'."
+            "convolution's per-tap refit has no per-output constant or re-selection); "
+            "use reconstruct='lstsq' or 'none'."
         )
     counts = {}
     for stage in range(len(adapter.stages(model))):
@@ -213,7 +220,8 @@ def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: Arch
         if count >= width:
             raise InvalidPruningTargetError(
                 f"stage_channels={amount!r} removes all {width} stream channels of stage {stage}; remove at most "
-                f"{width - 1}" + (f" (a fraction below {(width - 0.5) / width:.3g})." if isinstance(amount, float) else ".")
+                f"{width - 1}"
+                + (f" (a fraction below {(width - 0.5) / width:.3g})." if isinstance(amount, float) else ".")
             )
         counts[stage] = count
     if not any(counts.values()):
@@ -242,7 +250,9 @@ def _budget_amount(config: PruningConfig, model: nn.Module, costs: dict[int, Uni
     return float(present - value)
 
 
-def _budget_counts(config: PruningConfig, model: nn.Module, costs: dict[int, UnitCosts], protected: frozenset[int]) -> Counts:
+def _budget_counts(
+    config: PruningConfig, model: nn.Module, costs: dict[int, UnitCosts], protected: frozenset[int]
+) -> Counts:
     """Per-layer counts removing the budget uniformly: in every unprotected layer the same share of
     its heads and neurons, attention in whole units and the rest of the layer's share in neurons."""
     name = config.budget_target
@@ -266,12 +276,15 @@ def _budget_counts(config: PruningConfig, model: nn.Module, costs: dict[int, Uni
         removed += attention * c.kv_group + neurons * c.neuron
     if removed < 0.98 * amount:
         raise InvalidPruningTargetError(
-            f"{name}={getattr(config, name)!r} asks to remove {amount:,.0f} {'FLOPs per token' if config.target_flops else 'parameters'}, "
+            f"{name}={getattr(config, name)!r} asks to remove {amount:,.0f} "
+            f"{'FLOPs per token' if config.target_flops else 'parameters'}, "
             f"but every unprotected layer keeping one KV group and one neuron allows only {removed:,.0f}; "
             f"ask for less{' or protect fewer layers' if protected else ''}."
         )
     if not removed:
-        raise InvalidPruningTargetError(f"{name}={getattr(config, name)!r} is too small to remove a single head or neuron.")
+        raise InvalidPruningTargetError(
+            f"{name}={getattr(config, name)!r} is too small to remove a single head or neuron."
+        )
     return counts
 
 

@@ -10,10 +10,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..calibration.statistics import CalibrationStatistics, Requirement
 from ..config import DAMPING
 from ..groups import ArchitectureAdapter, Branch, Group, GroupKind
 from ..groups.base import input_slices, matrix_view
-from ..statistics import CalibrationStatistics, Requirement
 
 ALL_KINDS: frozenset[GroupKind] = frozenset(
     ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels")

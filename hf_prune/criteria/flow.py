@@ -16,7 +16,9 @@ from .base import BLOCK_KINDS, Criterion, ScoringContext, branch_of, consumer_we
 from .registry import register_criterion
 
 
-def _energy(weight: torch.Tensor, gram: torch.Tensor | None, mean_square: torch.Tensor, start: int, stop: int, count: int):
+def _energy(
+    weight: torch.Tensor, gram: torch.Tensor | None, mean_square: torch.Tensor, start: int, stop: int, count: int
+):
     w = weight[:, start:stop]
     if gram is None or stop - start == 1:
         return w.pow(2).sum(0) @ mean_square[start:stop]
@@ -38,7 +40,11 @@ class FlowCriterion(Criterion):
                 continue
             weight = consumer_weight(context, index, branch).double()
             for position, group in enumerate(groups):
-                pieces = [(0, weight.shape[1])] if kind in BLOCK_KINDS else [(p.start, p.stop) for p in group.slices if p.consumer]
+                pieces = (
+                    [(0, weight.shape[1])]
+                    if kind in BLOCK_KINDS
+                    else [(p.start, p.stop) for p in group.slices if p.consumer]
+                )
                 for start, stop in pieces:
                     totals[position] += _energy(weight, stats.gram, stats.mean_square, start, stop, stats.count)
         return totals

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ..calibration_loss import calibration_loss, dense_predictions
+from ..calibration.loss import calibration_loss, dense_predictions
+from ..calibration.statistics import model_inputs
 from ..groups import Group
 from ..masking import apply_masks
 from ..plan import PruningPlan
-from ..statistics import model_inputs
 from .base import BLOCK_KINDS, Criterion, ScoringContext
 from .registry import register_criterion
 

@@ -24,7 +24,9 @@ COMPACT_AT = 0.75
 
 
 def damped_inverse(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    regularised = gram + damping * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    regularised = gram + damping * gram.diagonal().mean() * torch.eye(
+        gram.shape[0], dtype=gram.dtype, device=gram.device
+    )
     return torch.linalg.inv(regularised)
 
 
@@ -92,8 +94,6 @@ class OBSCriterion(Criterion):
         index, branch = groups[0].layer, branch_of(groups[0].kind)
         stats = context.statistics.consumers[(index, branch)]
         weight = consumer_weight(context, index, branch).double()
-        blocks = [
-            torch.cat([torch.arange(p.start, p.stop) for p in group.slices if p.consumer]) for group in groups
-        ]
+        blocks = [torch.cat([torch.arange(p.start, p.stop) for p in group.slices if p.consumer]) for group in groups]
         chunk = max(1, len(groups) // 100) if groups[0].kind in ("neurons", "channels") else 1
         return greedy_removal_scores(weight, stats.gram / stats.count, blocks, chunk, context.damping)

@@ -1,7 +1,16 @@
 """Dependency groups: one file per architecture family, each registering an adapter."""
 
 from ..plugins import import_plugins
-from .base import ArchitectureAdapter, AttentionGeometry, Branch, Group, GroupKind, LayerGeometry, RemovedBranch, TensorSlice
+from .base import (
+    ArchitectureAdapter,
+    AttentionGeometry,
+    Branch,
+    Group,
+    GroupKind,
+    LayerGeometry,
+    RemovedBranch,
+    TensorSlice,
+)
 from .registry import get_adapter, register_adapter, supported_model_types
 
 _INFRASTRUCTURE = {"base", "registry"}

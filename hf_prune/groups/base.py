@@ -180,7 +180,9 @@ class ArchitectureAdapter(ABC):
     def layers_name(self, model: nn.Module) -> str:
         """Qualified name of the model's `ModuleList` of layers (base and task models alike)."""
         for name, module in model.named_modules():
-            if isinstance(module, nn.ModuleList) and (name == self.layers_path or name.endswith("." + self.layers_path)):
+            if isinstance(module, nn.ModuleList) and (
+                name == self.layers_path or name.endswith("." + self.layers_path)
+            ):
                 return name
         raise LookupError(f"{type(model).__name__} has no layer list named '{self.layers_path}'")
 
@@ -239,7 +241,9 @@ class ArchitectureAdapter(ABC):
     def query_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, head: int) -> list[TensorSlice]:
         """Rows of the query projection for `head` and the matching input columns of `o_proj`."""
         d = geometry.head_dim
-        return output_slices(layer, self.q_proj, head * d, (head + 1) * d) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
+        return output_slices(layer, self.q_proj, head * d, (head + 1) * d) + input_slices(
+            layer, self.o_proj, head * d, (head + 1) * d
+        )
 
     def kv_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, kv_head: int) -> list[TensorSlice]:
         """Rows of the key and value projections for `kv_head` (its query heads are separate groups)."""
@@ -270,7 +274,11 @@ class ArchitectureAdapter(ABC):
             return [Group(kind, index, 0, tuple(module_slices(layer, "")))]
         if kind in ("attention_branches", "mlp_branches"):
             branch = "attention" if kind == "attention_branches" else "mlp"
-            return [Group(kind, index, 0, tuple(self.branch_slices(layer, branch)))] if self.has_branch(layer, branch) else []
+            return (
+                [Group(kind, index, 0, tuple(self.branch_slices(layer, branch)))]
+                if self.has_branch(layer, branch)
+                else []
+            )
         if kind == self.neuron_kind:
             size = self.intermediate_size(layer)
             return [Group(kind, index, n, tuple(self.neuron_slices(layer, size, n))) for n in range(size or 0)]

@@ -7,7 +7,7 @@ leaves `LayerNorm(residual)`, exactly what zeroing the branch's output projectio
 from torch import nn
 from transformers import PretrainedConfig
 
-from .base import ArchitectureAdapter, Branch, LayerGeometry, RemovedBranch, TensorSlice, replace_module, module_slices
+from .base import ArchitectureAdapter, Branch, LayerGeometry, RemovedBranch, TensorSlice, module_slices, replace_module
 from .registry import register_adapter
 
 

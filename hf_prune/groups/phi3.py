@@ -34,10 +34,16 @@ class Phi3Adapter(ArchitectureAdapter):
         )
 
     def kv_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, kv_head: int) -> list[TensorSlice]:
-        d, q_width, kv_width = geometry.head_dim, geometry.num_heads * geometry.head_dim, geometry.num_kv_heads * geometry.head_dim
+        d, q_width, kv_width = (
+            geometry.head_dim,
+            geometry.num_heads * geometry.head_dim,
+            geometry.num_kv_heads * geometry.head_dim,
+        )
         key = q_width + kv_head * d
         value = q_width + kv_width + kv_head * d
-        return output_slices(layer, "self_attn.qkv_proj", key, key + d) + output_slices(layer, "self_attn.qkv_proj", value, value + d)
+        return output_slices(layer, "self_attn.qkv_proj", key, key + d) + output_slices(
+            layer, "self_attn.qkv_proj", value, value + d
+        )
 
     def neuron_slices(self, layer: nn.Module, intermediate_size: int, neuron: int) -> list[TensorSlice]:
         gate = output_slices(layer, self.up_proj, neuron, neuron + 1)

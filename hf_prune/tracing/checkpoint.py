@@ -24,19 +24,12 @@ def load_traced(folder: str | os.PathLike, model: nn.Module) -> nn.Module:
             f"{folder} lacks {SHAPES_FILE} or {WEIGHTS_FILE}; pass the folder a traced prune's save_pretrained wrote."
         )
     description = json.loads((folder / SHAPES_FILE).read_text())
-    if (
-        description.get("format") != FORMAT
-        or description.get("format_version") != FORMAT_VERSION
-    ):
+    if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
         raise PrunedCheckpointError(
             f"{folder / SHAPES_FILE} is not a version-{FORMAT_VERSION} {FORMAT} description "
             f"(found {description.get('format')!r} version {description.get('format_version')!r})."
         )
-    pieces = [
-        TensorSlice(e["tensor"], e["dim"], i, i + 1)
-        for e in description["removed"]
-        for i in e["indices"]
-    ]
+    pieces = [TensorSlice(e["tensor"], e["dim"], i, i + 1) for e in description["removed"] for i in e["indices"]]
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     missing = sorted({p.parameter for p in pieces} - set(tensors))
     if missing:
@@ -45,18 +38,12 @@ def load_traced(folder: str | os.PathLike, model: nn.Module) -> nn.Module:
             f"started from ({description.get('model_class')})."
         )
     slice_tensors(model, pieces)
-    shapes = {
-        name: list(t.shape)
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-    }
-    wrong = [
-        name
-        for name, shape in description["shapes"].items()
-        if shapes.get(name) != shape
-    ]
+    shapes = {name: list(t.shape) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    wrong = [name for name, shape in description["shapes"].items() if shapes.get(name) != shape]
     if wrong:
         raise PrunedCheckpointError(
-            f"after cutting, {wrong[0]} has shape {shapes.get(wrong[0])}, the saved model {description['shapes'][wrong[0]]}; "
+            f"after cutting, {wrong[0]} has shape {shapes.get(wrong[0])}, the saved model "
+            f"{description['shapes'][wrong[0]]}; "
             f"model= must be an unpruned {description.get('model_class')} with the original sizes."
         )
     load_model(model, str(folder / WEIGHTS_FILE), strict=True)

@@ -123,9 +123,7 @@ class ChannelGraph:
     #: per channel id: the producing module's qualified name and output index
     producers: list[tuple[str, int]] = field(default_factory=list)
     #: per channel id: every tensor slice that holds it (producer rows, norm entries, consumer columns)
-    slices: dict[int, list[TensorSlice]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
+    slices: dict[int, list[TensorSlice]] = field(default_factory=lambda: defaultdict(list))
     #: per channel id: why it must stay (first reason found)
     blocked: dict[int, str] = field(default_factory=dict)
     ties: _UnionFind = field(default_factory=_UnionFind)
@@ -187,20 +185,14 @@ class _LabelInterpreter(fx.Interpreter):
             for labels in value if isinstance(value, (tuple, list)) else [value]:
                 self._block(labels, reason)
 
-    def _require_uniform(
-        self, labels: torch.Tensor, dims: list[int], reason: str
-    ) -> None:
+    def _require_uniform(self, labels: torch.Tensor, dims: list[int], reason: str) -> None:
         """Ops with fixed sizes along `dims` (slices, pads, statistics, constants that do not broadcast)
         survive a prune only if every fibre along `dims` is one group of channels or none at all."""
         if not dims or not isinstance(labels, torch.Tensor) or not (labels >= 0).any():
             return
         dims = sorted(d % labels.dim() for d in dims)
-        moved = labels.movedim(
-            dims, list(range(labels.dim() - len(dims), labels.dim()))
-        )
-        fibres = moved.reshape(
-            -1, int(torch.tensor([labels.shape[d] for d in dims]).prod())
-        )
+        moved = labels.movedim(dims, list(range(labels.dim() - len(dims), labels.dim())))
+        fibres = moved.reshape(-1, int(torch.tensor([labels.shape[d] for d in dims]).prod()))
         fibres = fibres.clamp(min=NONE)
         fibres = fibres[(fibres.amax(1) != fibres.amin(1)) & (fibres.amax(1) >= 0)]
         if len(fibres):
@@ -208,9 +200,7 @@ class _LabelInterpreter(fx.Interpreter):
 
     def resolve(self) -> ChannelGraph:
         """Apply the deferred uniformity checks with the final ties; returns what was found."""
-        roots = torch.tensor(
-            [self.found.ties.find(i) for i in range(len(self.found.producers))] + [-1]
-        )
+        roots = torch.tensor([self.found.ties.find(i) for i in range(len(self.found.producers))] + [-1])
         for fibres, reason in self.uniform:
             tied = roots[fibres.long()]  # NONE indexes the trailing -1
             mixed = tied.amax(1) != tied.amin(1)
@@ -220,9 +210,7 @@ class _LabelInterpreter(fx.Interpreter):
     def _tie_pairs(self, a: torch.Tensor, b: torch.Tensor) -> None:
         both = (a >= 0) & (b >= 0) & (a != b)
         if both.any():
-            for x, y in torch.unique(
-                torch.stack([a[both], b[both]]).long(), dim=1
-            ).T.tolist():
+            for x, y in torch.unique(torch.stack([a[both], b[both]]).long(), dim=1).T.tolist():
                 self.found.ties.union(x, y)
 
     def _new_channels(self, module: str, count: int) -> torch.Tensor:
@@ -232,11 +220,7 @@ class _LabelInterpreter(fx.Interpreter):
 
     def _name(self, argument) -> str | None:
         """The qualified name of a parameter or buffer argument (None for a computed tensor)."""
-        if (
-            isinstance(argument, fx.Node)
-            and argument.op == "get_attr"
-            and argument.target in self.tensor_names
-        ):
+        if isinstance(argument, fx.Node) and argument.op == "get_attr" and argument.target in self.tensor_names:
             return argument.target
         return None
 
@@ -275,21 +259,13 @@ class _LabelInterpreter(fx.Interpreter):
         where = f"{name} in {_module_of(node) or 'the top-level forward'}"
         if node.target is operator.getitem:
             source = self.labels.get(node.args[0])
-            return (
-                source[node.args[1]]
-                if isinstance(source, (tuple, list))
-                else self._fresh(value)
-            )
+            return source[node.args[1]] if isinstance(source, (tuple, list)) else self._fresh(value)
         first = self._labels(node.args[0]) if node.args else None
         if name in _SHAPE_ONLY:
             return self._fresh(value)
         if name in _CREATED:
             return self._constant(value)
-        if (
-            name in _KEEP_LABELS
-            and isinstance(first, torch.Tensor)
-            and first.shape == getattr(value, "shape", None)
-        ):
+        if name in _KEEP_LABELS and isinstance(first, torch.Tensor) and first.shape == getattr(value, "shape", None):
             return first
         if name in _MOVEMENT:
             return self._movement(node, name, value, where)
@@ -304,9 +280,7 @@ class _LabelInterpreter(fx.Interpreter):
         if name == "layer_norm":
             labels = self._labels(node.args[0])
             dims = list(range(labels.dim() - len(node.args[1]), labels.dim()))
-            self._require_uniform(
-                labels, dims, f"{where}: normalises over the channel axis"
-            )
+            self._require_uniform(labels, dims, f"{where}: normalises over the channel axis")
             return labels
         if name == "group_norm":
             return self._group_norm(node, value, where)
@@ -322,23 +296,13 @@ class _LabelInterpreter(fx.Interpreter):
     # ------------------------------------------------------------------ op families
     def _movement(self, node: fx.Node, name: str, value, where: str):
         args = list(node.args)
-        data = (
-            self._labels(args[0])
-            if not isinstance(args[0], (list, tuple))
-            else [self._labels(a) for a in args[0]]
-        )
+        data = self._labels(args[0]) if not isinstance(args[0], (list, tuple)) else [self._labels(a) for a in args[0]]
         if data is None or (isinstance(data, list) and any(d is None for d in data)):
             return self._fresh(value)
         if name in ("index", "repeat", "repeat_interleave", "gather"):
-            self._block(
-                data, f"{where}: indexes positions of a tensor that carries channels"
-            )
+            self._block(data, f"{where}: indexes positions of a tensor that carries channels")
         elif name in _POSITIONAL:
-            dim = (
-                node.args[1]
-                if len(node.args) > 1 and isinstance(node.args[1], int)
-                else node.kwargs.get("dim", 0)
-            )
+            dim = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else node.kwargs.get("dim", 0)
             if name in ("split", "split_with_sizes", "chunk"):
                 dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
             self._require_uniform(
@@ -352,13 +316,8 @@ class _LabelInterpreter(fx.Interpreter):
         real = {a: self.env[a] for a in args[1:] if isinstance(a, fx.Node)}
         args[1:] = [real.get(a, a) if isinstance(a, fx.Node) else a for a in args[1:]]
         if name == "index":  # list of index tensors
-            args[1] = [
-                self.env[a] if isinstance(a, fx.Node) else a for a in node.args[1]
-            ]
-        kwargs = {
-            k: self.env[v] if isinstance(v, fx.Node) else v
-            for k, v in node.kwargs.items()
-        }
+            args[1] = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args[1]]
+        kwargs = {k: self.env[v] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
         return node.target(*args, **kwargs)
 
     def _pad(self, data: torch.Tensor, padding: list[int], where: str) -> torch.Tensor:
@@ -379,17 +338,13 @@ class _LabelInterpreter(fx.Interpreter):
                 self._block(ids, reason)
                 shape = [1] * result.dim()
                 shape[dim] = count
-                result.narrow(dim, start, count).copy_(
-                    ids.reshape(shape).expand_as(result.narrow(dim, start, count))
-                )
+                result.narrow(dim, start, count).copy_(ids.reshape(shape).expand_as(result.narrow(dim, start, count)))
         return result
 
     def _elementwise(self, node: fx.Node, value, where: str):
         if not isinstance(value, torch.Tensor):
             return None
-        operands = [
-            self._labels(a) for a in list(node.args) + list(node.kwargs.values())
-        ]
+        operands = [self._labels(a) for a in list(node.args) + list(node.kwargs.values())]
         operands = [o for o in operands if isinstance(o, torch.Tensor)]
         if not operands:
             return self._fresh(value)
@@ -401,9 +356,7 @@ class _LabelInterpreter(fx.Interpreter):
             for i, size in enumerate(o.shape)
             if size > 1
         }
-        operands = [
-            o.expand(value.shape) if o.shape != value.shape else o for o in operands
-        ]
+        operands = [o.expand(value.shape) if o.shape != value.shape else o for o in operands]
         result = operands[0].clone()
         for other in operands[1:]:
             self._tie_pairs(result, other)
@@ -419,17 +372,13 @@ class _LabelInterpreter(fx.Interpreter):
         )
         return result
 
-    def _consume(
-        self, labels: torch.Tensor, dim: int, weight: str, weight_dim: int
-    ) -> None:
+    def _consume(self, labels: torch.Tensor, dim: int, weight: str, weight_dim: int) -> None:
         """Register the columns of `weight` that read each channel found along `dim` of `labels`."""
         moved = labels.movedim(dim, 0).reshape(labels.shape[dim], -1)
         for column in range(moved.shape[0]):
             channels = _channels(moved[column]).tolist()
             for channel in channels:
-                self.found.slices[channel].append(
-                    TensorSlice(weight, weight_dim, column, column + 1, consumer=True)
-                )
+                self.found.slices[channel].append(TensorSlice(weight, weight_dim, column, column + 1, consumer=True))
             for other in channels[1:]:
                 self.found.ties.union(channels[0], other)
 
@@ -445,9 +394,7 @@ class _LabelInterpreter(fx.Interpreter):
         for index, channel in enumerate(channels.long().tolist()):
             self.found.slices[channel].append(TensorSlice(weight, 0, index, index + 1))
             if bias:
-                self.found.slices[channel].append(
-                    TensorSlice(bias, 0, index, index + 1)
-                )
+                self.found.slices[channel].append(TensorSlice(bias, 0, index, index + 1))
         shape = [1] * value.dim()
         shape[dim] = -1
         return channels.reshape(shape).expand(value.shape).clone()
@@ -457,9 +404,7 @@ class _LabelInterpreter(fx.Interpreter):
         weight = self._name(node.args[1])
         bias = self._name(node.args[2]) if len(node.args) > 2 else None
         if weight is None:
-            self._block(
-                inputs, f"{where}: the weight is computed or tied to another parameter"
-            )
+            self._block(inputs, f"{where}: the weight is computed or tied to another parameter")
             return self._fresh(value)
         self._consume(inputs, inputs.dim() - 1, weight, 1)
         return self._produce(node, weight, bias, value, value.dim() - 1)
@@ -468,9 +413,7 @@ class _LabelInterpreter(fx.Interpreter):
         inputs = self._labels(node.args[0])
         weight = self._name(node.args[1])
         bias = self._name(node.args[2]) if len(node.args) > 2 else None
-        transposed = (
-            _op_name(node.target) in ("convolution", "_convolution") and node.args[6]
-        )
+        transposed = _op_name(node.target) in ("convolution", "_convolution") and node.args[6]
         groups = self.env[node.args[0]].shape[1] // self.env[node.args[1]].shape[1]
         if weight is None or transposed:
             self._block(inputs, f"{where}: transposed convolution or computed weight")
@@ -478,28 +421,18 @@ class _LabelInterpreter(fx.Interpreter):
         if groups == 1:
             self._consume(inputs, 1, weight, 1)
             return self._produce(node, weight, bias, value, 1)
-        if (
-            groups == inputs.shape[1] == value.shape[1]
-        ):  # depthwise: channel c in, channel c out
+        if groups == inputs.shape[1] == value.shape[1]:  # depthwise: channel c in, channel c out
             moved = inputs.movedim(1, 0).reshape(inputs.shape[1], -1)
             for channel_index in range(moved.shape[0]):
                 channels = _channels(moved[channel_index]).tolist()
                 for channel in channels:
-                    self.found.slices[channel].append(
-                        TensorSlice(weight, 0, channel_index, channel_index + 1)
-                    )
+                    self.found.slices[channel].append(TensorSlice(weight, 0, channel_index, channel_index + 1))
                     if bias:
-                        self.found.slices[channel].append(
-                            TensorSlice(bias, 0, channel_index, channel_index + 1)
-                        )
+                        self.found.slices[channel].append(TensorSlice(bias, 0, channel_index, channel_index + 1))
                 if not channels:
                     return self._fresh(value)
             first = moved.amax(1)
-            return (
-                first.reshape(1, -1, *[1] * (value.dim() - 2))
-                .expand(value.shape)
-                .clone()
-            )
+            return first.reshape(1, -1, *[1] * (value.dim() - 2)).expand(value.shape).clone()
         self._block(inputs, f"{where}: grouped convolution (groups={groups})")
         return self._fresh(value)
 
@@ -509,9 +442,7 @@ class _LabelInterpreter(fx.Interpreter):
         for index in range(moved.shape[0]):
             channels = _channels(moved[index]).tolist()
             for channel in channels:
-                self.found.slices[channel] += [
-                    TensorSlice(t, 0, index, index + 1) for t in tensors if t
-                ]
+                self.found.slices[channel] += [TensorSlice(t, 0, index, index + 1) for t in tensors if t]
             for other in channels[1:]:
                 self.found.ties.union(channels[0], other)
 
@@ -565,9 +496,7 @@ class _LabelInterpreter(fx.Interpreter):
         merged = torch.where(left >= 0, left, right)
         return self._sum_fibres(merged.movedim(-2, -1), 1)
 
-    def _sum_fibres(
-        self, labels: torch.Tensor, count: int, tie: bool = True
-    ) -> torch.Tensor:
+    def _sum_fibres(self, labels: torch.Tensor, count: int, tie: bool = True) -> torch.Tensor:
         """Reduce the last `count` axes, tying every channel of one fibre (a sum removes a channel's
         share exactly) unless `tie` is False (statistics, checked for uniformity instead)."""
         fibres = labels.reshape(*labels.shape[: labels.dim() - count], -1)
@@ -575,9 +504,7 @@ class _LabelInterpreter(fx.Interpreter):
         if tie:
             self._tie_pairs(top.expand(fibres.shape), fibres)
         else:  # a statistic of mixed channels carries none of them: it must not tie them downstream
-            top = torch.where(
-                fibres.amin(-1, keepdim=True) == top, top, torch.full_like(top, NONE)
-            )
+            top = torch.where(fibres.amin(-1, keepdim=True) == top, top, torch.full_like(top, NONE))
         return top.squeeze(-1)
 
     def _attention(self, node: fx.Node, value, where: str):
@@ -594,40 +521,24 @@ class _LabelInterpreter(fx.Interpreter):
         shape = torch.broadcast_shapes(left.shape, right.shape)
         self._tie_pairs(left.expand(shape), right.expand(shape))
         scores = self._sum_fibres(
-            torch.where(
-                left.expand(shape) >= 0, left.expand(shape), right.expand(shape)
-            ),
+            torch.where(left.expand(shape) >= 0, left.expand(shape), right.expand(shape)),
             1,
         )
         # softmax over keys normalises within one head: its fibre must hold one group only
-        self._require_uniform(
-            scores, [scores.dim() - 1], f"{where}: softmax over several channel groups"
-        )
+        self._require_uniform(scores, [scores.dim() - 1], f"{where}: softmax over several channel groups")
         return self._matmul(scores, val, value, where)
 
     def _reduction(self, node: fx.Node, name: str, value, where: str):
         labels = self._labels(node.args[0])
         if not isinstance(labels, torch.Tensor):
             return self._fresh(value)
-        if (
-            name in _POOLS
-        ):  # per channel: a channel's positions must not mix with others'
+        if name in _POOLS:  # per channel: a channel's positions must not mix with others'
             dims = list(range(2, labels.dim()))
-            self._require_uniform(
-                labels, dims, f"{where}: pools over several channels together"
-            )
+            self._require_uniform(labels, dims, f"{where}: pools over several channels together")
             out = value[0] if isinstance(value, tuple) else value
             per_channel = labels.reshape(*labels.shape[:2], -1).amax(-1)
-            result = (
-                per_channel.reshape(*per_channel.shape, *[1] * len(dims))
-                .expand(out.shape)
-                .clone()
-            )
-            return (
-                (result, *(self._fresh(v) for v in value[1:]))
-                if isinstance(value, tuple)
-                else result
-            )
+            result = per_channel.reshape(*per_channel.shape, *[1] * len(dims)).expand(out.shape).clone()
+            return (result, *(self._fresh(v) for v in value[1:])) if isinstance(value, tuple) else result
         if name in (
             "softmax",
             "_softmax",
@@ -639,24 +550,14 @@ class _LabelInterpreter(fx.Interpreter):
             dims = [node.args[1]]
         else:
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            dims = (
-                list(range(labels.dim()))
-                if dims is None
-                else ([dims] if isinstance(dims, int) else list(dims))
-            )
+            dims = list(range(labels.dim())) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
         dims = [d % labels.dim() for d in dims] if labels.dim() else []
         if name in _STATISTICS:
-            self._require_uniform(
-                labels, dims, f"{where}: normalises over several channels together"
-            )
-        moved = labels.movedim(
-            dims, list(range(labels.dim() - len(dims), labels.dim()))
-        )
+            self._require_uniform(labels, dims, f"{where}: normalises over several channels together")
+        moved = labels.movedim(dims, list(range(labels.dim() - len(dims), labels.dim())))
         reduced = self._sum_fibres(moved, len(dims), tie=name not in _STATISTICS)
         out = value[0] if isinstance(value, tuple) else value
-        if (
-            out.shape == labels.shape
-        ):  # softmax, cumsum: same shape, every element carries its fibre's label
+        if out.shape == labels.shape:  # softmax, cumsum: same shape, every element carries its fibre's label
             shape = list(reduced.shape) + [1] * len(dims)
             result = (
                 reduced.reshape(shape)
@@ -664,35 +565,22 @@ class _LabelInterpreter(fx.Interpreter):
                 .movedim(list(range(labels.dim() - len(dims), labels.dim())), dims)
             )
         else:
-            result = (
-                reduced.reshape(out.shape)
-                if reduced.numel() == out.numel()
-                else self._fresh(out)
-            )
+            result = reduced.reshape(out.shape) if reduced.numel() == out.numel() else self._fresh(out)
         if isinstance(value, tuple):
             return (result.clone(), *(self._fresh(v) for v in value[1:]))
         return result.clone()
 
 
-def trace_channels(
-    model: nn.Module, example_inputs: Mapping | tuple | torch.Tensor
-) -> ChannelGraph:
+def trace_channels(model: nn.Module, example_inputs: Mapping | tuple | torch.Tensor) -> ChannelGraph:
     """Export `model` on `example_inputs` (a tensor, a tuple of positional inputs or a dict of keyword
     inputs) and label its channels; the model is left unchanged."""
     args, kwargs = split_inputs(example_inputs)
-    if (
-        getattr(getattr(model, "config", None), "use_cache", None) is not None
-        and not args
-    ):
-        kwargs.setdefault(
-            "use_cache", False
-        )  # a KV cache in the output cannot be exported
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None and not args:
+        kwargs.setdefault("use_cache", False)  # a KV cache in the output cannot be exported
     try:
         with torch.no_grad():
             exported = torch.export.export(model, args, kwargs, strict=False)
-    except (
-        Exception
-    ) as error:  # export raises many types; all mean the same to the caller
+    except Exception as error:  # export raises many types; all mean the same to the caller
         raise TracingError(
             f"torch.export could not trace {type(model).__name__} on the example inputs "
             f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "

@@ -67,15 +67,10 @@ class TracedGroups:
             summary,
             f"{'family (producing modules)':<60}{'groups':>8}{'channels':>10}",
         ]
-        lines += [
-            f"{_short(f.name, 58):<60}{len(f.groups):>8}{f.channels:>10}"
-            for f in self.families
-        ]
+        lines += [f"{_short(f.name, 58):<60}{len(f.groups):>8}{f.channels:>10}" for f in self.families]
         if self.blocked:
             lines += ["", f"{'left alone because':<80}{'channels':>10}"]
-            lines += [
-                f"{_short(b.reason, 78):<80}{b.channels:>10}" for b in self.blocked
-            ]
+            lines += [f"{_short(b.reason, 78):<80}{b.channels:>10}" for b in self.blocked]
         return "\n".join(lines)
 
 
@@ -85,16 +80,13 @@ def _short(text: str, width: int) -> str:
 
 def _merge(pieces: list[TensorSlice]) -> tuple[TensorSlice, ...]:
     """Adjacent one-channel slices of the same tensor, axis and role as ranges, in a stable order."""
-    ordered = sorted(
-        set(pieces), key=lambda p: (p.parameter, p.dim, p.consumer, p.start)
-    )
+    ordered = sorted(set(pieces), key=lambda p: (p.parameter, p.dim, p.consumer, p.start))
     merged: list[TensorSlice] = []
     for piece in ordered:
         last = merged[-1] if merged else None
         if (
             last
-            and (last.parameter, last.dim, last.consumer)
-            == (piece.parameter, piece.dim, piece.consumer)
+            and (last.parameter, last.dim, last.consumer) == (piece.parameter, piece.dim, piece.consumer)
             and (last.stop >= piece.start)
         ):
             merged[-1] = TensorSlice(
@@ -112,36 +104,20 @@ def _merge(pieces: list[TensorSlice]) -> tuple[TensorSlice, ...]:
 def derive_groups(graph: ChannelGraph, model: nn.Module) -> TracedGroups:
     """Families of prunable groups and the blocked channels, in the order the forward pass meets them."""
     buffers = {name for name, _ in model.named_buffers()}
-    families: dict[tuple, list[tuple[list[int], tuple[TensorSlice, ...]]]] = (
-        defaultdict(list)
-    )
+    families: dict[tuple, list[tuple[list[int], tuple[TensorSlice, ...]]]] = defaultdict(list)
     blocked: dict[str, list[int]] = defaultdict(list)
-    for root, members in sorted(graph.components().items()):
+    for _root, members in sorted(graph.components().items()):
         reasons = [graph.blocked[c] for c in members if c in graph.blocked]
         if reasons:
             blocked[reasons[0]].extend(members)
             continue
-        pieces = _merge(
-            [piece for channel in members for piece in graph.slices[channel]]
-        )
-        signature = tuple(
-            sorted(
-                {
-                    (p.parameter, p.dim, p.consumer, p.parameter in buffers)
-                    for p in pieces
-                }
-            )
-        )
+        pieces = _merge([piece for channel in members for piece in graph.slices[channel]])
+        signature = tuple(sorted({(p.parameter, p.dim, p.consumer, p.parameter in buffers) for p in pieces}))
         families[signature].append((members, pieces))
     result = []
-    for number, (signature, entries) in enumerate(families.items()):
-        producers = sorted(
-            {graph.producers[c][0] for members, _ in entries for c in members}
-        )
-        groups = tuple(
-            Group("channels", number, index, pieces)
-            for index, (_, pieces) in enumerate(entries)
-        )
+    for number, entries in enumerate(families.values()):
+        producers = sorted({graph.producers[c][0] for members, _ in entries for c in members})
+        groups = tuple(Group("channels", number, index, pieces) for index, (_, pieces) in enumerate(entries))
         result.append(
             Family(
                 ", ".join(producers),
@@ -150,16 +126,8 @@ def derive_groups(graph: ChannelGraph, model: nn.Module) -> TracedGroups:
             )
         )
     report = tuple(
-        BlockedChannels(
-            reason, len(real), tuple(sorted({graph.producers[c][0] for c in real}))
-        )
+        BlockedChannels(reason, len(real), tuple(sorted({graph.producers[c][0] for c in real})))
         for reason, members in blocked.items()
-        if (
-            real := [
-                c
-                for c in members
-                if not graph.producers[c][0].startswith(VIRTUAL_PREFIX)
-            ]
-        )
+        if (real := [c for c in members if not graph.producers[c][0].startswith(VIRTUAL_PREFIX)])
     )
     return TracedGroups(tuple(result), report)

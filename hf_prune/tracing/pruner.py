@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from ..checkpoint import write_atomically
 from ..config import PruningConfig, count_of
 from ..errors import InvalidPruningTargetError, NotPrunedError, TracingError
 from ..evaluation import parameter_count
 from ..finite import check_finite_weights
 from ..groups import Group, TensorSlice
+from ..output.checkpoint import write_atomically
 from ..surgery import slice_tensors
 from .graph import split_inputs, trace_channels
 from .groups import TracedGroups, derive_groups
@@ -82,9 +82,7 @@ def mask_groups(model: nn.Module, groups: Iterable[Group]) -> None:
     for group in groups:
         for piece in group.slices:
             if piece.consumer:
-                model.get_parameter(piece.parameter).narrow(
-                    piece.dim, piece.start, piece.stop - piece.start
-                ).zero_()
+                model.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()
 
 
 class TracedPruner:
@@ -102,46 +100,31 @@ class TracedPruner:
     def __init__(self, model: nn.Module, example_inputs):
         self.model = model.eval()
         self.example_inputs = example_inputs
-        self.traced: TracedGroups = derive_groups(
-            trace_channels(self.model, example_inputs), self.model
-        )
+        self.traced: TracedGroups = derive_groups(trace_channels(self.model, example_inputs), self.model)
         self.removed: list[Group] = []
         self.report: TracedPruningReport | None = None
 
-    def prune(
-        self, config: PruningConfig | None = None, **kwargs
-    ) -> TracedPruningReport:
+    def prune(self, config: PruningConfig | None = None, **kwargs) -> TracedPruningReport:
         """Score every group, remove the lowest `config.channels` of each family, verify, cut.
 
         Data-aware criteria read `config.calibration`: an iterable of model inputs (tensors, tuples
         or dicts), e.g. a few batches of images.
         """
         if config is not None and kwargs:
-            raise TypeError(
-                "pass either a PruningConfig or keyword arguments, not both"
-            )
+            raise TypeError("pass either a PruningConfig or keyword arguments, not both")
         config = config or PruningConfig(**kwargs)
         self._check(config)
         check_finite_weights(self.model.named_parameters())
         criterion = config.criterion_for("channels")
         norms = None
         if TRACED_CRITERIA[criterion]:
-            consumers = {
-                p.parameter.rpartition(".")[0]
-                for g in self.traced.groups
-                for p in g.slices
-                if p.consumer
-            }
+            consumers = {p.parameter.rpartition(".")[0] for g in self.traced.groups for p in g.slices if p.consumer}
             norms = input_norms(self.model, consumers, config.calibration)
         removed: list[Group] = []
         families: dict[str, tuple[int, int]] = {}
         for family in self.traced.families:
-            count = min(
-                count_of(config.channels, len(family.groups)), len(family.groups) - 1
-            )
-            scores = score_groups(
-                criterion, self.model, family.groups, config.seed, norms
-            )
+            count = min(count_of(config.channels, len(family.groups)), len(family.groups) - 1)
+            scores = score_groups(criterion, self.model, family.groups, config.seed, norms)
             lowest = torch.argsort(scores, stable=True)[:count].tolist()
             removed += [family.groups[i] for i in sorted(lowest)]
             families[family.name] = (len(family.groups), count)
@@ -167,11 +150,7 @@ class TracedPruner:
         return self.report
 
     def _check(self, config: PruningConfig) -> None:
-        others = [
-            name
-            for name in PruningConfig.AMOUNTS
-            if name != "channels" and getattr(config, name)
-        ]
+        others = [name for name in PruningConfig.AMOUNTS if name != "channels" and getattr(config, name)]
         if others:
             raise InvalidPruningTargetError(
                 f"{', '.join(others)}: a traced model has channel groups only; use channels=... (e.g. channels=0.3)."
@@ -197,18 +176,14 @@ class TracedPruner:
                 "this model was already pruned; trace the pruned model again to prune more."
             )
         if not self.traced.families:
-            raise TracingError(
-                f"tracing found no prunable channel group.\n{self.traced}"
-            )
+            raise TracingError(f"tracing found no prunable channel group.\n{self.traced}")
         criterion = config.criterion_for("channels")
         if criterion not in TRACED_CRITERIA:
             raise InvalidPruningTargetError(
                 f"criterion={criterion!r} cannot rank traced channel groups; use one of {', '.join(TRACED_CRITERIA)} "
                 "(e.g. criterion='magnitude')."
             )
-        if TRACED_CRITERIA[criterion] and isinstance(
-            config.calibration, (str, os.PathLike)
-        ):
+        if TRACED_CRITERIA[criterion] and isinstance(config.calibration, (str, os.PathLike)):
             raise InvalidPruningTargetError(
                 f"criterion={criterion!r} needs calibration inputs for this model: pass calibration=[batch, ...] "
                 "(tensors, tuples or dicts the model accepts), not a dataset name."
@@ -231,9 +206,7 @@ class TracedPruner:
                 f"the cut model fails to run ({error}); its forward uses sizes fixed in code that the prune changed. "
                 "Nothing was changed."
             ) from error
-        shapes_match = len(actual) == len(expected) and all(
-            a.shape == e.shape for a, e in zip(actual, expected)
-        )
+        shapes_match = len(actual) == len(expected) and all(a.shape == e.shape for a, e in zip(actual, expected))
         difference = (
             max(
                 ((a - e).abs().max().item() for a, e in zip(actual, expected)),
@@ -253,24 +226,15 @@ class TracedPruner:
     def removed_slices(self) -> list[TensorSlice]:
         return [piece for group in self.removed for piece in group.slices]
 
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, overwrite: bool = False
-    ) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write `model.safetensors` and `pruned_shapes.json` (the removed indices of every tensor and
         the resulting shapes), atomically; `hf_prune.load_pruned(folder, model=unpruned)` reads them."""
         if self.report is None:
-            raise NotPrunedError(
-                "call prune() before save_pretrained(); nothing has been pruned yet."
-            )
+            raise NotPrunedError("call prune() before save_pretrained(); nothing has been pruned yet.")
         removed: dict[tuple[str, int], set[int]] = {}
         for piece in self.removed_slices():
-            removed.setdefault((piece.parameter, piece.dim), set()).update(
-                range(piece.start, piece.stop)
-            )
-        shapes = {
-            name: list(t.shape)
-            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
-        }
+            removed.setdefault((piece.parameter, piece.dim), set()).update(range(piece.start, piece.stop))
+        shapes = {name: list(t.shape) for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]}
         description = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

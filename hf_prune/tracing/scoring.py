@@ -43,14 +43,10 @@ def _parameter_slices(group: Group, buffers: set[str]) -> Group:
 
 
 @torch.no_grad()
-def input_norms(
-    model: nn.Module, consumers: set[str], calibration: Iterable
-) -> dict[str, torch.Tensor]:
+def input_norms(model: nn.Module, consumers: set[str], calibration: Iterable) -> dict[str, torch.Tensor]:
     """`‖X_j‖₂` of every input channel (last axis of a linear, axis 1 of a convolution) of the named
     modules, over all calibration inputs."""
-    squares: dict[str, torch.Tensor] = defaultdict(
-        lambda: torch.zeros((), dtype=torch.float64)
-    )
+    squares: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
 
     def hook(name: str, convolution: bool):
         def record(module: nn.Module, args: tuple) -> None:
@@ -61,9 +57,7 @@ def input_norms(
         return record
 
     handles = [
-        module.register_forward_pre_hook(
-            hook(name, isinstance(module, nn.modules.conv._ConvNd))
-        )
+        module.register_forward_pre_hook(hook(name, isinstance(module, nn.modules.conv._ConvNd)))
         for name, module in model.named_modules()
         if name in consumers
     ]
@@ -93,22 +87,16 @@ def score_groups(
         return torch.stack([_activation(model, group, norms) for group in groups])
     buffers = {n for n, _ in model.named_buffers()}
     context = ScoringContext(model, _WholeModel())
-    return get_criterion(name, seed=seed).score(
-        context, [_parameter_slices(g, buffers) for g in groups]
-    )
+    return get_criterion(name, seed=seed).score(context, [_parameter_slices(g, buffers) for g in groups])
 
 
-def _activation(
-    model: nn.Module, group: Group, norms: dict[str, torch.Tensor]
-) -> torch.Tensor:
+def _activation(model: nn.Module, group: Group, norms: dict[str, torch.Tensor]) -> torch.Tensor:
     score = torch.zeros((), dtype=torch.float64)
     for piece in group.slices:
         if not piece.consumer:
             continue
         weight = model.get_parameter(piece.parameter).detach().double()
-        columns = weight.narrow(
-            piece.dim, piece.start, piece.stop - piece.start
-        ).movedim(piece.dim, 0)
+        columns = weight.narrow(piece.dim, piece.start, piece.stop - piece.start).movedim(piece.dim, 0)
         reads = columns.abs().reshape(columns.shape[0], -1).sum(1)
         module = piece.parameter.rpartition(".")[0]
         score = score + (norms[module][piece.start : piece.stop] * reads).sum()

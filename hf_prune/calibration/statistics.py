@@ -1,0 +1,313 @@
+"""One calibration pass → the statistics every data-aware criterion and repair reads.
+
+Forward hooks accumulate, per layer, the input channels of each branch's consuming projection
+(`o_proj`, `down_proj`, ...): counts, sums, sums of squares and, where asked, Gram matrices, each
+batch computed in float32 and added into float64. Nothing is stored per token. Layer and branch
+influence (`1 − cos(h_in, h_out)`) is accumulated the same way. Gradient criteria add one
+backward pass per batch of the calibration loss (`calibration_loss`), summing gradients and squared
+gradients of the layers' parameters.
+On convolutional families that prune stage channels, `moments` also records the mean |value| of
+every stage's output channel (`streams`), and `stream_gram` the Gram matrix of the stream channels
+at every module that reads them (`stream_consumers`, for their least-squares repair). Without
+gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
+classifier's input. Under torchrun each process runs its share of the batches and the sums are
+added across processes (`hf_prune.calibration.distributed`).
+
+Method notes and sources: docs/methods.md §2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..finite import check_finite_statistics
+from ..groups import ArchitectureAdapter, Branch
+from ..groups.base import channels_last
+from .distributed import local_share, sum_across_processes, sum_numbers
+from .loss import calibration_loss
+
+Requirement = Literal["moments", "mlp_gram", "influence", "gradients", "stream_gram"]
+REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients", "stream_gram")
+
+
+#: Channel blocks of a Gram matrix: only the blocks on and above the diagonal are multiplied.
+GRAM_BLOCKS = 4
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """`gram += xᵀx` from the upper-triangular blocks of xᵀx, mirrored: (b+1)/2b of the multiply-adds
+    of one matmul (5/8 with 4 blocks; the MLP Gram costs about as much as the MLP's own forward).
+    Each entry is the same float32 dot product as in `x.T @ x`, added into float64."""
+    channels = x.shape[1]
+    edges = [round(i * channels / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    spans = [slice(start, stop) for start, stop in pairwise(edges) if stop > start]
+    for i, rows in enumerate(spans):
+        for columns in spans[i:]:
+            block = (x[:, rows].T @ x[:, columns]).double()
+            gram[rows, columns] += block
+            if columns != rows:
+                gram[columns, rows] += block.T
+
+
+@dataclass
+class ChannelStatistics:
+    """Moments of the input channels of one consuming projection."""
+
+    count: int = 0
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    with_gram: bool = False
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.total is None:
+            channels = x.shape[1]
+            self.total = torch.zeros(channels, dtype=torch.float64, device=x.device)
+            self.squares = torch.zeros(channels, dtype=torch.float64, device=x.device)
+            if self.with_gram:
+                self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=x.device)
+        self.count += x.shape[0]
+        # In-place adds of float32 blocks into float64 sums, the Gram a block of columns at a time:
+        # at 8192 channels a whole float32 Gram is 256 MB and a float64 copy 512 MB more.
+        self.total += x.sum(0)
+        self.squares += x.pow(2).sum(0)
+        if self.with_gram:
+            add_gram(self.gram, x)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        return self.squares / self.count
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.mean_square - self.mean.pow(2)).clamp_min(0)
+
+
+@dataclass
+class CalibrationStatistics:
+    """Everything one calibration pass measured, keyed by (original) layer index."""
+
+    consumers: dict[tuple[int, Branch], ChannelStatistics] = field(default_factory=dict)
+    #: stage → moments of |stage output| per stream channel (`mean` is the mean magnitude).
+    streams: dict[int, ChannelStatistics] = field(default_factory=dict)
+    #: qualified module name → moments and Gram of the stream channels it reads (`stream_gram`).
+    stream_consumers: dict[str, ChannelStatistics] = field(default_factory=dict)
+    #: mean of 1 − cos(stream before, stream after) per token, for "layer", "attention", "mlp".
+    influence: dict[tuple[int, str], float] = field(default_factory=dict)
+    #: Σ over batches of the gradient, and of its square, per (layer, parameter name in the layer).
+    gradient_sum: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    gradient_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    batches: int = 0
+    tokens: int = 0
+    #: what was collected, so a reuse can check it has what its criteria need.
+    requirements: frozenset[str] = frozenset()
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _one_minus_cos(before: torch.Tensor, after: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return 1 - nn.functional.cosine_similarity(before.float(), after.float(), dim=dim)
+
+
+class InfluenceRecorder:
+    """Hooks that measure how much each layer and branch turns the residual stream."""
+
+    def __init__(self, stats: CalibrationStatistics):
+        self.stats = stats
+        self.sums: dict[tuple[int, str], float] = {}
+        self.counts: dict[tuple[int, str], int] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.stream: dict[int, torch.Tensor] = {}
+
+    def _add(self, key: tuple[int, str], values: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + values.sum().item()
+        self.counts[key] = self.counts.get(key, 0) + values.numel()
+
+    def register(self, index: int, layer: nn.Module, adapter: ArchitectureAdapter) -> list:
+        def layer_input(module, args, kwargs):
+            self.inputs[index] = self.stream[index] = args[0] if args else kwargs["hidden_states"]
+
+        def layer_output(module, args, kwargs, output):
+            before, after = self.inputs.pop(index), _first(output)
+            self._add((index, "layer"), _one_minus_cos(before, after, adapter.stream_channel_dim))
+            self.stream.pop(index)
+
+        def branch_output(branch: str):
+            def hook(module, args, output):
+                before = self.stream[index]
+                after = before + _first(output)
+                self._add((index, branch), _one_minus_cos(before, after))
+                self.stream[index] = after  # the MLP of a sequential block reads stream + attention
+
+            return hook
+
+        handles = [
+            layer.register_forward_pre_hook(layer_input, with_kwargs=True),
+            layer.register_forward_hook(layer_output, with_kwargs=True),
+        ]
+        for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
+            # Branch outputs add to the stream only in families that prune branches.
+            if f"{branch}_branches" in adapter.kinds and adapter.has_branch(layer, branch):
+                handles.append(layer.get_submodule(name).register_forward_hook(branch_output(branch)))
+        return handles
+
+    def finish(self) -> None:
+        keys = sorted(self.sums)
+        totals = sum_numbers([self.sums[key] for key in keys] + [self.counts[key] for key in keys])
+        for key, total, count in zip(keys, totals, totals[len(keys) :]):
+            self.stats.influence[key] = total / count
+
+
+def sum_statistics(stats: CalibrationStatistics) -> None:
+    """Add every process's moments, Grams, gradients and counts (nothing with one process)."""
+    accumulators = [stats.consumers[key] for key in sorted(stats.consumers)]
+    accumulators += [stats.streams[stage] for stage in sorted(stats.streams)]
+    accumulators += [stats.stream_consumers[name] for name in sorted(stats.stream_consumers)]
+    gradient_keys = sorted(stats.gradient_sum)
+    sum_across_processes(
+        [t for acc in accumulators for t in (acc.total, acc.squares, acc.gram) if t is not None]
+        + [stats.gradient_sum[key] for key in gradient_keys]
+        + [stats.gradient_squares[key] for key in gradient_keys]
+    )
+    counts = sum_numbers([stats.batches, stats.tokens] + [acc.count for acc in accumulators])
+    stats.batches, stats.tokens = int(counts[0]), int(counts[1])
+    for acc, count in zip(accumulators, counts[2:]):
+        acc.count = int(count)
+
+
+def register_layer_hooks(
+    stats: CalibrationStatistics,
+    index: int,
+    layer: nn.Module,
+    adapter: ArchitectureAdapter,
+    recorder: InfluenceRecorder | None,
+) -> list:
+    """Hooks that accumulate one layer's forward-pass statistics into `stats` (as
+    `stats.requirements` asks): the whole-model pass and the low-memory layer loop share them."""
+    handles = []
+    if stats.requirements & {"moments", "mlp_gram"}:
+        for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
+            if not adapter.has_branch(layer, branch):
+                continue
+            # Attention Grams are small (heads × head_dim squared) and serve head criteria and repair.
+            accumulator = ChannelStatistics(with_gram=branch == "attention" or "mlp_gram" in stats.requirements)
+            stats.consumers[(index, branch)] = accumulator
+            module = layer.get_submodule(name)
+            handles.append(
+                module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(channels_last(m, args[0])))
+            )
+    if recorder:
+        handles += recorder.register(index, layer, adapter)
+    return handles
+
+
+def register_stream_hooks(stats: CalibrationStatistics, model: nn.Module, adapter: ArchitectureAdapter) -> list:
+    """Hooks that accumulate |output| per channel of every stage (`moments`, for stream channel
+    criteria) and the input Gram of every module reading a stream (`stream_gram`, for their repair)."""
+    handles = []
+    for stage, module in enumerate(adapter.stages(model)):
+        if "moments" in stats.requirements:
+            accumulator = stats.streams[stage] = ChannelStatistics()
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, args, output, acc=accumulator: acc.add(output.abs().movedim(1, -1))
+                )
+            )
+        if "stream_gram" in stats.requirements:
+            for name in adapter.stream_members(model, stage).consumers:
+                accumulator = stats.stream_consumers[name] = ChannelStatistics(with_gram=True)
+                consumer = model.get_submodule(name)
+                handles.append(
+                    consumer.register_forward_pre_hook(
+                        lambda m, args, acc=accumulator: acc.add(channels_last(m, args[0]))
+                    )
+                )
+    return handles
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The model without its task head (the LM head alone costs ~25% of a small LM's forward)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+def model_inputs(batch: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    batch = batch.to(device)
+    return {"pixel_values": batch} if batch.is_floating_point() else {"input_ids": batch}
+
+
+def collect_statistics(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    batches: Iterable[torch.Tensor],
+    requirements: set[Requirement],
+) -> CalibrationStatistics:
+    """Run the calibration batches once and return what `requirements` ask for (checked finite:
+    `hf_prune.finite`; the model is left as it was)."""
+    stats = CalibrationStatistics(requirements=frozenset(requirements))
+    layers = adapter.layers(model)
+    recorder = InfluenceRecorder(stats) if "influence" in requirements else None
+    handles = []
+    for index, layer in enumerate(layers):
+        handles += register_layer_hooks(stats, index, layer, adapter, recorder)
+    if requirements & {"moments", "stream_gram"} and "stage_channels" in adapter.kinds:
+        handles += register_stream_hooks(stats, model, adapter)
+
+    gradients = "gradients" in requirements
+    # The classifier reads the last stage's stream: its repair needs the task head to run.
+    streams = "stream_gram" in requirements and "stage_channels" in adapter.kinds
+    forward = model if streams else base_model(model)
+    layer_parameters = {id(p) for p in layers.parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in layer_parameters]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for parameter in frozen:  # embeddings and heads: no gradient needed, saves a large matmul
+            parameter.requires_grad_(False)
+        for batch in tqdm(local_share(list(batches)), desc="calibration", unit="batch", leave=False):
+            inputs = model_inputs(batch, device)
+            stats.batches += 1
+            stats.tokens += batch.numel() if "input_ids" in inputs else batch.shape[0]
+            if not gradients:
+                with torch.no_grad():
+                    forward(**inputs)
+                continue
+            loss = calibration_loss(model, inputs)
+            loss.backward()
+            for index, layer in enumerate(layers):
+                for name, parameter in layer.named_parameters():
+                    if parameter.grad is None:
+                        continue
+                    grad = parameter.grad.detach().double()
+                    key = (index, name)
+                    if key in stats.gradient_sum:
+                        stats.gradient_sum[key] += grad
+                        stats.gradient_squares[key] += grad.pow(2)
+                    else:
+                        stats.gradient_sum[key], stats.gradient_squares[key] = grad, grad.pow(2)
+            model.zero_grad(set_to_none=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        model.train(was_training)
+    sum_statistics(stats)
+    if recorder:
+        recorder.finish()
+    check_finite_statistics(stats, adapter, model)
+    return stats

@@ -1,0 +1,592 @@
+"""Low-memory (sequential) pruning: only one layer's weights are in memory at a time.
+
+The model is built on the meta device. The calibration inputs of every layer are captured
+(`layer_inputs`) with only the tensors outside the layer stack loaded (embeddings; rotary embeddings and masks
+are computed as usual; what runs between layers, such as ConvNeXt's downsampling before a stage, is
+loaded again for a moment before the layer it feeds). Then each layer in turn is read from the
+safetensors shards, measured with the same hooks as the whole-model pass
+(`statistics.register_layer_hooks`), scored and planned (`allocation.plan_layer`), repaired
+(`reconstruction.reconstruct`), cut (`surgery.cut_layer`), written to a staging folder (under the
+name it takes in the pruned model: `ArchitectureAdapter.kept_layer_names`) and unloaded; its
+calibration outputs are the next layer's inputs.
+
+Propagating through the *unpruned* layer (`PruningConfig(propagate="unpruned")`, the default)
+gives every layer exactly the inputs of the whole-model calibration pass, so layer-local criteria
+reproduce the in-memory prune; `propagate="pruned"` feeds the next layer what the pruned model
+will compute instead, as the in-memory `layerwise` prune does (with the same result). Layer and
+branch removal rank blocks across layers: a first pass scores them, the second prunes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+import weakref
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import (
+    WeightConverter,
+    WeightRenaming,
+    rename_source_key,
+)
+
+from ..allocation import group_scores, plan_layer, remove_blocks
+from ..calibration.layer_inputs import LayerInputs, capture_layer_inputs, first_output
+from ..calibration.sources import token_windows
+from ..calibration.statistics import (
+    CalibrationStatistics,
+    InfluenceRecorder,
+    Requirement,
+    register_layer_hooks,
+)
+from ..config import PruningConfig
+from ..criteria import Criterion, ScoringContext
+from ..errors import LowMemoryError, NotPrunedError
+from ..evaluation import parameter_count
+from ..finite import check_finite_statistics, check_finite_weights
+from ..groups.base import channels_last
+from ..output.checkpoint import decide_format, write_atomically
+from ..plan import PruningPlan
+from ..pruner import HFPruner, _model_class, _own_config, load_preprocessor
+from ..repair.least_squares import reconstruct
+from ..repair.removed_layers import FOLDING_REPAIRS, RemovedRun, removed_runs, run_target
+from ..report import PruningReport
+from ..surgery import cut_layer, drop_layers
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc (macOS, Windows, musl)
+    _LIBC = None
+
+Propagation = Literal["unpruned", "pruned"]
+BLOCK_TARGETS = ("layers", "attention_branches", "mlp_branches")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointShards:
+    """Where each tensor of a safetensors checkpoint lives (one file, or shards and their index)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index, single = folder / INDEX_FILE, folder / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / file for name, file in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, "pt") as handle:
+                self.files = dict.fromkeys(handle.keys(), single)
+        else:
+            raise LowMemoryError(
+                f"low_memory=True reads safetensors weights, and {folder} has neither {INDEX_FILE} nor "
+                "model.safetensors. Re-save the model with save_pretrained (safetensors is its default) or "
+                "load it without low_memory."
+            )
+
+    def load(self, names: Iterable[str], device: torch.device, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The named tensors, read from their shards straight onto `device`."""
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.files[name]].append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, "pt", device=str(device)) as handle:
+                for name in file_names:
+                    tensor = handle.get_tensor(name)
+                    tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        return tensors
+
+
+def _checkpoint_names(model: PreTrainedModel, shards: CheckpointShards) -> dict[str, str]:
+    """Model state-dict name → checkpoint name, for every tensor the checkpoint holds.
+
+    Names go through the renames `from_pretrained` applies (legacy layouts such as GPT-NeoX's
+    `embed_out` or ViT's `encoder.layer.N.attention.attention.query`, and the base-model prefix).
+    Tensors that `from_pretrained` would convert (merge, split) are left out, and a missing layer
+    tensor is reported by `LowMemoryPruner.prune`.
+    """
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    state = model.state_dict()
+    names = {}
+    for key in shards.files:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if converted is None and name in state:
+            names[name] = key
+    return names
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attribute in module._parameters:
+        module._parameters[attribute] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attribute] = tensor
+
+
+#: glibc `mallopt` parameter: allocations at least this large get their own mapping.
+_M_MMAP_THRESHOLD = -3
+#: 64 KiB: every tensor of a layer's weights, statistics and activations is mapped on its own.
+_MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
+def _map_large_allocations() -> None:
+    """Give every allocation of 64 KiB or more its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a mapped block is freed, so after the
+    first layer most of a layer's tensors land in the heap, where freed blocks fragment and the
+    resident size creeps up layer after layer. Free heap blocks are still reused, so this is set
+    as the low-memory pruner is built, before its first large allocation. Measured on the 1.7B
+    synthetic checkpoint (`scripts/benchmark_scale.py`): peak RSS 2.50 GB without, 1.95 GB with.
+    Fixing the threshold (which also stops its adjustment) is process-wide and stays set: the
+    process asked for low memory. A no-op where glibc is absent."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
+def _give_back_freed_memory() -> None:
+    """Return freed heap pages to the OS (glibc's `malloc_trim`): a layer's weights and its
+    statistics are freed after each layer, but glibc keeps the pages for reuse, which adds
+    fragments of every layer to the peak resident size. A no-op where glibc is absent."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _free(module: nn.Module, names: Iterable[str] | None = None) -> None:
+    """Drop weights (all of `module`'s, or the named ones), keeping their (possibly pruned)
+    shapes on the meta device."""
+    tensors = module.state_dict(keep_vars=True)
+    for name in tensors if names is None else names:
+        _set_tensor(module, name, torch.empty_like(tensors[name], device="meta"))
+
+
+class LowMemoryPruner(HFPruner):
+    """`HFPruner.from_pretrained(path, low_memory=True)`: prunes a model larger than memory layer by layer.
+
+    `model` stays on the meta device (with the pruned shapes after `prune`) until `load_model()`;
+    the pruned weights wait in a staging folder until `save_pretrained` moves them into place.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        shards: CheckpointShards,
+        tokenizer=None,
+        processor=None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(model, tokenizer=tokenizer, processor=processor)
+        self.shards = shards
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        self.names = _checkpoint_names(model, shards)
+        self.parameter_names = {name for name, _ in model.named_parameters()}
+        count = len(self.adapter.layers(model))
+        #: the state-dict name prefix of every layer, and of what runs before it outside the stack.
+        self.layer_prefixes = [f"{self.adapter.layer_name(model, index)}." for index in range(count)]
+        self.entry_prefixes = {
+            index: tuple(f"{name}." for name in names) for index, names in self.adapter.layer_entries(model).items()
+        }
+        #: where the pruned weights are: the staging folder after `prune`, the saved folder after a save.
+        self.weights_folder: Path | None = None
+        self.staging: Path | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **from_pretrained_kwargs,
+    ) -> LowMemoryPruner:
+        """Build the model on the meta device from a local folder's config; no weights are read."""
+        if "gguf_file" in from_pretrained_kwargs:
+            raise LowMemoryError(
+                "low_memory=True cannot read gguf_file=...: GGUF tensors are quantized as a whole file. Load it "
+                "without low_memory and save_pretrained it once to get safetensors shards, then prune those."
+            )
+        path = Path(folder)
+        if not path.is_dir():
+            raise LowMemoryError(
+                f"low_memory=True reads a local folder of safetensors shards; {str(folder)!r} is not a folder. "
+                "Download it first (huggingface_hub.snapshot_download) and pass the folder."
+            )
+        unsupported = sorted(set(from_pretrained_kwargs) - {"local_files_only"})
+        if unsupported:
+            raise LowMemoryError(
+                f"low_memory=True does not take {', '.join(unsupported)}; it takes device= and dtype= (and "
+                "PruningConfig(propagate=...) in prune)."
+            )
+        _map_large_allocations()  # before anything of this pruner's lands in the heap
+        config = AutoConfig.from_pretrained(path)
+        with init_empty_weights():
+            model = _model_class(config, from_gguf=False)(config)
+        model.tie_weights()  # tied copies (an LM head tied to the embeddings) are not in the checkpoint
+        tokenizer, processor = load_preprocessor(path, {})
+        pruner = cls(model.eval(), CheckpointShards(path), tokenizer, processor, device=device, dtype=dtype)
+        pruner.card_facts.record_source(folder)
+        return pruner
+
+    # ----------------------------------------------------------------- weights in and out
+    def _layer_names(self, index: int) -> list[str]:
+        return [name for name in self.names if name.startswith(self.layer_prefixes[index])]
+
+    def _load(self, names: list[str]) -> None:
+        """Read the named tensors into the model, the weights checked for NaN and Inf as they arrive."""
+        tensors = self.shards.load([self.names[name] for name in names], self.device, self.dtype)
+        check_finite_weights(
+            ((name, tensors[self.names[name]]) for name in names if name in self.parameter_names),
+            f"the checkpoint in {self.shards.folder}",
+            self._failed_outcome,
+        )
+        for name in names:
+            _set_tensor(self.model, name, tensors[self.names[name]])
+
+    #: the end of a `NonFiniteError` raised mid-prune (earlier layers may already be cut on the meta model).
+    _failed_outcome = (
+        "The checkpoint files are unchanged; load it again (low_memory=True) before retrying, as this pruner may "
+        "already have cut the layers before."
+    )
+
+    def _outside_layers(self) -> list[str]:
+        """State-dict names outside every layer that the checkpoint holds (tied copies are not saved;
+        what runs between layers, such as ConvNeXt's downsampling, is outside)."""
+        layers = tuple(self.layer_prefixes)
+        return [name for name in self.names if not name.startswith(layers)]
+
+    def _entering(self, inputs: LayerInputs, index: int, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`stream` through what the model runs before layer `index` outside the stack
+        (`LayerInputs.entering`), its weights loaded for the while."""
+        if index not in self.entry_prefixes:
+            return stream
+        names = [name for name in self.names if name.startswith(self.entry_prefixes[index])]
+        self._load(names)
+        try:
+            return inputs.entering(index, stream)
+        finally:
+            _free(self.model, names)
+
+    def _check_complete(self) -> None:
+        """Every parameter (a tied one counts once) must be in the checkpoint, or it would be saved missing."""
+        missing = [name for name, _ in self.model.named_parameters() if name not in self.names]
+        if missing:
+            raise LowMemoryError(
+                f"the checkpoint in {self.shards.folder} lacks {len(missing)} tensors the model needs "
+                f"(e.g. {missing[0]}); low_memory=True reads checkpoints whose tensors from_pretrained only "
+                "renames, never converts."
+            )
+
+    def _capture(self, batches: list[torch.Tensor]) -> LayerInputs:
+        """Every layer's calibration arguments, with only the tensors outside the layer stack loaded."""
+        outside = self._outside_layers()
+        self._load(outside)
+        try:
+            return capture_layer_inputs(self.model, self.adapter, batches, self.device, self.dtype)
+        finally:
+            _free(self.model, outside)
+
+    def _stage(self, staging: Path, file: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_file(
+            {name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
+            staging / file,
+            metadata={"format": "pt"},
+        )
+
+    # ----------------------------------------------------------------- passes
+    def _layer_pass(
+        self,
+        batches: list[torch.Tensor],
+        requirements: set[Requirement],
+        visit,
+        description: str,
+        propagate: Propagation,
+        extra_hooks=None,
+    ) -> None:
+        """Load each layer in turn, measure it on its calibration inputs, let `visit(index, layer,
+        statistics, inputs)` use it, propagate, unload. With `propagate="pruned"`, `visit` returns
+        the outputs to propagate (None: the layer was removed, its inputs go on unchanged).
+        `extra_hooks(index, layer)` returns more hook handles to hold during the measuring run."""
+        inputs = self._capture(batches) if batches else None
+        layers = self.adapter.layers(self.model)
+        for index in tqdm(range(len(layers)), desc=description, unit="layer"):
+            layer = layers[index]
+            if inputs is not None:  # the stream as this layer reads it (a stage's downsampling, kept as is)
+                inputs.hidden = self._entering(inputs, index, inputs.hidden)
+            self._load(self._layer_names(index))
+            statistics = CalibrationStatistics(requirements=frozenset(requirements))
+            if inputs is not None:
+                recorder = InfluenceRecorder(statistics) if "influence" in requirements else None
+                handles = register_layer_hooks(statistics, index, layer, self.adapter, recorder)
+                handles += extra_hooks(index, layer) if extra_hooks else []
+                try:  # unpruned propagation: the dense outputs are all the next layer needs
+                    inputs.run(layer, index, advance=propagate == "unpruned")
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                if recorder:
+                    recorder.finish()
+                check_finite_statistics(statistics, self.adapter, self.model, self._failed_outcome)
+                statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
+            propagated = visit(index, layer, statistics, inputs)
+            if propagate == "pruned" and propagated is not None:
+                inputs.hidden = propagated
+            _free(layer)
+            statistics = recorder = propagated = None  # drop this layer's sums before trimming
+            _give_back_freed_memory()
+
+    def _block_scores(self, batches, criteria: dict[str, Criterion], targets) -> dict[tuple[int, str], torch.Tensor]:
+        """First pass, for layer and branch removal: every layer's block scores."""
+        kinds = [kind for kind in BLOCK_TARGETS if getattr(targets, kind)]
+        requirements = set().union(*(criteria[kind].requires for kind in kinds))
+        scores = {}
+
+        def visit(index, layer, statistics, inputs):
+            context = ScoringContext(self.model, self.adapter, statistics=statistics)
+            for kind in kinds:
+                scores[(index, kind)] = group_scores(context, criteria[kind], index, kind)
+
+        self._layer_pass(batches, requirements, visit, "scoring blocks", "unpruned")
+        return scores
+
+    # ----------------------------------------------------------------- pruning
+    def prune(self, config: PruningConfig | None = None, **kwargs) -> PruningReport:
+        """Prune layer by layer as `HFPruner.prune` would prune in memory (same config, same plan
+        for layer-local criteria), writing the pruned layers to a staging folder."""
+        if self.report is not None:
+            raise LowMemoryError("this low-memory pruner has already pruned; load the checkpoint again to prune anew.")
+        config, targets, criteria = self.validated(config, kwargs)
+        if config.propagate == "both":
+            raise LowMemoryError(
+                "propagate='both' carries the dense activations beside the pruned ones through the in-memory "
+                "layer-by-layer prune; low_memory=True does not yet. Use propagate='pruned' or 'unpruned', or load "
+                "the model without low_memory."
+            )
+        if config.allocation != "uniform":
+            raise LowMemoryError(
+                f"allocation={config.allocation!r} ranks every layer's heads and neurons together, which the "
+                "layer-by-layer mode does not do yet; use allocation='uniform' (protected_layers and budgets work) "
+                "or load the model without low_memory."
+            )
+        if targets.stage_channels:
+            raise LowMemoryError(
+                f"stage_channels={config.stage_channels!r}: a stream channel spans every block of its stage, which "
+                "the layer-by-layer mode never holds at once; load the model without low_memory."
+            )
+        for kind, criterion in criteria.items():
+            if "gradients" in criterion.requires or criterion.needs_windows:
+                raise LowMemoryError(
+                    f"criterion {criterion.name!r} (for {kind}) needs whole-model forward and backward passes, which "
+                    "low_memory=True never runs; choose a layer-local criterion (e.g. criterion={'" + kind + "': "
+                    "'activation'}) or load the model without low_memory."
+                )
+        self._check_complete()
+        self._check_format(self._shape_plan(config), config)
+        requirements = set().union(*(c.requires for c in criteria.values()))
+        if config.reconstruct != "none":
+            requirements |= {"moments", "mlp_gram"}
+        batches = []
+        if requirements:
+            windows = token_windows(
+                config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed
+            )
+            batches = list(windows.split(config.batch_size))
+
+        plan = PruningPlan.keep_all(self.model, self.adapter)
+        if any(getattr(targets, kind) for kind in BLOCK_TARGETS):
+            scores = self._block_scores(batches, criteria, targets)
+            remove_blocks(plan, targets, lambda index, kind: scores[(index, kind)])
+        before = parameter_count(self.model)
+        _own_config(self.model)
+        staging = Path(tempfile.mkdtemp(prefix="hf_prune-staging-"))
+        weakref.finalize(self, shutil.rmtree, staging, True)
+        kept = plan.kept_layers
+        kept_names = self.adapter.kept_layer_names(self.model, kept)
+        files = len(kept) + 1
+        runs = {}
+        if config.reconstruct in FOLDING_REPAIRS and batches:
+            runs = {run.writer: run for run in removed_runs(self.model, self.adapter, plan)}
+        writer_inputs: list[torch.Tensor] = []
+
+        def keep_writer_inputs(index, layer):
+            if index not in runs:
+                return []
+            writer_inputs.clear()
+            down_proj = layer.get_submodule(self.adapter.down_proj)
+            keep = lambda module, args: writer_inputs.append(channels_last(module, args[0]))  # noqa: E731
+            return [down_proj.register_forward_pre_hook(keep)]
+
+        def visit(index, layer, statistics, inputs):
+            layer_plan = plan.layers[index]
+            context = ScoringContext(
+                self.model, self.adapter, statistics, batch_size=config.batch_size, damping=config.damping
+            )
+            plan_layer(context, criteria, layer_plan, targets)
+            removed_layer_target = None
+            if index in runs:
+                target = self._removed_layer_target(runs[index], layer, inputs, writer_inputs, config.propagate)
+                removed_layer_target = {index: target}
+            # `ispasp` may re-select the layer's groups: cut (and record) what the repair chose.
+            one_layer = PruningPlan([layer_plan])
+            layer_plan = reconstruct(
+                self.model,
+                self.adapter,
+                one_layer,
+                statistics,
+                config.reconstruct,
+                removed_layer_target,
+                damping=config.damping,
+            ).layers[0]
+            plan.layers[index] = layer_plan
+            if not layer_plan.keep_layer:
+                return None  # a removed layer is the identity: its inputs go on unchanged
+            cut_layer(layer, self.adapter, layer_plan)
+            position = kept.index(index)
+            self._stage(
+                staging,
+                f"model-{position + 2:05d}-of-{files:05d}.safetensors",
+                {f"{kept_names[position]}.{name}": t for name, t in layer.state_dict().items()},
+            )
+            return inputs.outputs(layer, index) if inputs is not None and config.propagate == "pruned" else None
+
+        self._layer_pass(batches, requirements, visit, "pruning layers", config.propagate, keep_writer_inputs)
+        self._stage_outside(staging, files)
+        drop_layers(self.model, self.adapter, kept)
+        decision = decide_format(self.model, self.adapter)
+        for key, value in decision.config_fields.items():
+            setattr(self.model.config, key, value)
+        after = parameter_count(self.model)
+        self.weights_folder = self.staging = staging
+        self.plan = plan
+        calibration = None
+        if batches:
+            calibration = {
+                "source": config.to_dict()["calibration"],
+                "windows": sum(len(b) for b in batches),
+                "seq_len": config.seq_len,
+                "tokens": sum(b.numel() for b in batches),
+            }
+        self.report = PruningReport.build(
+            self.model.config.model_type,
+            plan,
+            before,
+            after,
+            decision.name,
+            decision.reason,
+            config.to_dict(),
+            calibration,
+        )
+        return self.report
+
+    @torch.no_grad()
+    def _removed_layer_target(
+        self,
+        run: RemovedRun,
+        writer: nn.Module,
+        inputs: LayerInputs,
+        writer_inputs: list[torch.Tensor],
+        propagate: Propagation,
+    ) -> torch.Tensor:
+        """What the removed layers `run.first..run.last` add to the stream, against the writer's
+        `down_proj` inputs (`layer_replacement`): they are loaded one at a time and run on the
+        writer's dense outputs, on the stream this mode propagates."""
+        # Unpruned propagation has already advanced the stream past the (still dense) writer.
+        before = inputs.hidden if propagate == "unpruned" else inputs.outputs(writer, run.writer)
+        after = list(before)
+        layers = self.adapter.layers(self.model)
+        for index in range(run.first, run.last + 1):
+            after = self._entering(inputs, index, after)
+            self._load(self._layer_names(index))
+            after = [
+                first_output(layers[index](h, *a, **k))
+                for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])
+            ]
+            _free(layers[index])
+        target = run_target(writer.get_submodule(self.adapter.down_proj), writer_inputs, before, after)
+        writer_inputs.clear()
+        return target
+
+    def _shape_plan(self, config: PruningConfig) -> PruningPlan:
+        """A plan with the target counts (uniform allocation: the shapes do not depend on which groups go)."""
+        from ..allocation import plan_for
+        from ..criteria.random import RandomCriterion
+
+        return plan_for(self.model, self.adapter, config, RandomCriterion())
+
+    def _stage_outside(self, staging: Path, files: int) -> None:
+        names = self._outside_layers()
+        tensors = self.shards.load([self.names[name] for name in names], torch.device("cpu"), self.dtype)
+        self._stage(
+            staging, f"model-00001-of-{files:05d}.safetensors", {name: tensors[self.names[name]] for name in names}
+        )
+
+    # ----------------------------------------------------------------- results
+    def load_model(self) -> PreTrainedModel:
+        """Fill the meta-device model with the pruned weights (from staging, or from the saved folder)."""
+        if self.weights_folder is None:
+            raise NotPrunedError("call prune() before load_model(); the low-memory model has no weights until then.")
+        for file in sorted(self.weights_folder.glob("*.safetensors")):
+            with safe_open(file, "pt", device=str(self.device)) as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    _set_tensor(self.model, name, handle.get_tensor(name))
+        self.model.tie_weights()
+        return self.model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Move the staged shards into `save_directory` with an index, config, tokenizer and model
+        card; the folder appears complete or not at all (as `HFPruner.save_pretrained`). A later
+        save copies the shards from the folder saved first."""
+        if self.report is None:
+            raise NotPrunedError("call prune() before save_pretrained(); nothing has been pruned yet.")
+        decision = decide_format(self.model, self.adapter)
+        source, staged = self.weights_folder, self.weights_folder == self.staging
+        transfer = shutil.move if staged else shutil.copy2
+
+        def write(folder: Path) -> None:
+            moved = []
+            try:
+                weight_map, total = {}, 0
+                for shard in sorted(source.glob("*.safetensors")):
+                    with safe_open(shard, "pt") as handle:
+                        for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                            weight_map[name] = shard.name
+                            piece = handle.get_slice(name)
+                            total += torch.Size(piece.get_shape()).numel() * _itemsize(piece.get_dtype())
+                    transfer(shard, folder / shard.name)
+                    moved.append(shard.name)
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+                self.model.config.save_pretrained(folder)
+                if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
+                    self.model.generation_config.save_pretrained(folder)
+                self.write_companions(folder, decision, model_id=Path(save_directory).name)
+            except BaseException:
+                for name in moved if staged else ():  # the staged weights survive a failed save
+                    shutil.move(folder / name, source / name)
+                raise
+
+        folder = write_atomically(save_directory, write, overwrite=overwrite)
+        self.weights_folder = folder
+        self.last_save = (folder, self.report)
+        return folder
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}[dtype]

@@ -1,0 +1,225 @@
+"""The model card `save_pretrained` writes: README.md (from `model_cards/pruned_model_card.md`, through
+`huggingface_hub.ModelCard`), the per-layer plot and the recipe that reproduces the prune.
+
+Only what was measured is stated: quality and latency appear when a `Measurement` was recorded,
+otherwise the card says "not measured". The metadata holds `base_model` (when the source is a Hub
+repo), the base model's license (when its card says), tags and the evaluation data sets, and no
+`base_model_relation`: the Hub accepts only adapter, merge, quantized and finetune there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import transformers
+from huggingface_hub import ModelCard, ModelCardData
+
+from ..evaluation import FLOPS_CONTEXT, flops_per_token, parameter_count
+from ..report import PruningReport
+from .plots import PLOT_FILE, plot_kept_structure
+from .recipes import recipe_yaml
+from .remote_code import auto_classes
+
+if TYPE_CHECKING:
+    from ..pruner import HFPruner
+
+TEMPLATE_FILE = "pruned_model_card.md"
+RECIPE_FILE = "hf_prune_recipe.yaml"
+TAGS = ["pruned", "structured-pruning", "hf_prune"]
+_PIPELINE_TAGS = {
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForImageClassification": "image-classification",
+    "AutoModel": "feature-extraction",
+}
+
+
+def template_path() -> Path:
+    """Wheels carry the templates inside the package (pyproject maps the repository's `model_cards/`
+    to `hf_prune/model_cards/`); a source checkout or editable install reads `model_cards/` itself."""
+    package = Path(__file__).resolve().parents[1]  # hf_prune/
+    for folder in (package / "model_cards", package.parent / "model_cards"):
+        if (folder / TEMPLATE_FILE).is_file():
+            return folder / TEMPLATE_FILE
+    raise FileNotFoundError(
+        f"{TEMPLATE_FILE} is neither in {package / 'model_cards'} nor in {package.parent / 'model_cards'}"
+    )
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One number measured on the model before and after pruning, with how it was measured."""
+
+    metric: str
+    before: float
+    after: float
+    protocol: str
+    kind: Literal["quality", "speed"] = "quality"
+    dataset: str | None = None  # Hub id of the evaluation data, listed in the card's metadata
+
+
+@dataclass
+class CardFacts:
+    """What the card says beyond the pruning report: the model before pruning, where it came
+    from, what was measured, and the command that made it."""
+
+    dense_parameters: int
+    dense_flops: int
+    source: str | None = None  # what the model was loaded from
+    base_model: str | None = None  # Hub repo id
+    base_license: str | None = None
+    command: str | None = None
+    measurements: list[Measurement] = field(default_factory=list)
+    source_weights: str | None = None  # what the weights were before loading, when not plain float tensors
+
+    def record_gguf_source(self, gguf_path: str | os.PathLike) -> None:
+        """A GGUF checkpoint loads dequantized to float, but it carries the rounding error of its
+        quantized tensors: the card says which GGUF tensor types the weights came from."""
+        import gguf  # read only when the source is a GGUF file
+
+        counts: dict[str, int] = {}
+        for tensor in gguf.GGUFReader(gguf_path).tensors:
+            counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+        total = sum(counts.values())
+        types = ", ".join(
+            f"{name} {100 * n / total:.1f}%" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])
+        )
+        self.source_weights = (
+            f"dequantized to float from the GGUF file `{Path(gguf_path).name}` (tensor types by share of the "
+            f"weights: {types}); the pruned model is stored in float, with the source's quantization error"
+        )
+
+    def record_source(self, name_or_path: str | os.PathLike) -> None:
+        """A Hub id becomes `base_model`; the license comes from the base model's own card when it
+        can be read (a local folder's README.md, or the Hub card: offline it stays unknown)."""
+        self.source = str(name_or_path)
+        local = Path(name_or_path)
+        if local.is_dir():
+            card_location = local / "README.md"
+            if not card_location.is_file():
+                return
+        else:
+            self.base_model = card_location = str(name_or_path)
+        try:
+            card = ModelCard.load(card_location)
+        except (OSError, ValueError):  # offline, gated, no card, unreadable metadata: the license stays unknown
+            return
+        self.base_license = card.data.license or self.base_license
+
+
+def _pair(before: int, after: int) -> str:
+    return f"{before} → {after}" if before != after else str(after)
+
+
+def relative_change(before: float, after: float) -> str:
+    """`-19.7%`, or `×69,352` once a number grows more than tenfold (a percentage would hide it)."""
+    if not before:
+        return "–"
+    return f"×{after / before:,.0f}" if after / before > 10 else f"{(after - before) / before:+.1%}"
+
+
+def _change_row(name: str, before: float, after: float, number: str) -> list[str]:
+    return [name, format(before, number), format(after, number), relative_change(before, after)]
+
+
+def _table(report: PruningReport) -> tuple[list[str], list[list[str]]]:
+    """Per-layer columns (KV heads only where they differ from query heads) and rows."""
+    gqa = any(layer.kv_heads != layer.heads for layer in report.layers)
+    columns = ["attention heads", "KV heads", "MLP neurons"] if gqa else ["attention heads", "MLP neurons"]
+    rows = []
+    for layer in report.layers:
+        cells = [layer.heads, layer.kv_heads, layer.neurons] if gqa else [layer.heads, layer.neurons]
+        values = ["–"] * len(cells) if layer.removed else [_pair(*cell) for cell in cells]
+        rows.append([str(layer.layer), *values, layer.describe()])
+    return columns, rows
+
+
+def _removed_kinds(report: PruningReport) -> str:
+    kept = [layer for layer in report.layers if not layer.removed]
+    kinds = {
+        "attention heads": any(
+            layer.heads[0] != layer.heads[1] and "attention" not in layer.removed_branches for layer in kept
+        ),
+        "MLP neurons": any(
+            layer.neurons[0] != layer.neurons[1] and "mlp" not in layer.removed_branches for layer in kept
+        ),
+        "attention branches": any("attention" in layer.removed_branches for layer in kept),
+        "MLP branches": any("mlp" in layer.removed_branches for layer in kept),
+        "whole layers": len(kept) < len(report.layers),
+    }
+    return ", ".join(kind for kind, present in kinds.items() if present)
+
+
+def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
+    """The card for the pruner's current (pruned) model; `model_id` is what the load snippets name."""
+    from .. import __version__
+
+    facts, report, config = pruner.card_facts, pruner.report, pruner.model.config
+    architecture = (config.architectures or [type(pruner.model).__name__])[0]
+    auto_class = auto_classes(type(config), architecture)[-1]
+    quality = [m for m in facts.measurements if m.kind == "quality"]
+    speed = [m for m in facts.measurements if m.kind == "speed"]
+    card_data = ModelCardData(
+        base_model=facts.base_model,
+        license=facts.base_license,
+        library_name="transformers",
+        pipeline_tag=_PIPELINE_TAGS[auto_class],
+        tags=list(TAGS),
+        datasets=sorted({m.dataset for m in facts.measurements if m.dataset}) or None,
+    )
+    base_name = facts.base_model or (Path(facts.source).name if facts.source else report.model_type)
+    base_link = f"[{base_name}](https://huggingface.co/{base_name})" if facts.base_model else f"`{base_name}`"
+    parameters = parameter_count(pruner.model)
+    columns, rows = _table(report)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        title=f"{base_name}, pruned with hf_prune",
+        summary=(
+            f"{base_link} with {100 * (1 - parameters / facts.dense_parameters):.1f}% of its parameters removed by "
+            f"structured pruning ({_removed_kinds(report)}), made with hf_prune. The removed heads, neurons and "
+            "layers are cut out of the weight matrices, so the model is smaller and faster on any runtime."
+        ),
+        vanilla=report.output_format == "vanilla",
+        output_format=report.output_format,
+        format_reason=report.format_reason,
+        auto_class=auto_class,
+        architecture=architecture,
+        model_id=model_id,
+        plot_file=PLOT_FILE,
+        table_columns=columns,
+        table_rows=rows,
+        config=report.config,
+        repair=report.config.get("reconstruct", "none") if report.calibration else "none",
+        calibration=", ".join(f"{k}={v}" for k, v in (report.calibration or {}).items())
+        or "none (no calibration step ran)",
+        size_rows=[
+            _change_row("parameters", facts.dense_parameters, parameters, ","),
+            _change_row("FLOPs per token", facts.dense_flops, flops_per_token(pruner.model), ","),
+            *(_change_row(m.metric, m.before, m.after, ",.2f") for m in speed),
+        ],
+        flops_context=FLOPS_CONTEXT,
+        speed_protocols=[f"{m.metric}: {m.protocol}" for m in speed],
+        quality_rows=[_change_row(m.metric, m.before, m.after, ",.2f") for m in quality],
+        quality_protocols=[f"{m.metric}: {m.protocol}" for m in quality],
+        command=facts.command,
+        source=facts.source or "BASE_MODEL",
+        source_weights=facts.source_weights,
+        recipe_file=RECIPE_FILE,
+        recipe=recipe_yaml(report.config),
+        versions={"hf_prune": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+    )
+
+
+def write_model_card(folder: Path, pruner: HFPruner, model_id: str) -> None:
+    """README.md, the plot it links and the recipe it quotes, into `folder`."""
+    plot_kept_structure(pruner.report, folder / PLOT_FILE)
+    (folder / RECIPE_FILE).write_text(recipe_yaml(pruner.report.config))
+    render_model_card(pruner, model_id).save(folder / "README.md")

@@ -1,0 +1,98 @@
+"""Pushing a saved folder to the Hub: everything in one `upload_folder` commit, the repo created if needed.
+
+transformers' own `push_to_hub` is not used: it rewrites README.md, and the card here is ours.
+Every call goes through one `HfApi` (the caller's, in tests a mock). The token is handed to
+`huggingface_hub` and never printed or put in a message; a failed push leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import HfApi, ModelCard
+
+from ..errors import PrunedCheckpointError, PushError
+
+if TYPE_CHECKING:
+    from ..pruner import HFPruner
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What a push sends: the folder's files (relative paths, sorted) and the card's metadata."""
+
+    folder: Path
+    repo_id: str
+    files: list[str]
+    card_metadata: dict
+
+    def describe(self) -> str:
+        sizes = [(name, (self.folder / name).stat().st_size) for name in self.files]
+        lines = [f"{self.repo_id} ← {self.folder}: {len(self.files)} files in one commit"]
+        lines += [f"  {size:>14,}  {name}" for name, size in sizes]
+        lines.append(f"  {sum(size for _, size in sizes):>14,}  bytes in all")
+        lines.append("card metadata:")
+        lines += [f"  {key}: {value}" for key, value in self.card_metadata.items()]
+        return "\n".join(lines)
+
+
+def plan_push(folder: str | os.PathLike, repo_id: str) -> PushPlan:
+    """Check that `folder` is a saved checkpoint with a card and list what a push would send."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise PrunedCheckpointError(f"{folder} has no config.json; push the folder that save_pretrained wrote.")
+    if not (folder / "README.md").is_file():
+        raise PrunedCheckpointError(f"{folder} has no README.md model card; re-save it with hf_prune to write one.")
+    files = sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    return PushPlan(folder, repo_id, files, ModelCard.load(folder / "README.md").data.to_dict())
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Create `repo_id` if needed and upload the folder's files in one commit; returns the commit URL."""
+    plan = plan_push(folder, repo_id)
+    api = api or HfApi()
+    message = commit_message or f"Upload pruned model ({len(plan.files)} files) with hf_prune"
+    try:
+        api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(plan.folder),
+            repo_type="model",
+            token=token,
+            commit_message=message,
+            allow_patterns=plan.files,
+        )
+    except Exception as error:  # network, auth, quota, ...: all retried the same way
+        detail = f"{type(error).__name__}: {error}"
+        if token:
+            detail = detail.replace(token, "***")
+        raise PushError(
+            f"pushing {plan.folder} to {repo_id} failed ({detail}). The folder is unchanged; retry with "
+            f"`hf-prune push {plan.folder} {repo_id}` once the cause is fixed (log in with `hf auth login` "
+            "or set HF_TOKEN if it was an authentication error)."
+        ) from None
+    return str(getattr(commit, "commit_url", commit))
+
+
+def push_pruner(pruner: HFPruner, repo_id: str, **push_kwargs) -> str:
+    """Push the folder the pruner last saved, or save its current state to a temporary folder first."""
+    if pruner.last_save is not None and pruner.last_save[1] is pruner.report and pruner.last_save[0].is_dir():
+        return push_folder(pruner.last_save[0], repo_id, **push_kwargs)
+    with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as staging:
+        folder = pruner.save_pretrained(Path(staging) / repo_id.rpartition("/")[2])
+        return push_folder(folder, repo_id, **push_kwargs)

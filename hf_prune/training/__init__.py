@@ -1,0 +1,1 @@
+"""Pruning during training: the Trainer callback, its schedule, masks, scores, gates and recovery."""

@@ -1,0 +1,455 @@
+"""`PruningCallback`: gradual structured pruning while a `transformers.Trainer` fine-tunes.
+
+During training nothing is swapped under the live optimizer: groups are *masked* with the
+engine's semantics (`masking.py`), and the masks are re-applied after every optimizer step so
+masked weights stay exactly zero. At the schedule's events the masks grow toward the
+`PruningConfig` targets (`gradual.py`), ranked by scores the training batches already produce
+(`training_scores.py`). At the end the masked model is cut physically (`surgery.py`, through
+`HFPruner.apply`) and saved as a standard checkpoint.
+
+```python
+callback = PruningCallback(PruningConfig(mlp_neurons=0.5))          # cubic, step 0 → 75% of the run
+trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+trainer.train()            # trainer.model is the pruned model; saved to output_dir/pruned
+```
+
+With `score="l0"` the ranking comes from hard-concrete gates learned with the task loss
+(`l0_gates.py`); attach them before the Trainer builds its optimizer:
+
+```python
+callback = PruningCallback(PruningConfig(mlp_neurons=0.5), score="l0")
+callback.attach_gates(model)                                          # before Trainer(...)
+trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+```
+
+Every Trainer checkpoint gets a `hf_prune_callback/` folder (plan as JSON, score accumulators
+as safetensors, the step); `trainer.train(resume_from_checkpoint=...)` restores it, so a resumed
+run masks exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..config import BUDGET_TARGETS, PruningConfig
+from ..criteria import ScoringContext, get_criterion
+from ..errors import (
+    CallbackStateError,
+    GatesNotAttachedError,
+    InvalidPruningTargetError,
+    InvalidScheduleError,
+    NotPrunedError,
+    UsageError,
+)
+from ..groups import ArchitectureAdapter, GroupKind, get_adapter
+from ..output.checkpoint import write_atomically
+from ..plan import LayerPlan, PruningPlan
+from ..pruner import HFPruner
+from ..report import PruningReport
+from .gradual import GradualPlanner, ScoreFunction
+from .l0_gates import HardConcreteGates, L0Settings, LagrangianPenalty, attach_gates, detach_gates, find_gates
+from .masks import TrainingMasks
+from .schedule import PruningSchedule
+from .scores import TRAINING_SCORES, TrainingScores
+
+logger = logging.getLogger(__name__)
+
+STATE_FOLDER = "hf_prune_callback"
+STATE_VERSION = 1
+#: `criterion` ranks with `config.criterion` (the registry's data-free criteria) on the current weights;
+#: `l0` by the log-alpha of hard-concrete gates learned with the task loss.
+SCORES = (*TRAINING_SCORES, "criterion", "l0")
+
+
+def _kinds(counts: dict[str, int]) -> list[GroupKind]:
+    """The group kinds `build_plan` scores for the final per-kind counts (amount names)."""
+    kinds: list[GroupKind] = []
+    if counts["kv_groups"] or counts["attention_heads"]:
+        kinds += ["kv_groups", "heads"]
+    if counts["mlp_neurons"]:
+        kinds.append("neurons")
+    kinds += [kind for kind in ("attention_branches", "mlp_branches", "layers") if counts[kind]]
+    return kinds
+
+
+def _gate_targets(counts: dict[str, int], model: nn.Module, adapter: ArchitectureAdapter) -> dict[GroupKind, float]:
+    """The final kept fraction of query heads and MLP neurons the counts leave (uniform layers)."""
+    unsupported = [kind for kind in ("attention_branches", "mlp_branches", "layers") if counts[kind]]
+    if unsupported:
+        raise InvalidPruningTargetError(
+            f"score='l0' gates heads and MLP neurons only, but the config also removes {', '.join(unsupported)}; "
+            "drop those amounts, or use another score (e.g. score='taylor')."
+        )
+    geometry = adapter.geometry(adapter.layers(model)[0])
+    targets: dict[GroupKind, float] = {}
+    attention = geometry.attention
+    if attention is not None and (counts["kv_groups"] or counts["attention_heads"]):
+        if attention.heads_per_group == 1:
+            kept = attention.num_heads - counts["attention_heads"]
+        else:
+            kept = (attention.num_kv_heads - counts["kv_groups"]) * (
+                attention.heads_per_group - counts["attention_heads"]
+            )
+        targets["heads"] = kept / attention.num_heads
+    if geometry.intermediate_size and counts["mlp_neurons"]:
+        targets["neurons"] = 1 - counts["mlp_neurons"] / geometry.intermediate_size
+    return targets
+
+
+def _json(data: dict) -> dict:
+    """`data` as it reads back from JSON (tuples become lists), for comparisons with saved state."""
+    return json.loads(json.dumps(data))
+
+
+class PruningCallback(TrainerCallback):
+    """Masks groups gradually during training and compacts the model at the end.
+
+    Args:
+        config: the final targets (every `PruningConfig` amount) and, for `score="criterion"`, the criterion.
+        schedule: when to mask more; default cubic from step 0 to 75% of the run's optimizer steps.
+        score: `taylor`, `movement`, `activation` (from the training batches, see `training_scores`),
+            `criterion` (`config.criterion` on the current weights) or `l0` (hard-concrete gates learned
+            with the task loss, see `l0_gates`; call `attach_gates(model)` before `Trainer(...)`).
+        l0: the gates' and penalty's hyperparameters for `score="l0"` (default `L0Settings()`).
+        compact_at_end: cut the masked model physically in `on_train_end` (`trainer.model` is then the
+            pruned model; under PEFT the `PeftModel` shell around the merged, pruned model).
+        pruned_dir: folder under `args.output_dir` the compacted model is saved to (replaced if it
+            exists); `None` saves nothing.
+    """
+
+    def __init__(
+        self,
+        config: PruningConfig,
+        schedule: PruningSchedule | None = None,
+        score: str = "taylor",
+        compact_at_end: bool = True,
+        pruned_dir: str | None = "pruned",
+        l0: L0Settings | None = None,
+    ):
+        if not isinstance(config, PruningConfig):
+            raise UsageError(f"config must be a PruningConfig, got {type(config).__name__}.")
+        if config.is_empty:
+            raise InvalidPruningTargetError(
+                f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} "
+                "(e.g. mlp_neurons=0.5)."
+            )
+        if config.allocation != "uniform" or config.protected_layers:
+            raise InvalidPruningTargetError(
+                "gradual pruning keeps every layer the same shape: use allocation='uniform' without protected_layers "
+                "in the callback, or prune in one shot with HFPruner.prune."
+            )
+        for name in ("channels", "stage_channels"):
+            if getattr(config, name):
+                raise InvalidPruningTargetError(
+                    f"{name}={getattr(config, name)!r}: the PruningCallback prunes heads, KV groups, neurons, "
+                    "branches "
+                    f"and layers; channel pruning is one-shot (HFPruner.from_model(...).prune({name}=...))."
+                )
+        if schedule is not None and not isinstance(schedule, PruningSchedule):
+            raise UsageError(f"schedule must be a PruningSchedule or None, got {type(schedule).__name__}.")
+        if score not in SCORES:
+            raise UsageError(f"score={score!r} is unknown; choose one of {', '.join(SCORES)}.")
+        if l0 is not None and score != "l0":
+            raise UsageError(
+                f"l0=L0Settings(...) configures score='l0', but score={score!r}; drop l0 or set score='l0'."
+            )
+        self.config = config
+        self.schedule = schedule
+        self.l0 = l0 or L0Settings()
+        #: For `score="l0"`: the Lagrange multipliers pulling the gates toward the targets.
+        self.penalty: LagrangianPenalty | None = None
+        self.score = score
+        self.compact_at_end = compact_at_end
+        self.pruned_dir = pruned_dir
+        #: The masks in force (original indices); after training, what was cut.
+        self.plan: PruningPlan | None = None
+        #: Set by compaction: the physically pruned model and its report.
+        self.pruned_model: PreTrainedModel | None = None
+        self.report: PruningReport | None = None
+        self._adapter: ArchitectureAdapter | None = None
+        self._resolved: PruningSchedule | None = None
+        self._events: frozenset[int] = frozenset()
+        self._planner: GradualPlanner | None = None
+        self._scores: TrainingScores | None = None
+        self._criterion_score: ScoreFunction | None = None
+        self._masks: TrainingMasks | None = None
+        self._gates: HardConcreteGates | None = None
+        self._loss_hook = None
+
+    # ------------------------------------------------------------------ L0 gates
+    def attach_gates(self, model: nn.Module) -> HardConcreteGates:
+        """Register the hard-concrete gates (`score="l0"`) on `model`, before `Trainer(...)` builds the optimizer.
+
+        Gates cover query heads when the config removes heads or KV groups, MLP neurons when it
+        removes neurons; their parameters live in the model's state (Trainer checkpoints keep them;
+        attach again on the fresh model of a resumed run) and are removed at compaction.
+        """
+        if self.score != "l0":
+            raise UsageError(f"attach_gates() is for score='l0'; this callback has score={self.score!r}.")
+        adapter = get_adapter(model.config)
+        targets = _gate_targets(GradualPlanner(model, adapter, self.config).counts, model, adapter)
+        return attach_gates(model, adapter, tuple(targets), self.l0)
+
+    def _start_gates(self, args: TrainingArguments, model: nn.Module, optimizer) -> None:
+        """Find the attached gates, check the optimizer trains them, add the penalty to the training loss."""
+        gates = find_gates(model)
+        if gates is None:
+            raise GatesNotAttachedError(
+                "score='l0' needs hard-concrete gates on the model before the Trainer builds its optimizer: call "
+                "callback.attach_gates(model) before Trainer(model=model, ...)."
+            )
+        if optimizer is not None:
+            optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if any(id(p) not in optimized for p in gates.parameters()):
+                raise GatesNotAttachedError(
+                    "the hard-concrete gates are not in the Trainer's optimizer (they were attached after it was "
+                    "built): call callback.attach_gates(model) before Trainer(model=model, ...)."
+                )
+        self._gates = gates
+        targets = _gate_targets(self._planner.counts, model, self._adapter)
+        self.penalty = LagrangianPenalty(targets, self.l0.multiplier_lr)
+        accumulation = args.gradient_accumulation_steps
+
+        def add_penalty(module: nn.Module, inputs, output):
+            # Every training forward's loss carries the penalty, divided over the micro-batches of a step.
+            if module.training and torch.is_grad_enabled() and getattr(output, "loss", None) is not None:
+                output["loss"] = output["loss"] + self.penalty.penalty(gates.expected_kept()) / accumulation
+            return output
+
+        self._loss_hook = model.register_forward_hook(add_penalty)
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
+    ) -> None:
+        self._release_hooks()  # of an earlier train() call
+        if self.score != "criterion" and args.gradient_checkpointing:
+            raise UsageError(
+                f"score={self.score!r} reads activations (or samples gates) in forward hooks, which "
+                "gradient_checkpointing=True runs twice; set TrainingArguments(gradient_checkpointing=False) "
+                "or use score='criterion'."
+            )
+        self._adapter = get_adapter(model.config)
+        self._resolved = (self.schedule or PruningSchedule()).resolved(state.max_steps)
+        self._events = frozenset(self._resolved.events())
+        self._planner = GradualPlanner(model, self._adapter, self.config)
+        if self.score in TRAINING_SCORES:
+            self._scores = TrainingScores(model, self._adapter, _kinds(self._planner.counts), self.score)
+        elif self.score == "l0":
+            self._start_gates(args, model, kwargs.get("optimizer"))
+            self._criterion_score = self._gates.score
+        else:
+            self._criterion_score = self._registry_score
+        self.plan = PruningPlan.keep_all(model, self._adapter)
+        if state.global_step > 0:
+            self._restore(args, state, model)
+        elif self._resolved.fraction(0) > 0:
+            if self.score != "criterion":
+                raise InvalidScheduleError(
+                    f"the schedule masks {self._resolved.fraction(0):.0%} of the targets at step 0, before any "
+                    f"training batch has produced {self.score!r} scores; use start_step >= 1 (or initial_sparsity=0), "
+                    "or score='criterion'."
+                )
+            self._prune(model, 0)
+        self._masks = TrainingMasks(self._adapter, self.plan)
+        self._masks.apply(model)
+        if self._gates is not None:
+            self._gates.set_removed(self.plan)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
+    ) -> None:
+        if self._scores is not None:
+            self._scores.end_step()
+        if self.penalty is not None:
+            self.penalty.step()
+        if state.global_step in self._events:
+            self._prune(model, state.global_step)
+        self._masks.apply(model)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():
+            raise CallbackStateError(f"on_save found no checkpoint folder {folder}; PruningCallback saves into it.")
+        state_data = {
+            "format_version": STATE_VERSION,
+            "global_step": state.global_step,
+            "score": self.score,
+            "config": self.config.to_dict(),
+            "schedule": self._resolved.to_dict(),
+            "plan": [layer.to_dict() for layer in self.plan.layers],
+        }
+        if self.penalty is not None:
+            state_data["lagrangian"] = self.penalty.state_dict()
+
+        def write(staging: Path) -> None:
+            (staging / "state.json").write_text(json.dumps(state_data, indent=2) + "\n")
+            if self._scores is not None:
+                save_file(self._scores.state_dict(), str(staging / "scores.safetensors"))
+
+        write_atomically(folder / STATE_FOLDER, write, overwrite=True)
+
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module = None,
+        processing_class=None,
+        **kwargs,
+    ) -> None:
+        if state.global_step < self._resolved.end_step:
+            logger.warning(
+                "training stopped at step %d, before the schedule's end_step %d: "
+                "the pruning targets were not reached.",
+                state.global_step,
+                self._resolved.end_step,
+            )
+        if self._loss_hook is not None:  # later forwards (evaluation, inference) carry no penalty
+            self._loss_hook.remove()
+            self._loss_hook = None
+        if not self.compact_at_end:
+            return
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            # The Trainer has just loaded that checkpoint's weights: cut with its masks.
+            self.plan = self._read_plan(Path(state.best_model_checkpoint) / STATE_FOLDER, model)
+        directory = Path(args.output_dir) / self.pruned_dir if self.pruned_dir and args.should_save else None
+        self.finalize(model, directory, processing_class, overwrite=True)
+
+    # ------------------------------------------------------------------ compaction
+    def finalize(
+        self,
+        model: nn.Module,
+        save_directory: str | os.PathLike | None = None,
+        tokenizer=None,
+        overwrite: bool = False,
+    ) -> PreTrainedModel:
+        """Cut the masked model physically (in place) as the current plan says; save it if asked.
+
+        PEFT models have their (masked) LoRA adapters merged first; the returned model is the
+        plain transformers model. Its logits equal the masked model's.
+        """
+        if self.plan is None:
+            raise NotPrunedError("PruningCallback has no masks yet: call finalize() after training has started.")
+        if self.pruned_model is not None:
+            raise UsageError("finalize() has already cut this model; the result is callback.pruned_model.")
+        self._masks.plan = self.plan
+        self._masks.apply(model)  # exact zeros, adapters included, before merging
+        if self._gates is not None:  # the cut model computes what the gated model computes in eval mode
+            self._gates.fold_into(model, self._adapter)
+        self._release_hooks()
+        detach_gates(model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        pruner = HFPruner(model, tokenizer)
+        self.report = pruner.apply(self.plan, self.config)
+        self.pruned_model = pruner.model
+        if save_directory is not None:
+            folder = pruner.save_pretrained(save_directory, overwrite=overwrite)
+            (folder / "README.md").write_text(self._model_card(pruner))
+            logger.info("saved the pruned model to %s", folder)
+        return pruner.model
+
+    def _model_card(self, pruner: HFPruner) -> str:
+        report = self.report
+        base = getattr(pruner.model.config, "_name_or_path", "") or "unknown"
+        load = (
+            "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(path)"
+            if report.output_format == "vanilla"
+            else "from hf_prune import load_pruned\nmodel = load_pruned(path)"
+        )
+        amounts = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items() if k in PruningConfig.AMOUNTS and v)
+        schedule = self._resolved.to_dict() if self._resolved else "none"
+        return (
+            f"---\nlibrary_name: transformers\ntags: [hf_prune, pruned]\n---\n\n# Pruned during fine-tuning\n\n"
+            f"Base model: `{base}`. Structurally pruned by hf_prune's `PruningCallback` while fine-tuning: "
+            f"{amounts}; score `{self.score}`; schedule {schedule}.\n\n"
+            f"Parameters: {report.parameters_before:,} → {report.parameters_after:,} "
+            f"(−{100 * report.removed_fraction:.1f}%). Format: {report.output_format} ({report.format_reason}).\n\n"
+            f"```python\n{load}\n```\n"
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _registry_score(self, model: nn.Module, adapter, groups) -> torch.Tensor:
+        """`config.criterion` (per kind) on the current weights; data-free criteria only, since
+        training batches, not a calibration pass, are what the callback sees."""
+        criterion = get_criterion(self.config.criterion_for(groups[0].kind), seed=self.config.seed)
+        if criterion.requires or criterion.needs_windows:
+            raise InvalidPruningTargetError(
+                f"score='criterion' with criterion {criterion.name!r} needs a calibration pass; during training use "
+                "score='activation', 'taylor' or 'movement' (measured on the training batches), or a data-free "
+                "criterion such as 'magnitude'."
+            )
+        return criterion.score(ScoringContext(model, adapter), groups)
+
+    def _prune(self, model: nn.Module, step: int) -> None:
+        fraction = self._resolved.fraction(step)
+        if self._scores is not None:
+            self._scores.synchronize(next(model.parameters()).device)
+            score = self._scores.scores
+        else:
+            score = self._criterion_score
+        self.plan = self._planner.plan_at(model, self._adapter, fraction, score, self.plan)
+        if self._masks is not None:
+            self._masks.plan = self.plan
+        if self._gates is not None:
+            self._gates.set_removed(self.plan)
+        logger.info("step %d: masking %.1f%% of the pruning targets", step, 100 * fraction)
+
+    def _restore(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        """Load the masks and accumulators of the checkpoint this run resumes from."""
+        candidates = [Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"]
+        if isinstance(args.resume_from_checkpoint, str):
+            candidates.insert(0, Path(args.resume_from_checkpoint))
+        folder = next((c / STATE_FOLDER for c in candidates if (c / STATE_FOLDER / "state.json").is_file()), None)
+        if folder is None:
+            raise CallbackStateError(
+                f"training resumes at step {state.global_step}, but no {STATE_FOLDER}/state.json was found in "
+                f"{', '.join(str(c) for c in candidates)}. If the checkpoint is elsewhere, also set "
+                "TrainingArguments(resume_from_checkpoint=<that folder>); checkpoints written without "
+                "PruningCallback cannot be resumed with it."
+            )
+        saved = json.loads((folder / "state.json").read_text())
+        if saved.get("format_version") != STATE_VERSION:
+            raise CallbackStateError(
+                f"{folder} has state format {saved.get('format_version')}, expected {STATE_VERSION}."
+            )
+        current = {"global_step": state.global_step, "score": self.score, "config": self.config.to_dict()}
+        current["schedule"] = self._resolved.to_dict()
+        for key, value in _json(current).items():
+            if saved[key] != value:
+                raise CallbackStateError(
+                    f"the checkpoint's PruningCallback {key} is {saved[key]!r}, this run's is {value!r}; resume with "
+                    "the same callback arguments (and max_steps) as the run that wrote it."
+                )
+        self.plan = self._read_plan(folder, model)
+        if self._scores is not None:
+            self._scores.load_state_dict(load_file(str(folder / "scores.safetensors")))
+        if self.penalty is not None:
+            self.penalty.load_state_dict(saved["lagrangian"])
+        logger.info("restored PruningCallback state from %s", folder)
+
+    def _read_plan(self, folder: Path, model: nn.Module) -> PruningPlan:
+        saved = json.loads((folder / "state.json").read_text())
+        geometries = [self._adapter.geometry(layer) for layer in self._adapter.layers(model)]
+        return PruningPlan([LayerPlan.from_dict(data, geometries[data["layer"]]) for data in saved["plan"]])
+
+    def _release_hooks(self) -> None:
+        if self._scores is not None:
+            self._scores.remove_hooks()
+        if self._masks is not None:
+            self._masks.remove_hooks()
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
