@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from .errors import InvalidPruningTargetError
+from .kinds import AMOUNTS, BUDGET_TARGETS, DAMPING, GROUP_KINDS
 
 Amount = float | int
 
-GROUP_KINDS = (
-    "heads",
-    "kv_groups",
-    "neurons",
-    "attention_branches",
-    "mlp_branches",
-    "layers",
-    "channels",
-    "stage_channels",
-)
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
 PROPAGATIONS = ("unpruned", "pruned", "both")
-#: Ridge of every least-squares solve (OBS, the refits, bias folding), as a fraction of the mean
-#: diagonal of the Gram matrix. Chosen on WikiText-2 validation windows with SmolLM2-135M, MLP −25%,
-#: obs + lstsq: a refit ridge of 1e-1, 1e-2, 1e-3, 1e-4 gave 1.55, 1.30, 1.25, 1.24 × dense with OBS
-#: at 1e-2; both at 1e-4, 1.22 (both at 1e-5: the same). A small ridge shrinks the refit less.
-DAMPING = 1e-4
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.
 DEFAULT_CRITERIA = {
@@ -39,8 +26,6 @@ DEFAULT_CRITERIA = {
     "stage_channels": "magnitude",
 }
 _AMOUNT_HELP = "A float is a fraction in [0, 1), an int a count."
-#: Budget targets: mutually exclusive with each other and with the per-kind amounts.
-BUDGET_TARGETS = ("sparsity", "target_params", "target_flops")
 
 
 @dataclass
@@ -177,16 +162,8 @@ class PruningConfig:
         metadata={"help": "Fail instead of writing the loader format when a plain config cannot express the shapes."},
     )
 
-    AMOUNTS = (
-        "kv_groups",
-        "attention_heads",
-        "mlp_neurons",
-        "attention_branches",
-        "mlp_branches",
-        "layers",
-        "channels",
-        "stage_channels",
-    )
+    #: The amount fields (`hf_prune.kinds.AMOUNTS`).
+    AMOUNTS: ClassVar[tuple[str, ...]] = AMOUNTS
 
     def __post_init__(self) -> None:
         from .criteria import available_criteria  # the registry imports this module's siblings

@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from ..config import GROUP_KINDS, PruningConfig
+from ..config import PruningConfig
 from ..criteria import Criterion, ScoringContext
 from ..groups import ArchitectureAdapter, GroupKind
+from ..kinds import GROUP_KINDS
 from ..plan import LayerPlan, PruningPlan
 from .base import Counts, LayerScores, lowest
 from .registry import get_allocation

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import PruningConfig, count_of
 from ..errors import InvalidPruningTargetError
 from ..groups import ArchitectureAdapter, GroupKind
+from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, GROUP_KINDS, STAGE_KINDS
 from ..plan import PruningPlan
 from .base import Counts
 from .costs import CostUnit, UnitCosts, unit_costs
@@ -46,9 +47,7 @@ class Targets:
 
     def kinds(self) -> set[GroupKind]:
         """The group kinds that need a criterion."""
-        kinds = {
-            kind for kind in ("layers", "attention_branches", "mlp_branches", "stage_channels") if getattr(self, kind)
-        }
+        kinds = {kind for kind in BLOCK_KINDS | STAGE_KINDS if getattr(self, kind)}
         return kinds | self.counts.kinds(self.neuron_kind)
 
 
@@ -117,19 +116,6 @@ def rounded_neurons(removed: int, total: int, round_to: int) -> int:
     return max(total - kept, 0)
 
 
-#: Group kind → the PruningConfig amount that removes it.
-AMOUNT_OF_KIND = {
-    "heads": "attention_heads",
-    "kv_groups": "kv_groups",
-    "neurons": "mlp_neurons",
-    "attention_branches": "attention_branches",
-    "mlp_branches": "mlp_branches",
-    "layers": "layers",
-    "channels": "channels",
-    "stage_channels": "stage_channels",
-}
-
-
 def _neuron_count(config: PruningConfig, name: str, layer: int, total: int) -> int:
     """Units removed from one layer by the amount `name` (`mlp_neurons`, or `channels` on
     convolutional families)."""
@@ -155,7 +141,8 @@ def _neuron_count(config: PruningConfig, name: str, layer: int, total: int) -> i
 
 
 def _check_kinds(config: PruningConfig, adapter: ArchitectureAdapter) -> None:
-    for kind, name in AMOUNT_OF_KIND.items():
+    for kind in GROUP_KINDS:
+        name = AMOUNT_OF_KIND[kind]
         if getattr(config, name) and kind not in adapter.kinds:
             raise InvalidPruningTargetError(
                 f"{name}={getattr(config, name)!r}: this model cannot prune {kind}; set {name}=0 and use "

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DAMPING
 from ..criteria.obs import greedy_removal_scores
+from ..kinds import DAMPING
 
 #: Rows of the Gram matrix and of the weight multiplied at a time in the refit (bounds its temporaries).
 REFIT_BLOCK = 1024

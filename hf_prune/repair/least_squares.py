@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..calibration.statistics import CalibrationStatistics, ChannelStatistics
-from ..config import DAMPING
 from ..errors import InvalidPruningTargetError
 from ..groups import ArchitectureAdapter, Branch
 from ..groups.base import input_slices, matrix_view
+from ..kinds import DAMPING
 from ..plan import LayerPlan, PruningPlan
 from .bias import fold_constant_into_columns, removed_mean_contribution
 from .ispasp import least_squares_columns
