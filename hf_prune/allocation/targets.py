@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..config import PruningConfig, count_of
 from ..errors import InvalidPruningTargetError
+from ..evaluation import flops_per_token, parameter_count
 from ..groups import ArchitectureAdapter, GroupKind
-from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, GROUP_KINDS, STAGE_KINDS
+from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, GROUP_KINDS, STAGE_KINDS, count_of
 from ..plan import PruningPlan
 from .base import Counts
 from .costs import CostUnit, UnitCosts, unit_costs
+from .registry import get_allocation
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 
 @dataclass(frozen=True)
@@ -222,8 +227,6 @@ def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: Arch
 
 def _budget_amount(config: PruningConfig, model: nn.Module, costs: dict[int, UnitCosts]) -> float:
     """What the budget target asks to remove, in its unit."""
-    from ..evaluation import flops_per_token, parameter_count  # evaluation imports the adapters
-
     if config.sparsity:
         return config.sparsity * sum(c.prunable for c in costs.values())
     if config.target_params:
@@ -277,8 +280,6 @@ def _budget_counts(
 
 def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig) -> Targets:
     """Counts for every kind, validated on every layer's shape; raises before any work is done."""
-    from .registry import get_allocation  # the registry fills as the package imports
-
     get_allocation(config.allocation).validate(config)
     _check_kinds(config, adapter)
     plan = PruningPlan.keep_all(model, adapter)

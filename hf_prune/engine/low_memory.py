@@ -59,7 +59,8 @@ from ..errors import LowMemoryError, NotPrunedError
 from ..evaluation import parameter_count
 from ..finite import check_finite_statistics, check_finite_weights
 from ..groups.base import channels_last
-from ..output.checkpoint import decide_format, write_atomically
+from ..output.atomic import write_atomically
+from ..output.checkpoint import decide_format
 from ..plan import PruningPlan
 from ..pruner import HFPruner, _model_class, _own_config, load_preprocessor
 from ..repair.least_squares import reconstruct

@@ -52,7 +52,7 @@ from ..errors import (
 )
 from ..groups import ArchitectureAdapter, GroupKind, get_adapter
 from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, BUDGET_TARGETS, GROUP_KINDS
-from ..output.checkpoint import write_atomically
+from ..output.atomic import write_atomically
 from ..plan import LayerPlan, PruningPlan
 from ..pruner import HFPruner
 from ..report import PruningReport
