@@ -46,7 +46,7 @@ def _file_kwargs(shared: dict) -> dict:
     return {key: value for key, value in shared.items() if key != "gguf_file"}
 
 
-def _model_class(config, from_gguf: bool) -> type[PreTrainedModel]:
+def model_class_for(config, from_gguf: bool) -> type[PreTrainedModel]:
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is not None:
@@ -81,7 +81,7 @@ def _criterion(config: PruningConfig, kind: str) -> Criterion:
     return criterion
 
 
-def _own_config(model: PreTrainedModel) -> None:
+def detach_shared_config(model: PreTrainedModel) -> None:
     """Give the model a private deep copy of its config before pruning rewrites it, so a config
     object the caller shares with other models is never changed; every module follows."""
     shared, private = model.config, copy.deepcopy(model.config)
@@ -169,7 +169,7 @@ class HFPruner:
         config = AutoConfig.from_pretrained(name_or_path, **shared)
         get_adapter(config)
         from_gguf = "gguf_file" in from_pretrained_kwargs
-        model = _model_class(config, from_gguf).from_pretrained(name_or_path, **from_pretrained_kwargs)
+        model = model_class_for(config, from_gguf).from_pretrained(name_or_path, **from_pretrained_kwargs)
         if from_gguf:
             model = _without_gguf_marker(model)
         tokenizer, processor = load_preprocessor(name_or_path, shared)
@@ -321,7 +321,7 @@ class HFPruner:
         decision = self._check_format(plan, config)
         before = parameter_count(self.model)
         expected_after = before - plan.removed_parameter_count(self.model, self.adapter)
-        _own_config(self.model)
+        detach_shared_config(self.model)
         apply_plan(self.model, self.adapter, plan)
         for key, value in decision.config_fields.items():
             setattr(self.model.config, key, value)
