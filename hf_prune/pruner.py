@@ -13,7 +13,7 @@ from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
-from .allocation import Targets, build_plan, plan_for, resolve_targets
+from .allocation import RemovalCounts, build_plan, plan_for, resolve_counts
 from .calibration.distributed import from_main_process, is_main_process
 from .calibration.sources import token_windows
 from .calibration.statistics import CalibrationStatistics, collect_statistics
@@ -253,7 +253,7 @@ class HFPruner:
         )
 
     def _prune_layer_by_layer(
-        self, config: PruningConfig, targets: Targets, criteria: dict[str, Criterion], statistics
+        self, config: PruningConfig, targets: RemovalCounts, criteria: dict[str, Criterion], statistics
     ) -> PruningReport:
         """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`)."""
         if statistics is not None:
@@ -302,7 +302,7 @@ class HFPruner:
 
     def validated(
         self, config: PruningConfig | None, kwargs: dict
-    ) -> tuple[PruningConfig, Targets, dict[str, Criterion]]:
+    ) -> tuple[PruningConfig, RemovalCounts, dict[str, Criterion]]:
         """The config, its per-kind counts and criteria, checked against the model's shapes before any work."""
         if config is not None and kwargs:
             raise TypeError("pass either a PruningConfig or keyword arguments, not both")
@@ -312,7 +312,7 @@ class HFPruner:
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} "
                 "(e.g. mlp_neurons=0.25 or sparsity=0.2)."
             )
-        targets = resolve_targets(self.model, self.adapter, config)
+        targets = resolve_counts(self.model, self.adapter, config)
         return config, targets, {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
 
     def apply(self, plan: PruningPlan, config: PruningConfig, calibration: dict | None = None) -> PruningReport:

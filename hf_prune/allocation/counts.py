@@ -34,8 +34,9 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class Targets:
-    """Blocks removed model-wide, the uniform per-layer counts, and how to spread them."""
+class RemovalCounts:
+    """A config's amounts or budget resolved on the model: blocks removed model-wide, the uniform per-layer
+    counts, and how to spread them (the user's budget is the only "target"; this is what it comes to)."""
 
     layers: int
     attention_branches: int
@@ -278,7 +279,7 @@ def _budget_counts(
     return counts
 
 
-def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig) -> Targets:
+def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig) -> RemovalCounts:
     """Counts for every kind, validated on every layer's shape; raises before any work is done."""
     get_allocation(config.allocation).validate(config)
     _check_kinds(config, adapter)
@@ -297,7 +298,7 @@ def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: Prun
         if config.budget_target
         else _amount_counts(config, plan, protected, adapter.neuron_kind)
     )
-    return Targets(
+    return RemovalCounts(
         layers=layers,
         attention_branches=_block_count(
             "attention_branches", config.attention_branches, max(with_attention, 0), max(with_attention, 0)
