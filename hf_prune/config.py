@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
+from .allocation import available_allocations
+from .criteria import available_criteria
 from .errors import InvalidPruningTargetError
+from .kinds import AMOUNTS, BUDGET_TARGETS, DAMPING, GROUP_KINDS, Amount
+from .output.recipe_file import read_recipe
 
-Amount = float | int
-
-GROUP_KINDS = (
-    "heads",
-    "kv_groups",
-    "neurons",
-    "attention_branches",
-    "mlp_branches",
-    "layers",
-    "channels",
-    "stage_channels",
-)
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
 PROPAGATIONS = ("unpruned", "pruned", "both")
-#: Ridge of every least-squares solve (OBS, the refits, bias folding), as a fraction of the mean
-#: diagonal of the Gram matrix. Chosen on WikiText-2 validation windows with SmolLM2-135M, MLP −25%,
-#: obs + lstsq: a refit ridge of 1e-1, 1e-2, 1e-3, 1e-4 gave 1.55, 1.30, 1.25, 1.24 × dense with OBS
-#: at 1e-2; both at 1e-4, 1.22 (both at 1e-5: the same). A small ridge shrinks the refit less.
-DAMPING = 1e-4
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.
 DEFAULT_CRITERIA = {
@@ -39,8 +27,6 @@ DEFAULT_CRITERIA = {
     "stage_channels": "magnitude",
 }
 _AMOUNT_HELP = "A float is a fraction in [0, 1), an int a count."
-#: Budget targets: mutually exclusive with each other and with the per-kind amounts.
-BUDGET_TARGETS = ("sparsity", "target_params", "target_flops")
 
 
 @dataclass
@@ -177,20 +163,10 @@ class PruningConfig:
         metadata={"help": "Fail instead of writing the loader format when a plain config cannot express the shapes."},
     )
 
-    AMOUNTS = (
-        "kv_groups",
-        "attention_heads",
-        "mlp_neurons",
-        "attention_branches",
-        "mlp_branches",
-        "layers",
-        "channels",
-        "stage_channels",
-    )
+    #: The amount fields (`hf_prune.kinds.AMOUNTS`).
+    AMOUNTS: ClassVar[tuple[str, ...]] = AMOUNTS
 
     def __post_init__(self) -> None:
-        from .criteria import available_criteria  # the registry imports this module's siblings
-
         for name in self.AMOUNTS:
             _check_amount(name, getattr(self, name))
         names = self.criterion.values() if isinstance(self.criterion, dict) else [self.criterion]
@@ -223,8 +199,6 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidPruningTargetError(f"{name}={value!r} must be a positive int.")
-        from .allocation import available_allocations  # the allocations import this module
-
         if self.allocation not in available_allocations():
             raise InvalidPruningTargetError(
                 f"allocation={self.allocation!r} is unknown; choose one of {', '.join(available_allocations())}."
@@ -306,9 +280,7 @@ class PruningConfig:
     def from_yaml(cls, path: str | os.PathLike) -> PruningConfig:
         """The `pruning` section of a YAML recipe, checked (see `hf_prune.output.recipes`; errors name the file
         and the key)."""
-        from .output.recipes import load_recipe  # recipes imports this module
-
-        return load_recipe(path).pruning
+        return read_recipe(path, cls).pruning
 
 
 def _check_amount(name: str, value: object) -> None:
@@ -321,10 +293,3 @@ def _check_amount(name: str, value: object) -> None:
         raise InvalidPruningTargetError(f"{name}={value!r} is a fraction and must lie in [0, 1).{hint}")
     if isinstance(value, int) and value < 0:
         raise InvalidPruningTargetError(f"{name}={value!r} is a count and must be >= 0.")
-
-
-def count_of(value: Amount, total: int) -> int:
-    """The number of units an amount removes out of `total` (fractions round half up)."""
-    if isinstance(value, float):
-        return int(value * total + 0.5)
-    return value

@@ -16,21 +16,22 @@ from .criteria.random import RandomCriterion
 from .errors import InvalidPruningTargetError
 from .evaluation import parameter_count
 from .groups import ArchitectureAdapter, GroupKind, LayerGeometry, get_adapter
+from .kinds import AMOUNT_OF_KIND, GROUP_KINDS
 from .output.checkpoint import decide_format, meta_copy
 from .plan import removed_numel
 from .surgery import apply_plan
 from .tracing.groups import TracedGroups
 
-#: Group kind → the PruningConfig field that removes it, and how the table names it.
-KINDS: dict[GroupKind, tuple[str, str]] = {
-    "heads": ("attention_heads", "attention heads"),
-    "kv_groups": ("kv_groups", "KV groups"),
-    "neurons": ("mlp_neurons", "MLP neurons"),
-    "attention_branches": ("attention_branches", "attention branches"),
-    "mlp_branches": ("mlp_branches", "MLP branches"),
-    "layers": ("layers", "layers"),
-    "channels": ("channels", "inner channels"),
-    "stage_channels": ("stage_channels", "stage channels"),
+#: Group kind → how the table names it (the config field that removes it: `hf_prune.kinds.AMOUNT_OF_KIND`).
+LABELS: dict[GroupKind, str] = {
+    "heads": "attention heads",
+    "kv_groups": "KV groups",
+    "neurons": "MLP neurons",
+    "attention_branches": "attention branches",
+    "mlp_branches": "MLP branches",
+    "layers": "layers",
+    "channels": "inner channels",
+    "stage_channels": "stage channels",
 }
 
 
@@ -58,7 +59,7 @@ class Inspection:
             f"{self.parameters:,} parameters",
             (
                 f"handled by: the '{self.model_type}' architecture adapter "
-                f"({', '.join(KINDS[kind.kind][1] for kind in self.kinds)})"
+                f"({', '.join(LABELS[kind.kind] for kind in self.kinds)})"
             ),
             "",
             f"{'layers':>9}  {'heads':>5}  {'KV heads':>8}  {'head_dim':>8}  {'MLP neurons':>11}",
@@ -84,13 +85,13 @@ class Inspection:
         for kind in self.kinds:
             share = f"{100 * kind.parameters / self.parameters:.1f}%"
             lines.append(
-                f"{KINDS[kind.kind][1]:<20}{kind.groups:>8,}{kind.parameters:>14,}{share:>8}  {kind.output_format}"
+                f"{LABELS[kind.kind]:<20}{kind.groups:>8,}{kind.parameters:>14,}{share:>8}  {kind.output_format}"
             )
         return "\n".join(lines)
 
 
 def _format_of_removing_one(model: nn.Module, adapter: ArchitectureAdapter, kind: GroupKind) -> str:
-    config = PruningConfig(**{KINDS[kind][0]: 1}, criterion="random")
+    config = PruningConfig(**{AMOUNT_OF_KIND[kind]: 1}, criterion="random")
     try:
         plan = plan_for(model, adapter, config, RandomCriterion())
     except InvalidPruningTargetError as error:
@@ -112,7 +113,7 @@ def inspect_model(model: nn.Module, name: str = "") -> Inspection:
     geometries = [adapter.geometry(layer) for layer in layers]
     grouped_query = any(g.attention and g.attention.heads_per_group > 1 for g in geometries)
     kinds = []
-    for kind in (kind for kind in KINDS if kind in adapter.kinds):
+    for kind in (kind for kind in GROUP_KINDS if kind in adapter.kinds):
         if kind == "kv_groups" and not grouped_query:
             continue  # multi-head attention: every head is its own KV group, listed as heads
         if kind == "stage_channels":  # groups that cross layers, named from the model root

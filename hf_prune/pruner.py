@@ -13,7 +13,7 @@ from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
-from .allocation import Targets, build_plan, plan_for, resolve_targets
+from .allocation import RemovalCounts, build_plan, plan_for, resolve_counts
 from .calibration.distributed import from_main_process, is_main_process
 from .calibration.sources import token_windows
 from .calibration.statistics import CalibrationStatistics, collect_statistics
@@ -25,8 +25,9 @@ from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatErro
 from .evaluation import flops_per_token, parameter_count
 from .finite import check_finite_weights
 from .groups import get_adapter, supported_model_types
+from .output.atomic import write_atomically
 from .output.card import CardFacts, write_model_card
-from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_atomically, write_loader_config
+from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_loader_config
 from .plan import PruningPlan
 from .repair.least_squares import reconstruct
 from .repair.removed_layers import FOLDING_REPAIRS, removed_layer_targets, removed_runs
@@ -45,7 +46,7 @@ def _file_kwargs(shared: dict) -> dict:
     return {key: value for key, value in shared.items() if key != "gguf_file"}
 
 
-def _model_class(config, from_gguf: bool) -> type[PreTrainedModel]:
+def model_class_for(config, from_gguf: bool) -> type[PreTrainedModel]:
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is not None:
@@ -80,7 +81,7 @@ def _criterion(config: PruningConfig, kind: str) -> Criterion:
     return criterion
 
 
-def _own_config(model: PreTrainedModel) -> None:
+def detach_shared_config(model: PreTrainedModel) -> None:
     """Give the model a private deep copy of its config before pruning rewrites it, so a config
     object the caller shares with other models is never changed; every module follows."""
     shared, private = model.config, copy.deepcopy(model.config)
@@ -168,7 +169,7 @@ class HFPruner:
         config = AutoConfig.from_pretrained(name_or_path, **shared)
         get_adapter(config)
         from_gguf = "gguf_file" in from_pretrained_kwargs
-        model = _model_class(config, from_gguf).from_pretrained(name_or_path, **from_pretrained_kwargs)
+        model = model_class_for(config, from_gguf).from_pretrained(name_or_path, **from_pretrained_kwargs)
         if from_gguf:
             model = _without_gguf_marker(model)
         tokenizer, processor = load_preprocessor(name_or_path, shared)
@@ -252,7 +253,7 @@ class HFPruner:
         )
 
     def _prune_layer_by_layer(
-        self, config: PruningConfig, targets: Targets, criteria: dict[str, Criterion], statistics
+        self, config: PruningConfig, targets: RemovalCounts, criteria: dict[str, Criterion], statistics
     ) -> PruningReport:
         """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`)."""
         if statistics is not None:
@@ -301,7 +302,7 @@ class HFPruner:
 
     def validated(
         self, config: PruningConfig | None, kwargs: dict
-    ) -> tuple[PruningConfig, Targets, dict[str, Criterion]]:
+    ) -> tuple[PruningConfig, RemovalCounts, dict[str, Criterion]]:
         """The config, its per-kind counts and criteria, checked against the model's shapes before any work."""
         if config is not None and kwargs:
             raise TypeError("pass either a PruningConfig or keyword arguments, not both")
@@ -311,7 +312,7 @@ class HFPruner:
                 f"nothing to remove: set at least one of {', '.join(PruningConfig.AMOUNTS + BUDGET_TARGETS)} "
                 "(e.g. mlp_neurons=0.25 or sparsity=0.2)."
             )
-        targets = resolve_targets(self.model, self.adapter, config)
+        targets = resolve_counts(self.model, self.adapter, config)
         return config, targets, {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
 
     def apply(self, plan: PruningPlan, config: PruningConfig, calibration: dict | None = None) -> PruningReport:
@@ -320,7 +321,7 @@ class HFPruner:
         decision = self._check_format(plan, config)
         before = parameter_count(self.model)
         expected_after = before - plan.removed_parameter_count(self.model, self.adapter)
-        _own_config(self.model)
+        detach_shared_config(self.model)
         apply_plan(self.model, self.adapter, plan)
         for key, value in decision.config_fields.items():
             setattr(self.model.config, key, value)

@@ -9,7 +9,7 @@ import torch
 from tiny_models import FAMILIES, STRUCTURAL
 
 from hf_prune import HFPruner, PruningConfig, load_pruned
-from hf_prune.allocation import resolve_targets
+from hf_prune.allocation import resolve_counts
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.evaluation import flops_per_token, parameter_count
 from hf_prune.groups import get_adapter
@@ -25,7 +25,7 @@ def prune(family: str, **settings) -> tuple[HFPruner, torch.nn.Module]:
 
 def prunable_parameters(model) -> int:
     adapter = get_adapter(model.config)
-    targets = resolve_targets(model, adapter, PruningConfig(mlp_neurons=1))
+    targets = resolve_counts(model, adapter, PruningConfig(mlp_neurons=1))
     return int(sum(costs.prunable for costs in targets.budget.costs.values()))
 
 
@@ -52,7 +52,7 @@ def test_non_uniform_allocations_spend_the_uniform_budget_and_cut_exactly(family
     budget = parameter_count(dense) - parameter_count(uniform.model)
     removed = parameter_count(dense) - parameter_count(pruner.model)
     largest_unit = max(
-        c.kv_group for c in resolve_targets(dense, pruner.adapter, PruningConfig(sparsity=0.3)).budget.costs.values()
+        c.kv_group for c in resolve_counts(dense, pruner.adapter, PruningConfig(sparsity=0.3)).budget.costs.values()
     )
     assert abs(removed - budget) <= largest_unit
     assert len(set(widths(pruner))) > 1  # redistributed over layers

@@ -7,7 +7,7 @@ import torch
 from tiny_models import FAMILIES, VOCAB
 
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.allocation import build_plan, resolve_targets
+from hf_prune.allocation import build_plan, resolve_counts
 from hf_prune.calibration.sources import token_windows
 from hf_prune.calibration.statistics import REQUIREMENTS, collect_statistics
 from hf_prune.criteria import ScoringContext, available_criteria, get_criterion
@@ -108,7 +108,7 @@ def test_least_squares_repair_reduces_the_calibration_output_error(kind):
     adapter = HFPruner(model).adapter
     stats = collect_statistics(model, adapter, windows().split(4), {"moments", "mlp_gram"})
     config = PruningConfig(mlp_neurons=0.5) if kind == "neurons" else PruningConfig(attention_heads=0.5)
-    targets = resolve_targets(model, adapter, config)
+    targets = resolve_counts(model, adapter, config)
     context = ScoringContext(model, adapter, stats)
     plan = build_plan(context, dict.fromkeys(["neurons", "heads"], get_criterion("activation")), targets)
     branch, name = ("mlp", "mlp.down_proj") if kind == "neurons" else ("attention", "self_attn.o_proj")

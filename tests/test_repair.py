@@ -7,7 +7,7 @@ import torch
 from tiny_models import FAMILIES, calibration_windows
 
 from hf_prune import HFPruner, PruningConfig
-from hf_prune.allocation import build_plan, resolve_targets
+from hf_prune.allocation import build_plan, resolve_counts
 from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.criteria import ScoringContext, get_criterion
 from hf_prune.errors import InvalidPruningTargetError
@@ -112,7 +112,7 @@ def test_ispasp_reduces_the_calibration_output_error_at_least_as_much_as_lstsq(a
     model = FAMILIES["qwen2"].build()
     adapter = HFPruner(model).adapter
     stats = collect_statistics(model, adapter, calibration_windows()[0].split(4), {"moments", "mlp_gram"})
-    targets = resolve_targets(model, adapter, PruningConfig(**amounts))
+    targets = resolve_counts(model, adapter, PruningConfig(**amounts))
     plan = build_plan(
         ScoringContext(model, adapter, stats),
         dict.fromkeys(["neurons", "kv_groups"], get_criterion("activation")),

@@ -16,7 +16,7 @@ import hf_prune
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.errors import InvalidPruningTargetError, OutputExistsError, TracingError
 from hf_prune.groups import get_adapter
-from hf_prune.tracing.groups import _merge
+from hf_prune.tracing.groups import merge_slices
 from hf_prune.tracing.pruner import TracedPruner, mask_groups
 
 
@@ -71,7 +71,7 @@ def _normalised(slices, prefix: str = "") -> frozenset:
     from hf_prune.groups import TensorSlice
 
     renamed = [TensorSlice(prefix + p.parameter, p.dim, p.start, p.stop, p.consumer) for p in slices]
-    return frozenset(_merge(renamed))
+    return frozenset(merge_slices(renamed))
 
 
 @pytest.mark.parametrize("family", ["llama", "bert", "vit"])

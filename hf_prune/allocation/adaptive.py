@@ -8,10 +8,12 @@ Method notes and sources: docs/methods.md §5.4.
 
 from __future__ import annotations
 
-from ..config import PruningConfig
+from typing import TYPE_CHECKING
+
 from ..errors import InvalidPruningTargetError
 from ..plan import PruningPlan
 from .base import Allocation, Counts, LayerScores
+from .counts import RemovalCounts
 from .ranking import (
     attention_candidates,
     attention_counts,
@@ -23,7 +25,9 @@ from .ranking import (
     uniform_cost,
 )
 from .registry import register_allocation
-from .targets import Targets
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 
 @register_allocation
@@ -37,21 +41,21 @@ class AdaptiveAllocation(Allocation):
                 "attention_heads, not both (or use allocation='global')."
             )
 
-    def counts(self, scores: LayerScores, plan: PruningPlan, targets: Targets) -> Counts:
-        uniform = targets.counts
+    def counts(self, scores: LayerScores, plan: PruningPlan, removal: RemovalCounts) -> Counts:
+        uniform = removal.counts
         pools, budget = {}, 0.0
         attention_uniform = {**uniform.kv_groups, **uniform.mha_heads}
         if any(attention_uniform.values()):
-            pools["attention"] = attention_candidates(scores, plan, targets)
+            pools["attention"] = attention_candidates(scores, plan, removal)
             budget += uniform_cost(pools["attention"], attention_uniform)
         if any(uniform.heads_per_group.values()):
-            pools["heads"] = head_slot_candidates(scores, plan, targets, Counts())
+            pools["heads"] = head_slot_candidates(scores, plan, removal, Counts())
             budget += uniform_cost(pools["heads"], uniform.heads_per_group)
         if any(uniform.neurons.values()):
-            pools["neurons"] = neuron_candidates(scores, plan, targets)
+            pools["neurons"] = neuron_candidates(scores, plan, removal)
             budget += uniform_cost(pools["neurons"], uniform.neurons)
         taken = spend(pools, budget, standardised)
         counts = attention_counts(plan, taken.get("attention", {}))
         counts.heads_per_group = taken.get("heads", {})
-        counts.neurons = rounded(plan, taken.get("neurons", {}), targets.round_to)
+        counts.neurons = rounded(plan, taken.get("neurons", {}), removal.round_to)
         return counts

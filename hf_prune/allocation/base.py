@@ -15,7 +15,7 @@ from ..plan import PruningPlan
 
 if TYPE_CHECKING:
     from ..config import PruningConfig
-    from .targets import Targets
+    from .counts import RemovalCounts
 
 
 @dataclass
@@ -83,5 +83,5 @@ class Allocation(ABC):
         """Refuse, before any calibration, a config this allocation cannot honour."""
 
     @abstractmethod
-    def counts(self, scores: LayerScores, plan: PruningPlan, targets: Targets) -> Counts:
+    def counts(self, scores: LayerScores, plan: PruningPlan, removal: RemovalCounts) -> Counts:
         """Removal counts for the layers of `plan` that keep their attention / MLP."""

@@ -1,4 +1,4 @@
-"""Targets + scores → a `PruningPlan`: blocks first, then the allocation's per-layer counts.
+"""RemovalCounts + scores → a `PruningPlan`: blocks first, then the allocation's per-layer counts.
 
 Whole layers go first, then branches among the remaining layers (both ranked model-wide, never
 in `protected_layers`), then KV groups, query heads inside the kept groups, and MLP neurons
@@ -9,32 +9,36 @@ stages (`stage_channels`) go last, the lowest-scored of each stage.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..config import GROUP_KINDS, PruningConfig
 from ..criteria import Criterion, ScoringContext
 from ..groups import ArchitectureAdapter, GroupKind
+from ..kinds import GROUP_KINDS
 from ..plan import LayerPlan, PruningPlan
 from .base import Counts, LayerScores, lowest
+from .counts import RemovalCounts, resolve_counts
 from .registry import get_allocation
-from .targets import Targets, resolve_targets
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 #: scores of one kind's groups in one (original) layer: `score(layer, kind) -> tensor`.
 BlockScores = Callable[[int, GroupKind], torch.Tensor]
 
 
-def remove_blocks(plan: PruningPlan, targets: Targets, scores: BlockScores) -> None:
+def remove_blocks(plan: PruningPlan, removal: RemovalCounts, scores: BlockScores) -> None:
     """Drop the lowest-scored layers model-wide, then branches among the remaining layers. Scores
     come through `scores`, so the low-memory mode can rank from a first pass over the layers."""
-    open_plans = [p for p in plan.layers if p.layer not in targets.protected]
-    if targets.layers:
+    open_plans = [p for p in plan.layers if p.layer not in removal.protected]
+    if removal.layers:
         ranked = torch.cat([scores(p.layer, "layers") for p in open_plans])
-        for position in lowest(ranked, targets.layers):
+        for position in lowest(ranked, removal.layers):
             open_plans[position].keep_layer = False
     for kind, flag in (("attention_branches", "keep_attention"), ("mlp_branches", "keep_mlp")):
-        count = getattr(targets, kind)
+        count = getattr(removal, kind)
         if not count:
             continue
         candidates = [p for p in open_plans if p.keep_layer and getattr(p, flag)]
@@ -80,31 +84,31 @@ def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts, n
 
 
 def plan_layer(
-    context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, targets: Targets
+    context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, removal: RemovalCounts
 ) -> None:
     """Choose the heads, KV groups and neurons one kept layer keeps under the uniform counts,
     reading only that layer (the low-memory mode plans layer by layer)."""
-    _select_groups(LayerScores(context, criteria), layer_plan, targets.counts, targets.neuron_kind)
+    _select_groups(LayerScores(context, criteria), layer_plan, removal.counts, removal.neuron_kind)
 
 
-def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], targets: Targets) -> PruningPlan:
+def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], removal: RemovalCounts) -> PruningPlan:
     """Keep the best-scored groups (`criteria` maps kind → criterion) in the counts the
     configured allocation decides."""
     plan = PruningPlan.keep_all(context.model, context.adapter)
     scores = LayerScores(context, criteria)
-    remove_blocks(plan, targets, scores)
-    counts = get_allocation(targets.allocation).counts(scores, plan, targets)
+    remove_blocks(plan, removal, scores)
+    counts = get_allocation(removal.allocation).counts(scores, plan, removal)
     for layer_plan in plan.layers:
-        _select_groups(scores, layer_plan, counts, targets.neuron_kind)
-    select_stream_channels(context, criteria, plan, targets)
+        _select_groups(scores, layer_plan, counts, removal.neuron_kind)
+    select_stream_channels(context, criteria, plan, removal)
     return plan
 
 
 def select_stream_channels(
-    context: ScoringContext, criteria: Mapping[str, Criterion], plan: PruningPlan, targets: Targets
+    context: ScoringContext, criteria: Mapping[str, Criterion], plan: PruningPlan, removal: RemovalCounts
 ) -> None:
-    """Keep, in every stage, all but the `targets.stage_channels` lowest-scored stream channels."""
-    for stage, count in targets.stage_channels.items():
+    """Keep, in every stage, all but the `removal.stage_channels` lowest-scored stream channels."""
+    for stage, count in removal.stage_channels.items():
         if not count:
             continue
         groups = context.adapter.stage_groups(context.model, stage)
@@ -117,5 +121,5 @@ def plan_for(
 ) -> PruningPlan:
     """A plan for `config` with one data-free criterion for every kind (dry runs, inspection,
     gradual steps)."""
-    targets = resolve_targets(model, adapter, config)
-    return build_plan(ScoringContext(model, adapter), dict.fromkeys(GROUP_KINDS, criterion), targets)
+    removal = resolve_counts(model, adapter, config)
+    return build_plan(ScoringContext(model, adapter), dict.fromkeys(GROUP_KINDS, criterion), removal)

@@ -17,7 +17,7 @@ import torch
 
 from ..plan import LayerPlan, PruningPlan
 from .base import Counts, LayerScores
-from .targets import Targets, rounded_neurons
+from .counts import RemovalCounts, rounded_neurons
 
 Normalise = Callable[[torch.Tensor], torch.Tensor]
 
@@ -42,30 +42,30 @@ def standardised(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / (spread if spread > 0 else 1.0)
 
 
-def _open_layers(plan: PruningPlan, targets: Targets, flag: str) -> list[LayerPlan]:
-    return [p for p in plan.layers if p.layer not in targets.protected and p.keep_layer and getattr(p, flag)]
+def _open_layers(plan: PruningPlan, removal: RemovalCounts, flag: str) -> list[LayerPlan]:
+    return [p for p in plan.layers if p.layer not in removal.protected and p.keep_layer and getattr(p, flag)]
 
 
-def attention_candidates(scores: LayerScores, plan: PruningPlan, targets: Targets) -> dict[int, Candidates]:
+def attention_candidates(scores: LayerScores, plan: PruningPlan, removal: RemovalCounts) -> dict[int, Candidates]:
     """KV groups of GQA layers, heads of MHA layers."""
     candidates = {}
-    for p in _open_layers(plan, targets, "keep_attention"):
+    for p in _open_layers(plan, removal, "keep_attention"):
         if p.geometry.attention is None:
             continue
         mha = p.geometry.attention.heads_per_group == 1
         ranked = scores(p.layer, "kv_groups", "heads" if mha else "kv_groups").sort().values
-        candidates[p.layer] = Candidates(ranked, targets.budget.costs[p.layer].kv_group, len(ranked) - 1)
+        candidates[p.layer] = Candidates(ranked, removal.budget.costs[p.layer].kv_group, len(ranked) - 1)
     return candidates
 
 
 def head_slot_candidates(
-    scores: LayerScores, plan: PruningPlan, targets: Targets, kv_counts: Counts
+    scores: LayerScores, plan: PruningPlan, removal: RemovalCounts, kv_counts: Counts
 ) -> dict[int, Candidates]:
     """Query-head slots of GQA layers, given the KV groups `kv_counts` removes."""
     from .planning import kept_groups  # planning imports the allocations
 
     candidates = {}
-    for p in _open_layers(plan, targets, "keep_attention"):
+    for p in _open_layers(plan, removal, "keep_attention"):
         attention = p.geometry.attention
         if attention is None or attention.heads_per_group == 1:
             continue
@@ -73,18 +73,18 @@ def head_slot_candidates(
         ranked = scores(p.layer, "heads")
         per_group = torch.stack([ranked[list(attention.heads_of_group(j))].sort().values for j in kept])
         slots = per_group.sum(0)[:-1]  # every group keeps at least one head
-        candidates[p.layer] = Candidates(slots, targets.budget.costs[p.layer].head * len(kept), len(slots))
+        candidates[p.layer] = Candidates(slots, removal.budget.costs[p.layer].head * len(kept), len(slots))
     return candidates
 
 
-def neuron_candidates(scores: LayerScores, plan: PruningPlan, targets: Targets) -> dict[int, Candidates]:
+def neuron_candidates(scores: LayerScores, plan: PruningPlan, removal: RemovalCounts) -> dict[int, Candidates]:
     candidates = {}
-    for p in _open_layers(plan, targets, "keep_mlp"):
+    for p in _open_layers(plan, removal, "keep_mlp"):
         if not p.geometry.intermediate_size:
             continue
-        ranked = scores(p.layer, targets.neuron_kind).sort().values
-        limit = len(ranked) - max(1, targets.round_to)
-        candidates[p.layer] = Candidates(ranked, targets.budget.costs[p.layer].neuron, max(limit, 0))
+        ranked = scores(p.layer, removal.neuron_kind).sort().values
+        limit = len(ranked) - max(1, removal.round_to)
+        candidates[p.layer] = Candidates(ranked, removal.budget.costs[p.layer].neuron, max(limit, 0))
     return candidates
 
 
@@ -120,8 +120,8 @@ def attention_counts(plan: PruningPlan, removed: dict[int, int]) -> Counts:
     counts = Counts()
     for p in plan.layers:
         if p.layer in removed and p.geometry.attention is not None:
-            target = counts.mha_heads if p.geometry.attention.heads_per_group == 1 else counts.kv_groups
-            target[p.layer] = removed[p.layer]
+            into = counts.mha_heads if p.geometry.attention.heads_per_group == 1 else counts.kv_groups
+            into[p.layer] = removed[p.layer]
     return counts
 
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from ..plan import PruningPlan
 from .base import Allocation, Counts, LayerScores
+from .counts import RemovalCounts
 from .registry import register_allocation
-from .targets import Targets
 
 
 @register_allocation
 class UniformAllocation(Allocation):
     name = "uniform"
 
-    def counts(self, scores: LayerScores, plan: PruningPlan, targets: Targets) -> Counts:
-        return targets.counts
+    def counts(self, scores: LayerScores, plan: PruningPlan, removal: RemovalCounts) -> Counts:
+        return removal.counts

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..errors import DataNotFoundError
-from ..output.checkpoint import write_atomically
+from ..output.atomic import write_atomically
 from .data import DATA_DIR_VARIABLE, data_file
 
 CIFAR10_ARCHIVE = "cifar10/cifar10-jpg.tar.gz"

@@ -11,18 +11,13 @@ import torch
 from torch import nn
 
 from ..calibration.statistics import CalibrationStatistics, Requirement
-from ..config import DAMPING
 from ..groups import ArchitectureAdapter, Branch, Group, GroupKind
 from ..groups.base import input_slices, matrix_view
+from ..kinds import BLOCK_KINDS, DAMPING, GROUP_KINDS, STAGE_KINDS
 
-ALL_KINDS: frozenset[GroupKind] = frozenset(
-    ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels")
-)
-CHANNEL_KINDS: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons", "channels"))
-BLOCK_KINDS: frozenset[GroupKind] = ALL_KINDS - CHANNEL_KINDS
-#: Groups that cross layers (`Group.layer` is a stage, slices are named from the model root); only
-#: criteria that name this kind rank it, the others are refused with a typed error.
-STAGE_KINDS: frozenset[GroupKind] = frozenset(("stage_channels",))
+#: The kinds every criterion ranks unless it names fewer. Stage kinds cross layers: only criteria that
+#: name them rank them, the others are refused with a typed error.
+ALL_KINDS: frozenset[GroupKind] = frozenset(GROUP_KINDS) - STAGE_KINDS
 
 
 @dataclass

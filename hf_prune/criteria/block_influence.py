@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from .base import BLOCK_KINDS, Criterion, ScoringContext
+from ..kinds import BLOCK_KINDS
+from .base import Criterion, ScoringContext
 from .registry import register_criterion
 
 _KEY = {"layers": "layer", "attention_branches": "attention", "mlp_branches": "mlp"}

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from .base import BLOCK_KINDS, Criterion, ScoringContext, branch_of, consumer_weight
+from ..kinds import BLOCK_KINDS
+from .base import Criterion, ScoringContext, branch_of, consumer_weight
 from .registry import register_criterion
 
 

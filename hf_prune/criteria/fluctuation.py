@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from .base import CHANNEL_KINDS, Criterion, ScoringContext, channel_score
+from ..kinds import CHANNEL_KINDS
+from .base import Criterion, ScoringContext, channel_score
 from .registry import register_criterion
 
 

@@ -15,9 +15,10 @@ import torch
 from ..calibration.loss import calibration_loss, dense_predictions
 from ..calibration.statistics import model_inputs
 from ..groups import Group
+from ..kinds import BLOCK_KINDS
 from ..masking import apply_masks
 from ..plan import PruningPlan
-from .base import BLOCK_KINDS, Criterion, ScoringContext
+from .base import Criterion, ScoringContext
 from .registry import register_criterion
 
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from .base import ALL_KINDS, STAGE_KINDS, Criterion, ScoringContext, group_tensors
+from ..kinds import STAGE_KINDS
+from .base import ALL_KINDS, Criterion, ScoringContext, group_tensors
 from .registry import register_criterion
 
 

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import DAMPING
 from ..groups import Group
-from .base import CHANNEL_KINDS, Criterion, ScoringContext, branch_of, consumer_weight
+from ..kinds import CHANNEL_KINDS, DAMPING
+from .base import Criterion, ScoringContext, branch_of, consumer_weight
 from .registry import register_criterion
 
 #: Compact the working matrices once the alive channels fall to this fraction of their width.

@@ -5,7 +5,8 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from .base import ALL_KINDS, STAGE_KINDS, Criterion, ScoringContext
+from ..kinds import STAGE_KINDS
+from .base import ALL_KINDS, Criterion, ScoringContext
 from .registry import register_criterion
 
 

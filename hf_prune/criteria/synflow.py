@@ -29,7 +29,8 @@ import torch
 from torch.func import functional_call
 
 from ..groups import Group, GroupKind
-from .base import BLOCK_KINDS, Criterion, ScoringContext
+from ..kinds import BLOCK_KINDS
+from .base import Criterion, ScoringContext
 from .registry import register_criterion
 
 ROUNDS = 10

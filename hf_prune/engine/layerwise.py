@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..allocation import Targets, plan_layer, remove_blocks
+from ..allocation import RemovalCounts, plan_layer, remove_blocks
 from ..allocation.base import LayerScores
 from ..calibration.distributed import local_share, sum_across_processes, sum_numbers
 from ..calibration.layer_inputs import LayerInputs, capture_layer_inputs, first_output
@@ -72,7 +72,7 @@ def _rank_blocks(
     plan: PruningPlan,
     batches: list[torch.Tensor],
     criteria: Mapping[str, Criterion],
-    targets: Targets,
+    targets: RemovalCounts,
     config: PruningConfig,
 ) -> None:
     """Drop layers and branches as the one-pass prune would: from one whole-model pass."""
@@ -180,7 +180,7 @@ def prune_layer_by_layer(
     adapter: ArchitectureAdapter,
     config: PruningConfig,
     criteria: Mapping[str, Criterion],
-    targets: Targets,
+    targets: RemovalCounts,
     windows: torch.Tensor,
     toward_dense: bool = False,
 ) -> PruningPlan:

@@ -59,9 +59,10 @@ from ..errors import LowMemoryError, NotPrunedError
 from ..evaluation import parameter_count
 from ..finite import check_finite_statistics, check_finite_weights
 from ..groups.base import channels_last
-from ..output.checkpoint import decide_format, write_atomically
+from ..output.atomic import write_atomically
+from ..output.checkpoint import decide_format
 from ..plan import PruningPlan
-from ..pruner import HFPruner, _model_class, _own_config, load_preprocessor
+from ..pruner import HFPruner, detach_shared_config, load_preprocessor, model_class_for
 from ..repair.least_squares import reconstruct
 from ..repair.removed_layers import FOLDING_REPAIRS, RemovedRun, removed_runs, run_target
 from ..report import PruningReport
@@ -238,7 +239,7 @@ class LowMemoryPruner(HFPruner):
         _map_large_allocations()  # before anything of this pruner's lands in the heap
         config = AutoConfig.from_pretrained(path)
         with init_empty_weights():
-            model = _model_class(config, from_gguf=False)(config)
+            model = model_class_for(config, from_gguf=False)(config)
         model.tie_weights()  # tied copies (an LM head tied to the embeddings) are not in the checkpoint
         tokenizer, processor = load_preprocessor(path, {})
         pruner = cls(model.eval(), CheckpointShards(path), tokenizer, processor, device=device, dtype=dtype)
@@ -414,7 +415,7 @@ class LowMemoryPruner(HFPruner):
             scores = self._block_scores(batches, criteria, targets)
             remove_blocks(plan, targets, lambda index, kind: scores[(index, kind)])
         before = parameter_count(self.model)
-        _own_config(self.model)
+        detach_shared_config(self.model)
         staging = Path(tempfile.mkdtemp(prefix="hf_prune-staging-"))
         weakref.finalize(self, shutil.rmtree, staging, True)
         kept = plan.kept_layers

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-GroupKind = Literal[
-    "heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels", "stage_channels"
-]
-#: What transformer adapters prune; convolutional adapters name their own `kinds`.
-TRANSFORMER_KINDS: frozenset[GroupKind] = frozenset(
-    ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
-)
-Branch = Literal["attention", "mlp"]
+from ..kinds import TRANSFORMER_KINDS, Branch, GroupKind
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import transformers
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..evaluation import FLOPS_CONTEXT, flops_per_token, parameter_count
+from ..kinds import __version__
 from ..report import PruningReport
 from .plots import PLOT_FILE, plot_kept_structure
 from .recipes import recipe_yaml
@@ -159,7 +160,6 @@ def _removed_kinds(report: PruningReport) -> str:
 
 def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
     """The card for the pruner's current (pruned) model; `model_id` is what the load snippets name."""
-    from .. import __version__
 
     facts, report, config = pruner.card_facts, pruner.report, pruner.model.config
     architecture = (config.architectures or [type(pruner.model).__name__])[0]

@@ -19,8 +19,6 @@ import copy
 import itertools
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +27,9 @@ import transformers
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..errors import OutputExistsError, PrunedCheckpointError
+from ..errors import PrunedCheckpointError
 from ..groups import ArchitectureAdapter
+from ..tracing.checkpoint import load_traced
 from .loader_format import (
     LOADER_FORMAT_VERSION,
     LOADER_MODEL_TYPE,
@@ -107,42 +106,6 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
 
 
 # --------------------------------------------------------------------------- saving
-def check_output_folder(target: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an output path that is a file, or a non-empty folder without `overwrite`."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise OutputExistsError(f"output folder {str(target)!r} is an existing file; choose another path.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"output folder {str(target)!r} exists and is not empty; choose another folder or pass overwrite=True "
-            "(CLI: --overwrite). Nothing in it was touched."
-        )
-
-
-def write_atomically(target: str | os.PathLike, write, overwrite: bool = False) -> Path:
-    """Call `write(folder)` on a temporary folder beside `target`, then move it into place.
-
-    An error or interrupt midway leaves no partial output and the previous folder untouched.
-    """
-    target = Path(target).resolve()
-    check_output_folder(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        write(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, retired / "folder")
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
 def write_loader_config(folder: Path, model: PreTrainedModel, adapter: ArchitectureAdapter) -> None:
     """Rewrite `config.json` into the loader format and add the remote code (see the module docstring)."""
     path = folder / "config.json"
@@ -174,8 +137,6 @@ def load_pruned(
     says, then filled by `from_pretrained`; every `from_pretrained` keyword works.
     """
     if model is not None:
-        from ..tracing.checkpoint import load_traced
-
         return load_traced(name_or_path, model)
     try:
         raw, _ = PretrainedConfig.get_config_dict(name_or_path, **dict(from_pretrained_kwargs))

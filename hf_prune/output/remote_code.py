@@ -17,6 +17,7 @@ from pathlib import Path
 
 import transformers
 
+from ..kinds import __version__
 from .loader_format import AUTO_CLASSES, HFPruneConfig
 
 MODULE_NAME = "modeling_hf_prune"
@@ -80,7 +81,6 @@ def remote_module_source() -> str:
         order.append(name)
 
     visit(_ROOT)
-    from .. import __version__
 
     header = (
         f'"""Loads hf_prune loader-format checkpoints with plain transformers (`trust_remote_code=True`).\n\n'

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DAMPING
+from ..kinds import DAMPING
 
 
 def removed_mean_contribution(weight: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DAMPING
 from ..criteria.obs import greedy_removal_scores
+from ..kinds import DAMPING
 
 #: Rows of the Gram matrix and of the weight multiplied at a time in the refit (bounds its temporaries).
 REFIT_BLOCK = 1024
@@ -40,10 +40,10 @@ def least_squares_columns(
     kept: torch.Tensor,
     damping: float = DAMPING,
     count: int = 1,
-    extra_target: torch.Tensor | None = None,
+    cross_term: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`W G[:, S] (G[S, S] + λI)⁻¹`: the kept columns that best reproduce `W x` (outputs × |S|);
-    with `extra_target` `C = Σ d xᵀ` (a sum over the same tokens), the columns that best reproduce
+    with `cross_term` `C = Σ d xᵀ` (a sum over the same tokens), the columns that best reproduce
     `W x + d`: `(W G[:, S] + C[:, S]) (G[S, S] + λI)⁻¹`.
 
     Computed in `gram`'s dtype (float64); `weight` may be float32 and is converted a block at a
@@ -62,8 +62,8 @@ def least_squares_columns(
         for first in range(0, weight.shape[0], REFIT_BLOCK):
             outputs = weight[first : first + REFIT_BLOCK].to(gram.dtype)
             solution[start : start + len(rows), first : first + len(outputs)] = gram[rows] @ outputs.T
-    if extra_target is not None:
-        solution += extra_target[:, kept].T
+    if cross_term is not None:
+        solution += cross_term[:, kept].T
     solution /= count
     torch.linalg.solve_triangular(factor, solution, upper=False, out=solution)
     torch.linalg.solve_triangular(factor.mT, solution, upper=True, out=solution)

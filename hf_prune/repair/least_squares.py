@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..calibration.statistics import CalibrationStatistics, ChannelStatistics
-from ..config import DAMPING
 from ..errors import InvalidPruningTargetError
 from ..groups import ArchitectureAdapter, Branch
 from ..groups.base import input_slices, matrix_view
+from ..kinds import DAMPING
 from ..plan import LayerPlan, PruningPlan
 from .bias import fold_constant_into_columns, removed_mean_contribution
 from .ispasp import least_squares_columns
@@ -79,13 +79,13 @@ def _repair(
     kept: torch.Tensor,
     removed: torch.Tensor,
     method: str,
-    removed_layer_target: torch.Tensor | None,
+    cross_term: torch.Tensor | None,
     damping: float,
 ) -> torch.Tensor:
     """The consumer's new kept columns (outputs × |S|); `bias` also updates `module.bias` in place."""
     if method in ("lstsq", "ispasp"):
         return least_squares_columns(
-            weight, stats.gram, kept, damping=damping, count=stats.count, extra_target=removed_layer_target
+            weight, stats.gram, kept, damping=damping, count=stats.count, cross_term=cross_term
         )
     weight = weight.double()
     constant = removed_mean_contribution(weight, stats.mean, removed)
@@ -107,13 +107,14 @@ def reconstruct(
     plan: PruningPlan,
     statistics: CalibrationStatistics | None,
     method: str,
-    removed_layer_targets: dict[int, torch.Tensor] | None = None,
+    removed_layer_cross_terms: dict[int, torch.Tensor] | None = None,
     branches: tuple[Branch, ...] = ("attention", "mlp"),
     damping: float = DAMPING,
 ) -> PruningPlan:
     """Repair every consumer that loses channels, in place, before surgery; returns the plan to cut
-    (`ispasp` may keep other channels than the criterion chose, always as many). `removed_layer_targets`
-    (`layer_replacement.removed_layer_targets`) maps a layer to what the removed layers after it added."""
+    (`ispasp` may keep other channels than the criterion chose, always as many). `removed_layer_cross_terms`
+    (`repair.removed_layers.removed_layer_targets`: `C = Σ D aᵀ` per writer layer) maps a layer to what the
+    removed layers after it added."""
     if method == "none":
         return plan
     if statistics is None:
@@ -126,9 +127,9 @@ def reconstruct(
             continue
         layer = layers[layer_plan.layer]
         for branch in branches:
-            removed_layer_target = (removed_layer_targets or {}).get(layer_plan.layer) if branch == "mlp" else None
+            cross_term = (removed_layer_cross_terms or {}).get(layer_plan.layer) if branch == "mlp" else None
             changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
-            if not changed and removed_layer_target is None:
+            if not changed and cross_term is None:
                 continue
             stats = statistics.consumers[(layer_plan.layer, branch)]
             name = adapter.o_proj if branch == "attention" else adapter.down_proj
@@ -150,7 +151,7 @@ def reconstruct(
             gone = set(removed)
             kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)
             removed_tensor = torch.tensor(removed, dtype=torch.long, device=weight.device)
-            new = _repair(module, weight, stats, kept, removed_tensor, method, removed_layer_target, damping)
+            new = _repair(module, weight, stats, kept, removed_tensor, method, cross_term, damping)
             new = new.to(parameter.dtype)
             if transposed:
                 parameter[kept, :] = new.T

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from ..calibration.statistics import CalibrationStatistics
-from ..config import DAMPING
 from ..groups import ArchitectureAdapter
 from ..groups.base import matrix_view
+from ..kinds import DAMPING
 from ..plan import PruningPlan
 from .ispasp import least_squares_columns
 

@@ -13,7 +13,12 @@ from torch import nn
 from ..errors import PrunedCheckpointError
 from ..groups import TensorSlice
 from ..surgery import slice_tensors
-from .pruner import FORMAT, FORMAT_VERSION, SHAPES_FILE, WEIGHTS_FILE
+
+#: The files a traced prune's `save_pretrained` writes, and the description's format name and version.
+SHAPES_FILE = "pruned_shapes.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "hf_prune.traced"
+FORMAT_VERSION = 1
 
 
 def load_traced(folder: str | os.PathLike, model: nn.Module) -> nn.Module:

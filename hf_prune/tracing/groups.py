@@ -78,7 +78,7 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _merge(pieces: list[TensorSlice]) -> tuple[TensorSlice, ...]:
+def merge_slices(pieces: list[TensorSlice]) -> tuple[TensorSlice, ...]:
     """Adjacent one-channel slices of the same tensor, axis and role as ranges, in a stable order."""
     ordered = sorted(set(pieces), key=lambda p: (p.parameter, p.dim, p.consumer, p.start))
     merged: list[TensorSlice] = []
@@ -111,7 +111,7 @@ def derive_groups(graph: ChannelGraph, model: nn.Module) -> TracedGroups:
         if reasons:
             blocked[reasons[0]].extend(members)
             continue
-        pieces = _merge([piece for channel in members for piece in graph.slices[channel]])
+        pieces = merge_slices([piece for channel in members for piece in graph.slices[channel]])
         signature = tuple(sorted({(p.parameter, p.dim, p.consumer, p.parameter in buffers) for p in pieces}))
         families[signature].append((members, pieces))
     result = []

@@ -19,23 +19,20 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-from ..config import PruningConfig, count_of
+from ..config import PruningConfig
 from ..errors import InvalidPruningTargetError, NotPrunedError, TracingError
 from ..evaluation import parameter_count
 from ..finite import check_finite_weights
 from ..groups import Group, TensorSlice
-from ..output.checkpoint import write_atomically
+from ..kinds import count_of
+from ..output.atomic import write_atomically
 from ..surgery import slice_tensors
+from .checkpoint import FORMAT, FORMAT_VERSION, SHAPES_FILE, WEIGHTS_FILE
 from .graph import split_inputs, trace_channels
 from .groups import TracedGroups, derive_groups
 from .scoring import TRACED_CRITERIA, input_norms, score_groups
 
 logger = logging.getLogger(__name__)
-
-SHAPES_FILE = "pruned_shapes.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "hf_prune.traced"
-FORMAT_VERSION = 1
 
 
 @dataclass

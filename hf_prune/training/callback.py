@@ -40,7 +40,7 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config import BUDGET_TARGETS, PruningConfig
+from ..config import PruningConfig
 from ..criteria import ScoringContext, get_criterion
 from ..errors import (
     CallbackStateError,
@@ -51,7 +51,8 @@ from ..errors import (
     UsageError,
 )
 from ..groups import ArchitectureAdapter, GroupKind, get_adapter
-from ..output.checkpoint import write_atomically
+from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, BUDGET_TARGETS, GROUP_KINDS
+from ..output.atomic import write_atomically
 from ..plan import LayerPlan, PruningPlan
 from ..pruner import HFPruner
 from ..report import PruningReport
@@ -72,18 +73,15 @@ SCORES = (*TRAINING_SCORES, "criterion", "l0")
 
 def _kinds(counts: dict[str, int]) -> list[GroupKind]:
     """The group kinds `build_plan` scores for the final per-kind counts (amount names)."""
-    kinds: list[GroupKind] = []
-    if counts["kv_groups"] or counts["attention_heads"]:
-        kinds += ["kv_groups", "heads"]
-    if counts["mlp_neurons"]:
-        kinds.append("neurons")
-    kinds += [kind for kind in ("attention_branches", "mlp_branches", "layers") if counts[kind]]
-    return kinds
+    removed = {kind for kind, amount in AMOUNT_OF_KIND.items() if counts.get(amount)}
+    if removed & {"kv_groups", "heads"}:  # the heads inside kept groups are ranked with the groups
+        removed |= {"kv_groups", "heads"}
+    return [kind for kind in AMOUNT_OF_KIND if kind in removed]
 
 
 def _gate_targets(counts: dict[str, int], model: nn.Module, adapter: ArchitectureAdapter) -> dict[GroupKind, float]:
     """The final kept fraction of query heads and MLP neurons the counts leave (uniform layers)."""
-    unsupported = [kind for kind in ("attention_branches", "mlp_branches", "layers") if counts[kind]]
+    unsupported = [kind for kind in GROUP_KINDS if kind in BLOCK_KINDS and counts[kind]]
     if unsupported:
         raise InvalidPruningTargetError(
             f"score='l0' gates heads and MLP neurons only, but the config also removes {', '.join(unsupported)}; "

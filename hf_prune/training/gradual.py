@@ -23,6 +23,7 @@ from ..criteria import Criterion, ScoringContext
 from ..criteria.random import RandomCriterion
 from ..errors import InvalidPruningTargetError
 from ..groups import ArchitectureAdapter, Group
+from ..kinds import ATTENTION_KINDS
 from ..plan import LayerPlan, PruningPlan
 
 #: (model, adapter, groups of one kind in one layer) → one score per group, lower = less important.
@@ -36,7 +37,7 @@ def is_removed(plan: PruningPlan, group: Group) -> bool:
         return True
     if group.kind == "layers":
         return False
-    if group.kind in ("heads", "kv_groups", "attention_branches"):
+    if group.kind in ATTENTION_KINDS:
         if not layer.keep_attention:
             return True
         if group.kind == "heads":

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..config import PruningConfig, count_of
 from ..errors import InvalidPruningTargetError
+from ..evaluation import flops_per_token, parameter_count
 from ..groups import ArchitectureAdapter, GroupKind
+from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, GROUP_KINDS, STAGE_KINDS, count_of
 from ..plan import PruningPlan
 from .base import Counts
 from .costs import CostUnit, UnitCosts, unit_costs
+from .registry import get_allocation
+
+if TYPE_CHECKING:
+    from ..config import PruningConfig
 
 
 @dataclass(frozen=True)
@@ -28,8 +34,9 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class Targets:
-    """Blocks removed model-wide, the uniform per-layer counts, and how to spread them."""
+class RemovalCounts:
+    """A config's amounts or budget resolved on the model: blocks removed model-wide, the uniform per-layer
+    counts, and how to spread them (the user's budget is the only "target"; this is what it comes to)."""
 
     layers: int
     attention_branches: int
@@ -46,9 +53,7 @@ class Targets:
 
     def kinds(self) -> set[GroupKind]:
         """The group kinds that need a criterion."""
-        kinds = {
-            kind for kind in ("layers", "attention_branches", "mlp_branches", "stage_channels") if getattr(self, kind)
-        }
+        kinds = {kind for kind in BLOCK_KINDS | STAGE_KINDS if getattr(self, kind)}
         return kinds | self.counts.kinds(self.neuron_kind)
 
 
@@ -117,19 +122,6 @@ def rounded_neurons(removed: int, total: int, round_to: int) -> int:
     return max(total - kept, 0)
 
 
-#: Group kind → the PruningConfig amount that removes it.
-AMOUNT_OF_KIND = {
-    "heads": "attention_heads",
-    "kv_groups": "kv_groups",
-    "neurons": "mlp_neurons",
-    "attention_branches": "attention_branches",
-    "mlp_branches": "mlp_branches",
-    "layers": "layers",
-    "channels": "channels",
-    "stage_channels": "stage_channels",
-}
-
-
 def _neuron_count(config: PruningConfig, name: str, layer: int, total: int) -> int:
     """Units removed from one layer by the amount `name` (`mlp_neurons`, or `channels` on
     convolutional families)."""
@@ -155,7 +147,8 @@ def _neuron_count(config: PruningConfig, name: str, layer: int, total: int) -> i
 
 
 def _check_kinds(config: PruningConfig, adapter: ArchitectureAdapter) -> None:
-    for kind, name in AMOUNT_OF_KIND.items():
+    for kind in GROUP_KINDS:
+        name = AMOUNT_OF_KIND[kind]
         if getattr(config, name) and kind not in adapter.kinds:
             raise InvalidPruningTargetError(
                 f"{name}={getattr(config, name)!r}: this model cannot prune {kind}; set {name}=0 and use "
@@ -235,8 +228,6 @@ def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: Arch
 
 def _budget_amount(config: PruningConfig, model: nn.Module, costs: dict[int, UnitCosts]) -> float:
     """What the budget target asks to remove, in its unit."""
-    from ..evaluation import flops_per_token, parameter_count  # evaluation imports the adapters
-
     if config.sparsity:
         return config.sparsity * sum(c.prunable for c in costs.values())
     if config.target_params:
@@ -288,10 +279,8 @@ def _budget_counts(
     return counts
 
 
-def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig) -> Targets:
+def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: PruningConfig) -> RemovalCounts:
     """Counts for every kind, validated on every layer's shape; raises before any work is done."""
-    from .registry import get_allocation  # the registry fills as the package imports
-
     get_allocation(config.allocation).validate(config)
     _check_kinds(config, adapter)
     plan = PruningPlan.keep_all(model, adapter)
@@ -309,7 +298,7 @@ def resolve_targets(model: nn.Module, adapter: ArchitectureAdapter, config: Prun
         if config.budget_target
         else _amount_counts(config, plan, protected, adapter.neuron_kind)
     )
-    return Targets(
+    return RemovalCounts(
         layers=layers,
         attention_branches=_block_count(
             "attention_branches", config.attention_branches, max(with_attention, 0), max(with_attention, 0)
