@@ -12,20 +12,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
 
 from ..evaluation import FLOPS_CONTEXT, flops_per_token, parameter_count
 from ..report import PruningReport
 from .plots import PLOT_FILE, plot_kept_structure
 from .recipes import recipe_yaml
 from .remote_code import auto_classes
-
-if TYPE_CHECKING:
-    from ..pruner import HFPruner
 
 TEMPLATE_FILE = "pruned_model_card.md"
 RECIPE_FILE = "hf_prune_recipe.yaml"
@@ -114,6 +112,35 @@ class CardFacts:
         self.base_license = card.data.license or self.base_license
 
 
+@dataclass(frozen=True)
+class CardInputs:
+    """Everything the card is rendered from, as plain data: the report, the facts, and what the card
+    reads of the pruned model (its architecture, the auto class that loads it, its size)."""
+
+    report: PruningReport
+    facts: CardFacts
+    model_id: str  # what the load snippets name
+    architecture: str
+    auto_class: str
+    parameters: int
+    flops: int  # per token, `flops_per_token`
+
+    @classmethod
+    def of(cls, model: nn.Module, report: PruningReport, facts: CardFacts, model_id: str) -> CardInputs:
+        """The inputs for a pruned model in memory (weights may be on the meta device)."""
+        config = model.config
+        architecture = (config.architectures or [type(model).__name__])[0]
+        return cls(
+            report=report,
+            facts=facts,
+            model_id=model_id,
+            architecture=architecture,
+            auto_class=auto_classes(type(config), architecture)[-1],
+            parameters=parameter_count(model),
+            flops=flops_per_token(model),
+        )
+
+
 def _pair(before: int, after: int) -> str:
     return f"{before} → {after}" if before != after else str(after)
 
@@ -157,13 +184,11 @@ def _removed_kinds(report: PruningReport) -> str:
     return ", ".join(kind for kind, present in kinds.items() if present)
 
 
-def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
-    """The card for the pruner's current (pruned) model; `model_id` is what the load snippets name."""
+def render_model_card(inputs: CardInputs) -> ModelCard:
+    """The card of a pruned model, from plain data (`CardInputs.of(model, report, facts, model_id)`)."""
     from .. import __version__
 
-    facts, report, config = pruner.card_facts, pruner.report, pruner.model.config
-    architecture = (config.architectures or [type(pruner.model).__name__])[0]
-    auto_class = auto_classes(type(config), architecture)[-1]
+    facts, report, auto_class = inputs.facts, inputs.report, inputs.auto_class
     quality = [m for m in facts.measurements if m.kind == "quality"]
     speed = [m for m in facts.measurements if m.kind == "speed"]
     card_data = ModelCardData(
@@ -176,7 +201,7 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
     )
     base_name = facts.base_model or (Path(facts.source).name if facts.source else report.model_type)
     base_link = f"[{base_name}](https://huggingface.co/{base_name})" if facts.base_model else f"`{base_name}`"
-    parameters = parameter_count(pruner.model)
+    parameters = inputs.parameters
     columns, rows = _table(report)
     return ModelCard.from_template(
         card_data,
@@ -191,8 +216,8 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
         output_format=report.output_format,
         format_reason=report.format_reason,
         auto_class=auto_class,
-        architecture=architecture,
-        model_id=model_id,
+        architecture=inputs.architecture,
+        model_id=inputs.model_id,
         plot_file=PLOT_FILE,
         table_columns=columns,
         table_rows=rows,
@@ -202,7 +227,7 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
         or "none (no calibration step ran)",
         size_rows=[
             _change_row("parameters", facts.dense_parameters, parameters, ","),
-            _change_row("FLOPs per token", facts.dense_flops, flops_per_token(pruner.model), ","),
+            _change_row("FLOPs per token", facts.dense_flops, inputs.flops, ","),
             *(_change_row(m.metric, m.before, m.after, ",.2f") for m in speed),
         ],
         flops_context=FLOPS_CONTEXT,
@@ -218,8 +243,8 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
     )
 
 
-def write_model_card(folder: Path, pruner: HFPruner, model_id: str) -> None:
+def write_model_card(folder: Path, inputs: CardInputs) -> None:
     """README.md, the plot it links and the recipe it quotes, into `folder`."""
-    plot_kept_structure(pruner.report, folder / PLOT_FILE)
-    (folder / RECIPE_FILE).write_text(recipe_yaml(pruner.report.config))
-    render_model_card(pruner, model_id).save(folder / "README.md")
+    plot_kept_structure(inputs.report, folder / PLOT_FILE)
+    (folder / RECIPE_FILE).write_text(recipe_yaml(inputs.report.config))
+    render_model_card(inputs).save(folder / "README.md")
