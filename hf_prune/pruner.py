@@ -26,8 +26,9 @@ from .evaluation import flops_per_token, parameter_count
 from .finite import check_finite_weights
 from .groups import get_adapter, supported_model_types
 from .output.atomic import write_atomically
-from .output.card import CardFacts, write_model_card
+from .output.card import CardFacts, CardInputs, write_model_card
 from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_loader_config
+from .output.hub import push_saved
 from .plan import PruningPlan
 from .repair.least_squares import reconstruct
 from .repair.removed_layers import FOLDING_REPAIRS, removed_layer_targets, removed_runs
@@ -298,7 +299,7 @@ class HFPruner:
         for extra in (self.tokenizer, self.processor):
             if extra is not None:
                 extra.save_pretrained(folder)
-        write_model_card(folder, self, model_id=model_id)
+        write_model_card(folder, CardInputs.of(self.model, self.report, self.card_facts, model_id))
 
     def validated(
         self, config: PruningConfig | None, kwargs: dict
@@ -387,8 +388,9 @@ class HFPruner:
         """Upload the folder `save_pretrained` wrote, in one commit (saved to a temporary folder
         first when this prune was never saved); see `hf_prune.output.hub.push_folder`. Under torchrun only
         the main process uploads and returns the commit URL; the others return `None`."""
-        from .output.hub import push_pruner
-
         if not is_main_process():
             return None
-        return push_pruner(self, repo_id, private=private, token=token, commit_message=commit_message, api=api)
+        last = self.last_save  # (folder, the report it holds): pushed as is while it holds this prune
+        saved = last[0] if last is not None and last[1] is self.report and last[0].is_dir() else None
+        push = dict(private=private, token=token, commit_message=commit_message, api=api)
+        return push_saved(repo_id, saved, self.save_pretrained, **push)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 from tiny_models import FAMILIES
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -165,9 +168,26 @@ def test_bf16_mixed_precision_keeps_masks_exact_and_compacts(tmp_path):
     torch.testing.assert_close(logits(trainer.model, FAMILIES["llama"].inputs()), before.logits, atol=1e-5, rtol=0)
 
 
+def saved_card(folder: Path) -> tuple[dict, str]:
+    """The README's YAML metadata and body; every file the body links to exists in the folder."""
+    _, front_matter, body = (folder / "README.md").read_text().split("---\n", 2)
+    links = set(re.findall(r"\]\(([^)]+)\)", body))
+    assert {"pruning_plot.png", "hf_prune_recipe.yaml"} <= links
+    assert all((folder / link).is_file() for link in links if "://" not in link), links
+    assert (folder / "pruning_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return yaml.safe_load(front_matter), body
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_compaction_at_train_end_equals_the_masked_model_and_is_saved(tmp_path, family):
+def test_compaction_at_train_end_equals_the_masked_model_and_is_saved(tmp_path, monkeypatch, family):
+    def load(repo_id):  # the base model's card on the Hub, as ModelCard.load reads it
+        assert repo_id == f"some-org/tiny-{family}"
+        return ModelCard("---\nlicense: apache-2.0\n---\n")
+
+    monkeypatch.setattr(ModelCard, "load", load)
     model = FAMILIES[family].build()
+    dense = sum(p.numel() for p in model.parameters())
+    model.config._name_or_path = f"some-org/tiny-{family}"  # as from_pretrained("some-org/tiny-...") sets it
     pruning = PruningCallback(PruningConfig(**TARGETS[family]), SCHEDULE)
     trainer, before, _ = train(tmp_path, model, pruning, family=family)
 
@@ -177,8 +197,27 @@ def test_compaction_at_train_end_equals_the_masked_model_and_is_saved(tmp_path, 
     assert sum(p.numel() for p in trainer.model.parameters()) == pruning.report.parameters_after
     torch.testing.assert_close(logits(trainer.model, inputs), before.logits, atol=1e-5, rtol=0)
     folder = tmp_path / "pruned"
-    assert "PruningCallback" in (folder / "README.md").read_text()
     torch.testing.assert_close(logits(load_pruned(folder), inputs), before.logits, atol=1e-5, rtol=0)
+
+    # The card is the template's: Hub metadata, plot and recipe links, and what the callback did.
+    metadata, body = saved_card(folder)
+    assert metadata == {
+        "base_model": f"some-org/tiny-{family}",
+        "license": "apache-2.0",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["pruned", "structured-pruning", "hf_prune"],
+    }
+    assert PruningConfig.from_yaml(folder / "hf_prune_recipe.yaml") == PruningConfig(**TARGETS[family])
+    pruned = sum(p.numel() for p in load_pruned(folder).parameters())
+    assert f"| parameters | {dense:,} | {pruned:,} | {(pruned - dense) / dense:+.1%} |" in body
+    assert "## Pruned during fine-tuning" in body and "`PruningCallback`" in body
+    assert "- **Schedule:** `cubic` from step 1 to step 5, every step, starting at 0% of the targets\n" in body
+    # arguments(): 6 steps of 2 samples at learning rate 1e-2, 16 samples = 0.75 epochs
+    assert "- **Fine-tuning:** 6 of 6 optimizer steps, 0.75 epochs, learning rate 0.01, 2 samples per" in body
+    assert "- **Criterion:** `taylor` during fine-tuning (first-order Taylor importance" in body
+    assert 'PruningSchedule(kind="cubic", start_step=1, end_step=5, frequency=1, initial_sparsity=0.0)' in body
+    assert 'PruningConfig.from_yaml("hf_prune_recipe.yaml")' in body and "hf-prune prune --model" not in body
 
 
 def test_finalize_on_demand_equals_the_masked_model(tmp_path):
@@ -269,6 +308,8 @@ def test_lora_masks_cover_base_weights_and_adapters_and_compaction_merges(tmp_pa
     torch.testing.assert_close(logits(pruned, inputs), before.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(trainer.model, inputs), before.logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(logits(load_pruned(tmp_path / "pruned"), inputs), before.logits, atol=1e-5, rtol=0)
+    _, body = saved_card(tmp_path / "pruned")
+    assert "- **Adapters:** the PEFT (LoRA) adapters were merged into the weights before the cut\n" in body
 
 
 def test_gradient_accumulation_scores_the_optimizer_step(tmp_path):

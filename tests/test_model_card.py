@@ -118,3 +118,62 @@ def test_the_template_lives_in_model_cards_and_every_package_is_listed_for_the_w
     on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "hf_prune").rglob("__init__.py")}
     assert set(setuptools["packages"]) == on_disk | {"hf_prune.model_cards"}
     assert setuptools["package-dir"] == {"hf_prune.model_cards": "model_cards"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The standalone pruner's card, byte for byte: the files under tests/expected_cards/ were written by the code
+# before the card took plain facts instead of the pruner (`python tests/test_model_card.py` rewrites them), with
+# the three framework versions as placeholders.
+EXPECTED = Path(__file__).resolve().parent / "expected_cards"
+VERSIONS = {  # the card's "Framework versions" lines and their placeholders
+    "- hf_prune ": ("HF_PRUNE_VERSION", lambda: hf_prune.__version__),
+    "- transformers ": ("TRANSFORMERS_VERSION", lambda: __import__("transformers").__version__),
+    "- torch ": ("TORCH_VERSION", lambda: __import__("torch").__version__),
+}
+
+
+def _fixed_save(case: str, folder: Path) -> Path:
+    """One tiny model, pruned and saved with fixed card facts (every field the template reads)."""
+    if case == "llama-vanilla":
+        pruner = HFPruner(FAMILIES["llama"].build())
+        pruner.prune(kv_groups=1, mlp_neurons=0.25, layers=1, **STRUCTURAL)
+        facts = pruner.card_facts
+        facts.source = facts.base_model = "some-org/some-model"
+        facts.base_license = "apache-2.0"
+        facts.command = "hf-prune prune --model some-org/some-model --recipe r.yaml --output llama-pruned"
+        facts.source_weights = "dequantized to float from the GGUF file `m.gguf`"
+        facts.measurements += [
+            Measurement("WikiText-2 perplexity", 30.0, 36.0, "first 2 windows", dataset="Salesforce/wikitext"),
+            Measurement("latency (ms)", 10.0, 8.0, "batch 1 × 16 tokens", kind="speed"),
+        ]
+    else:  # loader format, built from a model object: no source, no measurements
+        pruner = HFPruner(FAMILIES["bert"].build())
+        pruner.prune(attention_heads=1, mlp_branches=1, **STRUCTURAL)
+    return pruner.save_pretrained(folder / case)
+
+
+def _with_placeholders(text: str) -> str:
+    lines = text.split("\n")
+    for line_start, (placeholder, version) in VERSIONS.items():
+        lines = [
+            placeholder.join(line.rsplit(version(), 1)) if line.startswith(line_start) else line for line in lines
+        ]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("case", ["llama-vanilla", "bert-loader"])
+def test_the_standalone_card_is_unchanged_for_fixed_facts(tmp_path, case):
+    folder = _fixed_save(case, tmp_path)
+    for name in ("README.md", "hf_prune_recipe.yaml"):
+        expected = (EXPECTED / f"{case}.{name}").read_bytes()
+        assert _with_placeholders((folder / name).read_text()).encode() == expected, name
+
+
+if __name__ == "__main__":  # rewrite the expectations (only when a card change is meant)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        for case in ("llama-vanilla", "bert-loader"):
+            folder = _fixed_save(case, Path(scratch))
+            for name in ("README.md", "hf_prune_recipe.yaml"):
+                (EXPECTED / f"{case}.{name}").write_text(_with_placeholders((folder / name).read_text()))

@@ -9,14 +9,16 @@ repo), the base model's license (when its card says), tags and the evaluation da
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import transformers
 from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
 
 from ..evaluation import FLOPS_CONTEXT, flops_per_token, parameter_count
 from ..kinds import __version__
@@ -24,9 +26,6 @@ from ..report import PruningReport
 from .plots import PLOT_FILE, plot_kept_structure
 from .recipes import recipe_yaml
 from .remote_code import auto_classes
-
-if TYPE_CHECKING:
-    from ..pruner import HFPruner
 
 TEMPLATE_FILE = "pruned_model_card.md"
 RECIPE_FILE = "hf_prune_recipe.yaml"
@@ -66,6 +65,79 @@ class Measurement:
     dataset: str | None = None  # Hub id of the evaluation data, listed in the card's metadata
 
 
+@dataclass(frozen=True)
+class TrainingFacts:
+    """How a model was pruned during fine-tuning (`PruningCallback`), for the card's "Pruned during
+    fine-tuning" section and its reproduce snippet. `None` fields were not known, for example when
+    `finalize()` ran outside a `Trainer`."""
+
+    score: str
+    score_description: str  # what the score measures, with its source paper
+    schedule: dict  # the resolved `PruningSchedule.to_dict()`
+    callback_arguments: str  # the `PruningCallback` keywords beyond config and schedule, as Python source
+    steps: int | None = None  # optimizer steps trained
+    max_steps: int | None = None
+    epoch: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None  # training samples per optimizer step, all processes together
+    merged_adapters: bool = False  # PEFT adapters merged into the weights before the cut
+    best_checkpoint: str | None = None  # the checkpoint cut instead of the last step (`load_best_model_at_end`)
+
+    def describe(self) -> list[str]:
+        """The section's bullet points (Markdown)."""
+        schedule = self.schedule
+        start, end = schedule["start_step"], schedule["end_step"]
+        if schedule["kind"] == "oneshot":
+            lines = [f"**Schedule:** `oneshot`, every target at once after step {start}"]
+        else:
+            every = "every step" if schedule["frequency"] == 1 else f"every {schedule['frequency']} steps"
+            lines = [
+                f"**Schedule:** `{schedule['kind']}` from step {start} to step {end}, {every}, starting at "
+                f"{schedule['initial_sparsity']:.0%} of the targets"
+            ]
+        run = []
+        if self.steps is not None:
+            run.append(
+                f"{self.steps} of {self.max_steps} optimizer steps" if self.max_steps else f"{self.steps} steps"
+            )
+        if self.epoch is not None:
+            run.append(f"{self.epoch:g} epochs")
+        if self.learning_rate is not None:
+            run.append(f"learning rate {self.learning_rate:g}")
+        if self.batch_size is not None:
+            run.append(f"{self.batch_size} samples per optimizer step")
+        if run:
+            lines.append(f"**Fine-tuning:** {', '.join(run)}")
+        if self.steps is not None and self.steps < end:
+            lines.append(
+                f"**Targets not reached:** training stopped at step {self.steps}, before the schedule's end "
+                f"(step {end}); the tables show what was cut"
+            )
+        if self.best_checkpoint:
+            lines.append(f"**Cut from:** the best checkpoint, `{self.best_checkpoint}`, with the masks it saved")
+        if self.merged_adapters:
+            lines.append("**Adapters:** the PEFT (LoRA) adapters were merged into the weights before the cut")
+        return lines
+
+    def snippet(self, recipe_file: str) -> str:
+        """Python that runs the same callback (the model, data and training arguments are the user's)."""
+        schedule = ", ".join(f"{key}={json.dumps(value)}" for key, value in self.schedule.items())
+        gates = "callback.attach_gates(model)  # before Trainer(...), which builds the optimizer\n"
+        return (
+            "from transformers import Trainer\n\n"
+            "from hf_prune import PruningCallback, PruningConfig, PruningSchedule\n\n"
+            "callback = PruningCallback(\n"
+            f'    PruningConfig.from_yaml("{recipe_file}"),\n'
+            f"    PruningSchedule({schedule}),\n"
+            f"    {self.callback_arguments},\n"
+            ")\n"
+            f"{gates if self.score == 'l0' else ''}"
+            "trainer = Trainer(model=model, args=args, train_dataset=train_data, callbacks=[callback])"
+            f"{f'  # max_steps={self.max_steps}' if self.max_steps else ''}\n"
+            "trainer.train()  # the pruned model is saved to args.output_dir/pruned"
+        )
+
+
 @dataclass
 class CardFacts:
     """What the card says beyond the pruning report: the model before pruning, where it came
@@ -79,6 +151,7 @@ class CardFacts:
     command: str | None = None
     measurements: list[Measurement] = field(default_factory=list)
     source_weights: str | None = None  # what the weights were before loading, when not plain float tensors
+    training: TrainingFacts | None = None  # set when the prune happened during fine-tuning
 
     def record_gguf_source(self, gguf_path: str | os.PathLike) -> None:
         """A GGUF checkpoint loads dequantized to float, but it carries the rounding error of its
@@ -113,6 +186,35 @@ class CardFacts:
         except (OSError, ValueError):  # offline, gated, no card, unreadable metadata: the license stays unknown
             return
         self.base_license = card.data.license or self.base_license
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """Everything the card is rendered from, as plain data: the report, the facts, and what the card
+    reads of the pruned model (its architecture, the auto class that loads it, its size)."""
+
+    report: PruningReport
+    facts: CardFacts
+    model_id: str  # what the load snippets name
+    architecture: str
+    auto_class: str
+    parameters: int
+    flops: int  # per token, `flops_per_token`
+
+    @classmethod
+    def of(cls, model: nn.Module, report: PruningReport, facts: CardFacts, model_id: str) -> CardInputs:
+        """The inputs for a pruned model in memory (weights may be on the meta device)."""
+        config = model.config
+        architecture = (config.architectures or [type(model).__name__])[0]
+        return cls(
+            report=report,
+            facts=facts,
+            model_id=model_id,
+            architecture=architecture,
+            auto_class=auto_classes(type(config), architecture)[-1],
+            parameters=parameter_count(model),
+            flops=flops_per_token(model),
+        )
 
 
 def _pair(before: int, after: int) -> str:
@@ -158,12 +260,10 @@ def _removed_kinds(report: PruningReport) -> str:
     return ", ".join(kind for kind, present in kinds.items() if present)
 
 
-def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
-    """The card for the pruner's current (pruned) model; `model_id` is what the load snippets name."""
+def render_model_card(inputs: CardInputs) -> ModelCard:
+    """The card of a pruned model, from plain data (`CardInputs.of(model, report, facts, model_id)`)."""
 
-    facts, report, config = pruner.card_facts, pruner.report, pruner.model.config
-    architecture = (config.architectures or [type(pruner.model).__name__])[0]
-    auto_class = auto_classes(type(config), architecture)[-1]
+    facts, report, auto_class = inputs.facts, inputs.report, inputs.auto_class
     quality = [m for m in facts.measurements if m.kind == "quality"]
     speed = [m for m in facts.measurements if m.kind == "speed"]
     card_data = ModelCardData(
@@ -176,33 +276,41 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
     )
     base_name = facts.base_model or (Path(facts.source).name if facts.source else report.model_type)
     base_link = f"[{base_name}](https://huggingface.co/{base_name})" if facts.base_model else f"`{base_name}`"
-    parameters = parameter_count(pruner.model)
+    parameters = inputs.parameters
     columns, rows = _table(report)
+    training = facts.training
+    criterion = f"`{report.config['criterion']}`"
+    if training is not None:
+        criterion = f"`{training.score}` during fine-tuning ({training.score_description})"
+    when = " during fine-tuning" if training is not None else ""
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
-        title=f"{base_name}, pruned with hf_prune",
+        title=f"{base_name}, pruned{when} with hf_prune",
         summary=(
             f"{base_link} with {100 * (1 - parameters / facts.dense_parameters):.1f}% of its parameters removed by "
-            f"structured pruning ({_removed_kinds(report)}), made with hf_prune. The removed heads, neurons and "
-            "layers are cut out of the weight matrices, so the model is smaller and faster on any runtime."
+            f"structured pruning{when} ({_removed_kinds(report)}), made with hf_prune. The removed heads, neurons "
+            "and layers are cut out of the weight matrices, so the model is smaller and faster on any runtime."
         ),
         vanilla=report.output_format == "vanilla",
         output_format=report.output_format,
         format_reason=report.format_reason,
         auto_class=auto_class,
-        architecture=architecture,
-        model_id=model_id,
+        architecture=inputs.architecture,
+        model_id=inputs.model_id,
         plot_file=PLOT_FILE,
         table_columns=columns,
         table_rows=rows,
         config=report.config,
+        criterion=criterion,
+        training_lines=training.describe() if training is not None else [],
+        training_snippet=training.snippet(RECIPE_FILE) if training is not None else None,
         repair=report.config.get("reconstruct", "none") if report.calibration else "none",
         calibration=", ".join(f"{k}={v}" for k, v in (report.calibration or {}).items())
         or "none (no calibration step ran)",
         size_rows=[
             _change_row("parameters", facts.dense_parameters, parameters, ","),
-            _change_row("FLOPs per token", facts.dense_flops, flops_per_token(pruner.model), ","),
+            _change_row("FLOPs per token", facts.dense_flops, inputs.flops, ","),
             *(_change_row(m.metric, m.before, m.after, ",.2f") for m in speed),
         ],
         flops_context=FLOPS_CONTEXT,
@@ -218,8 +326,8 @@ def render_model_card(pruner: HFPruner, model_id: str) -> ModelCard:
     )
 
 
-def write_model_card(folder: Path, pruner: HFPruner, model_id: str) -> None:
+def write_model_card(folder: Path, inputs: CardInputs) -> None:
     """README.md, the plot it links and the recipe it quotes, into `folder`."""
-    plot_kept_structure(pruner.report, folder / PLOT_FILE)
-    (folder / RECIPE_FILE).write_text(recipe_yaml(pruner.report.config))
-    render_model_card(pruner, model_id).save(folder / "README.md")
+    plot_kept_structure(inputs.report, folder / PLOT_FILE)
+    (folder / RECIPE_FILE).write_text(recipe_yaml(inputs.report.config))
+    render_model_card(inputs).save(folder / "README.md")

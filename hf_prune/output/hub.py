@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from huggingface_hub import HfApi, ModelCard
 
 from ..errors import PrunedCheckpointError, PushError
-
-if TYPE_CHECKING:
-    from ..pruner import HFPruner
 
 
 @dataclass(frozen=True)
@@ -89,10 +86,11 @@ def push_folder(
     return str(getattr(commit, "commit_url", commit))
 
 
-def push_pruner(pruner: HFPruner, repo_id: str, **push_kwargs) -> str:
-    """Push the folder the pruner last saved, or save its current state to a temporary folder first."""
-    if pruner.last_save is not None and pruner.last_save[1] is pruner.report and pruner.last_save[0].is_dir():
-        return push_folder(pruner.last_save[0], repo_id, **push_kwargs)
+def push_saved(repo_id: str, saved: Path | None, save: Callable[[Path], os.PathLike | str], **push_kwargs) -> str:
+    """Push `saved`, the folder that holds the current state, or, when there is none (`None`), what
+    `save(folder)` writes into a temporary folder named after the repo; `push_kwargs` go to `push_folder`."""
+    if saved is not None:
+        return push_folder(saved, repo_id, **push_kwargs)
     with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as staging:
-        folder = pruner.save_pretrained(Path(staging) / repo_id.rpartition("/")[2])
+        folder = save(Path(staging) / repo_id.rpartition("/")[2])
         return push_folder(folder, repo_id, **push_kwargs)

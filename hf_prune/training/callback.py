@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -53,6 +54,7 @@ from ..errors import (
 from ..groups import ArchitectureAdapter, GroupKind, get_adapter
 from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, BUDGET_TARGETS, GROUP_KINDS
 from ..output.atomic import write_atomically
+from ..output.card import CardFacts, TrainingFacts
 from ..plan import LayerPlan, PruningPlan
 from ..pruner import HFPruner
 from ..report import PruningReport
@@ -69,6 +71,14 @@ STATE_VERSION = 1
 #: `criterion` ranks with `config.criterion` (the registry's data-free criteria) on the current weights;
 #: `l0` by the log-alpha of hard-concrete gates learned with the task loss.
 SCORES = (*TRAINING_SCORES, "criterion", "l0")
+#: What each score measures, for the model card (`criterion` adds the criterion's name).
+SCORE_DESCRIPTIONS = {
+    "taylor": "first-order Taylor importance Σ|Σ z·∂L/∂z| over the training batches, Molchanov et al. 2019",
+    "movement": "movement −Σ g·w over the training batches, Sanh et al. 2020",
+    "activation": "activation norm ‖z‖₂ over the training tokens",
+    "criterion": "the `{criterion}` criterion on the weights as they train",
+    "l0": "hard-concrete L0 gates learned with the task loss, Louizos et al. 2018",
+}
 
 
 def _kinds(counts: dict[str, int]) -> list[GroupKind]:
@@ -101,6 +111,15 @@ def _gate_targets(counts: dict[str, int], model: nn.Module, adapter: Architectur
     if geometry.intermediate_size and counts["mlp_neurons"]:
         targets["neurons"] = 1 - counts["mlp_neurons"] / geometry.intermediate_size
     return targets
+
+
+def _is_repo_id(name: str) -> bool:
+    """Whether `name` can be a Hub repo id (then it becomes the card's `base_model`), not a local path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _json(data: dict) -> dict:
@@ -182,6 +201,9 @@ class PruningCallback(TrainerCallback):
         self._masks: TrainingMasks | None = None
         self._gates: HardConcreteGates | None = None
         self._loss_hook = None
+        #: The run the masks came from, for the model card (set by the Trainer events).
+        self._args: TrainingArguments | None = None
+        self._state: TrainerState | None = None
 
     # ------------------------------------------------------------------ L0 gates
     def attach_gates(self, model: nn.Module) -> HardConcreteGates:
@@ -230,6 +252,7 @@ class PruningCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
     ) -> None:
         self._release_hooks()  # of an earlier train() call
+        self._args, self._state = args, state
         if self.score != "criterion" and args.gradient_checkpointing:
             raise UsageError(
                 f"score={self.score!r} reads activations (or samples gates) in forward hooks, which "
@@ -317,6 +340,7 @@ class PruningCallback(TrainerCallback):
         if self._loss_hook is not None:  # later forwards (evaluation, inference) carry no penalty
             self._loss_hook.remove()
             self._loss_hook = None
+        self._args, self._state = args, state
         if not self.compact_at_end:
             return
         if args.load_best_model_at_end and state.best_model_checkpoint:
@@ -348,34 +372,44 @@ class PruningCallback(TrainerCallback):
             self._gates.fold_into(model, self._adapter)
         self._release_hooks()
         detach_gates(model)
-        if hasattr(model, "merge_and_unload"):
+        merged = hasattr(model, "merge_and_unload")
+        if merged:
             model = model.merge_and_unload()
         pruner = HFPruner(model, tokenizer)
+        source = getattr(model.config, "_name_or_path", "")
         self.report = pruner.apply(self.plan, self.config)
         self.pruned_model = pruner.model
         if save_directory is not None:
+            self._card_facts(pruner.card_facts, source, merged)
             folder = pruner.save_pretrained(save_directory, overwrite=overwrite)
-            (folder / "README.md").write_text(self._model_card(pruner))
             logger.info("saved the pruned model to %s", folder)
         return pruner.model
 
-    def _model_card(self, pruner: HFPruner) -> str:
-        report = self.report
-        base = getattr(pruner.model.config, "_name_or_path", "") or "unknown"
-        load = (
-            "from transformers import AutoModel\nmodel = AutoModel.from_pretrained(path)"
-            if report.output_format == "vanilla"
-            else "from hf_prune import load_pruned\nmodel = load_pruned(path)"
-        )
-        amounts = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items() if k in PruningConfig.AMOUNTS and v)
-        schedule = self._resolved.to_dict() if self._resolved else "none"
-        return (
-            f"---\nlibrary_name: transformers\ntags: [hf_prune, pruned]\n---\n\n# Pruned during fine-tuning\n\n"
-            f"Base model: `{base}`. Structurally pruned by hf_prune's `PruningCallback` while fine-tuning: "
-            f"{amounts}; score `{self.score}`; schedule {schedule}.\n\n"
-            f"Parameters: {report.parameters_before:,} → {report.parameters_after:,} "
-            f"(−{100 * report.removed_fraction:.1f}%). Format: {report.output_format} ({report.format_reason}).\n\n"
-            f"```python\n{load}\n```\n"
+    def _card_facts(self, facts: CardFacts, source: str, merged_adapters: bool) -> None:
+        """What the model card adds for a prune during fine-tuning: where the model came from, the score,
+        the schedule and the run (the card itself is the one template every save writes)."""
+        if source and (Path(source).is_dir() or _is_repo_id(source)):
+            facts.record_source(source)
+        description = SCORE_DESCRIPTIONS[self.score].format(criterion=self.config.criterion)
+        arguments = f"score={json.dumps(self.score)}"
+        if self.score == "l0" and self.l0 != L0Settings():
+            arguments += f", l0={self.l0!r}"
+        args, state = self._args, self._state
+        best = state.best_model_checkpoint if args and args.load_best_model_at_end and state else None
+        facts.training = TrainingFacts(
+            score=self.score,
+            score_description=description,
+            schedule=self._resolved.to_dict(),
+            callback_arguments=arguments,
+            steps=state.global_step if state else None,
+            max_steps=state.max_steps if state else None,
+            epoch=state.epoch if state else None,
+            learning_rate=args.learning_rate if args else None,
+            batch_size=(
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size if args else None
+            ),
+            merged_adapters=merged_adapters,
+            best_checkpoint=Path(best).name if best else None,
         )
 
     # ------------------------------------------------------------------ internals
