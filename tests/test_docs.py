@@ -88,3 +88,43 @@ def test_a_missing_data_folder_is_described_not_pointed_at(monkeypatch, tmp_path
         for relative in ("wikitext-2-raw/wiki.test.raw", "wikitext-2/wiki.valid.tokens", "cifar10/cifar10-jpg.tar.gz"):
             assert relative in message
         assert "../shared" not in message
+
+
+#: Folders of one-file-per-method plug-ins: the layout names the folder's shared files, not every plug-in.
+PLUGIN_FOLDERS = ("groups", "criteria", "allocation")
+
+
+def _layout_entries() -> dict[str, str]:
+    """The README's `## Layout` block: each `  name` entry under `hf_prune/` with its continuation lines."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("\n## Layout", 1)[1].split("```", 2)[1]
+    lines = block.split("hf_prune/\n", 1)[1].splitlines()
+    entries: dict[str, str] = {}
+    current = None
+    for line in lines:
+        if not line.startswith("  "):
+            break  # the next top-level folder (model_cards/, recipes/, ...)
+        if line[2] != " ":
+            current = line.split()[0]
+            entries[current] = line
+        elif current:
+            entries[current] += "\n" + line
+    return entries
+
+
+def test_the_readme_layout_matches_the_package_tree():
+    """Every module and folder of hf_prune/ has its line in the README's layout, every stage folder's line
+    names each of its modules, and nothing the layout names is missing from the tree."""
+    package = ROOT / "hf_prune"
+    entries = _layout_entries()
+    modules = sorted(p.name for p in package.glob("*.py") if p.name != "__init__.py")
+    folders = sorted(p.name + "/" for p in package.iterdir() if (p / "__init__.py").is_file())
+    assert sorted(entries) == sorted(modules + folders), "README.md ## Layout: update it to the tree under hf_prune/"
+    missing = []
+    for folder in folders:
+        names = sorted(p.name for p in (package / folder).glob("*.py") if p.name != "__init__.py")
+        mentioned = set(re.findall(r"\b(\w+\.py)\b", entries[folder]))
+        missing += [f"{folder}{name} is not in the tree" for name in sorted(mentioned - set(names))]
+        if folder.rstrip("/") not in PLUGIN_FOLDERS:
+            missing += [f"{folder}{name} has no line" for name in names if name not in mentioned]
+    assert not missing, missing
