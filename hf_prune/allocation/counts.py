@@ -189,7 +189,7 @@ def _stage_channel_counts(config: PruningConfig, model: nn.Module, adapter: Arch
     """Stream channels removed per stage: the same fraction (or count) of every stage's width.
 
     Only the uniform allocation (the stream groups cross layers, which the per-layer allocations do
-    not model) and the `lstsq` repair of every stream consumer (`stream_reconstruction.py`) or none.
+    not model) and the `lstsq` repair of every stream consumer (`repair/stream.py`) or none.
     `protected_layers` name layers; a stream spans all the blocks of its stage, so they do not apply.
     """
     amount = config.stage_channels

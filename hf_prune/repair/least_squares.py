@@ -4,13 +4,13 @@
   from the channels that stay (docs/methods.md §4.1): `W'_S = W G[:, S] (G[S, S] + λI)⁻¹`, with `G` the
   Gram matrix of the consumer's input and `λ` the ridge `PruningConfig.damping` times G's mean
   diagonal.
-- `bias` (FLAP) gives back the removed channels' mean contribution (`bias_compensation.py`).
+- `bias` (FLAP) gives back the removed channels' mean contribution (`bias.py`).
 - `ispasp` re-selects which neurons, heads or KV groups stay with i-SpaSP's CoSaMP iterations,
   starting from the criterion's choice, then refits like `lstsq` (`ispasp.py`).
 - With `lstsq`, every module that reads a removed stream channel of a convolutional stage is
-  refitted on its own input (`stream_reconstruction.py`).
+  refitted on its own input (`stream.py`).
 - With `lstsq` and `ispasp`, the MLP before a run of removed layers is refitted to also add what
-  they added to the residual stream (`layer_replacement.py`).
+  they added to the residual stream (`removed_layers.py`).
 
 Repairs are written into the kept columns (and the bias) of the dense weight before surgery, so
 masking and surgery still agree exactly.

@@ -3,8 +3,8 @@
 During training nothing is swapped under the live optimizer: groups are *masked* with the
 engine's semantics (`masking.py`), and the masks are re-applied after every optimizer step so
 masked weights stay exactly zero. At the schedule's events the masks grow toward the
-`PruningConfig` targets (`gradual.py`), ranked by scores the training batches already produce
-(`training_scores.py`). At the end the masked model is cut physically (`surgery.py`, through
+`PruningConfig` amounts (`gradual.py`), ranked by scores the training batches already produce
+(`scores.py`). At the end the masked model is cut physically (`surgery.py`, through
 `HFPruner.apply`) and saved as a standard checkpoint.
 
 ```python
