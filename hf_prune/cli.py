@@ -284,6 +284,7 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
     import torch
 
     from .evaluation import (
+        WIKITEXT2_CONFIG,
         WIKITEXT2_DATASET,
         flops_per_token,
         latency_ms,
@@ -341,10 +342,15 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
                 after["perplexity"],
                 wikitext2_protocol(args.eval_windows),
                 dataset=WIKITEXT2_DATASET,
+                dataset_name="WikiText-2",
+                dataset_config=WIKITEXT2_CONFIG,
+                split="test",
+                metric_type="perplexity",
             )
         )
     if latency_inputs:
-        shape = " × ".join(str(n) for n in next(iter(latency_inputs.values())).shape)
+        (input_name, tensor), *_ = latency_inputs.items()
+        shape = " × ".join(str(n) for n in tensor.shape)
         facts.measurements.append(
             Measurement(
                 "latency (ms)",
@@ -353,6 +359,8 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
                 f"one forward pass on a {shape} input, median of 5 after 1 warm-up, {pruner.model.device}, "
                 f"{pruner.model.dtype}, torch threads: {torch.get_num_threads()}",
                 kind="speed",
+                dataset_name=f"random {input_name}",
+                metric_type="latency_ms",
             )
         )
 

@@ -17,6 +17,7 @@ from .groups import get_adapter
 
 #: The project's WikiText-2 protocol (dense SmolLM2-135M-Instruct: 29.52 at 80 windows).
 WIKITEXT2_DATASET = "Salesforce/wikitext"
+WIKITEXT2_CONFIG = "wikitext-2-raw-v1"
 #: Attention context `flops_per_token` assumes unless told.
 FLOPS_CONTEXT = 512
 

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from tiny_models import FAMILIES
 from tiny_tokenizer import tiny_tokenizer
 
@@ -115,6 +116,21 @@ def test_prune_measures_before_and_after_into_the_summary_and_the_card(models, t
         in card
     )
     assert f"hf-prune prune --model {models / 'llama'} --output {tmp_path / 'out'} --mlp-neurons 0.5" in card
+    # The model-index holds the after column of both rows, read back by huggingface_hub.
+    results = {r.metric_type: r for r in ModelCard.load(tmp_path / "out" / "README.md").data.eval_results}
+    assert set(results) == {"perplexity", "latency_ms"}
+    for metric, kind in (("WikiText-2 perplexity", "perplexity"), ("latency (ms)", "latency_ms")):
+        after = next(line for line in card.splitlines() if line.startswith(f"| {metric} |")).split(" | ")[2]
+        assert f"{results[kind].metric_value:,.2f}" == after, metric
+    wikitext = results["perplexity"]
+    assert (wikitext.dataset_type, wikitext.dataset_config, wikitext.dataset_split) == (
+        "Salesforce/wikitext",
+        "wikitext-2-raw-v1",
+        "test",
+    )
+    assert "first 2 non-overlapping windows of 512 tokens" in wikitext.metric_name
+    assert (results["latency_ms"].dataset_type, results["latency_ms"].dataset_name) == ("custom", "random input_ids")
+    assert "torch threads: 1" in results["latency_ms"].metric_name
 
 
 def test_eval_reports_perplexity_and_size(models, tmp_path, capsys):

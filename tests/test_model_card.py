@@ -1,23 +1,64 @@
 """Every save writes a model card: Hub-valid metadata, a per-layer table and plot, honest numbers,
 how to load it and how to reproduce it."""
 
+import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index
 from tiny_models import FAMILIES, STRUCTURAL
 
 import hf_prune
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.evaluation import flops_per_token
-from hf_prune.output.card import CardFacts, Measurement, relative_change, template_path
+from hf_prune.output.card import (
+    CardFacts,
+    CardInputs,
+    Measurement,
+    relative_change,
+    template_path,
+    write_model_card,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # What the Hub's model-card metadata may hold here; `base_model_relation` only takes adapter,
 # merge, quantized or finetune, none of which a prune is, so it must never appear.
-ALLOWED_METADATA = {"base_model", "license", "library_name", "pipeline_tag", "tags", "datasets"}
+ALLOWED_METADATA = {"base_model", "license", "library_name", "pipeline_tag", "tags", "datasets", "model-index"}
+
+# Measured numbers, as the CLI records them (`hf-prune prune --eval-windows --latency`) and for an image model.
+PERPLEXITY = Measurement(
+    "WikiText-2 perplexity",
+    30.0,
+    36.0,
+    "first 2 windows",
+    dataset="Salesforce/wikitext",
+    dataset_name="WikiText-2",
+    dataset_config="wikitext-2-raw-v1",
+    split="test",
+    metric_type="perplexity",
+)
+TOP1 = Measurement(
+    "CIFAR-10 top-1 (%)",
+    81.2,
+    78.5,
+    "CIFAR-10 test split, 10,000 images",
+    dataset="uoft-cs/cifar10",
+    dataset_name="CIFAR-10",
+    split="test",
+    metric_type="accuracy",
+)
+LATENCY = Measurement(
+    "latency (ms)",
+    10.0,
+    8.0,
+    "batch 1 × 16 tokens",
+    kind="speed",
+    dataset_name="random input_ids",
+    metric_type="latency_ms",
+)
 
 
 def metadata_and_body(folder: Path) -> tuple[dict, str]:
@@ -39,9 +80,10 @@ def test_metadata_is_hub_valid_and_claims_nothing_unknown(vanilla):
     assert set(metadata) <= ALLOWED_METADATA
     assert metadata["tags"] == ["pruned", "structured-pruning", "hf_prune"]
     assert (metadata["library_name"], metadata["pipeline_tag"]) == ("transformers", "text-generation")
-    # Built from a model object: no known base repo, license or evaluation data.
-    assert not {"base_model", "license", "datasets"} & set(metadata)
-    assert ModelCard.load(folder / "README.md").data.tags == metadata["tags"]
+    # Built from a model object: no known base repo, license or evaluation data, and nothing measured.
+    assert not {"base_model", "license", "datasets", "model-index"} & set(metadata)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.tags == metadata["tags"] and card.data.eval_results is None
 
 
 def test_body_tables_plot_and_unmeasured_fields(vanilla):
@@ -96,6 +138,55 @@ def test_measurements_and_source_reach_card_and_metadata(tmp_path):
     assert "Protocol: WikiText-2 perplexity: first 2 windows." in body
     assert "not measured" not in body.lower()
     assert f'HFPruner.from_pretrained("{tmp_path / "base"}")' in body
+    # Measurements that name no model-index fields: the Hub id as dataset, "custom" data, the metric's name as id.
+    (perplexity, latency) = metadata["model-index"][0]["results"]
+    assert perplexity["dataset"] == {"name": "Salesforce/wikitext", "type": "Salesforce/wikitext"}
+    assert perplexity["metrics"] == [
+        {
+            "type": "wikitext_2_perplexity",
+            "value": 36.0,
+            "name": "WikiText-2 perplexity: first 2 windows",
+            "verified": False,
+        }
+    ]
+    assert latency["dataset"] == {"name": "custom", "type": "custom"}
+    assert latency["metrics"][0]["type"] == "latency_ms" and latency["metrics"][0]["value"] == 8.0
+
+
+def test_every_measured_number_goes_into_the_model_index_and_loads_back(vanilla, tmp_path):
+    pruner, _ = vanilla
+    facts = dataclasses.replace(pruner.card_facts, measurements=[PERPLEXITY, TOP1, LATENCY])
+    write_model_card(tmp_path, CardInputs.of(pruner.model, pruner.report, facts, "llama-pruned"))
+    metadata, body = metadata_and_body(tmp_path)
+    # The table holds before and after; the model-index the pruned model's (after) numbers.
+    assert "| WikiText-2 perplexity | 30.00 | 36.00 | +20.0% |" in body
+    assert "| CIFAR-10 top-1 (%) | 81.20 | 78.50 | -3.3% |" in body
+    assert "| latency (ms) | 10.00 | 8.00 | -20.0% |" in body
+    # huggingface_hub's own offline checks: `ModelCard.load` parses the model-index (`model_index_to_eval_results`)
+    # and validates the results, raising ValueError on what it cannot read; its writer gives back the same block.
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.model_name == "llama-pruned"
+    assert eval_results_to_model_index(card.data.model_name, card.data.eval_results) == metadata["model-index"]
+    got = {
+        r.metric_type: (r.task_type, r.dataset_type, r.dataset_name, r.dataset_config, r.dataset_split, r.metric_value)
+        for r in card.data.eval_results
+    }
+    assert got == {
+        "perplexity": ("text-generation", "Salesforce/wikitext", "WikiText-2", "wikitext-2-raw-v1", "test", 36.0),
+        "accuracy": ("text-generation", "uoft-cs/cifar10", "CIFAR-10", None, "test", 78.5),
+        "latency_ms": ("text-generation", "custom", "random input_ids", None, None, 8.0),
+    }
+    assert {r.metric_name for r in card.data.eval_results} == {
+        "WikiText-2 perplexity: first 2 windows",
+        "CIFAR-10 top-1 (%): CIFAR-10 test split, 10,000 images",
+        "latency (ms): batch 1 × 16 tokens",
+    }
+    assert all(r.verified is False and r.source_url is None for r in card.data.eval_results)
+    assert metadata["datasets"] == ["Salesforce/wikitext", "uoft-cs/cifar10"]
+    # The same check refuses a model-index the Hub would not read (a result without its dataset).
+    broken = (tmp_path / "README.md").read_text().replace("      type: uoft-cs/cifar10\n", "", 1)
+    with pytest.raises(ValueError, match="model_index"):
+        ModelCard(broken)
 
 
 @pytest.mark.parametrize("card_text, license", [("---\nlicense: apache-2.0\n---\n", "apache-2.0"), (None, None)])
@@ -142,10 +233,7 @@ def _fixed_save(case: str, folder: Path) -> Path:
         facts.base_license = "apache-2.0"
         facts.command = "hf-prune prune --model some-org/some-model --recipe r.yaml --output llama-pruned"
         facts.source_weights = "dequantized to float from the GGUF file `m.gguf`"
-        facts.measurements += [
-            Measurement("WikiText-2 perplexity", 30.0, 36.0, "first 2 windows", dataset="Salesforce/wikitext"),
-            Measurement("latency (ms)", 10.0, 8.0, "batch 1 × 16 tokens", kind="speed"),
-        ]
+        facts.measurements += [PERPLEXITY, LATENCY]
     else:  # loader format, built from a model object: no source, no measurements
         pruner = HFPruner(FAMILIES["bert"].build())
         pruner.prune(attention_heads=1, mlp_branches=1, **STRUCTURAL)

@@ -13,6 +13,7 @@ from tiny_tokenizer import tiny_tokenizer
 from hf_prune import HFPruner
 from hf_prune.cli import main
 from hf_prune.errors import PushError
+from hf_prune.output.card import Measurement
 from hf_prune.output.hub import plan_push, push_folder
 
 TOKEN = "hf_secretTOKEN123"
@@ -94,6 +95,36 @@ def test_cli_push_dry_run_lists_files_and_metadata_and_sends_nothing(pruner, tmp
     assert f"me/pruned ← {folder}: {len(FILES)} files in one commit" in out
     assert all(name in out for name in FILES)
     assert "tags: ['pruned', 'structured-pruning', 'hf_prune']" in out and "dry run: nothing sent" in out
+    assert "evaluation results (model-index, self-reported):\n  none: nothing was measured" in out
+
+
+def test_cli_push_dry_run_shows_the_evaluation_results_the_card_holds(pruner, tmp_path, capsys, monkeypatch):
+    pruner.card_facts.measurements += [
+        Measurement(
+            "WikiText-2 perplexity",
+            30.0,
+            36.5,
+            "first 2 windows",
+            dataset="Salesforce/wikitext",
+            dataset_name="WikiText-2",
+            dataset_config="wikitext-2-raw-v1",
+            split="test",
+            metric_type="perplexity",
+        ),
+        Measurement("latency (ms)", 10.0, 8.25, "batch 1 × 16 tokens", kind="speed", dataset_name="random input_ids"),
+    ]
+    folder = pruner.save_pretrained(tmp_path / "pruned")
+    monkeypatch.setattr("hf_prune.output.hub.HfApi", mock.Mock(side_effect=AssertionError("no Hub call in a dry run")))
+    assert main(["push", str(folder), "me/pruned", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "evaluation results (model-index, self-reported):\n"
+        "  perplexity = 36.5 on WikiText-2 (Salesforce/wikitext, wikitext-2-raw-v1, test), text-generation: "
+        "WikiText-2 perplexity: first 2 windows\n"
+        "  latency_ms = 8.25 on random input_ids (custom), text-generation: latency (ms): batch 1 × 16 tokens\n"
+    ) in out
+    assert "model-index:" not in out  # shown as the lines above, not as the raw metadata
+    assert "datasets: ['Salesforce/wikitext']" in out
 
 
 def test_cli_push_uploads_with_one_commit_and_failures_exit_1(pruner, tmp_path, capsys, monkeypatch):

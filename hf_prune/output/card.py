@@ -3,7 +3,8 @@
 
 Only what was measured is stated: quality and latency appear when a `Measurement` was recorded,
 otherwise the card says "not measured". The metadata holds `base_model` (when the source is a Hub
-repo), the base model's license (when its card says), tags and the evaluation data sets, and no
+repo), the base model's license (when its card says), tags, the evaluation data sets, every measured
+number of the pruned model as a `model-index` evaluation result (none when nothing was measured), and no
 `base_model_relation`: the Hub accepts only adapter, merge, quantized and finetune there.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import transformers
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from ..evaluation import FLOPS_CONTEXT, flops_per_token, parameter_count
@@ -55,14 +57,38 @@ def template_path() -> Path:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One number measured on the model before and after pruning, with how it was measured."""
+    """One number measured on the model before and after pruning, with how it was measured.
+
+    The card's tables show both numbers; its metadata's `model-index` holds the pruned model's (`after`)
+    as a self-reported `huggingface_hub.EvalResult` (`eval_result`), since the card describes that model.
+    """
 
     metric: str
     before: float
     after: float
     protocol: str
     kind: Literal["quality", "speed"] = "quality"
-    dataset: str | None = None  # Hub id of the evaluation data, listed in the card's metadata
+    dataset: str | None = None  # Hub id of the evaluation data: the metadata's `datasets`, the model-index type
+    dataset_name: str | None = None  # model-index dataset name (default: `dataset`, else "custom")
+    dataset_config: str | None = None  # the `datasets` config name, e.g. "wikitext-2-raw-v1"
+    split: str | None = None  # e.g. "test"
+    metric_type: str | None = None  # model-index metric id, e.g. "perplexity" (default: `metric` as a slug)
+
+    def eval_result(self, task_type: str) -> EvalResult:
+        """The `after` value as a `model-index` entry. Data that is not a Hub data set (the random inputs
+        latency runs on) has the dataset type "custom"; the metric's name carries the protocol, since a
+        model-index `source` needs a URL and the protocol has none. `verified=False`: self-reported."""
+        return EvalResult(
+            task_type=task_type,
+            dataset_type=self.dataset or "custom",
+            dataset_name=self.dataset_name or self.dataset or "custom",
+            dataset_config=self.dataset_config,
+            dataset_split=self.split,
+            metric_type=self.metric_type or re.sub(r"[^a-z0-9]+", "_", self.metric.lower()).strip("_"),
+            metric_value=self.after,
+            metric_name=f"{self.metric}: {self.protocol}",
+            verified=False,
+        )
 
 
 @dataclass(frozen=True)
@@ -273,6 +299,8 @@ def render_model_card(inputs: CardInputs) -> ModelCard:
         pipeline_tag=_PIPELINE_TAGS[auto_class],
         tags=list(TAGS),
         datasets=sorted({m.dataset for m in facts.measurements if m.dataset}) or None,
+        eval_results=[m.eval_result(_PIPELINE_TAGS[auto_class]) for m in facts.measurements] or None,
+        model_name=inputs.model_id if facts.measurements else None,
     )
     base_name = facts.base_model or (Path(facts.source).name if facts.source else report.model_type)
     base_link = f"[{base_name}](https://huggingface.co/{base_name})" if facts.base_model else f"`{base_name}`"

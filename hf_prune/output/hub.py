@@ -10,22 +10,24 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import EvalResult, HfApi, ModelCard
 
 from ..errors import PrunedCheckpointError, PushError
 
 
 @dataclass(frozen=True)
 class PushPlan:
-    """What a push sends: the folder's files (relative paths, sorted) and the card's metadata."""
+    """What a push sends: the folder's files (relative paths, sorted), the card's metadata and the
+    evaluation results its `model-index` holds, as `huggingface_hub.ModelCard.load` reads them back."""
 
     folder: Path
     repo_id: str
     files: list[str]
     card_metadata: dict
+    eval_results: list[EvalResult] = field(default_factory=list)
 
     def describe(self) -> str:
         sizes = [(name, (self.folder / name).stat().st_size) for name in self.files]
@@ -33,7 +35,18 @@ class PushPlan:
         lines += [f"  {size:>14,}  {name}" for name, size in sizes]
         lines.append(f"  {sum(size for _, size in sizes):>14,}  bytes in all")
         lines.append("card metadata:")
-        lines += [f"  {key}: {value}" for key, value in self.card_metadata.items()]
+        lines += [f"  {key}: {value}" for key, value in self.card_metadata.items() if key != "model-index"]
+        lines.append("evaluation results (model-index, self-reported):")
+        for result in self.eval_results:
+            data = ", ".join(
+                part for part in (result.dataset_type, result.dataset_config, result.dataset_split) if part
+            )
+            lines.append(
+                f"  {result.metric_type} = {result.metric_value} on {result.dataset_name} ({data}), "
+                f"{result.task_type}: {result.metric_name}"
+            )
+        if not self.eval_results:
+            lines.append("  none: nothing was measured")
         return "\n".join(lines)
 
 
@@ -49,7 +62,8 @@ def plan_push(folder: str | os.PathLike, repo_id: str) -> PushPlan:
         for path in folder.rglob("*")
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
-    return PushPlan(folder, repo_id, files, ModelCard.load(folder / "README.md").data.to_dict())
+    card = ModelCard.load(folder / "README.md")  # raises ValueError on a model-index the Hub would refuse
+    return PushPlan(folder, repo_id, files, card.data.to_dict(), card.data.eval_results or [])
 
 
 def push_folder(
