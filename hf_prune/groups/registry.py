@@ -29,7 +29,7 @@ def get_adapter(config: PretrainedConfig | str) -> ArchitectureAdapter:
     """The adapter for a config (or a `model_type` string); a typed error names the supported ones.
 
     A hand-written adapter is preferred; a config without one gets an adapter derived from a tiny
-    instance of its config class and verified on it (`derived.py`), or a `DerivedAdapterError` saying
+    instance of its config class and verified on it (`hf_prune.derivation`), or a `DerivedAdapterError` saying
     what could not be resolved."""
     model_type = config if isinstance(config, str) else config.model_type
     if model_type in _ADAPTERS:
@@ -37,7 +37,7 @@ def get_adapter(config: PretrainedConfig | str) -> ArchitectureAdapter:
     if isinstance(config, PretrainedConfig):
         # Imported late (it builds models) and by name: the loader format's bundled remote code takes only
         # top-level imports, and derived adapters are not bundled yet.
-        return importlib.import_module(f"{__package__}.derived").derived_adapter(config)
+        return importlib.import_module("hf_prune.derivation").derived_adapter(config)
     try:
         return _ADAPTERS[model_type]()
     except KeyError:

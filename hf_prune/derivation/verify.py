@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from ..errors import DerivedAdapterError
 from ..kinds import GroupKind
-from .derived import Derivation, DerivedAdapter, _first_line, derive, model_output
+from .derive import Derivation, DerivedAdapter, _first_line, derive, model_output
 
 #: The order kinds are checked in (attention, then MLP, then whole layers).
 CHECKED: tuple[GroupKind, ...] = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
@@ -107,9 +107,12 @@ def verify(config_class) -> Derivation:
     start = time.perf_counter()
     try:
         derivation, model, inputs = derive(config_class)
-    except DerivedAdapterError as error:
+    except Exception as error:  # the tiny model's own forward failed while probing: typed, never raw
         derivation = Derivation(config_class)
-        derivation.refuse(CHECKED, str(error))
+        reason = (
+            str(error) if isinstance(error, DerivedAdapterError) else f"{type(error).__name__}: {_first_line(error)}"
+        )
+        derivation.refuse(CHECKED, f"derivation failed on a tiny {config_class.__name__} ({reason})")
         derivation.seconds = time.perf_counter() - start
         return derivation
     model_type = getattr(config_class, "model_type", "") or config_class.__name__

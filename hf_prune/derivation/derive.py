@@ -15,7 +15,7 @@ rule: `TINY`), then read the adapter's names from that model rather than from a 
   heads, an MLP producer's neuron only its own down-projection column). Names are hints for the
   order only (q before k, gate before up), never the evidence.
 
-Nothing derived here is used before `derived_check.verify` has cut the tiny model with a random
+Nothing derived here is used before `verify.verify` has cut the tiny model with a random
 plan of every kind and compared it with the masked reference; kinds that fail are refused with a
 `DerivedAdapterError` naming what could not be resolved.
 
@@ -38,9 +38,9 @@ from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import DerivedAdapterError
+from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
+from ..groups.registry import supported_model_types
 from ..kinds import ATTENTION_KINDS, TRANSFORMER_KINDS, GroupKind
-from .base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
-from .registry import supported_model_types
 
 #: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -574,7 +574,7 @@ class DerivedAdapter(ArchitectureAdapter):
 @functools.cache
 def verified_derivation(config_class: type[PretrainedConfig]) -> Derivation:
     """Derive, then verify every claimed kind on the tiny instance; cached per config class."""
-    from .derived_check import verify  # imports masking and surgery, which import this package
+    from .verify import verify  # imports masking and surgery, which import hf_prune.groups
 
     return verify(config_class)
 
