@@ -13,6 +13,12 @@ class UnsupportedArchitectureError(UsageError):
     """No architecture adapter is registered for the model's `model_type`."""
 
 
+class DerivedAdapterError(UnsupportedArchitectureError):
+    """No hand-written adapter exists and deriving one from a tiny instance of the config class failed, or
+    verifying one of its kinds did (cut != masked, or no vanilla round trip): the message names the module
+    and what could not be resolved; the kinds that passed stay available."""
+
+
 class InvalidPruningTargetError(UsageError, ValueError):
     """A pruning target (fraction, count, combination) cannot be met for this model."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from transformers import PretrainedConfig
 
 from ..errors import UnsupportedArchitectureError
@@ -24,8 +26,18 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(config: PretrainedConfig | str) -> ArchitectureAdapter:
-    """The adapter for a config (or a `model_type` string); a typed error names the supported ones."""
+    """The adapter for a config (or a `model_type` string); a typed error names the supported ones.
+
+    A hand-written adapter is preferred; a config without one gets an adapter derived from a tiny
+    instance of its config class and verified on it (`hf_prune.derivation`), or a `DerivedAdapterError` saying
+    what could not be resolved."""
     model_type = config if isinstance(config, str) else config.model_type
+    if model_type in _ADAPTERS:
+        return _ADAPTERS[model_type]()
+    if isinstance(config, PretrainedConfig):
+        # Imported late (it builds models) and by name: the loader format's bundled remote code takes only
+        # top-level imports, and derived adapters are not bundled yet.
+        return importlib.import_module("hf_prune.derivation").derived_adapter(config)
     try:
         return _ADAPTERS[model_type]()
     except KeyError:

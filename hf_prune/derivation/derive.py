@@ -1,0 +1,592 @@
+"""Adapters derived from the model itself, for model types without a hand-written one (issue 15).
+
+How: build a tiny random instance of the *same* config class (its defaults, shrunk by one generic
+rule: `TINY`), then read the adapter's names from that model rather than from a per-family file:
+
+* the layer stack: the one `ModuleList` whose length is the config's layer-count field;
+* in its first block, every `nn.Linear` / GPT-2 `Conv1D` with its input and output widths. With
+  `H` the hidden size, `n`, `m` the query and KV head counts and `d` the head size (config fields
+  found through the config class's `attribute_map` and the common aliases in `ALIASES`):
+  query = `H → n·d`, key and value = `H → m·d`, output = `n·d → H`; MLP producers `H → I`
+  (one: plain, two: gated), down projection `I → H`, with `I` the intermediate-size field;
+* dataflow, confirmed by one forward per probe (`reach`): a unit added to output channel `c` of a
+  producer must reach exactly the consumer's input columns the layout says (a value channel only
+  its own column in every query head that reads it, a query or key channel only the columns of its
+  heads, an MLP producer's neuron only its own down-projection column). Names are hints for the
+  order only (q before k, gate before up), never the evidence.
+
+Nothing derived here is used before `verify.verify` has cut the tiny model with a random
+plan of every kind and compared it with the masked reference; kinds that fail are refused with a
+`DerivedAdapterError` naming what could not be resolved.
+
+Left for later (refused with the typed error saying what was found): fused q/k/v or gate/up
+projections, several layer stacks (encoder-decoder), mixture-of-experts and state-space mixers.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.models.auto import modeling_auto
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import DerivedAdapterError
+from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
+from ..groups.registry import supported_model_types
+from ..kinds import ATTENTION_KINDS, TRANSFORMER_KINDS, GroupKind
+
+#: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "n_embed", "dim", "embed_dim", "model_dim"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv", "multi_query_group_num"),
+    "head_dim": ("head_dim", "d_head", "kv_channels", "attention_head_dim"),
+    "intermediate_size": (
+        "intermediate_size",
+        "n_inner",
+        "ffn_dim",
+        "d_ff",
+        "ffn_hidden_size",
+        "hidden_dim",
+        "inner_hidden_size",
+        "ffn_size",
+        "mlp_dim",
+    ),
+    "vocab_size": ("vocab_size", "n_vocab"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"),
+}
+#: The generic shrink rule: these canonical fields take these values in the tiny instance. The widths
+#: are pairwise distinct (q 96, kv 48, hidden 64, MLP 40) so that shapes alone tell projections apart
+#: when the config has its own `head_dim`; otherwise `d = H / n` = 16 and q = o = 64, kv = 32.
+TINY = {
+    "num_hidden_layers": 3,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 24,
+    "intermediate_size": 40,
+    "vocab_size": 128,
+    "max_position_embeddings": 128,
+}
+#: A tiny instance larger than this means the shrink missed a field: refused rather than built.
+MAX_TINY_PARAMETERS = 2_000_000
+#: Name hints, only to order projections whose shapes and dataflow are alike (never as evidence).
+_HINTS = {
+    "q": {"q", "query", "wq", "queries"},
+    "k": {"k", "key", "wk", "keys"},
+    "v": {"v", "value", "wv", "values"},
+    "gate": {"gate", "w1", "wi_0"},
+}
+#: Task heads tried, in order, for the tiny instance (the layers live in the base model either way).
+_MAPPINGS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING",
+    "MODEL_FOR_MASKED_LM_MAPPING",
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING",
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING",
+    "MODEL_MAPPING",
+)
+
+
+# --------------------------------------------------------------------------- config fields
+@functools.cache
+def default_values(config_class: type[PretrainedConfig]) -> dict:
+    """The config class's defaults as `to_dict` writes them (field names as stored)."""
+    return config_class().to_dict()
+
+
+def config_field(config_class: type[PretrainedConfig], canonical: str) -> str | None:
+    """The name `config_class` stores `canonical` under: its `attribute_map`, else the first alias it has."""
+    mapped = getattr(config_class, "attribute_map", {}).get(canonical)
+    if mapped:
+        return mapped
+    values = default_values(config_class)
+    signature = inspect.signature(config_class.__init__).parameters
+    return next((alias for alias in ALIASES[canonical] if alias in values or alias in signature), None)
+
+
+def tiny_config(config_class: type[PretrainedConfig]) -> PretrainedConfig:
+    """The class's defaults shrunk by `TINY`: few layers, small widths, token ids inside the small vocabulary.
+
+    Per-layer lists (`layer_types` and the like, named `*layer*`) keep their first entries."""
+    values = copy.deepcopy(default_values(config_class))
+    old_layers = values.get(config_field(config_class, "num_hidden_layers") or "", None)
+    for canonical, value in TINY.items():
+        name = config_field(config_class, canonical)
+        if name is not None:
+            values[name] = value
+    vocab = TINY["vocab_size"]
+    for key, value in values.items():
+        if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
+            values[key] = vocab - 1
+        elif key.endswith("token_id") and isinstance(value, list):
+            values[key] = [v if v < vocab else vocab - 1 for v in value]
+        elif "layer" in key and isinstance(value, list) and old_layers and len(value) == old_layers:
+            values[key] = value[: TINY["num_hidden_layers"]]
+    values.pop("transformers_version", None)
+    return config_class.from_dict(values)
+
+
+def tiny_model_class(config_class: type[PretrainedConfig]) -> type[nn.Module]:
+    """The first of causal LM, masked LM, sequence classification, image classification, base model."""
+    for name in _MAPPINGS:
+        mapping = getattr(modeling_auto, name)
+        if config_class in mapping:
+            found = mapping[config_class]
+            return found[0] if isinstance(found, tuple) else found
+    raise DerivedAdapterError(f"{config_class.__name__} has no model class in transformers' auto mappings.")
+
+
+def tiny_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size, channels = getattr(config, "image_size", 32), getattr(config, "num_channels", 3)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}
+    return {"input_ids": torch.randint(3, TINY["vocab_size"], (2, 7), generator=generator)}
+
+
+def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.Module, dict]:
+    """A tiny random instance (eval mode; norms and biases perturbed so masking bugs show) and its inputs."""
+    try:
+        config = tiny_config(config_class)
+        model_class = tiny_model_class(config_class)
+        with torch.device("meta"):  # shapes only: refuse a shrink that left the model large before allocating it
+            size = sum(p.numel() for p in model_class(config).parameters())
+        if size > MAX_TINY_PARAMETERS:
+            raise DerivedAdapterError(
+                f"{config_class.__name__}: the generic shrink leaves {size:,} parameters (> {MAX_TINY_PARAMETERS:,}): "
+                "some width or count field of this config is not one `ALIASES` knows."
+            )
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+    except DerivedAdapterError:
+        raise
+    except Exception as error:  # the config class or model refuses the generic shrink
+        raise DerivedAdapterError(
+            f"{config_class.__name__}: could not build a tiny instance from its defaults "
+            f"({type(error).__name__}: {_first_line(error)})."
+        ) from error
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model, tiny_inputs(model, config)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def model_output(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The tensor compared across cut, masked and reloaded models: logits, else the last hidden state."""
+    with torch.no_grad():
+        output = model(**inputs)
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return output[0]
+
+
+# --------------------------------------------------------------------------- dataflow probes
+def _projections(block: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every `Linear` / `Conv1D` of a block: name → (input width, output width)."""
+    return {
+        name: (in_features(module), out_features(module))
+        for name, module in block.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+    }
+
+
+@torch.no_grad()
+def reach(model: nn.Module, inputs: dict, block: nn.Module, producer: str, channel: int, consumer: str) -> set[int]:
+    """The input columns of `consumer` that change when output channel `channel` of `producer` changes.
+
+    One forward with a forward hook adding seeded noise to that channel (noise, not a constant: a
+    constant added to a key channel shifts every score of a row alike, which softmax ignores), against
+    one without: the columns whose input moved (relative tolerance 1e-6) are the ones the channel reaches."""
+    seen: list[torch.Tensor] = []
+
+    def record(module, args):
+        seen.append(args[0].detach().clone())
+
+    def bump(module, args, output):
+        output = output.clone()
+        generator = torch.Generator().manual_seed(channel)
+        noise = torch.randn(output[..., channel].shape, generator=generator, dtype=output.dtype)
+        output[..., channel] += noise.to(output.device)
+        return output
+
+    handles = [block.get_submodule(consumer).register_forward_pre_hook(record)]
+    model_output(model, inputs)
+    handles.append(block.get_submodule(producer).register_forward_hook(bump))
+    model_output(model, inputs)
+    for handle in handles:
+        handle.remove()
+    base, moved = seen[0], seen[1]
+    scale = base.abs().max().clamp(min=1e-3)
+    changed = ((moved - base).abs() > 1e-6 * scale).reshape(-1, base.shape[-1]).any(0)
+    return set(torch.nonzero(changed).flatten().tolist())
+
+
+# --------------------------------------------------------------------------- derivation
+@dataclass
+class Derivation:
+    """What derivation found on the tiny instance; `refused` holds each kind it could not resolve and why."""
+
+    config_class: type[PretrainedConfig]
+    layers_path: str = ""
+    attention_module: str | None = None
+    mlp_module: str | None = None
+    q_proj: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+    gate_proj: str | None = None
+    up_proj: str | None = None
+    down_proj: str | None = None
+    heads_module: str | None = None
+    head_dim_attribute: str = "head_dim"
+    removed_attention_output: str = "zeros_and_none"
+    removed_mlp_output: str = "zeros"
+    refused: dict[str, str] = field(default_factory=dict)
+    #: kind → how the verification's vanilla save went ("vanilla", or "loader: <reason>")
+    formats: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def kinds(self) -> frozenset[GroupKind]:
+        return frozenset(kind for kind in TRANSFORMER_KINDS if kind not in self.refused)
+
+    def refuse(self, kinds, reason: str) -> None:
+        for kind in kinds:
+            self.refused.setdefault(kind, reason)
+
+
+def _tokens(name: str) -> set[str]:
+    last = name.rpartition(".")[2]
+    return {last, *re.split(r"[_\d]+", last)} - {""}
+
+
+def _hinted(names: list[str], hint: str) -> list[str]:
+    """`names` with those the hint names first (stable otherwise: registration order)."""
+    return sorted(names, key=lambda name: 0 if _tokens(name) & _HINTS[hint] else 1)
+
+
+def _parent(names: list[str]) -> str:
+    """The longest common dotted prefix of `names` (their closest common module)."""
+    parts = [name.split(".")[:-1] for name in names]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
+
+
+def find_layers(model: nn.Module, count: int) -> str:
+    """Qualified name of the one `ModuleList` of `count` alike blocks that hold projections."""
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) == count
+        and len({type(block) for block in module}) == 1
+        and len(_projections(module[0])) >= 2
+    ]
+    if len(found) != 1:
+        raise DerivedAdapterError(
+            f"{type(model).__name__}: expected one list of {count} blocks (the config's layer count), found "
+            f"{found or 'none'}; several stacks (encoder-decoder) are not derived yet."
+        )
+    return found[0]
+
+
+def relative_layers_path(model: nn.Module, name: str) -> str:
+    """The layer list's name below the base model (`model.layers` → `layers`), so task heads match too."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+
+
+def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module, dict]:
+    """Read the adapter's names from a tiny instance of `config_class` (not yet verified)."""
+    model, inputs = build_tiny(config_class)
+    config = model.config
+    found = Derivation(config_class)
+    layers_field = config_field(config_class, "num_hidden_layers")
+    if layers_field is None:
+        raise DerivedAdapterError(f"{config_class.__name__}: no layer-count field ({ALIASES['num_hidden_layers']}).")
+    layers_name = find_layers(model, getattr(config, layers_field))
+    found.layers_path = relative_layers_path(model, layers_name)
+    block = model.get_submodule(layers_name)[0]
+    projections = _projections(block)
+    hidden = getattr(config, config_field(config_class, "hidden_size") or "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise DerivedAdapterError(f"{config_class.__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
+    _derive_attention(found, model, inputs, block, projections, hidden)
+    _derive_mlp(found, model, inputs, block, projections, hidden)
+    return found, model, inputs
+
+
+def _value(config: PretrainedConfig, canonical: str):
+    name = config_field(type(config), canonical)
+    return getattr(config, name, None) if name else None
+
+
+def _derive_attention(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
+    config = model.config
+    heads = _value(config, "num_attention_heads")
+    if not isinstance(heads, int):
+        found.refuse(ATTENTION_KINDS, f"no head-count field ({ALIASES['num_attention_heads']})")
+        return
+    kv_heads = _value(config, "num_key_value_heads") or heads
+    head_dims = [d for d in (_value(config, "head_dim"), hidden // heads) if isinstance(d, int) and d > 0]
+    for d in dict.fromkeys(head_dims):
+        q_width, kv_width = heads * d, kv_heads * d
+        outputs = [n for n, (i, o) in projections.items() if i == hidden and o == q_width]
+        kv_outputs = [n for n, (i, o) in projections.items() if i == hidden and o == kv_width and kv_width != q_width]
+        # the output projection: the H-wide consumer of n·d columns whose input the other projections reach
+        candidates = [n for n, (i, o) in projections.items() if i == q_width and o == hidden]
+        fused = [n for n, (i, o) in projections.items() if i == hidden and o == q_width + 2 * kv_width]
+        feeders = list(dict.fromkeys(outputs + kv_outputs + fused))
+        consumers = [c for c in candidates if any(reach(model, inputs, block, p, 1, c) for p in feeders if p != c)]
+        outputs = [n for n in outputs if n not in consumers]
+        if len(consumers) == 1 and fused and not outputs:  # the attention stays untouched (no branch either)
+            found.refuse(
+                ATTENTION_KINDS,
+                f"fused q/k/v projection {fused[0]} ({hidden}→{q_width + 2 * kv_width}) feeding {consumers[0]}: "
+                "fused layouts are not derived yet",
+            )
+            return
+        if len(consumers) != 1:
+            continue
+        if kv_width != q_width and len(outputs) == 1 and len(kv_outputs) == 2:
+            q, pair = outputs[0], kv_outputs
+        elif kv_width == q_width and len(outputs) == 3:
+            q, pair = _hinted(outputs, "q")[0], [n for n in outputs if n != _hinted(outputs, "q")[0]]
+        else:
+            continue
+        o = consumers[0]
+        # dataflow: a value channel reaches only its own column of each query head reading it;
+        # a key channel reaches its query heads' columns; a query channel its own head's columns.
+        group = heads // kv_heads
+        channel = d + 1 if kv_heads > 1 else 1  # channel 1 of KV head 1 (or 0)
+        kv_head = channel // d
+        own_columns = {h * d + channel % d for h in range(kv_head * group, (kv_head + 1) * group)}
+        head_columns = set(range(kv_head * group * d, (kv_head + 1) * group * d))
+        reached = {name: reach(model, inputs, block, name, channel, o) for name in pair}
+        values = [name for name in pair if reached[name] == own_columns]
+        keys = [name for name in pair if reached[name] and reached[name] <= head_columns and name not in values]
+        query_channel = (channel // d) * d + 1
+        query_reach = reach(model, inputs, block, q, query_channel, o)
+        if len(values) != 1 or len(keys) != 1 or not query_reach or not query_reach <= set(range(d, 2 * d)):
+            found.refuse(
+                ATTENTION_KINDS,
+                f"{q}, {pair[0]}, {pair[1]} → {o}: the dataflow does not show a query, a key and a value "
+                f"(channel {channel} reaches {[sorted(reached[n]) for n in pair]})",
+            )
+            return
+        found.q_proj, found.k_proj, found.v_proj, found.o_proj = q, keys[0], values[0], o
+        _attention_module(found, model, inputs, block, [q, keys[0], values[0], o])
+        _head_dim_attribute(found, block, d)
+        return
+    found.refuse(
+        ATTENTION_KINDS,
+        f"no projections of widths {hidden}→{heads}×d and {heads}×d→{hidden} (d in {head_dims}) in "
+        f"{type(block).__name__}; found {projections}",
+    )
+
+
+def _attention_module(found: Derivation, model, inputs, block, names: list[str]) -> None:
+    found.attention_module = _parent(names)
+    if not found.attention_module:
+        found.refuse({"attention_branches"}, f"the attention projections {names} have no module of their own")
+        return
+    output = _output_of(model, inputs, block.get_submodule(found.attention_module))
+    if isinstance(output, tuple) and len(output) == 2:
+        found.removed_attention_output = "zeros_and_none"
+    elif isinstance(output, torch.Tensor):
+        found.removed_attention_output = "zeros"
+    else:
+        found.refuse({"attention_branches"}, f"{found.attention_module} returns {type(output).__name__}")
+
+
+def _head_dim_attribute(found: Derivation, block: nn.Module, head_dim: int) -> None:
+    """The module (under the attention module) and integer attribute holding the head size."""
+    root = block.get_submodule(found.attention_module) if found.attention_module else block
+    prefix = f"{found.attention_module}." if found.attention_module else ""
+    for name, module in root.named_modules():
+        for attribute in ("head_dim", "head_size", "attention_head_size", "d_head"):
+            if getattr(module, attribute, None) == head_dim and not isinstance(getattr(module, attribute), bool):
+                found.heads_module = (prefix + name).rstrip(".") or None
+                found.head_dim_attribute = attribute
+                return
+    found.refuse(
+        ATTENTION_KINDS - {"attention_branches"},
+        f"no attribute of {found.attention_module or 'the block'} holds the head size {head_dim}",
+    )
+
+
+def _output_of(model, inputs, module: nn.Module):
+    seen = []
+    handle = module.register_forward_hook(lambda m, a, output: seen.append(output))
+    model_output(model, inputs)
+    handle.remove()
+    return seen[0] if seen else None
+
+
+def _derive_mlp(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
+    size = _value(model.config, "intermediate_size")
+    mlp_kinds = {"neurons", "mlp_branches"}
+    if not isinstance(size, int):
+        found.refuse(mlp_kinds, f"no intermediate-size field ({ALIASES['intermediate_size']})")
+        return
+    producers = [n for n, (i, o) in projections.items() if i == hidden and o == size]
+    consumers = [n for n, (i, o) in projections.items() if i == size and o == hidden]
+    fused = [n for n, (i, o) in projections.items() if i == hidden and o == 2 * size]
+    if len(consumers) != 1 or len(producers) not in (1, 2):
+        detail = f"; fused gate/up projection {fused[0]} (not derived yet)" if fused else ""
+        found.refuse(
+            mlp_kinds,
+            f"expected one or two projections {hidden}→{size} and one {size}→{hidden} in {type(block).__name__}, "
+            f"found {producers} and {consumers}{detail}",
+        )
+        return
+    down = consumers[0]
+    for name in producers:  # a neuron of each producer reaches only its own down-projection column
+        reached = reach(model, inputs, block, name, 1, down)
+        if reached != {1}:
+            found.refuse(mlp_kinds, f"neuron 1 of {name} reaches columns {sorted(reached)} of {down}, not only 1")
+            return
+    if len(producers) == 2:
+        found.gate_proj, found.up_proj = _hinted(producers, "gate")
+    else:
+        found.up_proj = producers[0]
+    found.down_proj = down
+    found.mlp_module = _parent([*producers, down])
+    if not found.mlp_module:
+        found.refuse({"mlp_branches"}, f"the MLP projections {[*producers, down]} have no module of their own")
+        return
+    output = _output_of(model, inputs, block.get_submodule(found.mlp_module))
+    if not isinstance(output, torch.Tensor):
+        found.refuse({"mlp_branches"}, f"{found.mlp_module} returns {type(output).__name__}, not a tensor")
+
+
+# --------------------------------------------------------------------------- the adapter
+class DerivedAdapter(ArchitectureAdapter):
+    """An adapter whose names come from a verified `Derivation` rather than a hand-written file."""
+
+    def __init__(self, derivation: Derivation, model_type: str):
+        self.derivation = derivation
+        self.model_types = (model_type,)
+        for name in (
+            "layers_path",
+            "attention_module",
+            "mlp_module",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "heads_module",
+            "head_dim_attribute",
+            "removed_attention_output",
+            "removed_mlp_output",
+        ):
+            setattr(self, name, getattr(derivation, name))
+        self.kinds = derivation.kinds
+        #: kind → why it was refused (shown when a refused kind is asked for)
+        self.refused = dict(derivation.refused)
+
+    def has_branch(self, layer: nn.Module, branch) -> bool:
+        """A branch derivation did not resolve (no module or no consumer) is invisible: never touched."""
+        name, consumer = (
+            (self.attention_module, self.o_proj) if branch == "attention" else (self.mlp_module, self.down_proj)
+        )
+        return name is not None and consumer is not None and super().has_branch(layer, branch)
+
+    def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
+        if self.q_proj is None or "heads" not in self.kinds:
+            return None  # attention left untouched: its kinds are refused
+        return super().attention_geometry(layer)
+
+    def intermediate_size(self, layer: nn.Module) -> int | None:
+        return super().intermediate_size(layer) if self.down_proj and "neurons" in self.kinds else None
+
+    def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
+        """The generic head attributes, and a layer-local config copy for forwards that read head counts from it."""
+        super().set_attention_geometry(layer, geometry)
+        for name in {self.attention_module, self.heads_module} - {None}:
+            module = layer.get_submodule(name)
+            config = getattr(module, "config", None)
+            if isinstance(config, PretrainedConfig):
+                module.config = copy.copy(config)
+                for canonical, value in (
+                    ("num_attention_heads", geometry.num_heads),
+                    ("num_key_value_heads", geometry.num_kv_heads),
+                ):
+                    field_name = config_field(type(config), canonical)
+                    if field_name and hasattr(config, field_name):
+                        setattr(module.config, field_name, value)
+
+    def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
+        """The fields holding each pruned shape, named as the config class names them."""
+        fields = {}
+        attention = geometry.attention
+        values = {"intermediate_size": geometry.intermediate_size}
+        if attention is not None and "heads" in self.kinds:
+            values |= {
+                "num_attention_heads": attention.num_heads,
+                "num_key_value_heads": attention.num_kv_heads,
+                "head_dim": attention.head_dim,
+            }
+        for canonical, value in values.items():
+            name = config_field(type(config), canonical)
+            if name and value is not None and (canonical != "head_dim" or getattr(config, name, None) is not None):
+                if canonical == "num_key_value_heads" and getattr(config, name, None) is None:
+                    continue  # MHA families whose config has no KV field set
+                fields[name] = value
+        return fields
+
+    def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
+        """The layer-count field, and every per-layer list (a `*layer*` field as long as the old count)."""
+        name = config_field(type(config), "num_hidden_layers")
+        old_count = getattr(config, name)
+        setattr(config, name, len(kept_layers))
+        for key, value in list(vars(config).items()):
+            if "layer" in key and isinstance(value, (list, tuple)) and len(value) == old_count:
+                setattr(config, key, type(value)(value[i] for i in kept_layers))
+        if getattr(config, "max_window_layers", None) is not None:
+            config.max_window_layers = sum(1 for i in kept_layers if i < min(config.max_window_layers, old_count))
+
+
+@functools.cache
+def verified_derivation(config_class: type[PretrainedConfig]) -> Derivation:
+    """Derive, then verify every claimed kind on the tiny instance; cached per config class."""
+    from .verify import verify  # imports masking and surgery, which import hf_prune.groups
+
+    return verify(config_class)
+
+
+def derived_adapter(config: PretrainedConfig) -> DerivedAdapter:
+    """A verified derived adapter for `config`'s class, or a `DerivedAdapterError` saying why none."""
+    derivation = verified_derivation(type(config))
+    if not derivation.kinds:
+        reasons = "; ".join(f"{kind}: {why}" for kind, why in sorted(derivation.refused.items()))
+        raise DerivedAdapterError(
+            f"model_type {config.model_type!r} has no hand-written adapter and none could be derived and "
+            f"verified ({reasons}). Supported: {', '.join(supported_model_types())}, and the types whose adapter "
+            "derivation verifies; add one file in hf_prune/groups/ (see llama.py) to support it."
+        )
+    return DerivedAdapter(derivation, config.model_type)

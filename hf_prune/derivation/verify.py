@@ -1,0 +1,147 @@
+"""Verify a derived adapter before use: every kind it claims is cut on the tiny instance and compared.
+
+For each kind, a seeded random plan (one query head of every KV group, one KV group, a quarter of
+the neurons, one layer, the attention of layer 0, the MLP of layer 1) is applied twice to copies of
+the tiny model: by `masking.apply_masks` (the reference) and by `surgery.apply_plan` (the cut). The
+kind stays only if the cut removes exactly the plan's parameter count and its output equals the
+masked one within 1e-5; for the uniform plans (heads, KV groups, neurons, layers) the cut is also
+saved and, where `decide_format` finds the config fields that express it, reloaded with plain
+`from_pretrained` to equal outputs. A kind that fails is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+import time
+
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from ..errors import DerivedAdapterError
+from ..kinds import GroupKind
+from .derive import Derivation, DerivedAdapter, _first_line, derive, model_output
+
+#: The order kinds are checked in (attention, then MLP, then whole layers).
+CHECKED: tuple[GroupKind, ...] = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
+UNIFORM: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons", "layers"))
+TOLERANCE = 1e-5
+
+
+def random_plan(model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed: int = 0):
+    """A seeded plan that removes some groups of `kind` only (the same choice in every layer for uniform kinds)."""
+    from ..plan import PruningPlan
+
+    rng = random.Random(seed)
+    plan = PruningPlan.keep_all(model, adapter)
+    first = plan.layers[0].geometry
+    attention, size = first.attention, first.intermediate_size
+    if kind == "heads":  # one query head of every KV group (MHA: one head with its KV head)
+        if attention.heads_per_group > 1:
+            drop = {rng.choice(list(attention.heads_of_group(j))) for j in range(attention.num_kv_heads)}
+            kept_kv = tuple(range(attention.num_kv_heads))
+        else:
+            gone = rng.randrange(attention.num_kv_heads)
+            drop, kept_kv = {gone}, tuple(j for j in range(attention.num_kv_heads) if j != gone)
+        kept = tuple(h for h in range(attention.num_heads) if h not in drop)
+    elif kind == "kv_groups":
+        gone = rng.randrange(attention.num_kv_heads)
+        kept_kv = tuple(j for j in range(attention.num_kv_heads) if j != gone)
+        kept = tuple(h for j in kept_kv for h in attention.heads_of_group(j))
+    elif kind == "neurons":
+        kept_neurons = tuple(sorted(rng.sample(range(size), size - max(1, size // 4))))
+    for index, layer_plan in enumerate(plan.layers):
+        if kind in ("heads", "kv_groups"):
+            layer_plan.query_heads, layer_plan.kv_heads = kept, kept_kv
+        elif kind == "neurons":
+            layer_plan.neurons = kept_neurons
+        elif kind == "attention_branches" and index == 0:
+            layer_plan.keep_attention = False
+        elif kind == "mlp_branches" and index == min(1, len(plan.layers) - 1):
+            layer_plan.keep_mlp = False
+    if kind == "layers":
+        plan.layers[rng.randrange(len(plan.layers))].keep_layer = False
+    return plan
+
+
+def check_kind(model: nn.Module, inputs: dict, adapter: DerivedAdapter, kind: GroupKind) -> str:
+    """Cut == masked (and the vanilla round trip for uniform kinds); returns the format, raises on failure."""
+    from ..masking import apply_masks
+    from ..output.checkpoint import decide_format
+    from ..surgery import apply_plan
+
+    plan = random_plan(model, adapter, kind)
+    masked, cut = copy.deepcopy(model), copy.deepcopy(model)
+    handles = apply_masks(masked, adapter, plan)
+    expected = model_output(masked, inputs)
+    for handle in handles:
+        handle.remove()
+    before = sum(p.numel() for p in cut.parameters())
+    removed = plan.removed_parameter_count(cut, adapter)
+    apply_plan(cut, adapter, plan)
+    after = sum(p.numel() for p in cut.parameters())
+    if removed <= 0 or after != before - removed:
+        raise DerivedAdapterError(f"the cut removed {before - after} parameters, the plan says {removed}")
+    difference = (model_output(cut, inputs) - expected).abs().max().item()
+    if not difference <= TOLERANCE:
+        raise DerivedAdapterError(f"cut and masked outputs differ by {difference:.2e} (> {TOLERANCE})")
+    if kind not in UNIFORM:
+        return "loader"
+    decision = decide_format(cut, adapter)
+    if not decision.vanilla:
+        return f"loader: {decision.reason}"
+    for key, value in decision.config_fields.items():
+        setattr(cut.config, key, value)
+    with tempfile.TemporaryDirectory() as folder:
+        cut.save_pretrained(folder)
+        reloaded = type(cut).from_pretrained(folder).eval()
+    difference = (model_output(reloaded, inputs) - expected).abs().max().item()
+    if not difference <= TOLERANCE:
+        raise DerivedAdapterError(f"the vanilla folder reloads {difference:.2e} away from the masked outputs")
+    return "vanilla"
+
+
+def verify(config_class) -> Derivation:
+    """Derive the adapter for `config_class` and keep only the kinds the tiny instance confirms."""
+    start = time.perf_counter()
+    try:
+        derivation, model, inputs = derive(config_class)
+    except Exception as error:  # the tiny model's own forward failed while probing: typed, never raw
+        derivation = Derivation(config_class)
+        reason = (
+            str(error) if isinstance(error, DerivedAdapterError) else f"{type(error).__name__}: {_first_line(error)}"
+        )
+        derivation.refuse(CHECKED, f"derivation failed on a tiny {config_class.__name__} ({reason})")
+        derivation.seconds = time.perf_counter() - start
+        return derivation
+    model_type = getattr(config_class, "model_type", "") or config_class.__name__
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # each vanilla round trip would print save/load bars
+    try:
+        check_kinds(derivation, model, inputs, model_type)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    derivation.seconds = time.perf_counter() - start
+    return derivation
+
+
+def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:
+    """Check each kind not refused yet; a failure refuses that kind only."""
+    for kind in CHECKED:
+        if kind in derivation.refused:
+            continue
+        adapter = DerivedAdapter(derivation, model_type)
+        if kind in ("kv_groups", "attention_branches") and "heads" in derivation.refused:
+            derivation.refuse({kind}, f"needs the head layout, which was refused ({derivation.refused['heads']})")
+            continue
+        if kind == "kv_groups" and adapter.geometry(adapter.layers(model)[0]).attention.num_kv_heads < 2:
+            derivation.refuse({kind}, "one KV head: no KV group can be removed")
+            continue
+        try:
+            derivation.formats[kind] = check_kind(model, inputs, adapter, kind)
+        except Exception as error:  # every failure of the cut is a refusal of this kind, never a crash
+            where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
+            where = where.get(kind, adapter.attention_module) or "the block"
+            derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {_first_line(error)})")

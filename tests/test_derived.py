@@ -1,0 +1,145 @@
+"""Derived adapters (issue 15): equal to the hand-written ones where both exist, refused when wrong,
+and end to end for model types no file in hf_prune/groups names."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+from tiny_models import FAMILIES, STRUCTURAL
+
+from hf_prune import HFPruner
+from hf_prune.derivation.derive import DerivedAdapter, build_tiny, verified_derivation
+from hf_prune.derivation.verify import check_kinds
+from hf_prune.errors import DerivedAdapterError, UnsupportedArchitectureError
+from hf_prune.groups import get_adapter
+from hf_prune.groups.registry import _ADAPTERS
+from hf_prune.masking import apply_masks
+
+RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
+#: Families with a hand-written adapter, and the kinds derivation must reproduce for each (fused
+#: q/k/v layouts and post-LayerNorm branches are refused by derivation, so not compared).
+BOTH = {
+    "llama": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
+    "mistral": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
+    "qwen2": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
+    "qwen3": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
+    "gpt2": {"neurons", "mlp_branches", "layers"},
+    "gpt_neox": {"neurons", "mlp_branches", "layers"},
+    "bert": {"heads", "kv_groups", "neurons", "layers"},
+}
+
+
+def derived_for(config: transformers.PretrainedConfig) -> DerivedAdapter:
+    """The derived adapter, hand-written one bypassed."""
+    return DerivedAdapter(verified_derivation(type(config)), config.model_type)
+
+
+@pytest.mark.parametrize("model_type", sorted(BOTH))
+def test_derived_groups_equal_hand_written(model_type):
+    model = FAMILIES[model_type].build()
+    hand, derived = _ADAPTERS[model_type](), derived_for(model.config)
+    assert BOTH[model_type] <= derived.kinds, derived.refused
+    for kind in sorted(BOTH[model_type]):
+        for index, layer in enumerate(hand.layers(model)):
+            expected = hand.groups(layer, index, kind)
+            assert expected, (kind, index)
+            assert derived.groups(derived.layers(model)[index], index, kind) == expected, (model_type, kind, index)
+
+
+def test_wrong_derivations_are_refused():
+    """Query and key swapped, or a wrong head size: the cut cannot match the masked model, so the heads go."""
+    derivation = verified_derivation(transformers.LlamaConfig)
+    assert {"heads", "kv_groups", "neurons"} <= derivation.kinds
+    model, inputs = build_tiny(transformers.LlamaConfig)
+    swapped = dataclasses.replace(
+        derivation, q_proj=derivation.k_proj, k_proj=derivation.q_proj, refused={}, formats={}
+    )
+    check_kinds(swapped, model, inputs, "llama")
+    assert {"heads", "kv_groups"} <= set(swapped.refused) and "neurons" in swapped.kinds
+    assert "self_attn" in swapped.refused["heads"]
+    for layer in model.model.layers:
+        layer.self_attn.wrong_head_dim = 8  # a third of the real head size of 24
+    halved = dataclasses.replace(derivation, head_dim_attribute="wrong_head_dim", refused={}, formats={})
+    check_kinds(halved, model, inputs, "llama")
+    assert "heads" in halved.refused and "neurons" in halved.kinds and "layers" in halved.kinds
+    mlp = dataclasses.replace(
+        derivation, gate_proj=derivation.down_proj, down_proj=derivation.gate_proj, refused={}, formats={}
+    )
+    check_kinds(mlp, model, inputs, "llama")
+    assert "neurons" in mlp.refused and "heads" in mlp.kinds
+
+
+def test_nothing_derivable_is_a_typed_refusal():
+    config = transformers.CTRLConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2, dff=48)
+    with pytest.raises(DerivedAdapterError, match="'ctrl' has no hand-written adapter.*CTRLConfig") as error:
+        get_adapter(config)
+    assert isinstance(error.value, UnsupportedArchitectureError)
+
+
+#: Model types without a hand-written adapter: config class, extra prune amounts beyond neurons and layers.
+END_TO_END = {
+    "opt": (transformers.OPTConfig, {}),
+    "olmo": (transformers.OlmoConfig, {}),
+    "cohere2": (transformers.Cohere2Config, {"kv_groups": 1}),
+    "ernie4_5": (transformers.Ernie4_5Config, {"kv_groups": 1}),
+    "nemotron": (transformers.NemotronConfig, {"kv_groups": 1}),
+    "seed_oss": (transformers.SeedOssConfig, {"kv_groups": 1}),
+}
+
+
+@functools.cache
+def pruned_case(model_type: str, root: Path) -> dict:
+    """Prune one tiny model through `HFPruner` (derived adapter), compare with the masked reference, save it."""
+    config_class, extra = END_TO_END[model_type]
+    dense, inputs = build_tiny(config_class, seed=3)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, layers=1, **extra, **STRUCTURAL)
+    masked = copy.deepcopy(dense)
+    apply_masks(masked, pruner.adapter, pruner.plan)
+    with torch.no_grad():
+        expected, pruned = masked(**inputs).logits, pruner.model(**inputs).logits
+    pruner.save_pretrained(root / model_type / "model")
+    save_file({"logits": expected.contiguous(), **inputs}, str(root / model_type / "expected.safetensors"))
+    return {"pruner": pruner, "expected": expected, "pruned": pruned}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("derived")
+
+
+@pytest.mark.parametrize("model_type", sorted(END_TO_END))
+def test_end_to_end_without_hand_written_adapter(model_type, root):
+    assert model_type not in _ADAPTERS
+    case = pruned_case(model_type, root)
+    assert isinstance(case["pruner"].adapter, DerivedAdapter)
+    torch.testing.assert_close(case["pruned"], case["expected"], atol=1e-5, rtol=0)
+    assert case["pruner"].report.output_format == "vanilla"
+    assert case["pruner"].model.config.num_hidden_layers == 2
+
+
+def test_derived_folders_reload_with_plain_transformers(root):
+    """One fresh process reloads every folder with AutoModelForCausalLM, hf_prune never imported."""
+    for model_type in END_TO_END:
+        pruned_case(model_type, root)
+    process = subprocess.run(
+        [sys.executable, str(RELOAD_SCRIPT), "AutoModelForCausalLM", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stdout + process.stderr
+    results = json.loads(process.stdout.strip().splitlines()[-1])
+    assert sorted(results) == sorted(END_TO_END)
+    for model_type, outcome in results.items():
+        assert outcome["format"] == "vanilla" and outcome["max_abs_diff"] <= 1e-5, (model_type, outcome)
