@@ -1,5 +1,6 @@
 """hf_prune: structural pruning for Hugging Face transformers models."""
 
+from . import derivation  # noqa: F401 (registers derived adapters as get_adapter's fallback)
 from .config import PruningConfig
 from .errors import (
     HFPruneError,

@@ -3,7 +3,7 @@
     python scripts/derived_sweep.py [--json out.json] [model_type ...]
 
 For each model type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, its config class goes through
-`hf_prune.derivation.derive.verified_derivation` (a tiny instance from the class's defaults, derivation,
+`hf_prune.derivation.verify.verified_derivation` (a tiny instance from the class's defaults, derivation,
 a cut == masked check of every kind and a vanilla round trip), hand-written adapters bypassed.
 Prints one line per type: seconds, verified kinds with their format, refused kinds with the reason.
 """
@@ -20,7 +20,7 @@ import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from hf_prune.derivation.derive import verified_derivation
+from hf_prune.derivation.verify import verified_derivation
 
 #: Seconds one type may take before the sweep records it as timed out and moves on.
 TIME_LIMIT = 60

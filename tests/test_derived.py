@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from tiny_models import FAMILIES, STRUCTURAL
 
 from hf_prune import HFPruner
-from hf_prune.derivation.derive import DerivedAdapter, build_tiny, verified_derivation
-from hf_prune.derivation.verify import check_kinds
+from hf_prune.derivation.derive import DerivedAdapter, build_tiny
+from hf_prune.derivation.verify import check_kinds, verified_derivation
 from hf_prune.errors import DerivedAdapterError, UnsupportedArchitectureError
 from hf_prune.groups import get_adapter
 from hf_prune.groups.registry import _ADAPTERS

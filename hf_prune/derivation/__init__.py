@@ -3,9 +3,14 @@ from a tiny instance of the config class, `verify.py` checks every kind on it.
 
 Outside `hf_prune.groups` on purpose: the loader format's remote code bundles every module of that
 package, and derivation needs masking, surgery and checkpoint code that the bundle does not carry.
-`hf_prune.groups.get_adapter` imports it by name when no hand-written adapter exists.
+Importing it registers `derived_adapter` as `hf_prune.groups.get_adapter`'s fallback for configs without a
+hand-written adapter (the hf_prune package imports it, so users never do).
 """
 
-from .derive import Derivation, DerivedAdapter, derived_adapter, verified_derivation
+from ..groups.registry import register_fallback
+from .derive import Derivation, DerivedAdapter
+from .verify import derived_adapter, verified_derivation
+
+register_fallback(derived_adapter)
 
 __all__ = ["DerivedAdapter", "Derivation", "derived_adapter", "verified_derivation"]

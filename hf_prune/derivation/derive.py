@@ -39,7 +39,6 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import DerivedAdapterError
 from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
-from ..groups.registry import supported_model_types
 from ..kinds import ATTENTION_KINDS, TRANSFORMER_KINDS, GroupKind
 
 #: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
@@ -172,7 +171,7 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     except Exception as error:  # the config class or model refuses the generic shrink
         raise DerivedAdapterError(
             f"{config_class.__name__}: could not build a tiny instance from its defaults "
-            f"({type(error).__name__}: {_first_line(error)})."
+            f"({type(error).__name__}: {first_line(error)})."
         ) from error
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -181,7 +180,7 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     return model, tiny_inputs(model, config)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else ""
 
@@ -569,24 +568,3 @@ class DerivedAdapter(ArchitectureAdapter):
                 setattr(config, key, type(value)(value[i] for i in kept_layers))
         if getattr(config, "max_window_layers", None) is not None:
             config.max_window_layers = sum(1 for i in kept_layers if i < min(config.max_window_layers, old_count))
-
-
-@functools.cache
-def verified_derivation(config_class: type[PretrainedConfig]) -> Derivation:
-    """Derive, then verify every claimed kind on the tiny instance; cached per config class."""
-    from .verify import verify  # imports masking and surgery, which import hf_prune.groups
-
-    return verify(config_class)
-
-
-def derived_adapter(config: PretrainedConfig) -> DerivedAdapter:
-    """A verified derived adapter for `config`'s class, or a `DerivedAdapterError` saying why none."""
-    derivation = verified_derivation(type(config))
-    if not derivation.kinds:
-        reasons = "; ".join(f"{kind}: {why}" for kind, why in sorted(derivation.refused.items()))
-        raise DerivedAdapterError(
-            f"model_type {config.model_type!r} has no hand-written adapter and none could be derived and "
-            f"verified ({reasons}). Supported: {', '.join(supported_model_types())}, and the types whose adapter "
-            "derivation verifies; add one file in hf_prune/groups/ (see llama.py) to support it."
-        )
-    return DerivedAdapter(derivation, config.model_type)

@@ -12,16 +12,23 @@ saved and, where `decide_format` finds the config fields that express it, reload
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import tempfile
 import time
 
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from ..errors import DerivedAdapterError
+from ..groups.registry import supported_model_types
 from ..kinds import GroupKind
-from .derive import Derivation, DerivedAdapter, _first_line, derive, model_output
+from ..masking import apply_masks
+from ..output.checkpoint import decide_format
+from ..plan import PruningPlan
+from ..surgery import apply_plan
+from .derive import Derivation, DerivedAdapter, derive, first_line, model_output
 
 #: The order kinds are checked in (attention, then MLP, then whole layers).
 CHECKED: tuple[GroupKind, ...] = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
@@ -31,7 +38,6 @@ TOLERANCE = 1e-5
 
 def random_plan(model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed: int = 0):
     """A seeded plan that removes some groups of `kind` only (the same choice in every layer for uniform kinds)."""
-    from ..plan import PruningPlan
 
     rng = random.Random(seed)
     plan = PruningPlan.keep_all(model, adapter)
@@ -67,9 +73,6 @@ def random_plan(model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed
 
 def check_kind(model: nn.Module, inputs: dict, adapter: DerivedAdapter, kind: GroupKind) -> str:
     """Cut == masked (and the vanilla round trip for uniform kinds); returns the format, raises on failure."""
-    from ..masking import apply_masks
-    from ..output.checkpoint import decide_format
-    from ..surgery import apply_plan
 
     plan = random_plan(model, adapter, kind)
     masked, cut = copy.deepcopy(model), copy.deepcopy(model)
@@ -110,7 +113,7 @@ def verify(config_class) -> Derivation:
     except Exception as error:  # the tiny model's own forward failed while probing: typed, never raw
         derivation = Derivation(config_class)
         reason = (
-            str(error) if isinstance(error, DerivedAdapterError) else f"{type(error).__name__}: {_first_line(error)}"
+            str(error) if isinstance(error, DerivedAdapterError) else f"{type(error).__name__}: {first_line(error)}"
         )
         derivation.refuse(CHECKED, f"derivation failed on a tiny {config_class.__name__} ({reason})")
         derivation.seconds = time.perf_counter() - start
@@ -144,4 +147,23 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
         except Exception as error:  # every failure of the cut is a refusal of this kind, never a crash
             where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
             where = where.get(kind, adapter.attention_module) or "the block"
-            derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {_first_line(error)})")
+            derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {first_line(error)})")
+
+
+@functools.cache
+def verified_derivation(config_class: type[PretrainedConfig]) -> Derivation:
+    """Derive, then verify every claimed kind on the tiny instance; cached per config class."""
+    return verify(config_class)
+
+
+def derived_adapter(config: PretrainedConfig) -> DerivedAdapter:
+    """A verified derived adapter for `config`'s class, or a `DerivedAdapterError` saying why none."""
+    derivation = verified_derivation(type(config))
+    if not derivation.kinds:
+        reasons = "; ".join(f"{kind}: {why}" for kind, why in sorted(derivation.refused.items()))
+        raise DerivedAdapterError(
+            f"model_type {config.model_type!r} has no hand-written adapter and none could be derived and "
+            f"verified ({reasons}). Supported: {', '.join(supported_model_types())}, and the types whose adapter "
+            "derivation verifies; add one file in hf_prune/groups/ (see llama.py) to support it."
+        )
+    return DerivedAdapter(derivation, config.model_type)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 
 from transformers import PretrainedConfig
 
@@ -10,6 +10,16 @@ from ..errors import UnsupportedArchitectureError
 from .base import ArchitectureAdapter
 
 _ADAPTERS: dict[str, type[ArchitectureAdapter]] = {}
+#: What `get_adapter` asks when no hand-written adapter exists: `hf_prune.derivation` registers its verified
+#: derivation here when the package is imported (a hook, so this module never imports the derivation, which
+#: builds and cuts models; the loader format's bundled remote code has no fallback and refuses such types).
+_FALLBACKS: list[Callable[[PretrainedConfig], ArchitectureAdapter]] = []
+
+
+def register_fallback(derive: Callable[[PretrainedConfig], ArchitectureAdapter]) -> None:
+    """Make `derive(config)` the adapter of every config whose `model_type` has no hand-written adapter."""
+    if derive not in _FALLBACKS:
+        _FALLBACKS.append(derive)
 
 
 def register_adapter(cls: type[ArchitectureAdapter]) -> type[ArchitectureAdapter]:
@@ -34,10 +44,8 @@ def get_adapter(config: PretrainedConfig | str) -> ArchitectureAdapter:
     model_type = config if isinstance(config, str) else config.model_type
     if model_type in _ADAPTERS:
         return _ADAPTERS[model_type]()
-    if isinstance(config, PretrainedConfig):
-        # Imported late (it builds models) and by name: the loader format's bundled remote code takes only
-        # top-level imports, and derived adapters are not bundled yet.
-        return importlib.import_module("hf_prune.derivation").derived_adapter(config)
+    if isinstance(config, PretrainedConfig) and _FALLBACKS:
+        return _FALLBACKS[-1](config)
     try:
         return _ADAPTERS[model_type]()
     except KeyError:
