@@ -9,7 +9,8 @@ share, each defined once here:
 - `statistics_requirements`: which statistics the criteria and the repair read;
 - `check_layer_local`: the refusal of criteria that need whole-model passes, where layers go one at a time;
 - `calibration_summary`: the report's calibration record (windows, tokens);
-- `removed_run_target`: what a run of removed layers added to the stream, for the repair that folds it in;
+- `repair.removed_layers.removed_run_target`: what a run of removed layers added to the stream, for the
+  repair that folds it in (the one-pass prune's `removed_layer_targets` walks the dense model to it);
 - `cut_checked`: the final cut with its parameter-count check (`HFPruner.apply` and the low-memory prune).
 
 The two layer-by-layer drivers also share `prune_layers`, the loop itself: for each layer in turn,
@@ -66,11 +67,10 @@ from ..repair.block_refinement import refine_toward_dense
 from ..repair.least_squares import reconstruct
 from ..repair.removed_layers import (
     FOLDING_REPAIRS,
-    RemovedRun,
     add_stream_target,
     empty_target,
+    removed_run_target,
     removed_runs,
-    run_target,
 )
 from ..surgery import apply_plan
 
@@ -256,24 +256,6 @@ def measure_layer(
 
 
 @torch.no_grad()
-def removed_run_target(
-    source: LayerSource,
-    run: RemovedRun,
-    inputs: LayerInputs,
-    before: list[torch.Tensor],
-    writer_inputs: list[torch.Tensor],
-) -> torch.Tensor:
-    """`C = Σ_tokens (h_after − h_before) aᵀ` (`repair.removed_layers`): what the removed layers
-    `run.first..run.last` add to `before` (the writer's dense outputs), against the inputs `a` of
-    the writer's `down_proj`; the removed layers run as they are (loaded for the while when not in memory)."""
-    after = source.run_layers(range(run.first, run.last + 1), before, inputs)
-    writer = source.adapter.layers(source.model)[run.writer]
-    target = run_target(writer.get_submodule(source.adapter.down_proj), writer_inputs, before, after)
-    sum_across_processes([target])
-    return target
-
-
-@torch.no_grad()
 def refit_toward_dense(
     source: LayerSource, layer_plan: LayerPlan, inputs: LayerInputs, dense_after: list[torch.Tensor], damping: float
 ) -> None:
@@ -394,7 +376,9 @@ def prune_layers(
             if index in runs:
                 # Unpruned propagation has already advanced the stream past the (still dense) writer.
                 before = inputs.hidden if stream == "unpruned" else inputs.outputs(layer, index)
-                target = removed_run_target(source, runs[index], inputs, before, writer_inputs)
+                run_layers = partial(source.run_layers, inputs=inputs)
+                down_proj = layer.get_submodule(adapter.down_proj)
+                target = removed_run_target(runs[index], down_proj, writer_inputs, before, run_layers)
                 removed_layer_target = {index: target}
             # `ispasp` may re-select the layer's groups: prune (and record) what the repair chose.
             layer_plan = reconstruct(
