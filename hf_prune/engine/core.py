@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from ..allocation import RemovalCounts, plan_layer
+from ..allocation import RemovalCounts, group_scores, plan_layer, remove_blocks
 from ..calibration.distributed import local_share, sum_across_processes, sum_numbers
 from ..calibration.layer_inputs import LayerInputs, capture_layer_inputs, first_output
 from ..calibration.statistics import (
@@ -60,6 +60,7 @@ from ..evaluation import parameter_count
 from ..finite import UNCHANGED, check_finite_statistics
 from ..groups import ArchitectureAdapter
 from ..groups.base import channels_last
+from ..kinds import BLOCK_KINDS
 from ..masking import masked_slices
 from ..output.checkpoint import FormatDecision
 from ..plan import LayerPlan, PruningPlan
@@ -100,12 +101,13 @@ def detach_shared_config(model: PreTrainedModel) -> None:
 
 # ----------------------------------------------------------------- shared by every driver
 def statistics_requirements(
-    criteria: Mapping[str, Criterion], config: PruningConfig, targets: RemovalCounts
+    criteria: Mapping[str, Criterion], config: PruningConfig | None = None, targets: RemovalCounts | None = None
 ) -> set[Requirement]:
     """The statistics the criteria and the repair read: each criterion's `requires`, and for a
-    least-squares repair the branch moments and MLP Gram (`stream_gram` too when stream channels go)."""
+    least-squares repair (`config.reconstruct`; no config: the criteria alone) the branch moments and
+    MLP Gram (`stream_gram` too when stream channels go)."""
     requirements = set().union(*(criterion.requires for criterion in criteria.values()))
-    if config.reconstruct != "none":
+    if config is not None and config.reconstruct != "none":
         requirements |= {"moments", "mlp_gram"} | ({"stream_gram"} if targets.stage_channels else set())
     return requirements
 
@@ -182,6 +184,9 @@ class LayerSource:
     def entering(self, inputs: LayerInputs, index: int, stream: list[torch.Tensor]) -> list[torch.Tensor]:
         """`stream` through what the model runs before layer `index` outside the stack."""
         return inputs.entering(index, stream)
+
+    def plan_ready(self, plan: PruningPlan) -> None:
+        """The removed blocks are chosen: which layers stay is known from here on."""
 
     def settle(self, index: int, layer: nn.Module, layer_plan: LayerPlan) -> None:
         """The pruned layer as the next layer reads it (in memory: masked, as it already is)."""
@@ -303,6 +308,42 @@ def removed_after(plan: PruningPlan, index: int) -> range:
 
 # ----------------------------------------------------------------- the loop
 @torch.no_grad()
+def rank_blocks(
+    source: LayerSource,
+    plan: PruningPlan,
+    batches: list[torch.Tensor],
+    criteria: Mapping[str, Criterion],
+    targets: RemovalCounts,
+    config: PruningConfig,
+) -> None:
+    """Drop layers and branches as the one-pass prune would (`allocation.remove_blocks`, ranked
+    across the model): a first pass scores every layer's blocks on the dense stream, each layer
+    measured with the block criteria's statistics only (`measure_layer`)."""
+    kinds = [kind for kind in sorted(BLOCK_KINDS) if getattr(targets, kind)]
+    if not kinds:
+        return
+    requirements = statistics_requirements({kind: criteria[kind] for kind in kinds})
+    inputs = source.capture(batches) if batches and requirements else None
+    tokens = batch_tokens(batches)
+    layers = source.adapter.layers(source.model)
+    scores = {}
+    for index in tqdm(range(len(layers)), desc="scoring blocks", unit="layer"):
+        if inputs is not None:
+            inputs.hidden = source.entering(inputs, index, inputs.hidden)
+        source.load(index)
+        statistics = CalibrationStatistics(requirements=frozenset(requirements))
+        if inputs is not None:
+            outcome = source.outcome(index, False, "unpruned")
+            statistics = measure_layer(source, inputs, index, requirements, True, tokens, outcome)
+        context = ScoringContext(source.model, source.adapter, statistics, batch_size=config.batch_size)
+        for kind in kinds:
+            scores[(index, kind)] = group_scores(context, criteria[kind], index, kind)
+        source.release(index, layers[index], None)
+        statistics = None  # drop this layer's sums before the next
+    remove_blocks(plan, targets, lambda index, kind: scores[(index, kind)])
+
+
+@torch.no_grad()
 def prune_layers(
     source: LayerSource,
     plan: PruningPlan,
@@ -311,7 +352,6 @@ def prune_layers(
     targets: RemovalCounts,
     batches: list[torch.Tensor],
     stream: Stream,
-    description: str = "pruning layer by layer",
 ) -> PruningPlan:
     """Plan, repair and prune every kept layer of `plan` (its removed blocks already chosen) one at
     a time, on `batches` (this process's share) fed through the layers as `stream` says; fills `plan`.
@@ -336,7 +376,7 @@ def prune_layers(
     was_training = model.training
     model.eval()
     try:
-        for index in tqdm(range(len(layers)), desc=description, unit="layer"):
+        for index in tqdm(range(len(layers)), desc="pruning layer by layer", unit="layer"):
             layer_plan = plan.layers[index]
             if inputs is not None:  # the stream as this layer reads it (e.g. a stage's downsampling, kept as is)
                 inputs.hidden = source.entering(inputs, index, inputs.hidden)
@@ -419,6 +459,22 @@ def prune_layers(
     finally:
         model.train(was_training)
     return plan
+
+
+def prune_by_layer(
+    source: LayerSource,
+    config: PruningConfig,
+    criteria: Mapping[str, Criterion],
+    targets: RemovalCounts,
+    batches: list[torch.Tensor],
+    stream: Stream,
+) -> PruningPlan:
+    """Both layer-by-layer drivers: rank removed blocks (`rank_blocks`), then prune every kept layer
+    (`prune_layers`); returns the plan (in memory the layers are masked; from the shards, cut)."""
+    plan = PruningPlan.keep_all(source.model, source.adapter)
+    rank_blocks(source, plan, batches, criteria, targets, config)
+    source.plan_ready(plan)
+    return prune_layers(source, plan, config, criteria, targets, batches, stream)
 
 
 def layer_batches(windows: torch.Tensor, config: PruningConfig) -> list[torch.Tensor]:

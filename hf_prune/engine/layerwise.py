@@ -20,8 +20,8 @@ pass of the dense stream, and one more of the pruned stream in each refitted lay
 its kept weights (`block_refinement`).
 
 The loop itself is `hf_prune.engine.core.prune_layers`, shared with the low-memory prune; this
-module is its in-memory source (every weight present, layers masked as they are pruned) and the
-whole-model pass that ranks removed blocks first.
+module runs it on the model in memory (`LayerSource`: every weight present, layers masked as they
+are pruned, cut at the end by `HFPruner.apply`).
 
 Method notes and sources: docs/methods.md §4.6.
 """
@@ -33,35 +33,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..allocation import RemovalCounts, remove_blocks
-from ..allocation.base import LayerScores
-from ..calibration.statistics import collect_statistics
+from ..allocation import RemovalCounts
 from ..config import PruningConfig
-from ..criteria import Criterion, ScoringContext
-from ..criteria.base import BLOCK_KINDS
+from ..criteria import Criterion
 from ..groups import ArchitectureAdapter
 from ..plan import PruningPlan
-from .core import LayerSource, layer_batches, prune_layers
-
-
-def _rank_blocks(
-    model: nn.Module,
-    adapter: ArchitectureAdapter,
-    plan: PruningPlan,
-    batches: list[torch.Tensor],
-    criteria: Mapping[str, Criterion],
-    targets: RemovalCounts,
-    config: PruningConfig,
-) -> None:
-    """Drop layers and branches as the one-pass prune would: from one whole-model pass."""
-    kinds = [kind for kind in sorted(BLOCK_KINDS) if getattr(targets, kind)]
-    if not kinds:
-        return
-    requirements = set().union(*(criteria[kind].requires for kind in kinds))
-    statistics = collect_statistics(model, adapter, batches, requirements) if requirements else None
-    context = ScoringContext(model, adapter, statistics=statistics, batch_size=config.batch_size)
-    scores = LayerScores(context, {kind: criteria[kind] for kind in kinds})
-    remove_blocks(plan, targets, scores)
+from .core import LayerSource, layer_batches, prune_by_layer
 
 
 @torch.no_grad()
@@ -75,8 +52,7 @@ def prune_layer_by_layer(
     toward_dense: bool = False,
 ) -> PruningPlan:
     """Plan, repair and mask `model` in place one layer at a time; returns the plan to cut."""
-    batches = layer_batches(windows, config)
-    plan = PruningPlan.keep_all(model, adapter)
-    _rank_blocks(model, adapter, plan, batches, criteria, targets, config)
     stream = "both" if toward_dense else "pruned"
-    return prune_layers(LayerSource(model, adapter), plan, config, criteria, targets, batches, stream)
+    return prune_by_layer(
+        LayerSource(model, adapter), config, criteria, targets, layer_batches(windows, config), stream
+    )

@@ -37,7 +37,6 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
@@ -46,13 +45,11 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
-from ..allocation import group_scores, plan_for, remove_blocks
+from ..allocation import plan_for
 from ..calibration.layer_inputs import LayerInputs, capture_layer_inputs
 from ..calibration.sources import token_windows
-from ..calibration.statistics import CalibrationStatistics, batch_tokens
+from ..calibration.statistics import batch_tokens
 from ..config import PruningConfig
-from ..criteria import Criterion, ScoringContext
-from ..criteria.base import BLOCK_KINDS
 from ..criteria.random import RandomCriterion
 from ..errors import LowMemoryError, NotPrunedError
 from ..finite import check_finite_weights
@@ -68,9 +65,8 @@ from .core import (
     check_layer_local,
     detach_shared_config,
     layer_batches,
-    measure_layer,
     model_class_for,
-    prune_layers,
+    prune_by_layer,
     statistics_requirements,
 )
 
@@ -185,12 +181,17 @@ class ShardSource(LayerSource):
     is cut once pruned (and repaired), written to the staging folder under the name it takes in the
     pruned model (`ArchitectureAdapter.kept_layer_names`) and unloaded."""
 
-    def __init__(self, pruner: LowMemoryPruner, staging: Path, kept: list[int]):
+    def __init__(self, pruner: LowMemoryPruner, staging: Path):
         super().__init__(pruner.model, pruner.adapter)
-        self.pruner, self.staging, self.kept = pruner, staging, kept
-        self.kept_names = pruner.adapter.kept_layer_names(pruner.model, kept)
-        self.files = len(kept) + 1
+        self.pruner, self.staging = pruner, staging
         self.present: set[int] = set()
+        self.plan_ready(PruningPlan.keep_all(pruner.model, pruner.adapter))
+
+    def plan_ready(self, plan: PruningPlan) -> None:
+        """Each kept layer is staged under its index among the kept layers (`kept_layer_names`)."""
+        self.kept = plan.kept_layers
+        self.kept_names = self.adapter.kept_layer_names(self.model, self.kept)
+        self.files = len(self.kept) + 1
 
     def capture(self, batches: list[torch.Tensor]) -> LayerInputs:
         return self.pruner._capture(batches)
@@ -360,32 +361,6 @@ class LowMemoryPruner(HFPruner, reads_shards=True):
         )
 
     # ----------------------------------------------------------------- pruning
-    def _block_scores(
-        self, source: ShardSource, batches: list[torch.Tensor], criteria: dict[str, Criterion], targets
-    ) -> dict[tuple[int, str], torch.Tensor]:
-        """First pass, for layer and branch removal: every layer's block scores, each layer measured
-        on the dense stream (`engine.core.measure_layer`)."""
-        kinds = [kind for kind in sorted(BLOCK_KINDS) if getattr(targets, kind)]
-        requirements = set().union(*(criteria[kind].requires for kind in kinds))
-        inputs = source.capture(batches) if batches else None
-        tokens = batch_tokens(batches)
-        layers = self.adapter.layers(self.model)
-        scores = {}
-        for index in tqdm(range(len(layers)), desc="scoring blocks", unit="layer"):
-            if inputs is not None:
-                inputs.hidden = source.entering(inputs, index, inputs.hidden)
-            source.load(index)
-            statistics = CalibrationStatistics(requirements=frozenset(requirements))
-            if inputs is not None:
-                outcome = source.outcome(index, False, "unpruned")
-                statistics = measure_layer(source, inputs, index, requirements, True, tokens, outcome)
-            context = ScoringContext(self.model, self.adapter, statistics=statistics)
-            for kind in kinds:
-                scores[(index, kind)] = group_scores(context, criteria[kind], index, kind)
-            source.release(index, layers[index], None)
-            statistics = None  # drop this layer's sums before trimming
-        return scores
-
     def prune(self, config: PruningConfig | None = None, **kwargs) -> PruningReport:
         """Prune layer by layer as `HFPruner.prune` would prune in memory (same config, same plan
         for layer-local criteria), writing the pruned layers to a staging folder."""
@@ -414,17 +389,12 @@ class LowMemoryPruner(HFPruner, reads_shards=True):
             batches = layer_batches(windows, config)
             calibration = calibration_summary(config, len(windows), batch_tokens([windows]))
 
-        plan = PruningPlan.keep_all(self.model, self.adapter)
         dense = meta_copy(self.model)  # the shapes before any cut, for the final parameter-count check
+        detach_shared_config(self.model)
         staging = Path(tempfile.mkdtemp(prefix="hf_prune-staging-"))
         weakref.finalize(self, shutil.rmtree, staging, True)
-        source = ShardSource(self, staging, plan.kept_layers)
-        if any(getattr(targets, kind) for kind in BLOCK_KINDS):
-            scores = self._block_scores(source, batches, criteria, targets)
-            remove_blocks(plan, targets, lambda index, kind: scores[(index, kind)])
-            source = ShardSource(self, staging, plan.kept_layers)
-        detach_shared_config(self.model)
-        prune_layers(source, plan, config, criteria, targets, batches, config.propagate, "pruning layers")
+        source = ShardSource(self, staging)
+        plan = prune_by_layer(source, config, criteria, targets, batches, config.propagate)
         self._stage_outside(staging, source.files)
         report = self._apply(plan, config, calibration, dense, cut=_drop_removed)
         self.weights_folder = self.staging = staging
