@@ -391,7 +391,7 @@ def prune_layers(
                 continue  # the pruned model skips it: its inputs go on unchanged
             source.load(index)
             layer = layers[index]
-            statistics = None
+            statistics = CalibrationStatistics(requirements=frozenset(requirements))  # nothing measured: data-free
             writer_inputs: list[torch.Tensor] = []
             if inputs is not None:
                 hooks = []
@@ -408,8 +408,6 @@ def prune_layers(
                     outcome=source.outcome(index, pruned_before, stream),
                     extra_hooks=hooks,
                 )
-            else:
-                statistics = CalibrationStatistics(requirements=frozenset(requirements))
             context = ScoringContext(model, adapter, statistics, batch_size=config.batch_size, damping=config.damping)
             plan_layer(context, criteria, layer_plan, targets)
             removed_layer_target = None
