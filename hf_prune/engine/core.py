@@ -361,7 +361,10 @@ def prune_layers(
     taken (`removed_run_target`, when a removed run follows it and the repair folds), repaired, masked,
     refitted toward the dense stream (`"both"`), settled (cut, in low memory), and run to feed the next."""
     model, adapter = source.model, source.adapter
-    requirements = statistics_requirements(criteria, config, targets)
+    # The blocks are ranked already (`rank_blocks`): their criteria's statistics (influence) are not measured again.
+    requirements = statistics_requirements(
+        {kind: criterion for kind, criterion in criteria.items() if kind not in BLOCK_KINDS}, config, targets
+    )
     toward_dense = stream == "both" and config.reconstruct in FOLDING_REPAIRS
     # Carrying the dense stream, its target already holds what removed layers add: no separate fold.
     folding = config.reconstruct in FOLDING_REPAIRS and not toward_dense and bool(batches)
