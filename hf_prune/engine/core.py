@@ -9,7 +9,7 @@ share, each defined once here:
 - `statistics_requirements`: which statistics the criteria and the repair read;
 - `check_layer_local`: the refusal of criteria that need whole-model passes, where layers go one at a time;
 - `calibration_summary`: the report's calibration record (windows, tokens);
-- `repair.removed_layers.removed_run_target`: what a run of removed layers added to the stream, for the
+- `repair.removed_layers.removed_run_cross_term`: what a run of removed layers added to the stream, for the
   repair that folds it in (the one-pass prune's `removed_layer_targets` walks the dense model to it);
 - `cut_checked`: the final cut with its parameter-count check (`HFPruner.apply` and the low-memory prune).
 
@@ -70,7 +70,7 @@ from ..repair.removed_layers import (
     FOLDING_REPAIRS,
     add_stream_target,
     empty_target,
-    removed_run_target,
+    removed_run_cross_term,
     removed_runs,
 )
 from ..surgery import apply_plan
@@ -266,12 +266,13 @@ def refit_toward_dense(
 ) -> None:
     """Refit the layer's `down_proj` (kept columns) so that the pruned stream after it comes as
     close as least squares allows to the dense model's stream at the same point (`dense_after`):
-    target `W a + (h_dense − h_pruned)`, which also absorbs the error of earlier layers."""
+    target `W a + (h_dense − h_pruned)` (the cross term `C = Σ (h_dense − h_pruned) aᵀ` added to the
+    least squares), which also absorbs the error of earlier layers."""
     model, adapter, index = source.model, source.adapter, layer_plan.layer
     layer = adapter.layers(model)[index]
     down_proj = layer.get_submodule(adapter.down_proj)
     gram = ChannelStatistics(with_gram=True)
-    target = empty_target(down_proj, dense_after[0].device)
+    cross_term = empty_target(down_proj, dense_after[0].device)
     current: dict[str, torch.Tensor] = {}
     batch = iter(dense_after)
 
@@ -280,7 +281,7 @@ def refit_toward_dense(
         gram.add(current["a"])
 
     def add_target(module, args, kwargs, output):
-        add_stream_target(target, current.pop("a"), first_output(output), next(batch))
+        add_stream_target(cross_term, current.pop("a"), first_output(output), next(batch))
 
     handles = [
         down_proj.register_forward_pre_hook(keep_input),
@@ -291,11 +292,11 @@ def refit_toward_dense(
     finally:
         for handle in handles:
             handle.remove()
-    sum_across_processes([gram.gram, target])
+    sum_across_processes([gram.gram, cross_term])
     gram.count = int(sum_numbers([gram.count])[0])
     statistics = CalibrationStatistics(consumers={(index, "mlp"): gram})
     plan = PruningPlan([layer_plan])
-    reconstruct(model, adapter, plan, statistics, "lstsq", {index: target}, branches=("mlp",), damping=damping)
+    reconstruct(model, adapter, plan, statistics, "lstsq", {index: cross_term}, branches=("mlp",), damping=damping)
 
 
 def removed_after(plan: PruningPlan, index: int) -> range:
@@ -357,9 +358,10 @@ def prune_layers(
     a time, on `batches` (this process's share) fed through the layers as `stream` says; fills `plan`.
 
     Per layer: the stream enters it (what runs before it outside the stack), the dense stream
-    advances (`"both"`), the layer is measured (`measure_layer`), planned, its removed-layer target
-    taken (`removed_run_target`, when a removed run follows it and the repair folds), repaired, masked,
-    refitted toward the dense stream (`"both"`), settled (cut, in low memory), and run to feed the next."""
+    advances (`"both"`), the layer is measured (`measure_layer`), planned, the cross term of the
+    removed layers after it taken (`removed_run_cross_term`, when a removed run follows it and the
+    repair folds), repaired, masked, refitted toward the dense stream (`"both"`), settled (cut, in
+    low memory), and run to feed the next."""
     model, adapter = source.model, source.adapter
     # The blocks are ranked already (`rank_blocks`): their criteria's statistics (influence) are not measured again.
     requirements = statistics_requirements(
@@ -413,14 +415,13 @@ def prune_layers(
                 )
             context = ScoringContext(model, adapter, statistics, batch_size=config.batch_size, damping=config.damping)
             plan_layer(context, criteria, layer_plan, targets)
-            removed_layer_target = None
+            cross_term = None
             if index in runs:
                 # Unpruned propagation has already advanced the stream past the (still dense) writer.
                 before = inputs.hidden if stream == "unpruned" else inputs.outputs(layer, index)
                 run_layers = partial(source.run_layers, inputs=inputs)
                 down_proj = layer.get_submodule(adapter.down_proj)
-                target = removed_run_target(runs[index], down_proj, writer_inputs, before, run_layers)
-                removed_layer_target = {index: target}
+                cross_term = {index: removed_run_cross_term(runs[index], down_proj, writer_inputs, before, run_layers)}
             # `ispasp` may re-select the layer's groups: prune (and record) what the repair chose.
             layer_plan = reconstruct(
                 model,
@@ -428,7 +429,7 @@ def prune_layers(
                 PruningPlan([layer_plan]),
                 statistics,
                 config.reconstruct,
-                removed_layer_target,
+                cross_term,
                 damping=config.damping,
             ).layers[0]
             plan.layers[index] = layer_plan

@@ -11,7 +11,7 @@ writes `W a` straight into the stream, so the same least squares that repairs pr
 already holds). This is ReplaceMe's idea (Shopkhoev et al., 2025: a linear stand-in for the
 removed blocks merged into the preceding MLP), fitted over all of `W` rather than a square map
 after it. `C` needs the plan, so it comes from a second pass over the calibration windows that
-stops after the last removed layer (`removed_run_target`, which every driver runs: on the dense
+stops after the last removed layer (`removed_run_cross_term`, which every driver runs: on the dense
 model in memory, or layer by layer in `hf_prune.engine.core`). Runs that start at layer 0, follow a layer whose MLP is
 removed, or follow a layer whose MLP output is normalised before it joins the stream (Gemma 3,
 post-LayerNorm encoders) are left as they are, with a warning.
@@ -108,7 +108,7 @@ def run_target(
 
 
 @torch.no_grad()
-def removed_run_target(
+def removed_run_cross_term(
     run: RemovedRun,
     down_proj: nn.Module,
     writer_inputs: list[torch.Tensor],
@@ -155,5 +155,6 @@ def removed_layer_targets(
                 handle.remove()
         if down_proj is not None:
             run_layers = partial(inputs.through, layers)
-            targets[index] = removed_run_target(writers[index], down_proj, writer_inputs, inputs.hidden, run_layers)
+            run = writers[index]
+            targets[index] = removed_run_cross_term(run, down_proj, writer_inputs, inputs.hidden, run_layers)
     return targets
