@@ -2,6 +2,7 @@
 
 from . import derivation  # noqa: F401 (registers derived adapters as get_adapter's fallback)
 from .config import PruningConfig
+from .engine import low_memory as _low_memory  # noqa: F401 (defines HFPruner.shard_reader, for low_memory=True)
 from .errors import (
     HFPruneError,
     InvalidPruningTargetError,

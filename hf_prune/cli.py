@@ -251,9 +251,9 @@ def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> None:
     import torch
     from transformers import AutoConfig, PreTrainedModel
 
+    from .engine.core import model_class_for
     from .groups import supported_model_types
     from .inspection import inspect_model, inspect_traced
-    from .pruner import model_class_for
 
     path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
     config = AutoConfig.from_pretrained(path, **kwargs)

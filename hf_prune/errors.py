@@ -45,7 +45,8 @@ class VanillaFormatError(UsageError):
 
 class LowMemoryError(UsageError, ValueError):
     """`low_memory=True` was asked for something that needs the whole model at once (GGUF input,
-    gradient or whole-model criteria) or a checkpoint it cannot read shard by shard."""
+    stage channels, a non-uniform allocation) or a checkpoint it cannot read shard by shard. Criteria
+    that need whole-model passes raise `InvalidPruningTargetError` in every layer-by-layer mode."""
 
 
 class DataNotFoundError(UsageError, FileNotFoundError):

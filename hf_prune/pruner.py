@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import transformers
 from accelerate import init_empty_weights
 from huggingface_hub import HfApi
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
 from .allocation import RemovalCounts, build_plan, plan_for, resolve_counts
 from .calibration.distributed import from_main_process, is_main_process
 from .calibration.sources import token_windows
-from .calibration.statistics import CalibrationStatistics, collect_statistics
+from .calibration.statistics import CalibrationStatistics, batch_tokens, collect_statistics
 from .config import BUDGET_TARGETS, PruningConfig
 from .criteria import Criterion, ScoringContext, available_criteria, get_criterion
 from .criteria.random import RandomCriterion
+from .engine.core import (
+    calibration_summary,
+    check_layer_local,
+    cut_checked,
+    model_class_for,
+    statistics_requirements,
+)
 from .engine.layerwise import prune_layer_by_layer
 from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
 from .evaluation import flops_per_token, parameter_count
 from .finite import check_finite_weights
-from .groups import get_adapter, supported_model_types
+from .groups import ArchitectureAdapter, get_adapter, supported_model_types
 from .output.atomic import write_atomically
 from .output.card import CardFacts, CardInputs, write_model_card
 from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_loader_config
@@ -45,14 +54,6 @@ _SHARED_KWARGS = ("gguf_file", "revision", "token", "cache_dir", "local_files_on
 def _file_kwargs(shared: dict) -> dict:
     """The shared keywords that `cached_file` takes (all but `gguf_file`)."""
     return {key: value for key, value in shared.items() if key != "gguf_file"}
-
-
-def model_class_for(config, from_gguf: bool) -> type[PreTrainedModel]:
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is not None:
-        return model_class
-    return AutoModelForCausalLM if from_gguf else AutoModel
 
 
 def _without_gguf_marker(model: PreTrainedModel) -> PreTrainedModel:
@@ -80,15 +81,6 @@ def _criterion(config: PruningConfig, kind: str) -> Criterion:
             f"(e.g. criterion={{'{kind}': '{able[0]}', ...}})."
         )
     return criterion
-
-
-def detach_shared_config(model: PreTrainedModel) -> None:
-    """Give the model a private deep copy of its config before pruning rewrites it, so a config
-    object the caller shares with other models is never changed; every module follows."""
-    shared, private = model.config, copy.deepcopy(model.config)
-    for module in model.modules():
-        if getattr(module, "config", None) is shared:
-            module.config = private
 
 
 def load_preprocessor(name_or_path: str | os.PathLike, shared: dict) -> tuple:
@@ -133,6 +125,16 @@ class HFPruner:
         self.card_facts = CardFacts(parameter_count(model), flops_per_token(model))
         self.last_save: tuple[Path, PruningReport] | None = None  # (folder, the report it holds)
 
+    #: What `from_pretrained(low_memory=True)` builds: the subclass declared with `reads_shards=True`
+    #: (`hf_prune.engine.low_memory.LowMemoryPruner`, imported with the package), so this module needs no
+    #: import of it.
+    shard_reader: ClassVar[type[HFPruner] | None] = None
+
+    def __init_subclass__(cls, reads_shards: bool = False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if reads_shards:
+            HFPruner.shard_reader = cls
+
     @classmethod
     def from_model(cls, model, example_inputs=None, tokenizer=None, processor=None):
         """Prune a model already in memory: an `HFPruner` when its `model_type` has an adapter, else a
@@ -163,9 +165,7 @@ class HFPruner:
         `device=` and `dtype=`).
         """
         if low_memory:
-            from .engine.low_memory import LowMemoryPruner  # it subclasses HFPruner
-
-            return LowMemoryPruner.from_checkpoint(name_or_path, **from_pretrained_kwargs)
+            return HFPruner.shard_reader.from_checkpoint(name_or_path, **from_pretrained_kwargs)
         shared = {key: from_pretrained_kwargs[key] for key in _SHARED_KWARGS if key in from_pretrained_kwargs}
         config = AutoConfig.from_pretrained(name_or_path, **shared)
         get_adapter(config)
@@ -200,9 +200,7 @@ class HFPruner:
         if config.propagate != "unpruned":
             return self._prune_layer_by_layer(config, targets, criteria, statistics)
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size, damping=config.damping)
-        requirements = set().union(*(c.requires for c in criteria.values()))
-        if config.reconstruct != "none":
-            requirements |= {"moments", "mlp_gram"} | ({"stream_gram"} if targets.stage_channels else set())
+        requirements = statistics_requirements(criteria, config, targets)
         if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
             context.windows = self._calibration_windows(config)
         if statistics is not None and requirements - statistics.requirements:
@@ -239,12 +237,8 @@ class HFPruner:
         )
         calibration = None
         if context.statistics is not None:
-            calibration = {
-                "source": config.to_dict()["calibration"],
-                "windows": len(context.windows) if context.windows is not None else config.num_samples,
-                "seq_len": config.seq_len,
-                "tokens": context.statistics.tokens,
-            }
+            windows = len(context.windows) if context.windows is not None else config.num_samples
+            calibration = calibration_summary(config, windows, context.statistics.tokens)
         return self.apply(plan, config, calibration=calibration)
 
     def _calibration_windows(self, config: PruningConfig):
@@ -270,26 +264,13 @@ class HFPruner:
                 "ranks every layer's groups together) cannot follow it; use allocation='uniform' or "
                 "propagate='unpruned'."
             )
-        for kind, criterion in criteria.items():
-            if "gradients" in criterion.requires or criterion.needs_windows:
-                raise InvalidPruningTargetError(
-                    f"criterion {criterion.name!r} (for {kind}) needs whole-model passes, which "
-                    f"propagate={config.propagate!r} does not run layer by layer; choose a layer-local criterion "
-                    f"(e.g. criterion={{'{kind}': 'obs'}}) or propagate='unpruned'."
-                )
+        check_layer_local(criteria, f"propagate={config.propagate!r}", "propagate='unpruned'")
         windows = self._calibration_windows(config)
         # Every process plans alike: each layer's statistics are summed across processes first.
         plan = prune_layer_by_layer(
             self.model, self.adapter, config, criteria, targets, windows, toward_dense=config.propagate == "both"
         )
-        tokens = windows.numel() if not windows.is_floating_point() else len(windows)
-        calibration = {
-            "source": config.to_dict()["calibration"],
-            "windows": len(windows),
-            "seq_len": config.seq_len,
-            "tokens": tokens,
-        }
-        return self.apply(plan, config, calibration=calibration)
+        return self.apply(plan, config, calibration=calibration_summary(config, len(windows), batch_tokens([windows])))
 
     def write_companions(self, folder: Path, decision: FormatDecision, model_id: str) -> None:
         """Everything a saved folder holds beside its weights and config: the loader-format files when
@@ -319,16 +300,21 @@ class HFPruner:
     def apply(self, plan: PruningPlan, config: PruningConfig, calibration: dict | None = None) -> PruningReport:
         """Cut a plan made elsewhere (`PruningCallback`'s training-time masks) exactly as `prune`
         cuts its own: format check first, surgery, config fields, report; then `save_pretrained` works."""
-        decision = self._check_format(plan, config)
-        before = parameter_count(self.model)
-        expected_after = before - plan.removed_parameter_count(self.model, self.adapter)
-        detach_shared_config(self.model)
-        apply_plan(self.model, self.adapter, plan)
-        for key, value in decision.config_fields.items():
-            setattr(self.model.config, key, value)
-        after = parameter_count(self.model)
-        if after != expected_after:  # the plan's slices and the surgery disagree: a bug, never silent
-            raise RuntimeError(f"surgery left {after:,} parameters, the plan predicts {expected_after:,}")
+        return self._apply(plan, config, calibration)
+
+    def _apply(
+        self,
+        plan: PruningPlan,
+        config: PruningConfig,
+        calibration: dict | None,
+        dense: nn.Module | None = None,
+        cut: Callable[[nn.Module, ArchitectureAdapter, PruningPlan], None] = apply_plan,
+    ) -> PruningReport:
+        """`apply`, for every driver: `dense` holds the shapes before any cut (default: the model) and
+        `cut` makes the model smaller (the low-memory prune has cut each layer already; it drops the
+        removed ones). The parameter count is checked against the plan's (`engine.core.cut_checked`)."""
+        decision = self._check_format(plan, config, dense)
+        before, after = cut_checked(self.model, self.adapter, plan, decision, dense, cut)
         self.plan = plan
         self.report = PruningReport.build(
             self.model.config.model_type,
@@ -342,9 +328,12 @@ class HFPruner:
         )
         return self.report
 
-    def _check_format(self, plan: PruningPlan, config: PruningConfig) -> FormatDecision:
-        """Decide the output format on a meta-device copy; refuse under `require_vanilla` before any change."""
-        shadow = meta_copy(self.model)
+    def _check_format(
+        self, plan: PruningPlan, config: PruningConfig, dense: nn.Module | None = None
+    ) -> FormatDecision:
+        """Decide the output format on a meta-device copy (of `dense`, the shapes before any cut; default:
+        the model); refuse under `require_vanilla` before any change."""
+        shadow = meta_copy(self.model if dense is None else dense)
         apply_plan(shadow, self.adapter, plan)
         decision = decide_format(shadow, self.adapter)
         if config.require_vanilla and not decision.vanilla:

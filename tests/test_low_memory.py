@@ -5,10 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import FAMILIES, calibration_images, calibration_windows
+from transformers import AutoModelForCausalLM
 
 from hf_prune import HFPruner, load_pruned
 from hf_prune.calibration.statistics import collect_statistics
-from hf_prune.errors import LowMemoryError, OutputExistsError
+from hf_prune.errors import InvalidPruningTargetError, LowMemoryError, OutputExistsError
 
 CALIBRATION = {
     "calibration": calibration_windows(),
@@ -96,12 +97,10 @@ def test_propagating_pruned_activations_matches_the_in_memory_layer_by_layer_pru
 
 def test_low_memory_refusals(sharded_llama, tmp_path):
     pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
-    with pytest.raises(LowMemoryError, match="criterion 'taylor'.*activation"):
+    with pytest.raises(InvalidPruningTargetError, match="criterion 'taylor'.*low_memory=True.*activation"):
         pruner.prune(mlp_neurons=0.25, criterion="taylor", **dict(CALIBRATION))
     with pytest.raises(LowMemoryError, match="gguf_file"):
         HFPruner.from_pretrained(sharded_llama, low_memory=True, gguf_file="model.gguf")
-    with pytest.raises(LowMemoryError, match="propagate='both'"):
-        pruner.prune(mlp_neurons=0.25, propagate="both", **CALIBRATION)
     with pytest.raises(LowMemoryError, match="device= and dtype="):
         HFPruner.from_pretrained(sharded_llama, low_memory=True, propagate="pruned")
     (tmp_path / "config.json").write_text((sharded_llama / "config.json").read_text())
@@ -193,6 +192,8 @@ def test_every_family_prunes_layer_by_layer_as_in_memory(family, tmp_path, one_t
     pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=True)
     pruner.prune(**settings)
     got = load_pruned(pruner.save_pretrained(tmp_path / "low_memory"))
+    # A tied LM head (Gemma 3) counts once, as torch counts it (it was counted twice before the check in apply).
+    assert pruner.report.parameters_after == dense.report.parameters_after == sum(p.numel() for p in got.parameters())
     want = expected.state_dict()
     assert sorted(got.state_dict()) == sorted(want)
     for name, tensor in got.state_dict().items():
@@ -252,3 +253,42 @@ def test_removing_the_first_block_of_a_convnext_stage_keeps_its_downsampling(
     inputs = spec.inputs()
     with torch.no_grad():
         torch.testing.assert_close(pruned(**inputs).logits, model(**inputs).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case, extra",
+    [
+        ("heads+neurons/activation", {}),
+        ("layers+neurons/obs+influence", {}),
+        ("layers+neurons/obs+influence", {"refine_epochs": 2}),
+    ],
+)
+def test_low_memory_carries_the_dense_stream_as_the_in_memory_prune_does(
+    sharded_llama, tmp_path, one_thread, case, extra
+):
+    """`propagate="both"` with `low_memory=True` (refused before the layer-by-layer engine was shared):
+    the plan and weights of the in-memory prune, whose layers stay whole and masked, where here each is
+    read from the shards, cut and unloaded; and (plain torch) the refit toward the dense stream
+    leaves the last hidden state closer to the dense model's than `propagate="pruned"` does."""
+    settings = {**CALIBRATION, **CASES[case], **extra, "propagate": "both"}
+    in_memory = HFPruner.from_pretrained(sharded_llama)
+    expected_report = in_memory.prune(**settings)
+    pruner = HFPruner.from_pretrained(sharded_llama, low_memory=True)
+    report = pruner.prune(**settings)
+    assert report.layers == expected_report.layers and report.parameters_after == expected_report.parameters_after
+    assert report.calibration == expected_report.calibration
+    want = load_pruned(in_memory.save_pretrained(tmp_path / "in_memory")).state_dict()
+    got = load_pruned(pruner.save_pretrained(tmp_path / "low_memory")).state_dict()
+    assert sorted(got) == sorted(want)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-5)
+
+    windows = CALIBRATION["calibration"][0]  # the 8 windows of 16 tokens calibrated on
+    with torch.no_grad():
+        dense = AutoModelForCausalLM.from_pretrained(sharded_llama).model(windows).last_hidden_state
+    pruned = HFPruner.from_pretrained(sharded_llama, low_memory=True)
+    pruned.prune(**{**CALIBRATION, **CASES[case], "propagate": "pruned"})
+    models = {"both": pruner.load_model(), "pruned": pruned.load_model()}
+    with torch.no_grad():
+        errors = {key: (m.model(windows).last_hidden_state - dense).pow(2).mean().item() for key, m in models.items()}
+    assert errors["both"] < errors["pruned"]

@@ -57,6 +57,18 @@ class LayerInputs:
         return [first_output(layer(h, *a, **k)) for h, a, k in zip(self.hidden, self.args[index], self.kwargs[index])]
 
     @torch.no_grad()
+    def through(self, layers, indices: range, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`stream` (one tensor per batch) run through `layers[index]` for each of `indices` as they are
+        now (each after what runs before it outside the stack, `entering`)."""
+        for index in indices:
+            stream = self.entering(index, stream)
+            stream = [
+                first_output(layers[index](h, *a, **k))
+                for h, a, k in zip(stream, self.args[index], self.kwargs[index])
+            ]
+        return stream
+
+    @torch.no_grad()
     def run(self, layer: nn.Module, index: int, advance: bool) -> None:
         """Run every batch through `layer` (for its hooks); with `advance`, each batch's outputs
         replace its inputs at once, so inputs and outputs are never held whole side by side."""

@@ -244,6 +244,11 @@ def base_model(model: nn.Module) -> nn.Module:
     return getattr(model, getattr(model, "base_model_prefix", ""), model)
 
 
+def batch_tokens(batches: Iterable[torch.Tensor]) -> int:
+    """How many tokens calibration batches hold: every token id counts, an image (pixel batch) counts once."""
+    return sum(batch.shape[0] if batch.is_floating_point() else batch.numel() for batch in batches)
+
+
 def model_inputs(batch: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     batch = batch.to(device)
     return {"pixel_values": batch} if batch.is_floating_point() else {"input_ids": batch}
@@ -281,7 +286,7 @@ def collect_statistics(
         for batch in tqdm(local_share(list(batches)), desc="calibration", unit="batch", leave=False):
             inputs = model_inputs(batch, device)
             stats.batches += 1
-            stats.tokens += batch.numel() if "input_ids" in inputs else batch.shape[0]
+            stats.tokens += batch_tokens([batch])
             if not gradients:
                 with torch.no_grad():
                     forward(**inputs)

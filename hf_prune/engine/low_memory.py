@@ -10,11 +10,14 @@ safetensors shards, measured with the same hooks as the whole-model pass
 name it takes in the pruned model: `ArchitectureAdapter.kept_layer_names`) and unloaded; its
 calibration outputs are the next layer's inputs.
 
-Propagating through the *unpruned* layer (`PruningConfig(propagate="unpruned")`, the default)
-gives every layer exactly the inputs of the whole-model calibration pass, so layer-local criteria
-reproduce the in-memory prune; `propagate="pruned"` feeds the next layer what the pruned model
-will compute instead, as the in-memory `layerwise` prune does (with the same result). Layer and
-branch removal rank blocks across layers: a first pass scores them, the second prunes.
+The loop is `hf_prune.engine.core.prune_layers`, shared with the in-memory layer-by-layer prune;
+this module is its source of weights (`ShardSource`). Propagating through the *unpruned* layer
+(`PruningConfig(propagate="unpruned")`, the default) gives every layer exactly the inputs of the
+whole-model calibration pass, so layer-local criteria reproduce the in-memory prune;
+`propagate="pruned"` feeds the next layer what the pruned model will compute instead, and
+`propagate="both"` also carries the dense stream as the target of each changed layer's refit, as
+the in-memory `layerwise` prune does (with the same result). Layer and branch removal rank blocks
+across layers: a first pass scores them, the second prunes.
 """
 
 from __future__ import annotations
@@ -28,14 +31,12 @@ import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
@@ -44,37 +45,36 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
-from ..allocation import group_scores, plan_layer, remove_blocks
-from ..calibration.layer_inputs import LayerInputs, capture_layer_inputs, first_output
+from ..allocation import plan_for
+from ..calibration.layer_inputs import LayerInputs, capture_layer_inputs
 from ..calibration.sources import token_windows
-from ..calibration.statistics import (
-    CalibrationStatistics,
-    InfluenceRecorder,
-    Requirement,
-    register_layer_hooks,
-)
+from ..calibration.statistics import batch_tokens
 from ..config import PruningConfig
-from ..criteria import Criterion, ScoringContext
+from ..criteria.random import RandomCriterion
 from ..errors import LowMemoryError, NotPrunedError
-from ..evaluation import parameter_count
-from ..finite import check_finite_statistics, check_finite_weights
-from ..groups.base import channels_last
+from ..finite import check_finite_weights
 from ..output.atomic import write_atomically
-from ..output.checkpoint import decide_format
-from ..plan import PruningPlan
-from ..pruner import HFPruner, detach_shared_config, load_preprocessor, model_class_for
-from ..repair.least_squares import reconstruct
-from ..repair.removed_layers import FOLDING_REPAIRS, RemovedRun, removed_runs, run_target
+from ..output.checkpoint import decide_format, meta_copy
+from ..plan import LayerPlan, PruningPlan
+from ..pruner import HFPruner, load_preprocessor
 from ..report import PruningReport
 from ..surgery import cut_layer, drop_layers
+from .core import (
+    LayerSource,
+    calibration_summary,
+    check_layer_local,
+    detach_shared_config,
+    layer_batches,
+    model_class_for,
+    prune_by_layer,
+    statistics_requirements,
+)
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
 except OSError:  # not glibc (macOS, Windows, musl)
     _LIBC = None
 
-Propagation = Literal["unpruned", "pruned"]
-BLOCK_TARGETS = ("layers", "attention_branches", "mlp_branches")
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -176,7 +176,56 @@ def _free(module: nn.Module, names: Iterable[str] | None = None) -> None:
         _set_tensor(module, name, torch.empty_like(tensors[name], device="meta"))
 
 
-class LowMemoryPruner(HFPruner):
+class ShardSource(LayerSource):
+    """The layer loop's weights read from the checkpoint's shards one layer at a time: a kept layer
+    is cut once pruned (and repaired), written to the staging folder under the name it takes in the
+    pruned model (`ArchitectureAdapter.kept_layer_names`) and unloaded."""
+
+    def __init__(self, pruner: LowMemoryPruner, staging: Path):
+        super().__init__(pruner.model, pruner.adapter)
+        self.pruner, self.staging = pruner, staging
+        self.present: set[int] = set()
+        self.plan_ready(PruningPlan.keep_all(pruner.model, pruner.adapter))
+
+    def plan_ready(self, plan: PruningPlan) -> None:
+        """Each kept layer is staged under its index among the kept layers (`kept_layer_names`)."""
+        self.kept = plan.kept_layers
+        self.kept_names = self.adapter.kept_layer_names(self.model, self.kept)
+        self.files = len(self.kept) + 1
+
+    def capture(self, batches: list[torch.Tensor]) -> LayerInputs:
+        return self.pruner._capture(batches)
+
+    def load(self, index: int) -> None:
+        self.pruner._load(self.pruner._layer_names(index))
+        self.present.add(index)
+
+    def loaded(self, index: int) -> bool:
+        return index in self.present
+
+    def entering(self, inputs: LayerInputs, index: int, stream: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.pruner._entering(inputs, index, stream)
+
+    def settle(self, index: int, layer: nn.Module, layer_plan: LayerPlan) -> None:
+        cut_layer(layer, self.adapter, layer_plan)
+
+    def release(self, index: int, layer: nn.Module, layer_plan: LayerPlan | None) -> None:
+        if layer_plan is not None and layer_plan.keep_layer:
+            position = self.kept.index(index)
+            self.pruner._stage(
+                self.staging,
+                f"model-{position + 2:05d}-of-{self.files:05d}.safetensors",
+                {f"{self.kept_names[position]}.{name}": t for name, t in layer.state_dict().items()},
+            )
+        _free(layer)
+        self.present.discard(index)
+        _give_back_freed_memory()
+
+    def outcome(self, index: int, pruned_before: bool, stream: str) -> str:
+        return self.pruner._failed_outcome
+
+
+class LowMemoryPruner(HFPruner, reads_shards=True):
     """`HFPruner.from_pretrained(path, low_memory=True)`: prunes a model larger than memory layer by layer.
 
     `model` stays on the meta device (with the pruned shapes after `prune`) until `load_model()`;
@@ -311,62 +360,6 @@ class LowMemoryPruner(HFPruner):
             metadata={"format": "pt"},
         )
 
-    # ----------------------------------------------------------------- passes
-    def _layer_pass(
-        self,
-        batches: list[torch.Tensor],
-        requirements: set[Requirement],
-        visit,
-        description: str,
-        propagate: Propagation,
-        extra_hooks=None,
-    ) -> None:
-        """Load each layer in turn, measure it on its calibration inputs, let `visit(index, layer,
-        statistics, inputs)` use it, propagate, unload. With `propagate="pruned"`, `visit` returns
-        the outputs to propagate (None: the layer was removed, its inputs go on unchanged).
-        `extra_hooks(index, layer)` returns more hook handles to hold during the measuring run."""
-        inputs = self._capture(batches) if batches else None
-        layers = self.adapter.layers(self.model)
-        for index in tqdm(range(len(layers)), desc=description, unit="layer"):
-            layer = layers[index]
-            if inputs is not None:  # the stream as this layer reads it (a stage's downsampling, kept as is)
-                inputs.hidden = self._entering(inputs, index, inputs.hidden)
-            self._load(self._layer_names(index))
-            statistics = CalibrationStatistics(requirements=frozenset(requirements))
-            if inputs is not None:
-                recorder = InfluenceRecorder(statistics) if "influence" in requirements else None
-                handles = register_layer_hooks(statistics, index, layer, self.adapter, recorder)
-                handles += extra_hooks(index, layer) if extra_hooks else []
-                try:  # unpruned propagation: the dense outputs are all the next layer needs
-                    inputs.run(layer, index, advance=propagate == "unpruned")
-                finally:
-                    for handle in handles:
-                        handle.remove()
-                if recorder:
-                    recorder.finish()
-                check_finite_statistics(statistics, self.adapter, self.model, self._failed_outcome)
-                statistics.batches, statistics.tokens = len(batches), sum(b.numel() for b in batches)
-            propagated = visit(index, layer, statistics, inputs)
-            if propagate == "pruned" and propagated is not None:
-                inputs.hidden = propagated
-            _free(layer)
-            statistics = recorder = propagated = None  # drop this layer's sums before trimming
-            _give_back_freed_memory()
-
-    def _block_scores(self, batches, criteria: dict[str, Criterion], targets) -> dict[tuple[int, str], torch.Tensor]:
-        """First pass, for layer and branch removal: every layer's block scores."""
-        kinds = [kind for kind in BLOCK_TARGETS if getattr(targets, kind)]
-        requirements = set().union(*(criteria[kind].requires for kind in kinds))
-        scores = {}
-
-        def visit(index, layer, statistics, inputs):
-            context = ScoringContext(self.model, self.adapter, statistics=statistics)
-            for kind in kinds:
-                scores[(index, kind)] = group_scores(context, criteria[kind], index, kind)
-
-        self._layer_pass(batches, requirements, visit, "scoring blocks", "unpruned")
-        return scores
-
     # ----------------------------------------------------------------- pruning
     def prune(self, config: PruningConfig | None = None, **kwargs) -> PruningReport:
         """Prune layer by layer as `HFPruner.prune` would prune in memory (same config, same plan
@@ -374,12 +367,6 @@ class LowMemoryPruner(HFPruner):
         if self.report is not None:
             raise LowMemoryError("this low-memory pruner has already pruned; load the checkpoint again to prune anew.")
         config, targets, criteria = self.validated(config, kwargs)
-        if config.propagate == "both":
-            raise LowMemoryError(
-                "propagate='both' carries the dense activations beside the pruned ones through the in-memory "
-                "layer-by-layer prune; low_memory=True does not yet. Use propagate='pruned' or 'unpruned', or load "
-                "the model without low_memory."
-            )
         if config.allocation != "uniform":
             raise LowMemoryError(
                 f"allocation={config.allocation!r} ranks every layer's heads and neurons together, which the "
@@ -391,144 +378,30 @@ class LowMemoryPruner(HFPruner):
                 f"stage_channels={config.stage_channels!r}: a stream channel spans every block of its stage, which "
                 "the layer-by-layer mode never holds at once; load the model without low_memory."
             )
-        for kind, criterion in criteria.items():
-            if "gradients" in criterion.requires or criterion.needs_windows:
-                raise LowMemoryError(
-                    f"criterion {criterion.name!r} (for {kind}) needs whole-model forward and backward passes, which "
-                    "low_memory=True never runs; choose a layer-local criterion (e.g. criterion={'" + kind + "': "
-                    "'activation'}) or load the model without low_memory."
-                )
+        check_layer_local(criteria, "low_memory=True", "load the model without low_memory")
         self._check_complete()
         self._check_format(self._shape_plan(config), config)
-        requirements = set().union(*(c.requires for c in criteria.values()))
-        if config.reconstruct != "none":
-            requirements |= {"moments", "mlp_gram"}
-        batches = []
-        if requirements:
+        batches, calibration = [], None
+        if statistics_requirements(criteria, config, targets):
             windows = token_windows(
                 config.calibration, self.tokenizer, config.num_samples, config.seq_len, config.seed
             )
-            batches = list(windows.split(config.batch_size))
+            batches = layer_batches(windows, config)
+            calibration = calibration_summary(config, len(windows), batch_tokens([windows]))
 
-        plan = PruningPlan.keep_all(self.model, self.adapter)
-        if any(getattr(targets, kind) for kind in BLOCK_TARGETS):
-            scores = self._block_scores(batches, criteria, targets)
-            remove_blocks(plan, targets, lambda index, kind: scores[(index, kind)])
-        before = parameter_count(self.model)
+        dense = meta_copy(self.model)  # the shapes before any cut, for the final parameter-count check
         detach_shared_config(self.model)
         staging = Path(tempfile.mkdtemp(prefix="hf_prune-staging-"))
         weakref.finalize(self, shutil.rmtree, staging, True)
-        kept = plan.kept_layers
-        kept_names = self.adapter.kept_layer_names(self.model, kept)
-        files = len(kept) + 1
-        runs = {}
-        if config.reconstruct in FOLDING_REPAIRS and batches:
-            runs = {run.writer: run for run in removed_runs(self.model, self.adapter, plan)}
-        writer_inputs: list[torch.Tensor] = []
-
-        def keep_writer_inputs(index, layer):
-            if index not in runs:
-                return []
-            writer_inputs.clear()
-            down_proj = layer.get_submodule(self.adapter.down_proj)
-            keep = lambda module, args: writer_inputs.append(channels_last(module, args[0]))  # noqa: E731
-            return [down_proj.register_forward_pre_hook(keep)]
-
-        def visit(index, layer, statistics, inputs):
-            layer_plan = plan.layers[index]
-            context = ScoringContext(
-                self.model, self.adapter, statistics, batch_size=config.batch_size, damping=config.damping
-            )
-            plan_layer(context, criteria, layer_plan, targets)
-            removed_layer_target = None
-            if index in runs:
-                target = self._removed_layer_target(runs[index], layer, inputs, writer_inputs, config.propagate)
-                removed_layer_target = {index: target}
-            # `ispasp` may re-select the layer's groups: cut (and record) what the repair chose.
-            one_layer = PruningPlan([layer_plan])
-            layer_plan = reconstruct(
-                self.model,
-                self.adapter,
-                one_layer,
-                statistics,
-                config.reconstruct,
-                removed_layer_target,
-                damping=config.damping,
-            ).layers[0]
-            plan.layers[index] = layer_plan
-            if not layer_plan.keep_layer:
-                return None  # a removed layer is the identity: its inputs go on unchanged
-            cut_layer(layer, self.adapter, layer_plan)
-            position = kept.index(index)
-            self._stage(
-                staging,
-                f"model-{position + 2:05d}-of-{files:05d}.safetensors",
-                {f"{kept_names[position]}.{name}": t for name, t in layer.state_dict().items()},
-            )
-            return inputs.outputs(layer, index) if inputs is not None and config.propagate == "pruned" else None
-
-        self._layer_pass(batches, requirements, visit, "pruning layers", config.propagate, keep_writer_inputs)
-        self._stage_outside(staging, files)
-        drop_layers(self.model, self.adapter, kept)
-        decision = decide_format(self.model, self.adapter)
-        for key, value in decision.config_fields.items():
-            setattr(self.model.config, key, value)
-        after = parameter_count(self.model)
+        source = ShardSource(self, staging)
+        plan = prune_by_layer(source, config, criteria, targets, batches, config.propagate)
+        self._stage_outside(staging, source.files)
+        report = self._apply(plan, config, calibration, dense, cut=_drop_removed)
         self.weights_folder = self.staging = staging
-        self.plan = plan
-        calibration = None
-        if batches:
-            calibration = {
-                "source": config.to_dict()["calibration"],
-                "windows": sum(len(b) for b in batches),
-                "seq_len": config.seq_len,
-                "tokens": sum(b.numel() for b in batches),
-            }
-        self.report = PruningReport.build(
-            self.model.config.model_type,
-            plan,
-            before,
-            after,
-            decision.name,
-            decision.reason,
-            config.to_dict(),
-            calibration,
-        )
-        return self.report
-
-    @torch.no_grad()
-    def _removed_layer_target(
-        self,
-        run: RemovedRun,
-        writer: nn.Module,
-        inputs: LayerInputs,
-        writer_inputs: list[torch.Tensor],
-        propagate: Propagation,
-    ) -> torch.Tensor:
-        """What the removed layers `run.first..run.last` add to the stream, against the writer's
-        `down_proj` inputs (`layer_replacement`): they are loaded one at a time and run on the
-        writer's dense outputs, on the stream this mode propagates."""
-        # Unpruned propagation has already advanced the stream past the (still dense) writer.
-        before = inputs.hidden if propagate == "unpruned" else inputs.outputs(writer, run.writer)
-        after = list(before)
-        layers = self.adapter.layers(self.model)
-        for index in range(run.first, run.last + 1):
-            after = self._entering(inputs, index, after)
-            self._load(self._layer_names(index))
-            after = [
-                first_output(layers[index](h, *a, **k))
-                for h, a, k in zip(after, inputs.args[index], inputs.kwargs[index])
-            ]
-            _free(layers[index])
-        target = run_target(writer.get_submodule(self.adapter.down_proj), writer_inputs, before, after)
-        writer_inputs.clear()
-        return target
+        return report
 
     def _shape_plan(self, config: PruningConfig) -> PruningPlan:
         """A plan with the target counts (uniform allocation: the shapes do not depend on which groups go)."""
-        from ..allocation import plan_for
-        from ..criteria.random import RandomCriterion
-
         return plan_for(self.model, self.adapter, config, RandomCriterion())
 
     def _stage_outside(self, staging: Path, files: int) -> None:
@@ -587,6 +460,14 @@ class LowMemoryPruner(HFPruner):
         self.weights_folder = folder
         self.last_save = (folder, self.report)
         return folder
+
+
+def _drop_removed(model: nn.Module, adapter, plan: PruningPlan) -> None:
+    """The final cut of the low-memory prune: every kept layer is cut already, the removed ones go.
+    Tied weights are tied again: loading and freeing the embeddings (`_capture`) replaced the tensor
+    a tied head shared, which would count it twice."""
+    drop_layers(model, adapter, plan.kept_layers)
+    model.tie_weights()
 
 
 def _itemsize(dtype: str) -> int:

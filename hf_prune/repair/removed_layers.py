@@ -11,24 +11,25 @@ writes `W a` straight into the stream, so the same least squares that repairs pr
 already holds). This is ReplaceMe's idea (Shopkhoev et al., 2025: a linear stand-in for the
 removed blocks merged into the preceding MLP), fitted over all of `W` rather than a square map
 after it. `C` needs the plan, so it comes from a second pass over the calibration windows that
-stops after the last removed layer. Runs that start at layer 0, follow a layer whose MLP is
+stops after the last removed layer (`removed_run_cross_term`, which every driver runs: on the dense
+model in memory, or layer by layer in `hf_prune.engine.core`). Runs that start at layer 0, follow a layer whose MLP is
 removed, or follow a layer whose MLP output is normalised before it joins the stream (Gemma 3,
 post-LayerNorm encoders) are left as they are, with a warning.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.distributed import local_share, sum_across_processes
-from ..calibration.statistics import base_model, model_inputs
+from ..calibration.layer_inputs import capture_layer_inputs
 from ..groups import ArchitectureAdapter
 from ..groups.base import channels_last, in_features, out_features
 from ..plan import PruningPlan
@@ -46,10 +47,6 @@ class RemovedRun:
     writer: int
     first: int
     last: int
-
-
-class _Done(Exception):
-    """Raised by the last hook: the layers after the last removed run are not needed."""
 
 
 def removed_runs(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPlan) -> list[RemovedRun]:
@@ -111,45 +108,53 @@ def run_target(
 
 
 @torch.no_grad()
+def removed_run_cross_term(
+    run: RemovedRun,
+    down_proj: nn.Module,
+    writer_inputs: list[torch.Tensor],
+    before: list[torch.Tensor],
+    run_layers: Callable[[range, list[torch.Tensor]], list[torch.Tensor]],
+) -> torch.Tensor:
+    """`C = Σ_tokens D aᵀ` for one run, summed across processes: `before` (per batch: the writer's
+    dense outputs) run through the removed layers `run.first..run.last` by `run_layers(indices, stream)`
+    (every driver's own way to run layers: in memory, or each read from the shards for the while),
+    against the writer's `down_proj` inputs `a`. The one computation of every driver's target."""
+    after = run_layers(range(run.first, run.last + 1), before)
+    target = run_target(down_proj, writer_inputs, before, after)
+    sum_across_processes([target])
+    return target
+
+
+@torch.no_grad()
 def removed_layer_targets(
     model: nn.Module, adapter: ArchitectureAdapter, batches: Iterable[torch.Tensor], runs: list[RemovedRun]
 ) -> dict[int, torch.Tensor]:
     """Per writer layer, `C = Σ_tokens D aᵀ` (stream channels × MLP channels, float64): what the
-    removed run after it added to the stream, against the writer's `down_proj` input `a`."""
+    removed run after it added to the stream, against the writer's `down_proj` input `a`, on the
+    dense model in memory (the one-pass prune). The dense stream walks the layers up to the last
+    writer (`layer_inputs`: one layer at a time, as the whole-model pass runs them)."""
     if not runs:
         return {}
     layers = adapter.layers(model)
     device = next(model.parameters()).device
-    targets = {run.writer: empty_target(layers[run.writer].get_submodule(adapter.down_proj), device) for run in runs}
-    writer_inputs: dict[int, torch.Tensor] = {}
-    stream_before: dict[int, torch.Tensor] = {}
-    handles = []
-    for run in runs:
-        down_proj = layers[run.writer].get_submodule(adapter.down_proj)
-
-        def writer_hook(module, args, writer=run.writer):
-            writer_inputs[writer] = channels_last(module, args[0])
-
-        def first_hook(module, args, kwargs, writer=run.writer):
-            stream_before[writer] = args[0] if args else kwargs["hidden_states"]
-
-        def last_hook(module, args, kwargs, output, writer=run.writer, final=run is runs[-1]):
-            after = output[0] if isinstance(output, tuple) else output
-            add_stream_target(targets[writer], writer_inputs.pop(writer), stream_before.pop(writer), after)
-            if final:
-                raise _Done
-
-        handles += [
-            down_proj.register_forward_pre_hook(writer_hook),
-            layers[run.first].register_forward_pre_hook(first_hook, with_kwargs=True),
-            layers[run.last].register_forward_hook(last_hook, with_kwargs=True),
-        ]
-    try:
-        for batch in tqdm(local_share(list(batches)), desc="removed-layer targets", unit="batch", leave=False):
-            with contextlib.suppress(_Done):
-                base_model(model)(**model_inputs(batch, device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    sum_across_processes([targets[writer] for writer in sorted(targets)])
+    inputs = capture_layer_inputs(model, adapter, local_share(list(batches)), device)
+    writers = {run.writer: run for run in runs}
+    targets = {}
+    for index in tqdm(range(max(writers) + 1), desc="removed-layer targets", unit="layer", leave=False):
+        inputs.hidden = inputs.entering(index, inputs.hidden)
+        writer_inputs: list[torch.Tensor] = []
+        down_proj = layers[index].get_submodule(adapter.down_proj) if index in writers else None
+        handles = []
+        if down_proj is not None:
+            keep = lambda module, args, sink=writer_inputs: sink.append(channels_last(module, args[0]))  # noqa: E731
+            handles.append(down_proj.register_forward_pre_hook(keep))
+        try:
+            inputs.run(layers[index], index, advance=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if down_proj is not None:
+            run_layers = partial(inputs.through, layers)
+            run = writers[index]
+            targets[index] = removed_run_cross_term(run, down_proj, writer_inputs, inputs.hidden, run_layers)
     return targets
