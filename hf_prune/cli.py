@@ -252,18 +252,21 @@ def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from transformers import AutoConfig, PreTrainedModel
 
     from .engine.core import model_class_for
-    from .groups import supported_model_types
+    from .errors import UnsupportedArchitectureError
+    from .groups import get_adapter
     from .inspection import inspect_model, inspect_traced
 
     path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
     config = AutoConfig.from_pretrained(path, **kwargs)
     model_class = model_class_for(config, "gguf_file" in kwargs)
-    if config.model_type not in supported_model_types():  # traced: one forward pass on random weights
+    try:
+        get_adapter(config)  # hand-written, or derived and verified on a tiny instance of the config class
+    except UnsupportedArchitectureError as refusal:  # traced: one forward pass on random weights
         model = model_class(config) if issubclass(model_class, PreTrainedModel) else model_class.from_config(config)
         inputs = _latency_inputs(model, tokens=8)
         if getattr(config, "use_cache", None) is not None:
             inputs["use_cache"] = False
-        print(inspect_traced(model.eval(), inputs, name=args.model))
+        print(inspect_traced(model.eval(), inputs, name=args.model, refusal=str(refusal)))
         return
     with torch.device("meta"):  # shapes only: no weights are read or allocated
         model = model_class(config) if issubclass(model_class, PreTrainedModel) else model_class.from_config(config)

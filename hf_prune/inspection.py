@@ -52,15 +52,23 @@ class Inspection:
     parameters: int
     layers: list[LayerGeometry]
     kinds: list[KindSummary]
+    #: None for a hand-written adapter; for a derived one, kind → why verification refused it
+    refused: dict[str, str] | None = None
 
     def __str__(self) -> str:
+        kinds = ", ".join(LABELS[kind.kind] for kind in self.kinds)
+        if self.refused is None:
+            handled = f"handled by: the '{self.model_type}' architecture adapter ({kinds})"
+        else:
+            handled = (
+                "handled by: an adapter derived from the model and verified on a tiny instance of its config "
+                f"class ({kinds})"
+            )
+            handled += "".join(f"\n  refused {kind}: {why}" for kind, why in sorted(self.refused.items()))
         lines = [
             f"{self.name}: {self.architecture} ({self.model_type}), {len(self.layers)} layers, "
             f"{self.parameters:,} parameters",
-            (
-                f"handled by: the '{self.model_type}' architecture adapter "
-                f"({', '.join(LABELS[kind.kind] for kind in self.kinds)})"
-            ),
+            handled,
             "",
             f"{'layers':>9}  {'heads':>5}  {'KV heads':>8}  {'head_dim':>8}  {'MLP neurons':>11}",
         ]
@@ -127,7 +135,8 @@ def inspect_model(model: nn.Module, name: str = "") -> Inspection:
             size = sum(piece.numel(layers[group.layer]) for group in groups for piece in group.slices)
         kinds.append(KindSummary(kind, len(groups), size, _format_of_removing_one(model, adapter, kind)))
     architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-    return Inspection(name, model.config.model_type, architecture, parameter_count(model), geometries, kinds)
+    refused = getattr(adapter, "refused", None)  # only derived adapters say what they refused
+    return Inspection(name, model.config.model_type, architecture, parameter_count(model), geometries, kinds, refused)
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class TracedInspection:
     architecture: str
     parameters: int
     traced: TracedGroups
+    #: why no adapter (hand-written or derived) handles the model
+    refusal: str = ""
 
     def __str__(self) -> str:
         return "\n".join(
@@ -146,13 +157,14 @@ class TracedInspection:
                     f"handled by: tracing (no architecture adapter for model_type {self.model_type!r}); prune it "
                     "with HFPruner.from_model(model, example_inputs=...) and channels=..."
                 ),
+                *([f"why no adapter: {self.refusal}"] if self.refusal else []),
                 "",
                 str(self.traced),
             ]
         )
 
 
-def inspect_traced(model: nn.Module, example_inputs, name: str = "") -> TracedInspection:
+def inspect_traced(model: nn.Module, example_inputs, name: str = "", refusal: str = "") -> TracedInspection:
     """What tracing finds in a model without an adapter: its channel families and what it leaves alone, and why."""
     from .tracing.pruner import TracedPruner
 
@@ -160,4 +172,4 @@ def inspect_traced(model: nn.Module, example_inputs, name: str = "") -> TracedIn
     architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     traced = TracedPruner(model, example_inputs).traced
     model_type = getattr(config, "model_type", "torch.nn.Module")
-    return TracedInspection(name, model_type, architecture, parameter_count(model), traced)
+    return TracedInspection(name, model_type, architecture, parameter_count(model), traced, refusal)

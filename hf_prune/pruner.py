@@ -30,10 +30,10 @@ from .engine.core import (
     statistics_requirements,
 )
 from .engine.layerwise import prune_layer_by_layer
-from .errors import InvalidPruningTargetError, NotPrunedError, VanillaFormatError
+from .errors import InvalidPruningTargetError, NotPrunedError, UnsupportedArchitectureError, VanillaFormatError
 from .evaluation import flops_per_token, parameter_count
 from .finite import check_finite_weights
-from .groups import ArchitectureAdapter, get_adapter, supported_model_types
+from .groups import ArchitectureAdapter, get_adapter
 from .output.atomic import write_atomically
 from .output.card import CardFacts, CardInputs, write_model_card
 from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_loader_config
@@ -137,16 +137,21 @@ class HFPruner:
 
     @classmethod
     def from_model(cls, model, example_inputs=None, tokenizer=None, processor=None):
-        """Prune a model already in memory: an `HFPruner` when its `model_type` has an adapter, else a
-        `TracedPruner` whose channel groups are traced from one forward pass on `example_inputs`
-        (a tensor, a tuple of positional inputs or a dict of keyword inputs)."""
+        """Prune a model already in memory: an `HFPruner` when its config has an adapter (hand-written,
+        or derived from a tiny instance of its config class and verified there), else a `TracedPruner`
+        whose channel groups are traced from one forward pass on `example_inputs` (a tensor, a tuple of
+        positional inputs or a dict of keyword inputs)."""
         config = getattr(model, "config", None)
-        if isinstance(config, transformers.PretrainedConfig) and config.model_type in supported_model_types():
-            return cls(model, tokenizer=tokenizer, processor=processor)
+        refusal = f"{type(model).__name__} has no transformers config"
+        if isinstance(config, transformers.PretrainedConfig):
+            try:
+                return cls(model, tokenizer=tokenizer, processor=processor)
+            except UnsupportedArchitectureError as error:  # no adapter, and none could be derived
+                refusal = str(error)
         if example_inputs is None:
             raise InvalidPruningTargetError(
-                f"{type(model).__name__} has no architecture adapter; pass example_inputs=... (one input batch) so "
-                "its channel groups can be traced from the computation graph."
+                f"{refusal}. Pass example_inputs=... (one input batch) so its channel groups can be traced from "
+                "the computation graph."
             )
         from .tracing.pruner import TracedPruner
 

@@ -20,7 +20,7 @@ from tiny_models import FAMILIES, STRUCTURAL
 from hf_prune import HFPruner
 from hf_prune.derivation.derive import DerivedAdapter, build_tiny
 from hf_prune.derivation.verify import check_kinds, verified_derivation
-from hf_prune.errors import DerivedAdapterError, UnsupportedArchitectureError
+from hf_prune.errors import DerivedAdapterError, InvalidPruningTargetError, UnsupportedArchitectureError
 from hf_prune.groups import get_adapter
 from hf_prune.groups.registry import _ADAPTERS
 from hf_prune.masking import apply_masks
@@ -84,6 +84,20 @@ def test_nothing_derivable_is_a_typed_refusal():
     with pytest.raises(DerivedAdapterError, match="'ctrl' has no hand-written adapter.*CTRLConfig") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
+
+
+def test_from_model_takes_the_derived_adapter_before_tracing():
+    """A model in memory with a derivable config gets the derived adapter (heads, neurons, layers), even
+    when example inputs for tracing are given; one that derives nothing is traced, or refused saying why."""
+    opt, inputs = build_tiny(transformers.OPTConfig, seed=1)
+    pruner = HFPruner.from_model(opt, example_inputs=inputs["input_ids"])
+    assert type(pruner) is HFPruner and isinstance(pruner.adapter, DerivedAdapter)
+    ctrl = transformers.CTRLLMHeadModel(transformers.CTRLConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2, dff=48))
+    with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
+        HFPruner.from_model(ctrl)
+    assert "CTRLConfig" in str(error.value)
+    traced = HFPruner.from_model(ctrl, example_inputs={"input_ids": torch.randint(0, 64, (1, 8)), "use_cache": False})
+    assert type(traced).__name__ == "TracedPruner"
 
 
 #: Model types without a hand-written adapter: config class, extra prune amounts beyond neurons and layers.

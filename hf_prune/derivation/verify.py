@@ -160,7 +160,10 @@ def derived_adapter(config: PretrainedConfig) -> DerivedAdapter:
     """A verified derived adapter for `config`'s class, or a `DerivedAdapterError` saying why none."""
     derivation = verified_derivation(type(config))
     if not derivation.kinds:
-        reasons = "; ".join(f"{kind}: {why}" for kind, why in sorted(derivation.refused.items()))
+        by_reason: dict[str, list[str]] = {}
+        for kind, why in sorted(derivation.refused.items()):
+            by_reason.setdefault(why, []).append(kind)
+        reasons = "; ".join(f"{', '.join(kinds)}: {why}" for why, kinds in by_reason.items())
         raise DerivedAdapterError(
             f"model_type {config.model_type!r} has no hand-written adapter and none could be derived and "
             f"verified ({reasons}). Supported: {', '.join(supported_model_types())}, and the types whose adapter "
