@@ -239,3 +239,58 @@ def test_the_card_says_the_model_was_distilled(tmp_path):
     )
     assert "from hf_prune import Distillation, PruningCallback" in card
     assert "distill=Distillation(alpha=0.7, temperature=2)" in card
+
+
+@pytest.mark.parametrize("passed", [False, True], ids=["frozen-copy", "passed-teacher"])
+def test_bf16_autocast_runs_the_teacher_like_the_student(tmp_path, passed):
+    teacher = FAMILIES["llama"].build() if passed else None  # the student's weights, in fp32
+    distill = Distillation(alpha=1.0, teacher=teacher)
+    pruning = PruningCallback(PruningConfig(**CONFIG), SCHEDULE, distill=distill, pruned_dir=None)
+    _, probe = run(tmp_path, FAMILIES["llama"].build(), pruning, learning_rate=0.0, bf16=True)
+    assert probe.losses[0] == 0.0  # the same bf16 forward on both sides: exactly no KD before masking
+    assert probe.losses[1] > 1e-3
+
+
+class ImageLoss(TrainerCallback):
+    def __init__(self, images, labels):
+        self.trainer, self.images, self.labels = None, images, labels
+        self.results: list[tuple[float, torch.Tensor]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        model.train()
+        loss = self.trainer.compute_loss(model, {"pixel_values": self.images, "labels": self.labels})
+        self.results.append((float(loss.detach()), logits(model, {"pixel_values": self.images})))
+
+
+def test_an_image_classifier_distils_its_class_logits(tmp_path):
+    alpha, temperature = 0.4, 3.0
+    family = FAMILIES["vit"]
+    generator = torch.Generator().manual_seed(0)
+    size, classes = family.config.get("image_size", 16), family.build().config.num_labels
+    rows = [
+        {"pixel_values": torch.randn(3, size, size, generator=generator), "labels": int(label)}
+        for label in torch.randint(0, classes, (16,), generator=generator)
+    ]
+    images, labels = (
+        torch.stack([row["pixel_values"] for row in rows[:3]]),
+        torch.tensor([r["labels"] for r in rows[:3]]),
+    )
+    teacher = logits(family.build(), {"pixel_values": images}).double()
+    pruning = PruningCallback(
+        PruningConfig(mlp_neurons=0.5), SCHEDULE, distill=Distillation(alpha=alpha, temperature=temperature)
+    )
+    probe = ImageLoss(images, labels)
+    trainer = Trainer(
+        model=family.build(), args=arguments(tmp_path, max_steps=3), train_dataset=rows, callbacks=[pruning, probe]
+    )
+    probe.trainer = trainer
+    trainer.train()
+    for loss, student in probe.results:
+        student = student.double()
+        kl = (
+            torch.softmax(teacher / temperature, -1)
+            * (torch.log_softmax(teacher / temperature, -1) - torch.log_softmax(student / temperature, -1))
+        ).sum(-1)
+        expected = alpha * temperature**2 * kl.mean() + (1 - alpha) * F.cross_entropy(student, labels)
+        torch.testing.assert_close(loss, float(expected), rtol=1e-5, atol=1e-6)
+    assert probe.results[-1][0] != probe.results[0][0]
