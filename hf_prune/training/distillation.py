@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TeacherMismatchError, UsageError
@@ -106,18 +105,29 @@ def distillation_loss(
 ) -> torch.Tensor:
     """`T²·Σ_items KL(p_T ‖ p_S)` over the items whose label is not -100, divided by `num_items_in_batch`
     (or, without it, by the number of those items); `shift` aligns position `i`'s logits with label `i+1`."""
-    if shift:
-        student_logits, teacher_logits = student_logits[..., :-1, :], teacher_logits[..., :-1, :]
-        labels = labels[..., 1:]
     if labels.dtype.is_floating_point or labels.shape != student_logits.shape[:-1]:
         raise UsageError(
             f"distillation needs one class (token) label per item: labels of shape {tuple(labels.shape)} "
             f"({labels.dtype}) do not index logits of shape {tuple(student_logits.shape)}."
         )
-    valid = labels != -100
-    log_student = F.log_softmax(student_logits[valid].float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher_logits[valid].float() / temperature, dim=-1)
-    total = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum")
+    if shift:  # no shifted copy of the logits: the last position is simply not counted
+        valid = torch.zeros_like(labels, dtype=torch.bool)
+        valid[..., :-1] = labels[..., 1:] != -100
+    else:
+        valid = labels != -100
+    with torch.autocast(student_logits.device.type, enabled=False):
+        student, teacher = student_logits.float(), teacher_logits.float()
+        if temperature != 1:
+            student, teacher = student / temperature, teacher / temperature
+        # KL(p_T ‖ p_S) = Σ_v p_T (t − s) + logsumexp(s) − logsumexp(t): a few passes over the vocabulary and
+        # no log-softmax tensor of the student (the gradient is softmax(s) − p_T); exactly 0 when s = t.
+        with torch.no_grad():
+            teacher_norm = torch.logsumexp(teacher, dim=-1, keepdim=True)
+            probabilities = (teacher - teacher_norm).exp_()
+            teacher_term = torch.einsum("...v,...v->...", probabilities, teacher)
+        cross = teacher_term - torch.einsum("...v,...v->...", probabilities, student)
+        kl = cross + (torch.logsumexp(student, dim=-1) - teacher_norm.squeeze(-1))
+        total = kl[valid].sum()
     count = num_items_in_batch if num_items_in_batch is not None else valid.sum().clamp(min=1)
     return temperature**2 * total / count
 
