@@ -61,6 +61,7 @@ def step_times(args, distill: bool, rows: list[dict]) -> list[float]:
             disable_tqdm=True,
             seed=0,
             bf16=args.bf16,
+            use_cpu=not torch.cuda.is_available(),
         )
         Trainer(model=model, args=training, train_dataset=rows, callbacks=[pruning, timer]).train()
     return timer.times[args.warmup :]
