@@ -23,9 +23,11 @@ from .output.checkpoint import load_pruned
 from .pruner import HFPruner
 from .report import PruningReport
 from .training.callback import PruningCallback
+from .training.distillation import Distillation
 from .training.schedule import PruningSchedule
 
 __all__ = [
+    "Distillation",
     "HFPruneError",
     "HFPruner",
     "InvalidPruningTargetError",

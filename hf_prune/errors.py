@@ -35,6 +35,10 @@ class GatesNotAttachedError(UsageError):
     """`score="l0"` found no hard-concrete gates in the model or its optimizer: attach them before `Trainer(...)`."""
 
 
+class TeacherMismatchError(UsageError, ValueError):
+    """The distillation `teacher`'s logits do not match the student's (another vocabulary or class count)."""
+
+
 class OutputExistsError(UsageError, FileExistsError):
     """The output folder exists and is not empty, and `overwrite=True` was not given."""
 

@@ -108,6 +108,7 @@ class TrainingFacts:
     batch_size: int | None = None  # training samples per optimizer step, all processes together
     merged_adapters: bool = False  # PEFT adapters merged into the weights before the cut
     best_checkpoint: str | None = None  # the checkpoint cut instead of the last step (`load_best_model_at_end`)
+    distillation: str | None = None  # the distillation loss and teacher, when the callback distilled
 
     def describe(self) -> list[str]:
         """The section's bullet points (Markdown)."""
@@ -141,6 +142,8 @@ class TrainingFacts:
             )
         if self.best_checkpoint:
             lines.append(f"**Cut from:** the best checkpoint, `{self.best_checkpoint}`, with the masks it saved")
+        if self.distillation:
+            lines.append(f"**Distillation:** {self.distillation}")
         if self.merged_adapters:
             lines.append("**Adapters:** the PEFT (LoRA) adapters were merged into the weights before the cut")
         return lines
@@ -149,9 +152,10 @@ class TrainingFacts:
         """Python that runs the same callback (the model, data and training arguments are the user's)."""
         schedule = ", ".join(f"{key}={json.dumps(value)}" for key, value in self.schedule.items())
         gates = "callback.attach_gates(model)  # before Trainer(...), which builds the optimizer\n"
+        distillation = "Distillation, " if self.distillation else ""
         return (
             "from transformers import Trainer\n\n"
-            "from hf_prune import PruningCallback, PruningConfig, PruningSchedule\n\n"
+            f"from hf_prune import {distillation}PruningCallback, PruningConfig, PruningSchedule\n\n"
             "callback = PruningCallback(\n"
             f'    PruningConfig.from_yaml("{recipe_file}"),\n'
             f"    PruningSchedule({schedule}),\n"

@@ -22,6 +22,10 @@ callback.attach_gates(model)                                          # before T
 trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
 ```
 
+With `distill=True` (or `distill=Distillation(alpha=..., temperature=..., teacher=...)`) the training
+loss becomes `α·T²·KL(teacher ‖ student) + (1 − α)·task loss`, the teacher being the unpruned model
+frozen at the start of training (`distillation.py`); evaluation still reports the task loss alone.
+
 Every Trainer checkpoint gets a `hf_prune_callback/` folder (plan as JSON, score accumulators
 as safetensors, the step); `trainer.train(resume_from_checkpoint=...)` restores it, so a resumed
 run masks exactly what an uninterrupted one does.
@@ -58,6 +62,7 @@ from ..output.card import CardFacts, TrainingFacts
 from ..plan import LayerPlan, PruningPlan
 from ..pruner import HFPruner
 from ..report import PruningReport
+from .distillation import Distillation, Distiller, is_peft
 from .gradual import GradualPlanner, ScoreFunction
 from .l0_gates import HardConcreteGates, L0Settings, LagrangianPenalty, attach_gates, detach_gates, find_gates
 from .masks import TrainingMasks
@@ -141,6 +146,10 @@ class PruningCallback(TrainerCallback):
             pruned model; under PEFT the `PeftModel` shell around the merged, pruned model).
         pruned_dir: folder under `args.output_dir` the compacted model is saved to (replaced if it
             exists); `None` saves nothing.
+        distill: `None` (default) trains on the task loss alone; `True` or `Distillation(alpha, temperature,
+            teacher)` adds the distillation term from the unpruned model (see `distillation.py`): a frozen copy
+            taken at the start of training, for a PEFT student its base with the adapters disabled (no copy),
+            or the `teacher` given (same vocabulary).
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class PruningCallback(TrainerCallback):
         compact_at_end: bool = True,
         pruned_dir: str | None = "pruned",
         l0: L0Settings | None = None,
+        distill: bool | Distillation | None = None,
     ):
         if not isinstance(config, PruningConfig):
             raise UsageError(f"config must be a PruningConfig, got {type(config).__name__}.")
@@ -179,6 +189,7 @@ class PruningCallback(TrainerCallback):
             raise UsageError(
                 f"l0=L0Settings(...) configures score='l0', but score={score!r}; drop l0 or set score='l0'."
             )
+        self.distill = Distillation.coerce(distill)
         self.config = config
         self.schedule = schedule
         self.l0 = l0 or L0Settings()
@@ -201,6 +212,7 @@ class PruningCallback(TrainerCallback):
         self._masks: TrainingMasks | None = None
         self._gates: HardConcreteGates | None = None
         self._loss_hook = None
+        self._distiller: Distiller | None = None
         #: The run the masks came from, for the model card (set by the Trainer events).
         self._args: TrainingArguments | None = None
         self._state: TrainerState | None = None
@@ -247,6 +259,16 @@ class PruningCallback(TrainerCallback):
 
         self._loss_hook = model.register_forward_hook(add_penalty)
 
+    def _start_distillation(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+        if state.global_step > 0 and self.distill.teacher is None and not is_peft(model):
+            raise CallbackStateError(
+                f"distill has no teacher on a resumed run: at step {state.global_step} the model holds the "
+                "checkpoint's masked weights, not the unpruned ones; pass the dense model as "
+                "Distillation(teacher=...) when resuming."
+            )
+        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        self._distiller = Distiller(self.distill, model, autocast, restore_masked=lambda: self._masks.unmasked())
+
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
@@ -263,6 +285,8 @@ class PruningCallback(TrainerCallback):
         self._resolved = (self.schedule or PruningSchedule()).resolved(state.max_steps)
         self._events = frozenset(self._resolved.events())
         self._planner = GradualPlanner(model, self._adapter, self.config)
+        if self.distill is not None:  # before any hook or mask: a teacher copy is taken of the unmasked model
+            self._start_distillation(args, state, model)
         if self.score in TRAINING_SCORES:
             self._scores = TrainingScores(model, self._adapter, _kinds(self._planner.counts), self.score)
         elif self.score == "l0":
@@ -281,7 +305,8 @@ class PruningCallback(TrainerCallback):
                     "or score='criterion'."
                 )
             self._prune(model, 0)
-        self._masks = TrainingMasks(self._adapter, self.plan)
+        own_base = self._distiller is not None and self._distiller.shares_student
+        self._masks = TrainingMasks(self._adapter, self.plan, keep_originals=own_base)
         self._masks.apply(model)
         if self._gates is not None:
             self._gates.set_removed(self.plan)
@@ -340,6 +365,9 @@ class PruningCallback(TrainerCallback):
         if self._loss_hook is not None:  # later forwards (evaluation, inference) carry no penalty
             self._loss_hook.remove()
             self._loss_hook = None
+        if self._distiller is not None:  # nor distillation; the teacher copy is released
+            self._distiller.remove()
+            self._distiller = None
         self._args, self._state = args, state
         if not self.compact_at_end:
             return
@@ -394,6 +422,8 @@ class PruningCallback(TrainerCallback):
         arguments = f"score={json.dumps(self.score)}"
         if self.score == "l0" and self.l0 != L0Settings():
             arguments += f", l0={self.l0!r}"
+        if self.distill is not None:
+            arguments += f", {self.distill.arguments()}"
         args, state = self._args, self._state
         best = state.best_model_checkpoint if args and args.load_best_model_at_end and state else None
         facts.training = TrainingFacts(
@@ -410,6 +440,21 @@ class PruningCallback(TrainerCallback):
             ),
             merged_adapters=merged_adapters,
             best_checkpoint=Path(best).name if best else None,
+            distillation=self._distillation_description(),
+        )
+
+    def _distillation_description(self) -> str | None:
+        if self.distill is None:
+            return None
+        distill = self.distill
+        if distill.teacher is not None:
+            name = getattr(getattr(distill.teacher, "config", None), "_name_or_path", "")
+            teacher = f"`{name}`" if name else "a model passed by the user"
+        else:
+            teacher = "the unpruned model, frozen at the start of training"
+        return (
+            f"loss α·T²·KL(teacher ‖ student) + (1 − α)·task loss with α = {distill.alpha:g}, T = "
+            f"{distill.temperature:g}; teacher: {teacher}"
         )
 
     # ------------------------------------------------------------------ internals
@@ -485,3 +530,6 @@ class PruningCallback(TrainerCallback):
         if self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None
+        if self._distiller is not None:
+            self._distiller.remove()
+            self._distiller = None

@@ -8,9 +8,15 @@ Under PEFT LoRA the consumer projection computes `x W_eff` with `W_eff = W + s·
 input column `j` is zeroed in `W` and in `A` (column `j`), so `W_eff[:, j] = 0` whatever `B`
 learns; a masked branch zeroes `W`, its bias and all of `B`, so its output is zero. Merging the
 adapters therefore keeps exactly the same zeros. Adapters that rescale columns (DoRA) are refused.
+
+With `keep_originals=True` (distillation from a PEFT student's own base, `distillation.py`) the values a
+mask zeroes are kept, per parameter and dimension as an index list and the gathered values, so that
+`unmasked()` can hand the teacher the unmasked base for one forward and zero the same entries again.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -44,15 +50,22 @@ def _lora_parts(module: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
 class TrainingMasks:
     """The current plan's masks on a live model, kept exact across optimizer steps."""
 
-    def __init__(self, adapter: ArchitectureAdapter, plan: PruningPlan):
+    def __init__(self, adapter: ArchitectureAdapter, plan: PruningPlan, keep_originals: bool = False):
         self.adapter = adapter
         self.plan = plan
         self._layer_hooks: dict[int, RemovableHandle] = {}
+        #: (parameter, dim) → (indices along dim, their original values), when `keep_originals`.
+        self._originals: dict[tuple[int, int], tuple[nn.Parameter, torch.Tensor, torch.Tensor]] | None = (
+            {} if keep_originals else None
+        )
+        self._recorded_plan: PruningPlan | None = None
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
         """Zero every masked slice (base weights and LoRA adapters); hook newly removed layers."""
         layers = self.adapter.layers(model)
+        if self._originals is not None and self._recorded_plan is not self.plan:
+            self._record_originals(layers)
         for layer_plan in self.plan.layers:
             layer = layers[layer_plan.layer]
             if not layer_plan.keep_layer:
@@ -72,6 +85,49 @@ class TrainingMasks:
                 for projection in lora_b:
                     for parameter in projection.parameters():
                         parameter.zero_()
+
+    def _record_originals(self, layers) -> None:
+        """Gather the original values of the entries the plan masks that are not kept yet (before zeroing them)."""
+        new: dict[tuple[int, int], tuple[nn.Parameter, list[torch.Tensor]]] = {}
+        for layer_plan in self.plan.layers:
+            if not layer_plan.keep_layer:
+                continue
+            layer = layers[layer_plan.layer]
+            for piece in masked_slices(self.adapter, layer, layer_plan):
+                parameter = layer.get_parameter(piece.parameter)
+                key = (id(parameter), piece.dim)
+                new.setdefault(key, (parameter, []))[1].append(torch.arange(piece.start, piece.stop))
+        with self._restored():  # every kept value is gathered from the unmasked tensor
+            for key, (parameter, pieces) in new.items():
+                indices = torch.cat(pieces).unique().to(parameter.device)
+                _, known, values = self._originals.get(key, (parameter, indices[:0], None))
+                indices = indices[~torch.isin(indices, known)]
+                if not len(indices):
+                    continue
+                gathered = parameter.detach().index_select(key[1], indices).clone()
+                if values is not None:
+                    indices, gathered = torch.cat([known, indices]), torch.cat([values, gathered], dim=key[1])
+                self._originals[key] = (parameter, indices, gathered)
+        self._recorded_plan = self.plan
+
+    @contextlib.contextmanager
+    def _restored(self):
+        with torch.no_grad():
+            for (_, dim), (parameter, indices, values) in self._originals.items():
+                parameter.index_copy_(dim, indices, values)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (_, dim), (parameter, indices, _) in self._originals.items():
+                    parameter.index_fill_(dim, indices, 0)
+
+    def unmasked(self) -> contextlib.AbstractContextManager:
+        """A context in which the masked base weights hold their original values (zeroed again on exit).
+        Needs `keep_originals=True`; LoRA adapters and the removed layers' identity hooks are not undone."""
+        if self._originals is None:
+            raise UsageError("TrainingMasks.unmasked() needs keep_originals=True.")
+        return self._restored()
 
     def remove_hooks(self) -> None:
         for handle in self._layer_hooks.values():

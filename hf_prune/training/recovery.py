@@ -8,6 +8,16 @@ model.save_pretrained("adapter")                          # adapter_config.json 
 model = load_recovered("adapter")                         # base (either format) + adapter; merge=True merges
 ```
 
+Distillation from the dense model (Minitron-style, see `distillation.py`) on top of either, with the
+`transformers.Trainer` underneath:
+
+```python
+student = lora_for_recovery("pruned")                     # or load_pruned("pruned") for a full fine-tune
+trainer = distill_for_recovery(student, dense, args, data, alpha=0.5, temperature=1.0)
+```
+
+(`DistillationCallback(dense)` adds the same loss to a Trainer you build yourself.)
+
 The adapter's `base_model_name_or_path` is the pruned folder, never the dense model it came
 from, so the adapter is only ever applied to the shapes it was trained on. Loader-format bases
 need `load_pruned`, which plain `AutoPeftModel` does not call: `load_recovered` does.
@@ -21,11 +31,14 @@ import json
 import os
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from ..errors import PrunedCheckpointError
+from ..errors import PrunedCheckpointError, UsageError
 from ..output.checkpoint import load_pruned
+from .distillation import Distillation, Distiller
 
 
 def lora_for_recovery(
@@ -56,3 +69,53 @@ def load_recovered(
         )
     model = PeftModel.from_pretrained(load_pruned(base, **from_pretrained_kwargs), str(adapter_folder))
     return model.merge_and_unload() if merge else model
+
+
+class DistillationCallback(TrainerCallback):
+    """Adds `α·T²·KL(teacher ‖ student at T) + (1 − α)·task loss` to every training forward of the Trainer's
+    model (a pruned model, or a `PeftModel` over one); evaluation reports the task loss alone.
+
+    Args:
+        teacher: the dense model (or any model with the student's vocabulary / classes); it is frozen, put in
+            eval mode and moved to the student's device. A pruned student cannot be its own teacher.
+        alpha, temperature: as in `Distillation`.
+    """
+
+    def __init__(self, teacher: nn.Module, alpha: float = 0.5, temperature: float = 1.0):
+        if teacher is None:
+            raise UsageError(
+                "DistillationCallback(teacher=None): a pruned student needs its dense model as teacher; pass "
+                "teacher=<the unpruned model> (or use PruningCallback(distill=True) to prune and distil at once)."
+            )
+        self.settings = Distillation(alpha=alpha, temperature=temperature, teacher=teacher)
+        self._distiller: Distiller | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state, control, model: nn.Module = None, **kwargs) -> None:
+        self._remove()
+        autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        self._distiller = Distiller(self.settings, model, autocast)
+
+    def on_train_end(self, args: TrainingArguments, state, control, **kwargs) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        if self._distiller is not None:
+            self._distiller.remove()
+            self._distiller = None
+
+
+def distill_for_recovery(
+    model: nn.Module,
+    teacher: nn.Module,
+    args: TrainingArguments,
+    train_dataset,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    **trainer_kwargs,
+) -> Trainer:
+    """Fine-tune a pruned `model` (plain, or from `lora_for_recovery`) on `train_dataset` with distillation
+    from `teacher`; returns the trained `Trainer` (`trainer.model` is the recovered model)."""
+    callbacks = [*trainer_kwargs.pop("callbacks", []), DistillationCallback(teacher, alpha, temperature)]
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **trainer_kwargs)
+    trainer.train()
+    return trainer
