@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tiny_models import FAMILIES, STRUCTURAL
 
 from hf_prune import HFPruner
-from hf_prune.derivation.derive import DerivedAdapter, build_tiny
+from hf_prune.derivation.derive import MAX_TINY_PARAMETERS, DerivedAdapter, build_tiny, changed_fields, tiny_config
 from hf_prune.derivation.verify import check_kinds, verified_derivation
 from hf_prune.errors import DerivedAdapterError, InvalidPruningTargetError, UnsupportedArchitectureError
 from hf_prune.groups import get_adapter
@@ -80,8 +80,8 @@ def test_wrong_derivations_are_refused():
 
 
 def test_nothing_derivable_is_a_typed_refusal():
-    config = transformers.CTRLConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2, dff=48)
-    with pytest.raises(DerivedAdapterError, match="'ctrl' has no hand-written adapter.*CTRLConfig") as error:
+    config = transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)  # fused q/k/v, no MLP field
+    with pytest.raises(DerivedAdapterError, match="'openai-gpt' has no hand-written adapter.*fused q/k/v") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
 
@@ -92,11 +92,13 @@ def test_from_model_takes_the_derived_adapter_before_tracing():
     opt, inputs = build_tiny(transformers.OPTConfig, seed=1)
     pruner = HFPruner.from_model(opt, example_inputs=inputs["input_ids"])
     assert type(pruner) is HFPruner and isinstance(pruner.adapter, DerivedAdapter)
-    ctrl = transformers.CTRLLMHeadModel(transformers.CTRLConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2, dff=48))
+    gpt = transformers.OpenAIGPTLMHeadModel(
+        transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)
+    )
     with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
-        HFPruner.from_model(ctrl)
-    assert "CTRLConfig" in str(error.value)
-    traced = HFPruner.from_model(ctrl, example_inputs={"input_ids": torch.randint(0, 64, (1, 8)), "use_cache": False})
+        HFPruner.from_model(gpt)
+    assert "fused q/k/v" in str(error.value)
+    traced = HFPruner.from_model(gpt, example_inputs={"input_ids": torch.randint(0, 64, (1, 8))})
     assert type(traced).__name__ == "TracedPruner"
 
 
@@ -108,6 +110,8 @@ END_TO_END = {
     "ernie4_5": (transformers.Ernie4_5Config, {"kv_groups": 1}),
     "nemotron": (transformers.NemotronConfig, {"kv_groups": 1}),
     "seed_oss": (transformers.SeedOssConfig, {"kv_groups": 1}),
+    # built only since the shrink rule reads every size field (n_embd/dff; experts, MoE widths)
+    "ctrl": (transformers.CTRLConfig, {}),
 }
 
 
@@ -140,6 +144,66 @@ def test_end_to_end_without_hand_written_adapter(model_type, root):
     torch.testing.assert_close(case["pruned"], case["expected"], atol=1e-5, rtol=0)
     assert case["pruner"].report.output_format == "vanilla"
     assert case["pruner"].model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("config_class", [transformers.Qwen3MoeConfig, transformers.Glm4MoeConfig])
+def test_mixture_of_experts_mlp_is_refused_attention_and_layers_verified(config_class):
+    """Built only since the shrink caps experts and their widths: heads, KV groups and layers verify (cut ==
+    masked), the MoE MLP is refused saying why."""
+    derivation = verified_derivation(config_class)
+    assert {"heads", "kv_groups", "layers"} <= derivation.kinds
+    for kind in ("neurons", "mlp_branches"):
+        assert "mixture-of-experts MLP" in derivation.refused[kind] and "issue 16" in derivation.refused[kind]
+
+
+#: Fields a tiny model may not use (cross-attention stacks of a decoder-only head, a dense width of an all-MoE
+#: model) or that bound the computation, not a weight (head counts when `d = H / n`, rotary positions).
+NOT_WEIGHTS = ("head", "position", "layers", "intermediate", "ffn", "expert", "group")
+#: Integer fields that are no size (ids, indices, windows), left as they are by design.
+NO_SIZE = ("token", "_id", "index", "window", "seed", "length", "chunk", "bucket", "distance")
+
+
+def _int_fields(values: dict, path: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _int_fields(value, f"{path}{key}.")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield path + key, value
+
+
+@pytest.mark.parametrize(
+    "config_class",
+    [transformers.Qwen3MoeConfig, transformers.CTRLConfig, transformers.BartConfig, transformers.DeepseekV3Config],
+)
+def test_shrink_rule_changes_only_size_fields_and_stays_under_the_cap(config_class):
+    """Independent checks with plain torch: the built tiny model is under the cap; no integer field the rule
+    left large (> 128, not an id or a window) is a dimension of any parameter (nothing missed); and every
+    field it changed either sizes a weight (restored alone to its default, the meta-built model grows) or
+    is one a tiny model may not use or that bounds computation only."""
+    model, _ = build_tiny(config_class)
+    shapes = [p.shape for p in model.parameters()]
+    assert sum(s.numel() for s in shapes) <= MAX_TINY_PARAMETERS
+    dims = {d for s in shapes for d in s}
+    for path, value in _int_fields(model.config.to_dict()):
+        if value > 128 and not any(part in path for part in NO_SIZE):
+            assert value not in dims, (path, value)
+    model_class, tiny, changed = type(model), tiny_config(config_class), changed_fields(config_class)
+
+    def meta_count(config):
+        with torch.device("meta"):
+            return sum(p.numel() for p in model_class(config).parameters())
+
+    base, scaling = meta_count(tiny), []
+    for path, (default, small) in changed.items():
+        assert default > small > 0, (path, default, small)
+        restored = copy.deepcopy(tiny)
+        *parents, name = path.split(".")
+        setattr(functools.reduce(getattr, parents, restored), name, default)
+        if meta_count(restored) > base:
+            scaling.append(path)
+        else:
+            assert any(part in name for part in NOT_WEIGHTS), (path, default, small)
+    assert len(scaling) >= 3, scaling
 
 
 def test_derived_folders_reload_with_plain_transformers(root):

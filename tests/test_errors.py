@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import FAMILIES, STRUCTURAL, calibration_images, calibration_windows
-from transformers import CTRLConfig, CTRLLMHeadModel
+from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
 
 from hf_prune import (
     HFPruner,
@@ -32,15 +32,15 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 
 
 def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
-    # CTRL: no hand-written adapter, and none derivable (the generic shrink of its defaults stays too large).
-    model = CTRLLMHeadModel(CTRLConfig(n_embd=16, n_head=2, dff=32, n_layer=2, vocab_size=50))
+    # GPT-1: no hand-written adapter, and none derivable (fused q/k/v, no MLP width field).
+    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(n_embd=16, n_head=2, n_layer=2, vocab_size=50))
     with pytest.raises(
-        UnsupportedArchitectureError, match=r"'ctrl'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
+        UnsupportedArchitectureError, match=r"'openai-gpt'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
     ):
         HFPruner(model)
-    model.save_pretrained(tmp_path / "ctrl")
-    with pytest.raises(UnsupportedArchitectureError, match="'ctrl'"):
-        HFPruner.from_pretrained(tmp_path / "ctrl")
+    model.save_pretrained(tmp_path / "openai-gpt")
+    with pytest.raises(UnsupportedArchitectureError, match="'openai-gpt'"):
+        HFPruner.from_pretrained(tmp_path / "openai-gpt")
 
 
 @pytest.mark.parametrize(

@@ -217,14 +217,14 @@ def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
     assert "handled by: an adapter derived from the model and verified" in out
     assert "refused mlp_branches: the MLP projections ['fc1', 'fc2'] have no module of their own" in out
     assert "MLP neurons               96" in out  # 2 layers x ffn_dim 48
-    # CTRL's `dff` is no width field the generic shrink knows: no adapter is derived, tracing says why.
-    ctrl = transformers.CTRLConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=4, dff=48, n_positions=64)
-    transformers.CTRLLMHeadModel(ctrl).save_pretrained(tmp_path / "ctrl")
-    assert main(["inspect", str(tmp_path / "ctrl")]) == 0
+    # GPT-1's fused q/k/v and its MLP without a width field: no adapter is derived, tracing says why.
+    gpt = transformers.OpenAIGPTConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    transformers.OpenAIGPTLMHeadModel(gpt).save_pretrained(tmp_path / "openai-gpt")
+    assert main(["inspect", str(tmp_path / "openai-gpt")]) == 0
     out = capsys.readouterr().out
-    assert "handled by: tracing (no architecture adapter for model_type 'ctrl')" in out
-    assert "why no adapter: model_type 'ctrl' has no hand-written adapter and none could be derived" in out
-    assert "transformer.h.0.ffn.0" in out and "left alone because" in out
+    assert "handled by: tracing (no architecture adapter for model_type 'openai-gpt')" in out
+    assert "why no adapter: model_type 'openai-gpt' has no hand-written adapter and none could be derived" in out
+    assert "groups  channels" in out
     FAMILIES["llama"].build().save_pretrained(tmp_path / "llama")
     assert main(["inspect", str(tmp_path / "llama")]) == 0
     assert "handled by: the 'llama' architecture adapter" in capsys.readouterr().out

@@ -29,6 +29,7 @@ import copy
 import functools
 import inspect
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "n_inner",
         "ffn_dim",
         "d_ff",
+        "dff",
         "ffn_hidden_size",
         "hidden_dim",
         "inner_hidden_size",
@@ -111,26 +113,112 @@ def config_field(config_class: type[PretrainedConfig], canonical: str) -> str | 
     return next((alias for alias in ALIASES[canonical] if alias in values or alias in signature), None)
 
 
-def tiny_config(config_class: type[PretrainedConfig]) -> PretrainedConfig:
-    """The class's defaults shrunk by `TINY`: few layers, small widths, token ids inside the small vocabulary.
+#: The generic shrink rule for every other integer field, by what its name says it sizes (first match wins;
+#: a field is only ever made smaller). Applied to the config and, recursively, to every nested config.
+#: `None`: left as it is (ids, indices, windows, ...); an int: the cap; "layers" follows `TINY`'s layer count.
+LAYER_COUNT = r"(?:num_|n_)?(?:[a-z]+_)?layers?"
+SIZE_FIELDS: tuple[tuple[str, int | str | None], ...] = (
+    (r"token|_id$|_ids$|index|seed|divisible|offset|window|chunk|bucket|distance|sampl|length|scal|stride", None),
+    (LAYER_COUNT, "layers"),  # full match: num_hidden_layers, encoder_layers, n_layer
+    (r"size|dim|rank|d_model|n_embd|n_embed|d_ff|dff|n_inner|d_kv|kv_channels|d_state", "width"),
+    (r"per_tok|topk|top_k|(?:^|_)k$", 2),
+    (r"group", 1),  # expert groups (n_group, topk_group): one group of all experts
+    (r"shared_experts$|shared_expert_num", 1),
+    (r"expert", 4),  # num_experts, n_routed_experts, num_local_experts
+    (r"key_value_heads|kv_heads|head_kv|query_groups", TINY["num_key_value_heads"]),
+    (r"heads?$", TINY["num_attention_heads"]),
+)
+#: The cap of a field no name pattern covers but whose value a parameter shape of the tiny model shows.
+SHAPE_CAP = 32
+#: Widths by their name, for fields `SIZE_FIELDS` calls "width" (first match wins).
+WIDTHS: tuple[tuple[str, int], ...] = (
+    (r"vocab", TINY["vocab_size"]),
+    (r"max_position|_positions$|n_ctx|max_seq_len|context", TINY["max_position_embeddings"]),
+    (r"head_dim|head_size|d_head|dim_head|d_kv|kv_channels", TINY["head_dim"]),
+    (r"(?:intermediate|ffn|d_ff|dff|inner|mlp|feed_forward).*(?:moe|expert)|(?:moe|expert).*(?:intermediate|ffn)", 36),
+    (r"intermediate|ffn|d_ff|dff|inner|mlp|feed_forward", TINY["intermediate_size"]),
+    (r"rank", 20),
+    (r"state", 16),
+    (r"", TINY["hidden_size"]),
+)
 
-    Per-layer lists (`layer_types` and the like, named `*layer*`) keep their first entries."""
-    values = copy.deepcopy(default_values(config_class))
-    old_layers = values.get(config_field(config_class, "num_hidden_layers") or "", None)
-    for canonical, value in TINY.items():
-        name = config_field(config_class, canonical)
-        if name is not None:
-            values[name] = value
+
+def _role(name: str, head_dim: int) -> int | None:
+    """The cap `SIZE_FIELDS` / `WIDTHS` give an integer field called `name`, or None (left as it is)."""
+    for pattern, role in SIZE_FIELDS:
+        hit = re.fullmatch(pattern, name) if role == "layers" else re.search(pattern, name)
+        if hit and role == "width":
+            cap = next(cap for width, cap in WIDTHS if re.search(width, name))
+            return head_dim if cap == TINY["head_dim"] else cap
+        if hit:
+            return TINY["num_hidden_layers"] if role == "layers" else role
+    return None
+
+
+def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str, shape_dims: frozenset = frozenset()):
+    """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
+    integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
+    layer count, token ids into the small vocabulary; nested configs (dicts of the class's `sub_configs`, or
+    holding a `model_type`) the same way."""
+    old, canonical_names = dict(values), set()
+    if config_class is not None:  # the canonical fields take `TINY`'s values exactly (set even where None)
+        for canonical, value in TINY.items():
+            name = config_field(config_class, canonical)
+            if name is not None:
+                values[name] = head_dim if canonical == "head_dim" else value
+                canonical_names.add(name)
+    sub_configs = getattr(config_class, "sub_configs", None) or {}
+    for key, value in list(values.items()):
+        if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
+            sub_class = sub_configs.get(key)
+            sub_class = sub_class if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) else None
+            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims)
+        elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
+            cap = _role(key, head_dim)
+            if cap is None and value in shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
+                cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
+            if isinstance(cap, int) and value > cap:
+                values[key] = cap
+    layer_fields = [key for key in values if re.fullmatch(LAYER_COUNT, key)]
+    layer_fields += [config_field(config_class, "num_hidden_layers")] if config_class is not None else []
+    counts = {(old[k], values[k]) for k in layer_fields if isinstance(old.get(k), int) and old[k] != values[k]}
     vocab = TINY["vocab_size"]
     for key, value in values.items():
         if key.endswith("token_id") and isinstance(value, int) and value >= vocab:
             values[key] = vocab - 1
         elif key.endswith("token_id") and isinstance(value, list):
             values[key] = [v if v < vocab else vocab - 1 for v in value]
-        elif "layer" in key and isinstance(value, list) and old_layers and len(value) == old_layers:
-            values[key] = value[: TINY["num_hidden_layers"]]
+        for before, after in counts:  # per-layer lists and {layer index: ...} dicts follow the layer count
+            if isinstance(value, list) and len(value) == before:
+                values[key] = value[:after]
+            elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+                values[key] = {k: v for k, v in value.items() if int(k) < after}
+    for key, value in values.items():
+        if isinstance(old.get(key), int) and isinstance(value, int) and old[key] != value and not key.endswith("_id"):
+            changed[path + key] = (old[key], value)
+
+
+def tiny_config(config_class: type[PretrainedConfig], head_dim: int = TINY["head_dim"]) -> PretrainedConfig:
+    """The class's defaults shrunk by one generic rule: `TINY` for the fields `ALIASES` names, `SIZE_FIELDS`
+    for every other integer field that sizes a weight (nested configs too); per-layer lists keep their
+    first entries. `changed_fields` says which fields it changed."""
+    config, _ = _tiny_config(config_class, head_dim)
+    return config
+
+
+def _tiny_config(config_class, head_dim: int, shape_dims: frozenset = frozenset()) -> tuple[PretrainedConfig, dict]:
+    """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
+    first tiny model too large), also every integer field no name pattern covers whose value is one of them."""
+    values = copy.deepcopy(default_values(config_class))
+    changed: dict[str, tuple[int, int]] = {}
+    _shrink(config_class, values, head_dim, changed, "", shape_dims)
     values.pop("transformers_version", None)
-    return config_class.from_dict(values)
+    return config_class.from_dict(values), changed
+
+
+def changed_fields(config_class: type[PretrainedConfig]) -> dict[str, tuple[int, int]]:
+    """Dotted field name → (default, tiny) for every integer field the shrink rule changed."""
+    return _tiny_config(config_class, TINY["head_dim"])[1]
 
 
 def tiny_model_class(config_class: type[PretrainedConfig]) -> type[nn.Module]:
@@ -153,17 +241,16 @@ def tiny_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.T
 
 
 def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.Module, dict]:
-    """A tiny random instance (eval mode; norms and biases perturbed so masking bugs show) and its inputs."""
+    """A tiny random instance (eval mode; norms and biases perturbed so masking bugs show) and its inputs.
+
+    The config is `tiny_config`'s; where the class refuses a head size of its own (`d_head` must be
+    `d_model / n_head`), it is retried with `head_dim` = `hidden_size / num_attention_heads`. The model is
+    built on the meta device first to count its parameters without allocating them (`tiny_size`)."""
     try:
-        config = tiny_config(config_class)
         model_class = tiny_model_class(config_class)
-        with torch.device("meta"):  # shapes only: refuse a shrink that left the model large before allocating it
-            size = sum(p.numel() for p in model_class(config).parameters())
-        if size > MAX_TINY_PARAMETERS:
-            raise DerivedAdapterError(
-                f"{config_class.__name__}: the generic shrink leaves {size:,} parameters (> {MAX_TINY_PARAMETERS:,}): "
-                "some width or count field of this config is not one `ALIASES` knows."
-            )
+        config, shape_fields = tiny_size(config_class, model_class)
+        if shape_fields:
+            warnings.warn(f"{config_class.__name__}: shrunk by parameter shape only: {shape_fields}", stacklevel=2)
         torch.manual_seed(seed)
         model = model_class(config).eval()
     except DerivedAdapterError:
@@ -178,6 +265,40 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
             if "norm" in name.lower() or name.endswith("bias"):
                 parameter.add_(0.1 * torch.randn_like(parameter))
     return model, tiny_inputs(model, config)
+
+
+def meta_size(model_class: type[nn.Module], config: PretrainedConfig) -> tuple[int, set[int]]:
+    """Parameter count and every dimension of every parameter shape of `model_class(config)`, built on the
+    meta device (shapes only, nothing allocated)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    shapes = [p.shape for p in model.parameters()]
+    return sum(shape.numel() for shape in shapes), {d for shape in shapes for d in shape}
+
+
+def tiny_size(config_class, model_class) -> tuple[PretrainedConfig, dict]:
+    """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
+    parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
+    error = None
+    for head_dim in (TINY["head_dim"], TINY["hidden_size"] // TINY["num_attention_heads"]):
+        try:
+            config, changed = _tiny_config(config_class, head_dim)
+            size, dims = meta_size(model_class, config)
+        except Exception as caught:  # a divisibility or consistency check of the class: try the next head size
+            error = error or caught
+            continue
+        if size <= MAX_TINY_PARAMETERS:
+            return config, {}
+        before = changed
+        config, changed = _tiny_config(config_class, head_dim, frozenset(dims))
+        size, _ = meta_size(model_class, config)
+        if size <= MAX_TINY_PARAMETERS:
+            return config, {key: value for key, value in changed.items() if key not in before}
+        raise DerivedAdapterError(
+            f"{config_class.__name__}: the generic shrink leaves {size:,} parameters (> {MAX_TINY_PARAMETERS:,}): "
+            "some width or count field of this config is not one `SIZE_FIELDS` knows, nor a parameter shape shows."
+        )
+    raise error
 
 
 def first_line(error: BaseException) -> str:
@@ -231,6 +352,8 @@ def reach(model: nn.Module, inputs: dict, block: nn.Module, producer: str, chann
     model_output(model, inputs)
     for handle in handles:
         handle.remove()
+    if len(seen) < 2:  # the consumer never runs on these inputs (cross-attention without an encoder): unreached
+        return set()
     base, moved = seen[0], seen[1]
     scale = base.abs().max().clamp(min=1e-3)
     changed = ((moved - base).abs() > 1e-6 * scale).reshape(-1, base.shape[-1]).any(0)
@@ -332,8 +455,21 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     if not isinstance(hidden, int):
         raise DerivedAdapterError(f"{config_class.__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
     _derive_attention(found, model, inputs, block, projections, hidden)
-    _derive_mlp(found, model, inputs, block, projections, hidden)
+    experts = _experts(model.get_submodule(layers_name))
+    if experts:
+        found.refuse({"neurons", "mlp_branches"}, f"mixture-of-experts MLP ({experts}): experts are issue 16")
+    else:
+        _derive_mlp(found, model, inputs, block, projections, hidden)
     return found, model, inputs
+
+
+def _experts(layers: nn.ModuleList) -> str | None:
+    """The first module of any block whose name says it holds experts (`experts`, `shared_expert`, ...)."""
+    for index, block in enumerate(layers):
+        for name, _ in block.named_modules():
+            if "expert" in name.rpartition(".")[2].lower():
+                return f"{index}.{name}"
+    return None
 
 
 def _value(config: PretrainedConfig, canonical: str):
