@@ -83,3 +83,13 @@ class PushError(HFPruneError):
 class TracingError(UsageError):
     """Tracing found nothing the request can prune, or a cut would not reproduce the masked model
     (the forward uses sizes the graph does not show); the message names the groups involved."""
+
+
+class MissingDependencyError(UsageError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it
+    (`pip install "hf_prune[eval]"` for lm-evaluation-harness tasks)."""
+
+
+class UnknownTaskError(UsageError, ValueError):
+    """An evaluation task name neither the project nor lm-evaluation-harness knows; the message lists
+    the local tasks and how to list the harness's."""

@@ -1,4 +1,5 @@
-"""Quality, size and speed measurements (kept in the package: `evaluate`'s perplexity reloads models by name)."""
+"""Quality, size and speed measurements: perplexity under the project's WikiText-2 protocol, parameter and FLOP
+counts, latency, image top-1 (kept in the package: `evaluate`'s perplexity reloads models by name)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .calibration.data import wikitext2_test_text
-from .calibration.images import pixel_values
-from .groups import get_adapter
+from ..calibration.data import wikitext2_test_text
+from ..calibration.images import pixel_values
+from ..groups import get_adapter
 
 #: The project's WikiText-2 protocol (dense SmolLM2-135M-Instruct: 29.52 at 80 windows).
 WIKITEXT2_DATASET = "Salesforce/wikitext"
