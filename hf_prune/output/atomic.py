@@ -48,3 +48,18 @@ def write_atomically(folder: str | os.PathLike, write, overwrite: bool = False) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def write_file_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then move it into place: readers see the old
+    file or the new one, never a partial one."""
+    path = Path(path)
+    handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return path

@@ -22,9 +22,11 @@ import transformers
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
+from ..errors import PrunedCheckpointError
 from ..evaluation import FLOPS_CONTEXT, flops_per_token, parameter_count
 from ..kinds import __version__
 from ..report import PruningReport
+from .atomic import write_file_atomically
 from .plots import PLOT_FILE, plot_kept_structure
 from .recipes import recipe_yaml
 from .remote_code import auto_classes
@@ -363,3 +365,73 @@ def write_model_card(folder: Path, inputs: CardInputs) -> None:
     plot_kept_structure(inputs.report, folder / PLOT_FILE)
     (folder / RECIPE_FILE).write_text(recipe_yaml(inputs.report.config))
     render_model_card(inputs).save(folder / "README.md")
+
+
+# --------------------------------------------------------------------------- `hf-prune eval --write-card`
+EVAL_SECTION_BEGIN = "<!-- hf-prune eval: begin -->"
+EVAL_SECTION_END = "<!-- hf-prune eval: end -->"
+
+
+def recorded_source(folder: str | os.PathLike) -> str | None:
+    """What the folder's card says the model was pruned from (the reproduce snippet's
+    `HFPruner.from_pretrained("...")`, else the metadata's `base_model`); None when it records neither."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    card = ModelCard.load(readme)
+    match = re.search(r'HFPruner\.from_pretrained\("([^"]+)"\)', card.text)
+    if match and match[1] != "BASE_MODEL":
+        return match[1]
+    return card.data.base_model if isinstance(card.data.base_model, str) else None
+
+
+def _result_key(result: EvalResult) -> tuple:
+    return (result.dataset_type, result.dataset_name, result.dataset_config, result.dataset_split, result.metric_type)
+
+
+def _eval_section(measurements: list[Measurement], command: str | None) -> str:
+    rows = [_change_row(m.metric, m.before, m.after, ",.4f") for m in measurements]
+    lines = [
+        EVAL_SECTION_BEGIN,
+        "## Evaluation with `hf-prune eval`",
+        "",
+        *([f"`{command}`", ""] if command else []),
+        "| metric | dense | pruned | change |",
+        "|---|---:|---:|---:|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+        "",
+        *(f"- {m.metric}: {m.protocol}" for m in measurements),
+        EVAL_SECTION_END,
+    ]
+    return "\n".join(lines)
+
+
+def add_eval_results(
+    folder: str | os.PathLike, measurements: list[Measurement], task_type: str = "text-generation", command=None
+) -> Path:
+    """Put `measurements` into the folder's card: each as a `model-index` result (replacing an earlier result
+    for the same data set, split and metric, keeping every other one) and as a table in the card's
+    "Evaluation with `hf-prune eval`" section (replaced when present, else appended). The rest of the card
+    is kept; README.md is rewritten atomically."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        raise PrunedCheckpointError(
+            f"{folder} has no README.md model card to write the results into; drop --write-card, or re-save the "
+            "folder with hf_prune to write one."
+        )
+    card = ModelCard.load(readme)
+    new = [m.eval_result(task_type) for m in measurements]
+    keys = {_result_key(result) for result in new}
+    card.data.eval_results = [r for r in card.data.eval_results or [] if _result_key(r) not in keys] + new
+    card.data.model_name = card.data.model_name or Path(folder).resolve().name
+    datasets = {*(card.data.datasets or []), *(m.dataset for m in measurements if m.dataset)}
+    card.data.datasets = sorted(datasets) or None
+    section = _eval_section(measurements, command)
+    text = card.text
+    if EVAL_SECTION_BEGIN in text and EVAL_SECTION_END in text:
+        before, rest = text.split(EVAL_SECTION_BEGIN, 1)
+        text = before + section + rest.split(EVAL_SECTION_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card.text = text
+    return write_file_atomically(readme, str(card))
