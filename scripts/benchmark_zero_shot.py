@@ -5,7 +5,10 @@ evaluation = `wikitext-2-raw/wiki.test.raw` (CRLF → LF), one tokenizer call wi
 non-overlapping 512-token window of the whole test split (589 windows; dense perplexity 30.00), the
 field's standard. `--windows N` is the quick mode: the first N windows only (dense, 80 windows: 29.52).
 `--split valid` evaluates on the last validation windows instead (`--windows N`: the last N): choose
-settings there, never on test (`--damping` sweeps the ridge).
+settings there, never on test (`--damping` sweeps the ridge). `--tasks wikitext2_lastword` adds downstream
+tasks to every row, dense included (`hf_prune.evaluation.evaluate_tasks`, lm-evaluation-harness; the offline
+`wikitext2_lastword` and `wikitext2_nextsentence`, or any harness task where the Hub is reachable), each on
+`--task-limit` examples; the tasks, the limit and the lm-eval version join the resume key.
 
 Resumable: finished rows are kept in the JSON file with every setting that changes the numbers
 (results_file.py), skipped on the next run with the same settings; other settings are refused.
@@ -14,6 +17,8 @@ reproduces the table, the settings and the table, and writes JSON (and the print
 
     python scripts/benchmark_zero_shot.py --rows mlp50 --output outputs/zero_shot.json
     python scripts/benchmark_zero_shot.py --model tiny --rows mlp25/magnitude --windows 2   # plumbing only
+    python scripts/benchmark_zero_shot.py --rows mlp25/obs+lstsq --windows 80 --tasks wikitext2_lastword \
+        --task-limit 200 --output outputs/zero_shot_tasks.json
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ import resource
 import time
 
 import torch
-from results_file import LANGUAGE_MODELS, language_model, open_results, package_versions
+from results_file import LANGUAGE_MODELS, PACKAGES, language_model, open_results, package_versions
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration.data import data_file, wikitext2_test_text
 from hf_prune.calibration.sources import token_windows
 from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.criteria import get_criterion
-from hf_prune.evaluation import parameter_count, perplexity
+from hf_prune.evaluation import evaluate_tasks, parameter_count, perplexity
 
 BUDGETS = {
     "mlp25": {"mlp_neurons": 0.25},
@@ -108,6 +113,14 @@ def evaluation_ids(tokenizer, split: str, windows: int | None) -> tuple[torch.Te
     return (ids[: count * SEQ_LEN] if split == "test" else ids[ids.numel() - count * SEQ_LEN :]), available
 
 
+def task_scores(model, tokenizer, setting: dict) -> dict:
+    """`{"TASK/METRIC": value}` for the `--tasks` of `setting` (empty without them)."""
+    if not setting.get("tasks"):
+        return {}
+    scores = evaluate_tasks(model, tokenizer, setting["tasks"], limit=setting["task_limit"])
+    return {"tasks": {f"{score.task}/{score.metric}": score.value for score in scores}}
+
+
 def hf_prune_row(base: HFPruner, row: dict, setting: dict, statistics, ids: torch.Tensor, dense: dict) -> dict:
     pruner = HFPruner(copy.deepcopy(base.model), tokenizer=base.tokenizer)
     start = time.perf_counter()
@@ -123,16 +136,17 @@ def hf_prune_row(base: HFPruner, row: dict, setting: dict, statistics, ids: torc
         "prune_seconds_without_calibration": seconds,
         "peak_rss_mb": peak_rss_mb(),
         "format": report.output_format,
+        **task_scores(pruner.model, base.tokenizer, setting),
     }
 
 
-def torch_pruning_row(base: HFPruner, row: dict, num_samples: int, ids: torch.Tensor, dense: dict) -> dict:
+def torch_pruning_row(base: HFPruner, row: dict, setting: dict, ids: torch.Tensor, dense: dict) -> dict:
     """The same budget with Torch-Pruning (its MetaPruner, magnitude or Taylor importance); a failure
     is recorded in the row, with the error and the seconds it took."""
     # The optional `bench` extra: imported here so hf_prune rows run without it.
     from torch_pruning_baseline import prune_with_torch_pruning
 
-    config = PruningConfig(num_samples=num_samples)
+    config = PruningConfig(num_samples=setting["num_samples"])
     windows = token_windows(config.calibration, base.tokenizer, config.num_samples, config.seq_len, config.seed)
     model = copy.deepcopy(base.model)
     row = {**row, "torch_pruning_version": package_versions(("torch-pruning",))["torch-pruning"]}
@@ -151,6 +165,7 @@ def torch_pruning_row(base: HFPruner, row: dict, num_samples: int, ids: torch.Te
         "prune_seconds_without_calibration": seconds,
         "peak_rss_mb": peak_rss_mb(),
         "format": "pickle only (torch-pruning does not update the config)",
+        **task_scores(model, base.tokenizer, setting),
     }
 
 
@@ -172,6 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--damping", type=float, default=PruningConfig.damping, help="PruningConfig.damping, every row"
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--tasks", default="", help="comma-separated tasks for every row (evaluate_tasks), e.g. wikitext2_lastword"
+    )
+    parser.add_argument("--task-limit", type=int, default=None, help="examples per task (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -196,11 +215,15 @@ def main(argv: list[str] | None = None) -> dict:
         "damping": args.damping,
         "threads": args.threads,
     }
-    results = open_results(args.output, setting, __file__, argv, parser)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if tasks:  # only then: files written without tasks resume as before
+        setting |= {"tasks": tasks, "task_limit": args.task_limit}
+    packages = (*PACKAGES, "lm-eval") if tasks else PACKAGES
+    results = open_results(args.output, setting, __file__, argv, parser, packages)
     todo = [name for name in wanted if name not in results]
     if "dense" not in results:
         dense = {"perplexity": perplexity(base.model, ids), "parameters": parameter_count(base.model)}
-        results.save_row("dense", dense)
+        results.save_row("dense", {**dense, **task_scores(base.model, base.tokenizer, setting)})
 
     def needs_statistics(name: str) -> bool:
         row = table[name]
@@ -223,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.info["calibration_seconds"] = time.perf_counter() - start
         dense = results.rows["dense"]
         if "torch_pruning" in table[name]:
-            row = torch_pruning_row(base, table[name], args.num_samples, ids, dense)
+            row = torch_pruning_row(base, table[name], setting, ids, dense)
         else:
             statistics_for_row = statistics if needs_statistics(name) else None
             row = hf_prune_row(base, table[name], setting, statistics_for_row, ids, dense)
@@ -245,21 +268,40 @@ def table_text(results: dict, wanted: list[str], setting: dict, available: int) 
         scope = f"the whole split, {windows} windows"
     else:
         scope = f"the {'first' if setting['split'] == 'test' else 'last'} {windows} of {available} windows"
+    # One column per task: its accuracy (the first metric when it has none).
+    columns = {}
+    for key in results["dense"].get("tasks", {}):
+        task, metric = key.split("/", 1)
+        if task not in columns or metric == "acc":
+            columns[task] = key
+    task_header = "".join(f" {task:>{max(len(task), 8)}}" for task in columns)
     lines = [
         f"{setting['model']}, WikiText-2 {setting['split']}, {scope} of {SEQ_LEN} tokens; "
         f"dense perplexity {results['dense']['perplexity']:.2f}",
-        f"{'row':32} {'params':>12} {'perplexity':>12} {'× dense':>9} {'prune s':>8} {'peak MB':>8}",
+        f"{'row':32} {'params':>12} {'perplexity':>12} {'× dense':>9} {'prune s':>8} {'peak MB':>8}{task_header}",
     ]
-    for name in wanted:
+    if columns:
+        limit = setting.get("task_limit")
+        lines.insert(1, f"tasks: {', '.join(columns.values())}, {f'first {limit}' if limit else 'all'} examples")
+    names = ["dense"] if columns else []
+    for name in names + [name for name in wanted if name != "dense"]:
         row = results.get(name)
         if row is None:
             continue
         if "error" in row:
             lines.append(f"{name:32} failed: {row['error']}")
+            continue
+        cells = "".join(
+            f" {row.get('tasks', {}).get(key, float('nan')):>{max(len(t), 8)}.4f}" for t, key in columns.items()
+        )
+        if name == "dense":
+            lines.append(
+                f"{name:32} {row['parameters']:>12,} {row['perplexity']:>12.2f} {1:>9.3f} {'':>8} {'':>8}{cells}"
+            )
         else:
             lines.append(
                 f"{name:32} {row['parameters']:>12,} {row['perplexity']:>12.2f} {row['ratio']:>9.3f} "
-                f"{row['prune_seconds_without_calibration']:>8.1f} {row['peak_rss_mb']:>8.0f}"
+                f"{row['prune_seconds_without_calibration']:>8.1f} {row['peak_rss_mb']:>8.0f}{cells}"
             )
     return "\n".join(lines)
 

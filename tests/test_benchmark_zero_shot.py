@@ -86,3 +86,34 @@ def test_tiny_rows_resume_and_other_settings_are_refused(zero_shot, tmp_path, ca
     with pytest.raises(SystemExit):
         zero_shot.main([*argv, "--damping", "0.01"])
     assert "damping: 0.02 in the file, 0.01 here" in capsys.readouterr().err
+
+
+def test_tasks_join_every_row_and_the_resume_key(zero_shot, tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path / "cache"))
+    output = tmp_path / "tasks.json"
+    argv = [
+        "--model",
+        "tiny",
+        "--rows",
+        "mlp25/magnitude",
+        "--windows",
+        "1",
+        "--threads",
+        "1",
+        "--output",
+        str(output),
+    ]
+    rows = zero_shot.main([*argv, "--tasks", "wikitext2_lastword", "--task-limit", "2"])
+    for name in ("dense", "mlp25/magnitude"):
+        assert set(rows[name]["tasks"]) == {"wikitext2_lastword/acc", "wikitext2_lastword/perplexity"}
+    stored = json.loads(output.read_text())["settings"]
+    assert (stored["tasks"], stored["task_limit"]) == (["wikitext2_lastword"], 2) and "lm-eval" in stored["packages"]
+    printed = capsys.readouterr().out
+    assert "tasks: wikitext2_lastword/acc, first 2 examples" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("row "))
+    assert header.endswith("wikitext2_lastword")
+    dense_line = next(line for line in printed.splitlines() if line.startswith("dense "))
+    assert dense_line.endswith(f"{rows['dense']['tasks']['wikitext2_lastword/acc']:.4f}")
+    with pytest.raises(SystemExit):
+        zero_shot.main([*argv, "--tasks", "wikitext2_lastword", "--task-limit", "3"])
+    assert "task_limit: 2 in the file, 3 here" in capsys.readouterr().err
