@@ -72,8 +72,18 @@ def core_requirements() -> set[str]:
 
 
 def extra_requirements(*extras: str) -> set[str]:
+    """The requirements of `extras` (default: all), an extra that names this package's own extras
+    (`hf_prune[eval]`) read through to theirs."""
     optional = PYPROJECT.get("optional-dependencies", {})
-    return {_requirement_name(r) for extra in extras or optional for r in optional[extra]}
+    found = set()
+    for extra in extras or optional:
+        for requirement in optional[extra]:
+            name = _requirement_name(requirement)
+            if name == _normalise(PYPROJECT["name"]):
+                found |= extra_requirements(*re.search(r"\[(.*)\]", requirement)[1].replace(" ", "").split(","))
+            else:
+                found.add(name)
+    return found
 
 
 def test_package_imports_are_declared():
