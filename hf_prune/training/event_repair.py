@@ -6,7 +6,7 @@ matrix `G = Σ x xᵀ` of their input over the training micro-batches (training-
 enabled: evaluation batches never count; every micro-batch of an accumulated step does), with the one-shot
 prune's accumulator (`calibration.statistics.ChannelStatistics`). When an event masks new groups, every
 consumer whose removed channels grew is refitted in place by the one-shot prune's least-squares step
-(`repair.least_squares.refit_consumer`, docs/methods.md §4.1):
+(`repair.least_squares.refit_consumer`, docs/methods.md §4.1, §6.5):
 
     W'_S = W G[:, S] (G[S, S] + λI)⁻¹,    λ = damping · mean diag(G[S, S]) / count,
 
