@@ -5,7 +5,12 @@ consumer's output error on held-out batches; gradient accumulation and resume re
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +252,20 @@ def test_repair_refusals_name_the_fix(tmp_path):
     trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=dataset(), callbacks=[pruning])
     with pytest.raises(UsageError, match=r"or use repair='none' with LoRA"):
         trainer.train()
+
+
+def test_torchrun_processes_refit_alike(tmp_path):
+    """Two CPU processes (gloo) see different batches; the Gram sums are added across processes before each
+    refit, so both refit to the same weights (local Grams would make the replicas drift apart)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    job = Path(__file__).with_name("ddp_callback_job.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(job), str(tmp_path)]
+    process = subprocess.run(
+        [*command, "repair"], capture_output=True, text=True, timeout=300, env=environment, cwd=job.parent
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first["world_size"] == 2 and first["plan"] == second["plan"]
+    for ours, theirs in zip(first["consumers"], second["consumers"]):  # (o_proj, down_proj) per layer
+        for a, b in zip(ours, theirs):
+            assert torch.equal(torch.tensor(a), torch.tensor(b))
