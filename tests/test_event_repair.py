@@ -53,14 +53,15 @@ class CutEqualsMaskedAtEvents(TrainerCallback):
         self.checked.append(state.global_step)
 
 
-def test_cut_equals_masked_after_every_event_with_repair(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cut_equals_masked_after_every_event_with_repair(tmp_path, bf16):
     config = PruningConfig(**TARGETS["llama"])
     pruning = PruningCallback(config, SCHEDULE, repair="lstsq", pruned_dir=None)
     check = CutEqualsMaskedAtEvents(pruning, config)
     before = MaskedLogits()
     trainer = Trainer(
         model=FAMILIES["llama"].build(),
-        args=arguments(tmp_path, max_steps=5),
+        args=arguments(tmp_path, max_steps=5, bf16=bf16),  # bf16: the Grams come from bf16 autocast inputs
         train_dataset=dataset(),
         callbacks=[before, pruning, check],
     )

@@ -50,7 +50,11 @@ _OUTCOME = "No consumer was refitted at this pruning event."
 def _record(accumulator: ChannelStatistics):
     def hook(module: nn.Module, args: tuple) -> None:
         if module.training and torch.is_grad_enabled():
-            accumulator.add(channels_last(module, args[0]))
+            x = args[0]
+            # Outside the run's autocast: a bf16 xᵀx would lose the Gram's positive definiteness (-1e-4 eigenvalues
+            # against a 1e-6 ridge on the tiny test model); the accumulator's float32 blocks stay float32.
+            with torch.autocast(x.device.type, enabled=False):
+                accumulator.add(channels_last(module, x))
 
     return hook
 
