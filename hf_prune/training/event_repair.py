@@ -21,11 +21,15 @@ Cost: one float64 Gram per consumer, `width² × 8` bytes, `width` being the con
 intermediate size for neurons, heads × head_dim for heads): for SmolLM2-135M with MLP neurons pruned,
 30 × 1536² × 8 B = 566 MB (and 30 × 576² × 8 B = 80 MB more when heads are pruned too). Each training token
 adds about (5/8)·width² multiply-adds per consumer (`calibration.statistics.add_gram`), forward only; each
-event solves one Cholesky system of the kept width per consumer. Trainer checkpoints save the accumulators
+event solves one Cholesky system of the kept width per consumer. With events every step (the default
+`frequency=1`) a refit sees one optimizer step's tokens: fewer than the consumer's width, it can only fit
+those (a warning says so); prune less often or raise `damping` then. Trainer checkpoints save the accumulators
 (the same size on disk) so that a resumed run refits exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -40,6 +44,8 @@ from ..groups.base import channels_last
 from ..kinds import DAMPING
 from ..plan import PruningPlan
 from ..repair.least_squares import refit_consumer, removed_channels
+
+logger = logging.getLogger(__name__)
 
 #: The statistics a refit reads, as saved in a checkpoint (`count` as a one-element tensor).
 _FIELDS = ("total", "squares", "gram")
@@ -69,6 +75,7 @@ class EventRepair:
         self.damping = damping
         self.statistics = CalibrationStatistics(requirements=frozenset({"moments", "mlp_gram"}))
         self._handles: dict[tuple[int, Branch], RemovableHandle] = {}
+        self._warned = False  # one warning per run about refits from fewer tokens than channels
         for index, layer in enumerate(adapter.layers(model)):
             for branch in branches:
                 if not adapter.has_branch(layer, branch):
@@ -99,6 +106,18 @@ class EventRepair:
                 continue
             refit_consumer(layer, self.adapter, layer_plan, branch, stats, "lstsq", damping=self.damping)
             refitted.append((index, branch))
+            width = stats.total.numel()
+            if stats.count < width and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "repair='lstsq' refitted layer %d's %s consumer from %d tokens, fewer than its %d input channels: "
+                    "the refit can fit those tokens only; prune less often (PruningSchedule(frequency=...)), train "
+                    "on more tokens per step, or raise PruningConfig(damping=...).",
+                    index,
+                    branch,
+                    stats.count,
+                    width,
+                )
         self.drop_removed(plan)
         self.reset()
         return refitted
