@@ -197,13 +197,24 @@ class HFPruner:
         `statistics` reuses one calibration pass (`hf_prune.calibration.statistics.collect_statistics` on this
         same dense model) across several prunes, as the benchmarks do.
         """
+        config, plan, calibration = self.plan_and_repair(config, statistics=statistics, **kwargs)
+        return self.apply(plan, config, calibration=calibration)
+
+    def plan_and_repair(
+        self, config: PruningConfig | None = None, *, statistics: CalibrationStatistics | None = None, **kwargs
+    ) -> tuple[PruningConfig, PruningPlan, dict | None]:
+        """`prune` without the cut: score, plan and repair in place (the repairs write into the kept weights,
+        the layer-by-layer modes leave the pruned layers masked). Returns the config, the plan and the
+        calibration summary; `apply(plan, config, calibration)` then cuts what masking the model with the plan
+        (`hf_prune.masking.apply_masks`) computes. The `PruningCallback`'s one-shot schedule at step 0 masks
+        here and trains before it cuts."""
         config, targets, criteria = self.validated(config, kwargs)
         # Shapes depend on the counts (uniform) or mostly so: a random ranking tells the format before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
         check_finite_weights(self.model.named_parameters())
 
         if config.propagate != "unpruned":
-            return self._prune_layer_by_layer(config, targets, criteria, statistics)
+            return config, *self._prune_layer_by_layer(config, targets, criteria, statistics)
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size, damping=config.damping)
         requirements = statistics_requirements(criteria, config, targets)
         if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
@@ -244,7 +255,7 @@ class HFPruner:
         if context.statistics is not None:
             windows = len(context.windows) if context.windows is not None else config.num_samples
             calibration = calibration_summary(config, windows, context.statistics.tokens)
-        return self.apply(plan, config, calibration=calibration)
+        return config, plan, calibration
 
     def _calibration_windows(self, config: PruningConfig):
         """The config's calibration windows (token ids, or pixel batches for image models)."""
@@ -254,8 +265,9 @@ class HFPruner:
 
     def _prune_layer_by_layer(
         self, config: PruningConfig, targets: RemovalCounts, criteria: dict[str, Criterion], statistics
-    ) -> PruningReport:
-        """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`)."""
+    ) -> tuple[PruningPlan, dict]:
+        """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`);
+        returns the plan (the model masked in place) and the calibration summary."""
         if statistics is not None:
             raise InvalidPruningTargetError(
                 f"statistics=... holds the dense model's one-pass measurements, which propagate={config.propagate!r} "
@@ -275,7 +287,7 @@ class HFPruner:
         plan = prune_layer_by_layer(
             self.model, self.adapter, config, criteria, targets, windows, toward_dense=config.propagate == "both"
         )
-        return self.apply(plan, config, calibration=calibration_summary(config, len(windows), batch_tokens([windows])))
+        return plan, calibration_summary(config, len(windows), batch_tokens([windows]))
 
     def write_companions(self, folder: Path, decision: FormatDecision, model_id: str) -> None:
         """Everything a saved folder holds beside its weights and config: the loader-format files when

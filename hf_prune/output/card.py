@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,8 @@ from .remote_code import auto_classes
 
 TEMPLATE_FILE = "pruned_model_card.md"
 RECIPE_FILE = "hf_prune_recipe.yaml"
+#: What the card's snippet names when the source is unknown (a model pruned in memory).
+SOURCE_PLACEHOLDER = "BASE_MODEL"
 TAGS = ["pruned", "structured-pruning", "hf_prune"]
 _PIPELINE_TAGS = {
     "AutoModelForCausalLM": "text-generation",
@@ -350,7 +353,7 @@ def render_model_card(inputs: CardInputs) -> ModelCard:
         quality_rows=[_change_row(m.metric, m.before, m.after, ",.2f") for m in quality],
         quality_protocols=[f"{m.metric}: {m.protocol}" for m in quality],
         command=facts.command,
-        source=facts.source or "BASE_MODEL",
+        source=facts.source or SOURCE_PLACEHOLDER,
         source_weights=facts.source_weights,
         recipe_file=RECIPE_FILE,
         recipe=recipe_yaml(report.config),
@@ -363,3 +366,32 @@ def write_model_card(folder: Path, inputs: CardInputs) -> None:
     plot_kept_structure(inputs.report, folder / PLOT_FILE)
     (folder / RECIPE_FILE).write_text(recipe_yaml(inputs.report.config))
     render_model_card(inputs).save(folder / "README.md")
+
+
+def recorded_source(folder: str | os.PathLike) -> str | None:
+    """The model a saved folder was pruned from, as its card records it: the metadata's `base_model` (a Hub
+    repo), else the `--model` of the `hf-prune prune` command in "Reproduce", else the path in its
+    `HFPruner.from_pretrained("...")` snippet; `None` when the card names none (no README.md, a model
+    pruned in memory, or a card written by the `PruningCallback`, whose snippet names no model)."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        card = ModelCard.load(readme)
+    except (OSError, ValueError):
+        return None
+    base = card.data.base_model
+    if base:
+        return base if isinstance(base, str) else base[0]
+    command = re.search(r"^hf-prune prune (.+)$", card.text, re.MULTILINE)
+    if command:
+        words = shlex.split(command.group(1))
+        for index, word in enumerate(words):
+            if word == "--model" and index + 1 < len(words):
+                return words[index + 1]
+            if word.startswith("--model="):
+                return word.split("=", 1)[1]
+    snippet = re.search(r'HFPruner\.from_pretrained\("([^"]+)"\)', card.text)
+    if snippet and snippet.group(1) != SOURCE_PLACEHOLDER:
+        return snippet.group(1)
+    return None
