@@ -147,13 +147,14 @@ def test_end_to_end_without_hand_written_adapter(model_type, root):
 
 
 @pytest.mark.parametrize("config_class", [transformers.Qwen3MoeConfig, transformers.Glm4MoeConfig])
-def test_mixture_of_experts_mlp_is_refused_attention_and_layers_verified(config_class):
-    """Built only since the shrink caps experts and their widths: heads, KV groups and layers verify (cut ==
-    masked), the MoE MLP is refused saying why."""
+def test_mixture_of_experts_verified_whole_moe_blocks_refused(config_class):
+    """Built only since the shrink caps experts and their widths: heads, KV groups, layers, routed experts and
+    the neurons inside them verify (cut == masked; tests/test_experts.py checks experts against plain torch);
+    removing whole MoE blocks is refused saying why."""
     derivation = verified_derivation(config_class)
-    assert {"heads", "kv_groups", "layers"} <= derivation.kinds
-    for kind in ("neurons", "mlp_branches"):
-        assert "mixture-of-experts MLP" in derivation.refused[kind] and "issue 16" in derivation.refused[kind]
+    assert {"heads", "kv_groups", "layers", "experts", "neurons"} <= derivation.kinds, derivation.refused
+    refusal = derivation.refused["mlp_branches"]
+    assert "mixture-of-experts MLP" in refusal and "issue 16" in refusal
 
 
 #: Fields a tiny model may not use (cross-attention stacks of a decoder-only head, a dense width of an all-MoE

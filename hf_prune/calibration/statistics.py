@@ -10,7 +10,10 @@ On convolutional families that prune stage channels, `moments` also records the 
 every stage's output channel (`streams`), and `stream_gram` the Gram matrix of the stream channels
 at every module that reads them (`stream_consumers`, for their least-squares repair). Without
 gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
-classifier's input. Under torchrun each process runs its share of the batches and the sums are
+classifier's input. In mixture-of-experts layers `routing` records, per routed expert, how many tokens
+the router sent to it and the sum of its gate weights; `expert_norms` also the sum of `g_j(x)·‖f_j(x)‖`
+over those tokens (each routed token's expert output computed once more, by the experts module itself).
+Under torchrun each process runs its share of the batches and the sums are
 added across processes (`hf_prune.calibration.distributed`).
 
 Method notes and sources: docs/methods.md §2.
@@ -33,8 +36,16 @@ from ..groups.base import channels_last
 from .distributed import local_share, sum_across_processes, sum_numbers
 from .loss import calibration_loss
 
-Requirement = Literal["moments", "mlp_gram", "influence", "gradients", "stream_gram"]
-REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients", "stream_gram")
+Requirement = Literal["moments", "mlp_gram", "influence", "gradients", "stream_gram", "routing", "expert_norms"]
+REQUIREMENTS: tuple[Requirement, ...] = (
+    "moments",
+    "mlp_gram",
+    "influence",
+    "gradients",
+    "stream_gram",
+    "routing",
+    "expert_norms",
+)
 
 
 #: Channel blocks of a Gram matrix: only the blocks on and above the diagonal are multiplied.
@@ -96,6 +107,62 @@ class ChannelStatistics:
 
 
 @dataclass
+class RoutingStatistics:
+    """What the router of one mixture-of-experts layer did over the calibration tokens, per routed expert."""
+
+    #: tokens the router saw
+    tokens: int = 0
+    #: tokens routed to each expert (one of its top-k)
+    selected: torch.Tensor | None = None
+    #: Σ over tokens of each expert's gate weight (0 where not routed)
+    gate: torch.Tensor | None = None
+    #: Σ over the tokens routed to each expert of gate weight × ‖expert output‖ (`expert_norms` only)
+    weighted_norm: torch.Tensor | None = None
+
+    def add(self, indices: torch.Tensor, weights: torch.Tensor, count: int, norms: torch.Tensor | None) -> None:
+        """One batch: `indices` and `weights` (tokens × top-k), `norms` ‖f_j(x)‖ per (token, choice)."""
+        if self.selected is None:
+            self.selected, self.gate = (torch.zeros(count, dtype=torch.float64, device=indices.device) for _ in "ab")
+            if norms is not None:
+                self.weighted_norm = torch.zeros(count, dtype=torch.float64, device=indices.device)
+        flat, gates = indices.reshape(-1), weights.reshape(-1).double()
+        self.tokens += indices.shape[0]
+        self.selected.index_add_(0, flat, torch.ones_like(gates))
+        self.gate.index_add_(0, flat, gates)
+        if norms is not None:
+            self.weighted_norm.index_add_(0, flat, gates * norms.reshape(-1).double())
+
+
+def routing_hook(accumulator: RoutingStatistics, count: int, norms: bool):
+    """A forward hook on an experts module called as `experts(hidden, top_k_index, top_k_weights)` (the
+    fused layout): accumulate its routing, and with `norms` each routed token's expert output norm, from
+    one more call of the module on (token, expert) pairs with weight 1."""
+    running = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        if running:  # the norm call below re-enters the module
+            return
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        hidden = tensors[0]
+        indices = next(t for t in tensors[1:] if not t.is_floating_point())
+        weights = next(t for t in tensors[1:] if t.is_floating_point() and t.shape == indices.shape)
+        expert_norms = None
+        if norms:
+            top_k = indices.shape[-1]
+            pairs = hidden.reshape(-1, hidden.shape[-1]).repeat_interleave(top_k, dim=0)
+            running.append(True)
+            try:
+                with torch.no_grad():
+                    outputs = module(pairs, indices.reshape(-1, 1), torch.ones_like(weights.reshape(-1, 1)))
+            finally:
+                running.pop()
+            expert_norms = _first(outputs).float().norm(dim=-1)
+        accumulator.add(indices.detach(), weights.detach().float(), count, expert_norms)
+
+    return hook
+
+
+@dataclass
 class CalibrationStatistics:
     """Everything one calibration pass measured, keyed by (original) layer index."""
 
@@ -109,6 +176,8 @@ class CalibrationStatistics:
     #: Σ over batches of the gradient, and of its square, per (layer, parameter name in the layer).
     gradient_sum: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     gradient_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: layer → what its router did (mixture-of-experts layers; `routing`, `expert_norms`)
+    routing: dict[int, RoutingStatistics] = field(default_factory=dict)
     batches: int = 0
     tokens: int = 0
     #: what was collected, so a reuse can check it has what its criteria need.
@@ -178,15 +247,21 @@ def sum_statistics(stats: CalibrationStatistics) -> None:
     accumulators += [stats.streams[stage] for stage in sorted(stats.streams)]
     accumulators += [stats.stream_consumers[name] for name in sorted(stats.stream_consumers)]
     gradient_keys = sorted(stats.gradient_sum)
+    routers = [stats.routing[key] for key in sorted(stats.routing)]
     sum_across_processes(
         [t for acc in accumulators for t in (acc.total, acc.squares, acc.gram) if t is not None]
         + [stats.gradient_sum[key] for key in gradient_keys]
         + [stats.gradient_squares[key] for key in gradient_keys]
+        + [t for r in routers for t in (r.selected, r.gate, r.weighted_norm) if t is not None]
     )
-    counts = sum_numbers([stats.batches, stats.tokens] + [acc.count for acc in accumulators])
+    counts = sum_numbers(
+        [stats.batches, stats.tokens] + [acc.count for acc in accumulators] + [r.tokens for r in routers]
+    )
     stats.batches, stats.tokens = int(counts[0]), int(counts[1])
-    for acc, count in zip(accumulators, counts[2:]):
+    for acc, count in zip(accumulators, counts[2 : 2 + len(accumulators)]):
         acc.count = int(count)
+    for router, count in zip(routers, counts[2 + len(accumulators) :]):
+        router.tokens = int(count)
 
 
 def register_layer_hooks(
@@ -201,8 +276,8 @@ def register_layer_hooks(
     handles = []
     if stats.requirements & {"moments", "mlp_gram"}:
         for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
-            if not adapter.has_branch(layer, branch):
-                continue
+            if name is None or not adapter.has_branch(layer, branch) or branch == "mlp" and adapter.experts_of(layer):
+                continue  # routed experts have no one consuming projection
             # Attention Grams are small (heads × head_dim squared) and serve head criteria and repair.
             accumulator = ChannelStatistics(with_gram=branch == "attention" or "mlp_gram" in stats.requirements)
             stats.consumers[(index, branch)] = accumulator
@@ -210,6 +285,11 @@ def register_layer_hooks(
             handles.append(
                 module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(channels_last(m, args[0])))
             )
+    experts = adapter.experts_of(layer)
+    if experts and stats.requirements & {"routing", "expert_norms"}:
+        accumulator = stats.routing[index] = RoutingStatistics()
+        hook = routing_hook(accumulator, experts.num_experts(layer), "expert_norms" in stats.requirements)
+        handles.append(layer.get_submodule(experts.experts_module).register_forward_hook(hook, with_kwargs=True))
     if recorder:
         handles += recorder.register(index, layer, adapter)
     return handles

@@ -40,7 +40,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import DerivedAdapterError
 from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
-from ..kinds import ATTENTION_KINDS, TRANSFORMER_KINDS, GroupKind
+from ..groups.experts import ExpertLayout
+from ..kinds import ATTENTION_KINDS, EXPERT_KINDS, TRANSFORMER_KINDS, GroupKind
+from .experts import derive_experts
 
 #: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -380,6 +382,8 @@ class Derivation:
     head_dim_attribute: str = "head_dim"
     removed_attention_output: str = "zeros_and_none"
     removed_mlp_output: str = "zeros"
+    #: the routed experts' layout (mixture-of-experts MLPs, `experts.py`)
+    experts: ExpertLayout | None = None
     refused: dict[str, str] = field(default_factory=dict)
     #: kind → how the verification's vanilla save went ("vanilla", or "loader: <reason>")
     formats: dict[str, str] = field(default_factory=dict)
@@ -387,7 +391,8 @@ class Derivation:
 
     @property
     def kinds(self) -> frozenset[GroupKind]:
-        return frozenset(kind for kind in TRANSFORMER_KINDS if kind not in self.refused)
+        claimed = TRANSFORMER_KINDS | (EXPERT_KINDS if self.experts else frozenset())
+        return frozenset(kind for kind in claimed if kind not in self.refused)
 
     def refuse(self, kinds, reason: str) -> None:
         for kind in kinds:
@@ -457,7 +462,12 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     _derive_attention(found, model, inputs, block, projections, hidden)
     experts = _experts(model.get_submodule(layers_name))
     if experts:
-        found.refuse({"neurons", "mlp_branches"}, f"mixture-of-experts MLP ({experts}): experts are issue 16")
+        try:
+            found.experts = derive_experts(model, inputs, layers_name, hidden)
+            found.mlp_module = found.experts.moe_module
+            found.refuse({"mlp_branches"}, "mixture-of-experts MLP: whole MoE blocks are not removed yet (issue 16)")
+        except DerivedAdapterError as error:
+            found.refuse({"neurons", "mlp_branches", "experts"}, f"mixture-of-experts MLP ({experts}): {error}")
     else:
         _derive_mlp(found, model, inputs, block, projections, hidden)
     return found, model, inputs
@@ -641,6 +651,7 @@ class DerivedAdapter(ArchitectureAdapter):
         ):
             setattr(self, name, getattr(derivation, name))
         self.kinds = derivation.kinds
+        self.expert_layout = derivation.experts
         #: kind → why it was refused (shown when a refused kind is asked for)
         self.refused = dict(derivation.refused)
 
@@ -649,6 +660,7 @@ class DerivedAdapter(ArchitectureAdapter):
         name, consumer = (
             (self.attention_module, self.o_proj) if branch == "attention" else (self.mlp_module, self.down_proj)
         )
+        consumer = consumer or (self.expert_layout if branch == "mlp" else None)
         return name is not None and consumer is not None and super().has_branch(layer, branch)
 
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
@@ -657,6 +669,8 @@ class DerivedAdapter(ArchitectureAdapter):
         return super().attention_geometry(layer)
 
     def intermediate_size(self, layer: nn.Module) -> int | None:
+        if self.experts_of(layer):
+            return super().intermediate_size(layer)
         return super().intermediate_size(layer) if self.down_proj and "neurons" in self.kinds else None
 
     def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
@@ -680,6 +694,11 @@ class DerivedAdapter(ArchitectureAdapter):
         fields = {}
         attention = geometry.attention
         values = {"intermediate_size": geometry.intermediate_size}
+        layout = self.expert_layout
+        if geometry.experts is not None and layout is not None:  # an MoE layer: the expert count and width
+            values = {}
+            fields |= {layout.count_field: geometry.experts} if layout.count_field else {}
+            fields |= {layout.width_field: geometry.intermediate_size} if layout.width_field else {}
         if attention is not None and "heads" in self.kinds:
             values |= {
                 "num_attention_heads": attention.num_heads,

@@ -131,6 +131,8 @@ def reconstruct(
             changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
             if not changed and cross_term is None:
                 continue
+            if branch == "mlp" and adapter.experts_of(layer):
+                continue  # neurons inside routed experts keep the criterion's choice, unrepaired (issue 16)
             stats = statistics.consumers[(layer_plan.layer, branch)]
             name = adapter.o_proj if branch == "attention" else adapter.down_proj
             module = layer.get_submodule(name)
