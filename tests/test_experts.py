@@ -28,6 +28,7 @@ from torch import nn
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration.statistics import collect_statistics
+from hf_prune.cli import main
 from hf_prune.derivation.derive import DerivedAdapter, build_tiny
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.groups import get_adapter
@@ -305,3 +306,24 @@ def test_prune_with_each_expert_criterion(criterion):
     assert pruner.model.config.num_experts == 3
     assert pruner.report.output_format == "vanilla"
     assert torch.isfinite(logits(pruner.model, inputs)).all()
+
+
+def test_inspect_lists_experts_per_layer_and_the_card_shows_them_kept(root, capsys):
+    """`hf-prune inspect` on a pruned vanilla folder (config only): the experts column and the routed-experts
+    kind; the saved card's per-layer table has the routed experts kept (4 → 3)."""
+    pruned_case("mixtral", root)
+    folder = root / "mixtral" / "model"
+    assert main(["inspect", str(folder)]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.strip().startswith("layers"))
+    assert header.split()[-1] == "experts"
+    row = next(line for line in out.splitlines() if line.strip().startswith("0-1"))
+    assert row.split()[-1] == "3"  # 3 experts kept in both remaining layers (4 before)
+    kinds = next(line for line in out.splitlines() if line.startswith("routed experts"))
+    assert kinds.split()[2] == "6" and kinds.endswith("vanilla")
+    card = (folder / "README.md").read_text()
+    table = [line for line in card.splitlines() if line.startswith("|")]
+    assert "routed experts" in table[0]
+    column = table[0].split("|").index(" routed experts ")
+    kept = [line.split("|")[column].strip() for line in table[2:] if "layer removed" not in line and "–" not in line]
+    assert kept and set(kept[:2]) == {"4 → 3"}, table
