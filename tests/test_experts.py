@@ -327,3 +327,29 @@ def test_inspect_lists_experts_per_layer_and_the_card_shows_them_kept(root, caps
     column = table[0].split("|").index(" routed experts ")
     kept = [line.split("|")[column].strip() for line in table[2:] if "layer removed" not in line and "–" not in line]
     assert kept and set(kept[:2]) == {"4 → 3"}, table
+
+
+def test_what_is_not_supported_yet_is_refused_naming_the_fix():
+    """Data criteria for neurons inside experts, budgets on MoE models and experts in the training callback."""
+    from hf_prune import PruningCallback
+
+    model, _ = tiny("mixtral")
+    pruner = HFPruner(model)
+    with pytest.raises(InvalidPruningTargetError, match=r"criterion 'obs' cannot rank the neurons inside routed"):
+        pruner.prune(experts=1, mlp_neurons=0.25, calibration=calibration_windows(), num_samples=8, seq_len=16)
+    with pytest.raises(InvalidPruningTargetError, match=r"sparsity=0.2: budgets are not spread over routed experts"):
+        pruner.prune(sparsity=0.2, calibration=calibration_windows(), num_samples=8, seq_len=16)
+    with pytest.raises(InvalidPruningTargetError, match=r"experts=1: the PruningCallback does not mask routed"):
+        PruningCallback(PruningConfig(experts=1))
+    assert sum(p.numel() for p in pruner.model.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_default_criteria_and_least_squares_repair_with_experts_and_heads():
+    """The defaults (REAP for experts, OBS + least-squares repair for heads) on Mixtral: experts and heads go,
+    the repaired attention and the routing stay finite; the folder is vanilla."""
+    model, inputs = tiny("mixtral")
+    pruner = HFPruner(model)
+    pruner.prune(experts=1, attention_heads=1, calibration=calibration_windows(), num_samples=8, seq_len=16)
+    assert pruner.model.config.num_local_experts == 3 and pruner.model.config.num_attention_heads == 2
+    assert pruner.report.output_format == "vanilla"
+    assert torch.isfinite(logits(pruner.model, inputs)).all()

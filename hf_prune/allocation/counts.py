@@ -327,6 +327,12 @@ def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: Pruni
     unit: CostUnit = "flops" if config.target_flops else "params"
     modules = adapter.layers(model)
     costs = {p.layer: unit_costs(adapter, modules[p.layer], p.layer, unit, config.seq_len) for p in plan.layers}
+    if config.budget_target and any(p.geometry.experts for p in plan.layers):
+        name = config.budget_target
+        raise InvalidPruningTargetError(
+            f"{name}={getattr(config, name)!r}: budgets are not spread over routed experts yet (issue 16); on "
+            "mixture-of-experts models give the amounts instead, e.g. experts=0.25 and mlp_neurons=0.25."
+        )
     counts = (
         _budget_counts(config, model, costs, protected)
         if config.budget_target
