@@ -12,7 +12,8 @@ at every module that reads them (`stream_consumers`, for their least-squares rep
 gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
 classifier's input. In mixture-of-experts layers `routing` records, per routed expert, how many tokens
 the router sent to it and the sum of its gate weights; `expert_norms` also the sum of `g_j(x)·‖f_j(x)‖`
-over those tokens (each routed token's expert output computed once more, by the experts module itself).
+over those tokens (the experts module computes each (token, expert) pair once, unweighted, and the
+weighted sum is formed after: `ExpertPairs`).
 Under torchrun each process runs its share of the batches and the sums are
 added across processes (`hf_prune.calibration.distributed`).
 
@@ -133,33 +134,51 @@ class RoutingStatistics:
             self.weighted_norm.index_add_(0, flat, gates * norms.reshape(-1).double())
 
 
-def routing_hook(accumulator: RoutingStatistics, count: int, norms: bool):
+def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states, top-k indices, top-k weights) of a call `experts(hidden, top_k_index, top_k_weights)`."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    indices = next(t for t in tensors[1:] if not t.is_floating_point())
+    weights = next(t for t in tensors[1:] if t.is_floating_point() and t.shape == indices.shape)
+    return tensors[0], indices, weights
+
+
+def routing_hook(accumulator: RoutingStatistics, count: int):
     """A forward hook on an experts module called as `experts(hidden, top_k_index, top_k_weights)` (the
-    fused layout): accumulate its routing, and with `norms` each routed token's expert output norm, from
-    one more call of the module on (token, expert) pairs with weight 1."""
-    running = []
+    fused layout): accumulate its routing."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if running:  # the norm call below re-enters the module
-            return
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        hidden = tensors[0]
-        indices = next(t for t in tensors[1:] if not t.is_floating_point())
-        weights = next(t for t in tensors[1:] if t.is_floating_point() and t.shape == indices.shape)
-        expert_norms = None
-        if norms:
-            top_k = indices.shape[-1]
-            pairs = hidden.reshape(-1, hidden.shape[-1]).repeat_interleave(top_k, dim=0)
-            running.append(True)
-            try:
-                with torch.no_grad():
-                    outputs = module(pairs, indices.reshape(-1, 1), torch.ones_like(weights.reshape(-1, 1)))
-            finally:
-                running.pop()
-            expert_norms = _first(outputs).float().norm(dim=-1)
-        accumulator.add(indices.detach(), weights.detach().float(), count, expert_norms)
+        _, indices, weights = _routing(args, kwargs)
+        accumulator.add(indices.detach(), weights.detach().float(), count, None)
 
     return hook
+
+
+class ExpertPairs:
+    """While installed, the experts module computes each (token, chosen expert) pair once, with weight 1, by
+    its own forward (`f_j(x)`), records the routing and `g_j(x)·‖f_j(x)‖`, and returns `Σ_k g_k f_k(x)`, what
+    its forward returns: the expert outputs REAP reads at no extra expert compute (the pairs are the ones the
+    forward computes anyway; only the order of the top-k sum differs). `remove()` restores the forward."""
+
+    def __init__(self, module: nn.Module, accumulator: RoutingStatistics, count: int):
+        self.module, self.accumulator, self.count = module, accumulator, count
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            hidden, indices, weights = _routing(args, kwargs)
+            top_k = indices.shape[-1]
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            pairs = original(
+                flat.repeat_interleave(top_k, dim=0), indices.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
+            )
+            pairs = _first(pairs)
+            accumulator.add(indices.detach(), weights.detach().float(), count, pairs.detach().float().norm(dim=-1))
+            mixed = (pairs.reshape(-1, top_k, pairs.shape[-1]) * weights.reshape(-1, top_k, 1).to(pairs.dtype)).sum(1)
+            return mixed.to(hidden.dtype).reshape(hidden.shape)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward  # back to the class's forward
 
 
 @dataclass
@@ -288,8 +307,11 @@ def register_layer_hooks(
     experts = adapter.experts_of(layer)
     if experts and stats.requirements & {"routing", "expert_norms"}:
         accumulator = stats.routing[index] = RoutingStatistics()
-        hook = routing_hook(accumulator, experts.num_experts(layer), "expert_norms" in stats.requirements)
-        handles.append(layer.get_submodule(experts.experts_module).register_forward_hook(hook, with_kwargs=True))
+        module, count = layer.get_submodule(experts.experts_module), experts.num_experts(layer)
+        if "expert_norms" in stats.requirements:
+            handles.append(ExpertPairs(module, accumulator, count))
+        else:
+            handles.append(module.register_forward_hook(routing_hook(accumulator, count), with_kwargs=True))
     if recorder:
         handles += recorder.register(index, layer, adapter)
     return handles
