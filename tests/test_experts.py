@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tiny_models import calibration_windows
 from torch import nn
 
-from hf_prune import HFPruner, PruningConfig
+from hf_prune import HFPruner, PruningConfig, load_pruned
 from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.cli import main
 from hf_prune.derivation.derive import DerivedAdapter, build_tiny
@@ -353,3 +353,29 @@ def test_default_criteria_and_least_squares_repair_with_experts_and_heads():
     assert pruner.model.config.num_local_experts == 3 and pruner.model.config.num_attention_heads == 2
     assert pruner.report.output_format == "vanilla"
     assert torch.isfinite(logits(pruner.model, inputs)).all()
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_whole_moe_block_removed_equals_a_zero_output(model_type, tmp_path):
+    """`mlp_branches=1` (block influence, from the calibration pass) removes one layer's whole MoE block, shared
+    expert included: the cut model equals the dense one whose MoE module returns zeros there (a plain-torch
+    forward hook), and the loader-format folder loads back (load_pruned) to the same logits."""
+    dense, inputs = tiny(model_type)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_branches=1, calibration=calibration_windows(), num_samples=8, seq_len=16, reconstruct="none")
+    (gone,) = [p.layer for p in pruner.plan.layers if not p.keep_mlp]
+    moe = "block_sparse_moe" if model_type == "granitemoe" else "mlp"
+
+    def zero(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    handle = layers_of(dense)[gone].get_submodule(moe).register_forward_hook(zero)
+    expected = logits(dense, inputs)
+    handle.remove()
+    torch.testing.assert_close(logits(pruner.model, inputs), expected, atol=1e-5, rtol=0)
+    assert pruner.report.output_format == "loader"
+    pruner.save_pretrained(tmp_path / "model")
+    reloaded = load_pruned(tmp_path / "model").eval()
+    torch.testing.assert_close(logits(reloaded, inputs), expected, atol=1e-5, rtol=0)

@@ -247,7 +247,11 @@ class InfluenceRecorder:
             layer.register_forward_pre_hook(layer_input, with_kwargs=True),
             layer.register_forward_hook(layer_output, with_kwargs=True),
         ]
-        for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
+        experts = adapter.experts_of(layer)
+        for branch, name in (
+            ("attention", adapter.o_proj),
+            ("mlp", experts.moe_module if experts else adapter.down_proj),
+        ):
             # Branch outputs add to the stream only in families that prune branches.
             if f"{branch}_branches" in adapter.kinds and adapter.has_branch(layer, branch):
                 handles.append(layer.get_submodule(name).register_forward_hook(branch_output(branch)))

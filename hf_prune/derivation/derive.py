@@ -42,7 +42,7 @@ from ..errors import DerivedAdapterError
 from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
 from ..groups.experts import ExpertLayout
 from ..kinds import ATTENTION_KINDS, EXPERT_KINDS, TRANSFORMER_KINDS, GroupKind
-from .experts import derive_experts
+from .experts import derive_experts, moe_output
 
 #: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -465,9 +465,13 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
         try:
             found.experts = derive_experts(model, inputs, layers_name, hidden)
             found.mlp_module = found.experts.moe_module
-            found.refuse({"mlp_branches"}, "mixture-of-experts MLP: whole MoE blocks are not removed yet (issue 16)")
         except DerivedAdapterError as error:
             found.refuse({"neurons", "mlp_branches", "experts"}, f"mixture-of-experts MLP ({experts}): {error}")
+        else:
+            try:
+                found.removed_mlp_output = moe_output(model, inputs, layers_name, found.experts)
+            except DerivedAdapterError as error:
+                found.refuse({"mlp_branches"}, f"mixture-of-experts MLP: {error}")
     else:
         _derive_mlp(found, model, inputs, block, projections, hidden)
     return found, model, inputs

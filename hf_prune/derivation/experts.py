@@ -64,7 +64,8 @@ def derive_experts(model: nn.Module, inputs: dict, layers_name: str, hidden: int
     moe_module = experts_module.rpartition(".")[0]
     router_parameters, router_buffers = _router(block, moe_module, experts_module, experts, hidden)
     tensors = _tensors(block, experts_module, experts, hidden)
-    layout = ExpertLayout(moe_module, router_parameters, experts_module, tensors, router_buffers)
+    writers = _writers(block, moe_module, experts_module, router_parameters[0], hidden)
+    layout = ExpertLayout(moe_module, router_parameters, experts_module, tensors, router_buffers, writers=writers)
     layout = _pair(model, inputs, block, layout)
     prefix = f"{layers_name}.{index}."
     count_field = _config_field(model, prefix + tensors[0].parameter, 0, experts)
@@ -72,6 +73,39 @@ def derive_experts(model: nn.Module, inputs: dict, layers_name: str, hidden: int
     width = block.get_parameter(consumer.parameter).shape[consumer.width_dim]
     width_field = _config_field(model, prefix + consumer.parameter, consumer.width_dim, width)
     return dataclasses.replace(layout, count_field=count_field, width_field=width_field)
+
+
+def _writers(block: nn.Module, moe_module: str, experts_module: str, router_weight: str, hidden: int) -> tuple:
+    """Projections of the MoE module beside the routed experts that write its `H`-wide output (a shared expert's
+    down projection): with the experts' down projections, what a removed MoE block stops adding."""
+    scope = block.get_submodule(moe_module) if moe_module else block
+    prefix = f"{moe_module}." if moe_module else ""
+    return tuple(
+        prefix + name
+        for name, module in scope.named_modules()
+        if isinstance(module, nn.Linear)
+        and module.out_features == hidden
+        and not (prefix + name).startswith(experts_module + ".")
+        and prefix + name + ".weight" != router_weight
+    )
+
+
+def moe_output(model: nn.Module, inputs: dict, layers_name: str, layout: ExpertLayout) -> str:
+    """How the MoE module's caller reads its output: "zeros" (a tensor) or "zeros_and_none" (a pair, GPT-OSS's
+    `(hidden, router_scores)`), for the stand-in of a removed MoE block."""
+    layers = model.get_submodule(layers_name)
+    module = layers[expert_block(layers)].get_submodule(layout.moe_module)
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, output: seen.append(output))
+    try:
+        _output(model, inputs)
+    finally:
+        handle.remove()
+    if isinstance(seen[0], torch.Tensor):
+        return "zeros"
+    if isinstance(seen[0], tuple) and len(seen[0]) == 2 and isinstance(seen[0][0], torch.Tensor):
+        return "zeros_and_none"
+    raise DerivedAdapterError(f"{layout.moe_module} returns {type(seen[0]).__name__}, not a tensor or a pair")
 
 
 def _router(block: nn.Module, moe_module: str, experts_module: str, experts: int, hidden: int):

@@ -64,6 +64,8 @@ class ExpertLayout:
     #: config fields holding the expert count and the expert width (None: not found)
     count_field: str | None = None
     width_field: str | None = None
+    #: projections beside the routed experts that write the MoE module's output (a shared expert's down projection)
+    writers: tuple[str, ...] = ()
 
     @property
     def router(self) -> str:
@@ -116,12 +118,12 @@ class ExpertLayout:
         return slices
 
     def consumer_slices(self, layer: nn.Module) -> list[TensorSlice]:
-        """Every expert's whole down projection and output bias: what the experts add to the MLP's output."""
-        return [
-            TensorSlice(t.parameter, 0, 0, layer.get_parameter(t.parameter).shape[0], consumer=True)
-            for t in self.tensors
-            if t.consumer or t.width_dim is None
-        ]
+        """Everything that writes the MoE module's output: every expert's whole down projection and output bias,
+        and the writers beside them (a shared expert's down projection, bias included)."""
+        names = [t.parameter for t in self.tensors if t.consumer or t.width_dim is None]
+        for writer in self.writers:
+            names += [f"{writer}.{name}" for name, _ in layer.get_submodule(writer).named_parameters()]
+        return [TensorSlice(name, 0, 0, layer.get_parameter(name).shape[0], consumer=True) for name in names]
 
     def set_sizes(self, layer: nn.Module, old: tuple[int, int], new: tuple[int, int]) -> None:
         """Bring the size attributes of the router and experts modules (`num_experts`, `intermediate_dim`, ...)
