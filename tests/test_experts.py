@@ -31,6 +31,7 @@ from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.cli import main
 from hf_prune.derivation.derive import DerivedAdapter, build_tiny
 from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.evaluation import flops_per_token
 from hf_prune.groups import get_adapter
 from hf_prune.masking import apply_masks
 from hf_prune.plan import PruningPlan
@@ -379,3 +380,26 @@ def test_whole_moe_block_removed_equals_a_zero_output(model_type, tmp_path):
     pruner.save_pretrained(tmp_path / "model")
     reloaded = load_pruned(tmp_path / "model").eval()
     torch.testing.assert_close(logits(reloaded, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_flops_per_token_count_the_routed_experts_a_token_runs():
+    """Per token: every Linear, the router, and num_experts_per_tok experts' weights (plain torch count from the
+    modules), plus attention over the context; removing experts keeps it, neurons inside experts lower it."""
+    model, _ = tiny("mixtral")
+    config, context = model.config, 64
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    per_layer = 0
+    for layer in layers_of(model):
+        experts = layer.mlp.experts
+        per_layer += (
+            2 * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) + layer.mlp.gate.weight.numel()
+        )
+        per_layer += 2 * config.num_attention_heads * config.head_dim * context
+    assert flops_per_token(model, context) == 2 * (linear + per_layer)
+    pruner = HFPruner(copy.deepcopy(model))
+    pruner.prune(experts=1, criterion="magnitude", reconstruct="none")
+    fewer_experts = flops_per_token(pruner.model, context)
+    assert fewer_experts == 2 * (linear + per_layer) - 2 * len(layers_of(model)) * config.hidden_size
+    pruner = HFPruner(copy.deepcopy(model))
+    pruner.prune(mlp_neurons=0.25, criterion="magnitude", reconstruct="none")
+    assert flops_per_token(pruner.model, context) < flops_per_token(model, context)
