@@ -171,12 +171,14 @@ def reference(dense, model_type: str, plan: PruningPlan) -> nn.Module:
 #: model type → amounts beyond experts, neurons inside experts and a layer (heads where the derivation verifies them).
 COMBINED = {
     "mixtral": {"attention_heads": 1},
-    "qwen2_moe": {},
+    "qwen2_moe": {"attention_heads": 1},
     "qwen3_moe": {"attention_heads": 1},
-    "olmoe": {},
-    "granitemoe": {},
-    "gpt_oss": {},
+    "olmoe": {},  # heads refused by the derivation (q_norm over the whole projection)
+    "granitemoe": {"attention_heads": 1},
+    "gpt_oss": {},  # heads refused by the derivation (per-head attention sinks)
 }
+#: Types whose config derives the head size (or k_norm width) from the head count: heads need the loader format.
+LOADER = {"qwen2_moe", "qwen3_moe", "granitemoe"}
 
 
 @functools.cache
@@ -217,7 +219,7 @@ def test_experts_neurons_heads_and_a_layer_cut_exactly(model_type, root):
     assert config.num_hidden_layers == 2
     width = {p.geometry.intermediate_size - len(p.neurons) for p in pruner.plan.layers if p.keep_layer}
     assert len(width) == 1 and width.pop() > 0
-    vanilla = model_type != "qwen3_moe"  # Qwen3-MoE's config derives the k_norm width from the head count
+    vanilla = model_type not in LOADER
     assert (pruner.report.output_format == "vanilla") == vanilla, pruner.report.output_format
     if vanilla:  # the loader format keeps the dense config and writes every layer's shape beside it
         assert getattr(config, COUNT_FIELDS[model_type]) == 3
@@ -240,7 +242,7 @@ def test_checkpoints_reload_in_a_fresh_process(root):
     assert sorted(results) == sorted(FAMILIES)
     for model_type, outcome in results.items():
         assert outcome["max_abs_diff"] <= 1e-5 and outcome["generate_equal"], (model_type, outcome)
-        assert (outcome["format"] == "vanilla") == (model_type != "qwen3_moe"), (model_type, outcome)
+        assert (outcome["format"] == "vanilla") == (model_type not in LOADER), (model_type, outcome)
 
 
 def test_experts_per_token_must_stay():
