@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from ..calibration.distributed import is_main_process
 from ..errors import DerivedAdapterError
 from ..groups.experts import EXPERT_WIDTH_MULTIPLE
 from ..groups.registry import supported_model_types
@@ -115,6 +116,8 @@ def check_kind(model: nn.Module, inputs: dict, adapter: DerivedAdapter, kind: Gr
         return f"loader: {decision.reason}"
     for key, value in decision.config_fields.items():
         setattr(cut.config, key, value)
+    if not is_main_process():  # under torchrun transformers writes weights from rank 0 only: it checks the reload
+        return "vanilla"
     with tempfile.TemporaryDirectory() as folder:
         cut.save_pretrained(folder)
         reloaded = type(cut).from_pretrained(folder).eval()
