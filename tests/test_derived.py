@@ -33,6 +33,8 @@ BOTH = {
     "mistral": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     "qwen2": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     "qwen3": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
+    # post-feedforward norm: the MLP output is not added to the stream unchanged
+    "gemma3_text": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     "gpt2": {"neurons", "mlp_branches", "layers"},
     "gpt_neox": {"neurons", "mlp_branches", "layers"},
     "bert": {"heads", "kv_groups", "neurons", "layers"},
@@ -54,6 +56,9 @@ def test_derived_groups_equal_hand_written(model_type):
             expected = hand.groups(layer, index, kind)
             assert expected, (kind, index)
             assert derived.groups(derived.layers(model)[index], index, kind) == expected, (model_type, kind, index)
+    for hand_layer, derived_layer in zip(hand.layers(model), derived.layers(model), strict=True):
+        # the removed-layer and stream repairs run only where the MLP output is added to the stream unchanged
+        assert derived.mlp_writes_stream(derived_layer) == hand.mlp_writes_stream(hand_layer), model_type
 
 
 def test_wrong_derivations_are_refused():

@@ -382,6 +382,8 @@ class Derivation:
     head_dim_attribute: str = "head_dim"
     removed_attention_output: str = "zeros_and_none"
     removed_mlp_output: str = "zeros"
+    #: whether the MLP's down-projection output is added to the residual stream unchanged (`_adds_to_stream`)
+    mlp_adds_to_stream: bool = False
     #: the routed experts' layout (mixture-of-experts MLPs, `experts.py`)
     experts: ExpertLayout | None = None
     refused: dict[str, str] = field(default_factory=dict)
@@ -628,6 +630,41 @@ def _derive_mlp(found: Derivation, model, inputs, block, projections, hidden: in
     output = _output_of(model, inputs, block.get_submodule(found.mlp_module))
     if not isinstance(output, torch.Tensor):
         found.refuse({"mlp_branches"}, f"{found.mlp_module} returns {type(output).__name__}, not a tensor")
+    found.mlp_adds_to_stream = _adds_to_stream(model, inputs, block, down)
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@torch.no_grad()
+def _adds_to_stream(model, inputs, block: nn.Module, name: str) -> bool:
+    """Whether `name`'s output reaches the block's output unchanged: the block computes `h + name(...)`.
+
+    A random offset `δ` added to the projection's output must move the block's output by exactly `δ`
+    (relative error below 1e-5); a norm after the MLP (Gemma-2's `post_feedforward_layernorm`), a scale
+    or a parallel branch summed later fails the test. The removed-layer and stream repairs rely on it.
+    """
+    outputs, offset = [], {}
+
+    def shift(module, args, output):
+        if "delta" not in offset:
+            offset["delta"] = torch.randn(output.shape, generator=torch.Generator().manual_seed(0), dtype=output.dtype)
+        return output + offset["delta"] if offset.get("on") else output
+
+    capture = block.register_forward_hook(lambda m, a, output: outputs.append(_first_tensor(output)))
+    handle = block.get_submodule(name).register_forward_hook(shift)
+    try:
+        model_output(model, inputs)
+        offset["on"] = True
+        model_output(model, inputs)
+    finally:
+        handle.remove()
+        capture.remove()
+    if len(outputs) != 2 or outputs[0].shape != offset["delta"].shape:
+        return False
+    moved = outputs[1] - outputs[0]
+    return bool((moved - offset["delta"]).abs().max() <= 1e-5 * offset["delta"].abs().max())
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -652,6 +689,7 @@ class DerivedAdapter(ArchitectureAdapter):
             "head_dim_attribute",
             "removed_attention_output",
             "removed_mlp_output",
+            "mlp_adds_to_stream",
         ):
             setattr(self, name, getattr(derivation, name))
         self.kinds = derivation.kinds
