@@ -467,8 +467,9 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
         try:
             found.experts = derive_experts(model, inputs, layers_name, hidden)
             found.mlp_module = found.experts.moe_module
-        except DerivedAdapterError as error:
-            found.refuse({"neurons", "mlp_branches", "experts"}, f"mixture-of-experts MLP ({experts}): {error}")
+        except Exception as error:  # a probe's forward may fail too: the MoE kinds are refused, never the rest
+            reason = str(error) if isinstance(error, DerivedAdapterError) else f"{type(error).__name__}: {error}"
+            found.refuse({"neurons", "mlp_branches", "experts"}, f"mixture-of-experts MLP ({experts}): {reason}")
         else:
             try:
                 found.removed_mlp_output = moe_output(model, inputs, layers_name, found.experts)

@@ -1,11 +1,12 @@
 """Find the routed experts of a mixture-of-experts MLP on a tiny instance (issue 16), as `derive` finds heads.
 
-With `H` the hidden size, in the first block holding 3-D parameters:
+With `H` the hidden size, in the first block holding routed experts:
 
-* the *experts module*: the one module whose 3-D parameters share their first dimension `E` (the experts);
+* the *experts module*: the one module whose 3-D parameters share their first dimension `E` (the experts)
+  and that has a router beside it (hybrid models' 3-D convolution kernels have none);
 * the *router*: beside it (under the same parent, the MoE module), the one module with a weight `[E, H]`
-  (its output width is the expert count), with its bias `[E]` if it has one; a shared expert's gate
-  (`[1, H]`) and the shared expert's projections have other shapes and are never routed experts;
+  (its output width is the expert count), with its bias and buffers of `E` entries if it has them; a shared
+  expert's gate (`[1, H]`) and the shared expert's projections have other shapes and are never routed experts;
 * the widths: of each expert tensor's two other dimensions, the one that is not `H`; the smallest is the
   expert width `I`. The one 3-D tensor of width `I` is the down projection (the consumer); tensors (and
   biases) of width `2I` hold gate and up rows, paired by halves (`n`, `I + n`) or interleaved (`2n`,
@@ -35,34 +36,48 @@ def _output(model: nn.Module, inputs: dict) -> torch.Tensor:
     return output.logits if getattr(output, "logits", None) is not None else output[0]
 
 
-def expert_block(layers: nn.ModuleList) -> int | None:
-    """The index of the first block with 3-D parameters (fused experts), if any."""
-    for index, block in enumerate(layers):
-        if any(p.dim() == 3 for p in block.parameters()):
-            return index
-    return None
+def expert_modules(block: nn.Module, hidden: int) -> dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]]:
+    """Every module of `block` holding 3-D parameters that share their first dimension `E` and have a router
+    `[E, H]` beside them: name → (E, router parameters, router buffers). Convolutions' 3-D kernels (hybrid
+    models' `conv1d`) have no router and are left out."""
+    owners: dict[str, list[str]] = {}
+    for name, parameter in block.named_parameters():
+        if parameter.dim() == 3:
+            owners.setdefault(name.rpartition(".")[0], []).append(name)
+    found = {}
+    for owner, names in owners.items():
+        counts = {block.get_parameter(name).shape[0] for name in names}
+        if len(counts) != 1:
+            continue
+        experts = counts.pop()
+        try:
+            found[owner] = (experts, *_router(block, owner.rpartition(".")[0], owner, experts, hidden))
+        except DerivedAdapterError:
+            continue
+    return found
+
+
+def expert_block(layers: nn.ModuleList, hidden: int) -> int | None:
+    """The index of the first block holding routed experts (fused 3-D tensors with a router), if any."""
+    return next((index for index, block in enumerate(layers) if expert_modules(block, hidden)), None)
 
 
 def derive_experts(model: nn.Module, inputs: dict, layers_name: str, hidden: int) -> ExpertLayout:
     """The expert layout of the model's blocks, or a `DerivedAdapterError` saying what was not found."""
     layers = model.get_submodule(layers_name)
-    index = expert_block(layers)
+    index = expert_block(layers, hidden)
     if index is None:
-        raise DerivedAdapterError("no 3-D (fused) expert parameters; per-expert module lists are not derived yet")
+        three_d = sorted({n.rpartition(".")[0] for b in layers for n, p in b.named_parameters() if p.dim() == 3})
+        raise DerivedAdapterError(
+            f"no module of 3-D (fused) expert tensors [E, ...] with a router weight [E, {hidden}] beside it "
+            f"(3-D parameters in {three_d or 'none'}); per-expert module lists are not derived yet"
+        )
     block = layers[index]
-    owners: dict[str, list[str]] = {}
-    for name, parameter in block.named_parameters():
-        if parameter.dim() == 3:
-            owners.setdefault(name.rpartition(".")[0], []).append(name)
-    if len(owners) != 1:
-        raise DerivedAdapterError(f"3-D parameters in several modules {sorted(owners)}: expected one experts module")
-    experts_module = next(iter(owners))
-    count = {block.get_parameter(name).shape[0] for name in owners[experts_module]}
-    if len(count) != 1:
-        raise DerivedAdapterError(f"the 3-D parameters of {experts_module} differ in their first dimension {count}")
-    experts = count.pop()
+    found = expert_modules(block, hidden)
+    if len(found) != 1:
+        raise DerivedAdapterError(f"several expert modules with a router in one block {sorted(found)}")
+    experts_module, (experts, router_parameters, router_buffers) = next(iter(found.items()))
     moe_module = experts_module.rpartition(".")[0]
-    router_parameters, router_buffers = _router(block, moe_module, experts_module, experts, hidden)
     tensors = _tensors(block, experts_module, experts, hidden)
     writers = _writers(block, moe_module, experts_module, router_parameters[0], hidden)
     layout = ExpertLayout(moe_module, router_parameters, experts_module, tensors, router_buffers, writers=writers)
@@ -94,7 +109,8 @@ def moe_output(model: nn.Module, inputs: dict, layers_name: str, layout: ExpertL
     """How the MoE module's caller reads its output: "zeros" (a tensor) or "zeros_and_none" (a pair, GPT-OSS's
     `(hidden, router_scores)`), for the stand-in of a removed MoE block."""
     layers = model.get_submodule(layers_name)
-    module = layers[expert_block(layers)].get_submodule(layout.moe_module)
+    block = next(block for block in layers if layout.present(block))
+    module = block.get_submodule(layout.moe_module)
     seen = []
     handle = module.register_forward_hook(lambda m, args, output: seen.append(output))
     try:
