@@ -83,6 +83,27 @@ def _criterion(config: PruningConfig, kind: str) -> Criterion:
     return criterion
 
 
+#: What ranks neurons inside routed experts: criteria that read only the group's own weights (the statistics of
+#: one consuming projection, which the data criteria read, do not exist for a layer's many experts yet).
+EXPERT_NEURON_CRITERIA = ("magnitude", "random")
+
+
+def _check_neurons_in_experts(model, adapter: ArchitectureAdapter, targets, criteria: dict) -> None:
+    moe = [i for i, layer in enumerate(adapter.layers(model)) if adapter.experts_of(layer)]
+    neurons = criteria.get("neurons")
+    if (
+        neurons is None
+        or neurons.name in EXPERT_NEURON_CRITERIA
+        or not any(targets.counts.neurons.get(i) for i in moe)
+    ):
+        return
+    raise InvalidPruningTargetError(
+        f"criterion {neurons.name!r} cannot rank the neurons inside routed experts yet (it reads one consuming "
+        "projection's calibration statistics; a mixture-of-experts layer has one per expert, issue 16); use "
+        f"criterion={{'neurons': 'magnitude', ...}} (or {', '.join(repr(c) for c in EXPERT_NEURON_CRITERIA[1:])})."
+    )
+
+
 def load_preprocessor(name_or_path: str | os.PathLike, shared: dict) -> tuple:
     """(tokenizer, image processor) saved beside a model; either or both may be None.
 
@@ -312,7 +333,9 @@ class HFPruner:
                 "(e.g. mlp_neurons=0.25 or sparsity=0.2)."
             )
         targets = resolve_counts(self.model, self.adapter, config)
-        return config, targets, {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
+        criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
+        _check_neurons_in_experts(self.model, self.adapter, targets, criteria)
+        return config, targets, criteria
 
     def apply(self, plan: PruningPlan, config: PruningConfig, calibration: dict | None = None) -> PruningReport:
         """Cut a plan made elsewhere (`PruningCallback`'s training-time masks) exactly as `prune`

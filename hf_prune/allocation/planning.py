@@ -81,6 +81,10 @@ def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts, n
     if layer_plan.keep_mlp and count:
         removed = lowest(scores(layer_plan.layer, neuron_kind), count)
         layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
+    count = counts.experts.get(layer_plan.layer, 0)
+    if layer_plan.keep_mlp and count:
+        removed = lowest(scores(layer_plan.layer, "experts"), count)
+        layer_plan.experts = tuple(e for e in layer_plan.experts if e not in removed)
 
 
 def plan_layer(
@@ -98,6 +102,7 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], remov
     scores = LayerScores(context, criteria)
     remove_blocks(plan, removal, scores)
     counts = get_allocation(removal.allocation).counts(scores, plan, removal)
+    counts.experts = counts.experts or removal.counts.experts  # experts go uniformly under every allocation
     for layer_plan in plan.layers:
         _select_groups(scores, layer_plan, counts, removal.neuron_kind)
     select_stream_channels(context, criteria, plan, removal)

@@ -40,7 +40,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import DerivedAdapterError
 from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
-from ..kinds import ATTENTION_KINDS, TRANSFORMER_KINDS, GroupKind
+from ..groups.experts import ExpertLayout
+from ..kinds import ATTENTION_KINDS, EXPERT_KINDS, TRANSFORMER_KINDS, GroupKind
+from .experts import derive_experts, moe_output
 
 #: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -382,6 +384,8 @@ class Derivation:
     removed_mlp_output: str = "zeros"
     #: whether the MLP's down-projection output is added to the residual stream unchanged (`_adds_to_stream`)
     mlp_adds_to_stream: bool = False
+    #: the routed experts' layout (mixture-of-experts MLPs, `experts.py`)
+    experts: ExpertLayout | None = None
     refused: dict[str, str] = field(default_factory=dict)
     #: kind → how the verification's vanilla save went ("vanilla", or "loader: <reason>")
     formats: dict[str, str] = field(default_factory=dict)
@@ -389,7 +393,8 @@ class Derivation:
 
     @property
     def kinds(self) -> frozenset[GroupKind]:
-        return frozenset(kind for kind in TRANSFORMER_KINDS if kind not in self.refused)
+        claimed = TRANSFORMER_KINDS | (EXPERT_KINDS if self.experts else frozenset())
+        return frozenset(kind for kind in claimed if kind not in self.refused)
 
     def refuse(self, kinds, reason: str) -> None:
         for kind in kinds:
@@ -459,7 +464,17 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     _derive_attention(found, model, inputs, block, projections, hidden)
     experts = _experts(model.get_submodule(layers_name))
     if experts:
-        found.refuse({"neurons", "mlp_branches"}, f"mixture-of-experts MLP ({experts}): experts are issue 16")
+        try:
+            found.experts = derive_experts(model, inputs, layers_name, hidden)
+            found.mlp_module = found.experts.moe_module
+        except Exception as error:  # a probe's forward may fail too: the MoE kinds are refused, never the rest
+            reason = str(error) if isinstance(error, DerivedAdapterError) else f"{type(error).__name__}: {error}"
+            found.refuse({"neurons", "mlp_branches", "experts"}, f"mixture-of-experts MLP ({experts}): {reason}")
+        else:
+            try:
+                found.removed_mlp_output = moe_output(model, inputs, layers_name, found.experts)
+            except DerivedAdapterError as error:
+                found.refuse({"mlp_branches"}, f"mixture-of-experts MLP: {error}")
     else:
         _derive_mlp(found, model, inputs, block, projections, hidden)
     return found, model, inputs
@@ -679,6 +694,7 @@ class DerivedAdapter(ArchitectureAdapter):
         ):
             setattr(self, name, getattr(derivation, name))
         self.kinds = derivation.kinds
+        self.expert_layout = derivation.experts
         #: kind → why it was refused (shown when a refused kind is asked for)
         self.refused = dict(derivation.refused)
 
@@ -687,6 +703,7 @@ class DerivedAdapter(ArchitectureAdapter):
         name, consumer = (
             (self.attention_module, self.o_proj) if branch == "attention" else (self.mlp_module, self.down_proj)
         )
+        consumer = consumer or (self.expert_layout if branch == "mlp" else None)
         return name is not None and consumer is not None and super().has_branch(layer, branch)
 
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
@@ -695,6 +712,8 @@ class DerivedAdapter(ArchitectureAdapter):
         return super().attention_geometry(layer)
 
     def intermediate_size(self, layer: nn.Module) -> int | None:
+        if self.experts_of(layer):
+            return super().intermediate_size(layer)
         return super().intermediate_size(layer) if self.down_proj and "neurons" in self.kinds else None
 
     def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
@@ -718,6 +737,11 @@ class DerivedAdapter(ArchitectureAdapter):
         fields = {}
         attention = geometry.attention
         values = {"intermediate_size": geometry.intermediate_size}
+        layout = self.expert_layout
+        if geometry.experts is not None and layout is not None:  # an MoE layer: the expert count and width
+            values = {}
+            fields |= {layout.count_field: geometry.experts} if layout.count_field else {}
+            fields |= {layout.width_field: geometry.intermediate_size} if layout.width_field else {}
         if attention is not None and "heads" in self.kinds:
             values |= {
                 "num_attention_heads": attention.num_heads,

@@ -268,10 +268,13 @@ def _change_row(name: str, before: float, after: float, number: str) -> list[str
 def _table(report: PruningReport) -> tuple[list[str], list[list[str]]]:
     """Per-layer columns (KV heads only where they differ from query heads) and rows."""
     gqa = any(layer.kv_heads != layer.heads for layer in report.layers)
+    moe = any(layer.experts[0] for layer in report.layers)  # mixture of experts: routed experts per layer
     columns = ["attention heads", "KV heads", "MLP neurons"] if gqa else ["attention heads", "MLP neurons"]
+    columns += ["routed experts"] if moe else []
     rows = []
     for layer in report.layers:
         cells = [layer.heads, layer.kv_heads, layer.neurons] if gqa else [layer.heads, layer.neurons]
+        cells += [layer.experts] if moe else []
         values = ["–"] * len(cells) if layer.removed else [_pair(*cell) for cell in cells]
         rows.append([str(layer.layer), *values, layer.describe()])
     return columns, rows
@@ -286,6 +289,7 @@ def _removed_kinds(report: PruningReport) -> str:
         "MLP neurons": any(
             layer.neurons[0] != layer.neurons[1] and "mlp" not in layer.removed_branches for layer in kept
         ),
+        "routed experts": any(layer.experts[0] != layer.experts[1] for layer in kept),
         "attention branches": any("attention" in layer.removed_branches for layer in kept),
         "MLP branches": any("mlp" in layer.removed_branches for layer in kept),
         "whole layers": len(kept) < len(report.layers),

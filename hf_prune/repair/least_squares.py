@@ -179,6 +179,8 @@ def reconstruct(
             changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
             if not changed and cross_term is None:
                 continue
+            if branch == "mlp" and adapter.experts_of(layer):
+                continue  # neurons inside routed experts keep the criterion's choice, unrepaired (issue 16)
             stats = statistics.consumers[(layer_plan.layer, branch)]
             layer_plan = refit_consumer(layer, adapter, layer_plan, branch, stats, method, cross_term, damping)
         repaired.append(layer_plan)

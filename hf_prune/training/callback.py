@@ -210,6 +210,11 @@ class PruningCallback(TrainerCallback):
                 "gradual pruning keeps every layer the same shape: use allocation='uniform' without protected_layers "
                 "in the callback, or prune in one shot with HFPruner.prune."
             )
+        if config.experts:
+            raise InvalidPruningTargetError(
+                f"experts={config.experts!r}: the PruningCallback does not mask routed experts during training yet "
+                "(issue 16); prune experts in one shot with HFPruner.prune(experts=...), before or after fine-tuning."
+            )
         for name in ("channels", "stage_channels"):
             if getattr(config, name):
                 raise InvalidPruningTargetError(
