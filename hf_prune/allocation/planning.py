@@ -51,8 +51,10 @@ def kept_groups(scores: LayerScores, plan: LayerPlan, counts: Counts) -> tuple[i
     """The KV groups (GQA) or heads (MHA) layer `plan` keeps under `counts`."""
     if plan.layer in counts.mha_heads:
         removed = lowest(scores(plan.layer, "kv_groups", "heads"), counts.mha_heads[plan.layer])
-    else:
-        removed = lowest(scores(plan.layer, "kv_groups"), counts.kv_groups.get(plan.layer, 0))
+    elif counts.kv_groups.get(plan.layer, 0):
+        removed = lowest(scores(plan.layer, "kv_groups"), counts.kv_groups[plan.layer])
+    else:  # no KV group goes: nothing to score (and no kv_groups criterion may be configured)
+        removed = set()
     return tuple(j for j in plan.kv_heads if j not in removed)
 
 
