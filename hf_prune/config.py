@@ -20,6 +20,7 @@ DEFAULT_CRITERIA = {
     "heads": "obs",
     "kv_groups": "obs",
     "neurons": "obs",
+    "experts": "reap",
     "attention_branches": "block_influence",
     "mlp_branches": "block_influence",
     "layers": "block_influence",
@@ -44,6 +45,14 @@ class PruningConfig:
         },
     )
     mlp_neurons: Amount = field(default=0, metadata={"help": f"MLP neurons removed per layer. {_AMOUNT_HELP}"})
+    experts: Amount = field(
+        default=0,
+        metadata={
+            "help": "Routed experts removed per mixture-of-experts layer (router row and every expert tensor's "
+            "slice; shared experts are dense MLPs, never counted). At least num_experts_per_tok must stay. "
+            + _AMOUNT_HELP
+        },
+    )
     attention_branches: Amount = field(
         default=0, metadata={"help": f"Attention sub-blocks removed (the skip connection stays). {_AMOUNT_HELP}"}
     )

@@ -27,6 +27,7 @@ LABELS: dict[GroupKind, str] = {
     "heads": "attention heads",
     "kv_groups": "KV groups",
     "neurons": "MLP neurons",
+    "experts": "routed experts",
     "attention_branches": "attention branches",
     "mlp_branches": "MLP branches",
     "layers": "layers",
@@ -65,12 +66,14 @@ class Inspection:
                 f"class ({kinds})"
             )
             handled += "".join(f"\n  refused {kind}: {why}" for kind, why in sorted(self.refused.items()))
+        moe = any(geometry.experts is not None for geometry in self.layers)  # MLP neurons: each expert's width
         lines = [
             f"{self.name}: {self.architecture} ({self.model_type}), {len(self.layers)} layers, "
             f"{self.parameters:,} parameters",
             handled,
             "",
-            f"{'layers':>9}  {'heads':>5}  {'KV heads':>8}  {'head_dim':>8}  {'MLP neurons':>11}",
+            f"{'layers':>9}  {'heads':>5}  {'KV heads':>8}  {'head_dim':>8}  {'MLP neurons':>11}"
+            + ("  experts" if moe else ""),
         ]
         position = 0
         for geometry, run in groupby(self.layers):
@@ -80,14 +83,15 @@ class Inspection:
             attention = geometry.attention
             heads = (attention.num_heads, attention.num_kv_heads, attention.head_dim) if attention else ("–",) * 3
             neurons = geometry.intermediate_size if geometry.intermediate_size is not None else "–"
-            lines.append(f"{span:>9}  {heads[0]:>5}  {heads[1]:>8}  {heads[2]:>8}  {neurons:>11}")
+            experts = f"  {geometry.experts if geometry.experts is not None else '–':>7}" if moe else ""
+            lines.append(f"{span:>9}  {heads[0]:>5}  {heads[1]:>8}  {heads[2]:>8}  {neurons:>11}{experts}")
         lines += [
             "",
             "Dependency groups. share: the part of all parameters the groups of a kind hold (kinds overlap: a "
             "KV group",
             "holds its query heads, a layer everything in it). format: the checkpoint format that removing one group",
-            "of the kind gives (one per layer for heads, KV groups, neurons and channels; one per stage for stage",
-            "channels; one in all for branches and layers).",
+            "of the kind gives (one per layer for heads, KV groups, neurons, experts and channels; one per stage",
+            "for stage channels; one in all for branches and layers).",
             f"{'kind':<20}{'groups':>8}{'parameters':>14}{'share':>8}  format",
         ]
         for kind in self.kinds:

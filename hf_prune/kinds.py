@@ -19,7 +19,15 @@ Amount = float | int
 __version__ = "0.1.0"
 
 GroupKind = Literal[
-    "heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers", "channels", "stage_channels"
+    "heads",
+    "kv_groups",
+    "neurons",
+    "experts",
+    "attention_branches",
+    "mlp_branches",
+    "layers",
+    "channels",
+    "stage_channels",
 ]
 Branch = Literal["attention", "mlp"]
 
@@ -31,6 +39,9 @@ CHANNEL_KINDS: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons"
 BLOCK_KINDS: frozenset[GroupKind] = frozenset(("attention_branches", "mlp_branches", "layers"))
 #: Groups that cross layers (`Group.layer` is a stage; slices are named from the model root).
 STAGE_KINDS: frozenset[GroupKind] = frozenset(("stage_channels",))
+#: Whole routed experts of a mixture-of-experts MLP (router row and every expert tensor's slice): only
+#: adapters that find experts (`hf_prune.groups.experts`) prune them, only criteria that name them rank them.
+EXPERT_KINDS: frozenset[GroupKind] = frozenset(("experts",))
 #: The kinds that live in the attention branch (the others, but `layers`, in the MLP branch).
 ATTENTION_KINDS: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "attention_branches"))
 #: What transformer adapters prune; convolutional adapters name their own `kinds`.
@@ -42,6 +53,7 @@ AMOUNT_OF_KIND: dict[GroupKind, str] = {
     "kv_groups": "kv_groups",
     "heads": "attention_heads",
     "neurons": "mlp_neurons",
+    "experts": "experts",
     "attention_branches": "attention_branches",
     "mlp_branches": "mlp_branches",
     "layers": "layers",

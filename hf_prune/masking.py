@@ -6,7 +6,10 @@ a removed layer becomes the identity (a forward hook returns its input). A remov
 (`PruningPlan.stream_channels`) is made exactly absent: every slice of its group is zeroed (its
 producers' rows and BatchNorm shift make the stream channel identically 0, its consumers' columns
 read nothing), and every LayerNorm over the stream normalises over the kept channels only (a
-forward hook), as the cut LayerNorm does.
+forward hook), as the cut LayerNorm does. A removed routed expert is never selected: a forward hook on
+the router gives it the logit −∞ before the top-k, by running the router's own forward on the kept rows
+only (so the family's softmax, top-k and renormalisation see exactly the experts that stay) and mapping
+the chosen indices back to the original expert numbers.
 
 Method notes and sources: docs/methods.md §1.
 """
@@ -18,6 +21,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .groups import ArchitectureAdapter, TensorSlice
+from .groups.experts import COUNT_ATTRIBUTES
 from .plan import LayerPlan, PruningPlan
 
 
@@ -49,7 +53,59 @@ def apply_masks(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPla
             continue
         for piece in masked_slices(adapter, layer, layer_plan):
             layer.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()
+        if layer_plan.changes_experts:
+            experts = adapter.experts_of(layer)
+            router = layer.get_submodule(experts.router)
+            kept = torch.tensor(layer_plan.experts, dtype=torch.long, device=router.weight.device)
+            names = [name.removeprefix(experts.router + ".") for name in experts.router_parameters]
+            names += [name.removeprefix(experts.router + ".") for name in experts.router_buffers]
+            handles.append(router.register_forward_hook(kept_experts_hook(kept, names), with_kwargs=True))
     return handles
+
+
+def kept_experts_hook(kept: torch.Tensor, parameters: list[str]):
+    """A router forward hook: the router's output as if only the `kept` experts existed (its `parameters`,
+    one row per expert, cut to the kept rows), in the original numbering: logits −∞ and never an index
+    of a removed expert."""
+
+    running = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output):
+        if running:  # the restricted call below runs this hook again
+            return output
+        count = module.get_parameter(parameters[0]).shape[0]
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        rows = {name: tensors[name][kept] for name in parameters}
+        # size attributes the router's forward reads (`num_experts`) say the kept count during the call
+        sizes = {a: getattr(module, a) for a in COUNT_ATTRIBUTES if getattr(module, a, None) == count}
+        running.append(True)
+        try:
+            for attribute in sizes:
+                setattr(module, attribute, len(kept))
+            restricted = torch.func.functional_call(module, rows, args, kwargs)
+        finally:
+            running.pop()
+            for attribute, value in sizes.items():
+                setattr(module, attribute, value)
+        return _renumbered(output, restricted, kept, count)
+
+    return hook
+
+
+def _renumbered(dense, restricted, kept: torch.Tensor, count: int):
+    """`restricted` (the router run on the kept experts) in the shape of `dense`: per-expert outputs
+    (last dimension `count`) widened with −∞ for the removed experts, expert indices mapped back."""
+    if isinstance(dense, (tuple, list)):
+        return type(dense)(_renumbered(d, r, kept, count) for d, r in zip(dense, restricted))
+    if not isinstance(dense, torch.Tensor):
+        return restricted
+    if not restricted.is_floating_point():
+        return kept[restricted]
+    if dense.shape[-1] == count and restricted.shape[-1] == len(kept):
+        widened = restricted.new_full(dense.shape, float("-inf"))
+        widened[..., kept] = restricted
+        return widened
+    return restricted
 
 
 def kept_channels_norm_hook(kept: torch.Tensor):

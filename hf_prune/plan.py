@@ -29,6 +29,8 @@ class LayerPlan:
     kv_heads: tuple[int, ...] = ()
     query_heads: tuple[int, ...] = ()
     neurons: tuple[int, ...] = ()
+    #: the routed experts kept (mixture-of-experts layers; empty in dense layers)
+    experts: tuple[int, ...] = ()
 
     @classmethod
     def keep_all(cls, layer: int, geometry: LayerGeometry) -> LayerPlan:
@@ -41,6 +43,7 @@ class LayerPlan:
             kv_heads=tuple(range(attention.num_kv_heads)) if attention else (),
             query_heads=tuple(range(attention.num_heads)) if attention else (),
             neurons=tuple(range(geometry.intermediate_size or 0)),
+            experts=tuple(range(geometry.experts or 0)),
         )
 
     @classmethod
@@ -58,6 +61,8 @@ class LayerPlan:
             plan.query_heads = tuple(h for j in plan.kv_heads for h in dense.attention.heads_of_group(j)[:per_group])
         if target.intermediate_size:
             plan.neurons = tuple(range(target.intermediate_size))
+        if target.experts:
+            plan.experts = tuple(range(target.experts))
         return plan
 
     @classmethod
@@ -72,6 +77,7 @@ class LayerPlan:
             tuple(data["kv_heads"]),
             tuple(data["query_heads"]),
             tuple(data["neurons"]),
+            tuple(data.get("experts", range(geometry.experts or 0))),
         )
 
     def pruned_geometry(self) -> LayerGeometry:
@@ -81,8 +87,11 @@ class LayerPlan:
             if self.keep_attention and attention
             else None
         )
+        kept_mlp = self.keep_mlp and self.geometry.intermediate_size
         return LayerGeometry(
-            kept_attention, len(self.neurons) if self.keep_mlp and self.geometry.intermediate_size else None
+            kept_attention,
+            len(self.neurons) if kept_mlp else None,
+            len(self.experts) if kept_mlp and self.geometry.experts is not None else None,
         )
 
     @property
@@ -95,8 +104,16 @@ class LayerPlan:
         size = self.geometry.intermediate_size
         return size is not None and self.keep_mlp and len(self.neurons) < size
 
+    @property
+    def changes_experts(self) -> bool:
+        count = self.geometry.experts
+        return count is not None and self.keep_mlp and len(self.experts) < count
+
+    def removed_experts(self) -> list[int]:
+        return sorted(set(range(self.geometry.experts or 0)) - set(self.experts)) if self.changes_experts else []
+
     def removed_slices(self, adapter: ArchitectureAdapter, layer: nn.Module) -> Iterator[TensorSlice]:
-        """Slices of every removed head, KV head and neuron inside branches that stay."""
+        """Slices of every removed head, KV head, neuron and routed expert inside branches that stay."""
         attention = self.geometry.attention
         if self.changes_attention:
             for head in sorted(set(range(attention.num_heads)) - set(self.query_heads)):
@@ -107,6 +124,8 @@ class LayerPlan:
             size = self.geometry.intermediate_size
             for neuron in sorted(set(range(size)) - set(self.neurons)):
                 yield from adapter.neuron_slices(layer, size, neuron)
+        for expert in self.removed_experts():
+            yield from adapter.experts_of(layer).expert_slices(layer, expert)
 
     def removed_branches(self) -> list[str]:
         removed = []
@@ -125,7 +144,7 @@ class LayerPlan:
             "kv_heads": list(self.kv_heads),
             "query_heads": list(self.query_heads),
             "neurons": list(self.neurons),
-        }
+        } | ({"experts": list(self.experts)} if self.geometry.experts is not None else {})
 
 
 @dataclass

@@ -83,6 +83,27 @@ def _criterion(config: PruningConfig, kind: str) -> Criterion:
     return criterion
 
 
+#: What ranks neurons inside routed experts: criteria that read only the group's own weights (the statistics of
+#: one consuming projection, which the data criteria read, do not exist for a layer's many experts yet).
+EXPERT_NEURON_CRITERIA = ("magnitude", "random")
+
+
+def _check_neurons_in_experts(model, adapter: ArchitectureAdapter, targets, criteria: dict) -> None:
+    moe = [i for i, layer in enumerate(adapter.layers(model)) if adapter.experts_of(layer)]
+    neurons = criteria.get("neurons")
+    if (
+        neurons is None
+        or neurons.name in EXPERT_NEURON_CRITERIA
+        or not any(targets.counts.neurons.get(i) for i in moe)
+    ):
+        return
+    raise InvalidPruningTargetError(
+        f"criterion {neurons.name!r} cannot rank the neurons inside routed experts yet (it reads one consuming "
+        "projection's calibration statistics; a mixture-of-experts layer has one per expert, issue 16); use "
+        f"criterion={{'neurons': 'magnitude', ...}} (or {', '.join(repr(c) for c in EXPERT_NEURON_CRITERIA[1:])})."
+    )
+
+
 def load_preprocessor(name_or_path: str | os.PathLike, shared: dict) -> tuple:
     """(tokenizer, image processor) saved beside a model; either or both may be None.
 
@@ -197,13 +218,24 @@ class HFPruner:
         `statistics` reuses one calibration pass (`hf_prune.calibration.statistics.collect_statistics` on this
         same dense model) across several prunes, as the benchmarks do.
         """
+        config, plan, calibration = self.plan_and_repair(config, statistics=statistics, **kwargs)
+        return self.apply(plan, config, calibration=calibration)
+
+    def plan_and_repair(
+        self, config: PruningConfig | None = None, *, statistics: CalibrationStatistics | None = None, **kwargs
+    ) -> tuple[PruningConfig, PruningPlan, dict | None]:
+        """`prune` without the cut: score, plan and repair in place (the repairs write into the kept weights,
+        the layer-by-layer modes leave the pruned layers masked). Returns the config, the plan and the
+        calibration summary; `apply(plan, config, calibration)` then cuts what masking the model with the plan
+        (`hf_prune.masking.apply_masks`) computes. The `PruningCallback`'s one-shot schedule at step 0 masks
+        here and trains before it cuts."""
         config, targets, criteria = self.validated(config, kwargs)
         # Shapes depend on the counts (uniform) or mostly so: a random ranking tells the format before any work.
         self._check_format(plan_for(self.model, self.adapter, config, RandomCriterion()), config)
         check_finite_weights(self.model.named_parameters())
 
         if config.propagate != "unpruned":
-            return self._prune_layer_by_layer(config, targets, criteria, statistics)
+            return config, *self._prune_layer_by_layer(config, targets, criteria, statistics)
         context = ScoringContext(self.model, self.adapter, batch_size=config.batch_size, damping=config.damping)
         requirements = statistics_requirements(criteria, config, targets)
         if (requirements and statistics is None) or any(c.needs_windows for c in criteria.values()):
@@ -244,7 +276,7 @@ class HFPruner:
         if context.statistics is not None:
             windows = len(context.windows) if context.windows is not None else config.num_samples
             calibration = calibration_summary(config, windows, context.statistics.tokens)
-        return self.apply(plan, config, calibration=calibration)
+        return config, plan, calibration
 
     def _calibration_windows(self, config: PruningConfig):
         """The config's calibration windows (token ids, or pixel batches for image models)."""
@@ -254,8 +286,9 @@ class HFPruner:
 
     def _prune_layer_by_layer(
         self, config: PruningConfig, targets: RemovalCounts, criteria: dict[str, Criterion], statistics
-    ) -> PruningReport:
-        """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`)."""
+    ) -> tuple[PruningPlan, dict]:
+        """`propagate="pruned"` or `"both"`: each layer measured on the pruned model's activations (`layerwise`);
+        returns the plan (the model masked in place) and the calibration summary."""
         if statistics is not None:
             raise InvalidPruningTargetError(
                 f"statistics=... holds the dense model's one-pass measurements, which propagate={config.propagate!r} "
@@ -275,7 +308,7 @@ class HFPruner:
         plan = prune_layer_by_layer(
             self.model, self.adapter, config, criteria, targets, windows, toward_dense=config.propagate == "both"
         )
-        return self.apply(plan, config, calibration=calibration_summary(config, len(windows), batch_tokens([windows])))
+        return plan, calibration_summary(config, len(windows), batch_tokens([windows]))
 
     def write_companions(self, folder: Path, decision: FormatDecision, model_id: str) -> None:
         """Everything a saved folder holds beside its weights and config: the loader-format files when
@@ -300,7 +333,9 @@ class HFPruner:
                 "(e.g. mlp_neurons=0.25 or sparsity=0.2)."
             )
         targets = resolve_counts(self.model, self.adapter, config)
-        return config, targets, {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
+        criteria = {kind: _criterion(config, kind) for kind in sorted(targets.kinds())}
+        _check_neurons_in_experts(self.model, self.adapter, targets, criteria)
+        return config, targets, criteria
 
     def apply(self, plan: PruningPlan, config: PruningConfig, calibration: dict | None = None) -> PruningReport:
         """Cut a plan made elsewhere (`PruningCallback`'s training-time masks) exactly as `prune`

@@ -15,14 +15,25 @@ class LayerReport:
     kv_heads: tuple[int, int]
     neurons: tuple[int, int]
     removed_branches: tuple[str, ...]
+    #: routed experts (before, after); (0, 0) in dense layers
+    experts: tuple[int, int] = (0, 0)
 
     @classmethod
     def from_plan(cls, plan: LayerPlan) -> LayerReport:
         before, after = plan.geometry, plan.pruned_geometry()
         heads_before = before.attention.num_heads if before.attention else 0
         kv_before = before.attention.num_kv_heads if before.attention else 0
+        experts_before = before.experts or 0
         if not plan.keep_layer:
-            return cls(plan.layer, True, (heads_before, 0), (kv_before, 0), (before.intermediate_size or 0, 0), ())
+            return cls(
+                plan.layer,
+                True,
+                (heads_before, 0),
+                (kv_before, 0),
+                (before.intermediate_size or 0, 0),
+                (),
+                (experts_before, 0),
+            )
         return cls(
             plan.layer,
             False,
@@ -30,6 +41,7 @@ class LayerReport:
             (kv_before, after.attention.num_kv_heads if after.attention else 0),
             (before.intermediate_size or 0, after.intermediate_size or 0),
             tuple(plan.removed_branches()),
+            (experts_before, after.experts or 0),
         )
 
     def describe(self) -> str:
@@ -43,8 +55,11 @@ class LayerReport:
             parts.append(f"heads {self.heads[0]}→{self.heads[1]}{kv}")
         if "mlp" in self.removed_branches:
             parts.append("MLP branch removed")
-        elif self.neurons[0] != self.neurons[1]:
-            parts.append(f"neurons {self.neurons[0]}→{self.neurons[1]}")
+        else:
+            if self.experts[0] != self.experts[1]:
+                parts.append(f"experts {self.experts[0]}→{self.experts[1]}")
+            if self.neurons[0] != self.neurons[1]:
+                parts.append(f"neurons {self.neurons[0]}→{self.neurons[1]}")
         return ", ".join(parts) or "unchanged"
 
 

@@ -77,7 +77,13 @@ def _sync_shape(module: nn.Module) -> None:
 @torch.no_grad()
 def cut_layer(layer: nn.Module, adapter: ArchitectureAdapter, layer_plan: LayerPlan) -> None:
     """Make one kept layer physically smaller as its plan says (in place)."""
-    slice_tensors(layer, list(layer_plan.removed_slices(adapter, layer)))
+    experts = layer_plan.geometry.experts is not None and (layer_plan.changes_experts or layer_plan.changes_mlp)
+    pieces = list(layer_plan.removed_slices(adapter, layer))
+    if layer_plan.changes_experts:
+        pieces += [p for e in layer_plan.removed_experts() for p in adapter.experts_of(layer).buffer_slices(e)]
+    slice_tensors(layer, pieces)
+    if experts:
+        adapter.set_expert_geometry(layer, layer_plan.geometry, layer_plan.pruned_geometry())
     if layer_plan.changes_attention:
         adapter.set_attention_geometry(layer, layer_plan.pruned_geometry().attention)
     for branch in layer_plan.removed_branches():

@@ -7,9 +7,16 @@ SmolLM2-135M, MLP neurons −50%, causal-LM fine-tuning on 512-token windows of 
   zero-shot      one-shot prune, no training, every registered criterion (the table shows the best)
   oneshot-full   one-shot prune with the seed's best zero-shot criterion, then the budget as a full fine-tune
   oneshot-lora   the same with LoRA (r=8, every linear layer; adapter on the pruned folder), merged
+  oneshot-distill-full   oneshot-full with distillation from the dense model (`--distill-alpha`,
+                 `--distill-temperature`; `DistillationCallback`, teacher = a frozen copy of the dense model)
+  oneshot-distill-lora   oneshot-lora with the same distillation (the teacher is the dense model, not the
+                 pruned base under the adapters)
   gradual        PruningCallback, default schedule (cubic, step 0 → 75% of the steps), `--gradual-score`
                  (`l0` attaches hard-concrete gates first and records their expected kept fraction),
                  full fine-tune of the masked model, compacted at the end
+  gradual-repair gradual with `repair="lstsq"`: the consumers of the newly masked groups refitted at every event
+  gradual-distill  gradual with `distill=Distillation(alpha, temperature)` (teacher: the unpruned model)
+  gradual-both   gradual with both
 
 Every prune uses `--damping` (default: `PruningConfig`'s). Quality: WikiText-2 *test* perplexity
 on every non-overlapping `--seq-len` window of the whole split (the zero-shot protocol); `--windows N`
@@ -20,6 +27,8 @@ other settings are refused. Prints the command that reproduces the table above i
 
     python scripts/benchmark_finetune.py                              # hours on 2 CPU cores
     python scripts/benchmark_finetune.py --rows gradual --seeds 0
+    python scripts/benchmark_finetune.py --rows gradual-both,oneshot-distill-full --steps 400 \
+        --output outputs/benchmark_finetune_400.json
     python scripts/benchmark_finetune.py --model tiny --steps 4 --windows-per-step 2 --seq-len 64 --windows 2
 """
 
@@ -36,13 +45,15 @@ import torch
 from results_file import LANGUAGE_MODELS, PACKAGES, language_model, open_results
 from transformers import Trainer, TrainingArguments
 
-from hf_prune import HFPruner, PruningCallback, PruningConfig
+from hf_prune import Distillation, HFPruner, PruningCallback, PruningConfig
 from hf_prune.calibration.data import data_file, wikitext2_test_text
 from hf_prune.criteria import available_criteria
 from hf_prune.evaluation import parameter_count, perplexity
-from hf_prune.training.recovery import lora_for_recovery
+from hf_prune.training.recovery import DistillationCallback, lora_for_recovery
 
-ROWS = ("dense", "zero-shot", "oneshot-full", "oneshot-lora", "gradual")
+ONESHOT_ROWS = ("oneshot-full", "oneshot-lora", "oneshot-distill-full", "oneshot-distill-lora")
+GRADUAL_ROWS = ("gradual", "gradual-repair", "gradual-distill", "gradual-both")
+ROWS = ("dense", "zero-shot", *ONESHOT_ROWS, *GRADUAL_ROWS)
 TARGET = {"mlp_neurons": 0.5}
 
 
@@ -90,23 +101,33 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
         return record
     model = copy.deepcopy(dense)
     start = time.perf_counter()
-    if row in ("oneshot-full", "oneshot-lora"):
+    distill = row in ("oneshot-distill-full", "oneshot-distill-lora", "gradual-distill", "gradual-both")
+    alpha, temperature = settings["distill_alpha"], settings["distill_temperature"]
+    if row in ONESHOT_ROWS:
         criterion = results["rows"][f"zero-shot/seed{seed}"]["criterion"]
         record["criterion"] = criterion
+        # A frozen copy: the shared dense model must stay trainable for the rows after this one.
+        recovery = [DistillationCallback(copy.deepcopy(dense), alpha, temperature)] if distill else []
         pruner = HFPruner(model, tokenizer)
         pruner.prune(**TARGET, criterion=criterion, seed=seed, damping=settings["damping"])
-        if row == "oneshot-full":
-            record["train_loss"] = train(pruner.model, data, settings, seed, settings["lr_full"], work)
+        if not row.endswith("lora"):
+            record["train_loss"] = train(pruner.model, data, settings, seed, settings["lr_full"], work, recovery)
             model = pruner.model
         else:
             folder = pruner.save_pretrained(work / "pruned", overwrite=True)
             lora = lora_for_recovery(folder)
-            record["train_loss"] = train(lora, data, settings, seed, settings["lr_lora"], work)
+            record["train_loss"] = train(lora, data, settings, seed, settings["lr_lora"], work, recovery)
             model = lora.merge_and_unload()
-    elif row == "gradual":
+    elif row in GRADUAL_ROWS:
         record["score"] = settings["gradual_score"]
         config = PruningConfig(**TARGET, damping=settings["damping"])
-        callback = PruningCallback(config, score=settings["gradual_score"], pruned_dir=None)
+        callback = PruningCallback(
+            config,
+            score=settings["gradual_score"],
+            pruned_dir=None,
+            repair="lstsq" if row in ("gradual-repair", "gradual-both") else "none",
+            distill=Distillation(alpha=alpha, temperature=temperature) if distill else None,
+        )
         if callback.score == "l0":
             callback.attach_gates(model)  # before the Trainer builds its optimizer
         record["train_loss"] = train(model, data, settings, seed, settings["lr_full"], work, [callback])
@@ -127,7 +148,7 @@ def table(results: dict, seeds: list[int], rows: list[str] = ROWS) -> str:
     lines = [
         f"{settings['model']}, MLP neurons -50%, {settings['steps']} steps × {settings['windows_per_step']} windows; "
         f"WikiText-2 test perplexity, {settings['windows']} × {settings['seq_len']}-token windows",
-        f"{'row':14}" + "".join(f"{'ppl seed' + str(s):>14}" for s in seeds) + f"{'mean':>10}{'train s':>10}  method",
+        f"{'row':22}" + "".join(f"{'ppl seed' + str(s):>14}" for s in seeds) + f"{'mean':>10}{'train s':>10}  method",
     ]
     means = {}
     for row in [r for r in ROWS if r in rows]:
@@ -139,16 +160,22 @@ def table(results: dict, seeds: list[int], rows: list[str] = ROWS) -> str:
         method = done[0].get("criterion") or done[0].get("score") or ""
         cells = "".join(f"{r['perplexity']:>14.2f}" if r else f"{'-':>14}" for r in records)
         train_s = statistics.mean(r["train_s"] for r in done)
-        lines.append(f"{row:14}{cells}{means[row]:>10.2f}{train_s:>10.0f}  {method}")
-    oneshot = {row: means[row] for row in ("oneshot-full", "oneshot-lora") if row in means}
-    if "gradual" in means and oneshot:
+        lines.append(f"{row:22}{cells}{means[row]:>10.2f}{train_s:>10.0f}  {method}")
+    oneshot = {row: means[row] for row in ONESHOT_ROWS if row in means}
+    gradual = {row: means[row] for row in GRADUAL_ROWS if row in means}
+    if gradual and oneshot:
         best_row, best = min(oneshot.items(), key=lambda item: item[1])
-        gap = means["gradual"] - best
+        callback_row, mean = min(gradual.items(), key=lambda item: item[1])
+        gap = mean - best
         verdict = "beats" if gap < 0 else "does not beat"
         lines.append(
-            f"\ngradual {verdict} the best one-shot + recovery ({best_row}): mean perplexity {means['gradual']:.2f} "
-            f"vs {best:.2f} ({gap:+.2f}, {100 * gap / best:+.1f}%) at the same {settings['steps']} steps."
+            f"\nthe best callback row ({callback_row}) {verdict} the best one-shot + recovery ({best_row}): mean "
+            f"perplexity {mean:.2f} vs {best:.2f} ({gap:+.2f}, {100 * gap / best:+.1f}%) at the same "
+            f"{settings['steps']} steps."
         )
+    if "dense" in means:
+        ratios = ", ".join(f"{row} {means[row] / means['dense']:.2f}×" for row in means if row not in ("dense",))
+        lines.append(f"perplexity over dense: {ratios}")
     return "\n".join(lines)
 
 
@@ -172,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-lora", type=float, default=2e-4)
     parser.add_argument("--gradual-score", default="taylor")
+    parser.add_argument("--distill-alpha", type=float, default=0.5, help="α of the distillation rows")
+    parser.add_argument("--distill-temperature", type=float, default=1.0, help="T of the distillation rows")
     parser.add_argument(
         "--precision",
         choices=("bf16", "fp32"),
@@ -210,6 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         "lr_full": args.lr_full,
         "lr_lora": args.lr_lora,
         "gradual_score": args.gradual_score,
+        "distill_alpha": args.distill_alpha,
+        "distill_temperature": args.distill_temperature,
         "precision": args.precision,
         "zero_shot_criteria": args.zero_shot_criteria.split(","),
         "damping": args.damping,

@@ -1,5 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: trains a tiny llama with PruningCallback on CPU (gloo) and
-writes what every process masked, for tests/test_callback.py to compare."""
+writes what every process masked, for tests/test_callback.py to compare. `job.py OUTPUT repair` adds
+`repair="lstsq"` and records the consumer weights (tests/test_event_repair.py)."""
 
 import json
 import sys
@@ -15,12 +16,14 @@ from hf_prune.training.schedule import PruningSchedule
 
 torch.set_num_threads(1)
 output = Path(sys.argv[1])
+repair = "lstsq" if sys.argv[2:] == ["repair"] else "none"
 generator = torch.Generator().manual_seed(0)
 rows = [{"input_ids": (ids := torch.randint(3, 97, (12,), generator=generator)), "labels": ids} for _ in range(16)]
 pruning = PruningCallback(
     PruningConfig(attention_heads=0.5, mlp_neurons=0.5, layers=1),
     PruningSchedule("cubic", start_step=1, end_step=3),
     compact_at_end=False,
+    repair=repair,
 )
 args = TrainingArguments(
     output_dir=str(output),
@@ -43,6 +46,11 @@ totals = {name: value.tolist() for name, value in pruning._scores.total.items()}
 pending = {name: value.tolist() for name, value in pruning._scores.pending.items()}
 plan = [p.to_dict() for p in pruning.plan.layers]
 record = {"world_size": trainer.args.world_size, "plan": plan, "totals": totals, "pending": pending}
+if repair != "none":
+    layers = trainer.model.model.layers
+    record["consumers"] = [
+        [layer.self_attn.o_proj.weight.tolist(), layer.mlp.down_proj.weight.tolist()] for layer in layers
+    ]
 (output / f"rank{rank}.json").write_text(json.dumps(record))
 # Both processes must finish writing before either tears gloo down; a lone teardown aborts the other.
 torch.distributed.barrier()

@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import torch
+import transformers
 from tiny_models import FAMILIES, calibration_windows
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration.distributed import process_state
+from hf_prune.derivation.derive import build_tiny
 
 torch.set_num_threads(1)
 output = Path(sys.argv[1])
@@ -21,10 +23,13 @@ calibration = {"calibration": calibration_windows(12, 16), "num_samples": 12, "s
 configs = {
     "default": PruningConfig(kv_groups=1, mlp_neurons=0.5, layers=1, **calibration),
     "taylor": PruningConfig(mlp_neurons=0.25, attention_heads=1, criterion="taylor", **calibration),
+    # routing statistics (REAP, the default for experts) on a tiny Mixtral
+    "experts": PruningConfig(experts=1, mlp_neurons=0.25, criterion={"neurons": "magnitude"}, **calibration),
 }
 record = {"world_size": world_size}
 for name, config in configs.items():
-    pruner = HFPruner(FAMILIES["llama"].build())
+    model = build_tiny(transformers.MixtralConfig, seed=3)[0] if name == "experts" else FAMILIES["llama"].build()
+    pruner = HFPruner(model)
     report = pruner.prune(config)
     pruner.save_pretrained(output / name)
     record[name] = {"plan": [layer.to_dict() for layer in pruner.plan.layers], "calibration": report.calibration}

@@ -68,6 +68,16 @@ def test_non_uniform_allocations_spend_the_uniform_budget_and_cut_exactly(family
     torch.testing.assert_close(reloaded, masked(**inputs).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("allocation", ["global", "adaptive"])
+def test_query_heads_alone_in_a_gqa_model_need_no_kv_group_scores(allocation):
+    """`attention_heads` without `kv_groups` on a GQA model: every KV group stays (nothing to score for them,
+    and no `kv_groups` criterion is configured), and as many query heads go as the uniform allocation takes."""
+    uniform, _ = prune("llama", attention_heads=1)
+    pruner, _ = prune("llama", attention_heads=1, allocation=allocation)
+    assert all(p.kv_heads == u.kv_heads for p, u in zip(pruner.plan.layers, uniform.plan.layers, strict=True))
+    assert sum(len(p.query_heads) for p in pruner.plan.layers) == sum(len(p.query_heads) for p in uniform.plan.layers)
+
+
 def test_global_takes_neurons_from_the_layer_whose_scores_are_skewed():
     """Layer 1 has half its neurons zeroed: after per-layer normalisation those rank lowest
     model-wide, so `global` takes them all there, where `uniform` cannot."""

@@ -63,10 +63,10 @@ def test_tiny_benchmark_runs_every_row_and_resumes(smollm2, tmp_path, capsys, mo
     monkeypatch.setattr(HFPruner, "prune", recorded_prune)
     monkeypatch.setattr(benchmark, "PruningCallback", recorded_callback)
     results = benchmark.main(argv)
-    assert dampings == [0.03] * 5  # two zero-shot criteria, two one-shot rows, the callback
+    assert dampings == [0.03] * 10  # two zero-shot criteria, four one-shot rows, four callback rows
     monkeypatch.undo()
 
-    assert sorted(results["rows"]) == [f"{row}/seed0" for row in sorted(benchmark.ROWS)]
+    assert sorted(results["rows"]) == sorted(f"{row}/seed0" for row in benchmark.ROWS)
     assert json.loads(output.read_text()) == results
     assert results["settings"]["damping"] == 0.03 and results["settings"]["windows"] == 2
     assert results["settings"]["packages"]["peft"]
@@ -74,13 +74,21 @@ def test_tiny_benchmark_runs_every_row_and_resumes(smollm2, tmp_path, capsys, mo
     one_shot = results["rows"]["oneshot-full/seed0"]
     assert gradual["parameters"] == one_shot["parameters"] < results["rows"]["dense/seed0"]["parameters"]
     assert one_shot["criterion"] == results["rows"]["zero-shot/seed0"]["criterion"]
+    for row in (*benchmark.ONESHOT_ROWS, *benchmark.GRADUAL_ROWS):
+        assert results["rows"][f"{row}/seed0"]["parameters"] == one_shot["parameters"], row
+    assert results["settings"]["distill_alpha"] == 0.5 and results["settings"]["distill_temperature"] == 1.0
     printed = capsys.readouterr().out
     assert f"python scripts/benchmark_finetune.py {' '.join(argv)}\n" in printed
     assert "gradual" in printed and "2 × 64-token windows" in printed
 
     monkeypatch.setattr(benchmark, "run_row", lambda *args, **kwargs: pytest.fail("finished rows must be skipped"))
     assert benchmark.main(argv)["rows"] == results["rows"]
-    others = ((["--steps", "5"], "steps"), (["--damping", "0.01"], "damping"), (["--eval-windows", "3"], "windows"))
+    others = (
+        (["--steps", "5"], "steps"),
+        (["--damping", "0.01"], "damping"),
+        (["--eval-windows", "3"], "windows"),
+        (["--distill-alpha", "0.9"], "distill_alpha"),
+    )
     for other, key in others:
         with pytest.raises(SystemExit):  # other settings: refuses to mix them into the same file
             benchmark.main([*argv, *other])

@@ -335,7 +335,7 @@ def test_gradient_accumulation_scores_the_optimizer_step(tmp_path):
     "schedule, score, error, message",
     [
         (
-            PruningSchedule("oneshot", start_step=0),
+            PruningSchedule("cubic", start_step=0, end_step=3, initial_sparsity=0.5),
             "taylor",
             InvalidScheduleError,
             r"at step 0, before any training batch",

@@ -87,10 +87,13 @@ def test_every_registered_criterion_is_covered_here():
         "fisher",
         "flow",
         "fluctuation",
+        "frequency",  # the expert criteria are checked against plain torch in tests/test_experts.py
+        "gate_weight",
         "loss",
         "magnitude",
         "obs",
         "random",
+        "reap",
         "synflow",
         "taylor",
     }

@@ -28,6 +28,8 @@ class Counts:
     heads_per_group: dict[int, int] = field(default_factory=dict)
     mha_heads: dict[int, int] = field(default_factory=dict)
     neurons: dict[int, int] = field(default_factory=dict)
+    #: routed experts removed per mixture-of-experts layer (uniform under every allocation)
+    experts: dict[int, int] = field(default_factory=dict)
 
     def kinds(self, neuron_kind: GroupKind = "neurons") -> set[GroupKind]:
         """The group kinds that need a criterion (`neurons` counts units of `neuron_kind`)."""
@@ -37,6 +39,7 @@ class Counts:
             ("heads", self.heads_per_group),
             ("heads", self.mha_heads),
             (neuron_kind, self.neurons),
+            ("experts", self.experts),
         ):
             if any(counts.values()):
                 kinds.add(kind)

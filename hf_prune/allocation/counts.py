@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import InvalidPruningTargetError
 from ..evaluation import flops_per_token, parameter_count
 from ..groups import ArchitectureAdapter, GroupKind
+from ..groups.experts import EXPERT_WIDTH_MULTIPLE, experts_per_token, top_k_field
 from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, GROUP_KINDS, STAGE_KINDS, count_of
 from ..plan import PruningPlan
 from .base import Counts
@@ -122,9 +123,10 @@ def rounded_neurons(removed: int, total: int, round_to: int) -> int:
     return max(total - kept, 0)
 
 
-def _neuron_count(config: PruningConfig, name: str, layer: int, total: int) -> int:
+def _neuron_count(config: PruningConfig, name: str, layer: int, total: int, round_to: int | None = None) -> int:
     """Units removed from one layer by the amount `name` (`mlp_neurons`, or `channels` on
-    convolutional families)."""
+    convolutional families), keeping a multiple of `round_to` (default: the config's)."""
+    round_to = round_to or config.round_to
     amount = getattr(config, name)
     unit = "neurons" if name == "mlp_neurons" else "channels"
     count = count_of(amount, total)
@@ -137,13 +139,34 @@ def _neuron_count(config: PruningConfig, name: str, layer: int, total: int) -> i
         raise InvalidPruningTargetError(
             f"{name}={amount!r} rounds to 0 of {total} {unit}; the smallest valid fraction is {0.5 / total:.3g}."
         )
-    rounded = rounded_neurons(count, total, config.round_to)
+    rounded = rounded_neurons(count, total, round_to)
     if count and not rounded:
         raise InvalidPruningTargetError(
-            f"{name}={amount!r} with round_to={config.round_to} keeps all {total} {unit} of layer "
+            f"{name}={amount!r} with round_to={round_to} keeps all {total} {unit} of layer "
             f"{layer}; remove more or use a smaller round_to."
         )
     return rounded
+
+
+def _expert_count(config: PruningConfig, layer: int, total: int, top_k: int | None, top_k_name: str) -> int:
+    """Routed experts removed from one mixture-of-experts layer; at least `top_k` (the experts every token is
+    routed to) must stay."""
+    amount = config.experts
+    count = count_of(amount, total)
+    if count == 0:
+        raise InvalidPruningTargetError(
+            f"experts={amount!r} rounds to 0 of the {total} experts of layer {layer}; the smallest valid fraction "
+            f"is {0.5 / total:.3g} (1 expert)."
+        )
+    kept = total - count
+    if kept < max(top_k or 1, 1):
+        largest = total - max(top_k or 1, 1)
+        raise InvalidPruningTargetError(
+            f"experts={amount!r} keeps {kept} of the {total} experts of layer {layer}, but every token is routed to "
+            f"{top_k} ({top_k_name}); remove at most {largest}"
+            + (f" (a fraction below {(largest + 0.5) / total:.3g})." if isinstance(amount, float) else ".")
+        )
+    return count
 
 
 def _check_kinds(config: PruningConfig, adapter: ArchitectureAdapter) -> None:
@@ -168,7 +191,11 @@ def _protected(config: PruningConfig, total: int) -> frozenset[int]:
 
 
 def _amount_counts(
-    config: PruningConfig, plan: PruningPlan, protected: frozenset[int], neuron_kind: GroupKind
+    config: PruningConfig,
+    plan: PruningPlan,
+    protected: frozenset[int],
+    neuron_kind: GroupKind,
+    model_config=None,
 ) -> Counts:
     counts = Counts()
     neuron_amount = AMOUNT_OF_KIND[neuron_kind]
@@ -180,8 +207,15 @@ def _amount_counts(
             groups, per_group = _head_counts(config, layer_plan.layer, attention)
             (counts.mha_heads if attention.heads_per_group == 1 else counts.kv_groups)[layer_plan.layer] = groups
             counts.heads_per_group[layer_plan.layer] = per_group
+        experts = layer_plan.geometry.experts
         if size and getattr(config, neuron_amount):
-            counts.neurons[layer_plan.layer] = _neuron_count(config, neuron_amount, layer_plan.layer, size)
+            # inside routed experts the kept width stays a multiple of EXPERT_WIDTH_MULTIPLE (grouped GEMM kernels)
+            round_to = math.lcm(config.round_to, EXPERT_WIDTH_MULTIPLE) if experts else config.round_to
+            counts.neurons[layer_plan.layer] = _neuron_count(config, neuron_amount, layer_plan.layer, size, round_to)
+        if size and experts and config.experts:
+            top_k = experts_per_token(model_config) if model_config is not None else None
+            name = top_k_field(model_config) if model_config is not None else "num_experts_per_tok"
+            counts.experts[layer_plan.layer] = _expert_count(config, layer_plan.layer, experts, top_k, name)
     return counts
 
 
@@ -293,10 +327,16 @@ def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: Pruni
     unit: CostUnit = "flops" if config.target_flops else "params"
     modules = adapter.layers(model)
     costs = {p.layer: unit_costs(adapter, modules[p.layer], p.layer, unit, config.seq_len) for p in plan.layers}
+    if config.budget_target and any(p.geometry.experts for p in plan.layers):
+        name = config.budget_target
+        raise InvalidPruningTargetError(
+            f"{name}={getattr(config, name)!r}: budgets are not spread over routed experts yet (issue 16); on "
+            "mixture-of-experts models give the amounts instead, e.g. experts=0.25 and mlp_neurons=0.25."
+        )
     counts = (
         _budget_counts(config, model, costs, protected)
         if config.budget_target
-        else _amount_counts(config, plan, protected, adapter.neuron_kind)
+        else _amount_counts(config, plan, protected, adapter.neuron_kind, getattr(model, "config", None))
     )
     return RemovalCounts(
         layers=layers,

@@ -51,8 +51,10 @@ def kept_groups(scores: LayerScores, plan: LayerPlan, counts: Counts) -> tuple[i
     """The KV groups (GQA) or heads (MHA) layer `plan` keeps under `counts`."""
     if plan.layer in counts.mha_heads:
         removed = lowest(scores(plan.layer, "kv_groups", "heads"), counts.mha_heads[plan.layer])
-    else:
-        removed = lowest(scores(plan.layer, "kv_groups"), counts.kv_groups.get(plan.layer, 0))
+    elif counts.kv_groups.get(plan.layer, 0):
+        removed = lowest(scores(plan.layer, "kv_groups"), counts.kv_groups[plan.layer])
+    else:  # no KV group goes: nothing to score (and no kv_groups criterion may be configured)
+        removed = set()
     return tuple(j for j in plan.kv_heads if j not in removed)
 
 
@@ -81,6 +83,10 @@ def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts, n
     if layer_plan.keep_mlp and count:
         removed = lowest(scores(layer_plan.layer, neuron_kind), count)
         layer_plan.neurons = tuple(n for n in layer_plan.neurons if n not in removed)
+    count = counts.experts.get(layer_plan.layer, 0)
+    if layer_plan.keep_mlp and count:
+        removed = lowest(scores(layer_plan.layer, "experts"), count)
+        layer_plan.experts = tuple(e for e in layer_plan.experts if e not in removed)
 
 
 def plan_layer(
@@ -98,6 +104,7 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], remov
     scores = LayerScores(context, criteria)
     remove_blocks(plan, removal, scores)
     counts = get_allocation(removal.allocation).counts(scores, plan, removal)
+    counts.experts = counts.experts or removal.counts.experts  # experts go uniformly under every allocation
     for layer_plan in plan.layers:
         _select_groups(scores, layer_plan, counts, removal.neuron_kind)
     select_stream_channels(context, criteria, plan, removal)

@@ -10,7 +10,11 @@ On convolutional families that prune stage channels, `moments` also records the 
 every stage's output channel (`streams`), and `stream_gram` the Gram matrix of the stream channels
 at every module that reads them (`stream_consumers`, for their least-squares repair). Without
 gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
-classifier's input. Under torchrun each process runs its share of the batches and the sums are
+classifier's input. In mixture-of-experts layers `routing` records, per routed expert, how many tokens
+the router sent to it and the sum of its gate weights; `expert_norms` also the sum of `g_j(x)·‖f_j(x)‖`
+over those tokens (the experts module computes each (token, expert) pair once, unweighted, and the
+weighted sum is formed after: `ExpertPairs`).
+Under torchrun each process runs its share of the batches and the sums are
 added across processes (`hf_prune.calibration.distributed`).
 
 Method notes and sources: docs/methods.md §2.
@@ -33,8 +37,16 @@ from ..groups.base import channels_last
 from .distributed import local_share, sum_across_processes, sum_numbers
 from .loss import calibration_loss
 
-Requirement = Literal["moments", "mlp_gram", "influence", "gradients", "stream_gram"]
-REQUIREMENTS: tuple[Requirement, ...] = ("moments", "mlp_gram", "influence", "gradients", "stream_gram")
+Requirement = Literal["moments", "mlp_gram", "influence", "gradients", "stream_gram", "routing", "expert_norms"]
+REQUIREMENTS: tuple[Requirement, ...] = (
+    "moments",
+    "mlp_gram",
+    "influence",
+    "gradients",
+    "stream_gram",
+    "routing",
+    "expert_norms",
+)
 
 
 #: Channel blocks of a Gram matrix: only the blocks on and above the diagonal are multiplied.
@@ -96,6 +108,80 @@ class ChannelStatistics:
 
 
 @dataclass
+class RoutingStatistics:
+    """What the router of one mixture-of-experts layer did over the calibration tokens, per routed expert."""
+
+    #: tokens the router saw
+    tokens: int = 0
+    #: tokens routed to each expert (one of its top-k)
+    selected: torch.Tensor | None = None
+    #: Σ over tokens of each expert's gate weight (0 where not routed)
+    gate: torch.Tensor | None = None
+    #: Σ over the tokens routed to each expert of gate weight × ‖expert output‖ (`expert_norms` only)
+    weighted_norm: torch.Tensor | None = None
+
+    def add(self, indices: torch.Tensor, weights: torch.Tensor, count: int, norms: torch.Tensor | None) -> None:
+        """One batch: `indices` and `weights` (tokens × top-k), `norms` ‖f_j(x)‖ per (token, choice)."""
+        if self.selected is None:
+            self.selected, self.gate = (torch.zeros(count, dtype=torch.float64, device=indices.device) for _ in "ab")
+            if norms is not None:
+                self.weighted_norm = torch.zeros(count, dtype=torch.float64, device=indices.device)
+        flat, gates = indices.reshape(-1), weights.reshape(-1).double()
+        self.tokens += indices.shape[0]
+        self.selected.index_add_(0, flat, torch.ones_like(gates))
+        self.gate.index_add_(0, flat, gates)
+        if norms is not None:
+            self.weighted_norm.index_add_(0, flat, gates * norms.reshape(-1).double())
+
+
+def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states, top-k indices, top-k weights) of a call `experts(hidden, top_k_index, top_k_weights)`."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    indices = next(t for t in tensors[1:] if not t.is_floating_point())
+    weights = next(t for t in tensors[1:] if t.is_floating_point() and t.shape == indices.shape)
+    return tensors[0], indices, weights
+
+
+def routing_hook(accumulator: RoutingStatistics, count: int):
+    """A forward hook on an experts module called as `experts(hidden, top_k_index, top_k_weights)` (the
+    fused layout): accumulate its routing."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        _, indices, weights = _routing(args, kwargs)
+        accumulator.add(indices.detach(), weights.detach().float(), count, None)
+
+    return hook
+
+
+class ExpertPairs:
+    """While installed, the experts module computes each (token, chosen expert) pair once, with weight 1, by
+    its own forward (`f_j(x)`), records the routing and `g_j(x)·‖f_j(x)‖`, and returns `Σ_k g_k f_k(x)`, what
+    its forward returns: the expert outputs REAP reads at no extra expert compute (the pairs are the ones the
+    forward computes anyway; only the order of the top-k sum differs). `remove()` restores the forward."""
+
+    def __init__(self, module: nn.Module, accumulator: RoutingStatistics, count: int):
+        self.module, self.accumulator, self.count = module, accumulator, count
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            hidden, indices, weights = _routing(args, kwargs)
+            top_k = indices.shape[-1]
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            pairs = original(
+                flat.repeat_interleave(top_k, dim=0), indices.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
+            )
+            pairs = _first(pairs)
+            accumulator.add(indices.detach(), weights.detach().float(), count, pairs.detach().float().norm(dim=-1))
+            mixed = (pairs.reshape(-1, top_k, pairs.shape[-1]) * weights.reshape(-1, top_k, 1).to(pairs.dtype)).sum(1)
+            return mixed.to(hidden.dtype).reshape(hidden.shape)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward  # back to the class's forward
+
+
+@dataclass
 class CalibrationStatistics:
     """Everything one calibration pass measured, keyed by (original) layer index."""
 
@@ -109,6 +195,8 @@ class CalibrationStatistics:
     #: Σ over batches of the gradient, and of its square, per (layer, parameter name in the layer).
     gradient_sum: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     gradient_squares: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    #: layer → what its router did (mixture-of-experts layers; `routing`, `expert_norms`)
+    routing: dict[int, RoutingStatistics] = field(default_factory=dict)
     batches: int = 0
     tokens: int = 0
     #: what was collected, so a reuse can check it has what its criteria need.
@@ -159,7 +247,11 @@ class InfluenceRecorder:
             layer.register_forward_pre_hook(layer_input, with_kwargs=True),
             layer.register_forward_hook(layer_output, with_kwargs=True),
         ]
-        for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
+        experts = adapter.experts_of(layer)
+        for branch, name in (
+            ("attention", adapter.o_proj),
+            ("mlp", experts.moe_module if experts else adapter.down_proj),
+        ):
             # Branch outputs add to the stream only in families that prune branches.
             if f"{branch}_branches" in adapter.kinds and adapter.has_branch(layer, branch):
                 handles.append(layer.get_submodule(name).register_forward_hook(branch_output(branch)))
@@ -178,15 +270,21 @@ def sum_statistics(stats: CalibrationStatistics) -> None:
     accumulators += [stats.streams[stage] for stage in sorted(stats.streams)]
     accumulators += [stats.stream_consumers[name] for name in sorted(stats.stream_consumers)]
     gradient_keys = sorted(stats.gradient_sum)
+    routers = [stats.routing[key] for key in sorted(stats.routing)]
     sum_across_processes(
         [t for acc in accumulators for t in (acc.total, acc.squares, acc.gram) if t is not None]
         + [stats.gradient_sum[key] for key in gradient_keys]
         + [stats.gradient_squares[key] for key in gradient_keys]
+        + [t for r in routers for t in (r.selected, r.gate, r.weighted_norm) if t is not None]
     )
-    counts = sum_numbers([stats.batches, stats.tokens] + [acc.count for acc in accumulators])
+    counts = sum_numbers(
+        [stats.batches, stats.tokens] + [acc.count for acc in accumulators] + [r.tokens for r in routers]
+    )
     stats.batches, stats.tokens = int(counts[0]), int(counts[1])
-    for acc, count in zip(accumulators, counts[2:]):
+    for acc, count in zip(accumulators, counts[2 : 2 + len(accumulators)]):
         acc.count = int(count)
+    for router, count in zip(routers, counts[2 + len(accumulators) :]):
+        router.tokens = int(count)
 
 
 def register_layer_hooks(
@@ -201,8 +299,8 @@ def register_layer_hooks(
     handles = []
     if stats.requirements & {"moments", "mlp_gram"}:
         for branch, name in (("attention", adapter.o_proj), ("mlp", adapter.down_proj)):
-            if not adapter.has_branch(layer, branch):
-                continue
+            if name is None or not adapter.has_branch(layer, branch) or branch == "mlp" and adapter.experts_of(layer):
+                continue  # routed experts have no one consuming projection
             # Attention Grams are small (heads × head_dim squared) and serve head criteria and repair.
             accumulator = ChannelStatistics(with_gram=branch == "attention" or "mlp_gram" in stats.requirements)
             stats.consumers[(index, branch)] = accumulator
@@ -210,6 +308,14 @@ def register_layer_hooks(
             handles.append(
                 module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(channels_last(m, args[0])))
             )
+    experts = adapter.experts_of(layer)
+    if experts and stats.requirements & {"routing", "expert_norms"}:
+        accumulator = stats.routing[index] = RoutingStatistics()
+        module, count = layer.get_submodule(experts.experts_module), experts.num_experts(layer)
+        if "expert_norms" in stats.requirements:
+            handles.append(ExpertPairs(module, accumulator, count))
+        else:
+            handles.append(module.register_forward_hook(routing_hook(accumulator, count), with_kwargs=True))
     if recorder:
         handles += recorder.register(index, layer, adapter)
     return handles

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from ..calibration.statistics import CalibrationStatistics, Requirement
+from ..errors import InvalidPruningTargetError
 from ..groups import ArchitectureAdapter, Branch, Group, GroupKind
 from ..groups.base import input_slices, matrix_view
-from ..kinds import BLOCK_KINDS, DAMPING, GROUP_KINDS, STAGE_KINDS
+from ..kinds import BLOCK_KINDS, DAMPING, EXPERT_KINDS, GROUP_KINDS, STAGE_KINDS
 
-#: The kinds every criterion ranks unless it names fewer. Stage kinds cross layers: only criteria that
-#: name them rank them, the others are refused with a typed error.
-ALL_KINDS: frozenset[GroupKind] = frozenset(GROUP_KINDS) - STAGE_KINDS
+#: The kinds every criterion ranks unless it names fewer. Stage kinds cross layers and experts are whole
+#: routed sub-networks: only criteria that name them rank them, the others are refused with a typed error.
+ALL_KINDS: frozenset[GroupKind] = frozenset(GROUP_KINDS) - STAGE_KINDS - EXPERT_KINDS
 
 
 @dataclass
@@ -64,6 +65,17 @@ def group_tensors(context: ScoringContext, group: Group, producers_only: bool = 
         for piece in group.slices
         if not (producers_only and piece.consumer)
     ]
+
+
+def routing_of(context: ScoringContext, groups: Sequence[Group]):
+    """The routing statistics of the layer the expert groups belong to (`calibration.statistics.RoutingStatistics`)."""
+    index = groups[0].layer
+    if context.statistics is None or index not in context.statistics.routing:
+        raise InvalidPruningTargetError(
+            f"layer {index}'s routing was not measured: expert criteria read the calibration pass's `routing` "
+            "statistics; run them through HFPruner.prune (or collect_statistics with 'routing')."
+        )
+    return context.statistics.routing[index]
 
 
 def branch_of(kind: GroupKind) -> Branch:

@@ -2,7 +2,8 @@
 
 The classic baseline (Li et al. 2017 for filters; Torch-Pruning's default importance). It
 ignores the data, so it fails once a weight's scale stops tracking its effect: on SmolLM2 it
-takes perplexity from 29 to millions at 25% of MLP neurons. A stream channel (`stage_channels`) is
+takes perplexity from 29 to millions at 25% of MLP neurons. A routed expert is scored by its router row and
+expert tensors. A stream channel (`stage_channels`) is
 scored by the weights that write it (producers, norms, scales), not by its many readers.
 
 Method notes and sources: docs/methods.md §3.1.
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from ..kinds import STAGE_KINDS
+from ..kinds import EXPERT_KINDS, STAGE_KINDS
 from .base import ALL_KINDS, Criterion, ScoringContext, group_tensors
 from .registry import register_criterion
 
@@ -21,7 +22,7 @@ from .registry import register_criterion
 @register_criterion
 class MagnitudeCriterion(Criterion):
     name = "magnitude"
-    kinds = ALL_KINDS | STAGE_KINDS
+    kinds = ALL_KINDS | STAGE_KINDS | EXPERT_KINDS
 
     @torch.no_grad()
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import torch
 
 from ..groups import Group
-from ..kinds import STAGE_KINDS
+from ..kinds import EXPERT_KINDS, STAGE_KINDS
 from .base import ALL_KINDS, Criterion, ScoringContext
 from .registry import register_criterion
 
@@ -13,7 +13,7 @@ from .registry import register_criterion
 @register_criterion
 class RandomCriterion(Criterion):
     name = "random"
-    kinds = ALL_KINDS | STAGE_KINDS
+    kinds = ALL_KINDS | STAGE_KINDS | EXPERT_KINDS
 
     def __init__(self, seed: int = 0):
         super().__init__(seed)

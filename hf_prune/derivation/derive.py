@@ -40,7 +40,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import DerivedAdapterError
 from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
-from ..kinds import ATTENTION_KINDS, TRANSFORMER_KINDS, GroupKind
+from ..groups.experts import ExpertLayout
+from ..kinds import ATTENTION_KINDS, EXPERT_KINDS, TRANSFORMER_KINDS, GroupKind
+from .experts import derive_experts, moe_output
 
 #: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -380,6 +382,10 @@ class Derivation:
     head_dim_attribute: str = "head_dim"
     removed_attention_output: str = "zeros_and_none"
     removed_mlp_output: str = "zeros"
+    #: whether the MLP's down-projection output is added to the residual stream unchanged (`_adds_to_stream`)
+    mlp_adds_to_stream: bool = False
+    #: the routed experts' layout (mixture-of-experts MLPs, `experts.py`)
+    experts: ExpertLayout | None = None
     refused: dict[str, str] = field(default_factory=dict)
     #: kind → how the verification's vanilla save went ("vanilla", or "loader: <reason>")
     formats: dict[str, str] = field(default_factory=dict)
@@ -387,7 +393,8 @@ class Derivation:
 
     @property
     def kinds(self) -> frozenset[GroupKind]:
-        return frozenset(kind for kind in TRANSFORMER_KINDS if kind not in self.refused)
+        claimed = TRANSFORMER_KINDS | (EXPERT_KINDS if self.experts else frozenset())
+        return frozenset(kind for kind in claimed if kind not in self.refused)
 
     def refuse(self, kinds, reason: str) -> None:
         for kind in kinds:
@@ -457,7 +464,17 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     _derive_attention(found, model, inputs, block, projections, hidden)
     experts = _experts(model.get_submodule(layers_name))
     if experts:
-        found.refuse({"neurons", "mlp_branches"}, f"mixture-of-experts MLP ({experts}): experts are issue 16")
+        try:
+            found.experts = derive_experts(model, inputs, layers_name, hidden)
+            found.mlp_module = found.experts.moe_module
+        except Exception as error:  # a probe's forward may fail too: the MoE kinds are refused, never the rest
+            reason = str(error) if isinstance(error, DerivedAdapterError) else f"{type(error).__name__}: {error}"
+            found.refuse({"neurons", "mlp_branches", "experts"}, f"mixture-of-experts MLP ({experts}): {reason}")
+        else:
+            try:
+                found.removed_mlp_output = moe_output(model, inputs, layers_name, found.experts)
+            except DerivedAdapterError as error:
+                found.refuse({"mlp_branches"}, f"mixture-of-experts MLP: {error}")
     else:
         _derive_mlp(found, model, inputs, block, projections, hidden)
     return found, model, inputs
@@ -614,6 +631,41 @@ def _derive_mlp(found: Derivation, model, inputs, block, projections, hidden: in
     output = _output_of(model, inputs, block.get_submodule(found.mlp_module))
     if not isinstance(output, torch.Tensor):
         found.refuse({"mlp_branches"}, f"{found.mlp_module} returns {type(output).__name__}, not a tensor")
+    found.mlp_adds_to_stream = _adds_to_stream(model, inputs, block, down)
+
+
+def _first_tensor(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@torch.no_grad()
+def _adds_to_stream(model, inputs, block: nn.Module, name: str) -> bool:
+    """Whether `name`'s output reaches the block's output unchanged: the block computes `h + name(...)`.
+
+    A random offset `δ` added to the projection's output must move the block's output by exactly `δ`
+    (relative error below 1e-5); a norm after the MLP (Gemma-2's `post_feedforward_layernorm`), a scale
+    or a parallel branch summed later fails the test. The removed-layer and stream repairs rely on it.
+    """
+    outputs, offset = [], {}
+
+    def shift(module, args, output):
+        if "delta" not in offset:
+            offset["delta"] = torch.randn(output.shape, generator=torch.Generator().manual_seed(0), dtype=output.dtype)
+        return output + offset["delta"] if offset.get("on") else output
+
+    capture = block.register_forward_hook(lambda m, a, output: outputs.append(_first_tensor(output)))
+    handle = block.get_submodule(name).register_forward_hook(shift)
+    try:
+        model_output(model, inputs)
+        offset["on"] = True
+        model_output(model, inputs)
+    finally:
+        handle.remove()
+        capture.remove()
+    if len(outputs) != 2 or outputs[0].shape != offset["delta"].shape:
+        return False
+    moved = outputs[1] - outputs[0]
+    return bool((moved - offset["delta"]).abs().max() <= 1e-5 * offset["delta"].abs().max())
 
 
 # --------------------------------------------------------------------------- the adapter
@@ -638,9 +690,11 @@ class DerivedAdapter(ArchitectureAdapter):
             "head_dim_attribute",
             "removed_attention_output",
             "removed_mlp_output",
+            "mlp_adds_to_stream",
         ):
             setattr(self, name, getattr(derivation, name))
         self.kinds = derivation.kinds
+        self.expert_layout = derivation.experts
         #: kind → why it was refused (shown when a refused kind is asked for)
         self.refused = dict(derivation.refused)
 
@@ -649,6 +703,7 @@ class DerivedAdapter(ArchitectureAdapter):
         name, consumer = (
             (self.attention_module, self.o_proj) if branch == "attention" else (self.mlp_module, self.down_proj)
         )
+        consumer = consumer or (self.expert_layout if branch == "mlp" else None)
         return name is not None and consumer is not None and super().has_branch(layer, branch)
 
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
@@ -657,6 +712,8 @@ class DerivedAdapter(ArchitectureAdapter):
         return super().attention_geometry(layer)
 
     def intermediate_size(self, layer: nn.Module) -> int | None:
+        if self.experts_of(layer):
+            return super().intermediate_size(layer)
         return super().intermediate_size(layer) if self.down_proj and "neurons" in self.kinds else None
 
     def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
@@ -680,6 +737,11 @@ class DerivedAdapter(ArchitectureAdapter):
         fields = {}
         attention = geometry.attention
         values = {"intermediate_size": geometry.intermediate_size}
+        layout = self.expert_layout
+        if geometry.experts is not None and layout is not None:  # an MoE layer: the expert count and width
+            values = {}
+            fields |= {layout.count_field: geometry.experts} if layout.count_field else {}
+            fields |= {layout.width_field: geometry.intermediate_size} if layout.width_field else {}
         if attention is not None and "heads" in self.kinds:
             values |= {
                 "num_attention_heads": attention.num_heads,

@@ -21,7 +21,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
 
+from ..calibration.distributed import is_main_process
 from ..errors import DerivedAdapterError
+from ..groups.experts import EXPERT_WIDTH_MULTIPLE
 from ..groups.registry import supported_model_types
 from ..kinds import GroupKind
 from ..masking import apply_masks
@@ -31,8 +33,16 @@ from ..surgery import apply_plan
 from .derive import Derivation, DerivedAdapter, derive, first_line, model_output
 
 #: The order kinds are checked in (attention, then MLP, then whole layers).
-CHECKED: tuple[GroupKind, ...] = ("heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers")
-UNIFORM: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons", "layers"))
+CHECKED: tuple[GroupKind, ...] = (
+    "heads",
+    "kv_groups",
+    "neurons",
+    "experts",
+    "attention_branches",
+    "mlp_branches",
+    "layers",
+)
+UNIFORM: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons", "experts", "layers"))
 TOLERANCE = 1e-5
 
 
@@ -42,6 +52,8 @@ def random_plan(model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed
     rng = random.Random(seed)
     plan = PruningPlan.keep_all(model, adapter)
     first = plan.layers[0].geometry
+    if kind in ("neurons", "experts"):  # the first mixture-of-experts layer, if any (some models start dense)
+        first = next((p.geometry for p in plan.layers if p.geometry.experts), first)
     attention, size = first.attention, first.intermediate_size
     if kind == "heads":  # one query head of every KV group (MHA: one head with its KV head)
         if attention.heads_per_group > 1:
@@ -55,13 +67,21 @@ def random_plan(model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed
         gone = rng.randrange(attention.num_kv_heads)
         kept_kv = tuple(j for j in range(attention.num_kv_heads) if j != gone)
         kept = tuple(h for j in kept_kv for h in attention.heads_of_group(j))
-    elif kind == "neurons":
-        kept_neurons = tuple(sorted(rng.sample(range(size), size - max(1, size // 4))))
+    elif kind == "neurons":  # a quarter (in experts: keeping a multiple of EXPERT_WIDTH_MULTIPLE)
+        keep = size - max(1, size // 4)
+        if first.experts:
+            keep = max(EXPERT_WIDTH_MULTIPLE, keep // EXPERT_WIDTH_MULTIPLE * EXPERT_WIDTH_MULTIPLE)
+        kept_neurons = tuple(sorted(rng.sample(range(size), keep)))
+    elif kind == "experts":  # one routed expert (the same in every layer)
+        gone = rng.randrange(first.experts)
+        kept_experts = tuple(e for e in range(first.experts) if e != gone)
     for index, layer_plan in enumerate(plan.layers):
         if kind in ("heads", "kv_groups"):
             layer_plan.query_heads, layer_plan.kv_heads = kept, kept_kv
         elif kind == "neurons":
             layer_plan.neurons = kept_neurons
+        elif kind == "experts":
+            layer_plan.experts = kept_experts
         elif kind == "attention_branches" and index == 0:
             layer_plan.keep_attention = False
         elif kind == "mlp_branches" and index == min(1, len(plan.layers) - 1):
@@ -96,6 +116,8 @@ def check_kind(model: nn.Module, inputs: dict, adapter: DerivedAdapter, kind: Gr
         return f"loader: {decision.reason}"
     for key, value in decision.config_fields.items():
         setattr(cut.config, key, value)
+    if not is_main_process():  # under torchrun transformers writes weights from rank 0 only: it checks the reload
+        return "vanilla"
     with tempfile.TemporaryDirectory() as folder:
         cut.save_pretrained(folder)
         reloaded = type(cut).from_pretrained(folder).eval()
@@ -146,6 +168,7 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
             derivation.formats[kind] = check_kind(model, inputs, adapter, kind)
         except Exception as error:  # every failure of the cut is a refusal of this kind, never a crash
             where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
+            where["experts"] = adapter.mlp_module
             where = where.get(kind, adapter.attention_module) or "the block"
             derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {first_line(error)})")
 

@@ -15,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from ..calibration.data import wikitext2_test_text
 from ..calibration.images import pixel_values
 from ..groups import get_adapter
+from ..groups.experts import experts_per_token
 
 #: The project's WikiText-2 protocol (dense SmolLM2-135M-Instruct: 29.52 at 80 windows).
 WIKITEXT2_DATASET = "Salesforce/wikitext"
@@ -35,7 +36,9 @@ def flops_per_token(model: nn.Module, context: int = FLOPS_CONTEXT) -> int:
     one per patch; each attention layer adds QKᵀ and AV, `2 · heads · head_dim · context`, with
     the head counts read per layer from the adapter. Counting the weights present makes fused,
     gated and pruned projections exact; embedding lookups, norms, activations and softmax are
-    left out (a few per cent at most).
+    left out (a few per cent at most). A mixture-of-experts layer adds its router (`E · H`, when it is
+    not a `Linear`) and, per token, `num_experts_per_tok` experts' weights (the fused expert tensors'
+    slice of one expert): removing experts leaves the FLOPs per token unchanged, neurons inside experts lower them.
     """
     adapter = get_adapter(model.config)
     macs = sum(
@@ -45,6 +48,13 @@ def flops_per_token(model: nn.Module, context: int = FLOPS_CONTEXT) -> int:
         attention = adapter.geometry(layer).attention
         if attention is not None:
             macs += 2 * attention.num_heads * attention.head_dim * context
+        experts = adapter.experts_of(layer)
+        if experts:
+            top_k = experts_per_token(model.config) or 1
+            weights = [layer.get_parameter(t.parameter) for t in experts.tensors]
+            macs += top_k * sum(weight[0].numel() for weight in weights if weight.dim() == 3)
+            if not isinstance(layer.get_submodule(experts.router), nn.Linear):
+                macs += layer.get_parameter(experts.router_parameters[0]).numel()
     return 2 * macs
 
 

@@ -13,7 +13,7 @@ from .base import (
 )
 from .registry import get_adapter, register_adapter, supported_model_types
 
-_INFRASTRUCTURE = {"base", "registry"}
+_INFRASTRUCTURE = {"base", "experts", "registry", "slices"}
 import_plugins(__name__, __path__, _INFRASTRUCTURE)
 
 __all__ = [

@@ -18,27 +18,8 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from ..kinds import TRANSFORMER_KINDS, Branch, GroupKind
-
-
-@dataclass(frozen=True)
-class TensorSlice:
-    """Indices `[start, stop)` along `dim` of one parameter, named relative to its layer module.
-
-    `consumer` marks the input columns of the projection that reads the group's output
-    (`o_proj`, `down_proj`, ...): zeroing exactly these removes the group's contribution,
-    which is the masking semantics every surgery is compared against.
-    """
-
-    parameter: str
-    dim: int
-    start: int
-    stop: int
-    consumer: bool = False
-
-    def numel(self, layer: nn.Module) -> int:
-        """How many parameters of `layer` the slice holds."""
-        parameter = layer.get_parameter(self.parameter)
-        return parameter.numel() // parameter.shape[self.dim] * (self.stop - self.start)
+from .experts import ExpertLayout
+from .slices import TensorSlice
 
 
 @dataclass(frozen=True)
@@ -60,10 +41,14 @@ class AttentionGeometry:
 
 @dataclass(frozen=True)
 class LayerGeometry:
-    """The prunable shape of one layer; `None` means that branch has been removed."""
+    """The prunable shape of one layer; `None` means that branch has been removed.
+
+    In a mixture-of-experts layer `experts` is the routed expert count and `intermediate_size` the width of
+    every expert; `experts` is None in a dense layer."""
 
     attention: AttentionGeometry | None
     intermediate_size: int | None
+    experts: int | None = None
 
     def to_dict(self) -> dict:
         attention = self.attention
@@ -74,7 +59,7 @@ class LayerGeometry:
             "intermediate_size": self.intermediate_size or 0,
             "attention": attention is not None,
             "mlp": self.intermediate_size is not None,
-        }
+        } | ({"num_experts": self.experts} if self.experts is not None else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerGeometry:
@@ -83,7 +68,7 @@ class LayerGeometry:
             if data["attention"]
             else None
         )
-        return cls(attention, data["intermediate_size"] if data["mlp"] else None)
+        return cls(attention, data["intermediate_size"] if data["mlp"] else None, data.get("num_experts"))
 
 
 @dataclass(frozen=True)
@@ -168,6 +153,8 @@ class ArchitectureAdapter(ABC):
     #: Whether the MLP's output projection adds straight into the residual stream (pre-norm
     #: blocks), so that what removed layers added can be refitted into it (`layer_replacement`).
     mlp_adds_to_stream: ClassVar[bool] = False
+    #: Where the routed experts of a mixture-of-experts MLP live (`hf_prune.groups.experts`); None: dense MLPs.
+    expert_layout: ClassVar[ExpertLayout | None] = None
 
     # ----------------------------------------------------------------- layer stack
     def layers_name(self, model: nn.Module) -> str:
@@ -203,7 +190,19 @@ class ArchitectureAdapter(ABC):
     # ----------------------------------------------------------------- geometry
     def geometry(self, layer: nn.Module) -> LayerGeometry:
         """Read the layer's current shape from its modules (not the config: layers may differ)."""
-        return LayerGeometry(self.attention_geometry(layer), self.intermediate_size(layer))
+        experts = self.experts_of(layer)
+        return LayerGeometry(
+            self.attention_geometry(layer),
+            self.intermediate_size(layer),
+            experts.num_experts(layer) if experts else None,
+        )
+
+    def experts_of(self, layer: nn.Module) -> ExpertLayout | None:
+        """The expert layout if this layer's MLP is a (kept) mixture of experts, else None."""
+        layout = self.expert_layout
+        if layout is None or not self.has_branch(layer, "mlp") or not layout.present(layer):
+            return None
+        return layout
 
     def mlp_writes_stream(self, layer: nn.Module) -> bool:
         """Whether this layer's `down_proj` output reaches the residual stream unchanged."""
@@ -225,6 +224,9 @@ class ArchitectureAdapter(ABC):
     def intermediate_size(self, layer: nn.Module) -> int | None:
         if not self.has_branch(layer, "mlp"):
             return None
+        experts = self.experts_of(layer)
+        if experts:
+            return experts.width(layer)
         return in_features(layer.get_submodule(self.down_proj))
 
     def _heads_module(self, layer: nn.Module) -> nn.Module:
@@ -246,13 +248,20 @@ class ArchitectureAdapter(ABC):
         )
 
     def neuron_slices(self, layer: nn.Module, intermediate_size: int, neuron: int) -> list[TensorSlice]:
-        """Row `neuron` of the gate and up projections, column `neuron` of the down projection."""
+        """Row `neuron` of the gate and up projections, column `neuron` of the down projection (in every
+        expert, in a mixture-of-experts layer)."""
+        experts = self.experts_of(layer)
+        if experts:
+            return experts.neuron_slices(layer, intermediate_size, neuron)
         producers = [self.gate_proj, self.up_proj] if self.gate_proj else [self.up_proj]
         slices = [s for name in producers for s in output_slices(layer, name, neuron, neuron + 1)]
         return slices + input_slices(layer, self.down_proj, neuron, neuron + 1)
 
     def branch_consumer_slices(self, layer: nn.Module, branch: Branch) -> list[TensorSlice]:
         """Everything a branch adds to the residual stream: its output projection, bias included."""
+        experts = self.experts_of(layer) if branch == "mlp" else None
+        if experts:
+            return experts.consumer_slices(layer)
         name = self.o_proj if branch == "attention" else self.down_proj
         return module_slices(layer, name, consumer=True)
 
@@ -272,6 +281,10 @@ class ArchitectureAdapter(ABC):
                 if self.has_branch(layer, branch)
                 else []
             )
+        if kind == "experts":
+            experts = self.experts_of(layer)
+            count = experts.num_experts(layer) if experts else 0
+            return [Group(kind, index, e, tuple(experts.expert_slices(layer, e))) for e in range(count)]
         if kind == self.neuron_kind:
             size = self.intermediate_size(layer)
             return [Group(kind, index, n, tuple(self.neuron_slices(layer, size, n))) for n in range(size or 0)]
@@ -307,6 +320,10 @@ class ArchitectureAdapter(ABC):
             attention.num_key_value_heads = geometry.num_kv_heads
         if hasattr(attention, "all_head_size"):
             attention.all_head_size = geometry.num_heads * geometry.head_dim
+
+    def set_expert_geometry(self, layer: nn.Module, old: LayerGeometry, new: LayerGeometry) -> None:
+        """Update the router's and experts' size attributes after their tensors were sliced."""
+        self.expert_layout.set_sizes(layer, (old.experts, old.intermediate_size), (new.experts, new.intermediate_size))
 
     def remove_branch(self, layer: nn.Module, branch: Branch) -> None:
         """Replace a sub-block by a parameter-free stand-in; the skip connection stays."""

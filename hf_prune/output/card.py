@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,8 @@ from .remote_code import auto_classes
 
 TEMPLATE_FILE = "pruned_model_card.md"
 RECIPE_FILE = "hf_prune_recipe.yaml"
+#: What the card's snippet names when the source is unknown (a model pruned in memory).
+SOURCE_PLACEHOLDER = "BASE_MODEL"
 TAGS = ["pruned", "structured-pruning", "hf_prune"]
 _PIPELINE_TAGS = {
     "AutoModelForCausalLM": "text-generation",
@@ -267,10 +270,13 @@ def _change_row(name: str, before: float, after: float, number: str) -> list[str
 def _table(report: PruningReport) -> tuple[list[str], list[list[str]]]:
     """Per-layer columns (KV heads only where they differ from query heads) and rows."""
     gqa = any(layer.kv_heads != layer.heads for layer in report.layers)
+    moe = any(layer.experts[0] for layer in report.layers)  # mixture of experts: routed experts per layer
     columns = ["attention heads", "KV heads", "MLP neurons"] if gqa else ["attention heads", "MLP neurons"]
+    columns += ["routed experts"] if moe else []
     rows = []
     for layer in report.layers:
         cells = [layer.heads, layer.kv_heads, layer.neurons] if gqa else [layer.heads, layer.neurons]
+        cells += [layer.experts] if moe else []
         values = ["–"] * len(cells) if layer.removed else [_pair(*cell) for cell in cells]
         rows.append([str(layer.layer), *values, layer.describe()])
     return columns, rows
@@ -285,6 +291,7 @@ def _removed_kinds(report: PruningReport) -> str:
         "MLP neurons": any(
             layer.neurons[0] != layer.neurons[1] and "mlp" not in layer.removed_branches for layer in kept
         ),
+        "routed experts": any(layer.experts[0] != layer.experts[1] for layer in kept),
         "attention branches": any("attention" in layer.removed_branches for layer in kept),
         "MLP branches": any("mlp" in layer.removed_branches for layer in kept),
         "whole layers": len(kept) < len(report.layers),
@@ -352,7 +359,7 @@ def render_model_card(inputs: CardInputs) -> ModelCard:
         quality_rows=[_change_row(m.metric, m.before, m.after, ",.2f") for m in quality],
         quality_protocols=[f"{m.metric}: {m.protocol}" for m in quality],
         command=facts.command,
-        source=facts.source or "BASE_MODEL",
+        source=facts.source or SOURCE_PLACEHOLDER,
         source_weights=facts.source_weights,
         recipe_file=RECIPE_FILE,
         recipe=recipe_yaml(report.config),
@@ -367,22 +374,38 @@ def write_model_card(folder: Path, inputs: CardInputs) -> None:
     render_model_card(inputs).save(folder / "README.md")
 
 
-# --------------------------------------------------------------------------- `hf-prune eval --write-card`
-EVAL_SECTION_BEGIN = "<!-- hf-prune eval: begin -->"
-EVAL_SECTION_END = "<!-- hf-prune eval: end -->"
-
-
 def recorded_source(folder: str | os.PathLike) -> str | None:
-    """What the folder's card says the model was pruned from (the reproduce snippet's
-    `HFPruner.from_pretrained("...")`, else the metadata's `base_model`); None when it records neither."""
+    """The model a saved folder was pruned from, as its card records it: the metadata's `base_model` (a Hub
+    repo), else the `--model` of the `hf-prune prune` command in "Reproduce", else the path in its
+    `HFPruner.from_pretrained("...")` snippet; `None` when the card names none (no README.md, a model
+    pruned in memory, or a card written by the `PruningCallback`, whose snippet names no model)."""
     readme = Path(folder) / "README.md"
     if not readme.is_file():
         return None
-    card = ModelCard.load(readme)
-    match = re.search(r'HFPruner\.from_pretrained\("([^"]+)"\)', card.text)
-    if match and match[1] != "BASE_MODEL":
-        return match[1]
-    return card.data.base_model if isinstance(card.data.base_model, str) else None
+    try:
+        card = ModelCard.load(readme)
+    except (OSError, ValueError):
+        return None
+    base = card.data.base_model
+    if base:
+        return base if isinstance(base, str) else base[0]
+    command = re.search(r"^hf-prune prune (.+)$", card.text, re.MULTILINE)
+    if command:
+        words = shlex.split(command.group(1))
+        for index, word in enumerate(words):
+            if word == "--model" and index + 1 < len(words):
+                return words[index + 1]
+            if word.startswith("--model="):
+                return word.split("=", 1)[1]
+    snippet = re.search(r'HFPruner\.from_pretrained\("([^"]+)"\)', card.text)
+    if snippet and snippet.group(1) != SOURCE_PLACEHOLDER:
+        return snippet.group(1)
+    return None
+
+
+# --------------------------------------------------------------------------- `hf-prune eval --write-card`
+EVAL_SECTION_BEGIN = "<!-- hf-prune eval: begin -->"
+EVAL_SECTION_END = "<!-- hf-prune eval: end -->"
 
 
 def _result_key(result: EvalResult) -> tuple:

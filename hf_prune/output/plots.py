@@ -1,4 +1,4 @@
-"""The model card's picture: what share of its heads, KV heads and MLP neurons each layer keeps."""
+"""The model card's picture: what share of its heads, KV heads, MLP neurons (and routed experts) each layer keeps."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def plot_kept_structure(report: PruningReport, path: Path) -> Path:
     if any(layer.kv_heads != layer.heads for layer in layers):  # GQA: KV heads are a group of their own
         series["KV heads"] = [_kept(layer.kv_heads) for layer in layers]
     series["MLP neurons"] = [_kept(layer.neurons) for layer in layers]
+    if any(layer.experts[0] for layer in layers):  # mixture of experts: the routed experts each layer keeps
+        series["routed experts"] = [_kept(layer.experts) for layer in layers]
 
     figure = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.2), dpi=100, layout="constrained")
     axes = figure.add_subplot()

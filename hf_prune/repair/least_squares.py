@@ -101,6 +101,54 @@ def _repair(
 
 
 @torch.no_grad()
+def refit_consumer(
+    layer: nn.Module,
+    adapter: ArchitectureAdapter,
+    layer_plan: LayerPlan,
+    branch: Branch,
+    stats: ChannelStatistics,
+    method: str = "lstsq",
+    cross_term: torch.Tensor | None = None,
+    damping: float = DAMPING,
+) -> LayerPlan:
+    """Repair one branch's consumer in place from the statistics of its input (`stats`): the kept
+    columns (and, with `bias`, the bias) are rewritten, the removed ones left as they are. Returns the
+    layer plan (`ispasp` may keep other channels than the criterion chose, always as many). The one-shot
+    prune (`reconstruct`) and the `PruningCallback`'s repair at pruning events (`training.event_repair`)
+    both refit here."""
+    name = adapter.o_proj if branch == "attention" else adapter.down_proj
+    module = layer.get_submodule(name)
+    transposed = input_slices(layer, name, 0, 1)[0].dim == 0
+    # A convolution is refitted per kernel tap from the channel Gram: the removed channels are
+    # predicted from the kept ones at the same pixel, which is what the per-tap refit substitutes.
+    parameter = module.weight
+    if method == "bias" and parameter.dim() == 4:
+        raise InvalidPruningTargetError(
+            "reconstruct='bias' folds a per-output constant into the bias, which a convolution's per-tap "
+            "view cannot express; use reconstruct='lstsq' for convolutional models."
+        )
+    # float32 here: the least-squares refit converts it a block at a time (8192-wide MLPs).
+    weight = parameter.T if transposed else matrix_view(parameter)
+    changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
+    if method == "ispasp" and changed:
+        layer_plan = _reselect(layer_plan, branch, weight.double(), stats.gram / stats.count, damping)
+    removed = removed_channels(adapter, layer, layer_plan, branch)
+    gone = set(removed)
+    kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)
+    removed_tensor = torch.tensor(removed, dtype=torch.long, device=weight.device)
+    new = _repair(module, weight, stats, kept, removed_tensor, method, cross_term, damping)
+    new = new.to(parameter.dtype)
+    if transposed:
+        parameter[kept, :] = new.T
+    elif parameter.dim() == 4:
+        out_channels, _, height, width = parameter.shape
+        parameter[:, kept] = new.reshape(out_channels, height, width, len(kept)).movedim(-1, 1)
+    else:
+        module.weight[:, kept] = new
+    return layer_plan
+
+
+@torch.no_grad()
 def reconstruct(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -131,35 +179,10 @@ def reconstruct(
             changed = layer_plan.changes_attention if branch == "attention" else layer_plan.changes_mlp
             if not changed and cross_term is None:
                 continue
+            if branch == "mlp" and adapter.experts_of(layer):
+                continue  # neurons inside routed experts keep the criterion's choice, unrepaired (issue 16)
             stats = statistics.consumers[(layer_plan.layer, branch)]
-            name = adapter.o_proj if branch == "attention" else adapter.down_proj
-            module = layer.get_submodule(name)
-            transposed = input_slices(layer, name, 0, 1)[0].dim == 0
-            # A convolution is refitted per kernel tap from the channel Gram: the removed channels are
-            # predicted from the kept ones at the same pixel, which is what the per-tap refit substitutes.
-            parameter = module.weight
-            if method == "bias" and parameter.dim() == 4:
-                raise InvalidPruningTargetError(
-                    "reconstruct='bias' folds a per-output constant into the bias, which a convolution's per-tap "
-                    "view cannot express; use reconstruct='lstsq' for convolutional models."
-                )
-            # float32 here: the least-squares refit converts it a block at a time (8192-wide MLPs).
-            weight = parameter.T if transposed else matrix_view(parameter)
-            if method == "ispasp" and changed:
-                layer_plan = _reselect(layer_plan, branch, weight.double(), stats.gram / stats.count, damping)
-            removed = removed_channels(adapter, layer, layer_plan, branch)
-            gone = set(removed)
-            kept = torch.tensor([c for c in range(weight.shape[1]) if c not in gone], device=weight.device)
-            removed_tensor = torch.tensor(removed, dtype=torch.long, device=weight.device)
-            new = _repair(module, weight, stats, kept, removed_tensor, method, cross_term, damping)
-            new = new.to(parameter.dtype)
-            if transposed:
-                parameter[kept, :] = new.T
-            elif parameter.dim() == 4:
-                out_channels, _, height, width = parameter.shape
-                parameter[:, kept] = new.reshape(out_channels, height, width, len(kept)).movedim(-1, 1)
-            else:
-                module.weight[:, kept] = new
+            layer_plan = refit_consumer(layer, adapter, layer_plan, branch, stats, method, cross_term, damping)
         repaired.append(layer_plan)
     if plan.stream_channels:
         refit_stream_consumers(model, adapter, plan, statistics, damping)

@@ -26,6 +26,20 @@ With `distill=True` (or `distill=Distillation(alpha=..., temperature=..., teache
 loss becomes `α·T²·KL(teacher ‖ student) + (1 − α)·task loss`, the teacher being the unpruned model
 frozen at the start of training (`distillation.py`); evaluation still reports the task loss alone.
 
+With `schedule=PruningSchedule("oneshot")` (at step 0) the whole zero-shot prune runs before the first
+step, with the one-shot engine itself (`HFPruner.plan_and_repair`: calibration, `config.criterion`,
+`config.reconstruct`), calibrated on the first `config.num_samples` training examples (or `calibration=`);
+its plan is masked, training recovers (with `distill=` from the dense model), and the end cuts, so
+"prune, then recover" is one `trainer.train()`:
+
+```python
+callback = PruningCallback(PruningConfig(mlp_neurons=0.5), PruningSchedule("oneshot"), distill=True)
+```
+
+With `repair="lstsq"` every pruning event refits the consumers of the newly masked heads and neurons by
+least squares (the one-shot prune's `lstsq`) from Gram statistics of the training batches since the last
+event (`event_repair.py`, which states the memory: one float64 width² Gram per consumer).
+
 Every Trainer checkpoint gets a `hf_prune_callback/` folder (plan as JSON, score accumulators
 as safetensors, the step); `trainer.train(resume_from_checkpoint=...)` restores it, so a resumed
 run masks exactly what an uninterrupted one does.
@@ -36,15 +50,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..calibration.distributed import is_main_process
 from ..config import PruningConfig
 from ..criteria import ScoringContext, get_criterion
 from ..errors import (
@@ -63,6 +86,7 @@ from ..plan import LayerPlan, PruningPlan
 from ..pruner import HFPruner
 from ..report import PruningReport
 from .distillation import Distillation, Distiller, is_peft
+from .event_repair import EventRepair
 from .gradual import GradualPlanner, ScoreFunction
 from .l0_gates import HardConcreteGates, L0Settings, LagrangianPenalty, attach_gates, detach_gates, find_gates
 from .masks import TrainingMasks
@@ -73,6 +97,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FOLDER = "hf_prune_callback"
 STATE_VERSION = 1
+#: `repair=` at pruning events: none, or the one-shot prune's least-squares refit (`event_repair.py`).
+REPAIRS = ("none", "lstsq")
 #: `criterion` ranks with `config.criterion` (the registry's data-free criteria) on the current weights;
 #: `l0` by the log-alpha of hard-concrete gates learned with the task loss.
 SCORES = (*TRAINING_SCORES, "criterion", "l0")
@@ -83,6 +109,7 @@ SCORE_DESCRIPTIONS = {
     "activation": "activation norm ‖z‖₂ over the training tokens",
     "criterion": "the `{criterion}` criterion on the weights as they train",
     "l0": "hard-concrete L0 gates learned with the task loss, Louizos et al. 2018",
+    "oneshot": "the one-shot prune before the first step: criterion `{criterion}`, repair `{reconstruct}`",
 }
 
 
@@ -150,6 +177,13 @@ class PruningCallback(TrainerCallback):
             teacher)` adds the distillation term from the unpruned model (see `distillation.py`): a frozen copy
             taken at the start of training, for a PEFT student its base with the adapters disabled (no copy),
             or the `teacher` given (same vocabulary).
+        calibration: for the one-shot schedule at step 0, the calibration source of the zero-shot prune (what
+            `PruningConfig.calibration` takes); `None`: the first `config.num_samples` training examples,
+            collated by the Trainer's collator (pack them into full windows: padding would be counted).
+        repair: `"none"` (default) or `"lstsq"`: at every event, refit the consumers (`o_proj`, `down_proj`)
+            of the newly masked heads, KV groups and neurons by least squares from the Gram matrices of their
+            inputs over the training batches since the last event (`event_repair.py`; one float64
+            `width²` Gram per consumer, e.g. 566 MB for SmolLM2-135M's MLPs).
     """
 
     def __init__(
@@ -161,6 +195,8 @@ class PruningCallback(TrainerCallback):
         pruned_dir: str | None = "pruned",
         l0: L0Settings | None = None,
         distill: bool | Distillation | None = None,
+        repair: str = "none",
+        calibration=None,
     ):
         if not isinstance(config, PruningConfig):
             raise UsageError(f"config must be a PruningConfig, got {type(config).__name__}.")
@@ -173,6 +209,11 @@ class PruningCallback(TrainerCallback):
             raise InvalidPruningTargetError(
                 "gradual pruning keeps every layer the same shape: use allocation='uniform' without protected_layers "
                 "in the callback, or prune in one shot with HFPruner.prune."
+            )
+        if config.experts:
+            raise InvalidPruningTargetError(
+                f"experts={config.experts!r}: the PruningCallback does not mask routed experts during training yet "
+                "(issue 16); prune experts in one shot with HFPruner.prune(experts=...), before or after fine-tuning."
             )
         for name in ("channels", "stage_channels"):
             if getattr(config, name):
@@ -188,6 +229,21 @@ class PruningCallback(TrainerCallback):
         if l0 is not None and score != "l0":
             raise UsageError(
                 f"l0=L0Settings(...) configures score='l0', but score={score!r}; drop l0 or set score='l0'."
+            )
+        if repair not in REPAIRS:
+            raise UsageError(f"repair={repair!r} is unknown; choose one of {', '.join(map(repr, REPAIRS))}.")
+        if repair != "none" and score == "l0":
+            raise UsageError(
+                "repair='lstsq' refits consumers from their ungated inputs, but score='l0' gates those inputs while "
+                "training; use repair='none' with score='l0', or another score (e.g. score='taylor')."
+            )
+        self.repair = repair
+        self.calibration = calibration
+        if score == "l0" and schedule is not None and schedule.kind == "oneshot" and schedule.start_step == 0:
+            raise UsageError(
+                "the one-shot schedule at step 0 ranks with config.criterion before training, so score='l0' has no "
+                "gates to learn; drop score='l0', or start the schedule later (PruningSchedule('oneshot', "
+                "start_step=N))."
             )
         self.distill = Distillation.coerce(distill)
         self.config = config
@@ -213,6 +269,9 @@ class PruningCallback(TrainerCallback):
         self._gates: HardConcreteGates | None = None
         self._loss_hook = None
         self._distiller: Distiller | None = None
+        self._repair: EventRepair | None = None
+        #: The one-shot prune's calibration summary (the schedule at step 0), for the report.
+        self._calibration_summary: dict | None = None
         #: The run the masks came from, for the model card (set by the Trainer events).
         self._args: TrainingArguments | None = None
         self._state: TrainerState | None = None
@@ -269,6 +328,65 @@ class PruningCallback(TrainerCallback):
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self._distiller = Distiller(self.distill, model, autocast, restore_masked=lambda: self._masks.unmasked())
 
+    @property
+    def _oneshot_at_start(self) -> bool:
+        return self._resolved is not None and self._resolved.kind == "oneshot" and self._resolved.start_step == 0
+
+    def _prune_once(self, model: nn.Module, dataloader, processing_class) -> None:
+        """The one-shot schedule at step 0: the zero-shot engine's plan and repair, in place, without the cut."""
+        calibration = self.calibration if self.calibration is not None else self._training_windows(dataloader)
+        tokenizer = processing_class if isinstance(processing_class, PreTrainedTokenizerBase) else None
+        processor = processing_class if tokenizer is None else None
+        pruner = HFPruner(model, tokenizer, processor)
+        _, self.plan, self._calibration_summary = pruner.plan_and_repair(replace(self.config, calibration=calibration))
+        logger.info(
+            "step 0: pruned in one shot (criterion %s, repair %s)", self.config.criterion, self.config.reconstruct
+        )
+
+    def _training_windows(self, dataloader) -> list[torch.Tensor]:
+        """The first `num_samples` training examples as one collated batch of token ids (or pixels)."""
+        dataset = getattr(dataloader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise UsageError(
+                "the one-shot schedule at step 0 calibrates on the first training examples, but the training "
+                f"dataset ({type(dataset).__name__}) cannot be indexed; pass PruningCallback(calibration=...) "
+                "(what PruningConfig.calibration takes, e.g. a list of token-id tensors)."
+            )
+        items = [dataset[index] for index in range(min(self.config.num_samples, len(dataset)))]
+        batch = dataloader.collate_fn(items)
+        key = next((name for name in ("input_ids", "pixel_values") if name in batch), None)
+        if key is None:
+            raise UsageError(
+                f"the training batches hold {sorted(batch)}, neither input_ids nor pixel_values; pass "
+                "PruningCallback(calibration=...) for the one-shot schedule at step 0."
+            )
+        mask = batch.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            logger.warning(
+                "the one-shot calibration batch is padded (%d of %d tokens): padding is measured like text; pack "
+                "the training data into full windows, or pass PruningCallback(calibration=...).",
+                int((mask == 0).sum()),
+                mask.numel(),
+            )
+        return [batch[key]]
+
+    def _start_repair(self, model: nn.Module, state: TrainerState) -> None:
+        if is_peft(model):
+            raise UsageError(
+                f"repair={self.repair!r} refits base weights, which a PEFT model's adapters sit on top of; train the "
+                "full model with repair, or use repair='none' with LoRA."
+            )
+        if state.global_step >= self._resolved.end_step:
+            return  # no event left to repair at
+        kinds = set(_kinds(self._planner.counts))
+        branches = tuple(
+            branch
+            for branch, removes in (("attention", kinds & {"heads", "kv_groups"}), ("mlp", kinds & {"neurons"}))
+            if removes
+        )
+        if branches:
+            self._repair = EventRepair(model, self._adapter, branches, self.config.damping)
+
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs
@@ -285,18 +403,31 @@ class PruningCallback(TrainerCallback):
         self._resolved = (self.schedule or PruningSchedule()).resolved(state.max_steps)
         self._events = frozenset(self._resolved.events())
         self._planner = GradualPlanner(model, self._adapter, self.config)
+        oneshot = self._oneshot_at_start
+        if oneshot and is_peft(model):
+            raise UsageError(
+                "the one-shot schedule at step 0 prunes and repairs the base weights under a PEFT model's adapters; "
+                "prune first (HFPruner(...).prune, save_pretrained) and recover with lora_for_recovery, or train "
+                "the full model."
+            )
         if self.distill is not None:  # before any hook or mask: a teacher copy is taken of the unmasked model
             self._start_distillation(args, state, model)
-        if self.score in TRAINING_SCORES:
+        if oneshot:
+            self._criterion_score = None  # the engine ranks, once, before training
+        elif self.score in TRAINING_SCORES:
             self._scores = TrainingScores(model, self._adapter, _kinds(self._planner.counts), self.score)
         elif self.score == "l0":
             self._start_gates(args, model, kwargs.get("optimizer"))
             self._criterion_score = self._gates.score
         else:
             self._criterion_score = self._registry_score
+        if self.repair != "none":
+            self._start_repair(model, state)
         self.plan = PruningPlan.keep_all(model, self._adapter)
         if state.global_step > 0:
             self._restore(args, state, model)
+        elif oneshot:
+            self._prune_once(model, kwargs.get("train_dataloader"), kwargs.get("processing_class"))
         elif self._resolved.fraction(0) > 0:
             if self.score != "criterion":
                 raise InvalidScheduleError(
@@ -319,10 +450,21 @@ class PruningCallback(TrainerCallback):
         if self.penalty is not None:
             self.penalty.step()
         if state.global_step in self._events:
+            previous = self.plan
+            if self._repair is not None:
+                self._masks.apply(model)  # the refit's target is the masked model: earlier masks exact first
             self._prune(model, state.global_step)
+            if self._repair is not None:
+                refitted = self._repair.refit(model, previous, self.plan)
+                logger.info("step %d: refitted %d consumers by least squares", state.global_step, len(refitted))
+                if state.global_step >= self._resolved.end_step:
+                    self._repair.remove_hooks()
+                    self._repair = None
         self._masks.apply(model)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self._repair is not None:  # every process, before the main one alone writes
+            self._repair.gather()
         if not args.should_save:
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -334,6 +476,7 @@ class PruningCallback(TrainerCallback):
             "score": self.score,
             "config": self.config.to_dict(),
             "schedule": self._resolved.to_dict(),
+            "repair": self.repair,
             "plan": [layer.to_dict() for layer in self.plan.layers],
         }
         if self.penalty is not None:
@@ -343,6 +486,8 @@ class PruningCallback(TrainerCallback):
             (staging / "state.json").write_text(json.dumps(state_data, indent=2) + "\n")
             if self._scores is not None:
                 save_file(self._scores.state_dict(), str(staging / "scores.safetensors"))
+            if self._repair is not None:
+                save_file(self._repair.state_dict(), str(staging / "repair.safetensors"))
 
         write_atomically(folder / STATE_FOLDER, write, overwrite=True)
 
@@ -405,7 +550,7 @@ class PruningCallback(TrainerCallback):
             model = model.merge_and_unload()
         pruner = HFPruner(model, tokenizer)
         source = getattr(model.config, "_name_or_path", "")
-        self.report = pruner.apply(self.plan, self.config)
+        self.report = pruner.apply(self.plan, self.config, calibration=self._calibration_summary)
         self.pruned_model = pruner.model
         if save_directory is not None:
             self._card_facts(pruner.card_facts, source, merged)
@@ -418,16 +563,21 @@ class PruningCallback(TrainerCallback):
         the schedule and the run (the card itself is the one template every save writes)."""
         if source and (Path(source).is_dir() or _is_repo_id(source)):
             facts.record_source(source)
-        description = SCORE_DESCRIPTIONS[self.score].format(criterion=self.config.criterion)
+        score = "oneshot" if self._oneshot_at_start else self.score
+        description = SCORE_DESCRIPTIONS[score].format(
+            criterion=self.config.criterion, reconstruct=self.config.reconstruct
+        )
         arguments = f"score={json.dumps(self.score)}"
         if self.score == "l0" and self.l0 != L0Settings():
             arguments += f", l0={self.l0!r}"
         if self.distill is not None:
             arguments += f", {self.distill.arguments()}"
+        if self.repair != "none":
+            arguments += f", repair={json.dumps(self.repair)}"
         args, state = self._args, self._state
         best = state.best_model_checkpoint if args and args.load_best_model_at_end and state else None
         facts.training = TrainingFacts(
-            score=self.score,
+            score=score,
             score_description=description,
             schedule=self._resolved.to_dict(),
             callback_arguments=arguments,
@@ -504,13 +654,21 @@ class PruningCallback(TrainerCallback):
             )
         current = {"global_step": state.global_step, "score": self.score, "config": self.config.to_dict()}
         current["schedule"] = self._resolved.to_dict()
+        current["repair"] = self.repair
         for key, value in _json(current).items():
-            if saved[key] != value:
+            found = saved.get(key, "none" if key == "repair" else None)  # written before repair existed: none
+            if found != value:
                 raise CallbackStateError(
-                    f"the checkpoint's PruningCallback {key} is {saved[key]!r}, this run's is {value!r}; resume with "
+                    f"the checkpoint's PruningCallback {key} is {found!r}, this run's is {value!r}; resume with "
                     "the same callback arguments (and max_steps) as the run that wrote it."
                 )
         self.plan = self._read_plan(folder, model)
+        if self._repair is not None:
+            self._repair.drop_removed(self.plan)
+            if is_main_process():  # the sums over every process (`EventRepair.gather`); the others start at 0
+                self._repair.load_state_dict(
+                    load_file(str(folder / "repair.safetensors")), next(model.parameters()).device
+                )
         if self._scores is not None:
             self._scores.load_state_dict(load_file(str(folder / "scores.safetensors")))
         if self.penalty is not None:
@@ -533,3 +691,6 @@ class PruningCallback(TrainerCallback):
         if self._distiller is not None:
             self._distiller.remove()
             self._distiller = None
+        if self._repair is not None:
+            self._repair.remove_hooks()
+            self._repair = None

@@ -18,6 +18,13 @@ trainer = distill_for_recovery(student, dense, args, data, alpha=0.5, temperatur
 
 (`DistillationCallback(dense)` adds the same loss to a Trainer you build yourself.)
 
+Without writing a script (`hf-prune recover`), `recover_folder` fine-tunes a saved pruned folder on
+windows of a text source and writes the recovered model to a new folder:
+
+```python
+recover_folder("pruned", "recovered", data="wikitext2", steps=100, distill=True, teacher="HuggingFaceTB/SmolLM2-135M")
+```
+
 The adapter's `base_model_name_or_path` is the pruned folder, never the dense model it came
 from, so the adapter is only ever applied to the shapes it was trained on. Loader-format bases
 need `load_pruned`, which plain `AutoPeftModel` does not call: `load_recovered` does.
@@ -29,14 +36,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
-from ..errors import PrunedCheckpointError, UsageError
+from ..calibration.sources import token_windows
+from ..errors import DataNotFoundError, OutputExistsError, PrunedCheckpointError, UsageError
+from ..output.atomic import check_output_folder, write_atomically
 from ..output.checkpoint import load_pruned
 from .distillation import Distillation, Distiller
 
@@ -119,3 +131,133 @@ def distill_for_recovery(
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, callbacks=callbacks, **trainer_kwargs)
     trainer.train()
     return trainer
+
+
+#: Learning rates of `recover_folder` when none is given: the fine-tuning benchmark's (full, LoRA).
+LEARNING_RATES = {"full": 5e-5, "lora": 2e-4}
+#: Files of a pruned folder that hold weights: the recovered model's own replace them.
+_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def _positive(name: str, value, option: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name}={value!r} must be a positive whole number (CLI: {option}, e.g. {option} 100).")
+
+
+def recover_folder(
+    folder: str | os.PathLike,
+    output: str | os.PathLike,
+    data,
+    steps: int,
+    *,
+    distill: bool = False,
+    teacher: str | os.PathLike | nn.Module | None = None,
+    lora: bool = False,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    learning_rate: float | None = None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    seed: int = 0,
+    bf16: bool = False,
+) -> Path:
+    """Fine-tune the pruned checkpoint in `folder` and write the recovered model to `output`, a new folder.
+
+    The training data are `steps × batch_size` windows of `seq_len` tokens drawn (seeded) from `data`, any
+    text source calibration takes (`'wikitext2'`, a text file, a folder of parquet files, a list of
+    strings), tokenized with the folder's tokenizer; `steps` optimizer steps of the plain `Trainer`, linear
+    decay from `learning_rate` (default `LEARNING_RATES`). With `distill`, the loss is
+    `α·T²·KL(teacher ‖ student) + (1 − α)·task loss` (`distill_for_recovery`) with `teacher` the dense model
+    (a folder, Hub id or model; same vocabulary); with `lora`, LoRA adapters (`lora_for_recovery`) are trained
+    and merged before saving. `output` gets the folder's files (config, tokenizer, card with a "Recovery"
+    section added) and the new weights, all at once (`write_atomically`); an existing non-empty `output`, or
+    `folder` itself, is refused. Returns the written folder."""
+    folder, output = Path(folder), Path(output)
+    _positive("steps", steps, "--steps")
+    _positive("batch_size", batch_size, "--batch-size")
+    _positive("seq_len", seq_len, "--seq-len")
+    if distill and teacher is None:
+        raise UsageError(
+            "distill=True needs the dense model as teacher: pass teacher=<its folder or Hub id> (CLI: --teacher)."
+        )
+    if teacher is not None and not distill:
+        raise UsageError("teacher= is read only with distillation: add distill=True (CLI: --distill) or drop it.")
+    if not (folder / "config.json").is_file():
+        raise PrunedCheckpointError(
+            f"{str(folder)!r} has no config.json: pass a folder hf_prune saved (hf-prune prune --output FOLDER)."
+        )
+    if output.resolve() == folder.resolve():
+        raise OutputExistsError(
+            f"output {str(output)!r} is the pruned folder itself: recovery never overwrites it; choose a new folder."
+        )
+    check_output_folder(output, overwrite=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"{str(folder)!r} has no tokenizer to cut the training text with ({error}); save the pruned model with "
+            "its tokenizer (HFPruner.from_pretrained keeps it)."
+        ) from error
+    try:
+        windows = token_windows(data, tokenizer, steps * batch_size, seq_len, seed)
+    except DataNotFoundError as error:
+        raise DataNotFoundError(f"data={data!r} (CLI: --data): {error}") from error
+    student = lora_for_recovery(folder) if lora else load_pruned(folder)
+    teacher_model = _load_teacher(teacher) if distill else None
+    rate = learning_rate if learning_rate is not None else LEARNING_RATES["lora" if lora else "full"]
+    rows = [{"input_ids": window, "labels": window} for window in windows]
+    with tempfile.TemporaryDirectory() as work:
+        args = TrainingArguments(
+            output_dir=work,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=rate,
+            lr_scheduler_type="linear",
+            seed=seed,
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            save_strategy="no",
+            logging_steps=max(1, steps // 10),
+            disable_tqdm=True,
+            bf16=bf16,
+        )
+        if distill:
+            trainer = distill_for_recovery(student, teacher_model, args, rows, alpha=alpha, temperature=temperature)
+        else:
+            trainer = Trainer(model=student, args=args, train_dataset=rows)
+            trainer.train()
+    model = trainer.model.merge_and_unload() if lora else trainer.model
+    how = [f"{steps} optimizer steps × {batch_size} windows of {seq_len} tokens from `{data}`"]
+    how[0] += f", learning rate {rate:g}"
+    if distill:
+        name = teacher if not isinstance(teacher, nn.Module) else getattr(teacher.config, "_name_or_path", "")
+        how.append(f"distillation from `{name or 'a model passed in memory'}` (α = {alpha:g}, T = {temperature:g})")
+    if lora:
+        how.append("LoRA adapters (r=8, every linear layer), merged into the weights")
+    note = (
+        "\n\n## Recovery\n\nFine-tuned after pruning with `hf-prune recover` "
+        f"(`hf_prune.training.recovery.recover_folder`): {'; '.join(how)}. Quality and speed numbers above, if any, "
+        "were measured before this recovery.\n"
+    )
+
+    def write(staging: Path) -> None:
+        for item in folder.iterdir():
+            if item.is_file() and not _WEIGHT_FILES.match(item.name):
+                shutil.copy2(item, staging / item.name)
+        model.save_pretrained(staging)
+        readme = staging / "README.md"
+        readme.write_text((readme.read_text() if readme.is_file() else "") + note)
+
+    return write_atomically(output, write, overwrite=False)
+
+
+def _load_teacher(teacher: str | os.PathLike | nn.Module) -> nn.Module:
+    if isinstance(teacher, nn.Module):
+        return teacher
+    try:
+        return load_pruned(teacher)
+    except (OSError, PrunedCheckpointError) as error:
+        raise UsageError(
+            f"the teacher {str(teacher)!r} cannot be loaded ({error}); pass the dense model's folder or Hub id as "
+            "teacher= (CLI: --teacher)."
+        ) from error
