@@ -155,6 +155,50 @@ def _role(name: str, head_dim: int) -> int | None:
     return None
 
 
+#: The widest entry of a per-stage width list (`hidden_sizes`, `embed_dims`, `in_channels`, ...) after shrinking.
+LIST_WIDTH = 128
+#: Per-stage list fields left as they are (kernels, patches, strides, ratios, ...), then those holding depths.
+LIST_KEPT = SIZE_FIELDS[0][0] + r"|kernel|patch|padding|pad|image|ratio|shape|train_size|level|scales|rates"
+LIST_DEPTHS = r"depth|repeat|blocks|layers"
+
+
+#: Float fields that scale every width or depth of a convolutional family (`depth_multiplier`, `width_coefficient`).
+SCALED = r"multiplier|coefficient"
+#: Backbone fields naming stages by index (`out_indices`, `out_features`): dropped, the class's defaults follow.
+BACKBONE_OUTPUTS = ("out_features", "out_indices", "stage_names")
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(v) is int and v > 0 for v in value)
+
+
+def _width_list(key: str, value) -> bool:
+    return (
+        _int_list(value)
+        and not re.search(LIST_KEPT, key)
+        and not re.search(LIST_DEPTHS, key)
+        and not re.search(r"heads?$", key)
+        and bool(re.search(r"size|dim|channels|width", key))
+    )
+
+
+def _shrink_list(key: str, value: list[int], factor: int) -> list[int]:
+    """The generic shrink rule for per-stage integer lists (convolutional and hierarchical vision configs):
+    widths divided by `factor` (one power of two for every width list of the config, so the widest entry is
+    at most `LIST_WIDTH` and every ratio and equality between lists holds, as `in_channels[i + 1] ==
+    out_channels[i]`), depths capped at 2, head counts rounded down to a power of two at most `TINY`'s;
+    every other list (kernels, strides, ratios, ...) is left as it is."""
+    if _width_list(key, value):
+        return [max(1, v // factor) for v in value]
+    if re.search(LIST_KEPT, key):
+        return value
+    if re.search(LIST_DEPTHS, key):
+        return [min(v, 2) for v in value]
+    if re.search(r"heads?$", key):
+        return [1 << (min(v, TINY["num_attention_heads"]).bit_length() - 1) for v in value]
+    return value
+
+
 def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str, shape_dims: frozenset = frozenset()):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -164,10 +208,14 @@ def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str,
     if config_class is not None:  # the canonical fields take `TINY`'s values exactly (set even where None)
         for canonical, value in TINY.items():
             name = config_field(config_class, canonical)
-            if name is not None:
+            if name is not None and not _int_list(values.get(name)):  # per-stage lists: `_shrink_list`
                 values[name] = head_dim if canonical == "head_dim" else value
                 canonical_names.add(name)
     sub_configs = getattr(config_class, "sub_configs", None) or {}
+    widest = max((max(v) for k, v in values.items() if _width_list(k, v)), default=0)
+    factor = 1
+    while widest // factor > LIST_WIDTH:
+        factor *= 2
     for key, value in list(values.items()):
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
@@ -179,6 +227,12 @@ def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str,
                 cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
             if isinstance(cap, int) and value > cap:
                 values[key] = cap
+        elif key not in canonical_names and _int_list(value):
+            values[key] = _shrink_list(key, value, factor)
+        elif isinstance(value, float) and re.search(SCALED, key):
+            values[key] = min(value, 0.25)
+    for key in BACKBONE_OUTPUTS:  # they name stages by index: the class's defaults follow the new stage count
+        values.pop(key, None)
     layer_fields = [key for key in values if re.fullmatch(LAYER_COUNT, key)]
     layer_fields += [config_field(config_class, "num_hidden_layers")] if config_class is not None else []
     counts = {(old[k], values[k]) for k in layer_fields if isinstance(old.get(k), int) and old[k] != values[k]}
@@ -234,7 +288,8 @@ def tiny_model_class(config_class: type[PretrainedConfig]) -> type[nn.Module]:
 def tiny_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
-        size, channels = getattr(config, "image_size", 32), getattr(config, "num_channels", 3)
+        vision = getattr(config, "vision_config", None) or config  # CLIP-like: the vision tower's own size
+        size, channels = getattr(vision, "image_size", 32), getattr(vision, "num_channels", 3)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}
     return {"input_ids": torch.randint(3, TINY["vocab_size"], (2, 7), generator=generator)}
@@ -702,5 +757,12 @@ class DerivedAdapter(ArchitectureAdapter):
         for key, value in list(vars(config).items()):
             if "layer" in key and isinstance(value, (list, tuple)) and len(value) == old_count:
                 setattr(config, key, type(value)(value[i] for i in kept_layers))
+        stages = getattr(config, "stage_names", None)
+        if isinstance(stages, list) and len(stages) == old_count + 1 and hasattr(config, "out_indices"):
+            # a backbone config names the stem and each layer's output: kept outputs follow their layer
+            kept = [i for i in config.out_indices or () if i == 0 or i - 1 in kept_layers]
+            config.stage_names = stages[: len(kept_layers) + 1]
+            indices = [0 if i == 0 else 1 + kept_layers.index(i - 1) for i in kept]
+            config.set_output_features_output_indices(None, indices or None)
         if getattr(config, "max_window_layers", None) is not None:
             config.max_window_layers = sum(1 for i in kept_layers if i < min(config.max_window_layers, old_count))
