@@ -26,15 +26,15 @@ from hf_prune.groups.registry import _ADAPTERS
 from hf_prune.masking import apply_masks
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
-#: Families with a hand-written adapter, and the kinds derivation must reproduce for each (fused
-#: q/k/v layouts and post-LayerNorm branches are refused by derivation, so not compared).
+#: Families with a hand-written adapter, and the kinds derivation must reproduce for each (post-LayerNorm
+#: branches are refused by derivation, so not compared).
 BOTH = {
     "llama": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     "mistral": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     "qwen2": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     "qwen3": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
-    "gpt2": {"neurons", "mlp_branches", "layers"},
-    "gpt_neox": {"neurons", "mlp_branches", "layers"},
+    "gpt2": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},  # fused, blocked
+    "gpt_neox": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},  # interleaved
     "bert": {"heads", "kv_groups", "neurons", "layers"},
 }
 
@@ -79,9 +79,32 @@ def test_wrong_derivations_are_refused():
     assert "neurons" in mlp.refused and "heads" in mlp.kinds
 
 
+def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
+    """GPT-NeoX interleaves [q_h k_h v_h] per head, GPT-2 blocks [q | k | v], GPT-BigCode is multi-query [q | k | v]
+    with one KV head: each is read chunk by chunk. The other layout claimed for GPT-NeoX cuts the wrong rows,
+    and verification refuses heads; CodeGen's [q v k] order is neither layout and is refused saying so."""
+    expected = {
+        transformers.GPTNeoXConfig: "grouped",
+        transformers.GPT2Config: "blocked",
+        transformers.GPTBigCodeConfig: "blocked",
+    }
+    for config_class, layout in expected.items():
+        derivation = verified_derivation(config_class)
+        assert derivation.qkv_layout == layout and {"heads", "neurons", "layers"} <= derivation.kinds, derivation
+    model, inputs = build_tiny(transformers.GPTNeoXConfig)
+    wrong = dataclasses.replace(
+        verified_derivation(transformers.GPTNeoXConfig), qkv_layout="blocked", refused={}, formats={}
+    )
+    check_kinds(wrong, model, inputs, "gpt_neox")
+    assert "heads" in wrong.refused and "cut and masked outputs differ" in wrong.refused["heads"]
+    assert {"neurons", "layers"} <= wrong.kinds
+    codegen = verified_derivation(transformers.CodeGenConfig)
+    assert "heads" in codegen.refused and "neither layout" in codegen.refused["heads"], codegen.refused
+
+
 def test_nothing_derivable_is_a_typed_refusal():
-    config = transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)  # fused q/k/v, no MLP field
-    with pytest.raises(DerivedAdapterError, match="'openai-gpt' has no hand-written adapter.*fused q/k/v") as error:
+    config = transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)  # no head size, no MLP field
+    with pytest.raises(DerivedAdapterError, match="'openai-gpt' has no hand-written adapter.*head size") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
 
@@ -97,7 +120,7 @@ def test_from_model_takes_the_derived_adapter_before_tracing():
     )
     with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
         HFPruner.from_model(gpt)
-    assert "fused q/k/v" in str(error.value)
+    assert "head size" in str(error.value)
     traced = HFPruner.from_model(gpt, example_inputs={"input_ids": torch.randint(0, 64, (1, 8))})
     assert type(traced).__name__ == "TracedPruner"
 

@@ -217,7 +217,7 @@ def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
     assert "handled by: an adapter derived from the model and verified" in out
     assert "refused mlp_branches: the MLP projections ['fc1', 'fc2'] have no module of their own" in out
     assert "MLP neurons               96" in out  # 2 layers x ffn_dim 48
-    # GPT-1's fused q/k/v and its MLP without a width field: no adapter is derived, tracing says why.
+    # GPT-1: no attention attribute holds its head size, and its MLP has no width field: tracing says why.
     gpt = transformers.OpenAIGPTConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     transformers.OpenAIGPTLMHeadModel(gpt).save_pretrained(tmp_path / "openai-gpt")
     assert main(["inspect", str(tmp_path / "openai-gpt")]) == 0
