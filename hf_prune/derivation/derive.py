@@ -878,7 +878,7 @@ class DerivedAdapter(ArchitectureAdapter):
         old_count = getattr(config, name)
         setattr(config, name, len(kept_layers))
         for key, value in list(vars(config).items()):
-            if "layer" in key and isinstance(value, (list, tuple)) and len(value) == old_count:
+            if re.search(r"layer|window", key) and isinstance(value, (list, tuple)) and len(value) == old_count:
                 setattr(config, key, type(value)(value[i] for i in kept_layers))
         stages = getattr(config, "stage_names", None)
         if isinstance(stages, list) and len(stages) == old_count + 1 and hasattr(config, "out_indices"):
