@@ -103,8 +103,8 @@ def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
 
 
 def test_nothing_derivable_is_a_typed_refusal():
-    config = transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)  # no head size, no MLP field
-    with pytest.raises(DerivedAdapterError, match="'openai-gpt' has no hand-written adapter.*head size") as error:
+    config = transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2)  # attentions and ffns apart
+    with pytest.raises(DerivedAdapterError, match="'xlm' has no hand-written adapter.*several stacks") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
 
@@ -115,12 +115,10 @@ def test_from_model_takes_the_derived_adapter_before_tracing():
     opt, inputs = build_tiny(transformers.OPTConfig, seed=1)
     pruner = HFPruner.from_model(opt, example_inputs=inputs["input_ids"])
     assert type(pruner) is HFPruner and isinstance(pruner.adapter, DerivedAdapter)
-    gpt = transformers.OpenAIGPTLMHeadModel(
-        transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)
-    )
+    gpt = transformers.XLMWithLMHeadModel(transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2))
     with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
         HFPruner.from_model(gpt)
-    assert "head size" in str(error.value)
+    assert "several stacks" in str(error.value)
     traced = HFPruner.from_model(gpt, example_inputs={"input_ids": torch.randint(0, 64, (1, 8))})
     assert type(traced).__name__ == "TracedPruner"
 

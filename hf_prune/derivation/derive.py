@@ -725,9 +725,17 @@ def _output_of(model, inputs, module: nn.Module):
 def _derive_mlp(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
     size = _value(model.config, "intermediate_size")
     mlp_kinds = {"neurons", "mlp_branches"}
-    if not isinstance(size, int):
-        found.refuse(mlp_kinds, f"no intermediate-size field ({ALIASES['intermediate_size']})")
-        return
+    if not isinstance(size, int):  # a width the class derives (4·H, mlp_ratio·H): read from the shapes
+        widths = {i for n, (i, o) in projections.items() if o == hidden and i != hidden and n != found.o_proj}
+        widths = [x for x in widths if 1 <= sum(i == hidden and o == x for i, o in projections.values()) <= 2]
+        if len(widths) != 1:
+            found.refuse(
+                mlp_kinds,
+                f"no intermediate-size field ({ALIASES['intermediate_size']}), and the shapes of "
+                f"{type(block).__name__} show no one MLP width ({sorted(widths)})",
+            )
+            return
+        size = widths[0]
     producers = [n for n, (i, o) in projections.items() if i == hidden and o == size]
     consumers = [n for n, (i, o) in projections.items() if i == size and o == hidden]
     fused = [n for n, (i, o) in projections.items() if i == hidden and o == 2 * size]
