@@ -160,8 +160,9 @@ def prune_type(model_type: str, folder: str) -> dict:
     folder = Path(folder)
     try:
         adapter = HFPruner(copy.deepcopy(model)).adapter
-    except UnsupportedArchitectureError as error:
+    except UnsupportedArchitectureError as error:  # each kind's own reason, not the (shortened) summary
         adapter, row["refused"]["adapter"] = None, _reason(error)
+        row["refused"] |= verified_derivation(config_class).refused
     if isinstance(adapter, DerivedAdapter):
         derivation = verified_derivation(config_class)
         row["adapter"], row["derive_seconds"] = "derived", round(derivation.seconds, 2)
