@@ -2,7 +2,7 @@
 sequence-classification or image-classification class, pruned, saved and reloaded in a fresh process.
 
     python scripts/coverage.py [--output outputs/coverage.json] [--markdown docs/coverage.md]
-                               [--tasks causal-lm,masked-lm,...] [--time-limit 120] [model_type ...]
+                               [--tasks causal-lm,masked-lm,...] [--time-limit 60] [model_type ...]
     python scripts/coverage.py --derive-only [--json out.json] [model_type ...]   # scripts/derived_sweep.py
 
 For each type, its first class in the order causal LM, masked LM, sequence classification, image
@@ -63,7 +63,7 @@ PRUNE = {"criterion": "magnitude", "reconstruct": "none"}
 TOLERANCE = 1e-5
 #: Reply lines of a worker start with this (libraries may print to stdout too).
 MARK = "@@coverage@@ "
-FAMILIES = ("attention + MLP", "attention + MoE", "convolutional", "other")
+FAMILIES = ("attention + MLP", "attention + MoE", "convolutional", "other")  # and "unknown": not built
 
 
 # --------------------------------------------------------------------------- enumeration
@@ -398,7 +398,7 @@ def table(rows: dict[str, dict], tasks: dict[str, str]) -> str:
         "",
         totals(rows, "task", tuple(TASKS)),
         "",
-        totals(rows, "family", FAMILIES),
+        totals(rows, "family", (*FAMILIES, "unknown")),
         "",
     ]
     if seconds:
@@ -442,9 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_types", nargs="*")
     parser.add_argument("--output", default="outputs/coverage.json")
-    parser.add_argument("--markdown", default="outputs/coverage.md")
+    parser.add_argument("--markdown", default="docs/coverage.md")
     parser.add_argument("--tasks", default=",".join(TASKS), help="task classes to sweep (comma separated)")
-    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per type and worker request")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per type and worker request")
     parser.add_argument("--serve", choices=("prune", "plain", "loader"), help=argparse.SUPPRESS)
     parser.add_argument("--derive-only", action="store_true", help="derivation and verification only")
     parser.add_argument("--json", help="with --derive-only: where to write the rows")
