@@ -880,9 +880,20 @@ class DerivedAdapter(ArchitectureAdapter):
                 fields[name] = value
         return fields
 
+    def layer_count_field(self, config: PretrainedConfig) -> str:
+        """The field counting this stack's layers: the one layer-count field named like the stack (BART's
+        `decoder_layers` for `decoder.layers`), else the config's `num_hidden_layers`."""
+        stack = set(re.split(r"[._]", self.layers_path)) - {"layers", "layer", "h", "blocks"}
+        named = [
+            key
+            for key, value in vars(config).items()
+            if re.fullmatch(LAYER_COUNT, key) and type(value) is int and set(key.split("_")) & stack
+        ]
+        return named[0] if len(named) == 1 else config_field(type(config), "num_hidden_layers")
+
     def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
         """The layer-count field, and every per-layer list (a `*layer*` field as long as the old count)."""
-        name = config_field(type(config), "num_hidden_layers")
+        name = self.layer_count_field(config)
         old_count = getattr(config, name)
         setattr(config, name, len(kept_layers))
         for key, value in list(vars(config).items()):
