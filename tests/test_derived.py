@@ -247,3 +247,13 @@ def test_derived_folders_reload_with_plain_transformers(root):
     assert sorted(results) == sorted(END_TO_END)
     for model_type, outcome in results.items():
         assert outcome["format"] == "vanilla" and outcome["max_abs_diff"] <= 1e-5, (model_type, outcome)
+
+
+def test_encoder_decoder_layer_removal_updates_the_decoder_count():
+    """BART's causal LM is its decoder stack: removing a layer changes `decoder_layers` (the field named like
+    `decoder.layers`), not `encoder_layers` (which `num_hidden_layers` aliases); verified with a reload."""
+    derivation = verified_derivation(transformers.BartConfig)
+    assert derivation.layers_path == "decoder.layers" and "layers" in derivation.kinds, derivation.refused
+    config = tiny_config(transformers.BartConfig)
+    DerivedAdapter(derivation, "bart").update_config_for_layers(config, [0, 2])
+    assert (config.decoder_layers, config.encoder_layers) == (2, 3)
