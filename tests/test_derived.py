@@ -26,8 +26,8 @@ from hf_prune.groups.registry import _ADAPTERS
 from hf_prune.masking import apply_masks
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
-#: Families with a hand-written adapter, and the kinds derivation must reproduce for each (fused
-#: q/k/v layouts and post-LayerNorm branches are refused by derivation, so not compared).
+#: Families with a hand-written adapter, and the kinds derivation must reproduce for each (post-LayerNorm
+#: branches are refused by derivation, so not compared).
 BOTH = {
     "llama": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     "mistral": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
@@ -35,8 +35,8 @@ BOTH = {
     "qwen3": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
     # post-feedforward norm: the MLP output is not added to the stream unchanged
     "gemma3_text": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},
-    "gpt2": {"neurons", "mlp_branches", "layers"},
-    "gpt_neox": {"neurons", "mlp_branches", "layers"},
+    "gpt2": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},  # fused, blocked
+    "gpt_neox": {"heads", "kv_groups", "neurons", "attention_branches", "mlp_branches", "layers"},  # interleaved
     "bert": {"heads", "kv_groups", "neurons", "layers"},
 }
 
@@ -84,9 +84,32 @@ def test_wrong_derivations_are_refused():
     assert "neurons" in mlp.refused and "heads" in mlp.kinds
 
 
+def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
+    """GPT-NeoX interleaves [q_h k_h v_h] per head, GPT-2 blocks [q | k | v], GPT-BigCode is multi-query [q | k | v]
+    with one KV head: each is read chunk by chunk. The other layout claimed for GPT-NeoX cuts the wrong rows,
+    and verification refuses heads; CodeGen's [q v k] order is neither layout and is refused saying so."""
+    expected = {
+        transformers.GPTNeoXConfig: "grouped",
+        transformers.GPT2Config: "blocked",
+        transformers.GPTBigCodeConfig: "blocked",
+    }
+    for config_class, layout in expected.items():
+        derivation = verified_derivation(config_class)
+        assert derivation.qkv_layout == layout and {"heads", "neurons", "layers"} <= derivation.kinds, derivation
+    model, inputs = build_tiny(transformers.GPTNeoXConfig)
+    wrong = dataclasses.replace(
+        verified_derivation(transformers.GPTNeoXConfig), qkv_layout="blocked", refused={}, formats={}
+    )
+    check_kinds(wrong, model, inputs, "gpt_neox")
+    assert "heads" in wrong.refused and "cut and masked outputs differ" in wrong.refused["heads"]
+    assert {"neurons", "layers"} <= wrong.kinds
+    codegen = verified_derivation(transformers.CodeGenConfig)
+    assert "heads" in codegen.refused and "neither layout" in codegen.refused["heads"], codegen.refused
+
+
 def test_nothing_derivable_is_a_typed_refusal():
-    config = transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)  # fused q/k/v, no MLP field
-    with pytest.raises(DerivedAdapterError, match="'openai-gpt' has no hand-written adapter.*fused q/k/v") as error:
+    config = transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2)  # attentions and ffns apart
+    with pytest.raises(DerivedAdapterError, match="'xlm' has no hand-written adapter.*several stacks") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
 
@@ -97,12 +120,10 @@ def test_from_model_takes_the_derived_adapter_before_tracing():
     opt, inputs = build_tiny(transformers.OPTConfig, seed=1)
     pruner = HFPruner.from_model(opt, example_inputs=inputs["input_ids"])
     assert type(pruner) is HFPruner and isinstance(pruner.adapter, DerivedAdapter)
-    gpt = transformers.OpenAIGPTLMHeadModel(
-        transformers.OpenAIGPTConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=2)
-    )
+    gpt = transformers.XLMWithLMHeadModel(transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2))
     with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
         HFPruner.from_model(gpt)
-    assert "fused q/k/v" in str(error.value)
+    assert "several stacks" in str(error.value)
     traced = HFPruner.from_model(gpt, example_inputs={"input_ids": torch.randint(0, 64, (1, 8))})
     assert type(traced).__name__ == "TracedPruner"
 
@@ -153,14 +174,17 @@ def test_end_to_end_without_hand_written_adapter(model_type, root):
 
 @pytest.mark.parametrize("config_class", [transformers.Qwen3MoeConfig, transformers.Glm4MoeConfig])
 def test_mixture_of_experts_verified(config_class):
-    """Built only since the shrink caps experts and their widths: heads, KV groups, layers, routed experts, the
-    neurons inside them and whole MoE blocks verify (cut == masked; tests/test_experts.py checks them against
-    plain torch). GLM-4-MoE's router carries a per-expert score-correction buffer, cut with its rows."""
+    """Built only since the shrink caps experts and their widths: heads, KV groups, routed experts, the neurons
+    inside them and whole MoE blocks verify (cut == masked, reload equal; tests/test_experts.py checks them
+    against plain torch), layers where the config builds every layer alike. GLM-4-MoE's router carries a
+    per-expert score-correction buffer, cut with its rows."""
     derivation = verified_derivation(config_class)
-    assert set(derivation.kinds) == {"heads", "kv_groups", "layers", "experts", "neurons"} | {
-        "attention_branches",
-        "mlp_branches",
-    }, derivation.refused
+    expected = {"heads", "kv_groups", "experts", "neurons", "attention_branches", "mlp_branches", "layers"}
+    if config_class is transformers.Glm4MoeConfig:  # layer 0 is dense (first_k_dense_replace): removing it
+        # leaves a config that builds the next, MoE, layer as dense: the reloaded folder differs, so refused
+        assert "loader-format folder reloads" in derivation.refused["layers"], derivation.refused
+        expected -= {"layers"}
+    assert set(derivation.kinds) == expected, derivation.refused
 
 
 #: Fields a tiny model may not use (cross-attention stacks of a decoder-only head, a dense width of an all-MoE
@@ -228,3 +252,13 @@ def test_derived_folders_reload_with_plain_transformers(root):
     assert sorted(results) == sorted(END_TO_END)
     for model_type, outcome in results.items():
         assert outcome["format"] == "vanilla" and outcome["max_abs_diff"] <= 1e-5, (model_type, outcome)
+
+
+def test_encoder_decoder_layer_removal_updates_the_decoder_count():
+    """BART's causal LM is its decoder stack: removing a layer changes `decoder_layers` (the field named like
+    `decoder.layers`), not `encoder_layers` (which `num_hidden_layers` aliases); verified with a reload."""
+    derivation = verified_derivation(transformers.BartConfig)
+    assert derivation.layers_path == "decoder.layers" and "layers" in derivation.kinds, derivation.refused
+    config = tiny_config(transformers.BartConfig)
+    DerivedAdapter(derivation, "bart").update_config_for_layers(config, [0, 2])
+    assert (config.decoder_layers, config.encoder_layers) == (2, 3)

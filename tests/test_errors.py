@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import FAMILIES, STRUCTURAL, calibration_images, calibration_windows
-from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+from transformers import XLMConfig, XLMWithLMHeadModel
 
 from hf_prune import (
     HFPruner,
@@ -32,15 +32,15 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 
 
 def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
-    # GPT-1: no hand-written adapter, and none derivable (fused q/k/v, no MLP width field).
-    model = OpenAIGPTLMHeadModel(OpenAIGPTConfig(n_embd=16, n_head=2, n_layer=2, vocab_size=50))
+    # XLM: no hand-written adapter, and none derivable (its attentions and MLPs are two separate lists).
+    model = XLMWithLMHeadModel(XLMConfig(emb_dim=16, n_heads=2, n_layers=2, vocab_size=50))
     with pytest.raises(
-        UnsupportedArchitectureError, match=r"'openai-gpt'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
+        UnsupportedArchitectureError, match=r"'xlm'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
     ):
         HFPruner(model)
-    model.save_pretrained(tmp_path / "openai-gpt")
-    with pytest.raises(UnsupportedArchitectureError, match="'openai-gpt'"):
-        HFPruner.from_pretrained(tmp_path / "openai-gpt")
+    model.save_pretrained(tmp_path / "xlm")
+    with pytest.raises(UnsupportedArchitectureError, match="'xlm'"):
+        HFPruner.from_pretrained(tmp_path / "xlm")
 
 
 @pytest.mark.parametrize(

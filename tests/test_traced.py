@@ -217,13 +217,13 @@ def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
     assert "handled by: an adapter derived from the model and verified" in out
     assert "refused mlp_branches: the MLP projections ['fc1', 'fc2'] have no module of their own" in out
     assert "MLP neurons               96" in out  # 2 layers x ffn_dim 48
-    # GPT-1's fused q/k/v and its MLP without a width field: no adapter is derived, tracing says why.
-    gpt = transformers.OpenAIGPTConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    transformers.OpenAIGPTLMHeadModel(gpt).save_pretrained(tmp_path / "openai-gpt")
-    assert main(["inspect", str(tmp_path / "openai-gpt")]) == 0
+    # XLM: its attentions and MLPs are two separate lists, so nothing is derived: tracing says why.
+    xlm = transformers.XLMConfig(vocab_size=97, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64)
+    transformers.XLMWithLMHeadModel(xlm).save_pretrained(tmp_path / "xlm")
+    assert main(["inspect", str(tmp_path / "xlm")]) == 0
     out = capsys.readouterr().out
-    assert "handled by: tracing (no architecture adapter for model_type 'openai-gpt')" in out
-    assert "why no adapter: model_type 'openai-gpt' has no hand-written adapter and none could be derived" in out
+    assert "handled by: tracing (no architecture adapter for model_type 'xlm')" in out
+    assert "why no adapter: model_type 'xlm' has no hand-written adapter and none could be derived" in out
     assert "groups  channels" in out
     FAMILIES["llama"].build().save_pretrained(tmp_path / "llama")
     assert main(["inspect", str(tmp_path / "llama")]) == 0

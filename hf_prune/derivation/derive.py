@@ -19,8 +19,10 @@ Nothing derived here is used before `verify.verify` has cut the tiny model with 
 plan of every kind and compared it with the masked reference; kinds that fail are refused with a
 `DerivedAdapterError` naming what could not be resolved.
 
-Left for later (refused with the typed error saying what was found): fused q/k/v or gate/up
-projections, several layer stacks (encoder-decoder), mixture-of-experts and state-space mixers.
+A fused q/k/v projection (`H → (n + 2m)·d`, `m` the KV heads or one for multi-query) is read chunk by chunk
+(`_fused_layout`): its layout must be one of `FUSED_LAYOUTS`. Left for later (refused with the typed error
+saying what was found): fused gate/up projections, several layer stacks (encoder-decoder), mixture-of-experts
+and state-space mixers.
 """
 
 from __future__ import annotations
@@ -39,7 +41,16 @@ from transformers.models.auto import modeling_auto
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import DerivedAdapterError
-from ..groups.base import ArchitectureAdapter, AttentionGeometry, LayerGeometry, in_features, out_features
+from ..groups.base import (
+    ArchitectureAdapter,
+    AttentionGeometry,
+    LayerGeometry,
+    TensorSlice,
+    in_features,
+    input_slices,
+    out_features,
+    output_slices,
+)
 from ..groups.experts import ExpertLayout
 from ..kinds import ATTENTION_KINDS, EXPERT_KINDS, TRANSFORMER_KINDS, GroupKind
 from .experts import derive_experts, moe_output
@@ -79,6 +90,8 @@ TINY = {
     "vocab_size": 128,
     "max_position_embeddings": 128,
 }
+#: The head sizes a tiny instance is tried with: `TINY`'s own, then hidden / heads (for classes that derive it).
+HEAD_DIMS = (TINY["head_dim"], TINY["hidden_size"] // TINY["num_attention_heads"])
 #: A tiny instance larger than this means the shrink missed a field: refused rather than built.
 MAX_TINY_PARAMETERS = 2_000_000
 #: Name hints, only to order projections whose shapes and dataflow are alike (never as evidence).
@@ -136,7 +149,7 @@ SHAPE_CAP = 32
 WIDTHS: tuple[tuple[str, int], ...] = (
     (r"vocab", TINY["vocab_size"]),
     (r"max_position|_positions$|n_ctx|max_seq_len|context", TINY["max_position_embeddings"]),
-    (r"head_dim|head_size|d_head|dim_head|d_kv|kv_channels", TINY["head_dim"]),
+    (r"head_dim|head_size|d_head|dim_head|d_kv|kv_channels|rotary_dim", TINY["head_dim"]),
     (r"(?:intermediate|ffn|d_ff|dff|inner|mlp|feed_forward).*(?:moe|expert)|(?:moe|expert).*(?:intermediate|ffn)", 36),
     (r"intermediate|ffn|d_ff|dff|inner|mlp|feed_forward", TINY["intermediate_size"]),
     (r"rank", 20),
@@ -157,6 +170,50 @@ def _role(name: str, head_dim: int) -> int | None:
     return None
 
 
+#: The widest entry of a per-stage width list (`hidden_sizes`, `embed_dims`, `in_channels`, ...) after shrinking.
+LIST_WIDTH = 128
+#: Per-stage list fields left as they are (kernels, patches, strides, ratios, ...), then those holding depths.
+LIST_KEPT = SIZE_FIELDS[0][0] + r"|kernel|patch|padding|pad|image|ratio|shape|train_size|level|scales|rates"
+LIST_DEPTHS = r"depth|repeat|blocks|layers"
+
+
+#: Float fields that scale every width or depth of a convolutional family (`depth_multiplier`, `width_coefficient`).
+SCALED = r"multiplier|coefficient"
+#: Backbone fields naming stages by index (`out_indices`, `out_features`): dropped, the class's defaults follow.
+BACKBONE_OUTPUTS = ("out_features", "out_indices", "stage_names")
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(v) is int and v > 0 for v in value)
+
+
+def _width_list(key: str, value) -> bool:
+    return (
+        _int_list(value)
+        and not re.search(LIST_KEPT, key)
+        and not re.search(LIST_DEPTHS, key)
+        and not re.search(r"heads?$", key)
+        and bool(re.search(r"size|dim|channels|width", key))
+    )
+
+
+def _shrink_list(key: str, value: list[int], factor: int) -> list[int]:
+    """The generic shrink rule for per-stage integer lists (convolutional and hierarchical vision configs):
+    widths divided by `factor` (one power of two for every width list of the config, so the widest entry is
+    at most `LIST_WIDTH` and every ratio and equality between lists holds, as `in_channels[i + 1] ==
+    out_channels[i]`), depths capped at 2, head counts rounded down to a power of two at most `TINY`'s;
+    every other list (kernels, strides, ratios, ...) is left as it is."""
+    if _width_list(key, value):
+        return [max(1, v // factor) for v in value]
+    if re.search(LIST_KEPT, key):
+        return value
+    if re.search(LIST_DEPTHS, key):
+        return [min(v, 2) for v in value]
+    if re.search(r"heads?$", key):
+        return [1 << (min(v, TINY["num_attention_heads"]).bit_length() - 1) for v in value]
+    return value
+
+
 def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str, shape_dims: frozenset = frozenset()):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -166,10 +223,14 @@ def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str,
     if config_class is not None:  # the canonical fields take `TINY`'s values exactly (set even where None)
         for canonical, value in TINY.items():
             name = config_field(config_class, canonical)
-            if name is not None:
+            if name is not None and not _int_list(values.get(name)):  # per-stage lists: `_shrink_list`
                 values[name] = head_dim if canonical == "head_dim" else value
                 canonical_names.add(name)
     sub_configs = getattr(config_class, "sub_configs", None) or {}
+    widest = max((max(v) for k, v in values.items() if _width_list(k, v)), default=0)
+    factor = 1
+    while widest // factor > LIST_WIDTH:
+        factor *= 2
     for key, value in list(values.items()):
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
@@ -181,6 +242,12 @@ def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str,
                 cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
             if isinstance(cap, int) and value > cap:
                 values[key] = cap
+        elif key not in canonical_names and _int_list(value):
+            values[key] = _shrink_list(key, value, factor)
+        elif isinstance(value, float) and re.search(SCALED, key):
+            values[key] = min(value, 0.25)
+    for key in BACKBONE_OUTPUTS:  # they name stages by index: the class's defaults follow the new stage count
+        values.pop(key, None)
     layer_fields = [key for key in values if re.fullmatch(LAYER_COUNT, key)]
     layer_fields += [config_field(config_class, "num_hidden_layers")] if config_class is not None else []
     counts = {(old[k], values[k]) for k in layer_fields if isinstance(old.get(k), int) and old[k] != values[k]}
@@ -236,7 +303,8 @@ def tiny_model_class(config_class: type[PretrainedConfig]) -> type[nn.Module]:
 def tiny_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
-        size, channels = getattr(config, "image_size", 32), getattr(config, "num_channels", 3)
+        vision = getattr(config, "vision_config", None) or config  # CLIP-like: the vision tower's own size
+        size, channels = getattr(vision, "image_size", 32), getattr(vision, "num_channels", 3)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}
     return {"input_ids": torch.randint(3, TINY["vocab_size"], (2, 7), generator=generator)}
@@ -246,27 +314,35 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     """A tiny random instance (eval mode; norms and biases perturbed so masking bugs show) and its inputs.
 
     The config is `tiny_config`'s; where the class refuses a head size of its own (`d_head` must be
-    `d_model / n_head`), it is retried with `head_dim` = `hidden_size / num_attention_heads`. The model is
-    built on the meta device first to count its parameters without allocating them (`tiny_size`)."""
-    try:
-        model_class = tiny_model_class(config_class)
-        config, shape_fields = tiny_size(config_class, model_class)
-        if shape_fields:
-            warnings.warn(f"{config_class.__name__}: shrunk by parameter shape only: {shape_fields}", stacklevel=2)
-        torch.manual_seed(seed)
-        model = model_class(config).eval()
-    except DerivedAdapterError:
-        raise
-    except Exception as error:  # the config class or model refuses the generic shrink
-        raise DerivedAdapterError(
-            f"{config_class.__name__}: could not build a tiny instance from its defaults "
-            f"({type(error).__name__}: {first_line(error)})."
-        ) from error
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name.lower() or name.endswith("bias"):
-                parameter.add_(0.1 * torch.randn_like(parameter))
-    return model, tiny_inputs(model, config)
+    `d_model / n_head`), or the model's forward does (a rotary width that must equal the head size), it is
+    retried with `head_dim` = `hidden_size / num_attention_heads`. The model is built on the meta device
+    first to count its parameters without allocating them (`tiny_size`)."""
+    first = None
+    for head_dims in (HEAD_DIMS, HEAD_DIMS[1:]):
+        try:
+            model_class = tiny_model_class(config_class)
+            config, shape_fields = tiny_size(config_class, model_class, head_dims)
+            if shape_fields:
+                warnings.warn(f"{config_class.__name__}: shrunk by parameter shape only: {shape_fields}", stacklevel=2)
+            torch.manual_seed(seed)
+            model = model_class(config).eval()
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if "norm" in name.lower() or name.endswith("bias"):
+                        parameter.add_(0.1 * torch.randn_like(parameter))
+            inputs = tiny_inputs(model, config)
+            if head_dims == HEAD_DIMS and config_field(config_class, "head_dim") is None:
+                model_output(model, inputs)  # a head size the forward refuses: retried with H / n
+            return model, inputs
+        except DerivedAdapterError as error:
+            first = first or error
+        except Exception as error:  # the config class or model refuses the generic shrink
+            first = first or DerivedAdapterError(
+                f"{config_class.__name__}: could not build a tiny instance from its defaults "
+                f"({type(error).__name__}: {first_line(error)})."
+            )
+            first.__cause__ = error
+    raise first
 
 
 def meta_size(model_class: type[nn.Module], config: PretrainedConfig) -> tuple[int, set[int]]:
@@ -278,11 +354,11 @@ def meta_size(model_class: type[nn.Module], config: PretrainedConfig) -> tuple[i
     return sum(shape.numel() for shape in shapes), {d for shape in shapes for d in shape}
 
 
-def tiny_size(config_class, model_class) -> tuple[PretrainedConfig, dict]:
+def tiny_size(config_class, model_class, head_dims: tuple[int, ...] = HEAD_DIMS) -> tuple[PretrainedConfig, dict]:
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
     parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
     error = None
-    for head_dim in (TINY["head_dim"], TINY["hidden_size"] // TINY["num_attention_heads"]):
+    for head_dim in head_dims:
         try:
             config, changed = _tiny_config(config_class, head_dim)
             size, dims = meta_size(model_class, config)
@@ -372,6 +448,9 @@ class Derivation:
     attention_module: str | None = None
     mlp_module: str | None = None
     q_proj: str | None = None
+    #: a fused q/k/v projection and its `FUSED_LAYOUTS` layout (instead of q_proj, k_proj, v_proj)
+    qkv_proj: str | None = None
+    qkv_layout: str | None = None
     k_proj: str | None = None
     v_proj: str | None = None
     o_proj: str | None = None
@@ -508,16 +587,23 @@ def _derive_attention(found: Derivation, model, inputs, block, projections, hidd
         kv_outputs = [n for n, (i, o) in projections.items() if i == hidden and o == kv_width and kv_width != q_width]
         # the output projection: the H-wide consumer of n·d columns whose input the other projections reach
         candidates = [n for n, (i, o) in projections.items() if i == q_width and o == hidden]
-        fused = [n for n, (i, o) in projections.items() if i == hidden and o == q_width + 2 * kv_width]
-        feeders = list(dict.fromkeys(outputs + kv_outputs + fused))
+        # fused q/k/v: H → (n + 2m)·d, with m the config's KV heads, or one (multi-query)
+        fused = {n: (o - q_width) // (2 * d) for n, (i, o) in projections.items() if i == hidden and o > q_width}
+        fused = {n: m for n, m in fused.items() if projections[n][1] == q_width + 2 * m * d and m in (kv_heads, 1)}
+        feeders = list(dict.fromkeys(outputs + kv_outputs + list(fused)))
         consumers = [c for c in candidates if any(reach(model, inputs, block, p, 1, c) for p in feeders if p != c)]
         outputs = [n for n in outputs if n not in consumers]
-        if len(consumers) == 1 and fused and not outputs:  # the attention stays untouched (no branch either)
-            found.refuse(
-                ATTENTION_KINDS,
-                f"fused q/k/v projection {fused[0]} ({hidden}→{q_width + 2 * kv_width}) feeding {consumers[0]}: "
-                "fused layouts are not derived yet",
-            )
+        if len(consumers) == 1 and len(fused) == 1 and not outputs:
+            (qkv, m), o = next(iter(fused.items())), consumers[0]
+            layout = _fused_layout(model, inputs, block, qkv, o, heads, m, d)
+            if layout not in FUSED_LAYOUTS:
+                found.refuse(
+                    ATTENTION_KINDS, f"fused q/k/v projection {qkv} ({hidden}→{(heads + 2 * m) * d}): {layout}"
+                )
+                return
+            found.qkv_proj, found.qkv_layout, found.o_proj = qkv, layout, o
+            _attention_module(found, model, inputs, block, [qkv, o])
+            _head_dim_attribute(found, block, d)
             return
         if len(consumers) != 1:
             continue
@@ -556,6 +642,63 @@ def _derive_attention(found: Derivation, model, inputs, block, projections, hidd
         f"no projections of widths {hidden}→{heads}×d and {heads}×d→{hidden} (d in {head_dims}) in "
         f"{type(block).__name__}; found {projections}",
     )
+
+
+#: Attention attributes holding the query width `n·d` that fused forwards split by.
+WIDTH_ATTRIBUTES = ("split_size", "all_head_size")
+#: With a fused q/k/v projection, also this one (GPT-BigCode splits the query off by `embed_dim`).
+FUSED_WIDTH_ATTRIBUTES = ("embed_dim",)
+#: Fused q/k/v row layouts, as the chunk (of `d` rows) holding each query head `h` and KV head `j`'s key and
+#: value, for `n` query heads, `m` KV heads and `G = n / m` query heads per KV head:
+#: "blocked" [q_0 … q_n-1 | k_0 … k_m-1 | v_0 … v_m-1] (GPT-2, MPT, GPT-BigCode), "grouped" per KV head
+#: [q_jG … q_jG+G-1 k_j v_j] (GPT-NeoX and BLOOM with G = 1, Falcon's GQA layout).
+FUSED_LAYOUTS = ("blocked", "grouped")
+
+
+def fused_chunks(layout: str, n: int, m: int) -> tuple[list[int], list[int], list[int]]:
+    """The chunk index of every query head, KV head key and KV head value in the fused projection."""
+    if layout == "blocked":
+        return list(range(n)), [n + j for j in range(m)], [n + m + j for j in range(m)]
+    group = n // m
+    queries = [(h // group) * (group + 2) + h % group for h in range(n)]
+    return queries, [j * (group + 2) + group for j in range(m)], [j * (group + 2) + group + 1 for j in range(m)]
+
+
+def _fused_layout(model, inputs, block, qkv: str, o: str, n: int, m: int, d: int) -> str:
+    """Which of `FUSED_LAYOUTS` the dataflow shows, else a sentence saying what it shows.
+
+    Noise in channel 1 of each chunk of `d` rows reaches, in `o`'s input columns: a value chunk of KV head
+    `j` only column 1 of each of its query heads; a query chunk of head `h` only head `h`'s columns; a key
+    chunk of KV head `j` the columns of all its query heads. With one query head per KV head, query and
+    key both reach their head's columns only: told apart by the order (q before k), which no cut depends
+    on (a head's query, key and value are removed together)."""
+    group = n // m
+    seen: list[tuple[str, int]] = []
+    for chunk in range(n + 2 * m):
+        reached = reach(model, inputs, block, qkv, chunk * d + 1, o)
+        touched = sorted({c // d for c in reached})
+        if touched and reached == {h * d + 1 for h in touched} and len(touched) == group:
+            seen.append(("v", touched[0] // group))
+        elif len(touched) == 1 and group > 1:
+            seen.append(("q", touched[0]))
+        elif (
+            len(touched) == group
+            and touched[0] % group == 0
+            and touched == list(range(touched[0], touched[0] + group))
+        ):
+            seen.append(("qk" if group == 1 else "k", touched[0] // group))
+        else:
+            return f"chunk {chunk} (rows {chunk * d}…{chunk * d + d - 1}) reaches columns {sorted(reached)} of {o}"
+    for layout in FUSED_LAYOUTS:
+        queries, keys, values = fused_chunks(layout, n, m)
+        expected = [None] * (n + 2 * m)
+        for h, chunk in enumerate(queries):
+            expected[chunk] = ("qk" if group == 1 else "q", h)
+        for j, (key, value) in enumerate(zip(keys, values)):
+            expected[key], expected[value] = ("qk" if group == 1 else "k", j), ("v", j)
+        if seen == expected:
+            return layout
+    return f"the chunks of {d} rows are {seen}, neither layout of {FUSED_LAYOUTS}"
 
 
 def _attention_module(found: Derivation, model, inputs, block, names: list[str]) -> None:
@@ -599,9 +742,17 @@ def _output_of(model, inputs, module: nn.Module):
 def _derive_mlp(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
     size = _value(model.config, "intermediate_size")
     mlp_kinds = {"neurons", "mlp_branches"}
-    if not isinstance(size, int):
-        found.refuse(mlp_kinds, f"no intermediate-size field ({ALIASES['intermediate_size']})")
-        return
+    if not isinstance(size, int):  # a width the class derives (4·H, mlp_ratio·H): read from the shapes
+        widths = {i for n, (i, o) in projections.items() if o == hidden and i != hidden and n != found.o_proj}
+        widths = [x for x in widths if 1 <= sum(i == hidden and o == x for i, o in projections.values()) <= 2]
+        if len(widths) != 1:
+            found.refuse(
+                mlp_kinds,
+                f"no intermediate-size field ({ALIASES['intermediate_size']}), and the shapes of "
+                f"{type(block).__name__} show no one MLP width ({sorted(widths)})",
+            )
+            return
+        size = widths[0]
     producers = [n for n, (i, o) in projections.items() if i == hidden and o == size]
     consumers = [n for n, (i, o) in projections.items() if i == size and o == hidden]
     fused = [n for n, (i, o) in projections.items() if i == hidden and o == 2 * size]
@@ -680,6 +831,8 @@ class DerivedAdapter(ArchitectureAdapter):
             "attention_module",
             "mlp_module",
             "q_proj",
+            "qkv_proj",
+            "qkv_layout",
             "k_proj",
             "v_proj",
             "o_proj",
@@ -707,9 +860,30 @@ class DerivedAdapter(ArchitectureAdapter):
         return name is not None and consumer is not None and super().has_branch(layer, branch)
 
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
-        if self.q_proj is None or "heads" not in self.kinds:
+        if (self.q_proj is None and self.qkv_proj is None) or "heads" not in self.kinds:
             return None  # attention left untouched: its kinds are refused
-        return super().attention_geometry(layer)
+        geometry = super().attention_geometry(layer)
+        if geometry is None or self.qkv_proj is None:
+            return geometry
+        d, n = geometry.head_dim, geometry.num_heads
+        m = (out_features(layer.get_submodule(self.qkv_proj)) - n * d) // (2 * d)
+        return AttentionGeometry(n, m, d)
+
+    def _qkv(self, layer: nn.Module, geometry: AttentionGeometry, part: int, head: int) -> list[TensorSlice]:
+        d = geometry.head_dim
+        chunk = fused_chunks(self.qkv_layout, geometry.num_heads, geometry.num_kv_heads)[part][head]
+        return output_slices(layer, self.qkv_proj, chunk * d, (chunk + 1) * d)
+
+    def query_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, head: int) -> list[TensorSlice]:
+        if self.qkv_proj is None:
+            return super().query_head_slices(layer, geometry, head)
+        d = geometry.head_dim
+        return self._qkv(layer, geometry, 0, head) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
+
+    def kv_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, kv_head: int) -> list[TensorSlice]:
+        if self.qkv_proj is None:
+            return super().kv_head_slices(layer, geometry, kv_head)
+        return self._qkv(layer, geometry, 1, kv_head) + self._qkv(layer, geometry, 2, kv_head)
 
     def intermediate_size(self, layer: nn.Module) -> int | None:
         if self.experts_of(layer):
@@ -719,6 +893,18 @@ class DerivedAdapter(ArchitectureAdapter):
     def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
         """The generic head attributes, and a layer-local config copy for forwards that read head counts from it."""
         super().set_attention_geometry(layer, geometry)
+        heads = layer.get_submodule(self.heads_module or self.attention_module)
+        for names, value in (
+            (ALIASES["num_attention_heads"], geometry.num_heads),
+            (ALIASES["num_key_value_heads"], geometry.num_kv_heads),
+            (
+                WIDTH_ATTRIBUTES + (FUSED_WIDTH_ATTRIBUTES if self.qkv_proj else ()),
+                geometry.num_heads * geometry.head_dim,
+            ),
+        ):
+            for name in names:  # what forwards split or reshape by: n_head (MPT), split_size (GPT-2 style)
+                if type(getattr(heads, name, None)) is int:
+                    setattr(heads, name, value)
         for name in {self.attention_module, self.heads_module} - {None}:
             module = layer.get_submodule(name)
             config = getattr(module, "config", None)
@@ -756,13 +942,31 @@ class DerivedAdapter(ArchitectureAdapter):
                 fields[name] = value
         return fields
 
+    def layer_count_field(self, config: PretrainedConfig) -> str:
+        """The field counting this stack's layers: the one layer-count field named like the stack (BART's
+        `decoder_layers` for `decoder.layers`), else the config's `num_hidden_layers`."""
+        stack = set(re.split(r"[._]", self.layers_path)) - {"layers", "layer", "h", "blocks"}
+        named = [
+            key
+            for key, value in vars(config).items()
+            if re.fullmatch(LAYER_COUNT, key) and type(value) is int and set(key.split("_")) & stack
+        ]
+        return named[0] if len(named) == 1 else config_field(type(config), "num_hidden_layers")
+
     def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
         """The layer-count field, and every per-layer list (a `*layer*` field as long as the old count)."""
-        name = config_field(type(config), "num_hidden_layers")
+        name = self.layer_count_field(config)
         old_count = getattr(config, name)
         setattr(config, name, len(kept_layers))
         for key, value in list(vars(config).items()):
-            if "layer" in key and isinstance(value, (list, tuple)) and len(value) == old_count:
+            if re.search(r"layer|window", key) and isinstance(value, (list, tuple)) and len(value) == old_count:
                 setattr(config, key, type(value)(value[i] for i in kept_layers))
+        stages = getattr(config, "stage_names", None)
+        if isinstance(stages, list) and len(stages) == old_count + 1 and hasattr(config, "out_indices"):
+            # a backbone config names the stem and each layer's output: kept outputs follow their layer
+            kept = [i for i in config.out_indices or () if i == 0 or i - 1 in kept_layers]
+            config.stage_names = stages[: len(kept_layers) + 1]
+            indices = [0 if i == 0 else 1 + kept_layers.index(i - 1) for i in kept]
+            config.set_output_features_output_indices(None, indices or None)
         if getattr(config, "max_window_layers", None) is not None:
             config.max_window_layers = sum(1 for i in kept_layers if i < min(config.max_window_layers, old_count))

@@ -1,12 +1,12 @@
 """Verify a derived adapter before use: every kind it claims is cut on the tiny instance and compared.
 
 For each kind, a seeded random plan (one query head of every KV group, one KV group, a quarter of
-the neurons, one layer, the attention of layer 0, the MLP of layer 1) is applied twice to copies of
-the tiny model: by `masking.apply_masks` (the reference) and by `surgery.apply_plan` (the cut). The
-kind stays only if the cut removes exactly the plan's parameter count and its output equals the
-masked one within 1e-5; for the uniform plans (heads, KV groups, neurons, layers) the cut is also
-saved and, where `decide_format` finds the config fields that express it, reloaded with plain
-`from_pretrained` to equal outputs. A kind that fails is refused with the reason.
+the neurons, one layer (and, separately, the first), the attention of layer 0, the MLP of layer 1) is
+applied twice to copies of the tiny model: by `masking.apply_masks` (the reference) and by
+`surgery.apply_plan` (the cut). The kind stays only if the cut removes exactly the plan's parameter
+count and its output equals the masked one within 1e-5, and if the saved cut reloads to equal outputs:
+with plain `from_pretrained` where `decide_format` finds the config fields that express it (vanilla),
+else in the loader format with `load_pruned`. A kind that fails is refused with the reason.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import functools
 import random
 import tempfile
 import time
+from pathlib import Path
 
 from torch import nn
 from transformers import PretrainedConfig
@@ -27,7 +28,7 @@ from ..groups.experts import EXPERT_WIDTH_MULTIPLE
 from ..groups.registry import supported_model_types
 from ..kinds import GroupKind
 from ..masking import apply_masks
-from ..output.checkpoint import decide_format
+from ..output.checkpoint import decide_format, load_pruned, write_loader_config
 from ..plan import PruningPlan
 from ..surgery import apply_plan
 from .derive import Derivation, DerivedAdapter, derive, first_line, model_output
@@ -42,12 +43,16 @@ CHECKED: tuple[GroupKind, ...] = (
     "mlp_branches",
     "layers",
 )
-UNIFORM: frozenset[GroupKind] = frozenset(("heads", "kv_groups", "neurons", "experts", "layers"))
 TOLERANCE = 1e-5
+#: Config class → the adapter being verified, while its loader-format folder is reloaded (`load_pruned` asks).
+_IN_PROGRESS: dict[type, DerivedAdapter] = {}
 
 
-def random_plan(model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed: int = 0):
-    """A seeded plan that removes some groups of `kind` only (the same choice in every layer for uniform kinds)."""
+def random_plan(
+    model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed: int = 0, removed_layer: int | None = None
+):
+    """A seeded plan that removes some groups of `kind` only (the same choice in every layer for uniform kinds;
+    for `layers`, layer `removed_layer` if given, else a random one)."""
 
     rng = random.Random(seed)
     plan = PruningPlan.keep_all(model, adapter)
@@ -87,14 +92,17 @@ def random_plan(model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed
         elif kind == "mlp_branches" and index == min(1, len(plan.layers) - 1):
             layer_plan.keep_mlp = False
     if kind == "layers":
-        plan.layers[rng.randrange(len(plan.layers))].keep_layer = False
+        index = rng.randrange(len(plan.layers)) if removed_layer is None else removed_layer
+        plan.layers[index].keep_layer = False
     return plan
 
 
-def check_kind(model: nn.Module, inputs: dict, adapter: DerivedAdapter, kind: GroupKind) -> str:
-    """Cut == masked (and the vanilla round trip for uniform kinds); returns the format, raises on failure."""
+def check_kind(
+    model: nn.Module, inputs: dict, adapter: DerivedAdapter, kind: GroupKind, removed_layer: int | None = None
+) -> str:
+    """Cut == masked, and the saved folder reloads to equal outputs; returns the format, raises on failure."""
 
-    plan = random_plan(model, adapter, kind)
+    plan = random_plan(model, adapter, kind, removed_layer=removed_layer)
     masked, cut = copy.deepcopy(model), copy.deepcopy(model)
     handles = apply_masks(masked, adapter, plan)
     expected = model_output(masked, inputs)
@@ -109,22 +117,28 @@ def check_kind(model: nn.Module, inputs: dict, adapter: DerivedAdapter, kind: Gr
     difference = (model_output(cut, inputs) - expected).abs().max().item()
     if not difference <= TOLERANCE:
         raise DerivedAdapterError(f"cut and masked outputs differ by {difference:.2e} (> {TOLERANCE})")
-    if kind not in UNIFORM:
-        return "loader"
     decision = decide_format(cut, adapter)
-    if not decision.vanilla:
-        return f"loader: {decision.reason}"
-    for key, value in decision.config_fields.items():
-        setattr(cut.config, key, value)
+    if decision.vanilla:
+        for key, value in decision.config_fields.items():
+            setattr(cut.config, key, value)
     if not is_main_process():  # under torchrun transformers writes weights from rank 0 only: it checks the reload
-        return "vanilla"
+        return "vanilla" if decision.vanilla else f"loader: {decision.reason}"
     with tempfile.TemporaryDirectory() as folder:
         cut.save_pretrained(folder)
-        reloaded = type(cut).from_pretrained(folder).eval()
+        if decision.vanilla:
+            reloaded = type(cut).from_pretrained(folder).eval()
+        else:  # the loader format: `load_pruned` asks for this adapter, which is not verified (cached) yet
+            write_loader_config(Path(folder), cut, adapter)
+            _IN_PROGRESS[type(cut.config)] = adapter
+            try:
+                reloaded = load_pruned(folder).eval()
+            finally:
+                _IN_PROGRESS.pop(type(cut.config), None)
     difference = (model_output(reloaded, inputs) - expected).abs().max().item()
+    name = "vanilla" if decision.vanilla else "loader-format"
     if not difference <= TOLERANCE:
-        raise DerivedAdapterError(f"the vanilla folder reloads {difference:.2e} away from the masked outputs")
-    return "vanilla"
+        raise DerivedAdapterError(f"the {name} folder reloads {difference:.2e} away from the masked outputs")
+    return "vanilla" if decision.vanilla else f"loader: {decision.reason}"
 
 
 def verify(config_class) -> Derivation:
@@ -165,6 +179,8 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
             derivation.refuse({kind}, "one KV head: no KV group can be removed")
             continue
         try:
+            if kind == "layers":  # the first layer too: configs that build layers by index (first k dense, ...)
+                check_kind(model, inputs, adapter, kind, removed_layer=0)
             derivation.formats[kind] = check_kind(model, inputs, adapter, kind)
         except Exception as error:  # every failure of the cut is a refusal of this kind, never a crash
             where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
@@ -181,6 +197,8 @@ def verified_derivation(config_class: type[PretrainedConfig]) -> Derivation:
 
 def derived_adapter(config: PretrainedConfig) -> DerivedAdapter:
     """A verified derived adapter for `config`'s class, or a `DerivedAdapterError` saying why none."""
+    if type(config) in _IN_PROGRESS:  # verification reloading its own loader-format folder
+        return _IN_PROGRESS[type(config)]
     derivation = verified_derivation(type(config))
     if not derivation.kinds:
         by_reason: dict[str, list[str]] = {}
