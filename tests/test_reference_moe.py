@@ -3,12 +3,16 @@ equals the dense model (the reference: the dense model itself), with top-k it ru
 plain transformers, and the balanced clustering puts every neuron in exactly one equal-sized expert."""
 
 import copy
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from script_modules import script_module
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from hf_prune.calibration.data import DATA_DIR_VARIABLE
 from hf_prune.errors import UnsupportedArchitectureError
 
 EXPERTS = 4
@@ -78,3 +82,27 @@ def test_balanced_clusters_partition_the_neurons(moe_script):
 def test_refuses_a_width_the_experts_do_not_divide(moe_script, dense):
     with pytest.raises(UnsupportedArchitectureError, match="experts must divide intermediate_size=64"):
         moe_script.mixtral_config(dense.config, 6, 2)
+
+
+def test_scripts_end_to_end_on_a_tiny_model(smollm2, tmp_path):
+    """Plumbing only (random 2-layer Llama, SmolLM2's tokenizer, real WikiText-2): the folder reloads with plain
+    transformers and records its settings; the benchmark writes one row per criterion and resumes."""
+    if not Path(os.environ.get(DATA_DIR_VARIABLE, "/nonexistent"), "wikitext-2").is_dir():
+        pytest.skip(f"needs WikiText-2 under ${DATA_DIR_VARIABLE}")
+    folder = tmp_path / "moe"
+    make = script_module("make_reference_moe")
+    argv = ["--model", "tiny", "--steps", "1", "--held-out", "1", "--init-windows", "1", "--output", str(folder)]
+    info = make.main(argv)
+    assert info["all_experts_max_logit_difference"] < 1e-5 and len(info["training_log"]) == 1
+    recorded = json.loads((folder / "reference_moe.json").read_text())["settings"]
+    assert recorded["top_k"] == 4 and recorded["split"] == "cluster"
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert reloaded.config.num_local_experts == 8 and not reloaded.config.output_router_logits
+
+    benchmark = script_module("benchmark_moe")
+    argv = ["--model", str(folder), "--output", str(tmp_path / "moe.json"), "--windows", "1", "--num-samples", "2"]
+    rows = benchmark.main([*argv, "--criteria", "reap", "random"])
+    assert set(rows) == {"dense", "experts/reap", "experts/random"}
+    assert rows["experts/reap"]["parameters"] < rows["dense"]["parameters"]
+    again = benchmark.main([*argv, "--criteria", "reap"])  # resumed: nothing measured again
+    assert again["experts/reap"] == rows["experts/reap"]
