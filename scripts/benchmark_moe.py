@@ -29,9 +29,10 @@ from results_file import open_results
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_prune import HFPruner, PruningConfig
+from hf_prune.calibration.data import wikitext2_test_text
 from hf_prune.calibration.sources import token_windows
 from hf_prune.calibration.statistics import collect_statistics
-from hf_prune.evaluation import parameter_count, perplexity, wikitext2_test_text
+from hf_prune.evaluation import parameter_count, perplexity
 
 #: Tokens per evaluation window.
 SEQ_LEN = 512
