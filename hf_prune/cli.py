@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import MISSING, fields
 
 from .allocation import available_allocations
-from .config import DEFAULT_CRITERIA, PROPAGATIONS, RECONSTRUCTIONS, PruningConfig
+from .config import DEFAULT_CRITERIA, EXPERT_REPAIRS, PROPAGATIONS, RECONSTRUCTIONS, PruningConfig
 from .criteria import available_criteria
 from .errors import HFPruneError, UsageError
 from .output.atomic import check_output_folder
@@ -112,7 +112,12 @@ def _layer_list(text: str) -> list[int]:
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per scalar PruningConfig field, default None so that a recipe's value stands."""
-    choices = {"allocation": available_allocations(), "reconstruct": RECONSTRUCTIONS, "propagate": PROPAGATIONS}
+    choices = {
+        "allocation": available_allocations(),
+        "reconstruct": RECONSTRUCTIONS,
+        "expert_repair": EXPERT_REPAIRS,
+        "propagate": PROPAGATIONS,
+    }
     for field in fields(PruningConfig):
         default = field.default
         if default is MISSING or type(default) not in (bool, int, float, str):

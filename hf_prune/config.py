@@ -13,6 +13,7 @@ from .kinds import AMOUNTS, BUDGET_TARGETS, DAMPING, GROUP_KINDS, Amount
 from .output.recipe_file import read_recipe
 
 RECONSTRUCTIONS = ("none", "bias", "lstsq", "ispasp")
+EXPERT_REPAIRS = ("none", "merge")
 PROPAGATIONS = ("unpruned", "pruned", "both")
 #: Chosen on WikiText-2 validation windows with SmolLM2-135M (see scripts/benchmark_zero_shot.py):
 #: structured OBS with the least-squares refit for channels, block influence for blocks.
@@ -139,6 +140,14 @@ class PruningConfig:
         default="lstsq",
         metadata={"help": f"Training-free repair of the projections that lose channels: {RECONSTRUCTIONS}."},
     )
+    expert_repair: str = field(
+        default="none",
+        metadata={
+            "help": "Training-free repair of removed routed experts: 'none', or 'merge' (each removed expert "
+            "averaged, weighted by how often each is routed to, into the kept expert it is most often routed "
+            "with; hf_prune.repair.expert_merge)."
+        },
+    )
     damping: float = field(
         default=DAMPING,
         metadata={
@@ -193,6 +202,10 @@ class PruningConfig:
         if self.reconstruct not in RECONSTRUCTIONS:
             raise InvalidPruningTargetError(
                 f"reconstruct={self.reconstruct!r} is unknown; choose one of {', '.join(RECONSTRUCTIONS)}."
+            )
+        if self.expert_repair not in EXPERT_REPAIRS:
+            raise InvalidPruningTargetError(
+                f"expert_repair={self.expert_repair!r} is unknown; choose one of {', '.join(EXPERT_REPAIRS)}."
             )
         if self.propagate not in PROPAGATIONS:
             raise InvalidPruningTargetError(

@@ -74,22 +74,31 @@ def kept_experts_hook(kept: torch.Tensor, parameters: list[str]):
         if running:  # the restricted call below runs this hook again
             return output
         count = module.get_parameter(parameters[0]).shape[0]
-        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
-        rows = {name: tensors[name][kept] for name in parameters}
-        # size attributes the router's forward reads (`num_experts`) say the kept count during the call
-        sizes = {a: getattr(module, a) for a in COUNT_ATTRIBUTES if getattr(module, a, None) == count}
         running.append(True)
         try:
-            for attribute in sizes:
-                setattr(module, attribute, len(kept))
-            restricted = torch.func.functional_call(module, rows, args, kwargs)
+            restricted = run_kept_experts(module, kept, parameters, args, kwargs)
         finally:
             running.pop()
-            for attribute, value in sizes.items():
-                setattr(module, attribute, value)
         return _renumbered(output, restricted, kept, count)
 
     return hook
+
+
+def run_kept_experts(module: nn.Module, kept: torch.Tensor, parameters: list[str], args: tuple, kwargs: dict):
+    """The router's own forward on `args` as if only the `kept` experts existed: its `parameters` (one row per
+    expert) cut to the kept rows, and the size attributes its forward reads (`num_experts`) saying the kept
+    count during the call. Expert indices in the output count the kept experts (0 .. len(kept) − 1)."""
+    count = module.get_parameter(parameters[0]).shape[0]
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    rows = {name: tensors[name][kept] for name in parameters}
+    sizes = {a: getattr(module, a) for a in COUNT_ATTRIBUTES if getattr(module, a, None) == count}
+    try:
+        for attribute in sizes:
+            setattr(module, attribute, len(kept))
+        return torch.func.functional_call(module, rows, args, kwargs)
+    finally:
+        for attribute, value in sizes.items():
+            setattr(module, attribute, value)
 
 
 def _renumbered(dense, restricted, kept: torch.Tensor, count: int):

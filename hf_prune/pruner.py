@@ -39,6 +39,7 @@ from .output.card import CardFacts, CardInputs, write_model_card
 from .output.checkpoint import FormatDecision, decide_format, meta_copy, write_loader_config
 from .output.hub import push_saved
 from .plan import PruningPlan
+from .repair.expert_merge import merge_removed_experts
 from .repair.least_squares import reconstruct
 from .repair.removed_layers import FOLDING_REPAIRS, removed_layer_targets, removed_runs
 from .report import PruningReport
@@ -272,6 +273,8 @@ class HFPruner:
             targets_of_removed,
             damping=config.damping,
         )
+        if config.expert_repair == "merge":
+            merge_removed_experts(self.model, self.adapter, plan, context.statistics)
         calibration = None
         if context.statistics is not None:
             windows = len(context.windows) if context.windows is not None else config.num_samples

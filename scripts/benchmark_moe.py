@@ -2,13 +2,15 @@
 
 The model is the folder `scripts/make_reference_moe.py` writes (SmolLM2-135M MoEfied into a Mixtral). Each
 row removes `--experts` of every layer's routed experts (a fraction or a count) with one criterion, no
-repair, from one calibration pass shared by every row (`--num-samples` windows of 512 tokens of the
+repair (rows `experts/CRITERION+merge`, for the criteria in `--merge`: `expert_repair="merge"`, each removed
+expert folded into the kept one it is most often routed with), from one calibration pass shared by every row (`--num-samples` windows of 512 tokens of the
 project's default calibration text, WikiText-2 validation, seed 0). Perplexity: the project's protocol on
 the WikiText-2 raw test split, the first `--windows` windows of 512 tokens.
 
 Cost of scoring: the seconds of the calibration pass that collects what the expert criteria read
-(`routing` and `expert_norms`) against the pass that collects activation moments only (what the dense
-criteria read) and a plain forward pass over the same windows (issue goal: ≤ 1.1× the statistics pass).
+(`routing` and `expert_norms`; and with `expert_removal`, what `output_error` reads) against the pass that
+collects activation moments only (what the dense criteria read) and a plain forward pass over the same
+windows (issue goal: ≤ 1.1× the statistics pass).
 
 Resumable like the other benchmarks (results_file.py): rows already in `--output` with the same settings are
 skipped. Prints the command, the settings and the table, and writes the JSON and the text beside it.
@@ -36,7 +38,9 @@ from hf_prune.evaluation import parameter_count, perplexity
 
 #: Tokens per evaluation window.
 SEQ_LEN = 512
-CRITERIA = ("reap", "gate_weight", "frequency", "magnitude", "random")
+CRITERIA = ("reap", "gate_weight", "frequency", "magnitude", "random", "output_error", "output_error_first_order")
+#: Criteria measured again with `expert_repair="merge"`.
+MERGED = ("gate_weight", "output_error", "reap")
 
 
 def timed(function, *args):
@@ -57,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="outputs/benchmark_moe.json")
     parser.add_argument("--experts", type=float, default=0.25, help="fraction (< 1) or count of experts per layer")
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA))
+    parser.add_argument("--merge", nargs="*", default=list(MERGED), help="criteria also run with the merge repair")
     parser.add_argument("--windows", type=int, default=20, help=f"first N {SEQ_LEN}-token test windows")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -86,38 +91,34 @@ def main(argv: list[str] | None = None) -> dict:
     if "dense" not in results:
         results.save_row("dense", {"perplexity": perplexity(model, ids), "parameters": parameter_count(model)})
     dense = results.rows["dense"]
-    print(f"{'dense':24} ppl {dense['perplexity']:10.2f}", flush=True)
+    print(f"{'dense':34} ppl {dense['perplexity']:10.2f}", flush=True)
 
     pruner = HFPruner(model, tokenizer=tokenizer)
     windows = token_windows(calibration.calibration, tokenizer, args.num_samples, calibration.seq_len)
     batches = windows.split(8)
     statistics = None
-    for criterion in args.criteria:
-        name = f"experts/{criterion}"
+    runs = [(criterion, "none") for criterion in args.criteria] + [(criterion, "merge") for criterion in args.merge]
+    for criterion, repair in runs:
+        name = f"experts/{criterion}" + ("+merge" if repair == "merge" else "")
         if name in results:
             continue
         if statistics is None:
-            forward_pass(model, batches[:1])  # warm-up, untimed
-            _, results.info["forward_seconds"] = timed(forward_pass, model, batches)
-            _, results.info["moments_pass_seconds"] = timed(
-                collect_statistics, model, pruner.adapter, batches, {"moments"}
-            )
-            statistics, seconds = timed(
-                collect_statistics, model, pruner.adapter, batches, {"moments", "routing", "expert_norms"}
-            )
-            results.info["experts_pass_seconds"] = seconds
-            results.info["experts_pass_over_moments_pass"] = seconds / results.info["moments_pass_seconds"]
-            results.info["experts_pass_over_forward"] = seconds / results.info["forward_seconds"]
+            statistics = timed_passes(model, pruner.adapter, batches, results.info)
         candidate = HFPruner(copy.deepcopy(model), tokenizer=tokenizer)
         start = time.perf_counter()
-        report = candidate.prune(
-            PruningConfig(experts=experts, criterion=criterion, reconstruct="none", num_samples=args.num_samples),
-            statistics=statistics,
+        config = PruningConfig(
+            experts=experts,
+            criterion=criterion,
+            reconstruct="none",
+            expert_repair=repair,
+            num_samples=args.num_samples,
         )
+        report = candidate.prune(config, statistics=statistics)
         seconds = time.perf_counter() - start
         value = perplexity(candidate.model, ids)
         row = {
             "criterion": criterion,
+            "expert_repair": repair,
             "parameters": report.parameters_after,
             "perplexity": value,
             "ratio": value / dense["perplexity"],
@@ -125,10 +126,27 @@ def main(argv: list[str] | None = None) -> dict:
             "format": report.output_format,
         }
         results.save_row(name, row)
-        print(f"{name:24} ppl {value:10.2f}  ×{row['ratio']:6.3f}  {seconds:6.1f} s", flush=True)
+        print(f"{name:34} ppl {value:10.2f}  ×{row['ratio']:6.3f}  {seconds:6.1f} s", flush=True)
 
-    results.report(table_text(results, args.criteria))
+    results.report(table_text(results, list(dict.fromkeys(args.criteria + args.merge))))
     return results.rows
+
+
+def timed_passes(model, adapter, batches, info: dict):
+    """Time a plain forward pass, the moments pass, the pass the expert criteria read (with moments) and the same
+    with `expert_removal` (what `output_error` reads) over `batches`, into `info`; returns the last statistics."""
+    forward_pass(model, batches[:1])  # warm-up, untimed
+    _, info["forward_seconds"] = timed(forward_pass, model, batches)
+    _, info["moments_pass_seconds"] = timed(collect_statistics, model, adapter, batches, {"moments"})
+    experts = {"moments", "routing", "expert_norms"}
+    _, info["experts_pass_seconds"] = timed(collect_statistics, model, adapter, batches, experts)
+    statistics, info["removal_pass_seconds"] = timed(
+        collect_statistics, model, adapter, batches, experts | {"expert_removal"}
+    )
+    for name in ("experts", "removal"):
+        info[f"{name}_pass_over_moments_pass"] = info[f"{name}_pass_seconds"] / info["moments_pass_seconds"]
+        info[f"{name}_pass_over_forward"] = info[f"{name}_pass_seconds"] / info["forward_seconds"]
+    return statistics
 
 
 def table_text(results, criteria: list[str]) -> str:
@@ -136,14 +154,15 @@ def table_text(results, criteria: list[str]) -> str:
     lines = [
         f"reference MoE {setting['model']}, experts={setting['experts']} per layer, WikiText-2 test, first "
         f"{setting['windows']} windows of {SEQ_LEN} tokens; dense perplexity {rows['dense']['perplexity']:.2f}",
-        f"{'row':24} {'params':>12} {'perplexity':>11} {'× dense':>8} {'prune s':>8}",
-        f"{'dense':24} {rows['dense']['parameters']:>12,} {rows['dense']['perplexity']:>11.2f} {1:>8.3f} {'':>8}",
+        f"{'row':34} {'params':>12} {'perplexity':>11} {'× dense':>8} {'prune s':>8}",
+        f"{'dense':34} {rows['dense']['parameters']:>12,} {rows['dense']['perplexity']:>11.2f} {1:>8.3f} {'':>8}",
     ]
-    for criterion in criteria:
-        row = rows.get(f"experts/{criterion}")
+    names = [f"experts/{criterion}{suffix}" for suffix in ("", "+merge") for criterion in criteria]
+    for name in names:
+        row = rows.get(name)
         if row is not None:
             lines.append(
-                f"{'experts/' + criterion:24} {row['parameters']:>12,} {row['perplexity']:>11.2f} "
+                f"{name:34} {row['parameters']:>12,} {row['perplexity']:>11.2f} "
                 f"{row['ratio']:>8.3f} {row['prune_seconds_without_calibration']:>8.2f}"
             )
     if "experts_pass_seconds" in info:
@@ -152,6 +171,12 @@ def table_text(results, criteria: list[str]) -> str:
             f"calibration pass, {setting['num_samples']} windows: forward {forward:.1f} s, moments {moments:.1f} s, "
             f"routing + expert_norms + moments {experts:.1f} s ({experts / moments:.2f}× moments, "
             f"{experts / forward:.2f}× forward)"
+        )
+    if "removal_pass_seconds" in info:
+        removal = info["removal_pass_seconds"]
+        lines.append(
+            f"with expert_removal (output_error) {removal:.1f} s ({removal / moments:.2f}× moments, "
+            f"{removal / experts:.2f}× the pass without it)"
         )
     return "\n".join(lines)
 

@@ -101,8 +101,9 @@ def test_scripts_end_to_end_on_a_tiny_model(smollm2, tmp_path):
 
     benchmark = script_module("benchmark_moe")
     argv = ["--model", str(folder), "--output", str(tmp_path / "moe.json"), "--windows", "1", "--num-samples", "2"]
-    rows = benchmark.main([*argv, "--criteria", "reap", "random"])
-    assert set(rows) == {"dense", "experts/reap", "experts/random"}
-    assert rows["experts/reap"]["parameters"] < rows["dense"]["parameters"]
-    again = benchmark.main([*argv, "--criteria", "reap"])  # resumed: nothing measured again
-    assert again["experts/reap"] == rows["experts/reap"]
+    rows = benchmark.main([*argv, "--criteria", "output_error", "random", "--merge", "output_error"])
+    assert set(rows) == {"dense", "experts/output_error", "experts/random", "experts/output_error+merge"}
+    assert rows["experts/output_error"]["parameters"] < rows["dense"]["parameters"]
+    assert rows["experts/output_error+merge"]["parameters"] == rows["experts/output_error"]["parameters"]
+    again = benchmark.main([*argv, "--criteria", "output_error", "--merge"])  # resumed: nothing measured again
+    assert again["experts/output_error"] == rows["experts/output_error"]

@@ -11,9 +11,11 @@ every stage's output channel (`streams`), and `stream_gram` the Gram matrix of t
 at every module that reads them (`stream_consumers`, for their least-squares repair). Without
 gradients the task head is skipped (only the base model runs), unless `stream_gram` needs the
 classifier's input. In mixture-of-experts layers `routing` records, per routed expert, how many tokens
-the router sent to it and the sum of its gate weights; `expert_norms` also the sum of `g_j(x)·‖f_j(x)‖`
-over those tokens (the experts module computes each (token, expert) pair once, unweighted, and the
-weighted sum is formed after: `ExpertPairs`).
+the router sent to it, the sum of its gate weights and how often two experts are chosen together;
+`expert_norms` also the sum of `g_j(x)·‖f_j(x)‖` over those tokens and the first-order error of removing
+each expert (the experts module computes each (token, expert) pair once, unweighted, and the weighted sum
+is formed after: `ExpertPairs`); `expert_removal` the exact error of removing each expert, the router run
+again without it (`removal_errors`).
 Under torchrun each process runs its share of the batches and the sums are
 added across processes (`hf_prune.calibration.distributed`).
 
@@ -22,6 +24,7 @@ Method notes and sources: docs/methods.md §2.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -31,13 +34,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import InvalidPruningTargetError
 from ..finite import check_finite_statistics
 from ..groups import ArchitectureAdapter, Branch
 from ..groups.base import channels_last
+from ..masking import run_kept_experts
 from .distributed import local_share, sum_across_processes, sum_numbers
 from .loss import calibration_loss
 
-Requirement = Literal["moments", "mlp_gram", "influence", "gradients", "stream_gram", "routing", "expert_norms"]
+Requirement = Literal[
+    "moments", "mlp_gram", "influence", "gradients", "stream_gram", "routing", "expert_norms", "expert_removal"
+]
 REQUIREMENTS: tuple[Requirement, ...] = (
     "moments",
     "mlp_gram",
@@ -46,8 +53,14 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     "stream_gram",
     "routing",
     "expert_norms",
+    "expert_removal",
 )
 
+
+#: A token's top-k weights count as renormalised (summing to 1) within this tolerance (16-bit routers round).
+WEIGHT_SUM_TOLERANCE = 1e-2
+#: Below this, `1 − g_j` counts as 0: the expert carried the whole token (top-1 routing).
+WHOLE_TOKEN = 1e-6
 
 #: Channel blocks of a Gram matrix: only the blocks on and above the diagonal are multiplied.
 GRAM_BLOCKS = 4
@@ -117,21 +130,46 @@ class RoutingStatistics:
     selected: torch.Tensor | None = None
     #: Σ over tokens of each expert's gate weight (0 where not routed)
     gate: torch.Tensor | None = None
+    #: tokens routed to both expert i and expert j (E × E; the diagonal is `selected`)
+    co_selected: torch.Tensor | None = None
     #: Σ over the tokens routed to each expert of gate weight × ‖expert output‖ (`expert_norms` only)
     weighted_norm: torch.Tensor | None = None
+    #: Σ over the tokens routed to each expert of its removal error to first order (`first_order_errors`;
+    #: `expert_norms` only)
+    first_order_error: torch.Tensor | None = None
+    #: Σ over tokens of ‖y(x) − y₋ⱼ(x)‖², the router run again without expert j (`removal_errors`;
+    #: `expert_removal` only)
+    removal_error: torch.Tensor | None = None
 
-    def add(self, indices: torch.Tensor, weights: torch.Tensor, count: int, norms: torch.Tensor | None) -> None:
-        """One batch: `indices` and `weights` (tokens × top-k), `norms` ‖f_j(x)‖ per (token, choice)."""
+    def add(
+        self,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        count: int,
+        norms: torch.Tensor | None,
+        first_order: torch.Tensor | None = None,
+        removal: torch.Tensor | None = None,
+    ) -> None:
+        """One batch: `indices` and `weights` (tokens × top-k), `norms` ‖f_j(x)‖ and `first_order` errors per
+        (token, choice), `removal` the batch's removal error per expert."""
         if self.selected is None:
-            self.selected, self.gate = (torch.zeros(count, dtype=torch.float64, device=indices.device) for _ in "ab")
+            zeros = functools.partial(torch.zeros, dtype=torch.float64, device=indices.device)
+            self.selected, self.gate, self.co_selected = zeros(count), zeros(count), zeros(count, count)
             if norms is not None:
-                self.weighted_norm = torch.zeros(count, dtype=torch.float64, device=indices.device)
+                self.weighted_norm, self.first_order_error = zeros(count), zeros(count)
+            if removal is not None:
+                self.removal_error = zeros(count)
         flat, gates = indices.reshape(-1), weights.reshape(-1).double()
         self.tokens += indices.shape[0]
         self.selected.index_add_(0, flat, torch.ones_like(gates))
         self.gate.index_add_(0, flat, gates)
+        chosen = torch.zeros(indices.shape[0], count, device=indices.device).scatter_(1, indices, 1.0)
+        self.co_selected += (chosen.T @ chosen).double()
         if norms is not None:
             self.weighted_norm.index_add_(0, flat, gates * norms.reshape(-1).double())
+            self.first_order_error.index_add_(0, flat, first_order.reshape(-1).double())
+        if removal is not None:
+            self.removal_error += removal
 
 
 def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,13 +191,123 @@ def routing_hook(accumulator: RoutingStatistics, count: int):
     return hook
 
 
+def first_order_errors(outputs: torch.Tensor, gates: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """`‖y(x) − y₋ⱼ(x)‖²` per (token, chosen expert j), without re-selection: `outputs` f_j(x) (tokens × k × H),
+    `gates` g_j(x) (tokens × k), `mixed` y(x) = Σ_k g_k f_k(x).
+
+    Where the token's top-k weights sum to 1 (the family renormalises them), j's weight goes to the other k − 1
+    in proportion: `y₋ⱼ = (y − g_j f_j)/(1 − g_j)`, so `y − y₋ⱼ = g_j/(1 − g_j)·(f_j − y)` and the error is
+    `(g_j/(1 − g_j))²·‖f_j − y‖²`. Elsewhere (no renormalisation), and where j carried the whole token, the
+    plain dropped contribution `‖g_j f_j‖²`."""
+    rest = 1 - gates
+    renormalised = ((gates.sum(-1, keepdim=True) - 1).abs() <= WEIGHT_SUM_TOLERANCE) & (rest > WHOLE_TOKEN)
+    shifted = (gates / rest.clamp_min(WHOLE_TOKEN)).square() * (outputs - mixed[:, None]).square().sum(-1)
+    return torch.where(renormalised, shifted, gates.square() * outputs.square().sum(-1))
+
+
+def _top_k(output) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(indices, weights), tokens × top-k, of a router's output: its integer tensor and the floating one of the
+    same shape (`(logits, weights, indices)` in every family of transformers 5); None if it has no such pair."""
+    tensors = [t for t in (output if isinstance(output, (tuple, list)) else (output,)) if isinstance(t, torch.Tensor)]
+    indices = next((t for t in tensors if not t.is_floating_point()), None)
+    if indices is None:
+        return None
+    weights = next((t for t in tensors if t.is_floating_point() and t.shape == indices.shape), None)
+    if weights is None:
+        return None
+    return indices.reshape(-1, indices.shape[-1]), weights.reshape(-1, indices.shape[-1])
+
+
+class RouterRerun:
+    """The layer's router, run again on some tokens as if one expert were gone (`masking.run_kept_experts`,
+    what the masking reference does): the top-k the family's own router code then picks, in the original
+    numbering. `parameters` are its tensors with one row per expert, named relative to it."""
+
+    def __init__(self, module: nn.Module, parameters: list[str], name: str):
+        self.module, self.parameters, self.name = module, parameters, name
+        self.checked = False
+
+    def top_k(self, hidden: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        found = _top_k(run_kept_experts(self.module, kept, self.parameters, (hidden,), {}))
+        return kept[found[0]], found[1].float()
+
+    def check(self, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Refuse (typed error) a router whose call on the experts' input does not give the experts' top-k."""
+        found = _top_k(self.module(hidden))
+        if found is None or not torch.equal(found[0], indices) or not torch.allclose(found[1].float(), weights):
+            raise InvalidPruningTargetError(
+                f"the removal error of an expert (`expert_removal` statistics, criterion 'output_error') runs the "
+                f"router {self.name} again without the expert, and expects its call on the experts' input to return "
+                "the top-k indices and weights the experts receive; this family's router does not. Use criterion "
+                "{'experts': 'gate_weight'} or 'reap' for this model."
+            )
+        self.checked = True
+
+
+def removal_errors(
+    router: RouterRerun,
+    compute_pairs,
+    flat: torch.Tensor,
+    indices: torch.Tensor,
+    gates: torch.Tensor,
+    outputs: torch.Tensor,
+    mixed: torch.Tensor,
+    count: int,
+) -> torch.Tensor:
+    """Σ over the batch's tokens of `‖y(x) − y₋ⱼ(x)‖²` per expert j (float64, `count` entries), with `y₋ⱼ` what
+    the layer computes once j is removed: the router re-run without j's row (its own top-k and renormalisation
+    over the other experts), each chosen expert's output weighted by its new gate.
+
+    `flat` the tokens (tokens × H), `indices` and `gates` the forward's top-k (tokens × k), `outputs` its pairs
+    f(x) (tokens × k × H), `mixed` y(x); `compute_pairs(tokens, indices, ones)` the experts' own forward, run
+    once on the (token, expert) pairs the forward did not compute (the expert that moves into the top-k: one
+    more pair per token routed by softmax, top-k and renormalisation). When every token's top-k weights sum to
+    1 (the router renormalises them), only the tokens routed to j are re-run: removing an expert a token did
+    not choose leaves its top-k and renormalised weights as they are under a softmax (or sigmoid) top-k; other
+    routers re-run every token (E router calls per batch)."""
+    tokens_count, top_k = indices.shape
+    errors = torch.zeros(count, dtype=torch.float64, device=flat.device)
+    if count <= top_k:  # no expert can go
+        return errors
+    renormalised = bool(((gates.sum(-1) - 1).abs() <= WEIGHT_SUM_TOLERANCE).all())
+    everyone = torch.arange(tokens_count, device=flat.device)
+    requests, missing = [], []
+    for expert in range(count):
+        tokens = (indices == expert).any(-1).nonzero().squeeze(1) if renormalised else everyone
+        if tokens.numel() == 0:
+            continue
+        kept = torch.tensor([e for e in range(count) if e != expert], device=flat.device)
+        chosen, weights = router.top_k(flat[tokens], kept)
+        match = chosen[:, :, None] == indices[tokens][:, None, :]  # (tokens, new choice, old choice)
+        found = match.any(-1)
+        keys = tokens[:, None] * count + chosen
+        missing.append(keys[~found])
+        requests.append((expert, tokens, weights, found, match.int().argmax(-1), keys))
+    if not requests:
+        return errors
+    new_keys = torch.unique(torch.cat(missing))  # sorted
+    extra = None
+    if new_keys.numel():
+        ones = torch.ones(new_keys.numel(), 1, dtype=gates.dtype, device=flat.device)
+        extra = _first(compute_pairs(flat[new_keys // count], (new_keys % count)[:, None], ones)).detach().float()
+    for expert, tokens, weights, found, position, keys in requests:
+        chosen_outputs = outputs[tokens[:, None].expand_as(position), position]
+        if extra is not None and not found.all():
+            chosen_outputs[~found] = extra[torch.searchsorted(new_keys, keys[~found])]
+        without = (chosen_outputs * weights[..., None]).sum(1)
+        errors[expert] += (mixed[tokens] - without).square().sum(-1).double().sum()
+    return errors
+
+
 class ExpertPairs:
     """While installed, the experts module computes each (token, chosen expert) pair once, with weight 1, by
-    its own forward (`f_j(x)`), records the routing and `g_j(x)·‖f_j(x)‖`, and returns `Σ_k g_k f_k(x)`, what
-    its forward returns: the expert outputs REAP reads at no extra expert compute (the pairs are the ones the
-    forward computes anyway; only the order of the top-k sum differs). `remove()` restores the forward."""
+    its own forward (`f_j(x)`), records the routing, `g_j(x)·‖f_j(x)‖` and the first-order removal error
+    (`first_order_errors`), and returns `Σ_k g_k f_k(x)`, what its forward returns: the expert outputs REAP
+    reads at no extra expert compute (the pairs are the ones the forward computes anyway; only the order of
+    the top-k sum differs). With a `router` (`expert_removal`) it also records the exact removal error of every
+    expert (`removal_errors`). `remove()` restores the forward."""
 
-    def __init__(self, module: nn.Module, accumulator: RoutingStatistics, count: int):
+    def __init__(self, module: nn.Module, accumulator: RoutingStatistics, count: int, router: RouterRerun | None):
         self.module, self.accumulator, self.count = module, accumulator, count
         original = module.forward
 
@@ -171,7 +319,16 @@ class ExpertPairs:
                 flat.repeat_interleave(top_k, dim=0), indices.reshape(-1, 1), torch.ones_like(weights).reshape(-1, 1)
             )
             pairs = _first(pairs)
-            accumulator.add(indices.detach(), weights.detach().float(), count, pairs.detach().float().norm(dim=-1))
+            outputs = pairs.detach().float().reshape(-1, top_k, pairs.shape[-1])
+            chosen, gates = indices.detach().reshape(-1, top_k), weights.detach().float().reshape(-1, top_k)
+            mixed32 = (outputs * gates[..., None]).sum(1)
+            removal = None
+            if router is not None:
+                if not router.checked:
+                    router.check(flat, chosen, gates)
+                removal = removal_errors(router, original, flat, chosen, gates, outputs, mixed32, count)
+            first_order = first_order_errors(outputs, gates, mixed32)
+            accumulator.add(chosen, gates, count, outputs.norm(dim=-1), first_order, removal)
             mixed = (pairs.reshape(-1, top_k, pairs.shape[-1]) * weights.reshape(-1, top_k, 1).to(pairs.dtype)).sum(1)
             return mixed.to(hidden.dtype).reshape(hidden.shape)
 
@@ -275,7 +432,12 @@ def sum_statistics(stats: CalibrationStatistics) -> None:
         [t for acc in accumulators for t in (acc.total, acc.squares, acc.gram) if t is not None]
         + [stats.gradient_sum[key] for key in gradient_keys]
         + [stats.gradient_squares[key] for key in gradient_keys]
-        + [t for r in routers for t in (r.selected, r.gate, r.weighted_norm) if t is not None]
+        + [
+            t
+            for r in routers
+            for t in (r.selected, r.gate, r.co_selected, r.weighted_norm, r.first_order_error, r.removal_error)
+            if t is not None
+        ]
     )
     counts = sum_numbers(
         [stats.batches, stats.tokens] + [acc.count for acc in accumulators] + [r.tokens for r in routers]
@@ -309,11 +471,15 @@ def register_layer_hooks(
                 module.register_forward_pre_hook(lambda m, args, acc=accumulator: acc.add(channels_last(m, args[0])))
             )
     experts = adapter.experts_of(layer)
-    if experts and stats.requirements & {"routing", "expert_norms"}:
+    if experts and stats.requirements & {"routing", "expert_norms", "expert_removal"}:
         accumulator = stats.routing[index] = RoutingStatistics()
         module, count = layer.get_submodule(experts.experts_module), experts.num_experts(layer)
-        if "expert_norms" in stats.requirements:
-            handles.append(ExpertPairs(module, accumulator, count))
+        if stats.requirements & {"expert_norms", "expert_removal"}:
+            router = None
+            if "expert_removal" in stats.requirements:
+                names = [n.removeprefix(experts.router + ".") for n in experts.router_parameters + experts.router_buffers]
+                router = RouterRerun(layer.get_submodule(experts.router), names, experts.router)
+            handles.append(ExpertPairs(module, accumulator, count, router))
         else:
             handles.append(module.register_forward_hook(routing_hook(accumulator, count), with_kwargs=True))
     if recorder:

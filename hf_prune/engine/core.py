@@ -65,6 +65,7 @@ from ..masking import masked_slices
 from ..output.checkpoint import FormatDecision
 from ..plan import LayerPlan, PruningPlan
 from ..repair.block_refinement import refine_toward_dense
+from ..repair.expert_merge import merge_removed_experts
 from ..repair.least_squares import reconstruct
 from ..repair.removed_layers import (
     FOLDING_REPAIRS,
@@ -105,10 +106,12 @@ def statistics_requirements(
 ) -> set[Requirement]:
     """The statistics the criteria and the repair read: each criterion's `requires`, and for a
     least-squares repair (`config.reconstruct`; no config: the criteria alone) the branch moments and
-    MLP Gram (`stream_gram` too when stream channels go)."""
+    MLP Gram (`stream_gram` too when stream channels go); for `expert_repair="merge"`, the routing."""
     requirements = set().union(*(criterion.requires for criterion in criteria.values()))
     if config is not None and config.reconstruct != "none":
         requirements |= {"moments", "mlp_gram"} | ({"stream_gram"} if targets.stage_channels else set())
+    if config is not None and config.expert_repair == "merge" and any(targets.counts.experts.values()):
+        requirements.add("routing")
     return requirements
 
 
@@ -415,6 +418,8 @@ def prune_layers(
                 )
             context = ScoringContext(model, adapter, statistics, batch_size=config.batch_size, damping=config.damping)
             plan_layer(context, criteria, layer_plan, targets)
+            if config.expert_repair == "merge":
+                merge_removed_experts(model, adapter, PruningPlan([layer_plan]), statistics)
             cross_term = None
             if index in runs:
                 # Unpruned propagation has already advanced the stream past the (still dense) writer.
