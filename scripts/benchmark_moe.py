@@ -3,7 +3,8 @@
 The model is the folder `scripts/make_reference_moe.py` writes (SmolLM2-135M MoEfied into a Mixtral). Each
 row removes `--experts` of every layer's routed experts (a fraction or a count) with one criterion, no
 repair (rows `experts/CRITERION+merge`, for the criteria in `--merge`: `expert_repair="merge"`, each removed
-expert folded into the kept one it is most often routed with), from one calibration pass shared by every row (`--num-samples` windows of 512 tokens of the
+expert folded into the kept one it is most often routed with), from one calibration pass shared by every row
+(`--num-samples` windows of 512 tokens of the
 project's default calibration text, WikiText-2 validation, seed 0). Perplexity: the project's protocol on
 the WikiText-2 raw test split, the first `--windows` windows of 512 tokens.
 

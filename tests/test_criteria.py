@@ -92,6 +92,8 @@ def test_every_registered_criterion_is_covered_here():
         "loss",
         "magnitude",
         "obs",
+        "output_error",  # tests/test_expert_criteria.py
+        "output_error_first_order",
         "random",
         "reap",
         "synflow",

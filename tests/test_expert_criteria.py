@@ -34,14 +34,17 @@ from hf_prune.groups import get_adapter
 REMOVAL_FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "gpt_oss"]
 
 
-def moe_inputs(model: nn.Module, windows: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+def moe_inputs(model: nn.Module, moe_module: str, windows: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     """Layer → the hidden states its MoE block read over the calibration windows (tokens × H)."""
     captured: dict[int, list[torch.Tensor]] = {}
-    handles = []
-    for index, layer in enumerate(layers_of(model)):
-        moe = layer.get_submodule("mlp" if hasattr(layer, "mlp") else "block_sparse_moe")
-        hook = lambda m, args, i=index: captured.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]))
-        handles.append(moe.register_forward_pre_hook(hook))
+
+    def keep(index: int):
+        return lambda m, args: captured.setdefault(index, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    handles = [
+        layer.get_submodule(moe_module).register_forward_pre_hook(keep(index))
+        for index, layer in enumerate(layers_of(model))
+    ]
     with torch.no_grad():
         for batch in windows:
             model.model(batch)
@@ -62,7 +65,7 @@ def test_output_error_equals_removing_each_expert_in_plain_torch(model_type):
     adapter = get_adapter(model.config)
     windows = calibration_windows(count=4, length=8)
     stats = collect_statistics(model, adapter, windows, {"routing", "expert_removal"})
-    inputs = moe_inputs(model, windows)
+    inputs = moe_inputs(model, adapter.expert_layout.moe_module, windows)
     context = ScoringContext(model, adapter, stats)
     for index, layer in enumerate(layers_of(model)):
         moe = layer.get_submodule(adapter.expert_layout.moe_module)
@@ -85,7 +88,7 @@ def test_first_order_output_error_renormalises_without_reselection():
     adapter = get_adapter(model.config)
     windows = calibration_windows(count=4, length=8)
     stats = collect_statistics(model, adapter, windows, {"routing", "expert_norms"})
-    x = moe_inputs(model, windows)[0]
+    x = moe_inputs(model, "mlp", windows)[0]
     moe = layers_of(model)[0].mlp
     top, chosen = torch.softmax(x @ moe.gate.weight.T, dim=-1).topk(2, dim=-1)
     top = top / top.sum(-1, keepdim=True)
@@ -103,7 +106,8 @@ def test_first_order_output_error_renormalises_without_reselection():
             expected[j] += (y - without).double().pow(2).sum()
     expected /= x.shape[0]
     context = ScoringContext(model, adapter, stats)
-    scores = get_criterion("output_error_first_order").score(context, adapter.groups(layers_of(model)[0], 0, "experts"))
+    groups = adapter.groups(layers_of(model)[0], 0, "experts")
+    scores = get_criterion("output_error_first_order").score(context, groups)
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-9)
 
 
@@ -126,10 +130,14 @@ def test_merge_folds_removed_experts_into_their_most_co_routed_kept_expert(model
     layout = adapter.expert_layout
     pruner = HFPruner(copy.deepcopy(dense))
     seen: dict[int, list[torch.Tensor]] = {}
-    handles = [
-        layer.get_submodule(layout.router).register_forward_hook(
-            lambda m, args, output, i=index: seen.setdefault(i, []).append(next(t for t in output if not t.is_floating_point()))
+
+    def keep(index: int):  # the router's top-k indices, its one integer output
+        return lambda m, args, output: seen.setdefault(index, []).append(
+            next(t for t in output if not t.is_floating_point())
         )
+
+    handles = [
+        layer.get_submodule(layout.router).register_forward_hook(keep(index))
         for index, layer in enumerate(layers_of(pruner.model))
     ]
     config = PruningConfig(
@@ -189,5 +197,6 @@ def test_merge_folds_removed_experts_into_their_most_co_routed_kept_expert(model
 
 
 def test_unknown_expert_repair_is_refused_naming_the_choices():
-    with pytest.raises(InvalidPruningTargetError, match=r"expert_repair='average' is unknown; choose one of none, merge"):
+    message = r"expert_repair='average' is unknown; choose one of none, merge"
+    with pytest.raises(InvalidPruningTargetError, match=message):
         PruningConfig(experts=0.25, expert_repair="average")

@@ -191,18 +191,24 @@ def routing_hook(accumulator: RoutingStatistics, count: int):
     return hook
 
 
-def first_order_errors(outputs: torch.Tensor, gates: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-    """`‖y(x) − y₋ⱼ(x)‖²` per (token, chosen expert j), without re-selection: `outputs` f_j(x) (tokens × k × H),
-    `gates` g_j(x) (tokens × k), `mixed` y(x) = Σ_k g_k f_k(x).
+def first_order_errors(gram: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """`‖y(x) − y₋ⱼ(x)‖²` per (token, chosen expert j), without re-selection: `gram` the Gram matrix of each
+    token's chosen outputs f(x) (tokens × k × k), `gates` g(x) (tokens × k), y(x) = Σ_k g_k f_k(x).
 
     Where the token's top-k weights sum to 1 (the family renormalises them), j's weight goes to the other k − 1
     in proportion: `y₋ⱼ = (y − g_j f_j)/(1 − g_j)`, so `y − y₋ⱼ = g_j/(1 − g_j)·(f_j − y)` and the error is
     `(g_j/(1 − g_j))²·‖f_j − y‖²`. Elsewhere (no renormalisation), and where j carried the whole token, the
-    plain dropped contribution `‖g_j f_j‖²`."""
+    plain dropped contribution `‖g_j f_j‖²`. The norms come from the Gram matrix,
+    `‖f_j − y‖² = G_jj − 2 (G g)_j + gᵀ G g`: nothing of width H is formed (on the reference MoE the
+    subtraction itself cost 40 % of the experts' compute)."""
+    gram, gates = gram.double(), gates.double()
+    projections = (gram @ gates[..., None]).squeeze(-1)  # f_j · y
+    squares = gram.diagonal(dim1=-2, dim2=-1)  # ‖f_j‖²
+    to_mixed = (squares - 2 * projections + (gates * projections).sum(-1, keepdim=True)).clamp_min(0)
     rest = 1 - gates
     renormalised = ((gates.sum(-1, keepdim=True) - 1).abs() <= WEIGHT_SUM_TOLERANCE) & (rest > WHOLE_TOKEN)
-    shifted = (gates / rest.clamp_min(WHOLE_TOKEN)).square() * (outputs - mixed[:, None]).square().sum(-1)
-    return torch.where(renormalised, shifted, gates.square() * outputs.square().sum(-1))
+    shifted = (gates / rest.clamp_min(WHOLE_TOKEN)).square() * to_mixed
+    return torch.where(renormalised, shifted, gates.square() * squares)
 
 
 def _top_k(output) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -251,7 +257,7 @@ def removal_errors(
     indices: torch.Tensor,
     gates: torch.Tensor,
     outputs: torch.Tensor,
-    mixed: torch.Tensor,
+    gram: torch.Tensor,
     count: int,
 ) -> torch.Tensor:
     """Σ over the batch's tokens of `‖y(x) − y₋ⱼ(x)‖²` per expert j (float64, `count` entries), with `y₋ⱼ` what
@@ -259,12 +265,15 @@ def removal_errors(
     over the other experts), each chosen expert's output weighted by its new gate.
 
     `flat` the tokens (tokens × H), `indices` and `gates` the forward's top-k (tokens × k), `outputs` its pairs
-    f(x) (tokens × k × H), `mixed` y(x); `compute_pairs(tokens, indices, ones)` the experts' own forward, run
-    once on the (token, expert) pairs the forward did not compute (the expert that moves into the top-k: one
-    more pair per token routed by softmax, top-k and renormalisation). When every token's top-k weights sum to
-    1 (the router renormalises them), only the tokens routed to j are re-run: removing an expert a token did
-    not choose leaves its top-k and renormalised weights as they are under a softmax (or sigmoid) top-k; other
-    routers re-run every token (E router calls per batch)."""
+    f(x) (tokens × k × H) and `gram` their Gram matrix per token (tokens × k × k); `compute_pairs(tokens,
+    indices, ones)` the experts' own forward, run once on the (token, expert) pairs the forward did not compute
+    (the expert that moves into the top-k: one more pair per token routed by softmax, top-k and
+    renormalisation). When every token's top-k weights sum to 1 (the router renormalises them), only the tokens
+    routed to j are re-run: removing an expert a token did not choose leaves its top-k and renormalised weights
+    as they are under a softmax (or sigmoid) top-k; other routers re-run every token (E router calls per
+    batch). Each token's difference is a combination `Σ_i c_i f_i` of its chosen and newly chosen experts'
+    outputs, so `‖y − y₋ⱼ‖² = cᵀ G c` with `G` their Gram matrix, extended by the experts that move in:
+    nothing of width H is formed per removed expert."""
     tokens_count, top_k = indices.shape
     errors = torch.zeros(count, dtype=torch.float64, device=flat.device)
     if count <= top_k:  # no expert can go
@@ -285,17 +294,26 @@ def removal_errors(
         requests.append((expert, tokens, weights, found, match.int().argmax(-1), keys))
     if not requests:
         return errors
-    new_keys = torch.unique(torch.cat(missing))  # sorted
-    extra = None
+    # Per token: its k chosen outputs, then the outputs of the experts that move in once one of them goes.
+    new_keys = torch.unique(torch.cat(missing))  # sorted: by token, then expert
+    gram, slots = gram.double(), None
     if new_keys.numel():
+        owners = new_keys // count
+        slots = torch.arange(new_keys.numel(), device=flat.device) - torch.searchsorted(new_keys, owners * count)
         ones = torch.ones(new_keys.numel(), 1, dtype=gates.dtype, device=flat.device)
-        extra = _first(compute_pairs(flat[new_keys // count], (new_keys % count)[:, None], ones)).detach().float()
+        extra = _first(compute_pairs(flat[owners], (new_keys % count)[:, None], ones)).detach().float()
+        moved_in = outputs.new_zeros(tokens_count, int(slots.max()) + 1, outputs.shape[-1])
+        moved_in[owners, slots] = extra
+        cross = (outputs @ moved_in.transpose(1, 2)).double()
+        inner = (moved_in @ moved_in.transpose(1, 2)).double()
+        gram = torch.cat([torch.cat([gram, cross], 2), torch.cat([cross.transpose(1, 2), inner], 2)], 1)
     for expert, tokens, weights, found, position, keys in requests:
-        chosen_outputs = outputs[tokens[:, None].expand_as(position), position]
-        if extra is not None and not found.all():
-            chosen_outputs[~found] = extra[torch.searchsorted(new_keys, keys[~found])]
-        without = (chosen_outputs * weights[..., None]).sum(1)
-        errors[expert] += (mixed[tokens] - without).square().sum(-1).double().sum()
+        coefficients = torch.zeros(tokens.numel(), gram.shape[-1], dtype=torch.float64, device=flat.device)
+        coefficients[:, :top_k] = gates[tokens].double()  # y
+        if not found.all():
+            position[~found] = top_k + slots[torch.searchsorted(new_keys, keys[~found])]
+        coefficients.scatter_add_(1, position, -weights.double())  # − y₋ⱼ
+        errors[expert] += torch.einsum("ni,nij,nj->", coefficients, gram[tokens], coefficients)
     return errors
 
 
@@ -321,13 +339,13 @@ class ExpertPairs:
             pairs = _first(pairs)
             outputs = pairs.detach().float().reshape(-1, top_k, pairs.shape[-1])
             chosen, gates = indices.detach().reshape(-1, top_k), weights.detach().float().reshape(-1, top_k)
-            mixed32 = (outputs * gates[..., None]).sum(1)
+            gram = outputs @ outputs.transpose(1, 2)  # tokens × k × k
             removal = None
             if router is not None:
                 if not router.checked:
                     router.check(flat, chosen, gates)
-                removal = removal_errors(router, original, flat, chosen, gates, outputs, mixed32, count)
-            first_order = first_order_errors(outputs, gates, mixed32)
+                removal = removal_errors(router, original, flat, chosen, gates, outputs, gram, count)
+            first_order = first_order_errors(gram, gates)
             accumulator.add(chosen, gates, count, outputs.norm(dim=-1), first_order, removal)
             mixed = (pairs.reshape(-1, top_k, pairs.shape[-1]) * weights.reshape(-1, top_k, 1).to(pairs.dtype)).sum(1)
             return mixed.to(hidden.dtype).reshape(hidden.shape)
@@ -477,7 +495,8 @@ def register_layer_hooks(
         if stats.requirements & {"expert_norms", "expert_removal"}:
             router = None
             if "expert_removal" in stats.requirements:
-                names = [n.removeprefix(experts.router + ".") for n in experts.router_parameters + experts.router_buffers]
+                rows = experts.router_parameters + experts.router_buffers
+                names = [name.removeprefix(experts.router + ".") for name in rows]
                 router = RouterRerun(layer.get_submodule(experts.router), names, experts.router)
             handles.append(ExpertPairs(module, accumulator, count, router))
         else:

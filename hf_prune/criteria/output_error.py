@@ -12,13 +12,9 @@ Language Models" (arXiv:2402.14800), one expert at a time, as an OBS-style salie
 without the weight update; REAP (Lasby et al. 2025, arXiv:2510.13999) scores the same loss by its first term
 `g_j‖f_j‖` averaged over the routed tokens only.
 
-Cost: the calibration pass computes one more expert pair per token (the expert that moves in) and re-runs the
-router k times per token (`expert_removal`), on top of the pairs `reap` reads.
-
-`output_error_first_order` needs nothing beyond `reap`'s pass: no re-selection, the tokens routed to j lose
-`g_j f_j` and the other chosen experts take its weight in proportion,
-`y₋ⱼ = (y − g_j f_j)/(1 − g_j)`, so `‖y − y₋ⱼ‖² = (g_j/(1 − g_j))²‖f_j − y‖²` (where the top-k weights sum to
-1; elsewhere the plain dropped contribution `‖g_j f_j‖²`; `calibration.statistics.first_order_errors`).
+Cost (`expert_removal`, on top of the pairs `reap` reads): one more expert pair per token (the expert that
+moves in: 1/k more expert compute) and the router re-run on each (token, chosen expert), k router calls per
+token (routers that do not renormalise: every token, E calls). `output_error_first_order` needs neither.
 """
 
 from collections.abc import Sequence
@@ -40,14 +36,3 @@ class OutputErrorCriterion(Criterion):
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
         routing = routing_of(context, groups)
         return routing.removal_error[[g.index for g in groups]] / max(routing.tokens, 1)
-
-
-@register_criterion
-class FirstOrderOutputErrorCriterion(Criterion):
-    name = "output_error_first_order"
-    requires = frozenset({"routing", "expert_norms"})
-    kinds = EXPERT_KINDS
-
-    def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
-        routing = routing_of(context, groups)
-        return routing.first_order_error[[g.index for g in groups]] / max(routing.tokens, 1)

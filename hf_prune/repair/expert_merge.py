@@ -27,6 +27,7 @@ from ..groups import ArchitectureAdapter
 from ..groups.experts import ExpertLayout
 from ..plan import LayerPlan, PruningPlan
 
+
 def merge_partners(routing: RoutingStatistics, kept: list[int], removed: list[int]) -> dict[int, list[int]]:
     """Kept expert → the removed experts merged into it (each removed one goes to the kept expert it is most
     often chosen with; none if it never is)."""
