@@ -25,10 +25,15 @@ configs = {
     "taylor": PruningConfig(mlp_neurons=0.25, attention_heads=1, criterion="taylor", **calibration),
     # routing statistics (REAP, the default for experts) on a tiny Mixtral
     "experts": PruningConfig(experts=1, mlp_neurons=0.25, criterion={"neurons": "magnitude"}, **calibration),
+    # removal errors (output_error) and co-routing counts (the merge repair)
+    "expert_merge": PruningConfig(
+        experts=1, criterion={"experts": "output_error"}, expert_repair="merge", reconstruct="none", **calibration
+    ),
 }
 record = {"world_size": world_size}
 for name, config in configs.items():
-    model = build_tiny(transformers.MixtralConfig, seed=3)[0] if name == "experts" else FAMILIES["llama"].build()
+    moe = name.startswith("expert")
+    model = build_tiny(transformers.MixtralConfig, seed=3)[0] if moe else FAMILIES["llama"].build()
     pruner = HFPruner(model)
     report = pruner.prune(config)
     pruner.save_pretrained(output / name)

@@ -36,7 +36,8 @@ def test_two_processes_save_the_weights_of_one(tmp_path):
     ranks = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], tmp_path / "torchrun")
     assert single[0]["world_size"] == 1
     assert [r["world_size"] for r in ranks] == [2, 2]
-    for name in ("default", "taylor", "experts"):  # moments, Grams, influence; gradients; routing
+    # moments, Grams, influence; gradients; routing; removal errors and co-routing (output_error, merge)
+    for name in ("default", "taylor", "experts", "expert_merge"):
         assert ranks[0][name]["plan"] == ranks[1][name]["plan"] == single[0][name]["plan"]
         assert ranks[0][name]["calibration"] == single[0][name]["calibration"]  # all 12 windows counted once
         expected = load_file(tmp_path / "single" / name / "model.safetensors")
@@ -47,6 +48,7 @@ def test_two_processes_save_the_weights_of_one(tmp_path):
     written = sorted(p.name for p in (tmp_path / "torchrun").iterdir())
     assert written == [
         "default",
+        "expert_merge",
         "experts",
         "rank0.json",
         "rank1.json",
