@@ -1,6 +1,7 @@
 """Distillation from the dense model inside `PruningCallback`, on tiny models and tiny `Trainer` runs:
 the loss the Trainer sees against a plain-torch α·T²·KL + (1 − α)·CE, the KD term at zero before masking,
-gradient accumulation, a PEFT student as its own teacher (no copy), evaluation, refusals, the card."""
+gradient accumulation, resuming with a passed teacher, a PEFT student as its own teacher (no copy), evaluation,
+refusals, the card."""
 
 from __future__ import annotations
 
