@@ -134,7 +134,7 @@ class RoutingStatistics:
             self.weighted_norm.index_add_(0, flat, gates * norms.reshape(-1).double())
 
 
-def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states, top-k indices, top-k weights) of a call `experts(hidden, top_k_index, top_k_weights)`."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     indices = next(t for t in tensors[1:] if not t.is_floating_point())
@@ -147,7 +147,7 @@ def routing_hook(accumulator: RoutingStatistics, count: int):
     fused layout): accumulate its routing."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        _, indices, weights = _routing(args, kwargs)
+        _, indices, weights = routing_arguments(args, kwargs)
         accumulator.add(indices.detach(), weights.detach().float(), count, None)
 
     return hook
@@ -164,7 +164,7 @@ class ExpertPairs:
         original = module.forward
 
         def forward(*args, **kwargs):
-            hidden, indices, weights = _routing(args, kwargs)
+            hidden, indices, weights = routing_arguments(args, kwargs)
             top_k = indices.shape[-1]
             flat = hidden.reshape(-1, hidden.shape[-1])
             pairs = original(

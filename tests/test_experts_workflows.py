@@ -1,0 +1,193 @@
+"""Routed experts wherever the dense kinds go (issue 16, item 5): the `PruningCallback` masking experts during
+fine-tuning with a plain `transformers.Trainer`, and `low_memory=True` reading checkpoints whose expert tensors
+`from_pretrained` converts (per-expert weights on disk, fused 3-D tensors in the model).
+
+References are plain torch in the tests (`test_experts.py`'s: the family's own router with −∞ added to the
+removed experts' logits, zeroed down-projection columns, deleted layers) or the in-memory prune."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from test_experts import COUNT_FIELDS, layers_of, reference, routers_exclude, tiny
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_prune import PruningConfig
+from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.groups import get_adapter
+from hf_prune.training.callback import PruningCallback
+from hf_prune.training.gradual import final_counts
+from hf_prune.training.schedule import PruningSchedule
+from hf_prune.training.scores import TrainingScores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCHEDULE = PruningSchedule("cubic", start_step=1, end_step=4, frequency=1)
+
+
+def rows(count: int = 16, length: int = 12) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    return [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 100, (count, length), generator=generator)]
+
+
+def arguments(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def plain_logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, use_cache=False).logits
+
+
+class RoutedOnlyToKept(TrainerCallback):
+    """Watches every training forward of the experts modules: the experts the router chose must be kept by the
+    callback's plan in force (plain torch: the indices the experts module is called with); records the plan's
+    per-kind counts after every step."""
+
+    def __init__(self, pruning: PruningCallback, model):
+        self.pruning, self.chosen, self.counts = pruning, [], []
+        experts = get_adapter(model.config).expert_layout.experts_module
+        for index, layer in enumerate(layers_of(model)):
+            layer.get_submodule(experts).register_forward_pre_hook(self._watch(index))
+
+    def _watch(self, index):
+        def hook(module, args):
+            plan = self.pruning.plan
+            if plan is not None and module.training:
+                chosen = set(args[1].flatten().tolist())
+                self.chosen.append(chosen)
+                assert chosen <= set(plan.layers[index].experts), (index, chosen, plan.layers[index].experts)
+
+        return hook
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.counts.append(final_counts(self.pruning.plan)["experts"])
+
+
+class StateBeforeCut(TrainerCallback):
+    """Registered before the PruningCallback: the trained weights just before the cut."""
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+#: (model type, score, amounts, experts masked after each of the 5 steps): the training scores on the gate
+#: weights, and a data-free criterion that also ranks neurons inside the experts. The schedule is cubic from step
+#: 1 to 4: round(n · (1 − (1 − t)³)) with t = 0, 1/3, 2/3, 1, 1.
+CALLBACK_CASES = {
+    "mixtral/taylor": ("mixtral", "taylor", {"experts": 2}, [0, 1, 2, 2, 2]),
+    "qwen2_moe/activation": ("qwen2_moe", "activation", {"experts": 0.5}, [0, 1, 2, 2, 2]),
+    "qwen2_moe/criterion+neurons": ("qwen2_moe", "criterion", {"experts": 1, "mlp_neurons": 0.25}, [0, 1, 1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(CALLBACK_CASES))
+def test_callback_masks_experts_during_fine_tuning_and_cuts_them(tmp_path, case):
+    """Masked experts are never routed to while training; the masks grow on the schedule; the cut model, and the
+    saved folder reloaded with plain transformers, equal the trained dense weights run with the removed experts'
+    router logits at −∞ and the removed neurons' down-projection columns zeroed (plain torch)."""
+    model_type, score, amounts, counts = CALLBACK_CASES[case]
+    model, inputs = tiny(model_type, seed=7)
+    config = PruningConfig(**amounts, **({"criterion": "magnitude"} if score == "criterion" else {}))
+    pruning = PruningCallback(config, SCHEDULE, score=score)
+    before, watch = StateBeforeCut(), RoutedOnlyToKept(pruning, model)
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=rows(), callbacks=[before, pruning, watch])
+    trainer.train()
+
+    assert watch.counts == counts and watch.chosen
+    dense, _ = tiny(model_type, seed=7)
+    dense.load_state_dict(before.state)
+    removed = {p.layer: sorted(set(range(4)) - set(p.experts)) for p in pruning.plan.layers}
+    assert all(len(gone) == counts[-1] for gone in removed.values())
+    expected_model = reference(dense, model_type, pruning.plan)
+    with routers_exclude(expected_model, model_type, removed):
+        expected = plain_logits(expected_model, inputs)
+
+    assert pruning.report.output_format == "vanilla"
+    assert getattr(trainer.model.config, COUNT_FIELDS[model_type]) == 4 - counts[-1]
+    torch.testing.assert_close(plain_logits(trainer.model.eval(), inputs), expected, atol=1e-5, rtol=0)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")  # plain transformers
+    torch.testing.assert_close(plain_logits(reloaded, inputs), expected, atol=1e-5, rtol=0)
+    assert "routed experts" in (tmp_path / "pruned" / "README.md").read_text()
+
+
+def plain_experts_forward(experts, scale: torch.Tensor):
+    """Mixtral's experts in plain torch, expert j's output multiplied by `scale[j]` (1): `∂L/∂scale[j]` is
+    `Σ g_j·f_j(x)·∂L/∂y` over the tokens routed to j."""
+
+    def forward(hidden, top_k_index, top_k_weights):
+        output = torch.zeros_like(hidden)
+        for slot in range(top_k_index.shape[1]):
+            for expert in range(scale.shape[0]):
+                tokens = (top_k_index[:, slot] == expert).nonzero().flatten()
+                gate, up = (hidden[tokens] @ experts.gate_up_proj[expert].T).chunk(2, dim=-1)
+                out = (torch.nn.functional.silu(gate) * up) @ experts.down_proj[expert].T
+                output = output.index_add(0, tokens, scale[expert] * top_k_weights[tokens, slot, None] * out)
+        return output
+
+    return forward
+
+
+@pytest.mark.parametrize("score", ["taylor", "movement", "activation"])
+def test_training_scores_of_experts_against_plain_torch(score):
+    """One training step on Mixtral: `taylor` is |Σ g_j·∂L/∂g_j| per expert, `movement` its negative sum,
+    `activation` (Σ g_j²)^½ over the tokens routed to j; the reference scales each expert's output by a
+    parameter equal to 1 and reads its gradient (and recomputes the router's softmax, top-2, renormalisation)."""
+    model, _ = tiny("mixtral")
+    adapter = get_adapter(model.config)
+    batch = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    scores = TrainingScores(model, adapter, ["experts"], score)
+    model.train()
+    model(input_ids=batch, labels=batch).loss.backward()
+    scores.end_step()
+    scores.synchronize(torch.device("cpu"))
+    scores.remove_hooks()
+    got = scores.scores(model, adapter, adapter.groups(layers_of(model)[0], 0, "experts"))
+
+    plain = copy.deepcopy(model)
+    plain.zero_grad()
+    moe = layers_of(plain)[0].mlp
+    scale = torch.ones(4, dtype=torch.float64, requires_grad=True)
+    moe.experts.forward = plain_experts_forward(moe.experts, scale)
+    captured = []
+    moe.register_forward_pre_hook(lambda module, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    plain(input_ids=batch, labels=batch).loss.backward()
+    probabilities = torch.softmax(captured[0] @ moe.gate.weight.T, dim=-1)
+    top, chosen = probabilities.topk(2, dim=-1)
+    top = top / top.sum(-1, keepdim=True)
+    squares = torch.zeros(4, dtype=torch.float64).index_add_(0, chosen.flatten(), top.flatten().double().pow(2))
+    expected = {"taylor": scale.grad.abs(), "movement": -scale.grad, "activation": squares.sqrt()}[score]
+    torch.testing.assert_close(got, expected.detach(), atol=1e-7, rtol=1e-4)
+
+
+def test_callback_refuses_what_cannot_read_neurons_inside_experts(tmp_path):
+    """Training scores, L0 gates and the least-squares refit read one consuming projection per layer; experts
+    have one per expert: typed errors naming the fix. L0 gates do not gate experts."""
+    model, _ = tiny("mixtral")
+    for score, repair, message in [
+        ("taylor", "none", r"score='taylor' reads one consuming projection.*score='criterion'"),
+        ("criterion", "lstsq", r"repair='lstsq' refits one consuming projection.*repair='none'"),
+    ]:
+        config = PruningConfig(experts=1, mlp_neurons=0.25, criterion="magnitude")
+        pruning = PruningCallback(config, SCHEDULE, score=score, repair=repair)
+        trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=rows(), callbacks=[pruning])
+        with pytest.raises(InvalidPruningTargetError, match=message):
+            trainer.train()
+    with pytest.raises(InvalidPruningTargetError, match=r"score='l0' gates heads and MLP neurons only.*experts"):
+        PruningCallback(PruningConfig(experts=1), SCHEDULE, score="l0").attach_gates(model)
