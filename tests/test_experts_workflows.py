@@ -12,10 +12,12 @@ import copy
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from test_experts import COUNT_FIELDS, layers_of, reference, routers_exclude, tiny
+from tiny_models import calibration_windows
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_prune import PruningConfig
+from hf_prune import HFPruner, PruningConfig, load_pruned
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.groups import get_adapter
 from hf_prune.training.callback import PruningCallback
@@ -191,3 +193,57 @@ def test_callback_refuses_what_cannot_read_neurons_inside_experts(tmp_path):
             trainer.train()
     with pytest.raises(InvalidPruningTargetError, match=r"score='l0' gates heads and MLP neurons only.*experts"):
         PruningCallback(PruningConfig(experts=1), SCHEDULE, score="l0").attach_gates(model)
+
+
+# ----------------------------------------------------------------------------------- low memory
+LOW_MEMORY = {
+    "calibration": calibration_windows(),
+    "num_samples": 8,
+    "seq_len": 16,
+    "batch_size": 4,
+    "reconstruct": "none",
+    "experts": 1,
+    "mlp_neurons": 0.25,
+    "layers": 1,
+    "criterion": {"experts": "reap", "neurons": "magnitude", "layers": "block_influence"},
+}
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return {name: t for file in sorted(folder.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_low_memory_prunes_experts_as_in_memory(model_type, tmp_path):
+    """Mixtral and Qwen2-MoE checkpoints hold one tensor per expert that `from_pretrained` stacks into the fused
+    tensors (GPT-OSS holds the fused ones): layer by layer, REAP from the layer's own routing, the saved files equal
+    the in-memory prune's tensor for tensor (same on-disk names), and the folder reloaded with plain transformers
+    equals the plain-torch reference of the plan."""
+    dense, inputs = tiny(model_type, seed=5)
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
+    on_disk = set(weights(tmp_path / "dense"))
+    assert any(".experts.0." in name for name in on_disk) == (model_type != "gpt_oss")
+    in_memory = HFPruner.from_pretrained(tmp_path / "dense")
+    in_memory.prune(**LOW_MEMORY)
+    want = weights(in_memory.save_pretrained(tmp_path / "in_memory"))
+    layered = HFPruner.from_pretrained(tmp_path / "dense", low_memory=True)
+    layered.prune(**LOW_MEMORY)
+    assert all(p.device.type == "meta" for p in layered.model.parameters())
+    assert layered.plan.to_dict() == in_memory.plan.to_dict()
+    assert layered.report.output_format == in_memory.report.output_format == "vanilla"
+    got = weights(layered.save_pretrained(tmp_path / "low_memory"))
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6)
+
+    plan = layered.plan
+    kept_layers = [layer_plan for layer_plan in plan.layers if layer_plan.keep_layer]
+    removed = {position: sorted(set(range(4)) - set(p.experts)) for position, p in enumerate(kept_layers)}
+    expected_model = reference(dense, model_type, plan)
+    with routers_exclude(expected_model, model_type, removed):
+        expected = plain_logits(expected_model, inputs)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "low_memory")
+    assert getattr(reloaded.config, COUNT_FIELDS[model_type]) == 3
+    torch.testing.assert_close(plain_logits(reloaded, inputs), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain_logits(layered.load_model(), inputs), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain_logits(load_pruned(tmp_path / "in_memory"), inputs), expected, atol=1e-5, rtol=0)
