@@ -247,3 +247,51 @@ def test_low_memory_prunes_experts_as_in_memory(model_type, tmp_path):
     torch.testing.assert_close(plain_logits(reloaded, inputs), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(plain_logits(layered.load_model(), inputs), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(plain_logits(load_pruned(tmp_path / "in_memory"), inputs), expected, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- budgets
+def mixtral_flops(model, context: int) -> int:
+    """FLOPs per token of a Mixtral in plain torch: 2 per weight of every Linear (router included), of the
+    top-2 experts' slices, and attention over `context` tokens."""
+    config = model.config
+    macs = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    for layer in layers_of(model):
+        experts = layer.mlp.experts
+        macs += config.num_experts_per_tok * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
+        macs += 2 * layer.self_attn.o_proj.in_features * context
+    return 2 * macs
+
+
+def test_budgets_are_spread_over_experts_heads_and_neurons():
+    """`target_params` on Mixtral removes the same number of experts from every layer (a parameter budget's share
+    of them), then heads and neurons, and lands at most one rounding step (8 neurons of every expert left, in every
+    layer) under the target; `target_flops` removes no experts (a token runs two whichever stay) and lands under
+    its target. Parameters and FLOPs are counted in plain torch; the cut equals the masked reference."""
+    dense, inputs = tiny("mixtral")
+    parameters = sum(p.numel() for p in dense.parameters())
+    target = int(0.8 * parameters)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(target_params=target, criterion="magnitude", reconstruct="none")
+    after = sum(p.numel() for p in pruner.model.parameters())
+    step = 3 * 8 * 3 * dense.config.hidden_size * pruner.model.config.num_local_experts  # 8 neurons, 3 layers
+    assert target - step < after <= target
+    kept = {len(p.experts) for p in pruner.plan.layers}
+    assert kept == {pruner.model.config.num_local_experts} and kept.pop() < 4
+    removed = {p.layer: sorted(set(range(4)) - set(p.experts)) for p in pruner.plan.layers}
+    expected_model = reference(dense, "mixtral", pruner.plan)
+    with routers_exclude(expected_model, "mixtral", removed):
+        expected = plain_logits(expected_model, inputs)
+    torch.testing.assert_close(plain_logits(pruner.model, inputs), expected, atol=1e-5, rtol=0)
+
+    flops = mixtral_flops(dense, 16)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(target_flops=int(0.85 * flops), seq_len=16, criterion="magnitude", reconstruct="none")
+    assert pruner.model.config.num_local_experts == 4
+    assert 0.75 * flops < mixtral_flops(pruner.model, 16) <= 0.85 * flops
+
+
+def test_budgets_with_a_cross_layer_allocation_are_refused_on_moe_models():
+    model, _ = tiny("mixtral")
+    message = r"sparsity=0.2 with allocation='global'.*allocation='uniform'"
+    with pytest.raises(InvalidPruningTargetError, match=message):
+        HFPruner(model).prune(sparsity=0.2, allocation="global", criterion="magnitude", reconstruct="none")
