@@ -1,24 +1,33 @@
 """Routed experts wherever the dense kinds go (issue 16, item 5): the `PruningCallback` masking experts during
-fine-tuning with a plain `transformers.Trainer`, and `low_memory=True` reading checkpoints whose expert tensors
-`from_pretrained` converts (per-expert weights on disk, fused 3-D tensors in the model).
+fine-tuning with a plain `transformers.Trainer`, `low_memory=True` reading checkpoints whose expert tensors
+`from_pretrained` converts (per-expert weights on disk, fused 3-D tensors in the model), parameter and FLOPs
+budgets, and per-expert module lists (a remote-code-style model, `list_moe.py`).
 
 References are plain torch in the tests (`test_experts.py`'s: the family's own router with −∞ added to the
 removed experts' logits, zeroed down-projection columns, deleted layers) or the in-memory prune."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from unittest import mock
 
 import pytest
 import torch
 import transformers
+from list_moe import ListMoeConfig
 from safetensors.torch import load_file
 from test_experts import COUNT_FIELDS, layers_of, reference, routers_exclude, tiny
 from tiny_models import calibration_windows
+from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_prune import HFPruner, PruningConfig, load_pruned
+from hf_prune.calibration.statistics import collect_statistics
+from hf_prune.criteria import ScoringContext, get_criterion
+from hf_prune.derivation.derive import DerivedAdapter, build_tiny
 from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.evaluation import flops_per_token
 from hf_prune.groups import get_adapter
 from hf_prune.training.callback import PruningCallback
 from hf_prune.training.gradual import final_counts
@@ -193,6 +202,15 @@ def test_callback_refuses_what_cannot_read_neurons_inside_experts(tmp_path):
             trainer.train()
     with pytest.raises(InvalidPruningTargetError, match=r"score='l0' gates heads and MLP neurons only.*experts"):
         PruningCallback(PruningConfig(experts=1), SCHEDULE, score="l0").attach_gates(model)
+    listed, _ = build_tiny(ListMoeConfig, seed=3)  # experts in a module list: their block applies the gates
+    trainer = Trainer(
+        model=listed,
+        args=arguments(tmp_path),
+        train_dataset=rows(),
+        callbacks=[PruningCallback(PruningConfig(experts=1))],
+    )
+    with pytest.raises(InvalidPruningTargetError, match=r"per-expert module list.*score='criterion'"):
+        trainer.train()
 
 
 # ----------------------------------------------------------------------------------- low memory
@@ -295,3 +313,110 @@ def test_budgets_with_a_cross_layer_allocation_are_refused_on_moe_models():
     message = r"sparsity=0.2 with allocation='global'.*allocation='uniform'"
     with pytest.raises(InvalidPruningTargetError, match=message):
         HFPruner(model).prune(sparsity=0.2, allocation="global", criterion="magnitude", reconstruct="none")
+
+
+# ----------------------------------------------------------------------------------- per-expert module lists
+def list_moe_reference(dense, plan) -> tuple[nn.Module, dict[int, list[int]]]:
+    """The list-MoE model with the plan's removals in plain torch: every expert's `w2` columns of the removed
+    neurons zeroed, removed layers deleted; and the experts each kept layer's router must never pick."""
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        for layer_plan in plan.layers:
+            for expert in layers_of(model)[layer_plan.layer].mlp.experts:
+                for neuron in set(range(expert.w2.in_features)) - set(layer_plan.neurons):
+                    expert.w2.weight[:, neuron] = 0
+    kept = [p for p in plan.layers if p.keep_layer]
+    model.model.layers = nn.ModuleList(layers_of(model)[p.layer] for p in kept)
+    for position, layer in enumerate(layers_of(model)):
+        layer.self_attn.layer_idx = position
+    model.config.num_hidden_layers = len(kept)
+    removed = {position: sorted(set(range(4)) - set(p.experts)) for position, p in enumerate(kept)}
+    return model, removed
+
+
+@contextlib.contextmanager
+def gates_exclude(model, removed: dict[int, list[int]]):
+    """Inside: the router `gate` of every layer in `removed` gives those experts the logit −∞ (plain torch)."""
+    masks = {id(layers_of(model)[index].mlp.gate.weight): experts for index, experts in removed.items()}
+    linear = torch.nn.functional.linear
+
+    def patched(x, weight, bias=None):
+        out = linear(x, weight, bias)
+        if id(weight) in masks:
+            out = out.clone()
+            out[..., masks[id(weight)]] = float("-inf")
+        return out
+
+    with mock.patch("torch.nn.functional.linear", patched):
+        yield
+
+
+def test_per_expert_module_lists_are_derived_cut_and_reloaded(tmp_path):
+    """A remote-code-style MoE whose experts are an `nn.ModuleList` of MLPs (`list_moe.py`): the router width is
+    the number of entries, removing an expert drops its entry and router row, `num_local_experts` and
+    `intermediate_size` are updated; the cut model and the vanilla folder reloaded with `AutoModelForCausalLM`
+    equal the plain-torch reference (router logit −∞, zeroed `w2` columns, deleted layer)."""
+    dense, inputs = build_tiny(ListMoeConfig, seed=3)
+    adapter = get_adapter(dense.config)
+    assert isinstance(adapter, DerivedAdapter) and {"experts", "neurons", "layers"} <= adapter.kinds
+    layout = adapter.expert_layout
+    assert layout.per_expert and layout.router == "mlp.gate" and layout.experts_module == "mlp.experts"
+    assert (layout.count_field, layout.width_field) == ("num_local_experts", "intermediate_size")
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(
+        experts=1,
+        mlp_neurons=0.25,
+        layers=1,
+        criterion={"experts": "frequency", "neurons": "magnitude", "layers": "block_influence"},
+        calibration=calibration_windows(),
+        num_samples=8,
+        seq_len=16,
+        reconstruct="none",
+    )
+    model, removed = list_moe_reference(dense, pruner.plan)
+    with gates_exclude(model, removed):
+        expected = plain_logits(model, inputs)
+    assert (expected - plain_logits(model, inputs)).abs().max() > 1e-4  # the removed experts matter here
+    torch.testing.assert_close(plain_logits(pruner.model, inputs), expected, atol=1e-5, rtol=0)
+    config = pruner.model.config
+    assert (config.num_local_experts, config.intermediate_size, config.num_hidden_layers) == (3, 32, 2)
+    for layer in layers_of(pruner.model):
+        assert len(layer.mlp.experts) == layer.mlp.num_experts == 3 and layer.mlp.gate.weight.shape[0] == 3
+        assert all(expert.w2.in_features == 32 for expert in layer.mlp.experts)
+    assert pruner.report.output_format == "vanilla"
+    pruner.save_pretrained(tmp_path / "pruned")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    torch.testing.assert_close(plain_logits(reloaded, inputs), expected, atol=1e-5, rtol=0)
+    # FLOPs per token: every Linear once, but a token runs 2 of the experts (plain torch count)
+    linears = sum(m.weight.numel() for m in pruner.model.modules() if isinstance(m, nn.Linear))
+    for layer in layers_of(pruner.model):
+        expert = sum(m.weight.numel() for m in layer.mlp.experts[0].modules() if isinstance(m, nn.Linear))
+        linears -= (len(layer.mlp.experts) - 2) * expert
+        linears += 2 * layer.self_attn.o_proj.in_features * 16
+    assert flops_per_token(pruner.model, 16) == 2 * linears
+
+
+def test_per_expert_module_lists_route_frequency_and_refuse_gate_weights():
+    """`frequency` counts the tokens each entry is called on (plain torch: softmax, top-2 of the router on the
+    block's inputs); `gate_weight` and `reap` read gate weights that a list's block applies out of sight: typed
+    errors naming `frequency`."""
+    model, _ = build_tiny(ListMoeConfig, seed=3)
+    adapter = get_adapter(model.config)
+    windows = calibration_windows(count=4, length=8)
+    stats = collect_statistics(model, adapter, windows, {"routing"})
+    captured = []
+    moe = layers_of(model)[0].mlp
+    handle = moe.register_forward_pre_hook(lambda m, args: captured.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model.model(torch.cat(windows))
+    handle.remove()
+    chosen = torch.softmax(captured[0] @ moe.gate.weight.T, dim=-1).topk(2, dim=-1).indices
+    counts = torch.bincount(chosen.flatten(), minlength=4).double()
+    groups = adapter.groups(layers_of(model)[0], 0, "experts")
+    scores = get_criterion("frequency").score(ScoringContext(model, adapter, stats), groups)
+    torch.testing.assert_close(scores.double(), counts / captured[0].shape[0])
+    for criterion in ("gate_weight", "reap"):
+        with pytest.raises(InvalidPruningTargetError, match=r"per-expert module list.*'frequency'"):
+            HFPruner(copy.deepcopy(model)).prune(
+                experts=1, criterion={"experts": criterion}, calibration=windows, num_samples=4, seq_len=8
+            )

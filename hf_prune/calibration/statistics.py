@@ -153,6 +153,29 @@ def routing_hook(accumulator: RoutingStatistics, count: int):
     return hook
 
 
+def list_routing_hooks(accumulator: RoutingStatistics, router: nn.Module, entries: nn.ModuleList) -> list:
+    """Routing of a per-expert module list, whose block applies the gate weights itself: the tokens the router
+    reads, and the tokens each entry is called on (`selected`; `gate` and `weighted_norm` stay unmeasured)."""
+    count = len(entries)
+
+    def tokens(module: nn.Module, args: tuple) -> None:
+        hidden = args[0]
+        accumulator.tokens += hidden.reshape(-1, hidden.shape[-1]).shape[0]
+
+    def selected(entry: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            hidden = args[0]
+            if accumulator.selected is None:
+                accumulator.selected = torch.zeros(count, dtype=torch.float64, device=hidden.device)
+            accumulator.selected[entry] += hidden.reshape(-1, hidden.shape[-1]).shape[0]
+
+        return hook
+
+    handles = [router.register_forward_pre_hook(tokens)]
+    handles += [entry.register_forward_pre_hook(selected(index)) for index, entry in enumerate(entries)]
+    return handles
+
+
 class ExpertPairs:
     """While installed, the experts module computes each (token, chosen expert) pair once, with weight 1, by
     its own forward (`f_j(x)`), records the routing and `g_j(x)·‖f_j(x)‖`, and returns `Σ_k g_k f_k(x)`, what
@@ -312,7 +335,9 @@ def register_layer_hooks(
     if experts and stats.requirements & {"routing", "expert_norms"}:
         accumulator = stats.routing[index] = RoutingStatistics()
         module, count = layer.get_submodule(experts.experts_module), experts.num_experts(layer)
-        if "expert_norms" in stats.requirements:
+        if experts.per_expert:
+            handles += list_routing_hooks(accumulator, layer.get_submodule(experts.router), module)
+        elif "expert_norms" in stats.requirements:
             handles.append(ExpertPairs(module, accumulator, count))
         else:
             handles.append(module.register_forward_hook(routing_hook(accumulator, count), with_kwargs=True))

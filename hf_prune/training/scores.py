@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..calibration.statistics import routing_arguments
-from ..errors import UsageError
+from ..errors import InvalidPruningTargetError, UsageError
 from ..groups import ArchitectureAdapter, Group, GroupKind
 from ..groups.base import in_features
 
@@ -108,6 +108,12 @@ class TrainingScores:
             self._targets[f"{kind}.{index}"] = _Target(site, ids, len(groups))
         elif kind == "experts":
             layout = adapter.experts_of(layer)
+            if layout.per_expert:
+                raise InvalidPruningTargetError(
+                    f"score={self.score_name!r} reads the gate weights the router hands the experts, which a "
+                    "per-expert module list's block applies itself; use score='criterion' with "
+                    "criterion={'experts': 'magnitude', ...}."
+                )
             site = f"{index}:{layout.experts_module}:gates"
             self._hook_gates(layer.get_submodule(layout.experts_module), site, len(groups))
             self._targets[f"{kind}.{index}"] = _Target(site, torch.arange(len(groups)), len(groups))
