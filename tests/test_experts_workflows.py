@@ -29,8 +29,10 @@ from hf_prune.derivation.derive import DerivedAdapter, build_tiny
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.evaluation import flops_per_token
 from hf_prune.groups import get_adapter
+from hf_prune.plan import PruningPlan
 from hf_prune.training.callback import PruningCallback
 from hf_prune.training.gradual import final_counts
+from hf_prune.training.masks import TrainingMasks
 from hf_prune.training.schedule import PruningSchedule
 from hf_prune.training.scores import TrainingScores
 
@@ -135,6 +137,29 @@ def test_callback_masks_experts_during_fine_tuning_and_cuts_them(tmp_path, case)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")  # plain transformers
     torch.testing.assert_close(plain_logits(reloaded, inputs), expected, atol=1e-5, rtol=0)
     assert "routed experts" in (tmp_path / "pruned" / "README.md").read_text()
+
+
+def test_training_masks_lift_the_router_hooks_for_the_teacher():
+    """`TrainingMasks(keep_originals=True)` (distillation from the student's own base): masked, the routers never
+    pick the removed experts (plain-torch −∞ reference); inside `unmasked()` the model is the dense one again."""
+    dense, inputs = tiny("mixtral")
+    adapter = get_adapter(dense.config)
+    plan = PruningPlan.keep_all(dense, adapter)
+    removed = {0: [1], 1: [0, 3], 2: [2]}
+    for index, gone in removed.items():
+        plan.layers[index].experts = tuple(e for e in range(4) if e not in gone)
+    with routers_exclude(dense, "mixtral", removed):
+        expected = plain_logits(dense, inputs)
+    model = copy.deepcopy(dense)
+    masks = TrainingMasks(adapter, plan, keep_originals=True)
+    masks.apply(model)
+    masks.apply(model)  # idempotent: one hook per router
+    torch.testing.assert_close(plain_logits(model, inputs), expected, atol=1e-5, rtol=0)
+    with masks.unmasked():
+        torch.testing.assert_close(plain_logits(model, inputs), plain_logits(dense, inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(plain_logits(model, inputs), expected, atol=1e-5, rtol=0)
+    masks.remove_hooks()
+    torch.testing.assert_close(plain_logits(model, inputs), plain_logits(dense, inputs), atol=1e-6, rtol=0)
 
 
 def plain_experts_forward(experts, scale: torch.Tensor):
