@@ -80,8 +80,13 @@ def cut_layer(layer: nn.Module, adapter: ArchitectureAdapter, layer_plan: LayerP
     experts = layer_plan.geometry.experts is not None and (layer_plan.changes_experts or layer_plan.changes_mlp)
     pieces = list(layer_plan.removed_slices(adapter, layer))
     if layer_plan.changes_experts:
-        pieces += [p for e in layer_plan.removed_experts() for p in adapter.experts_of(layer).buffer_slices(e)]
+        layout = adapter.experts_of(layer)
+        pieces += [p for e in layer_plan.removed_experts() for p in layout.buffer_slices(e)]
+        gone = layout.entry_prefixes(layer_plan.removed_experts())  # per-expert lists: those entries are dropped
+        pieces = [piece for piece in pieces if not piece.parameter.startswith(gone)] if gone else pieces
     slice_tensors(layer, pieces)
+    if layer_plan.changes_experts:
+        layout.drop_experts(layer, layer_plan.removed_experts())
     if experts:
         adapter.set_expert_geometry(layer, layer_plan.geometry, layer_plan.pruned_geometry())
     if layer_plan.changes_attention:
