@@ -108,8 +108,9 @@ def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
 
 
 def test_nothing_derivable_is_a_typed_refusal():
-    config = transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2)  # attentions and ffns apart
-    with pytest.raises(DerivedAdapterError, match="'xlm' has no hand-written adapter.*several stacks") as error:
+    # one layer's weights shared by every layer: no list of blocks that a config field counts
+    config = transformers.AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_attention_heads=2)
+    with pytest.raises(DerivedAdapterError, match="'albert' has no hand-written adapter.*no block list") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
 
@@ -120,10 +121,11 @@ def test_from_model_takes_the_derived_adapter_before_tracing():
     opt, inputs = build_tiny(transformers.OPTConfig, seed=1)
     pruner = HFPruner.from_model(opt, example_inputs=inputs["input_ids"])
     assert type(pruner) is HFPruner and isinstance(pruner.adapter, DerivedAdapter)
-    gpt = transformers.XLMWithLMHeadModel(transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2))
+    config = transformers.AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_attention_heads=2)
+    gpt = transformers.AlbertForMaskedLM(config)
     with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
         HFPruner.from_model(gpt)
-    assert "several stacks" in str(error.value)
+    assert "no block list" in str(error.value)
     traced = HFPruner.from_model(gpt, example_inputs={"input_ids": torch.randint(0, 64, (1, 8))})
     assert type(traced).__name__ == "TracedPruner"
 
@@ -262,3 +264,66 @@ def test_encoder_decoder_layer_removal_updates_the_decoder_count():
     config = tiny_config(transformers.BartConfig)
     DerivedAdapter(derivation, "bart").update_config_for_layers(config, [0, 2])
     assert (config.decoder_layers, config.encoder_layers) == (2, 3)
+
+
+@torch.no_grad()
+def zeroed_reference(model, plan, layers: str, down: str, out: str, head_dim: int):
+    """The pruned model's reference in plain torch: a removed neuron's down-projection column and a removed
+    query head's output-projection columns zeroed, a removed layer's forward replaced by its input."""
+    reference = copy.deepcopy(model)
+    blocks = reference.get_submodule(layers)
+    for layer_plan in plan.layers:
+        block = blocks[layer_plan.layer]
+        if not layer_plan.keep_layer:
+            block.register_forward_hook(
+                lambda m, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
+            )
+            continue
+        weight = block.get_submodule(down).weight
+        weight[:, [n for n in range(weight.shape[1]) if n not in layer_plan.neurons]] = 0
+        weight = block.get_submodule(out).weight
+        for head in set(range(weight.shape[1] // head_dim)) - set(layer_plan.query_heads):
+            weight[:, head * head_dim : (head + 1) * head_dim] = 0
+    return reference
+
+
+def test_multimodal_wrapper_prunes_its_language_model(tmp_path):
+    """Gemma-3's multimodal model has no layer count of its own (`text_config`, `vision_config`): of its two
+    stacks (SigLIP's encoder, the language model) the one whose last block runs last on text inputs is pruned,
+    counted by `text_config.num_hidden_layers` (lowering it shortens that stack alone). Heads, KV groups,
+    neurons and a layer: the cut equals a plain-torch reference and the folder reloads with plain
+    transformers, vision tower untouched."""
+    derivation = verified_derivation(transformers.Gemma3Config)
+    assert (derivation.layers_path, derivation.layers_field, derivation.config_path) == (
+        "language_model.layers",
+        "text_config.num_hidden_layers",
+        "text_config",
+    )
+    assert {"heads", "kv_groups", "neurons", "layers"} <= derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(transformers.Gemma3Config, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, kv_groups=1, layers=1, **STRUCTURAL)
+    layers = "model.language_model.layers"
+    reference = zeroed_reference(dense, pruner.plan, layers, "mlp.down_proj", "self_attn.o_proj", 24)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    text, vision = pruner.model.config.text_config, pruner.model.config.vision_config
+    assert (text.num_hidden_layers, text.intermediate_size, text.num_key_value_heads) == (2, 30, 1)
+    assert vision.to_dict() == dense.config.vision_config.to_dict()
+    pruner.save_pretrained(tmp_path / "gemma3")
+    assert pruner.report.output_format == "vanilla"
+    reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "gemma3").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_encoder_decoder_stack_and_count_field_from_the_config_class():
+    """UMT5's sequence classifier runs an encoder and a decoder stack of one length: the decoder runs last and
+    `num_decoder_layers` (not `num_layers`, the encoder's) shortens it alone; removing a layer updates that."""
+    derivation = verified_derivation(transformers.UMT5Config)
+    assert (derivation.layers_path, derivation.layers_field) == ("decoder.block", "num_decoder_layers")
+    assert {"neurons", "layers"} <= derivation.kinds, derivation.refused
+    config = tiny_config(transformers.UMT5Config)
+    DerivedAdapter(derivation, "umt5").update_config_for_layers(config, [1, 2])
+    assert (config.num_decoder_layers, config.num_layers) == (2, 3)

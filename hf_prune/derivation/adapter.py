@@ -8,6 +8,7 @@ import re
 from torch import nn
 from transformers import PretrainedConfig
 
+from ..errors import DerivedAdapterError
 from ..groups.base import (
     ArchitectureAdapter,
     AttentionGeometry,
@@ -18,9 +19,8 @@ from ..groups.base import (
     output_slices,
 )
 from .attention import FUSED_WIDTH_ATTRIBUTES, WIDTH_ATTRIBUTES, fused_chunks
-from .fields import ALIASES, config_field
+from .fields import ALIASES, config_field, join, sub_config
 from .record import Derivation
-from .shrink import LAYER_COUNT
 
 
 class DerivedAdapter(ArchitectureAdapter):
@@ -122,8 +122,10 @@ class DerivedAdapter(ArchitectureAdapter):
                         setattr(module.config, field_name, value)
 
     def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
-        """The fields holding each pruned shape, named as the config class names them."""
-        fields = {}
+        """The fields holding each pruned shape, named as the config class names them (dotted where the blocks'
+        sizes live in a nested config: `text_config.intermediate_size`)."""
+        fields, path = {}, self.derivation.config_path
+        config = self.derivation.config_of(config)
         attention = geometry.attention
         values = {"intermediate_size": geometry.intermediate_size}
         layout = self.expert_layout
@@ -142,23 +144,20 @@ class DerivedAdapter(ArchitectureAdapter):
             if name and value is not None and (canonical != "head_dim" or getattr(config, name, None) is not None):
                 if canonical == "num_key_value_heads" and getattr(config, name, None) is None:
                     continue  # MHA families whose config has no KV field set
-                fields[name] = value
+                fields[join(path, name)] = value
         return fields
 
     def layer_count_field(self, config: PretrainedConfig) -> str:
-        """The field counting this stack's layers: the one layer-count field named like the stack (BART's
-        `decoder_layers` for `decoder.layers`), else the config's `num_hidden_layers`."""
-        stack = set(re.split(r"[._]", self.layers_path)) - {"layers", "layer", "h", "blocks"}
-        named = [
-            key
-            for key, value in vars(config).items()
-            if re.fullmatch(LAYER_COUNT, key) and type(value) is int and set(key.split("_")) & stack
-        ]
-        return named[0] if len(named) == 1 else config_field(type(config), "num_hidden_layers")
+        """The dotted field counting this stack's layers, as derivation found it (`stacks.find_stack`)."""
+        if self.derivation.layers_field is None:
+            raise DerivedAdapterError(f"layers of {self.layers_path}: {self.refused.get('layers', 'no count field')}")
+        return self.derivation.layers_field
 
     def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
-        """The layer-count field, and every per-layer list (a `*layer*` field as long as the old count)."""
-        name = self.layer_count_field(config)
+        """The layer-count field, and every per-layer list (a `*layer*` field as long as the old count) of the
+        (nested) config holding it."""
+        path, _, name = self.layer_count_field(config).rpartition(".")
+        config = sub_config(config, path)
         old_count = getattr(config, name)
         setattr(config, name, len(kept_layers))
         for key, value in list(vars(config).items()):

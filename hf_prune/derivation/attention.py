@@ -49,7 +49,7 @@ def common_parent(names: list[str]) -> str:
 
 
 def derive_attention(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
-    config = model.config
+    config = found.config_of(model.config)
     heads = config_value(config, "num_attention_heads")
     if not isinstance(heads, int):
         found.refuse(ATTENTION_KINDS, f"no head-count field ({ALIASES['num_attention_heads']})")

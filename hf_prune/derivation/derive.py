@@ -25,7 +25,7 @@ from ..errors import DerivedAdapterError
 from .adapter import DerivedAdapter
 from .attention import derive_attention
 from .experts import derive_experts, moe_output
-from .fields import ALIASES, config_field
+from .fields import ALIASES, config_value
 from .mlp import derive_mlp
 from .probes import first_line, model_output, projection_widths
 from .record import Derivation
@@ -38,7 +38,7 @@ from .shrink import (
     tiny_config,
     tiny_model_class,
 )
-from .stacks import find_layers, relative_layers_path
+from .stacks import find_stack, relative_layers_path
 
 __all__ = [
     "LIST_WIDTH",
@@ -59,18 +59,19 @@ __all__ = [
 def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module, dict]:
     """Read the adapter's names from a tiny instance of `config_class` (not yet verified)."""
     model, inputs = build_tiny(config_class)
-    config = model.config
     found = Derivation(config_class)
-    layers_field = config_field(config_class, "num_hidden_layers")
-    if layers_field is None:
-        raise DerivedAdapterError(f"{config_class.__name__}: no layer-count field ({ALIASES['num_hidden_layers']}).")
-    layers_name = find_layers(model, getattr(config, layers_field))
-    found.layers_path = relative_layers_path(model, layers_name)
+    stack = find_stack(model, inputs)
+    layers_name = stack.name
+    found.layers_path, found.config_path = relative_layers_path(model, layers_name), stack.config_path
+    found.layers_field = stack.count_field
+    if stack.count_field is None:
+        found.refuse({"layers"}, f"no config field counts {layers_name} alone: {stack.shared}")
     block = model.get_submodule(layers_name)[0]
     projections = projection_widths(block)
-    hidden = getattr(config, config_field(config_class, "hidden_size") or "hidden_size", None)
+    config = found.config_of(model.config)
+    hidden = config_value(config, "hidden_size")
     if not isinstance(hidden, int):
-        raise DerivedAdapterError(f"{config_class.__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
+        raise DerivedAdapterError(f"{type(config).__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
     derive_attention(found, model, inputs, block, projections, hidden)
     experts = _experts(model.get_submodule(layers_name))
     if experts:

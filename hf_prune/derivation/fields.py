@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
 
 from transformers import PretrainedConfig
 
@@ -14,7 +15,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "hidden_size": ("hidden_size", "n_embd", "d_model", "n_embed", "dim", "embed_dim", "model_dim"),
     "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
     "num_key_value_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv", "multi_query_group_num"),
-    "head_dim": ("head_dim", "d_head", "kv_channels", "attention_head_dim"),
+    "head_dim": ("head_dim", "d_head", "kv_channels", "attention_head_dim", "d_kv", "dim_head"),
     "intermediate_size": (
         "intermediate_size",
         "n_inner",
@@ -26,6 +27,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "inner_hidden_size",
         "ffn_size",
         "mlp_dim",
+        "dim_ff",
     ),
     "vocab_size": ("vocab_size", "n_vocab"),
     "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"),
@@ -52,3 +54,21 @@ def config_value(config: PretrainedConfig, canonical: str):
     """The value `config` holds for `canonical` (None where its class has no such field)."""
     name = config_field(type(config), canonical)
     return getattr(config, name, None) if name else None
+
+
+def sub_configs(config: PretrainedConfig, path: str = "") -> Iterator[tuple[str, PretrainedConfig]]:
+    """`config` and every config nested in it (`text_config`, `encoder`, ...), each with its dotted path
+    ("" for `config` itself)."""
+    yield path, config
+    for key, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            yield from sub_configs(value, f"{path}.{key}" if path else key)
+
+
+def sub_config(config: PretrainedConfig, path: str) -> PretrainedConfig:
+    """The config at dotted `path` under `config` ("" : `config` itself)."""
+    return functools.reduce(getattr, path.split("."), config) if path else config
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name

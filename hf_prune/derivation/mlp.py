@@ -13,7 +13,7 @@ from .record import Derivation
 
 
 def derive_mlp(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
-    size = config_value(model.config, "intermediate_size")
+    size = config_value(found.config_of(model.config), "intermediate_size")
     mlp_kinds = {"neurons", "mlp_branches"}
     if not isinstance(size, int):  # a width the class derives (4·H, mlp_ratio·H): read from the shapes
         widths = {i for n, (i, o) in projections.items() if o == hidden and i != hidden and n != found.o_proj}

@@ -8,6 +8,7 @@ from transformers import PretrainedConfig
 
 from ..groups.experts import ExpertLayout
 from ..kinds import EXPERT_KINDS, TRANSFORMER_KINDS, GroupKind
+from .fields import sub_config
 
 
 @dataclass
@@ -16,6 +17,10 @@ class Derivation:
 
     config_class: type[PretrainedConfig]
     layers_path: str = ""
+    #: the dotted config field counting the layers (`stacks.find_stack`; None: `layers` is refused)
+    layers_field: str | None = None
+    #: the dotted path of the (nested) config whose fields size the blocks ("" : the model's own config)
+    config_path: str = ""
     attention_module: str | None = None
     mlp_module: str | None = None
     q_proj: str | None = None
@@ -45,6 +50,10 @@ class Derivation:
     def kinds(self) -> frozenset[GroupKind]:
         claimed = TRANSFORMER_KINDS | (EXPERT_KINDS if self.experts else frozenset())
         return frozenset(kind for kind in claimed if kind not in self.refused)
+
+    def config_of(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The (nested) config whose fields size the pruned blocks."""
+        return sub_config(config, self.config_path)
 
     def refuse(self, kinds, reason: str) -> None:
         for kind in kinds:

@@ -8,6 +8,7 @@ configs the same way. No per-type config: a tiny model the rule cannot build is 
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import warnings
 
@@ -35,6 +36,9 @@ TINY = {
 }
 #: The head sizes a tiny instance is tried with: `TINY`'s own, then hidden / heads (for classes that derive it).
 HEAD_DIMS = (TINY["head_dim"], TINY["hidden_size"] // TINY["num_attention_heads"])
+#: The KV head counts a tiny instance is tried with: `TINY`'s (grouped queries), then one per query head, for
+#: attention whose forward has no grouped queries (multi-head latent attention repeats no KV heads).
+KV_HEADS = (TINY["num_key_value_heads"], TINY["num_attention_heads"])
 #: A tiny instance larger than this means the shrink missed a field: refused rather than built.
 MAX_TINY_PARAMETERS = 2_000_000
 #: Task heads tried, in order, for the tiny instance (the layers live in the base model either way).
@@ -70,7 +74,7 @@ WIDTHS: tuple[tuple[str, int], ...] = (
     (r"max_position|_positions$|n_ctx|max_seq_len|context", TINY["max_position_embeddings"]),
     (r"head_dim|head_size|d_head|dim_head|d_kv|kv_channels|rotary_dim", TINY["head_dim"]),
     (r"(?:intermediate|ffn|d_ff|dff|inner|mlp|feed_forward).*(?:moe|expert)|(?:moe|expert).*(?:intermediate|ffn)", 36),
-    (r"intermediate|ffn|d_ff|dff|inner|mlp|feed_forward", TINY["intermediate_size"]),
+    (r"intermediate|ffn|d_ff|dff|dim_ff|inner|mlp|feed_forward", TINY["intermediate_size"]),
     (r"rank", 20),
     (r"state", 16),
     (r"", TINY["hidden_size"]),
@@ -133,7 +137,15 @@ def _shrink_list(key: str, value: list[int], factor: int) -> list[int]:
     return value
 
 
-def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str, shape_dims: frozenset = frozenset()):
+def _shrink(
+    config_class,
+    values: dict,
+    head_dim: int,
+    changed: dict,
+    path: str,
+    shape_dims: frozenset = frozenset(),
+    kv_heads: int = TINY["num_key_value_heads"],
+):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
     layer count, token ids into the small vocabulary; nested configs (dicts of the class's `sub_configs`, or
@@ -143,7 +155,7 @@ def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str,
         for canonical, value in TINY.items():
             name = config_field(config_class, canonical)
             if name is not None and not _int_list(values.get(name)):  # per-stage lists: `_shrink_list`
-                values[name] = head_dim if canonical == "head_dim" else value
+                values[name] = {"head_dim": head_dim, "num_key_value_heads": kv_heads}.get(canonical, value)
                 canonical_names.add(name)
     sub_configs = getattr(config_class, "sub_configs", None) or {}
     widest = max((max(v) for k, v in values.items() if _width_list(k, v)), default=0)
@@ -154,7 +166,7 @@ def _shrink(config_class, values: dict, head_dim: int, changed: dict, path: str,
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
             sub_class = sub_class if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) else None
-            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims)
+            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads)
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
             cap = _role(key, head_dim)
             if cap is None and value in shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
@@ -194,12 +206,14 @@ def tiny_config(config_class: type[PretrainedConfig], head_dim: int = TINY["head
     return config
 
 
-def _tiny_config(config_class, head_dim: int, shape_dims: frozenset = frozenset()) -> tuple[PretrainedConfig, dict]:
+def _tiny_config(
+    config_class, head_dim: int, shape_dims: frozenset = frozenset(), kv_heads: int = TINY["num_key_value_heads"]
+) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
     first tiny model too large), also every integer field no name pattern covers whose value is one of them."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(config_class, values, head_dim, changed, "", shape_dims)
+    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads)
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -220,27 +234,37 @@ def tiny_model_class(config_class: type[PretrainedConfig]) -> type[nn.Module]:
 
 
 def tiny_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """Random pixels of the (vision) config's size, else random tokens (and decoder tokens where the forward
+    takes them: an encoder-decoder does not derive them without a `decoder_start_token_id`)."""
     generator = torch.Generator().manual_seed(1)
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
         vision = getattr(config, "vision_config", None) or config  # CLIP-like: the vision tower's own size
         size, channels = getattr(vision, "image_size", 32), getattr(vision, "num_channels", 3)
         size = size[0] if isinstance(size, (list, tuple)) else size
         return {"pixel_values": torch.randn(2, channels, size, size, generator=generator)}
-    return {"input_ids": torch.randint(3, TINY["vocab_size"], (2, 7), generator=generator)}
+    tokens = torch.randint(3, TINY["vocab_size"], (2, 7), generator=generator)
+    eos = getattr(config, "eos_token_id", None)
+    if type(eos) is int and 0 <= eos < TINY["vocab_size"]:  # sequence classifiers pool at the end of sequence
+        tokens[:, -1] = eos
+    if "decoder_input_ids" in inspect.signature(model.forward).parameters:  # encoder-decoder: the decoder reads them
+        return {"input_ids": tokens, "decoder_input_ids": tokens.flip(-1)}
+    return {"input_ids": tokens}
 
 
 def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.Module, dict]:
     """A tiny random instance (eval mode; norms and biases perturbed so masking bugs show) and its inputs.
 
     The config is `tiny_config`'s; where the class refuses a head size of its own (`d_head` must be
-    `d_model / n_head`), or the model's forward does (a rotary width that must equal the head size), it is
-    retried with `head_dim` = `hidden_size / num_attention_heads`. The model is built on the meta device
-    first to count its parameters without allocating them (`tiny_size`)."""
+    `d_model / n_head`), or the model's forward does (a rotary width that must equal the head size, an output
+    projection sized by the hidden size), it is retried with `head_dim` = `hidden_size / num_attention_heads`,
+    then both with one KV head per query head (`KV_HEADS`). The model is built on the meta device first to
+    count its parameters without allocating them (`tiny_size`)."""
     first = None
-    for head_dims in (HEAD_DIMS, HEAD_DIMS[1:]):
+    attempts = [(head_dims, kv_heads) for kv_heads in KV_HEADS for head_dims in (HEAD_DIMS, HEAD_DIMS[1:])]
+    for attempt, (head_dims, kv_heads) in enumerate(attempts):
         try:
             model_class = tiny_model_class(config_class)
-            config, shape_fields = tiny_size(config_class, model_class, head_dims)
+            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads)
             if shape_fields:
                 warnings.warn(f"{config_class.__name__}: shrunk by parameter shape only: {shape_fields}", stacklevel=2)
             torch.manual_seed(seed)
@@ -250,8 +274,8 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
                     if "norm" in name.lower() or name.endswith("bias"):
                         parameter.add_(0.1 * torch.randn_like(parameter))
             inputs = tiny_inputs(model, config)
-            if head_dims == HEAD_DIMS and config_field(config_class, "head_dim") is None:
-                model_output(model, inputs)  # a head size the forward refuses: retried with H / n
+            if attempt < len(attempts) - 1:  # a shape the forward refuses: the next attempt
+                model_output(model, inputs)
             return model, inputs
         except DerivedAdapterError as error:
             first = first or error
@@ -273,13 +297,15 @@ def meta_size(model_class: type[nn.Module], config: PretrainedConfig) -> tuple[i
     return sum(shape.numel() for shape in shapes), {d for shape in shapes for d in shape}
 
 
-def tiny_size(config_class, model_class, head_dims: tuple[int, ...] = HEAD_DIMS) -> tuple[PretrainedConfig, dict]:
+def tiny_size(
+    config_class, model_class, head_dims: tuple[int, ...] = HEAD_DIMS, kv_heads: int = TINY["num_key_value_heads"]
+) -> tuple[PretrainedConfig, dict]:
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
     parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
     error = None
     for head_dim in head_dims:
         try:
-            config, changed = _tiny_config(config_class, head_dim)
+            config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads)
             size, dims = meta_size(model_class, config)
         except Exception as caught:  # a divisibility or consistency check of the class: try the next head size
             error = error or caught
@@ -287,7 +313,7 @@ def tiny_size(config_class, model_class, head_dims: tuple[int, ...] = HEAD_DIMS)
         if size <= MAX_TINY_PARAMETERS:
             return config, {}
         before = changed
-        config, changed = _tiny_config(config_class, head_dim, frozenset(dims))
+        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads)
         size, _ = meta_size(model_class, config)
         if size <= MAX_TINY_PARAMETERS:
             return config, {key: value for key, value in changed.items() if key not in before}

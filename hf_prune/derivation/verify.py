@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from ..calibration.distributed import is_main_process
 from ..errors import DerivedAdapterError
+from ..groups.base import set_config_field
 from ..groups.experts import EXPERT_WIDTH_MULTIPLE
 from ..groups.registry import supported_model_types
 from ..kinds import GroupKind
@@ -120,7 +121,7 @@ def check_kind(
     decision = decide_format(cut, adapter)
     if decision.vanilla:
         for key, value in decision.config_fields.items():
-            setattr(cut.config, key, value)
+            set_config_field(cut.config, key, value)
     if not is_main_process():  # under torchrun transformers writes weights from rank 0 only: it checks the reload
         return "vanilla" if decision.vanilla else f"loader: {decision.reason}"
     with tempfile.TemporaryDirectory() as folder:

@@ -334,7 +334,8 @@ class ArchitectureAdapter(ABC):
     # ----------------------------------------------------------------- config
     def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
         """Standard config fields that describe a model whose every layer has `geometry` (the GQA
-        families' names; families that name or derive them differently override this)."""
+        families' names; families that name or derive them differently override this). A dotted name
+        is a nested config's field (`set_config_field`)."""
         attention = geometry.attention
         return {
             "num_attention_heads": attention.num_heads,
@@ -391,6 +392,14 @@ def module_slices(layer: nn.Module, name: str, consumer: bool = False) -> list[T
         TensorSlice(f"{name}.{parameter_name}" if name else parameter_name, 0, 0, parameter.shape[0], consumer)
         for parameter_name, parameter in module.named_parameters()
     ]
+
+
+def set_config_field(config: PretrainedConfig, name: str, value) -> None:
+    """Set a field `config_fields` names; a dotted name (`text_config.intermediate_size`) is a nested config's."""
+    path, _, key = name.rpartition(".")
+    for part in path.split(".") if path else ():
+        config = getattr(config, part)
+    setattr(config, key, value)
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
