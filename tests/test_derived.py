@@ -266,6 +266,12 @@ def test_encoder_decoder_layer_removal_updates_the_decoder_count():
     assert (config.decoder_layers, config.encoder_layers) == (2, 3)
 
 
+def skipped(module, args, kwargs, output):
+    """A removed block's output: its input, in the container the block returns."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
+
+
 @torch.no_grad()
 def zeroed_reference(model, plan, layers: str, down: str, out: str, head_dim: int):
     """The pruned model's reference in plain torch: a removed neuron's down-projection column and a removed
@@ -275,15 +281,15 @@ def zeroed_reference(model, plan, layers: str, down: str, out: str, head_dim: in
     for layer_plan in plan.layers:
         block = blocks[layer_plan.layer]
         if not layer_plan.keep_layer:
-            block.register_forward_hook(
-                lambda m, args, kwargs, output: args[0] if args else kwargs["hidden_states"], with_kwargs=True
-            )
+            block.register_forward_hook(skipped, with_kwargs=True)
             continue
-        weight = block.get_submodule(down).weight
-        weight[:, [n for n in range(weight.shape[1]) if n not in layer_plan.neurons]] = 0
-        weight = block.get_submodule(out).weight
-        for head in set(range(weight.shape[1] // head_dim)) - set(layer_plan.query_heads):
-            weight[:, head * head_dim : (head + 1) * head_dim] = 0
+        if down and layer_plan.neurons:  # the MLP's shape is known (its kinds not refused)
+            weight = block.get_submodule(down).weight
+            weight[:, [n for n in range(weight.shape[1]) if n not in layer_plan.neurons]] = 0
+        if out and layer_plan.query_heads:
+            weight = block.get_submodule(out).weight
+            for head in set(range(weight.shape[1] // head_dim)) - set(layer_plan.query_heads):
+                weight[:, head * head_dim : (head + 1) * head_dim] = 0
     return reference
 
 
@@ -327,3 +333,54 @@ def test_encoder_decoder_stack_and_count_field_from_the_config_class():
     config = tiny_config(transformers.UMT5Config)
     DerivedAdapter(derivation, "umt5").update_config_for_layers(config, [1, 2])
     assert (config.num_decoder_layers, config.num_layers) == (2, 3)
+
+
+def test_fused_gate_up_projection_read_from_the_dataflow(tmp_path):
+    """GLM's MLP is one `gate_up_proj` (H → 2I) and `down_proj`; Moshi's `fc1` is the same with `ffn_dim` counting
+    its 2I rows. Which rows feed neuron n (n and I + n) is read from the dataflow: the cut equals a plain-torch
+    reference (the removed neurons' down columns zeroed) and reloads with plain transformers."""
+    moshi = verified_derivation(transformers.MoshiConfig)
+    assert (moshi.up_proj, moshi.gate_up_layout, moshi.mlp_width_scale) == ("mlp.fc1", "halves", 2), moshi
+    assert "neurons" in moshi.kinds, moshi.refused
+    derivation = verified_derivation(transformers.GlmConfig)
+    assert (derivation.up_proj, derivation.gate_proj, derivation.gate_up_layout) == (
+        "mlp.gate_up_proj",
+        None,
+        "halves",
+    )
+    dense, inputs = build_tiny(transformers.GlmConfig, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, **STRUCTURAL)
+    reference = zeroed_reference(dense, pruner.plan, "model.layers", "mlp.down_proj", "self_attn.o_proj", 24)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    assert pruner.model.config.intermediate_size == 30
+    assert pruner.model.model.layers[0].mlp.gate_up_proj.weight.shape == (60, 64)
+    pruner.save_pretrained(tmp_path / "glm")
+    assert pruner.report.output_format == "vanilla"
+    reloaded = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config_class, down, out",
+    [(transformers.GPTNeoConfig, "mlp.c_proj", "attn.attention.out_proj"), (transformers.OpenAIGPTConfig, "", "")],
+)
+def test_layer_removal_where_blocks_index_the_cache_by_layer_id_or_return_lists(config_class, down, out):
+    """GPT-Neo's attention indexes the KV cache by `layer_id` (renumbered with `layer_idx`), OpenAI GPT's blocks
+    return a list (the masked reference passes its input on in a list): removing a layer equals a plain-torch
+    reference that skips it, and GPT-Neo still generates with its cache."""
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(layers=1, **STRUCTURAL)
+    layers = "transformer.h"
+    reference = zeroed_reference(dense, pruner.plan, layers, down, out, 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    assert len(pruner.model.get_submodule(layers)) == 2
+    if config_class is transformers.GPTNeoConfig:
+        assert [block.attn.attention.layer_id for block in pruner.model.transformer.h] == [0, 1]
+        pruner.model.generate(inputs["input_ids"], max_new_tokens=2, do_sample=False)

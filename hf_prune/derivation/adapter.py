@@ -20,6 +20,7 @@ from ..groups.base import (
 )
 from .attention import FUSED_WIDTH_ATTRIBUTES, WIDTH_ATTRIBUTES, fused_chunks
 from .fields import ALIASES, config_field, join, sub_config
+from .mlp import gate_up_rows
 from .record import Derivation
 
 
@@ -42,6 +43,8 @@ class DerivedAdapter(ArchitectureAdapter):
             "gate_proj",
             "up_proj",
             "down_proj",
+            "gate_up_layout",
+            "mlp_width_scale",
             "heads_module",
             "head_dim_attribute",
             "removed_attention_output",
@@ -88,6 +91,14 @@ class DerivedAdapter(ArchitectureAdapter):
             return super().kv_head_slices(layer, geometry, kv_head)
         return self._qkv(layer, geometry, 1, kv_head) + self._qkv(layer, geometry, 2, kv_head)
 
+    def neuron_slices(self, layer: nn.Module, intermediate_size: int, neuron: int) -> list[TensorSlice]:
+        """A fused gate/up projection: the two rows of `neuron` (`mlp.gate_up_rows`) and its down column."""
+        if self.gate_up_layout is None or self.experts_of(layer):
+            return super().neuron_slices(layer, intermediate_size, neuron)
+        rows = gate_up_rows(self.gate_up_layout, intermediate_size, neuron)
+        slices = [s for row in rows for s in output_slices(layer, self.up_proj, row, row + 1)]
+        return slices + input_slices(layer, self.down_proj, neuron, neuron + 1)
+
     def intermediate_size(self, layer: nn.Module) -> int | None:
         if self.experts_of(layer):
             return super().intermediate_size(layer)
@@ -127,7 +138,8 @@ class DerivedAdapter(ArchitectureAdapter):
         fields, path = {}, self.derivation.config_path
         config = self.derivation.config_of(config)
         attention = geometry.attention
-        values = {"intermediate_size": geometry.intermediate_size}
+        scale, width = self.mlp_width_scale, geometry.intermediate_size
+        values = {"intermediate_size": width * scale if scale and width is not None else None}
         layout = self.expert_layout
         if geometry.experts is not None and layout is not None:  # an MoE layer: the expert count and width
             values = {}

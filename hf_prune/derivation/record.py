@@ -33,6 +33,11 @@ class Derivation:
     gate_proj: str | None = None
     up_proj: str | None = None
     down_proj: str | None = None
+    #: a fused gate/up projection (`up_proj`, no `gate_proj`): its `mlp.GATE_UP_LAYOUTS` row layout
+    gate_up_layout: str | None = None
+    #: the intermediate-size field's value per neuron (2: it counts a fused projection's rows; None: the width
+    #: was read from the shapes, the field does not hold it)
+    mlp_width_scale: int | None = 1
     heads_module: str | None = None
     head_dim_attribute: str = "head_dim"
     removed_attention_output: str = "zeros_and_none"

@@ -170,7 +170,7 @@ def verify(config_class) -> Derivation:
 def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:
     """Check each kind not refused yet; a failure refuses that kind only."""
     for kind in CHECKED:
-        if kind in derivation.refused:
+        if kind in derivation.refused or kind not in derivation.kinds:  # dense MLPs claim no experts
             continue
         adapter = DerivedAdapter(derivation, model_type)
         if kind in ("kv_groups", "attention_branches") and "heads" in derivation.refused:
