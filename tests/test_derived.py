@@ -16,6 +16,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from tiny_models import FAMILIES, STRUCTURAL
+from transformers.pytorch_utils import Conv1D
 
 from hf_prune import HFPruner
 from hf_prune.derivation.derive import MAX_TINY_PARAMETERS, DerivedAdapter, build_tiny, changed_fields, tiny_config
@@ -109,7 +110,14 @@ def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
 
 def test_nothing_derivable_is_a_typed_refusal():
     # one layer's weights shared by every layer: no list of blocks that a config field counts
-    config = transformers.AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_attention_heads=2)
+    config = transformers.AlbertConfig(
+        vocab_size=64,
+        embedding_size=16,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=37,
+    )
     with pytest.raises(DerivedAdapterError, match="'albert' has no hand-written adapter.*no block list") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
@@ -121,7 +129,14 @@ def test_from_model_takes_the_derived_adapter_before_tracing():
     opt, inputs = build_tiny(transformers.OPTConfig, seed=1)
     pruner = HFPruner.from_model(opt, example_inputs=inputs["input_ids"])
     assert type(pruner) is HFPruner and isinstance(pruner.adapter, DerivedAdapter)
-    config = transformers.AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, num_attention_heads=2)
+    config = transformers.AlbertConfig(
+        vocab_size=64,
+        embedding_size=16,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=37,
+    )
     gpt = transformers.AlbertForMaskedLM(config)
     with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
         HFPruner.from_model(gpt)
@@ -286,8 +301,9 @@ def zeroed_reference(model, plan, layers: str, down: str, out: str, head_dim: in
         if down and layer_plan.neurons:  # the MLP's shape is known (its kinds not refused)
             weight = block.get_submodule(down).weight
             weight[:, [n for n in range(weight.shape[1]) if n not in layer_plan.neurons]] = 0
-        if out and layer_plan.query_heads:
-            weight = block.get_submodule(out).weight
+        if out and layer_plan.query_heads:  # GPT-2 style Conv1D holds its weight as (in, out)
+            module = block.get_submodule(out)
+            weight = module.weight.T if isinstance(module, Conv1D) else module.weight
             for head in set(range(weight.shape[1] // head_dim)) - set(layer_plan.query_heads):
                 weight[:, head * head_dim : (head + 1) * head_dim] = 0
     return reference
@@ -384,3 +400,33 @@ def test_layer_removal_where_blocks_index_the_cache_by_layer_id_or_return_lists(
     if config_class is transformers.GPTNeoConfig:
         assert [block.attn.attention.layer_id for block in pruner.model.transformer.h] == [0, 1]
         pruner.model.generate(inputs["input_ids"], max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize(
+    "config_class, layers, out, width_attributes",
+    [
+        (transformers.BartConfig, "model.decoder.layers", "self_attn.out_proj", ("split_size", "all_head_size")),
+        (transformers.XGLMConfig, "model.layers", "self_attn.out_proj", ("split_size", "all_head_size", "embed_dim")),
+        # fused q/k/v (c_attn): its `embed_dim` follows the heads as in every fused layout
+        (transformers.OpenAIGPTConfig, "transformer.h", "attn.c_proj", ("split_size", "all_head_size", "embed_dim")),
+    ],
+)
+def test_self_attention_heads_beside_cross_attention_and_without_a_head_size_attribute(
+    config_class, layers, out, width_attributes
+):
+    """BART's decoder block holds a self- and a cross-attention of one shape: the heads are read from the
+    self-attention's projections alone. XGLM reshapes its output by `embed_dim`, which verification finds must
+    follow the heads (tried after the cut without it differs); OpenAI GPT splits by `width // n_head` and keeps
+    no head size. Removing half the heads
+    equals a plain-torch reference with their output-projection columns zeroed."""
+    derivation = verified_derivation(config_class)
+    assert "heads" in derivation.kinds, derivation.refused
+    assert derivation.o_proj == out and derivation.width_attributes == width_attributes
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    assert all(len(p.query_heads) == 2 for p in pruner.plan.layers)
+    reference = zeroed_reference(dense, pruner.plan, layers, "", out, 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)

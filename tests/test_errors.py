@@ -33,7 +33,16 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 
 def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
     # ALBERT: no hand-written adapter, and none derivable (every layer shares one layer's weights).
-    model = AlbertForMaskedLM(AlbertConfig(vocab_size=50, embedding_size=16, hidden_size=16, num_attention_heads=2))
+    model = AlbertForMaskedLM(
+        AlbertConfig(
+            vocab_size=50,
+            embedding_size=16,
+            hidden_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=37,
+        )
+    )
     with pytest.raises(
         UnsupportedArchitectureError, match=r"'albert'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
     ):

@@ -219,7 +219,14 @@ def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
     assert "MLP neurons               96" in out  # 2 layers x ffn_dim 48
     # ALBERT: every layer shares one layer's weights (no block list a config field counts), so nothing is
     # derived: tracing says why.
-    albert = transformers.AlbertConfig(vocab_size=97, embedding_size=16, hidden_size=32, num_attention_heads=4)
+    albert = transformers.AlbertConfig(
+        vocab_size=97,
+        embedding_size=16,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=37,
+    )
     transformers.AlbertForMaskedLM(albert).save_pretrained(tmp_path / "albert")
     assert main(["inspect", str(tmp_path / "albert")]) == 0
     out = capsys.readouterr().out

@@ -14,11 +14,12 @@ from ..groups.base import (
     AttentionGeometry,
     LayerGeometry,
     TensorSlice,
+    in_features,
     input_slices,
     out_features,
     output_slices,
 )
-from .attention import FUSED_WIDTH_ATTRIBUTES, WIDTH_ATTRIBUTES, fused_chunks
+from .attention import fused_chunks
 from .fields import ALIASES, config_field, join, sub_config
 from .mlp import gate_up_rows
 from .record import Derivation
@@ -68,7 +69,15 @@ class DerivedAdapter(ArchitectureAdapter):
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
         if (self.q_proj is None and self.qkv_proj is None) or "heads" not in self.kinds:
             return None  # attention left untouched: its kinds are refused
-        geometry = super().attention_geometry(layer)
+        d = self.derivation.head_dim
+        if d is None:
+            geometry = super().attention_geometry(layer)
+        elif not self.has_branch(layer, "attention"):
+            return None
+        else:  # no attribute holds the head size: the derived one
+            n = in_features(layer.get_submodule(self.o_proj)) // d
+            m = out_features(layer.get_submodule(self.k_proj)) // d if self.k_proj else n
+            geometry = AttentionGeometry(n, m, d)
         if geometry is None or self.qkv_proj is None:
             return geometry
         d, n = geometry.head_dim, geometry.num_heads
@@ -112,7 +121,7 @@ class DerivedAdapter(ArchitectureAdapter):
             (ALIASES["num_attention_heads"], geometry.num_heads),
             (ALIASES["num_key_value_heads"], geometry.num_kv_heads),
             (
-                WIDTH_ATTRIBUTES + (FUSED_WIDTH_ATTRIBUTES if self.qkv_proj else ()),
+                self.derivation.width_attributes,
                 geometry.num_heads * geometry.head_dim,
             ),
         ):

@@ -49,6 +49,8 @@ def common_parent(names: list[str]) -> str:
 
 
 def derive_attention(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
+    """The block's attention: read from all its projections, else from those of one submodule at a time (in
+    registration order), so that a decoder block's self-attention is found beside its cross-attention."""
     config = found.config_of(model.config)
     heads = config_value(config, "num_attention_heads")
     if not isinstance(heads, int):
@@ -56,6 +58,27 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
         return
     kv_heads = config_value(config, "num_key_value_heads") or heads
     head_dims = [d for d in (config_value(config, "head_dim"), hidden // heads) if isinstance(d, int) and d > 0]
+    scopes = [""] + [
+        name for name, _ in block.named_modules() if name and sum(p.startswith(name + ".") for p in projections) >= 2
+    ]
+    first = None
+    for scope in scopes:
+        inside = {n: shape for n, shape in projections.items() if n.startswith(scope + ".") or not scope}
+        why = _attention_in(found, model, inputs, block, inside, hidden, heads, kv_heads, head_dims)
+        if why is None:
+            return
+        first = first or why
+    found.refuse(
+        ATTENTION_KINDS,
+        first
+        or f"no projections of widths {hidden}→{heads}×d and {heads}×d→{hidden} (d in {head_dims}) in "
+        f"{type(block).__name__}; found {projections}",
+    )
+
+
+def _attention_in(found, model, inputs, block, projections, hidden, heads, kv_heads, head_dims) -> str | None:
+    """Derive the attention from `projections` (None: found); "" where no layout fits their widths, else why
+    the dataflow refutes the one that fits."""
     for d in dict.fromkeys(head_dims):
         q_width, kv_width = heads * d, kv_heads * d
         outputs = [n for n, (i, o) in projections.items() if i == hidden and o == q_width]
@@ -72,14 +95,12 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
             (qkv, m), o = next(iter(fused.items())), consumers[0]
             layout = fused_layout(model, inputs, block, qkv, o, heads, m, d)
             if layout not in FUSED_LAYOUTS:
-                found.refuse(
-                    ATTENTION_KINDS, f"fused q/k/v projection {qkv} ({hidden}→{(heads + 2 * m) * d}): {layout}"
-                )
-                return
+                return f"fused q/k/v projection {qkv} ({hidden}→{(heads + 2 * m) * d}): {layout}"
             found.qkv_proj, found.qkv_layout, found.o_proj = qkv, layout, o
+            found.width_attributes = WIDTH_ATTRIBUTES + FUSED_WIDTH_ATTRIBUTES
             _attention_module(found, model, inputs, block, [qkv, o])
             _head_dim_attribute(found, block, d)
-            return
+            return None
         if len(consumers) != 1:
             continue
         if kv_width != q_width and len(outputs) == 1 and len(kv_outputs) == 2:
@@ -102,23 +123,19 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
         query_channel = (channel // d) * d + 1
         query_reach = reach(model, inputs, block, q, query_channel, o)
         if len(values) != 1 or len(keys) != 1 or not query_reach or not query_reach <= set(range(d, 2 * d)):
-            found.refuse(
-                ATTENTION_KINDS,
+            return (
                 f"{q}, {pair[0]}, {pair[1]} → {o}: the dataflow does not show a query, a key and a value "
-                f"(channel {channel} reaches {[sorted(reached[n]) for n in pair]})",
+                f"(channel {channel} reaches {[sorted(reached[n]) for n in pair]})"
             )
-            return
         found.q_proj, found.k_proj, found.v_proj, found.o_proj = q, keys[0], values[0], o
         _attention_module(found, model, inputs, block, [q, keys[0], values[0], o])
         _head_dim_attribute(found, block, d)
-        return
-    found.refuse(
-        ATTENTION_KINDS,
-        f"no projections of widths {hidden}→{heads}×d and {heads}×d→{hidden} (d in {head_dims}) in "
-        f"{type(block).__name__}; found {projections}",
-    )
+        return None
+    return ""
 
 
+#: Attention attributes holding the head size.
+HEAD_DIM_ATTRIBUTES = ("head_dim", "head_size", "attention_head_size", "d_head", "key_value_proj_dim")
 #: Attention attributes holding the query width `n·d` that fused forwards split by.
 WIDTH_ATTRIBUTES = ("split_size", "all_head_size")
 #: With a fused q/k/v projection, also this one (GPT-BigCode splits the query off by `embed_dim`).
@@ -191,16 +208,20 @@ def _attention_module(found: Derivation, model, inputs, block, names: list[str])
 
 
 def _head_dim_attribute(found: Derivation, block: nn.Module, head_dim: int) -> None:
-    """The module (under the attention module) and integer attribute holding the head size."""
+    """The module (under the attention module) and integer attribute holding the head size; where none holds it
+    (the forward splits by `width // n_head`), the head size itself."""
     root = block.get_submodule(found.attention_module) if found.attention_module else block
     prefix = f"{found.attention_module}." if found.attention_module else ""
     for name, module in root.named_modules():
-        for attribute in ("head_dim", "head_size", "attention_head_size", "d_head"):
+        for attribute in HEAD_DIM_ATTRIBUTES:
             if getattr(module, attribute, None) == head_dim and not isinstance(getattr(module, attribute), bool):
                 found.heads_module = (prefix + name).rstrip(".") or None
                 found.head_dim_attribute = attribute
                 return
-    found.refuse(
-        ATTENTION_KINDS - {"attention_branches"},
-        f"no attribute of {found.attention_module or 'the block'} holds the head size {head_dim}",
-    )
+    if not found.attention_module:
+        found.refuse(
+            ATTENTION_KINDS - {"attention_branches"},
+            f"no attribute of the block holds the head size {head_dim}, and its attention has no module of its own",
+        )
+        return
+    found.head_dim = head_dim

@@ -40,6 +40,10 @@ class Derivation:
     mlp_width_scale: int | None = 1
     heads_module: str | None = None
     head_dim_attribute: str = "head_dim"
+    #: the head size, where no attribute holds it (forwards that split by `width // n_head`)
+    head_dim: int | None = None
+    #: attention attributes holding the query width `n·d` that forwards split or reshape by (`attention.py`)
+    width_attributes: tuple[str, ...] = ("split_size", "all_head_size")
     removed_attention_output: str = "zeros_and_none"
     removed_mlp_output: str = "zeros"
     #: whether the MLP's down-projection output is added to the residual stream unchanged (`adds_to_stream`)

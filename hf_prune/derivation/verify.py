@@ -182,12 +182,33 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
         try:
             if kind == "layers":  # the first layer too: configs that build layers by index (first k dense, ...)
                 check_kind(model, inputs, adapter, kind, removed_layer=0)
-            derivation.formats[kind] = check_kind(model, inputs, adapter, kind)
+            if kind == "heads":
+                derivation.formats[kind] = _check_heads(derivation, model, inputs, model_type)
+            else:
+                derivation.formats[kind] = check_kind(model, inputs, adapter, kind)
         except Exception as error:  # every failure of the cut is a refusal of this kind, never a crash
             where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
             where["experts"] = adapter.mlp_module
             where = where.get(kind, adapter.attention_module) or "the block"
             derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {first_line(error)})")
+
+
+def _check_heads(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> str:
+    """`check_kind` for heads; where it fails and the attention module has an `embed_dim` it does not update
+    yet, once more with `embed_dim` updated too (forwards that reshape their output by it: XGLM, TrOCR); the
+    first failure is raised if that fails too."""
+    try:
+        return check_kind(model, inputs, DerivedAdapter(derivation, model_type), "heads")
+    except Exception:
+        if "embed_dim" in derivation.width_attributes:
+            raise
+        original = derivation.width_attributes
+        derivation.width_attributes = original + ("embed_dim",)
+        try:
+            return check_kind(model, inputs, DerivedAdapter(derivation, model_type), "heads")
+        except Exception:
+            derivation.width_attributes = original
+        raise
 
 
 @functools.cache
