@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tiny_models import FAMILIES, STRUCTURAL
 from transformers.pytorch_utils import Conv1D
 
-from hf_prune import HFPruner
+from hf_prune import HFPruner, load_pruned
 from hf_prune.derivation.derive import MAX_TINY_PARAMETERS, DerivedAdapter, build_tiny, changed_fields, tiny_config
 from hf_prune.derivation.verify import check_kinds, verified_derivation
 from hf_prune.errors import DerivedAdapterError, InvalidPruningTargetError, UnsupportedArchitectureError
@@ -197,10 +197,9 @@ def test_mixture_of_experts_verified(config_class):
     per-expert score-correction buffer, cut with its rows."""
     derivation = verified_derivation(config_class)
     expected = {"heads", "kv_groups", "experts", "neurons", "attention_branches", "mlp_branches", "layers"}
-    if config_class is transformers.Glm4MoeConfig:  # layer 0 is dense (first_k_dense_replace): removing it
-        # leaves a config that builds the next, MoE, layer as dense: the reloaded folder differs, so refused
-        assert "loader-format folder reloads" in derivation.refused["layers"], derivation.refused
-        expected -= {"layers"}
+    # GLM-4-MoE's layer 0 is dense (first_k_dense_replace): removing it leaves a config that builds the next, MoE,
+    # layer as dense, so the leading dense layers are kept whole and only MoE layers are removed
+    assert derivation.fixed_prefix == (config_class is transformers.Glm4MoeConfig)
     assert set(derivation.kinds) == expected, derivation.refused
 
 
@@ -430,3 +429,31 @@ def test_self_attention_heads_beside_cross_attention_and_without_a_head_size_att
     with torch.no_grad():
         expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+
+
+def test_leading_layers_built_by_index_are_kept_whole(tmp_path):
+    """ModernBERT builds its first layer without an attention norm: removing it cannot be expressed by a config
+    with fewer layers (verification shows it), removing any other can. The first layer is then kept whole even
+    where it scores lowest, the others are removed as usual: the cut equals a plain-torch reference that skips
+    the removed layer, and the folder reloads to it."""
+    derivation = verified_derivation(transformers.ModernBertConfig)
+    assert derivation.fixed_prefix and "layers" in derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(transformers.ModernBertConfig, seed=2)
+    assert dense.model.layers[0].attn_norm.__class__.__name__ == "Identity"
+    adapter = DerivedAdapter(derivation, "modernbert")
+    assert adapter.fixed_layers(dense) == {0}
+    with torch.no_grad():
+        for layer in dense.model.layers[:1]:  # the lowest magnitude: chosen first were it removable
+            for parameter in layer.parameters():
+                parameter.mul_(1e-3)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(layers=1, **STRUCTURAL)
+    assert pruner.plan.layers[0].keep_layer and sum(not p.keep_layer for p in pruner.plan.layers) == 1
+    reference = zeroed_reference(dense, pruner.plan, "model.layers", "", "", 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    pruner.save_pretrained(tmp_path / "modernbert")
+    reloaded = load_pruned(tmp_path / "modernbert").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)

@@ -23,6 +23,7 @@ from .attention import fused_chunks
 from .fields import ALIASES, config_field, join, sub_config
 from .mlp import gate_up_rows
 from .record import Derivation
+from .stacks import fixed_prefix
 
 
 class DerivedAdapter(ArchitectureAdapter):
@@ -57,6 +58,11 @@ class DerivedAdapter(ArchitectureAdapter):
         self.expert_layout = derivation.experts
         #: kind → why it was refused (shown when a refused kind is asked for)
         self.refused = dict(derivation.refused)
+
+    def fixed_layers(self, model: nn.Module) -> frozenset[int]:
+        """The leading blocks built unlike the rest (`stacks.fixed_prefix`), where verification found that only
+        they cannot be removed."""
+        return frozenset(range(fixed_prefix(self.layers(model)))) if self.derivation.fixed_prefix else frozenset()
 
     def has_branch(self, layer: nn.Module, branch) -> bool:
         """A branch derivation did not resolve (no module or no consumer) is invisible: never touched."""

@@ -19,6 +19,9 @@ class Derivation:
     layers_path: str = ""
     #: the dotted config field counting the layers (`stacks.find_stack`; None: `layers` is refused)
     layers_field: str | None = None
+    #: whether the leading blocks built unlike the rest (`stacks.fixed_prefix`) are kept whole, since removing
+    #: the first block fails verification and removing any other passes
+    fixed_prefix: bool = False
     #: the dotted path of the (nested) config whose fields size the blocks ("" : the model's own config)
     config_path: str = ""
     attention_module: str | None = None

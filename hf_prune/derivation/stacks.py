@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
 from ..errors import DerivedAdapterError
 from .fields import join, sub_config, sub_configs
@@ -125,11 +124,24 @@ def find_stack(model: nn.Module, inputs: dict) -> Stack:
     return Stack(name, field, config_path, reason)
 
 
-def stack_config(config: PretrainedConfig, stack: Stack) -> PretrainedConfig:
-    return sub_config(config, stack.config_path)
-
-
 def relative_layers_path(model: nn.Module, name: str) -> str:
     """The layer list's name below the base model (`model.layers` → `layers`), so task heads match too."""
     prefix = getattr(model, "base_model_prefix", "")
     return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+
+
+def _structure(block: nn.Module) -> tuple:
+    """A block's modules, by name and class (no shapes: pruned layers keep their structure)."""
+    return tuple((name, type(module).__name__) for name, module in block.named_modules())
+
+
+def fixed_prefix(blocks: nn.ModuleList) -> int:
+    """How many leading blocks are built unlike the others (ModernBERT's first layer has no attention norm, T5's
+    first block holds the relative position bias, the dense layers before mixture-of-experts ones): the leading
+    run of blocks whose structure is not the most common one. Removing a later block never renumbers them."""
+    structures = [_structure(block) for block in blocks]
+    common = max(set(structures), key=structures.count)
+    count = 0
+    while count < len(structures) and structures[count] != common:
+        count += 1
+    return count

@@ -33,6 +33,7 @@ from ..output.checkpoint import decide_format, load_pruned, write_loader_config
 from ..plan import PruningPlan
 from ..surgery import apply_plan
 from .derive import Derivation, DerivedAdapter, derive, first_line, model_output
+from .stacks import fixed_prefix
 
 #: The order kinds are checked in (attention, then MLP, then whole layers).
 CHECKED: tuple[GroupKind, ...] = (
@@ -93,7 +94,9 @@ def random_plan(
         elif kind == "mlp_branches" and index == min(1, len(plan.layers) - 1):
             layer_plan.keep_mlp = False
     if kind == "layers":
-        index = rng.randrange(len(plan.layers)) if removed_layer is None else removed_layer
+        fixed = adapter.fixed_layers(model)
+        removable = [i for i in range(len(plan.layers)) if i not in fixed]
+        index = rng.choice(removable) if removed_layer is None else removed_layer
         plan.layers[index].keep_layer = False
     return plan
 
@@ -181,7 +184,8 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
             continue
         try:
             if kind == "layers":  # the first layer too: configs that build layers by index (first k dense, ...)
-                check_kind(model, inputs, adapter, kind, removed_layer=0)
+                _check_first_layer(derivation, model, inputs, model_type)
+                adapter = DerivedAdapter(derivation, model_type)
             if kind == "heads":
                 derivation.formats[kind] = _check_heads(derivation, model, inputs, model_type)
             else:
@@ -191,6 +195,26 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
             where["experts"] = adapter.mlp_module
             where = where.get(kind, adapter.attention_module) or "the block"
             derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {first_line(error)})")
+
+
+def _check_first_layer(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:
+    """Removing the first layer must verify; where it does not and the leading blocks are built unlike the rest
+    (`stacks.fixed_prefix`), those are kept whole (`fixed_prefix`) and removing the first other one must verify
+    instead. The first failure is raised otherwise."""
+    adapter = DerivedAdapter(derivation, model_type)
+    try:
+        check_kind(model, inputs, adapter, "layers", removed_layer=0)
+    except Exception:
+        prefix = fixed_prefix(adapter.layers(model))
+        if not 0 < prefix < len(adapter.layers(model)) - 1:
+            raise
+        derivation.fixed_prefix = True
+        try:
+            check_kind(model, inputs, DerivedAdapter(derivation, model_type), "layers", removed_layer=prefix)
+            return
+        except Exception:
+            derivation.fixed_prefix = False
+        raise
 
 
 def _check_heads(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> str:

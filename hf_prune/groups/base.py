@@ -181,6 +181,12 @@ class ArchitectureAdapter(ABC):
         are dropped (`surgery.drop_layers`), in the order of `kept`."""
         return [f"{self.layers_name(model)}.{position}" for position in range(len(kept))]
 
+    def fixed_layers(self, model: nn.Module) -> frozenset[int]:
+        """Layers that are never removed whole (their heads, neurons and branches still are): those the config
+        builds differently by their index, so that a config with fewer layers cannot express their removal.
+        None here; derived adapters find them (`derivation.stacks.fixed_prefix`)."""
+        return frozenset()
+
     def layer_entries(self, model: nn.Module) -> dict[int, tuple[str, ...]]:
         """Modules outside the layer stack that the model runs on the hidden states between layer
         `index - 1` and layer `index`, by qualified name, in order (ConvNeXt's downsampling before
