@@ -8,6 +8,7 @@ channel only the columns of its heads. Names are hints for the order only (q bef
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -61,10 +62,11 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     scopes = [""] + [
         name for name, _ in block.named_modules() if name and sum(p.startswith(name + ".") for p in projections) >= 2
     ]
-    first = None
+    first, seen = None, {}
+    probe = functools.partial(_cached_reach, seen, model, inputs, block)  # scopes share their probes
     for scope in scopes:
         inside = {n: shape for n, shape in projections.items() if n.startswith(scope + ".") or not scope}
-        why = _attention_in(found, model, inputs, block, inside, hidden, heads, kv_heads, head_dims)
+        why = _attention_in(found, probe, model, inputs, block, inside, hidden, heads, kv_heads, head_dims)
         if why is None:
             return
         first = first or why
@@ -76,7 +78,14 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     )
 
 
-def _attention_in(found, model, inputs, block, projections, hidden, heads, kv_heads, head_dims) -> str | None:
+def _cached_reach(seen: dict, model, inputs, block, producer: str, channel: int, consumer: str) -> set[int]:
+    key = (producer, channel, consumer)
+    if key not in seen:
+        seen[key] = reach(model, inputs, block, producer, channel, consumer)
+    return seen[key]
+
+
+def _attention_in(found, probe, model, inputs, block, projections, hidden, heads, kv_heads, head_dims) -> str | None:
     """Derive the attention from `projections` (None: found); "" where no layout fits their widths, else why
     the dataflow refutes the one that fits."""
     for d in dict.fromkeys(head_dims):
@@ -89,7 +98,7 @@ def _attention_in(found, model, inputs, block, projections, hidden, heads, kv_he
         fused = {n: (o - q_width) // (2 * d) for n, (i, o) in projections.items() if i == hidden and o > q_width}
         fused = {n: m for n, m in fused.items() if projections[n][1] == q_width + 2 * m * d and m in (kv_heads, 1)}
         feeders = list(dict.fromkeys(outputs + kv_outputs + list(fused)))
-        consumers = [c for c in candidates if any(reach(model, inputs, block, p, 1, c) for p in feeders if p != c)]
+        consumers = [c for c in candidates if any(probe(p, 1, c) for p in feeders if p != c)]
         outputs = [n for n in outputs if n not in consumers]
         if len(consumers) == 1 and len(fused) == 1 and not outputs:
             (qkv, m), o = next(iter(fused.items())), consumers[0]
@@ -117,11 +126,11 @@ def _attention_in(found, model, inputs, block, projections, hidden, heads, kv_he
         kv_head = channel // d
         own_columns = {h * d + channel % d for h in range(kv_head * group, (kv_head + 1) * group)}
         head_columns = set(range(kv_head * group * d, (kv_head + 1) * group * d))
-        reached = {name: reach(model, inputs, block, name, channel, o) for name in pair}
+        reached = {name: probe(name, channel, o) for name in pair}
         values = [name for name in pair if reached[name] == own_columns]
         keys = [name for name in pair if reached[name] and reached[name] <= head_columns and name not in values]
         query_channel = (channel // d) * d + 1
-        query_reach = reach(model, inputs, block, q, query_channel, o)
+        query_reach = probe(q, query_channel, o)
         if len(values) != 1 or len(keys) != 1 or not query_reach or not query_reach <= set(range(d, 2 * d)):
             return (
                 f"{q}, {pair[0]}, {pair[1]} → {o}: the dataflow does not show a query, a key and a value "

@@ -62,6 +62,26 @@ def _lengths(model: nn.Module, names) -> dict[str, int | None]:
     return lengths
 
 
+def _lowered_model(model: nn.Module, path: str, key: str, value: int) -> nn.Module | None:
+    """`type(model)` built on the meta device from its config with field `key` of the config at `path` lowered by
+    one; where the class refuses that, with the config's lists of that length (per-layer lists such as
+    Longformer's `attention_window`) shortened by one too. None where it refuses both."""
+    for shorten_lists in (False, True):
+        lowered = copy.deepcopy(model.config)
+        owner = sub_config(lowered, path)
+        try:
+            setattr(owner, key, value - 1)
+            if shorten_lists:
+                for name, entry in list(vars(owner).items()):
+                    if isinstance(entry, (list, tuple)) and len(entry) == value:
+                        setattr(owner, name, type(entry)(entry[:-1]))
+            with torch.device("meta"):
+                return type(model)(lowered)
+        except Exception:  # a consistency check of the class
+            continue
+    return None
+
+
 def count_fields(model: nn.Module, stacks: dict[str, int]) -> dict[str, dict[str, int | None]]:
     """Dotted integer field → the stacks whose length it changes when lowered by one (name → new length)."""
     config, found = model.config, {}
@@ -69,12 +89,8 @@ def count_fields(model: nn.Module, stacks: dict[str, int]) -> dict[str, dict[str
         for key, value in vars(nested).items():
             if type(value) is not int or value not in stacks.values() or key.endswith("_id"):
                 continue
-            lowered = copy.deepcopy(config)
-            try:
-                setattr(sub_config(lowered, path), key, value - 1)
-                with torch.device("meta"):
-                    smaller = type(model)(lowered)
-            except Exception:  # the class refuses the lowered value: not a count this way
+            smaller = _lowered_model(model, path, key, value)
+            if smaller is None:  # the class refuses the lowered value: not a count
                 continue
             # a stack that is gone (inside a removed block) is not shortened
             changed = {n: new for n, new in _lengths(smaller, stacks).items() if new is not None and new != stacks[n]}
