@@ -88,7 +88,10 @@ def derive_mlp(found: Derivation, model, inputs, block, projections, hidden: int
         producers = fused
         layout = _fused_layout(model, inputs, block, fused[0], down, size)
         if layout not in GATE_UP_LAYOUTS:
-            found.refuse(mlp_kinds, f"fused gate/up projection {fused[0]} ({hidden}→{2 * size}): {layout}")
+            found.refuse(
+                mlp_kinds,
+                f"fused gate/up projection {fused[0]} ({hidden}→{2 * size}) in {type(block).__name__}: {layout}",
+            )
             return
         found.gate_up_layout = layout
     if len(producers) == 2:
