@@ -26,9 +26,12 @@ from .plan import LayerPlan, PruningPlan
 
 
 def identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    """A removed layer's output: its input hidden states, in the container the layer returns (tuple or list)."""
     hidden_states = args[0] if args else kwargs["hidden_states"]
     if isinstance(output, tuple):
         return (hidden_states, *output[1:])
+    if isinstance(output, list):  # OpenAI GPT's blocks return a list
+        return [hidden_states, *output[1:]]
     return hidden_states
 
 

@@ -101,11 +101,13 @@ def drop_layers(model: nn.Module, adapter: ArchitectureAdapter, kept: list[int])
     if len(kept) == len(layers):
         return
     adapter.set_layers(model, nn.ModuleList(layers[i] for i in kept))
-    for new_index, layer in enumerate(adapter.layers(model)):
-        # The KV cache is indexed by `layer_idx`: renumber so generate() sees 0..n-1.
+    for new_index, (old_index, layer) in enumerate(zip(kept, adapter.layers(model))):
+        # The KV cache is indexed by `layer_idx` (GPT-Neo: `layer_id`): renumber so generate() sees 0..n-1.
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
+            if type(getattr(module, "layer_id", None)) is int and module.layer_id == old_index:
+                module.layer_id = new_index
     adapter.update_config_for_layers(model.config, kept)
 
 

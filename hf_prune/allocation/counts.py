@@ -46,6 +46,8 @@ class RemovalCounts:
     budget: Budget
     allocation: str = "uniform"
     protected: frozenset[int] = field(default_factory=frozenset)
+    #: layers never removed whole (`ArchitectureAdapter.fixed_layers`); their other groups are pruned as usual
+    fixed: frozenset[int] = field(default_factory=frozenset)
     round_to: int = 1
     #: what the units of `counts.neurons` are: MLP neurons, or a convolutional block's inner channels.
     neuron_kind: GroupKind = "neurons"
@@ -330,7 +332,8 @@ def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: Pruni
     total = len(plan.layers)
     protected = _protected(config, total)
     open_plans = [p for p in plan.layers if p.layer not in protected]
-    layers = _block_count("layers", config.layers, total, len(open_plans))
+    fixed = adapter.fixed_layers(model) if config.layers else frozenset()
+    layers = _block_count("layers", config.layers, total, sum(p.layer not in fixed for p in open_plans))
     with_attention = sum(1 for p in open_plans if p.keep_attention) - layers
     with_mlp = sum(1 for p in open_plans if p.keep_mlp) - layers
     unit: CostUnit = "flops" if config.target_flops else "params"
@@ -363,6 +366,7 @@ def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: Pruni
         budget=Budget(unit, config.seq_len, costs),
         allocation=config.allocation,
         protected=protected,
+        fixed=fixed,
         round_to=config.round_to,
         neuron_kind=adapter.neuron_kind,
         stage_channels=_stage_channel_counts(config, model, adapter),
