@@ -457,3 +457,27 @@ def test_leading_layers_built_by_index_are_kept_whole(tmp_path):
     reloaded = load_pruned(tmp_path / "modernbert").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_tiny_inputs_the_forward_needs_come_from_the_config_class():
+    """ESM leaves `pad_token_id` unset and its forward counts the tokens that are not padding; X-MOD needs a
+    `default_language` of its `languages`; MarkupLM's xpath pad ids index tables the shrink made smaller. The
+    tiny instance fills the unset defaults only after the forward refused them and keeps the ids inside their
+    tables. ESM's heads and neurons then cut equal to a plain-torch reference with their output columns
+    zeroed; its layers stay refused (the contact head is sized by layers × heads)."""
+    markup = tiny_config(transformers.MarkupLMConfig)
+    assert markup.tag_pad_id < markup.max_xpath_tag_unit_embeddings
+    assert markup.subs_pad_id < markup.max_xpath_subs_unit_embeddings
+    xmod, _ = build_tiny(transformers.XmodConfig)
+    assert xmod.config.default_language == transformers.XmodConfig().languages[0]
+    derivation = verified_derivation(transformers.EsmConfig)
+    assert {"heads", "neurons"} <= derivation.kinds and "layers" in derivation.refused, derivation.refused
+    dense, inputs = build_tiny(transformers.EsmConfig, seed=2)
+    assert transformers.EsmConfig().pad_token_id is None and dense.config.pad_token_id is not None
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, attention_heads=0.5, **STRUCTURAL)
+    reference = zeroed_reference(dense, pruner.plan, "esm.encoder.layer", "output.dense", "attention.output.dense", 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    assert all(len(p.query_heads) == 2 and len(p.neurons) == 30 for p in pruner.plan.layers)

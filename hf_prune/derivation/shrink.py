@@ -56,7 +56,7 @@ _MAPPINGS = (
 #: `None`: left as it is (ids, indices, windows, ...); an int: the cap; "layers" follows `TINY`'s layer count.
 LAYER_COUNT = r"(?:num_|n_)?(?:[a-z]+_)?layers?"
 SIZE_FIELDS: tuple[tuple[str, int | str | None], ...] = (
-    (r"token|_id$|_ids$|index|seed|divisible|offset|window|chunk|bucket|distance|sampl|length|scal|stride", None),
+    (r"token|_id$|_ids$|index|seed|divisible|offset|window|chunk|bucket|distance|sampl|length|scal|stride|kernel", None),
     (LAYER_COUNT, "layers"),  # full match: num_hidden_layers, encoder_layers, n_layer
     (r"size|dim|rank|d_model|n_embd|n_embed|d_ff|dff|n_inner|d_kv|kv_channels|d_state", "width"),
     (r"per_tok|topk|top_k|(?:^|_)k$", 2),
@@ -145,6 +145,7 @@ def _shrink(
     path: str,
     shape_dims: frozenset = frozenset(),
     kv_heads: int = TINY["num_key_value_heads"],
+    fill: bool = False,
 ):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -166,7 +167,7 @@ def _shrink(
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
             sub_class = sub_class if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) else None
-            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads)
+            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads, fill)
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
             cap = _role(key, head_dim)
             if cap is None and value in shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
@@ -193,9 +194,55 @@ def _shrink(
                 values[key] = value[:after]
             elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
                 values[key] = {k: v for k, v in value.items() if int(k) < after}
+    _ids_follow_tables(values, old)
+    if fill:
+        fill_defaults(values)
     for key, value in values.items():
         if isinstance(old.get(key), int) and isinstance(value, int) and old[key] != value and not key.endswith("_id"):
             changed[path + key] = (old[key], value)
+
+
+#: Words an id field's name shares with any table's name (`tag_pad_id`, `max_xpath_tag_unit_embeddings`).
+_ID_WORDS = {"id", "pad", "token", "index", "max", "num", "size"}
+
+
+def _ids_follow_tables(values: dict, old: dict) -> None:
+    """An id into a table the shrink made smaller stays inside it: `tag_pad_id` 216 of the 256
+    `max_xpath_tag_unit_embeddings` becomes 31 when the table is capped at 32 (the table is the changed
+    integer field whose name shares a word with the id's, other than `_ID_WORDS`)."""
+    for key, value in values.items():
+        if not key.endswith("_id") or key.endswith("token_id") or type(value) is not int:
+            continue
+        words = set(key.split("_")) - _ID_WORDS
+        for table, size in values.items():
+            before = old.get(table)
+            if (
+                type(size) is int
+                and type(before) is int
+                and size < before
+                and words & set(table.split("_"))
+                and size <= value < before
+            ):
+                value = values[key] = size - 1
+
+
+#: The id a filled `pad_token_id` takes: below the tiny tokens (`tiny_inputs` draws them from 3 up).
+FILLED_PAD_ID = 0
+
+
+def fill_defaults(values: dict) -> bool:
+    """Fill the defaults a forward needs but the class leaves unset (tried only after the forward refused the
+    unfilled config): a `pad_token_id` of None (ESM's position ids count the tokens that are not padding)
+    takes `FILLED_PAD_ID`, a `default_<x>` of None the first entry of the list `<x>s` (X-MOD's
+    `default_language` of its `languages`). Returns whether it changed anything."""
+    filled = False
+    if "pad_token_id" in values and values["pad_token_id"] is None:
+        values["pad_token_id"], filled = FILLED_PAD_ID, True
+    for key, value in list(values.items()):
+        choices = values.get(key.removeprefix("default_") + "s")
+        if key.startswith("default_") and value is None and isinstance(choices, (list, tuple)) and choices:
+            values[key], filled = choices[0], True
+    return filled
 
 
 def tiny_config(config_class: type[PretrainedConfig], head_dim: int = TINY["head_dim"]) -> PretrainedConfig:
@@ -207,13 +254,18 @@ def tiny_config(config_class: type[PretrainedConfig], head_dim: int = TINY["head
 
 
 def _tiny_config(
-    config_class, head_dim: int, shape_dims: frozenset = frozenset(), kv_heads: int = TINY["num_key_value_heads"]
+    config_class,
+    head_dim: int,
+    shape_dims: frozenset = frozenset(),
+    kv_heads: int = TINY["num_key_value_heads"],
+    fill: bool = False,
 ) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
-    first tiny model too large), also every integer field no name pattern covers whose value is one of them."""
+    first tiny model too large), also every integer field no name pattern covers whose value is one of them;
+    with `fill`, the unset defaults `fill_defaults` fills."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads)
+    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill)
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -257,14 +309,17 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     The config is `tiny_config`'s; where the class refuses a head size of its own (`d_head` must be
     `d_model / n_head`), or the model's forward does (a rotary width that must equal the head size, an output
     projection sized by the hidden size), it is retried with `head_dim` = `hidden_size / num_attention_heads`,
-    then both with one KV head per query head (`KV_HEADS`). The model is built on the meta device first to
-    count its parameters without allocating them (`tiny_size`)."""
+    then both with one KV head per query head (`KV_HEADS`), then, where the class leaves defaults unset that
+    its forward needs (`fill_defaults`), all of them again with those filled. The model is built on the meta
+    device first to count its parameters without allocating them (`tiny_size`)."""
     first = None
     attempts = [(head_dims, kv_heads) for kv_heads in KV_HEADS for head_dims in (HEAD_DIMS, HEAD_DIMS[1:])]
-    for attempt, (head_dims, kv_heads) in enumerate(attempts):
+    if fill_defaults(copy.deepcopy(default_values(config_class))):
+        attempts += [(head_dims, kv_heads, True) for head_dims, kv_heads in attempts]
+    for attempt, (head_dims, kv_heads, *fill) in enumerate(attempts):
         try:
             model_class = tiny_model_class(config_class)
-            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads)
+            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, bool(fill))
             if shape_fields:
                 warnings.warn(f"{config_class.__name__}: shrunk by parameter shape only: {shape_fields}", stacklevel=2)
             torch.manual_seed(seed)
@@ -298,14 +353,18 @@ def meta_size(model_class: type[nn.Module], config: PretrainedConfig) -> tuple[i
 
 
 def tiny_size(
-    config_class, model_class, head_dims: tuple[int, ...] = HEAD_DIMS, kv_heads: int = TINY["num_key_value_heads"]
+    config_class,
+    model_class,
+    head_dims: tuple[int, ...] = HEAD_DIMS,
+    kv_heads: int = TINY["num_key_value_heads"],
+    fill: bool = False,
 ) -> tuple[PretrainedConfig, dict]:
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
     parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
     error = None
     for head_dim in head_dims:
         try:
-            config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads)
+            config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill)
             size, dims = meta_size(model_class, config)
         except Exception as caught:  # a divisibility or consistency check of the class: try the next head size
             error = error or caught
@@ -313,7 +372,7 @@ def tiny_size(
         if size <= MAX_TINY_PARAMETERS:
             return config, {}
         before = changed
-        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads)
+        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads, fill)
         size, _ = meta_size(model_class, config)
         if size <= MAX_TINY_PARAMETERS:
             return config, {key: value for key, value in changed.items() if key not in before}
