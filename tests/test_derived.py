@@ -461,7 +461,8 @@ def test_leading_layers_built_by_index_are_kept_whole(tmp_path):
 
 def test_tiny_inputs_the_forward_needs_come_from_the_config_class():
     """ESM leaves `pad_token_id` unset and its forward counts the tokens that are not padding; X-MOD needs a
-    `default_language` of its `languages`; MarkupLM's xpath pad ids index tables the shrink made smaller. The
+    `default_language` of its `languages`; MarkupLM's xpath pad ids index tables the shrink made smaller;
+    SigLIP-2 takes patch-packed pixels, which its own image processor prepares. The
     tiny instance fills the unset defaults only after the forward refused them and keeps the ids inside their
     tables. ESM's heads and neurons then cut equal to a plain-torch reference with their output columns
     zeroed; its layers stay refused (the contact head is sized by layers × heads)."""
@@ -470,6 +471,11 @@ def test_tiny_inputs_the_forward_needs_come_from_the_config_class():
     assert markup.subs_pad_id < markup.max_xpath_subs_unit_embeddings
     xmod, _ = build_tiny(transformers.XmodConfig)
     assert xmod.config.default_language == transformers.XmodConfig().languages[0]
+    siglip2, pixels = build_tiny(transformers.Siglip2Config)  # patch-packed pixels from its image processor
+    patch = siglip2.config.vision_config.patch_size
+    assert pixels["pixel_values"].shape[-1] == 3 * patch * patch and {"spatial_shapes", "pixel_attention_mask"} <= set(
+        pixels
+    )
     derivation = verified_derivation(transformers.EsmConfig)
     assert {"heads", "neurons"} <= derivation.kinds and "layers" in derivation.refused, derivation.refused
     dense, inputs = build_tiny(transformers.EsmConfig, seed=2)

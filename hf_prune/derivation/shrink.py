@@ -56,7 +56,10 @@ _MAPPINGS = (
 #: `None`: left as it is (ids, indices, windows, ...); an int: the cap; "layers" follows `TINY`'s layer count.
 LAYER_COUNT = r"(?:num_|n_)?(?:[a-z]+_)?layers?"
 SIZE_FIELDS: tuple[tuple[str, int | str | None], ...] = (
-    (r"token|_id$|_ids$|index|seed|divisible|offset|window|chunk|bucket|distance|sampl|length|scal|stride|kernel", None),
+    (
+        r"token|_id$|_ids$|index|seed|divisible|offset|window|chunk|bucket|distance|sampl|length|scal|stride|kernel",
+        None,
+    ),
     (LAYER_COUNT, "layers"),  # full match: num_hidden_layers, encoder_layers, n_layer
     (r"size|dim|rank|d_model|n_embd|n_embed|d_ff|dff|n_inner|d_kv|kv_channels|d_state", "width"),
     (r"per_tok|topk|top_k|(?:^|_)k$", 2),
@@ -303,6 +306,50 @@ def tiny_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.T
     return {"input_ids": tokens}
 
 
+def processor_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.Tensor] | None:
+    """Pixels prepared by the model type's own image processor (transformers' auto mapping, each backend in
+    turn) from two random images, for forwards that refuse plain `(batch, channels, height, width)` pixels
+    (SigLIP-2's patch-packed pixels with their attention mask and spatial shapes). Processor arguments
+    that name a field of the (vision) config take its value (`patch_size`); None where no processor
+    builds inputs."""
+    from transformers.models.auto import image_processing_auto
+
+    names = image_processing_auto.IMAGE_PROCESSOR_MAPPING_NAMES.get(config.model_type) or {}
+    names = names.values() if isinstance(names, dict) else [names]
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", 32)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(getattr(vision, "num_channels", 3), size, size, generator=generator) for _ in range(2)]
+    for name in names:
+        try:
+            processor_class = image_processing_auto.get_image_processor_class_from_name(name)
+            accepted = inspect.signature(processor_class.__init__).parameters
+            fields = {key: getattr(vision, key) for key in accepted if key != "self" and hasattr(vision, key)}
+            processed = processor_class(**fields)(images=images, return_tensors="pt")
+            return {key: value for key, value in processed.items() if isinstance(value, torch.Tensor)}
+        except Exception:  # a backend not installed, or arguments it refuses: the next backend
+            continue
+    return None
+
+
+def _checked_pixels(model: nn.Module, config: PretrainedConfig, inputs: dict) -> dict[str, torch.Tensor]:
+    """`inputs` where the forward takes them, else the image processor's (`processor_inputs`) where it takes
+    those; else `inputs` (the caller's forward raises the first refusal)."""
+    try:
+        model_output(model, inputs)
+        return inputs
+    except Exception:
+        processed = processor_inputs(model, config)
+    if processed is None:
+        return inputs
+    try:
+        model_output(model, processed)
+    except Exception:
+        return inputs
+    return processed
+
+
 def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.Module, dict]:
     """A tiny random instance (eval mode; norms and biases perturbed so masking bugs show) and its inputs.
 
@@ -329,6 +376,8 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
                     if "norm" in name.lower() or name.endswith("bias"):
                         parameter.add_(0.1 * torch.randn_like(parameter))
             inputs = tiny_inputs(model, config)
+            if "pixel_values" in inputs:  # pixels the forward refuses: its image processor's, where it takes those
+                inputs = _checked_pixels(model, config, inputs)
             if attempt < len(attempts) - 1:  # a shape the forward refuses: the next attempt
                 model_output(model, inputs)
             return model, inputs
