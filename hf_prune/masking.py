@@ -26,9 +26,12 @@ from .plan import LayerPlan, PruningPlan
 
 
 def identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    """A removed layer's output: its input hidden states, in the container the layer returns (tuple or list)."""
     hidden_states = args[0] if args else kwargs["hidden_states"]
     if isinstance(output, tuple):
         return (hidden_states, *output[1:])
+    if isinstance(output, list):  # OpenAI GPT's blocks return a list
+        return [hidden_states, *output[1:]]
     return hidden_states
 
 
@@ -54,13 +57,18 @@ def apply_masks(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPla
         for piece in masked_slices(adapter, layer, layer_plan):
             layer.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()
         if layer_plan.changes_experts:
-            experts = adapter.experts_of(layer)
-            router = layer.get_submodule(experts.router)
-            kept = torch.tensor(layer_plan.experts, dtype=torch.long, device=router.weight.device)
-            names = [name.removeprefix(experts.router + ".") for name in experts.router_parameters]
-            names += [name.removeprefix(experts.router + ".") for name in experts.router_buffers]
-            handles.append(router.register_forward_hook(kept_experts_hook(kept, names), with_kwargs=True))
+            handles.append(hook_kept_experts(adapter, layer, layer_plan.experts))
     return handles
+
+
+def hook_kept_experts(adapter: ArchitectureAdapter, layer: nn.Module, experts: tuple[int, ...]) -> RemovableHandle:
+    """Hook the router of `layer` (a mixture of experts) so that only `experts` are ever selected
+    (`kept_experts_hook`); the handle removes it."""
+    layout = adapter.experts_of(layer)
+    router = layer.get_submodule(layout.router)
+    kept = torch.tensor(experts, dtype=torch.long, device=layer.get_parameter(layout.router_parameters[0]).device)
+    names = [name.removeprefix(layout.router + ".") for name in (*layout.router_parameters, *layout.router_buffers)]
+    return router.register_forward_hook(kept_experts_hook(kept, names), with_kwargs=True)
 
 
 def kept_experts_hook(kept: torch.Tensor, parameters: list[str]):

@@ -80,8 +80,13 @@ def cut_layer(layer: nn.Module, adapter: ArchitectureAdapter, layer_plan: LayerP
     experts = layer_plan.geometry.experts is not None and (layer_plan.changes_experts or layer_plan.changes_mlp)
     pieces = list(layer_plan.removed_slices(adapter, layer))
     if layer_plan.changes_experts:
-        pieces += [p for e in layer_plan.removed_experts() for p in adapter.experts_of(layer).buffer_slices(e)]
+        layout = adapter.experts_of(layer)
+        pieces += [p for e in layer_plan.removed_experts() for p in layout.buffer_slices(e)]
+        gone = layout.entry_prefixes(layer_plan.removed_experts())  # per-expert lists: those entries are dropped
+        pieces = [piece for piece in pieces if not piece.parameter.startswith(gone)] if gone else pieces
     slice_tensors(layer, pieces)
+    if layer_plan.changes_experts:
+        layout.drop_experts(layer, layer_plan.removed_experts())
     if experts:
         adapter.set_expert_geometry(layer, layer_plan.geometry, layer_plan.pruned_geometry())
     if layer_plan.changes_attention:
@@ -96,11 +101,13 @@ def drop_layers(model: nn.Module, adapter: ArchitectureAdapter, kept: list[int])
     if len(kept) == len(layers):
         return
     adapter.set_layers(model, nn.ModuleList(layers[i] for i in kept))
-    for new_index, layer in enumerate(adapter.layers(model)):
-        # The KV cache is indexed by `layer_idx`: renumber so generate() sees 0..n-1.
+    for new_index, (old_index, layer) in enumerate(zip(kept, adapter.layers(model))):
+        # The KV cache is indexed by `layer_idx` (GPT-Neo: `layer_id`): renumber so generate() sees 0..n-1.
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
+            if type(getattr(module, "layer_id", None)) is int and module.layer_id == old_index:
+                module.layer_id = new_index
     adapter.update_config_for_layers(model.config, kept)
 
 

@@ -27,8 +27,12 @@ Two more families of rows, where their tools run:
 - `recovery/...`: one epoch of fine-tuning on the CIFAR-10 train split (random crops and flips) with
   `transformers.Trainer`: `oneshot+ft` starts from the best zero-shot row of that budget;
   `callback` (ViT) prunes gradually during the epoch with the `PruningCallback` (cubic schedule,
-  Taylor scores of the training batches) and compacts at the end. The callback does not prune
-  convolution channels, so ResNet has the one-shot rows only.
+  Taylor scores of the training batches) and compacts at the end. Issue 18's variants: `oneshot+distill`
+  (the one-shot row's epoch with distillation from the dense model, `DistillationCallback`),
+  `callback/taylor+repair` (`repair="lstsq"`: the consumers refitted at every pruning event),
+  `callback/taylor+distill` (`distill=Distillation(--distill-alpha, --distill-temperature)`) and
+  `callback/taylor+both`. The callback does not prune convolution channels, so ResNet has the one-shot
+  rows only.
 
 Accuracy is on the local CIFAR-10 test split, quality-75 JPEGs: about 11 points below the
 original test set. Every prune uses `--damping` (default: `PruningConfig`'s).
@@ -54,7 +58,7 @@ import transformers
 from results_file import open_results, package_versions
 from train_reference_vision import augment, normalise
 
-from hf_prune import HFPruner, PruningCallback, PruningConfig
+from hf_prune import Distillation, HFPruner, PruningCallback, PruningConfig
 from hf_prune.allocation import plan_for
 from hf_prune.calibration.images import JPEG_CAVEAT, calibration_pixels, cifar10, pixel_values
 from hf_prune.calibration.statistics import collect_statistics
@@ -62,6 +66,7 @@ from hf_prune.criteria.random import RandomCriterion
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.evaluation import image_flops, latency_ms, parameter_count, top1_of_pixels
 from hf_prune.groups import get_adapter
+from hf_prune.training.recovery import DistillationCallback
 
 MODELS = {
     "vit": "reference_models/cifar10-vit",
@@ -195,6 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="budgets that get the one-epoch recovery rows (none: skip them)",
     )
     parser.add_argument("--train-images", type=int, default=50_000, help="images of the recovery epoch")
+    parser.add_argument("--distill-alpha", type=float, default=0.5, help="α of the distillation rows")
+    parser.add_argument("--distill-temperature", type=float, default=1.0, help="T of the distillation rows")
     parser.add_argument(
         "--torch-pruning",
         nargs="*",
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "damping": args.damping,
         "train_images": args.train_images,
         "recovery": f"1 epoch, batch 128, AdamW lr {RECOVERY_LEARNING_RATE} cosine, seed 0",
+        "distillation": f"alpha {args.distill_alpha}, T {args.distill_temperature}, teacher: the dense model",
         "latency": "median of 5 forward passes, batch 64",
         "threads": args.threads,
     }
@@ -338,12 +346,30 @@ def main(argv: list[str] | None = None) -> dict:
             if not zero_shot:
                 continue
             best = max(zero_shot, key=lambda row: row["top1"])
-            recoveries = {f"oneshot+ft/{best['criterion']}+{best['repair']}": None}
+            zero_shot_row = f"{best['criterion']}+{best['repair']}"
+            distill = Distillation(alpha=args.distill_alpha, temperature=args.distill_temperature)
+            # name -> (the PruningCallback, or None for the one-shot prune; distil from the dense model)
+            recoveries = {
+                f"oneshot+ft/{zero_shot_row}": (None, False),
+                f"oneshot+distill/{zero_shot_row}": (None, True),
+            }
             if "channels" not in adapter.kinds:  # the callback prunes heads and neurons, not channels
-                recoveries["callback/taylor"] = PruningCallback(
-                    PruningConfig(**best["amounts"], damping=args.damping), score="taylor", pruned_dir=None
-                )
-            for recovery, callback in recoveries.items():
+                for suffix, options in {
+                    "": {},
+                    "+repair": {"repair": "lstsq"},
+                    "+distill": {"distill": distill},
+                    "+both": {"repair": "lstsq", "distill": distill},
+                }.items():
+                    recoveries[f"callback/taylor{suffix}"] = (
+                        PruningCallback(
+                            PruningConfig(**best["amounts"], damping=args.damping),
+                            score="taylor",
+                            pruned_dir=None,
+                            **options,
+                        ),
+                        False,
+                    )
+            for recovery, (callback, distilled) in recoveries.items():
                 row_id = f"{name}/recovery/{recovery}/{ratio}"
                 if not wanted(row_id):
                     continue
@@ -365,7 +391,12 @@ def main(argv: list[str] | None = None) -> dict:
                         ),
                         statistics=statistics,
                     )
-                    model = recovery_epoch(pruner.model.train(), train, processor)
+                    teacher = (
+                        DistillationCallback(copy.deepcopy(dense), args.distill_alpha, args.distill_temperature)
+                        if distilled
+                        else None
+                    )
+                    model = recovery_epoch(pruner.model.train(), train, processor, teacher)
                 else:
                     model = recovery_epoch(copy.deepcopy(dense).train(), train, processor, callback)
                 seconds = time.perf_counter() - start

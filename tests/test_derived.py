@@ -16,8 +16,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from tiny_models import FAMILIES, STRUCTURAL
+from transformers.pytorch_utils import Conv1D
 
-from hf_prune import HFPruner
+from hf_prune import HFPruner, load_pruned
 from hf_prune.derivation.derive import MAX_TINY_PARAMETERS, DerivedAdapter, build_tiny, changed_fields, tiny_config
 from hf_prune.derivation.verify import check_kinds, verified_derivation
 from hf_prune.errors import DerivedAdapterError, InvalidPruningTargetError, UnsupportedArchitectureError
@@ -108,8 +109,16 @@ def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
 
 
 def test_nothing_derivable_is_a_typed_refusal():
-    config = transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2)  # attentions and ffns apart
-    with pytest.raises(DerivedAdapterError, match="'xlm' has no hand-written adapter.*several stacks") as error:
+    # one layer's weights shared by every layer: no list of blocks that a config field counts
+    config = transformers.AlbertConfig(
+        vocab_size=64,
+        embedding_size=16,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=37,
+    )
+    with pytest.raises(DerivedAdapterError, match="'albert' has no hand-written adapter.*no block list") as error:
         get_adapter(config)
     assert isinstance(error.value, UnsupportedArchitectureError)
 
@@ -120,10 +129,18 @@ def test_from_model_takes_the_derived_adapter_before_tracing():
     opt, inputs = build_tiny(transformers.OPTConfig, seed=1)
     pruner = HFPruner.from_model(opt, example_inputs=inputs["input_ids"])
     assert type(pruner) is HFPruner and isinstance(pruner.adapter, DerivedAdapter)
-    gpt = transformers.XLMWithLMHeadModel(transformers.XLMConfig(vocab_size=64, emb_dim=32, n_layers=2, n_heads=2))
+    config = transformers.AlbertConfig(
+        vocab_size=64,
+        embedding_size=16,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=37,
+    )
+    gpt = transformers.AlbertForMaskedLM(config)
     with pytest.raises(InvalidPruningTargetError, match="none could be derived.*Pass example_inputs=") as error:
         HFPruner.from_model(gpt)
-    assert "several stacks" in str(error.value)
+    assert "no block list" in str(error.value)
     traced = HFPruner.from_model(gpt, example_inputs={"input_ids": torch.randint(0, 64, (1, 8))})
     assert type(traced).__name__ == "TracedPruner"
 
@@ -180,10 +197,9 @@ def test_mixture_of_experts_verified(config_class):
     per-expert score-correction buffer, cut with its rows."""
     derivation = verified_derivation(config_class)
     expected = {"heads", "kv_groups", "experts", "neurons", "attention_branches", "mlp_branches", "layers"}
-    if config_class is transformers.Glm4MoeConfig:  # layer 0 is dense (first_k_dense_replace): removing it
-        # leaves a config that builds the next, MoE, layer as dense: the reloaded folder differs, so refused
-        assert "loader-format folder reloads" in derivation.refused["layers"], derivation.refused
-        expected -= {"layers"}
+    # GLM-4-MoE's layer 0 is dense (first_k_dense_replace): removing it leaves a config that builds the next, MoE,
+    # layer as dense, so the leading dense layers are kept whole and only MoE layers are removed
+    assert derivation.fixed_prefix == (config_class is transformers.Glm4MoeConfig)
     assert set(derivation.kinds) == expected, derivation.refused
 
 
@@ -262,3 +278,212 @@ def test_encoder_decoder_layer_removal_updates_the_decoder_count():
     config = tiny_config(transformers.BartConfig)
     DerivedAdapter(derivation, "bart").update_config_for_layers(config, [0, 2])
     assert (config.decoder_layers, config.encoder_layers) == (2, 3)
+
+
+def skipped(module, args, kwargs, output):
+    """A removed block's output: its input, in the container the block returns."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
+
+
+@torch.no_grad()
+def zeroed_reference(model, plan, layers: str, down: str, out: str, head_dim: int):
+    """The pruned model's reference in plain torch: a removed neuron's down-projection column and a removed
+    query head's output-projection columns zeroed, a removed layer's forward replaced by its input."""
+    reference = copy.deepcopy(model)
+    blocks = reference.get_submodule(layers)
+    for layer_plan in plan.layers:
+        block = blocks[layer_plan.layer]
+        if not layer_plan.keep_layer:
+            block.register_forward_hook(skipped, with_kwargs=True)
+            continue
+        if down and layer_plan.neurons:  # the MLP's shape is known (its kinds not refused)
+            weight = block.get_submodule(down).weight
+            weight[:, [n for n in range(weight.shape[1]) if n not in layer_plan.neurons]] = 0
+        if out and layer_plan.query_heads:  # GPT-2 style Conv1D holds its weight as (in, out)
+            module = block.get_submodule(out)
+            weight = module.weight.T if isinstance(module, Conv1D) else module.weight
+            for head in set(range(weight.shape[1] // head_dim)) - set(layer_plan.query_heads):
+                weight[:, head * head_dim : (head + 1) * head_dim] = 0
+    return reference
+
+
+def test_multimodal_wrapper_prunes_its_language_model(tmp_path):
+    """Gemma-3's multimodal model has no layer count of its own (`text_config`, `vision_config`): of its two
+    stacks (SigLIP's encoder, the language model) the one whose last block runs last on text inputs is pruned,
+    counted by `text_config.num_hidden_layers` (lowering it shortens that stack alone). Heads, KV groups,
+    neurons and a layer: the cut equals a plain-torch reference and the folder reloads with plain
+    transformers, vision tower untouched."""
+    derivation = verified_derivation(transformers.Gemma3Config)
+    assert (derivation.layers_path, derivation.layers_field, derivation.config_path) == (
+        "language_model.layers",
+        "text_config.num_hidden_layers",
+        "text_config",
+    )
+    assert {"heads", "kv_groups", "neurons", "layers"} <= derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(transformers.Gemma3Config, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, kv_groups=1, layers=1, **STRUCTURAL)
+    layers = "model.language_model.layers"
+    reference = zeroed_reference(dense, pruner.plan, layers, "mlp.down_proj", "self_attn.o_proj", 24)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    text, vision = pruner.model.config.text_config, pruner.model.config.vision_config
+    assert (text.num_hidden_layers, text.intermediate_size, text.num_key_value_heads) == (2, 30, 1)
+    assert vision.to_dict() == dense.config.vision_config.to_dict()
+    pruner.save_pretrained(tmp_path / "gemma3")
+    assert pruner.report.output_format == "vanilla"
+    reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "gemma3").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_encoder_decoder_stack_and_count_field_from_the_config_class():
+    """UMT5's sequence classifier runs an encoder and a decoder stack of one length: the decoder runs last and
+    `num_decoder_layers` (not `num_layers`, the encoder's) shortens it alone; removing a layer updates that."""
+    derivation = verified_derivation(transformers.UMT5Config)
+    assert (derivation.layers_path, derivation.layers_field) == ("decoder.block", "num_decoder_layers")
+    assert {"neurons", "layers"} <= derivation.kinds, derivation.refused
+    config = tiny_config(transformers.UMT5Config)
+    DerivedAdapter(derivation, "umt5").update_config_for_layers(config, [1, 2])
+    assert (config.num_decoder_layers, config.num_layers) == (2, 3)
+
+
+def test_fused_gate_up_projection_read_from_the_dataflow(tmp_path):
+    """GLM's MLP is one `gate_up_proj` (H → 2I) and `down_proj`; Moshi's `fc1` is the same with `ffn_dim` counting
+    its 2I rows. Which rows feed neuron n (n and I + n) is read from the dataflow: the cut equals a plain-torch
+    reference (the removed neurons' down columns zeroed) and reloads with plain transformers."""
+    moshi = verified_derivation(transformers.MoshiConfig)
+    assert (moshi.up_proj, moshi.gate_up_layout, moshi.mlp_width_scale) == ("mlp.fc1", "halves", 2), moshi
+    assert "neurons" in moshi.kinds, moshi.refused
+    derivation = verified_derivation(transformers.GlmConfig)
+    assert (derivation.up_proj, derivation.gate_proj, derivation.gate_up_layout) == (
+        "mlp.gate_up_proj",
+        None,
+        "halves",
+    )
+    dense, inputs = build_tiny(transformers.GlmConfig, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, **STRUCTURAL)
+    reference = zeroed_reference(dense, pruner.plan, "model.layers", "mlp.down_proj", "self_attn.o_proj", 24)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    assert pruner.model.config.intermediate_size == 30
+    assert pruner.model.model.layers[0].mlp.gate_up_proj.weight.shape == (60, 64)
+    pruner.save_pretrained(tmp_path / "glm")
+    assert pruner.report.output_format == "vanilla"
+    reloaded = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config_class, down, out",
+    [(transformers.GPTNeoConfig, "mlp.c_proj", "attn.attention.out_proj"), (transformers.OpenAIGPTConfig, "", "")],
+)
+def test_layer_removal_where_blocks_index_the_cache_by_layer_id_or_return_lists(config_class, down, out):
+    """GPT-Neo's attention indexes the KV cache by `layer_id` (renumbered with `layer_idx`), OpenAI GPT's blocks
+    return a list (the masked reference passes its input on in a list): removing a layer equals a plain-torch
+    reference that skips it, and GPT-Neo still generates with its cache."""
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(layers=1, **STRUCTURAL)
+    layers = "transformer.h"
+    reference = zeroed_reference(dense, pruner.plan, layers, down, out, 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    assert len(pruner.model.get_submodule(layers)) == 2
+    if config_class is transformers.GPTNeoConfig:
+        assert [block.attn.attention.layer_id for block in pruner.model.transformer.h] == [0, 1]
+        pruner.model.generate(inputs["input_ids"], max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize(
+    "config_class, layers, out, width_attributes",
+    [
+        (transformers.BartConfig, "model.decoder.layers", "self_attn.out_proj", ("split_size", "all_head_size")),
+        (transformers.XGLMConfig, "model.layers", "self_attn.out_proj", ("split_size", "all_head_size", "embed_dim")),
+        # fused q/k/v (c_attn): its `embed_dim` follows the heads as in every fused layout
+        (transformers.OpenAIGPTConfig, "transformer.h", "attn.c_proj", ("split_size", "all_head_size", "embed_dim")),
+    ],
+)
+def test_self_attention_heads_beside_cross_attention_and_without_a_head_size_attribute(
+    config_class, layers, out, width_attributes
+):
+    """BART's decoder block holds a self- and a cross-attention of one shape: the heads are read from the
+    self-attention's projections alone. XGLM reshapes its output by `embed_dim`, which verification finds must
+    follow the heads (tried after the cut without it differs); OpenAI GPT splits by `width // n_head` and keeps
+    no head size. Removing half the heads
+    equals a plain-torch reference with their output-projection columns zeroed."""
+    derivation = verified_derivation(config_class)
+    assert "heads" in derivation.kinds, derivation.refused
+    assert derivation.o_proj == out and derivation.width_attributes == width_attributes
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    assert all(len(p.query_heads) == 2 for p in pruner.plan.layers)
+    reference = zeroed_reference(dense, pruner.plan, layers, "", out, 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+
+
+def test_leading_layers_built_by_index_are_kept_whole(tmp_path):
+    """ModernBERT builds its first layer without an attention norm: removing it cannot be expressed by a config
+    with fewer layers (verification shows it), removing any other can. The first layer is then kept whole even
+    where it scores lowest, the others are removed as usual: the cut equals a plain-torch reference that skips
+    the removed layer, and the folder reloads to it."""
+    derivation = verified_derivation(transformers.ModernBertConfig)
+    assert derivation.fixed_prefix and "layers" in derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(transformers.ModernBertConfig, seed=2)
+    assert dense.model.layers[0].attn_norm.__class__.__name__ == "Identity"
+    adapter = DerivedAdapter(derivation, "modernbert")
+    assert adapter.fixed_layers(dense) == {0}
+    with torch.no_grad():
+        for layer in dense.model.layers[:1]:  # the lowest magnitude: chosen first were it removable
+            for parameter in layer.parameters():
+                parameter.mul_(1e-3)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(layers=1, **STRUCTURAL)
+    assert pruner.plan.layers[0].keep_layer and sum(not p.keep_layer for p in pruner.plan.layers) == 1
+    reference = zeroed_reference(dense, pruner.plan, "model.layers", "", "", 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    pruner.save_pretrained(tmp_path / "modernbert")
+    reloaded = load_pruned(tmp_path / "modernbert").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_tiny_inputs_the_forward_needs_come_from_the_config_class():
+    """ESM leaves `pad_token_id` unset and its forward counts the tokens that are not padding; X-MOD needs a
+    `default_language` of its `languages`; MarkupLM's xpath pad ids index tables the shrink made smaller;
+    SigLIP-2 takes patch-packed pixels, which its own image processor prepares. The
+    tiny instance fills the unset defaults only after the forward refused them and keeps the ids inside their
+    tables. ESM's heads and neurons then cut equal to a plain-torch reference with their output columns
+    zeroed; its layers stay refused (the contact head is sized by layers × heads)."""
+    markup = tiny_config(transformers.MarkupLMConfig)
+    assert markup.tag_pad_id < markup.max_xpath_tag_unit_embeddings
+    assert markup.subs_pad_id < markup.max_xpath_subs_unit_embeddings
+    xmod, _ = build_tiny(transformers.XmodConfig)
+    assert xmod.config.default_language == transformers.XmodConfig().languages[0]
+    siglip2, pixels = build_tiny(transformers.Siglip2Config)  # patch-packed pixels from its image processor
+    patch = siglip2.config.vision_config.patch_size
+    assert pixels["pixel_values"].shape[-1] == 3 * patch * patch and {"spatial_shapes", "pixel_attention_mask"} <= set(
+        pixels
+    )
+    derivation = verified_derivation(transformers.EsmConfig)
+    assert {"heads", "neurons"} <= derivation.kinds and "layers" in derivation.refused, derivation.refused
+    dense, inputs = build_tiny(transformers.EsmConfig, seed=2)
+    assert transformers.EsmConfig().pad_token_id is None and dense.config.pad_token_id is not None
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, attention_heads=0.5, **STRUCTURAL)
+    reference = zeroed_reference(dense, pruner.plan, "esm.encoder.layer", "output.dense", "attention.output.dense", 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    assert all(len(p.query_heads) == 2 and len(p.neurons) == 30 for p in pruner.plan.layers)

@@ -1,8 +1,11 @@
 """Distillation from the dense model inside `PruningCallback`, on tiny models and tiny `Trainer` runs:
 the loss the Trainer sees against a plain-torch α·T²·KL + (1 − α)·CE, the KD term at zero before masking,
-gradient accumulation, a PEFT student as its own teacher (no copy), evaluation, refusals, the card."""
+gradient accumulation, resuming with a passed teacher, a PEFT student as its own teacher (no copy), evaluation,
+refusals, the card."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -227,6 +230,35 @@ def test_resuming_without_a_teacher_is_refused(tmp_path):
     )
     with pytest.raises(CallbackStateError, match=r"pass the dense model as Distillation\(teacher=...\)"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_resuming_with_the_teacher_gives_the_uninterrupted_weights(tmp_path):
+    """Stop after step 2, resume from checkpoint-2 with the dense model passed as the teacher: the weights
+    after step 5 equal those of the run that was never interrupted (same masks, same KD targets)."""
+
+    def train(output_dir, resume=None):
+        teacher = FAMILIES["llama"].build().eval()  # the dense model, rebuilt: what the student started as
+        pruning = PruningCallback(
+            PruningConfig(**CONFIG),
+            SCHEDULE,
+            distill=Distillation(alpha=0.5, temperature=2.0, teacher=teacher),
+            compact_at_end=False,
+        )
+        trainer = Trainer(
+            model=FAMILIES["llama"].build(),
+            args=arguments(output_dir, max_steps=5, save_strategy="steps", save_steps=2, learning_rate=1e-3),
+            train_dataset=dataset(),
+            callbacks=[pruning],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return pruning.plan, trainer.model.state_dict()
+
+    plan, whole = train(tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed_plan, resumed = train(tmp_path / "resumed", resume=True)
+    assert [layer.to_dict() for layer in resumed_plan.layers] == [layer.to_dict() for layer in plan.layers]
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_the_card_says_the_model_was_distilled(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_models import FAMILIES, STRUCTURAL, calibration_images, calibration_windows
-from transformers import XLMConfig, XLMWithLMHeadModel
+from transformers import AlbertConfig, AlbertForMaskedLM
 
 from hf_prune import (
     HFPruner,
@@ -32,15 +32,24 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
 
 
 def test_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
-    # XLM: no hand-written adapter, and none derivable (its attentions and MLPs are two separate lists).
-    model = XLMWithLMHeadModel(XLMConfig(emb_dim=16, n_heads=2, n_layers=2, vocab_size=50))
+    # ALBERT: no hand-written adapter, and none derivable (every layer shares one layer's weights).
+    model = AlbertForMaskedLM(
+        AlbertConfig(
+            vocab_size=50,
+            embedding_size=16,
+            hidden_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            intermediate_size=37,
+        )
+    )
     with pytest.raises(
-        UnsupportedArchitectureError, match=r"'xlm'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
+        UnsupportedArchitectureError, match=r"'albert'.*Supported: bert, convnext, deit, gemma3_text, gpt2"
     ):
         HFPruner(model)
-    model.save_pretrained(tmp_path / "xlm")
-    with pytest.raises(UnsupportedArchitectureError, match="'xlm'"):
-        HFPruner.from_pretrained(tmp_path / "xlm")
+    model.save_pretrained(tmp_path / "albert")
+    with pytest.raises(UnsupportedArchitectureError, match="'albert'"):
+        HFPruner.from_pretrained(tmp_path / "albert")
 
 
 @pytest.mark.parametrize(

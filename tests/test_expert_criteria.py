@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from list_moe import ListMoeConfig
 from safetensors.torch import save_file
 from test_experts import COUNT_FIELDS, RELOAD_SCRIPT, layers_of, logits, routers_exclude, tiny
 from tiny_models import calibration_windows
@@ -26,6 +27,7 @@ from torch import nn
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration.statistics import collect_statistics
 from hf_prune.criteria import ScoringContext, get_criterion
+from hf_prune.derivation.derive import build_tiny
 from hf_prune.errors import InvalidPruningTargetError
 from hf_prune.groups import get_adapter
 
@@ -200,3 +202,15 @@ def test_unknown_expert_repair_is_refused_naming_the_choices():
     message = r"expert_repair='average' is unknown; choose one of none, merge"
     with pytest.raises(InvalidPruningTargetError, match=message):
         PruningConfig(experts=0.25, expert_repair="average")
+
+
+def test_per_expert_module_lists_refuse_output_error_and_merging():
+    """A per-expert module list's block applies the gate weights itself (`list_moe.py`): no top-k outputs to
+    re-weigh, no co-routing counts; typed errors naming what works."""
+    model, _ = build_tiny(ListMoeConfig, seed=3)
+    common = {"experts": 1, "calibration": calibration_windows(count=4, length=8), "num_samples": 4, "seq_len": 8}
+    for criterion in ("output_error", "output_error_first_order"):
+        with pytest.raises(InvalidPruningTargetError, match=r"per-expert module list.*'frequency'"):
+            HFPruner(copy.deepcopy(model)).prune(criterion={"experts": criterion}, **common)
+    with pytest.raises(InvalidPruningTargetError, match=r"per-expert module list.*expert_repair='none'"):
+        HFPruner(copy.deepcopy(model)).prune(criterion={"experts": "frequency"}, expert_repair="merge", **common)

@@ -217,13 +217,21 @@ def test_inspect_says_adapter_or_tracing(tmp_path, capsys, one_thread):
     assert "handled by: an adapter derived from the model and verified" in out
     assert "refused mlp_branches: the MLP projections ['fc1', 'fc2'] have no module of their own" in out
     assert "MLP neurons               96" in out  # 2 layers x ffn_dim 48
-    # XLM: its attentions and MLPs are two separate lists, so nothing is derived: tracing says why.
-    xlm = transformers.XLMConfig(vocab_size=97, emb_dim=32, n_layers=2, n_heads=4, max_position_embeddings=64)
-    transformers.XLMWithLMHeadModel(xlm).save_pretrained(tmp_path / "xlm")
-    assert main(["inspect", str(tmp_path / "xlm")]) == 0
+    # ALBERT: every layer shares one layer's weights (no block list a config field counts), so nothing is
+    # derived: tracing says why.
+    albert = transformers.AlbertConfig(
+        vocab_size=97,
+        embedding_size=16,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=37,
+    )
+    transformers.AlbertForMaskedLM(albert).save_pretrained(tmp_path / "albert")
+    assert main(["inspect", str(tmp_path / "albert")]) == 0
     out = capsys.readouterr().out
-    assert "handled by: tracing (no architecture adapter for model_type 'xlm')" in out
-    assert "why no adapter: model_type 'xlm' has no hand-written adapter and none could be derived" in out
+    assert "handled by: tracing (no architecture adapter for model_type 'albert')" in out
+    assert "why no adapter: model_type 'albert' has no hand-written adapter and none could be derived" in out
     assert "groups  channels" in out
     FAMILIES["llama"].build().save_pretrained(tmp_path / "llama")
     assert main(["inspect", str(tmp_path / "llama")]) == 0

@@ -46,6 +46,8 @@ class RemovalCounts:
     budget: Budget
     allocation: str = "uniform"
     protected: frozenset[int] = field(default_factory=frozenset)
+    #: layers never removed whole (`ArchitectureAdapter.fixed_layers`); their other groups are pruned as usual
+    fixed: frozenset[int] = field(default_factory=frozenset)
     round_to: int = 1
     #: what the units of `counts.neurons` are: MLP neurons, or a convolutional block's inner channels.
     neuron_kind: GroupKind = "neurons"
@@ -279,7 +281,10 @@ def _budget_counts(
     config: PruningConfig, model: nn.Module, costs: dict[int, UnitCosts], protected: frozenset[int]
 ) -> Counts:
     """Per-layer counts removing the budget uniformly: in every unprotected layer the same share of
-    its heads and neurons, attention in whole units and the rest of the layer's share in neurons."""
+    its heads, routed experts and neurons: attention in whole units, then (parameter budgets on
+    mixture-of-experts layers) the same share of the experts, as many as `num_experts_per_tok` allows, and
+    the rest of the layer's share in neurons (inside every expert that stays). A FLOPs budget removes no
+    experts: a token runs as many experts whichever stay, so an expert saves only its router row's FLOPs."""
     name = config.budget_target
     amount = _budget_amount(config, model, costs)
     open_layers = {index: c for index, c in costs.items() if index not in protected}
@@ -288,23 +293,29 @@ def _budget_counts(
     removed = 0.0
     for index, c in open_layers.items():
         attention = min(round(share * c.attention_units), max(c.attention_units - 1, 0))
-        rest = share * c.prunable - attention * c.kv_group
+        experts = min(round(share * c.num_experts), c.num_experts - c.min_experts) if c.experts_hold_neurons else 0
+        rest = share * c.prunable - attention * c.kv_group - experts * c.expert
+        neuron = c.neuron_without(experts)
+        round_to = math.lcm(config.round_to, EXPERT_WIDTH_MULTIPLE) if c.num_experts else config.round_to
         # At least the layer's share (never short of the budget), then down to a multiple of round_to.
-        neurons = min(max(math.ceil(rest / c.neuron - 1e-9), 0), c.num_neurons - 1) if c.num_neurons else 0
-        if neurons and config.round_to > 1:
-            kept = max(config.round_to, (c.num_neurons - neurons) // config.round_to * config.round_to)
+        neurons = min(max(math.ceil(rest / neuron - 1e-9), 0), c.num_neurons - 1) if c.num_neurons else 0
+        if neurons and round_to > 1:
+            kept = max(round_to, (c.num_neurons - neurons) // round_to * round_to)
             neurons = max(c.num_neurons - kept, 0)
         if c.attention_units:
             (counts.mha_heads if c.heads_per_group == 1 else counts.kv_groups)[index] = attention
         if c.num_neurons:
             counts.neurons[index] = neurons
-        removed += attention * c.kv_group + neurons * c.neuron
+        if experts:
+            counts.experts[index] = experts
+        removed += attention * c.kv_group + experts * c.expert + neurons * neuron
     if removed < 0.98 * amount:
         raise InvalidPruningTargetError(
             f"{name}={getattr(config, name)!r} asks to remove {amount:,.0f} "
             f"{'FLOPs per token' if config.target_flops else 'parameters'}, "
-            f"but every unprotected layer keeping one KV group and one neuron allows only {removed:,.0f}; "
-            f"ask for less{' or protect fewer layers' if protected else ''}."
+            f"but every unprotected layer keeping one KV group and one neuron"
+            f"{' (and num_experts_per_tok experts)' if any(c.num_experts for c in open_layers.values()) else ''} "
+            f"allows only {removed:,.0f}; ask for less{' or protect fewer layers' if protected else ''}."
         )
     if not removed:
         raise InvalidPruningTargetError(
@@ -321,22 +332,29 @@ def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: Pruni
     total = len(plan.layers)
     protected = _protected(config, total)
     open_plans = [p for p in plan.layers if p.layer not in protected]
-    layers = _block_count("layers", config.layers, total, len(open_plans))
+    fixed = adapter.fixed_layers(model) if config.layers else frozenset()
+    layers = _block_count("layers", config.layers, total, sum(p.layer not in fixed for p in open_plans))
     with_attention = sum(1 for p in open_plans if p.keep_attention) - layers
     with_mlp = sum(1 for p in open_plans if p.keep_mlp) - layers
     unit: CostUnit = "flops" if config.target_flops else "params"
     modules = adapter.layers(model)
-    costs = {p.layer: unit_costs(adapter, modules[p.layer], p.layer, unit, config.seq_len) for p in plan.layers}
-    if config.budget_target and any(p.geometry.experts for p in plan.layers):
+    model_config = getattr(model, "config", None)
+    costs = {
+        p.layer: unit_costs(adapter, modules[p.layer], p.layer, unit, config.seq_len, model_config)
+        for p in plan.layers
+    }
+    if config.budget_target and config.allocation != "uniform" and any(p.geometry.experts for p in plan.layers):
         name = config.budget_target
         raise InvalidPruningTargetError(
-            f"{name}={getattr(config, name)!r}: budgets are not spread over routed experts yet (issue 16); on "
-            "mixture-of-experts models give the amounts instead, e.g. experts=0.25 and mlp_neurons=0.25."
+            f"{name}={getattr(config, name)!r} with allocation={config.allocation!r}: on mixture-of-experts models "
+            "a budget is spread uniformly (experts go in the same number from every layer, which changes what a "
+            "neuron inside them is worth, and the cross-layer allocations do not model that); use "
+            "allocation='uniform', or give the amounts (e.g. experts=0.25, mlp_neurons=0.25)."
         )
     counts = (
         _budget_counts(config, model, costs, protected)
         if config.budget_target
-        else _amount_counts(config, plan, protected, adapter.neuron_kind, getattr(model, "config", None))
+        else _amount_counts(config, plan, protected, adapter.neuron_kind, model_config)
     )
     return RemovalCounts(
         layers=layers,
@@ -348,6 +366,7 @@ def resolve_counts(model: nn.Module, adapter: ArchitectureAdapter, config: Pruni
         budget=Budget(unit, config.seq_len, costs),
         allocation=config.allocation,
         protected=protected,
+        fixed=fixed,
         round_to=config.round_to,
         neuron_kind=adapter.neuron_kind,
         stage_channels=_stage_channel_counts(config, model, adapter),

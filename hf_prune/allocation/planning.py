@@ -34,9 +34,10 @@ def remove_blocks(plan: PruningPlan, removal: RemovalCounts, scores: BlockScores
     come through `scores`, so the low-memory mode can rank from a first pass over the layers."""
     open_plans = [p for p in plan.layers if p.layer not in removal.protected]
     if removal.layers:
-        ranked = torch.cat([scores(p.layer, "layers") for p in open_plans])
+        removable = [p for p in open_plans if p.layer not in removal.fixed]
+        ranked = torch.cat([scores(p.layer, "layers") for p in removable])
         for position in lowest(ranked, removal.layers):
-            open_plans[position].keep_layer = False
+            removable[position].keep_layer = False
     for kind, flag in (("attention_branches", "keep_attention"), ("mlp_branches", "keep_mlp")):
         count = getattr(removal, kind)
         if not count:

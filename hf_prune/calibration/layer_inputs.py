@@ -26,7 +26,7 @@ from ..groups.base import replace_module
 
 def first_output(output):
     """A layer's hidden states, whether it returns a tensor or a tuple."""
-    return output[0] if isinstance(output, tuple) else output
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 class _Captured(Exception):

@@ -172,7 +172,7 @@ class RoutingStatistics:
             self.removal_error += removal
 
 
-def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hidden states, top-k indices, top-k weights) of a call `experts(hidden, top_k_index, top_k_weights)`."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     indices = next(t for t in tensors[1:] if not t.is_floating_point())
@@ -185,7 +185,7 @@ def routing_hook(accumulator: RoutingStatistics, count: int):
     fused layout): accumulate its routing."""
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        _, indices, weights = _routing(args, kwargs)
+        _, indices, weights = routing_arguments(args, kwargs)
         accumulator.add(indices.detach(), weights.detach().float(), count, None)
 
     return hook
@@ -317,6 +317,29 @@ def removal_errors(
     return errors
 
 
+def list_routing_hooks(accumulator: RoutingStatistics, router: nn.Module, entries: nn.ModuleList) -> list:
+    """Routing of a per-expert module list, whose block applies the gate weights itself: the tokens the router
+    reads, and the tokens each entry is called on (`selected`; `gate` and `weighted_norm` stay unmeasured)."""
+    count = len(entries)
+
+    def tokens(module: nn.Module, args: tuple) -> None:
+        hidden = args[0]
+        accumulator.tokens += hidden.reshape(-1, hidden.shape[-1]).shape[0]
+
+    def selected(entry: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            hidden = args[0]
+            if accumulator.selected is None:
+                accumulator.selected = torch.zeros(count, dtype=torch.float64, device=hidden.device)
+            accumulator.selected[entry] += hidden.reshape(-1, hidden.shape[-1]).shape[0]
+
+        return hook
+
+    handles = [router.register_forward_pre_hook(tokens)]
+    handles += [entry.register_forward_pre_hook(selected(index)) for index, entry in enumerate(entries)]
+    return handles
+
+
 class ExpertPairs:
     """While installed, the experts module computes each (token, chosen expert) pair once, with weight 1, by
     its own forward (`f_j(x)`), records the routing, `g_j(x)·‖f_j(x)‖` and the first-order removal error
@@ -330,7 +353,7 @@ class ExpertPairs:
         original = module.forward
 
         def forward(*args, **kwargs):
-            hidden, indices, weights = _routing(args, kwargs)
+            hidden, indices, weights = routing_arguments(args, kwargs)
             top_k = indices.shape[-1]
             flat = hidden.reshape(-1, hidden.shape[-1])
             pairs = original(
@@ -379,7 +402,7 @@ class CalibrationStatistics:
 
 
 def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _one_minus_cos(before: torch.Tensor, after: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -492,7 +515,9 @@ def register_layer_hooks(
     if experts and stats.requirements & {"routing", "expert_norms", "expert_removal"}:
         accumulator = stats.routing[index] = RoutingStatistics()
         module, count = layer.get_submodule(experts.experts_module), experts.num_experts(layer)
-        if stats.requirements & {"expert_norms", "expert_removal"}:
+        if experts.per_expert:
+            handles += list_routing_hooks(accumulator, layer.get_submodule(experts.router), module)
+        elif stats.requirements & {"expert_norms", "expert_removal"}:
             router = None
             if "expert_removal" in stats.requirements:
                 rows = experts.router_parameters + experts.router_buffers

@@ -67,15 +67,23 @@ def group_tensors(context: ScoringContext, group: Group, producers_only: bool = 
     ]
 
 
-def routing_of(context: ScoringContext, groups: Sequence[Group]):
-    """The routing statistics of the layer the expert groups belong to (`calibration.statistics.RoutingStatistics`)."""
+def routing_of(context: ScoringContext, groups: Sequence[Group], reads: str = "selected"):
+    """The routing statistics of the layer the expert groups belong to (`calibration.statistics.RoutingStatistics`),
+    whose field `reads` the criterion needs."""
     index = groups[0].layer
     if context.statistics is None or index not in context.statistics.routing:
         raise InvalidPruningTargetError(
             f"layer {index}'s routing was not measured: expert criteria read the calibration pass's `routing` "
             "statistics; run them through HFPruner.prune (or collect_statistics with 'routing')."
         )
-    return context.statistics.routing[index]
+    routing = context.statistics.routing[index]
+    if getattr(routing, reads) is None:
+        raise InvalidPruningTargetError(
+            f"layer {index}'s experts are a per-expert module list, whose block applies the gate weights itself: "
+            f"the routing's {reads!r} was not measured; rank experts with criterion={{'experts': 'frequency'}} "
+            "(or 'magnitude', 'random')."
+        )
+    return routing
 
 
 def branch_of(kind: GroupKind) -> Branch:

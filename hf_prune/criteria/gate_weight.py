@@ -23,5 +23,5 @@ class GateWeightCriterion(Criterion):
     kinds = EXPERT_KINDS
 
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
-        routing = routing_of(context, groups)
+        routing = routing_of(context, groups, reads="gate")
         return routing.gate[[g.index for g in groups]] / max(routing.tokens, 1)

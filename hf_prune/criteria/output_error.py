@@ -34,5 +34,5 @@ class OutputErrorCriterion(Criterion):
     kinds = EXPERT_KINDS
 
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
-        routing = routing_of(context, groups)
+        routing = routing_of(context, groups, reads="removal_error")
         return routing.removal_error[[g.index for g in groups]] / max(routing.tokens, 1)

@@ -26,5 +26,5 @@ class FirstOrderOutputErrorCriterion(Criterion):
     kinds = EXPERT_KINDS
 
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
-        routing = routing_of(context, groups)
+        routing = routing_of(context, groups, reads="first_order_error")
         return routing.first_order_error[[g.index for g in groups]] / max(routing.tokens, 1)

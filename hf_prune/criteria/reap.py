@@ -24,6 +24,6 @@ class ReapCriterion(Criterion):
     kinds = EXPERT_KINDS
 
     def score(self, context: ScoringContext, groups: Sequence[Group]) -> torch.Tensor:
-        routing = routing_of(context, groups)
+        routing = routing_of(context, groups, reads="weighted_norm")
         experts = [g.index for g in groups]
         return routing.weighted_norm[experts] / routing.selected[experts].clamp(min=1)

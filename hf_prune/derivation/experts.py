@@ -15,6 +15,12 @@ With `H` the hidden size, in the first block holding routed experts:
 * the config fields: of the integer fields equal to `E` (or `I`), the one that, lowered by one, gives a model
   (built on the meta device) whose expert tensors have `E - 1` experts (width `I - 1`).
 
+A *per-expert module list* (an `nn.ModuleList` of `E ≥ 2` modules with the same parameter names and shapes,
+with a router `[E, H]` beside it, as transformers 4's Mixtral or remote-code DeepSeek models have) is found the
+same way when no fused tensors are: the router width is the number of entries; in an entry, the projection
+writing `H` is the down projection (width `I`), the other tensors of width `I` (separate gate and up) or `2I`
+(fused, paired as above) its producers; the count field is the one that, lowered by one, shortens the router.
+
 Nothing here is used before `verify` has cut the tiny model and compared it with the masked reference.
 """
 
@@ -25,8 +31,10 @@ import dataclasses
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import DerivedAdapterError
+from ..groups.base import out_features
 from ..groups.experts import ExpertLayout, ExpertTensor
 
 
@@ -57,9 +65,30 @@ def expert_modules(block: nn.Module, hidden: int) -> dict[str, tuple[int, tuple[
     return found
 
 
+def expert_lists(block: nn.Module, hidden: int) -> dict[str, tuple[int, tuple[str, ...], tuple[str, ...]]]:
+    """Every `nn.ModuleList` of `block` with at least two entries of the same parameter names and shapes and a
+    router `[E, H]` beside it (`E` the entries): name → (E, router parameters, router buffers)."""
+    found = {}
+    for name, module in block.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2 or not name:
+            continue
+        shapes = [[(n, tuple(p.shape)) for n, p in entry.named_parameters()] for entry in module]
+        if not shapes[0] or any(shape != shapes[0] for shape in shapes):
+            continue
+        try:
+            found[name] = (len(module), *_router(block, name.rpartition(".")[0], name, len(module), hidden))
+        except DerivedAdapterError:
+            continue
+    return found
+
+
 def expert_block(layers: nn.ModuleList, hidden: int) -> int | None:
-    """The index of the first block holding routed experts (fused 3-D tensors with a router), if any."""
-    return next((index for index, block in enumerate(layers) if expert_modules(block, hidden)), None)
+    """The index of the first block holding routed experts (fused 3-D tensors, or a per-expert module list,
+    with a router), if any."""
+    return next(
+        (index for index, block in enumerate(layers) if expert_modules(block, hidden) or expert_lists(block, hidden)),
+        None,
+    )
 
 
 def derive_experts(model: nn.Module, inputs: dict, layers_name: str, hidden: int) -> ExpertLayout:
@@ -69,24 +98,33 @@ def derive_experts(model: nn.Module, inputs: dict, layers_name: str, hidden: int
     if index is None:
         three_d = sorted({n.rpartition(".")[0] for b in layers for n, p in b.named_parameters() if p.dim() == 3})
         raise DerivedAdapterError(
-            f"no module of 3-D (fused) expert tensors [E, ...] with a router weight [E, {hidden}] beside it "
-            f"(3-D parameters in {three_d or 'none'}); per-expert module lists are not derived yet"
+            f"no module of 3-D (fused) expert tensors [E, ...], nor a list of E expert modules, with a router weight "
+            f"[E, {hidden}] beside it (3-D parameters in {three_d or 'none'})"
         )
     block = layers[index]
     found = expert_modules(block, hidden)
+    per_expert = not found
+    found = found or expert_lists(block, hidden)
     if len(found) != 1:
         raise DerivedAdapterError(f"several expert modules with a router in one block {sorted(found)}")
     experts_module, (experts, router_parameters, router_buffers) = next(iter(found.items()))
     moe_module = experts_module.rpartition(".")[0]
-    tensors = _tensors(block, experts_module, experts, hidden)
+    if per_expert:
+        tensors = _entry_tensors(block, experts_module, hidden)
+    else:
+        tensors = _tensors(block, experts_module, experts, hidden)
     writers = _writers(block, moe_module, experts_module, router_parameters[0], hidden)
-    layout = ExpertLayout(moe_module, router_parameters, experts_module, tensors, router_buffers, writers=writers)
+    layout = ExpertLayout(
+        moe_module, router_parameters, experts_module, tensors, router_buffers, writers=writers, per_expert=per_expert
+    )
     layout = _pair(model, inputs, block, layout)
     prefix = f"{layers_name}.{index}."
-    count_field = _config_field(model, prefix + tensors[0].parameter, 0, experts)
+    counted = router_parameters[0] if per_expert else tensors[0].parameter  # a list's entries: the router's rows
+    count_field = _config_field(model, prefix + counted, 0, experts)
     consumer = next(t for t in layout.tensors if t.consumer)
-    width = block.get_parameter(consumer.parameter).shape[consumer.width_dim]
-    width_field = _config_field(model, prefix + consumer.parameter, consumer.width_dim, width)
+    down = layout.names(block, consumer)[0]
+    width = block.get_parameter(down).shape[consumer.width_dim]
+    width_field = _config_field(model, prefix + down, consumer.width_dim, width)
     return dataclasses.replace(layout, count_field=count_field, width_field=width_field)
 
 
@@ -183,6 +221,43 @@ def _tensors(block: nn.Module, experts_module: str, experts: int, hidden: int) -
     return tuple(tensors)
 
 
+def _entry_tensors(block: nn.Module, experts_module: str, hidden: int) -> tuple[ExpertTensor, ...]:
+    """Every parameter of one entry of a per-expert module list, relative to the entry, with its width dimension:
+    the `Linear` (or `Conv1D`) writing `H` is the down projection (the consumer); the other tensors of width `I`
+    (separate gate and up projections) or `2I` (fused, paired by `_pair`) are its producers."""
+    entry = block.get_submodule(experts_module)[0]
+    shaped = []
+    for name, parameter in entry.named_parameters():
+        module_name, _, attribute = name.rpartition(".")
+        module = entry.get_submodule(module_name)
+        others = [(dim, size) for dim, size in enumerate(parameter.shape) if size != hidden]
+        if parameter.dim() not in (1, 2) or len(others) > 1:
+            raise DerivedAdapterError(
+                f"{experts_module}.0.{name} {tuple(parameter.shape)}: cannot tell its width from the hidden size"
+            )
+        writes = isinstance(module, (nn.Linear, Conv1D)) and out_features(module) == hidden
+        shaped.append((name, others[0] if others else (None, None), writes and attribute == "weight"))
+    consumers = [(name, dim, size) for name, (dim, size), consumer in shaped if consumer and size is not None]
+    if len(consumers) != 1:
+        raise DerivedAdapterError(
+            f"expected one projection writing the hidden size {hidden} in {experts_module}.0, found "
+            f"{[name for name, *_ in consumers] or 'none'}"
+        )
+    down, _, width = consumers[0]
+    widths = {size for _, (_, size), _ in shaped if size is not None}
+    if widths - {width, 2 * width}:
+        raise DerivedAdapterError(
+            f"expected producers of width {width} (or fused {2 * width}) beside the down projection {down} in "
+            f"{experts_module}.0, found widths {sorted(widths)}"
+        )
+    tensors = [
+        ExpertTensor(name, dim, "halves" if size == 2 * width else None, consumer=name == down)
+        for name, (dim, size), _ in shaped
+    ]
+    tensors.sort(key=lambda t: (t.width_dim is None, t.consumer))  # producers first, output biases last
+    return tuple(tensors)
+
+
 @torch.no_grad()
 def _pair(model: nn.Module, inputs: dict, block: nn.Module, layout: ExpertLayout) -> ExpertLayout:
     """The layout with the gate/up pairing that the dataflow confirms (see the module docstring)."""
@@ -190,9 +265,11 @@ def _pair(model: nn.Module, inputs: dict, block: nn.Module, layout: ExpertLayout
     paired = [t for t in layout.tensors if t.pairs]
     if not paired:
         return layout
-    width = block.get_parameter(consumer.parameter).shape[consumer.width_dim]
-    down = block.get_parameter(consumer.parameter)
-    saved = {t.parameter: block.get_parameter(t.parameter).detach().clone() for t in layout.tensors}
+    width = layout.width(block)
+    downs = [block.get_parameter(name) for name in layout.names(block, consumer)]
+    saved = {
+        name: block.get_parameter(name).detach().clone() for t in layout.tensors for name in layout.names(block, t)
+    }
     base = _output(model, inputs)
     generator = torch.Generator().manual_seed(0)
     neuron = 1
@@ -206,7 +283,8 @@ def _pair(model: nn.Module, inputs: dict, block: nn.Module, layout: ExpertLayout
                     block.get_parameter(name).copy_(value)
                 base_here = base
                 if zero_column:
-                    down.narrow(consumer.width_dim, neuron, 1).zero_()
+                    for down in downs:
+                        down.narrow(consumer.width_dim, neuron, 1).zero_()
                     base_here = _output(model, inputs)
                 for piece in candidate.neuron_slices(block, width, neuron):
                     if not piece.consumer:

@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from ..calibration.distributed import is_main_process
 from ..errors import DerivedAdapterError
+from ..groups.base import set_config_field
 from ..groups.experts import EXPERT_WIDTH_MULTIPLE
 from ..groups.registry import supported_model_types
 from ..kinds import GroupKind
@@ -32,6 +33,7 @@ from ..output.checkpoint import decide_format, load_pruned, write_loader_config
 from ..plan import PruningPlan
 from ..surgery import apply_plan
 from .derive import Derivation, DerivedAdapter, derive, first_line, model_output
+from .stacks import fixed_prefix
 
 #: The order kinds are checked in (attention, then MLP, then whole layers).
 CHECKED: tuple[GroupKind, ...] = (
@@ -92,7 +94,9 @@ def random_plan(
         elif kind == "mlp_branches" and index == min(1, len(plan.layers) - 1):
             layer_plan.keep_mlp = False
     if kind == "layers":
-        index = rng.randrange(len(plan.layers)) if removed_layer is None else removed_layer
+        fixed = adapter.fixed_layers(model)
+        removable = [i for i in range(len(plan.layers)) if i not in fixed]
+        index = rng.choice(removable) if removed_layer is None else removed_layer
         plan.layers[index].keep_layer = False
     return plan
 
@@ -120,7 +124,7 @@ def check_kind(
     decision = decide_format(cut, adapter)
     if decision.vanilla:
         for key, value in decision.config_fields.items():
-            setattr(cut.config, key, value)
+            set_config_field(cut.config, key, value)
     if not is_main_process():  # under torchrun transformers writes weights from rank 0 only: it checks the reload
         return "vanilla" if decision.vanilla else f"loader: {decision.reason}"
     with tempfile.TemporaryDirectory() as folder:
@@ -169,7 +173,7 @@ def verify(config_class) -> Derivation:
 def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:
     """Check each kind not refused yet; a failure refuses that kind only."""
     for kind in CHECKED:
-        if kind in derivation.refused:
+        if kind in derivation.refused or kind not in derivation.kinds:  # dense MLPs claim no experts
             continue
         adapter = DerivedAdapter(derivation, model_type)
         if kind in ("kv_groups", "attention_branches") and "heads" in derivation.refused:
@@ -180,13 +184,55 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
             continue
         try:
             if kind == "layers":  # the first layer too: configs that build layers by index (first k dense, ...)
-                check_kind(model, inputs, adapter, kind, removed_layer=0)
-            derivation.formats[kind] = check_kind(model, inputs, adapter, kind)
+                _check_first_layer(derivation, model, inputs, model_type)
+                adapter = DerivedAdapter(derivation, model_type)
+            if kind == "heads":
+                derivation.formats[kind] = _check_heads(derivation, model, inputs, model_type)
+            else:
+                derivation.formats[kind] = check_kind(model, inputs, adapter, kind)
         except Exception as error:  # every failure of the cut is a refusal of this kind, never a crash
             where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
             where["experts"] = adapter.mlp_module
             where = where.get(kind, adapter.attention_module) or "the block"
             derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {first_line(error)})")
+
+
+def _check_first_layer(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:
+    """Removing the first layer must verify; where it does not and the leading blocks are built unlike the rest
+    (`stacks.fixed_prefix`), those are kept whole (`fixed_prefix`) and removing the first other one must verify
+    instead. The first failure is raised otherwise."""
+    adapter = DerivedAdapter(derivation, model_type)
+    try:
+        check_kind(model, inputs, adapter, "layers", removed_layer=0)
+    except Exception:
+        prefix = fixed_prefix(adapter.layers(model))
+        if not 0 < prefix < len(adapter.layers(model)) - 1:
+            raise
+        derivation.fixed_prefix = True
+        try:
+            check_kind(model, inputs, DerivedAdapter(derivation, model_type), "layers", removed_layer=prefix)
+            return
+        except Exception:
+            derivation.fixed_prefix = False
+        raise
+
+
+def _check_heads(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> str:
+    """`check_kind` for heads; where it fails and the attention module has an `embed_dim` it does not update
+    yet, once more with `embed_dim` updated too (forwards that reshape their output by it: XGLM, TrOCR); the
+    first failure is raised if that fails too."""
+    try:
+        return check_kind(model, inputs, DerivedAdapter(derivation, model_type), "heads")
+    except Exception:
+        if "embed_dim" in derivation.width_attributes:
+            raise
+        original = derivation.width_attributes
+        derivation.width_attributes = original + ("embed_dim",)
+        try:
+            return check_kind(model, inputs, DerivedAdapter(derivation, model_type), "heads")
+        except Exception:
+            derivation.width_attributes = original
+        raise
 
 
 @functools.cache

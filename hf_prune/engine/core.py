@@ -39,7 +39,7 @@ import torch
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..allocation import RemovalCounts, group_scores, plan_layer, remove_blocks
 from ..calibration.distributed import local_share, sum_across_processes, sum_numbers
@@ -59,7 +59,7 @@ from ..errors import InvalidPruningTargetError
 from ..evaluation import parameter_count
 from ..finite import UNCHANGED, check_finite_statistics
 from ..groups import ArchitectureAdapter
-from ..groups.base import channels_last
+from ..groups.base import channels_last, set_config_field
 from ..kinds import BLOCK_KINDS
 from ..masking import masked_slices
 from ..output.checkpoint import FormatDecision
@@ -95,9 +95,18 @@ def detach_shared_config(model: PreTrainedModel) -> None:
     """Give the model a private deep copy of its config before pruning rewrites it, so a config
     object the caller shares with other models is never changed; every module follows."""
     shared, private = model.config, copy.deepcopy(model.config)
+    pairs = {id(shared): private}
+    stack = [(shared, private)]
+    while stack:  # nested configs (`text_config`, ...) that modules hold follow too
+        old, new = stack.pop()
+        for key, value in vars(old).items():
+            if isinstance(value, PretrainedConfig) and isinstance(getattr(new, key, None), PretrainedConfig):
+                pairs[id(value)] = getattr(new, key)
+                stack.append((value, getattr(new, key)))
     for module in model.modules():
-        if getattr(module, "config", None) is shared:
-            module.config = private
+        config = getattr(module, "config", None)
+        if config is not None and id(config) in pairs:
+            module.config = pairs[id(config)]
 
 
 # ----------------------------------------------------------------- shared by every driver
@@ -159,7 +168,7 @@ def cut_checked(
     detach_shared_config(model)
     cut(model, adapter, plan)
     for key, value in decision.config_fields.items():
-        setattr(model.config, key, value)
+        set_config_field(model.config, key, value)
     after = parameter_count(model)
     if after != expected_after:
         raise RuntimeError(f"surgery left {after:,} parameters, the plan predicts {expected_after:,}")

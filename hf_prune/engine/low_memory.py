@@ -22,6 +22,7 @@ across layers: a first pass scores them, the second prunes.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import os
@@ -30,6 +31,7 @@ import tempfile
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +44,9 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     WeightConverter,
     WeightRenaming,
+    dot_natural_key,
     rename_source_key,
+    revert_weight_conversion,
 )
 
 from ..allocation import plan_for
@@ -79,17 +83,20 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointShards:
-    """Where each tensor of a safetensors checkpoint lives (one file, or shards and their index)."""
+    """Where each tensor of a safetensors checkpoint lives (one file, or shards and their index; or, with
+    `every_file=True`, every `*.safetensors` file of the folder, as the low-memory pruner stages them)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, every_file: bool = False):
         self.folder = folder
         index, single = folder / INDEX_FILE, folder / "model.safetensors"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: folder / file for name, file in weight_map.items()}
-        elif single.is_file():
-            with safe_open(single, "pt") as handle:
-                self.files = dict.fromkeys(handle.keys(), single)
+        elif single.is_file() or every_file:
+            self.files = {}
+            for file in [single] if single.is_file() else sorted(folder.glob("*.safetensors")):
+                with safe_open(file, "pt") as handle:
+                    self.files.update(dict.fromkeys(handle.keys(), file))
         else:
             raise LowMemoryError(
                 f"low_memory=True reads safetensors weights, and {folder} has neither {INDEX_FILE} nor "
@@ -110,25 +117,88 @@ class CheckpointShards:
                     tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         return tensors
 
+    def empty(self, name: str) -> torch.Tensor:
+        """A meta tensor of the named tensor's shape and dtype (nothing is read)."""
+        with safe_open(self.files[name], "pt") as handle:
+            piece = handle.get_slice(name)
+            dtype = _DTYPES[piece.get_dtype()]
+            return torch.empty(piece.get_shape(), dtype=dtype, device="meta")
 
-def _checkpoint_names(model: PreTrainedModel, shards: CheckpointShards) -> dict[str, str]:
-    """Model state-dict name → checkpoint name, for every tensor the checkpoint holds.
+
+@dataclass
+class ConvertedTensors:
+    """Checkpoint tensors that `from_pretrained` converts together into model tensors, as one of transformers'
+    `WeightConverter`s says: a mixture of experts' per-expert `experts.{e}.w1.weight` stacked into the fused
+    `experts.gate_up_proj` (Mixtral, Qwen2-MoE, ...), a fused `qkv` chunked into `q`, `k`, `v`. The converter
+    itself runs, on the checkpoint keys in the natural order `from_pretrained` sorts them in."""
+
+    converter: WeightConverter
+    #: the converter's first target (the key `from_pretrained` collects the sources under)
+    target: str
+    #: (checkpoint key, the converter's source pattern it matched)
+    sources: list[tuple[str, str]] = field(default_factory=list)
+
+    def convert(self, tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Model name → tensor, from the sources' tensors (checkpoint key → tensor)."""
+        converter = copy.deepcopy(self.converter)
+        for key, pattern in sorted(self.sources, key=lambda source: dot_natural_key(source[0])):
+            converter.add_tensor(self.target, key, pattern, tensors[key])
+        converted = converter.convert(self.target, model=model, config=model.config)
+        return {name: value[0] if isinstance(value, list) else value for name, value in converted.items()}
+
+
+def _checkpoint_names(model: PreTrainedModel, shards: CheckpointShards) -> dict[str, str | ConvertedTensors]:
+    """Model state-dict name → checkpoint name (or the converted group it comes from), for every tensor the
+    checkpoint holds.
 
     Names go through the renames `from_pretrained` applies (legacy layouts such as GPT-NeoX's
     `embed_out` or ViT's `encoder.layer.N.attention.attention.query`, and the base-model prefix).
-    Tensors that `from_pretrained` would convert (merge, split) are left out, and a missing layer
-    tensor is reported by `LowMemoryPruner.prune`.
+    Tensors that `from_pretrained` converts (per-expert weights merged into fused 3-D expert tensors, a fused
+    projection split) map to their `ConvertedTensors`; which model names a group gives is found by running its
+    converter on meta tensors of the checkpoint's shapes. A missing layer tensor is reported by
+    `LowMemoryPruner.prune`. The transforms that matched are kept on the model (`_weight_conversions`, as
+    `from_pretrained` keeps them), so that saving writes the checkpoint's own format back.
     """
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     state = model.state_dict()
-    names = {}
+    names: dict[str, str | ConvertedTensors] = {}
+    groups: dict[str, ConvertedTensors] = {}
     for key in shards.files:
-        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-        if converted is None and name in state:
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        if pattern is None and name in state:
             names[name] = key
+        elif pattern is not None and name in state:
+            group = groups.setdefault(name, ConvertedTensors(by_pattern[pattern], name))
+            group.sources.append((key, pattern))
+    for group in groups.values():
+        produced = group.convert({key: shards.empty(key) for key, _ in group.sources}, model)
+        names.update((name, group) for name in produced if name in state)
+    model._weight_conversions = [t for t in transforms if t.was_used()]
     return names
+
+
+def _read(
+    model: PreTrainedModel,
+    shards: CheckpointShards,
+    names: dict[str, str | ConvertedTensors],
+    wanted: Iterable[str],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """The `wanted` model tensors (model name → tensor), read from the shards and converted where
+    `from_pretrained` converts them."""
+    wanted = list(wanted)
+    plain = [name for name in wanted if isinstance(names[name], str)]
+    groups = {id(group): group for name in wanted if not isinstance(group := names[name], str)}
+    keys = [names[name] for name in plain] + [key for group in groups.values() for key, _ in group.sources]
+    loaded = shards.load(keys, device, dtype)
+    tensors = {name: loaded[names[name]] for name in plain}
+    for group in groups.values():
+        tensors.update(group.convert(loaded, model))
+    return {name: tensors[name] for name in wanted}
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -301,14 +371,14 @@ class LowMemoryPruner(HFPruner, reads_shards=True):
 
     def _load(self, names: list[str]) -> None:
         """Read the named tensors into the model, the weights checked for NaN and Inf as they arrive."""
-        tensors = self.shards.load([self.names[name] for name in names], self.device, self.dtype)
+        tensors = _read(self.model, self.shards, self.names, names, self.device, self.dtype)
         check_finite_weights(
-            ((name, tensors[self.names[name]]) for name in names if name in self.parameter_names),
+            ((name, tensors[name]) for name in names if name in self.parameter_names),
             f"the checkpoint in {self.shards.folder}",
             self._failed_outcome,
         )
         for name in names:
-            _set_tensor(self.model, name, tensors[self.names[name]])
+            _set_tensor(self.model, name, tensors[name])
 
     #: the end of a `NonFiniteError` raised mid-prune (earlier layers may already be cut on the meta model).
     _failed_outcome = (
@@ -354,6 +424,10 @@ class LowMemoryPruner(HFPruner, reads_shards=True):
             _free(self.model, outside)
 
     def _stage(self, staging: Path, file: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write `tensors` (model names) as `save_pretrained` would: in the checkpoint's own format (the
+        conversions `from_pretrained` would apply reverted, e.g. fused expert tensors split per expert)."""
+        if self.model._weight_conversions:
+            tensors = revert_weight_conversion(self.model, tensors)
         save_file(
             {name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
             staging / file,
@@ -406,20 +480,18 @@ class LowMemoryPruner(HFPruner, reads_shards=True):
 
     def _stage_outside(self, staging: Path, files: int) -> None:
         names = self._outside_layers()
-        tensors = self.shards.load([self.names[name] for name in names], torch.device("cpu"), self.dtype)
-        self._stage(
-            staging, f"model-00001-of-{files:05d}.safetensors", {name: tensors[self.names[name]] for name in names}
-        )
+        tensors = _read(self.model, self.shards, self.names, names, torch.device("cpu"), self.dtype)
+        self._stage(staging, f"model-00001-of-{files:05d}.safetensors", tensors)
 
     # ----------------------------------------------------------------- results
     def load_model(self) -> PreTrainedModel:
         """Fill the meta-device model with the pruned weights (from staging, or from the saved folder)."""
         if self.weights_folder is None:
             raise NotPrunedError("call prune() before load_model(); the low-memory model has no weights until then.")
-        for file in sorted(self.weights_folder.glob("*.safetensors")):
-            with safe_open(file, "pt", device=str(self.device)) as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    _set_tensor(self.model, name, handle.get_tensor(name))
+        shards = CheckpointShards(self.weights_folder, every_file=True)
+        names = _checkpoint_names(self.model, shards)  # the staged names are the checkpoint's format
+        for name, tensor in _read(self.model, shards, names, names, self.device, None).items():
+            _set_tensor(self.model, name, tensor)
         self.model.tie_weights()
         return self.model
 
@@ -470,5 +542,20 @@ def _drop_removed(model: nn.Module, adapter, plan: PruningPlan) -> None:
     model.tie_weights()
 
 
+#: safetensors dtype names → torch dtypes.
+_DTYPES = {
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "F32": torch.float32,
+    "I32": torch.int32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I16": torch.int16,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "BOOL": torch.bool,
+}
+
+
 def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}[dtype]
+    return _DTYPES[dtype].itemsize

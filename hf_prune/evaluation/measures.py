@@ -38,7 +38,8 @@ def flops_per_token(model: nn.Module, context: int = FLOPS_CONTEXT) -> int:
     gated and pruned projections exact; embedding lookups, norms, activations and softmax are
     left out (a few per cent at most). A mixture-of-experts layer adds its router (`E · H`, when it is
     not a `Linear`) and, per token, `num_experts_per_tok` experts' weights (the fused expert tensors'
-    slice of one expert): removing experts leaves the FLOPs per token unchanged, neurons inside experts lower them.
+    slice of one expert; with a per-expert module list, `num_experts_per_tok` entries' `Linear`s instead of all):
+    removing experts leaves the FLOPs per token unchanged, neurons inside experts lower them.
     """
     adapter = get_adapter(model.config)
     macs = sum(
@@ -49,7 +50,12 @@ def flops_per_token(model: nn.Module, context: int = FLOPS_CONTEXT) -> int:
         if attention is not None:
             macs += 2 * attention.num_heads * attention.head_dim * context
         experts = adapter.experts_of(layer)
-        if experts:
+        if experts and experts.per_expert:  # every entry's Linears were counted: a token runs top-k of them
+            top_k = experts_per_token(model.config) or 1
+            entries = layer.get_submodule(experts.experts_module)
+            linears = [m for m in entries[0].modules() if isinstance(m, (nn.Linear, Conv1D))]
+            macs -= (len(entries) - top_k) * sum(m.weight.numel() for m in linears)
+        elif experts:
             top_k = experts_per_token(model.config) or 1
             weights = [layer.get_parameter(t.parameter) for t in experts.tensors]
             macs += top_k * sum(weight[0].numel() for weight in weights if weight.dim() == 3)

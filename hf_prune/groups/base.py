@@ -181,6 +181,12 @@ class ArchitectureAdapter(ABC):
         are dropped (`surgery.drop_layers`), in the order of `kept`."""
         return [f"{self.layers_name(model)}.{position}" for position in range(len(kept))]
 
+    def fixed_layers(self, model: nn.Module) -> frozenset[int]:
+        """Layers that are never removed whole (their heads, neurons and branches still are): those the config
+        builds differently by their index, so that a config with fewer layers cannot express their removal.
+        None here; derived adapters find them (`derivation.stacks.fixed_prefix`)."""
+        return frozenset()
+
     def layer_entries(self, model: nn.Module) -> dict[int, tuple[str, ...]]:
         """Modules outside the layer stack that the model runs on the hidden states between layer
         `index - 1` and layer `index`, by qualified name, in order (ConvNeXt's downsampling before
@@ -334,7 +340,8 @@ class ArchitectureAdapter(ABC):
     # ----------------------------------------------------------------- config
     def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
         """Standard config fields that describe a model whose every layer has `geometry` (the GQA
-        families' names; families that name or derive them differently override this)."""
+        families' names; families that name or derive them differently override this). A dotted name
+        is a nested config's field (`set_config_field`)."""
         attention = geometry.attention
         return {
             "num_attention_heads": attention.num_heads,
@@ -391,6 +398,14 @@ def module_slices(layer: nn.Module, name: str, consumer: bool = False) -> list[T
         TensorSlice(f"{name}.{parameter_name}" if name else parameter_name, 0, 0, parameter.shape[0], consumer)
         for parameter_name, parameter in module.named_parameters()
     ]
+
+
+def set_config_field(config: PretrainedConfig, name: str, value) -> None:
+    """Set a field `config_fields` names; a dotted name (`text_config.intermediate_size`) is a nested config's."""
+    path, _, key = name.rpartition(".")
+    for part in path.split(".") if path else ():
+        config = getattr(config, part)
+    setattr(config, key, value)
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -11,6 +11,12 @@ Removing expert `e` removes row `e` of the router (and its bias) and index `e` o
 Removing neuron `n` (the same neuron in every expert, so the config's expert width still holds) removes
 its gate and up rows and column `n` of the down projection in every expert. Shared experts (always on,
 Qwen2-MoE) are dense MLPs beside the router: they are never routed experts.
+
+Some models (transformers 4's Mixtral and Qwen2-MoE, remote-code DeepSeek-style models) keep one module per
+expert instead, in an `nn.ModuleList` (`experts.{e}.w1.weight`): `per_expert=True`. Then `tensors` name the
+parameters of one entry, relative to it; expert `e`'s slices are its router row and the whole of entry `e`'s
+tensors, and the cut drops the entry (`drop_experts`, the list renumbers); neuron `n` is the same neuron of
+every entry.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ TOP_K_FIELDS = r"num_experts_per_tok|experts_per_token|moe_top_k|top_k|topk"
 
 @dataclass(frozen=True)
 class ExpertTensor:
-    """One fused expert tensor, named relative to the layer; dimension 0 indexes the experts.
+    """One fused expert tensor, named relative to the layer; dimension 0 indexes the experts (with a per-expert
+    module list: one parameter of an entry, named relative to the entry).
 
     `width_dim` holds the expert width (one index per neuron, `I`) or the gate and up rows (`2I`):
     `pairs` says how, `"halves"` (gate `n`, up `I + n`) or `"interleaved"` (gate `2n`, up `2n + 1`);
@@ -66,6 +73,8 @@ class ExpertLayout:
     width_field: str | None = None
     #: projections beside the routed experts that write the MoE module's output (a shared expert's down projection)
     writers: tuple[str, ...] = ()
+    #: `experts_module` is an `nn.ModuleList` of one module per expert; `tensors` are relative to an entry
+    per_expert: bool = False
 
     @property
     def router(self) -> str:
@@ -83,15 +92,40 @@ class ExpertLayout:
     def num_experts(self, layer: nn.Module) -> int:
         return layer.get_parameter(self.router_parameters[0]).shape[0]
 
+    def names(self, layer: nn.Module, tensor: ExpertTensor) -> list[str]:
+        """The parameter names (relative to the layer) `tensor` stands for: itself, or one per list entry."""
+        if not self.per_expert:
+            return [tensor.parameter]
+        entries = len(layer.get_submodule(self.experts_module))
+        return [f"{self.experts_module}.{entry}.{tensor.parameter}" for entry in range(entries)]
+
     def width(self, layer: nn.Module) -> int:
         """The expert width `I` (neurons per expert), read from the down projection."""
         consumer = next(t for t in self.tensors if t.consumer)
-        return layer.get_parameter(consumer.parameter).shape[consumer.width_dim]
+        return layer.get_parameter(self.names(layer, consumer)[0]).shape[consumer.width_dim]
 
     def expert_slices(self, layer: nn.Module, expert: int) -> list[TensorSlice]:
-        """Row `expert` of the router (and its bias) and index `expert` of every expert tensor."""
-        names = [*self.router_parameters, *(t.parameter for t in self.tensors)]
-        return [TensorSlice(name, 0, expert, expert + 1) for name in names]
+        """Row `expert` of the router (and its bias) and index `expert` of every expert tensor (a per-expert
+        list: the whole of entry `expert`'s tensors)."""
+        pieces = [TensorSlice(name, 0, expert, expert + 1) for name in self.router_parameters]
+        if not self.per_expert:
+            return pieces + [TensorSlice(t.parameter, 0, expert, expert + 1) for t in self.tensors]
+        for tensor in self.tensors:
+            name = f"{self.experts_module}.{expert}.{tensor.parameter}"
+            pieces.append(TensorSlice(name, 0, 0, layer.get_parameter(name).shape[0]))
+        return pieces
+
+    def drop_experts(self, layer: nn.Module, removed: list[int]) -> None:
+        """A per-expert list without the `removed` entries (the list renumbers the others); fused tensors are
+        sliced instead (`expert_slices`)."""
+        if self.per_expert:
+            experts = layer.get_submodule(self.experts_module)
+            for entry in sorted(removed, reverse=True):
+                del experts[entry]
+
+    def entry_prefixes(self, experts: list[int]) -> tuple[str, ...]:
+        """Name prefixes of the given experts' list entries (none for fused tensors)."""
+        return tuple(f"{self.experts_module}.{e}." for e in experts) if self.per_expert else ()
 
     def buffer_slices(self, expert: int) -> list[TensorSlice]:
         """Entry `expert` of the router's per-expert buffers (surgery cuts them; they hold no parameters)."""
@@ -103,24 +137,25 @@ class ExpertLayout:
         for tensor in self.tensors:
             if tensor.width_dim is None:
                 continue
-            dim, name = tensor.width_dim, tensor.parameter
-            if tensor.consumer:
-                slices.append(TensorSlice(name, dim, neuron, neuron + 1, consumer=True))
-            elif tensor.pairs == "halves":
-                slices += [
-                    TensorSlice(name, dim, neuron, neuron + 1),
-                    TensorSlice(name, dim, width + neuron, width + neuron + 1),
-                ]
-            elif tensor.pairs == "interleaved":
-                slices.append(TensorSlice(name, dim, 2 * neuron, 2 * neuron + 2))
-            else:
-                slices.append(TensorSlice(name, dim, neuron, neuron + 1))
+            dim = tensor.width_dim
+            for name in self.names(layer, tensor):
+                if tensor.consumer:
+                    slices.append(TensorSlice(name, dim, neuron, neuron + 1, consumer=True))
+                elif tensor.pairs == "halves":
+                    slices += [
+                        TensorSlice(name, dim, neuron, neuron + 1),
+                        TensorSlice(name, dim, width + neuron, width + neuron + 1),
+                    ]
+                elif tensor.pairs == "interleaved":
+                    slices.append(TensorSlice(name, dim, 2 * neuron, 2 * neuron + 2))
+                else:
+                    slices.append(TensorSlice(name, dim, neuron, neuron + 1))
         return slices
 
     def consumer_slices(self, layer: nn.Module) -> list[TensorSlice]:
         """Everything that writes the MoE module's output: every expert's whole down projection and output bias,
         and the writers beside them (a shared expert's down projection, bias included)."""
-        names = [t.parameter for t in self.tensors if t.consumer or t.width_dim is None]
+        names = [name for t in self.tensors if t.consumer or t.width_dim is None for name in self.names(layer, t)]
         for writer in self.writers:
             names += [f"{writer}.{name}" for name, _ in layer.get_submodule(writer).named_parameters()]
         return [TensorSlice(name, 0, 0, layer.get_parameter(name).shape[0], consumer=True) for name in names]
@@ -135,9 +170,10 @@ class ExpertLayout:
                 if getattr(module, attribute, None) == old_count:
                     setattr(module, attribute, count)
         experts = layer.get_submodule(self.experts_module)
-        for attribute in WIDTH_ATTRIBUTES:
-            if getattr(experts, attribute, None) == old_width:
-                setattr(experts, attribute, width)
+        for module in experts if self.per_expert else [experts]:
+            for attribute in WIDTH_ATTRIBUTES:
+                if getattr(module, attribute, None) == old_width:
+                    setattr(module, attribute, width)
 
 
 def experts_per_token(config: PretrainedConfig) -> int | None:

@@ -29,6 +29,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import PrunedCheckpointError
 from ..groups import ArchitectureAdapter
+from ..groups.base import set_config_field
 from ..tracing.checkpoint import load_traced
 from .loader_format import (
     LOADER_FORMAT_VERSION,
@@ -78,7 +79,7 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
     fields = adapter.config_fields(model.config, geometries[0]) | adapter.stream_config_fields(model)
     candidate = copy.deepcopy(model.config)
     for key, value in fields.items():
-        setattr(candidate, key, value)
+        set_config_field(candidate, key, value)
     try:
         candidate = type(candidate).from_dict(candidate.to_dict())
         with torch.device("meta"):

@@ -70,4 +70,10 @@ def merge_removed_experts(
                 "expert_repair='none'."
             )
         layer = layers[layer_plan.layer]
+        if adapter.experts_of(layer).per_expert:
+            raise InvalidPruningTargetError(
+                f"expert_repair='merge' averages fused expert tensors by the co-routing counts of the router's "
+                f"top-k; layer {layer_plan.layer}'s experts are a per-expert module list, whose block applies the "
+                "gate weights itself (no top-k measured); set expert_repair='none'."
+            )
         merge_layer_experts(layer, adapter.experts_of(layer), layer_plan, statistics.routing[layer_plan.layer])

@@ -13,6 +13,12 @@ trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callbac
 trainer.train()            # trainer.model is the pruned model; saved to output_dir/pruned
 ```
 
+On mixture-of-experts models `PruningConfig(experts=...)` masks routed experts the way the engine's masking
+reference does (a router hook: a masked expert's logit is −∞ before the top-k, so it is never selected and the
+kept experts' weights renormalise as the cut model's do), ranked by the same training scores taken at the gate
+weights the router hands the experts (`scores.py`), or by `score="criterion"` with a data-free criterion, or by
+the one-shot engine (`PruningSchedule("oneshot")`, REAP by default); at the end the experts are cut.
+
 With `score="l0"` the ranking comes from hard-concrete gates learned with the task loss
 (`l0_gates.py`); attach them before the Trainer builds its optimizer:
 
@@ -79,7 +85,7 @@ from ..errors import (
     UsageError,
 )
 from ..groups import ArchitectureAdapter, GroupKind, get_adapter
-from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, BUDGET_TARGETS, GROUP_KINDS
+from ..kinds import AMOUNT_OF_KIND, BLOCK_KINDS, BUDGET_TARGETS, EXPERT_KINDS, GROUP_KINDS
 from ..output.atomic import write_atomically
 from ..output.card import CardFacts, TrainingFacts
 from ..plan import LayerPlan, PruningPlan
@@ -123,7 +129,7 @@ def _kinds(counts: dict[str, int]) -> list[GroupKind]:
 
 def _gate_targets(counts: dict[str, int], model: nn.Module, adapter: ArchitectureAdapter) -> dict[GroupKind, float]:
     """The final kept fraction of query heads and MLP neurons the counts leave (uniform layers)."""
-    unsupported = [kind for kind in GROUP_KINDS if kind in BLOCK_KINDS and counts[kind]]
+    unsupported = [kind for kind in GROUP_KINDS if kind in BLOCK_KINDS | EXPERT_KINDS and counts.get(kind)]
     if unsupported:
         raise InvalidPruningTargetError(
             f"score='l0' gates heads and MLP neurons only, but the config also removes {', '.join(unsupported)}; "
@@ -143,6 +149,26 @@ def _gate_targets(counts: dict[str, int], model: nn.Module, adapter: Architectur
     if geometry.intermediate_size and counts["mlp_neurons"]:
         targets["neurons"] = 1 - counts["mlp_neurons"] / geometry.intermediate_size
     return targets
+
+
+def _check_neurons_in_experts(
+    counts: dict[str, int], model: nn.Module, adapter: ArchitectureAdapter, score: str, repair: str
+) -> None:
+    """Neurons inside routed experts have one consuming projection per expert (the fused down projection), which
+    the training scores, the gates and the least-squares refit all read as one module: refuse those for them."""
+    if not counts["mlp_neurons"] or not any(adapter.experts_of(layer) for layer in adapter.layers(model)):
+        return
+    if score in (*TRAINING_SCORES, "l0"):
+        raise InvalidPruningTargetError(
+            f"mlp_neurons={counts['mlp_neurons']} inside routed experts: score={score!r} reads one consuming "
+            "projection per layer, and a mixture-of-experts layer has one per expert; use score='criterion' with "
+            "criterion={'neurons': 'magnitude', ...} (experts keep any score), or remove experts only."
+        )
+    if repair != "none":
+        raise InvalidPruningTargetError(
+            f"mlp_neurons={counts['mlp_neurons']} inside routed experts: repair={repair!r} refits one consuming "
+            "projection per layer, and a mixture-of-experts layer has one per expert; use repair='none'."
+        )
 
 
 def _is_repo_id(name: str) -> bool:
@@ -210,16 +236,11 @@ class PruningCallback(TrainerCallback):
                 "gradual pruning keeps every layer the same shape: use allocation='uniform' without protected_layers "
                 "in the callback, or prune in one shot with HFPruner.prune."
             )
-        if config.experts:
-            raise InvalidPruningTargetError(
-                f"experts={config.experts!r}: the PruningCallback does not mask routed experts during training yet "
-                "(issue 16); prune experts in one shot with HFPruner.prune(experts=...), before or after fine-tuning."
-            )
         for name in ("channels", "stage_channels"):
             if getattr(config, name):
                 raise InvalidPruningTargetError(
                     f"{name}={getattr(config, name)!r}: the PruningCallback prunes heads, KV groups, neurons, "
-                    "branches "
+                    "routed experts, branches "
                     f"and layers; channel pruning is one-shot (HFPruner.from_model(...).prune({name}=...))."
                 )
         if schedule is not None and not isinstance(schedule, PruningSchedule):
@@ -287,7 +308,9 @@ class PruningCallback(TrainerCallback):
         if self.score != "l0":
             raise UsageError(f"attach_gates() is for score='l0'; this callback has score={self.score!r}.")
         adapter = get_adapter(model.config)
-        targets = _gate_targets(GradualPlanner(model, adapter, self.config).counts, model, adapter)
+        counts = GradualPlanner(model, adapter, self.config).counts
+        targets = _gate_targets(counts, model, adapter)
+        _check_neurons_in_experts(counts, model, adapter, self.score, self.repair)
         return attach_gates(model, adapter, tuple(targets), self.l0)
 
     def _start_gates(self, args: TrainingArguments, model: nn.Module, optimizer) -> None:
@@ -404,6 +427,8 @@ class PruningCallback(TrainerCallback):
         self._events = frozenset(self._resolved.events())
         self._planner = GradualPlanner(model, self._adapter, self.config)
         oneshot = self._oneshot_at_start
+        if not oneshot:  # the one-shot engine ranks and repairs neurons inside experts itself (or refuses)
+            _check_neurons_in_experts(self._planner.counts, model, self._adapter, self.score, self.repair)
         if oneshot and is_peft(model):
             raise UsageError(
                 "the one-shot schedule at step 0 prunes and repairs the base weights under a PEFT model's adapters; "

@@ -45,6 +45,8 @@ def is_removed(plan: PruningPlan, group: Group) -> bool:
         return group.kind == "kv_groups" and group.index not in layer.kv_heads
     if not layer.keep_mlp:
         return True
+    if group.kind == "experts":
+        return group.index not in layer.experts
     return group.kind == "neurons" and group.index not in layer.neurons
 
 
@@ -67,7 +69,8 @@ class _KeepRemoved(Criterion):
 
 
 def final_counts(plan: PruningPlan) -> dict[str, int]:
-    """Per-kind counts a (uniform) final plan removes, in `PruningConfig` amount names."""
+    """Per-kind counts a (uniform) final plan removes, in `PruningConfig` amount names (`experts` on
+    mixture-of-experts models only)."""
     kept = [layer for layer in plan.layers if layer.keep_layer]
     counts = {
         "layers": len(plan.layers) - len(kept),
@@ -88,6 +91,9 @@ def final_counts(plan: PruningPlan) -> dict[str, int]:
     with_mlp = [p for p in kept if p.keep_mlp and p.geometry.intermediate_size is not None]
     if with_mlp:
         counts["mlp_neurons"] = with_mlp[0].geometry.intermediate_size - len(with_mlp[0].neurons)
+    with_experts = [p for p in with_mlp if p.geometry.experts]
+    if with_experts:  # mixture-of-experts models only
+        counts["experts"] = with_experts[0].geometry.experts - len(with_experts[0].experts)
     return counts
 
 

@@ -2,7 +2,10 @@
 
 The optimizer keeps updating every parameter it holds (moments, weight decay), so a mask is not
 applied once: `apply` zeroes the masked slices again after each optimizer step, and is
-idempotent. Removed layers get their identity hook once, when they are first removed.
+idempotent. Removed layers get their identity hook once, when they are first removed. Removed routed
+experts are masked as the engine masks them, by a router hook that never selects them (their logit is −∞
+before the top-k, `masking.kept_experts_hook`), re-hooked whenever the kept set shrinks; their weights
+are left as they are (no token reaches them, so they get no gradient, and the cut drops them).
 
 Under PEFT LoRA the consumer projection computes `x W_eff` with `W_eff = W + s·B·A`. A masked
 input column `j` is zeroed in `W` and in `A` (column `j`), so `W_eff[:, j] = 0` whatever `B`
@@ -11,7 +14,8 @@ adapters therefore keeps exactly the same zeros. Adapters that rescale columns (
 
 With `keep_originals=True` (distillation from a PEFT student's own base, `distillation.py`) the values a
 mask zeroes are kept, per parameter and dimension as an index list and the gathered values, so that
-`unmasked()` can hand the teacher the unmasked base for one forward and zero the same entries again.
+`unmasked()` can hand the teacher the unmasked base for one forward and zero the same entries again
+(the routers' hooks are lifted for that forward too: the teacher routes over every expert).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import UsageError
 from ..groups import ArchitectureAdapter
-from ..masking import identity_hook, masked_slices
+from ..masking import hook_kept_experts, identity_hook, masked_slices
 from ..plan import PruningPlan
 
 
@@ -54,6 +58,8 @@ class TrainingMasks:
         self.adapter = adapter
         self.plan = plan
         self._layer_hooks: dict[int, RemovableHandle] = {}
+        #: layer → (the experts its router may select, the layer, the router hook)
+        self._router_hooks: dict[int, tuple[tuple[int, ...], nn.Module, RemovableHandle]] = {}
         #: (parameter, dim) → (indices along dim, their original values), when `keep_originals`.
         self._originals: dict[tuple[int, int], tuple[nn.Parameter, torch.Tensor, torch.Tensor]] | None = (
             {} if keep_originals else None
@@ -74,6 +80,7 @@ class TrainingMasks:
                 continue
             for piece in masked_slices(self.adapter, layer, layer_plan):
                 layer.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()
+            self._hook_router(layer_plan.layer, layer, layer_plan.experts if layer_plan.changes_experts else None)
             for piece in layer_plan.removed_slices(self.adapter, layer):
                 if piece.consumer:  # input features [start, stop) of the consumer projection
                     lora_a, _ = _lora_parts(layer.get_submodule(piece.parameter.rpartition(".")[0]))
@@ -85,6 +92,17 @@ class TrainingMasks:
                 for projection in lora_b:
                     for parameter in projection.parameters():
                         parameter.zero_()
+
+    def _hook_router(self, index: int, layer: nn.Module | None, kept: tuple[int, ...] | None) -> None:
+        """Keep layer `index`'s router hooked to select only the `kept` experts (None: every expert)."""
+        current = self._router_hooks.get(index)
+        if current is not None and current[0] == kept:
+            return
+        if current is not None:
+            current[2].remove()
+            del self._router_hooks[index]
+        if kept is not None:
+            self._router_hooks[index] = (kept, layer, hook_kept_experts(self.adapter, layer, kept))
 
     def _record_originals(self, layers) -> None:
         """Gather the original values of the entries the plan masks that are not kept yet (before zeroing them)."""
@@ -115,16 +133,22 @@ class TrainingMasks:
         with torch.no_grad():
             for (_, dim), (parameter, indices, values) in self._originals.items():
                 parameter.index_copy_(dim, indices, values)
+        routers = {index: (kept, layer) for index, (kept, layer, _) in self._router_hooks.items()}
+        for index in routers:
+            self._hook_router(index, None, None)
         try:
             yield
         finally:
             with torch.no_grad():
                 for (_, dim), (parameter, indices, _) in self._originals.items():
                     parameter.index_fill_(dim, indices, 0)
+            for index, (kept, layer) in routers.items():
+                self._hook_router(index, layer, kept)
 
     def unmasked(self) -> contextlib.AbstractContextManager:
-        """A context in which the masked base weights hold their original values (zeroed again on exit).
-        Needs `keep_originals=True`; LoRA adapters and the removed layers' identity hooks are not undone."""
+        """A context in which the masked base weights hold their original values (zeroed again on exit) and every
+        routed expert may be selected. Needs `keep_originals=True`; LoRA adapters and the removed layers'
+        identity hooks are not undone."""
         if self._originals is None:
             raise UsageError("TrainingMasks.unmasked() needs keep_originals=True.")
         return self._restored()
@@ -133,3 +157,6 @@ class TrainingMasks:
         for handle in self._layer_hooks.values():
             handle.remove()
         self._layer_hooks.clear()
+        for _, _, handle in self._router_hooks.values():
+            handle.remove()
+        self._router_hooks.clear()

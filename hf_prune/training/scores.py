@@ -14,6 +14,13 @@ parameter gradients, are used.
   from zero (removing it would raise the loss).
 - `activation`: `‖z‖₂` over every training token seen.
 
+A routed expert (kind `experts`) is masked by never being selected, which (but for the renormalisation of
+the other top-k weights) sets its gate weight to 0 wherever the router chose it: `z` is the gate weight
+`g_j(x)` of every (token, chosen expert) pair, as the router hands it to the experts module, summed per
+expert. The MoE output is `Σ_k g_k(x)·f_k(x)`, so `g_j·∂L/∂g_j = (g_j·f_j(x))·∂L/∂y` is the first-order
+change of the loss when expert `j`'s contribution to that token goes (`taylor`, `movement`), and
+`activation` is `(Σ g_j(x)²)^½` over the tokens routed to `j` (routing frequency and gate weight in one).
+
 Only training-mode forwards with gradients enabled count (evaluation batches never do). A step's
 `c` is summed over all its micro-batches before `|·|`, so gradient accumulation scores the
 optimizer step, not the micro-batch. Under fp16 loss scaling gradients (hence `taylor` and
@@ -36,7 +43,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import UsageError
+from ..calibration.statistics import routing_arguments
+from ..errors import InvalidPruningTargetError, UsageError
 from ..groups import ArchitectureAdapter, Group, GroupKind
 from ..groups.base import in_features
 
@@ -98,6 +106,17 @@ class TrainingScores:
             if site not in self._sites:
                 self._hook_input(layer.get_submodule(module_name), site)
             self._targets[f"{kind}.{index}"] = _Target(site, ids, len(groups))
+        elif kind == "experts":
+            layout = adapter.experts_of(layer)
+            if layout.per_expert:
+                raise InvalidPruningTargetError(
+                    f"score={self.score_name!r} reads the gate weights the router hands the experts, which a "
+                    "per-expert module list's block applies itself; use score='criterion' with "
+                    "criterion={'experts': 'magnitude', ...}."
+                )
+            site = f"{index}:{layout.experts_module}:gates"
+            self._hook_gates(layer.get_submodule(layout.experts_module), site, len(groups))
+            self._targets[f"{kind}.{index}"] = _Target(site, torch.arange(len(groups)), len(groups))
         elif kind in _BRANCH_KINDS:
             pieces = adapter.branch_consumer_slices(layer, "attention" if kind == "attention_branches" else "mlp")
             module_name = pieces[0].parameter.rpartition(".")[0]
@@ -128,6 +147,33 @@ class TrainingScores:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if module.training:
                 self._observe(site, args[0] if args else next(iter(kwargs.values())), features=True)
+
+        self._sites.add(site)
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _hook_gates(self, module: nn.Module, site: str, experts: int) -> None:
+        """A pre-hook on an experts module called as `experts(hidden, top_k_index, top_k_weights)`: `z` is the
+        gate weights, summed per expert (one feature per expert)."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not module.training:
+                return
+            _, indices, weights = routing_arguments(args, kwargs)
+            flat = indices.detach().reshape(-1)
+
+            def per_expert(values: torch.Tensor) -> torch.Tensor:
+                summed = torch.zeros(experts, dtype=torch.float64, device=values.device)
+                return summed.index_add_(0, flat, values.reshape(-1).to(torch.float64)).unsqueeze(0)
+
+            if not torch.is_grad_enabled():
+                return
+            if self.score_name == "activation":
+                self._add(site, per_expert(weights.detach().float().pow(2)), features=True)
+            elif weights.requires_grad:
+                saved = weights.detach()
+                weights.register_hook(
+                    lambda grad: self._add(site, per_expert(saved.float() * grad.float()), features=True)
+                )
 
         self._sites.add(site)
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))

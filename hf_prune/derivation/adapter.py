@@ -1,0 +1,201 @@
+"""`DerivedAdapter`: an adapter whose names come from a verified `Derivation` rather than a hand-written file."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..errors import DerivedAdapterError
+from ..groups.base import (
+    ArchitectureAdapter,
+    AttentionGeometry,
+    LayerGeometry,
+    TensorSlice,
+    in_features,
+    input_slices,
+    out_features,
+    output_slices,
+)
+from .attention import fused_chunks
+from .fields import ALIASES, config_field, join, sub_config
+from .mlp import gate_up_rows
+from .record import Derivation
+from .stacks import fixed_prefix
+
+
+class DerivedAdapter(ArchitectureAdapter):
+    """An adapter whose names come from a verified `Derivation` rather than a hand-written file."""
+
+    def __init__(self, derivation: Derivation, model_type: str):
+        self.derivation = derivation
+        self.model_types = (model_type,)
+        for name in (
+            "layers_path",
+            "attention_module",
+            "mlp_module",
+            "q_proj",
+            "qkv_proj",
+            "qkv_layout",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "gate_up_layout",
+            "mlp_width_scale",
+            "heads_module",
+            "head_dim_attribute",
+            "removed_attention_output",
+            "removed_mlp_output",
+            "mlp_adds_to_stream",
+        ):
+            setattr(self, name, getattr(derivation, name))
+        self.kinds = derivation.kinds
+        self.expert_layout = derivation.experts
+        #: kind → why it was refused (shown when a refused kind is asked for)
+        self.refused = dict(derivation.refused)
+
+    def fixed_layers(self, model: nn.Module) -> frozenset[int]:
+        """The leading blocks built unlike the rest (`stacks.fixed_prefix`), where verification found that only
+        they cannot be removed."""
+        return frozenset(range(fixed_prefix(self.layers(model)))) if self.derivation.fixed_prefix else frozenset()
+
+    def has_branch(self, layer: nn.Module, branch) -> bool:
+        """A branch derivation did not resolve (no module or no consumer) is invisible: never touched."""
+        name, consumer = (
+            (self.attention_module, self.o_proj) if branch == "attention" else (self.mlp_module, self.down_proj)
+        )
+        consumer = consumer or (self.expert_layout if branch == "mlp" else None)
+        return name is not None and consumer is not None and super().has_branch(layer, branch)
+
+    def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
+        if (self.q_proj is None and self.qkv_proj is None) or "heads" not in self.kinds:
+            return None  # attention left untouched: its kinds are refused
+        d = self.derivation.head_dim
+        if d is None:
+            geometry = super().attention_geometry(layer)
+        elif not self.has_branch(layer, "attention"):
+            return None
+        else:  # no attribute holds the head size: the derived one
+            n = in_features(layer.get_submodule(self.o_proj)) // d
+            m = out_features(layer.get_submodule(self.k_proj)) // d if self.k_proj else n
+            geometry = AttentionGeometry(n, m, d)
+        if geometry is None or self.qkv_proj is None:
+            return geometry
+        d, n = geometry.head_dim, geometry.num_heads
+        m = (out_features(layer.get_submodule(self.qkv_proj)) - n * d) // (2 * d)
+        return AttentionGeometry(n, m, d)
+
+    def _qkv(self, layer: nn.Module, geometry: AttentionGeometry, part: int, head: int) -> list[TensorSlice]:
+        d = geometry.head_dim
+        chunk = fused_chunks(self.qkv_layout, geometry.num_heads, geometry.num_kv_heads)[part][head]
+        return output_slices(layer, self.qkv_proj, chunk * d, (chunk + 1) * d)
+
+    def query_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, head: int) -> list[TensorSlice]:
+        if self.qkv_proj is None:
+            return super().query_head_slices(layer, geometry, head)
+        d = geometry.head_dim
+        return self._qkv(layer, geometry, 0, head) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
+
+    def kv_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, kv_head: int) -> list[TensorSlice]:
+        if self.qkv_proj is None:
+            return super().kv_head_slices(layer, geometry, kv_head)
+        return self._qkv(layer, geometry, 1, kv_head) + self._qkv(layer, geometry, 2, kv_head)
+
+    def neuron_slices(self, layer: nn.Module, intermediate_size: int, neuron: int) -> list[TensorSlice]:
+        """A fused gate/up projection: the two rows of `neuron` (`mlp.gate_up_rows`) and its down column."""
+        if self.gate_up_layout is None or self.experts_of(layer):
+            return super().neuron_slices(layer, intermediate_size, neuron)
+        rows = gate_up_rows(self.gate_up_layout, intermediate_size, neuron)
+        slices = [s for row in rows for s in output_slices(layer, self.up_proj, row, row + 1)]
+        return slices + input_slices(layer, self.down_proj, neuron, neuron + 1)
+
+    def intermediate_size(self, layer: nn.Module) -> int | None:
+        if self.experts_of(layer):
+            return super().intermediate_size(layer)
+        return super().intermediate_size(layer) if self.down_proj and "neurons" in self.kinds else None
+
+    def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
+        """The generic head attributes, and a layer-local config copy for forwards that read head counts from it."""
+        super().set_attention_geometry(layer, geometry)
+        heads = layer.get_submodule(self.heads_module or self.attention_module)
+        for names, value in (
+            (ALIASES["num_attention_heads"], geometry.num_heads),
+            (ALIASES["num_key_value_heads"], geometry.num_kv_heads),
+            (
+                self.derivation.width_attributes,
+                geometry.num_heads * geometry.head_dim,
+            ),
+        ):
+            for name in names:  # what forwards split or reshape by: n_head (MPT), split_size (GPT-2 style)
+                if type(getattr(heads, name, None)) is int:
+                    setattr(heads, name, value)
+        for name in {self.attention_module, self.heads_module} - {None}:
+            module = layer.get_submodule(name)
+            config = getattr(module, "config", None)
+            if isinstance(config, PretrainedConfig):
+                module.config = copy.copy(config)
+                for canonical, value in (
+                    ("num_attention_heads", geometry.num_heads),
+                    ("num_key_value_heads", geometry.num_kv_heads),
+                ):
+                    field_name = config_field(type(config), canonical)
+                    if field_name and hasattr(config, field_name):
+                        setattr(module.config, field_name, value)
+
+    def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
+        """The fields holding each pruned shape, named as the config class names them (dotted where the blocks'
+        sizes live in a nested config: `text_config.intermediate_size`)."""
+        fields, path = {}, self.derivation.config_path
+        config = self.derivation.config_of(config)
+        attention = geometry.attention
+        scale, width = self.mlp_width_scale, geometry.intermediate_size
+        values = {"intermediate_size": width * scale if scale and width is not None else None}
+        layout = self.expert_layout
+        if geometry.experts is not None and layout is not None:  # an MoE layer: the expert count and width
+            values = {}
+            fields |= {layout.count_field: geometry.experts} if layout.count_field else {}
+            fields |= {layout.width_field: geometry.intermediate_size} if layout.width_field else {}
+        if attention is not None and "heads" in self.kinds:
+            values |= {
+                "num_attention_heads": attention.num_heads,
+                "num_key_value_heads": attention.num_kv_heads,
+                "head_dim": attention.head_dim,
+            }
+        for canonical, value in values.items():
+            name = config_field(type(config), canonical)
+            if name and value is not None and (canonical != "head_dim" or getattr(config, name, None) is not None):
+                if canonical == "num_key_value_heads" and getattr(config, name, None) is None:
+                    continue  # MHA families whose config has no KV field set
+                fields[join(path, name)] = value
+        return fields
+
+    def layer_count_field(self, config: PretrainedConfig) -> str:
+        """The dotted field counting this stack's layers, as derivation found it (`stacks.find_stack`)."""
+        if self.derivation.layers_field is None:
+            raise DerivedAdapterError(f"layers of {self.layers_path}: {self.refused.get('layers', 'no count field')}")
+        return self.derivation.layers_field
+
+    def update_config_for_layers(self, config: PretrainedConfig, kept_layers: list[int]) -> None:
+        """The layer-count field, and every per-layer list (a `*layer*` field as long as the old count) of the
+        (nested) config holding it."""
+        path, _, name = self.layer_count_field(config).rpartition(".")
+        config = sub_config(config, path)
+        old_count = getattr(config, name)
+        setattr(config, name, len(kept_layers))
+        for key, value in list(vars(config).items()):
+            if re.search(r"layer|window", key) and isinstance(value, (list, tuple)) and len(value) == old_count:
+                setattr(config, key, type(value)(value[i] for i in kept_layers))
+        stages = getattr(config, "stage_names", None)
+        if isinstance(stages, list) and len(stages) == old_count + 1 and hasattr(config, "out_indices"):
+            # a backbone config names the stem and each layer's output: kept outputs follow their layer
+            kept = [i for i in config.out_indices or () if i == 0 or i - 1 in kept_layers]
+            config.stage_names = stages[: len(kept_layers) + 1]
+            indices = [0 if i == 0 else 1 + kept_layers.index(i - 1) for i in kept]
+            config.set_output_features_output_indices(None, indices or None)
+        if getattr(config, "max_window_layers", None) is not None:
+            config.max_window_layers = sum(1 for i in kept_layers if i < min(config.max_window_layers, old_count))

@@ -1,0 +1,236 @@
+"""Each block's attention, read from the projections' widths and confirmed by the dataflow (`probes.reach`).
+
+With `H` the hidden size, `n`, `m` the query and KV head counts and `d` the head size: query = `H → n·d`, key and
+value = `H → m·d`, output = `n·d → H`; a fused q/k/v projection `H → (n + 2m)·d` is read chunk by chunk
+(`fused_layout`). A value channel reaches only its own column in every query head that reads it, a query or key
+channel only the columns of its heads. Names are hints for the order only (q before k), never the evidence.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+from torch import nn
+
+from ..kinds import ATTENTION_KINDS
+from .fields import ALIASES, config_value
+from .probes import output_of, reach
+from .record import Derivation
+
+#: Name hints, only to order projections whose shapes and dataflow are alike (never as evidence).
+_HINTS = {
+    "q": {"q", "query", "wq", "queries"},
+    "k": {"k", "key", "wk", "keys"},
+    "v": {"v", "value", "wv", "values"},
+    "gate": {"gate", "w1", "wi_0"},
+}
+
+
+def _tokens(name: str) -> set[str]:
+    last = name.rpartition(".")[2]
+    return {last, *re.split(r"[_\d]+", last)} - {""}
+
+
+def hinted(names: list[str], hint: str) -> list[str]:
+    """`names` with those the hint names first (stable otherwise: registration order)."""
+    return sorted(names, key=lambda name: 0 if _tokens(name) & _HINTS[hint] else 1)
+
+
+def common_parent(names: list[str]) -> str:
+    """The longest common dotted prefix of `names` (their closest common module)."""
+    parts = [name.split(".")[:-1] for name in names]
+    common = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
+
+
+def derive_attention(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
+    """The block's attention: read from all its projections, else from those of one submodule at a time (in
+    registration order), so that a decoder block's self-attention is found beside its cross-attention."""
+    config = found.config_of(model.config)
+    heads = config_value(config, "num_attention_heads")
+    if not isinstance(heads, int):
+        found.refuse(ATTENTION_KINDS, f"no head-count field ({ALIASES['num_attention_heads']})")
+        return
+    kv_heads = config_value(config, "num_key_value_heads") or heads
+    head_dims = [d for d in (config_value(config, "head_dim"), hidden // heads) if isinstance(d, int) and d > 0]
+    scopes = [""] + [
+        name for name, _ in block.named_modules() if name and sum(p.startswith(name + ".") for p in projections) >= 2
+    ]
+    first, seen = None, {}
+    probe = functools.partial(_cached_reach, seen, model, inputs, block)  # scopes share their probes
+    for scope in scopes:
+        inside = {n: shape for n, shape in projections.items() if n.startswith(scope + ".") or not scope}
+        why = _attention_in(found, probe, model, inputs, block, inside, hidden, heads, kv_heads, head_dims)
+        if why is None:
+            return
+        first = first or why
+    found.refuse(
+        ATTENTION_KINDS,
+        first
+        or f"no projections of widths {hidden}→{heads}×d and {heads}×d→{hidden} (d in {head_dims}) in "
+        f"{type(block).__name__}; found {projections}",
+    )
+
+
+def _cached_reach(seen: dict, model, inputs, block, producer: str, channel: int, consumer: str) -> set[int]:
+    key = (producer, channel, consumer)
+    if key not in seen:
+        seen[key] = reach(model, inputs, block, producer, channel, consumer)
+    return seen[key]
+
+
+def _attention_in(found, probe, model, inputs, block, projections, hidden, heads, kv_heads, head_dims) -> str | None:
+    """Derive the attention from `projections` (None: found); "" where no layout fits their widths, else why
+    the dataflow refutes the one that fits."""
+    for d in dict.fromkeys(head_dims):
+        q_width, kv_width = heads * d, kv_heads * d
+        outputs = [n for n, (i, o) in projections.items() if i == hidden and o == q_width]
+        kv_outputs = [n for n, (i, o) in projections.items() if i == hidden and o == kv_width and kv_width != q_width]
+        # the output projection: the H-wide consumer of n·d columns whose input the other projections reach
+        candidates = [n for n, (i, o) in projections.items() if i == q_width and o == hidden]
+        # fused q/k/v: H → (n + 2m)·d, with m the config's KV heads, or one (multi-query)
+        fused = {n: (o - q_width) // (2 * d) for n, (i, o) in projections.items() if i == hidden and o > q_width}
+        fused = {n: m for n, m in fused.items() if projections[n][1] == q_width + 2 * m * d and m in (kv_heads, 1)}
+        feeders = list(dict.fromkeys(outputs + kv_outputs + list(fused)))
+        consumers = [c for c in candidates if any(probe(p, 1, c) for p in feeders if p != c)]
+        outputs = [n for n in outputs if n not in consumers]
+        if len(consumers) == 1 and len(fused) == 1 and not outputs:
+            (qkv, m), o = next(iter(fused.items())), consumers[0]
+            layout = fused_layout(model, inputs, block, qkv, o, heads, m, d)
+            if layout not in FUSED_LAYOUTS:
+                return f"fused q/k/v projection {qkv} ({hidden}→{(heads + 2 * m) * d}): {layout}"
+            found.qkv_proj, found.qkv_layout, found.o_proj = qkv, layout, o
+            found.width_attributes = WIDTH_ATTRIBUTES + FUSED_WIDTH_ATTRIBUTES
+            _attention_module(found, model, inputs, block, [qkv, o])
+            _head_dim_attribute(found, block, d)
+            return None
+        if len(consumers) != 1:
+            continue
+        if kv_width != q_width and len(outputs) == 1 and len(kv_outputs) == 2:
+            q, pair = outputs[0], kv_outputs
+        elif kv_width == q_width and len(outputs) == 3:
+            q, pair = hinted(outputs, "q")[0], [n for n in outputs if n != hinted(outputs, "q")[0]]
+        else:
+            continue
+        o = consumers[0]
+        # dataflow: a value channel reaches only its own column of each query head reading it;
+        # a key channel reaches its query heads' columns; a query channel its own head's columns.
+        group = heads // kv_heads
+        channel = d + 1 if kv_heads > 1 else 1  # channel 1 of KV head 1 (or 0)
+        kv_head = channel // d
+        own_columns = {h * d + channel % d for h in range(kv_head * group, (kv_head + 1) * group)}
+        head_columns = set(range(kv_head * group * d, (kv_head + 1) * group * d))
+        reached = {name: probe(name, channel, o) for name in pair}
+        values = [name for name in pair if reached[name] == own_columns]
+        keys = [name for name in pair if reached[name] and reached[name] <= head_columns and name not in values]
+        query_channel = (channel // d) * d + 1
+        query_reach = probe(q, query_channel, o)
+        if len(values) != 1 or len(keys) != 1 or not query_reach or not query_reach <= set(range(d, 2 * d)):
+            return (
+                f"{q}, {pair[0]}, {pair[1]} → {o}: the dataflow does not show a query, a key and a value "
+                f"(channel {channel} reaches {[sorted(reached[n]) for n in pair]})"
+            )
+        found.q_proj, found.k_proj, found.v_proj, found.o_proj = q, keys[0], values[0], o
+        _attention_module(found, model, inputs, block, [q, keys[0], values[0], o])
+        _head_dim_attribute(found, block, d)
+        return None
+    return ""
+
+
+#: Attention attributes holding the head size.
+HEAD_DIM_ATTRIBUTES = ("head_dim", "head_size", "attention_head_size", "d_head", "key_value_proj_dim")
+#: Attention attributes holding the query width `n·d` that fused forwards split by.
+WIDTH_ATTRIBUTES = ("split_size", "all_head_size")
+#: With a fused q/k/v projection, also this one (GPT-BigCode splits the query off by `embed_dim`).
+FUSED_WIDTH_ATTRIBUTES = ("embed_dim",)
+#: Fused q/k/v row layouts, as the chunk (of `d` rows) holding each query head `h` and KV head `j`'s key and
+#: value, for `n` query heads, `m` KV heads and `G = n / m` query heads per KV head:
+#: "blocked" [q_0 … q_n-1 | k_0 … k_m-1 | v_0 … v_m-1] (GPT-2, MPT, GPT-BigCode), "grouped" per KV head
+#: [q_jG … q_jG+G-1 k_j v_j] (GPT-NeoX and BLOOM with G = 1, Falcon's GQA layout).
+FUSED_LAYOUTS = ("blocked", "grouped")
+
+
+def fused_chunks(layout: str, n: int, m: int) -> tuple[list[int], list[int], list[int]]:
+    """The chunk index of every query head, KV head key and KV head value in the fused projection."""
+    if layout == "blocked":
+        return list(range(n)), [n + j for j in range(m)], [n + m + j for j in range(m)]
+    group = n // m
+    queries = [(h // group) * (group + 2) + h % group for h in range(n)]
+    return queries, [j * (group + 2) + group for j in range(m)], [j * (group + 2) + group + 1 for j in range(m)]
+
+
+def fused_layout(model, inputs, block, qkv: str, o: str, n: int, m: int, d: int) -> str:
+    """Which of `FUSED_LAYOUTS` the dataflow shows, else a sentence saying what it shows.
+
+    Noise in channel 1 of each chunk of `d` rows reaches, in `o`'s input columns: a value chunk of KV head
+    `j` only column 1 of each of its query heads; a query chunk of head `h` only head `h`'s columns; a key
+    chunk of KV head `j` the columns of all its query heads. With one query head per KV head, query and
+    key both reach their head's columns only: told apart by the order (q before k), which no cut depends
+    on (a head's query, key and value are removed together)."""
+    group = n // m
+    seen: list[tuple[str, int]] = []
+    for chunk in range(n + 2 * m):
+        reached = reach(model, inputs, block, qkv, chunk * d + 1, o)
+        touched = sorted({c // d for c in reached})
+        if touched and reached == {h * d + 1 for h in touched} and len(touched) == group:
+            seen.append(("v", touched[0] // group))
+        elif len(touched) == 1 and group > 1:
+            seen.append(("q", touched[0]))
+        elif (
+            len(touched) == group
+            and touched[0] % group == 0
+            and touched == list(range(touched[0], touched[0] + group))
+        ):
+            seen.append(("qk" if group == 1 else "k", touched[0] // group))
+        else:
+            return f"chunk {chunk} (rows {chunk * d}…{chunk * d + d - 1}) reaches columns {sorted(reached)} of {o}"
+    for layout in FUSED_LAYOUTS:
+        queries, keys, values = fused_chunks(layout, n, m)
+        expected = [None] * (n + 2 * m)
+        for h, chunk in enumerate(queries):
+            expected[chunk] = ("qk" if group == 1 else "q", h)
+        for j, (key, value) in enumerate(zip(keys, values)):
+            expected[key], expected[value] = ("qk" if group == 1 else "k", j), ("v", j)
+        if seen == expected:
+            return layout
+    return f"the chunks of {d} rows are {seen}, neither layout of {FUSED_LAYOUTS}"
+
+
+def _attention_module(found: Derivation, model, inputs, block, names: list[str]) -> None:
+    found.attention_module = common_parent(names)
+    if not found.attention_module:
+        found.refuse({"attention_branches"}, f"the attention projections {names} have no module of their own")
+        return
+    output = output_of(model, inputs, block.get_submodule(found.attention_module))
+    if isinstance(output, tuple) and len(output) == 2:
+        found.removed_attention_output = "zeros_and_none"
+    elif isinstance(output, torch.Tensor):
+        found.removed_attention_output = "zeros"
+    else:
+        found.refuse({"attention_branches"}, f"{found.attention_module} returns {type(output).__name__}")
+
+
+def _head_dim_attribute(found: Derivation, block: nn.Module, head_dim: int) -> None:
+    """The module (under the attention module) and integer attribute holding the head size; where none holds it
+    (the forward splits by `width // n_head`), the head size itself."""
+    root = block.get_submodule(found.attention_module) if found.attention_module else block
+    prefix = f"{found.attention_module}." if found.attention_module else ""
+    for name, module in root.named_modules():
+        for attribute in HEAD_DIM_ATTRIBUTES:
+            if getattr(module, attribute, None) == head_dim and not isinstance(getattr(module, attribute), bool):
+                found.heads_module = (prefix + name).rstrip(".") or None
+                found.head_dim_attribute = attribute
+                return
+    if not found.attention_module:
+        found.refuse(
+            ATTENTION_KINDS - {"attention_branches"},
+            f"no attribute of the block holds the head size {head_dim}, and its attention has no module of its own",
+        )
+        return
+    found.head_dim = head_dim

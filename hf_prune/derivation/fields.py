@@ -1,0 +1,74 @@
+"""Config fields by what they mean: the names config classes give the hidden size, head counts, layer count, MLP
+width (issue 15), found through the class's own `attribute_map` and the common aliases in `ALIASES`."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Iterator
+
+from transformers import PretrainedConfig
+
+#: Canonical config field → the names config classes give it (after the class's own `attribute_map`).
+ALIASES: dict[str, tuple[str, ...]] = {
+    "num_hidden_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "n_embed", "dim", "embed_dim", "model_dim"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head_kv", "multi_query_group_num"),
+    "head_dim": ("head_dim", "d_head", "kv_channels", "attention_head_dim", "d_kv", "dim_head"),
+    "intermediate_size": (
+        "intermediate_size",
+        "n_inner",
+        "ffn_dim",
+        "d_ff",
+        "dff",
+        "ffn_hidden_size",
+        "hidden_dim",
+        "inner_hidden_size",
+        "ffn_size",
+        "mlp_dim",
+        "dim_ff",
+    ),
+    "vocab_size": ("vocab_size", "n_vocab"),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"),
+}
+
+
+@functools.cache
+def default_values(config_class: type[PretrainedConfig]) -> dict:
+    """The config class's defaults as `to_dict` writes them (field names as stored)."""
+    return config_class().to_dict()
+
+
+def config_field(config_class: type[PretrainedConfig], canonical: str) -> str | None:
+    """The name `config_class` stores `canonical` under: its `attribute_map`, else the first alias it has."""
+    mapped = getattr(config_class, "attribute_map", {}).get(canonical)
+    if mapped:
+        return mapped
+    values = default_values(config_class)
+    signature = inspect.signature(config_class.__init__).parameters
+    return next((alias for alias in ALIASES[canonical] if alias in values or alias in signature), None)
+
+
+def config_value(config: PretrainedConfig, canonical: str):
+    """The value `config` holds for `canonical` (None where its class has no such field)."""
+    name = config_field(type(config), canonical)
+    return getattr(config, name, None) if name else None
+
+
+def sub_configs(config: PretrainedConfig, path: str = "") -> Iterator[tuple[str, PretrainedConfig]]:
+    """`config` and every config nested in it (`text_config`, `encoder`, ...), each with its dotted path
+    ("" for `config` itself)."""
+    yield path, config
+    for key, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            yield from sub_configs(value, f"{path}.{key}" if path else key)
+
+
+def sub_config(config: PretrainedConfig, path: str) -> PretrainedConfig:
+    """The config at dotted `path` under `config` ("" : `config` itself)."""
+    return functools.reduce(getattr, path.split("."), config) if path else config
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name

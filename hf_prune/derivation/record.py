@@ -1,0 +1,72 @@
+"""`Derivation`: what derivation found on the tiny instance, and each kind it refused with the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig
+
+from ..groups.experts import ExpertLayout
+from ..kinds import EXPERT_KINDS, TRANSFORMER_KINDS, GroupKind
+from .fields import sub_config
+
+
+@dataclass
+class Derivation:
+    """What derivation found on the tiny instance; `refused` holds each kind it could not resolve and why."""
+
+    config_class: type[PretrainedConfig]
+    layers_path: str = ""
+    #: the dotted config field counting the layers (`stacks.find_stack`; None: `layers` is refused)
+    layers_field: str | None = None
+    #: whether the leading blocks built unlike the rest (`stacks.fixed_prefix`) are kept whole, since removing
+    #: the first block fails verification and removing any other passes
+    fixed_prefix: bool = False
+    #: the dotted path of the (nested) config whose fields size the blocks ("" : the model's own config)
+    config_path: str = ""
+    attention_module: str | None = None
+    mlp_module: str | None = None
+    q_proj: str | None = None
+    #: a fused q/k/v projection and its `FUSED_LAYOUTS` layout (instead of q_proj, k_proj, v_proj)
+    qkv_proj: str | None = None
+    qkv_layout: str | None = None
+    k_proj: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+    gate_proj: str | None = None
+    up_proj: str | None = None
+    down_proj: str | None = None
+    #: a fused gate/up projection (`up_proj`, no `gate_proj`): its `mlp.GATE_UP_LAYOUTS` row layout
+    gate_up_layout: str | None = None
+    #: the intermediate-size field's value per neuron (2: it counts a fused projection's rows; None: the width
+    #: was read from the shapes, the field does not hold it)
+    mlp_width_scale: int | None = 1
+    heads_module: str | None = None
+    head_dim_attribute: str = "head_dim"
+    #: the head size, where no attribute holds it (forwards that split by `width // n_head`)
+    head_dim: int | None = None
+    #: attention attributes holding the query width `n·d` that forwards split or reshape by (`attention.py`)
+    width_attributes: tuple[str, ...] = ("split_size", "all_head_size")
+    removed_attention_output: str = "zeros_and_none"
+    removed_mlp_output: str = "zeros"
+    #: whether the MLP's down-projection output is added to the residual stream unchanged (`adds_to_stream`)
+    mlp_adds_to_stream: bool = False
+    #: the routed experts' layout (mixture-of-experts MLPs, `experts.py`)
+    experts: ExpertLayout | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    #: kind → how the verification's vanilla save went ("vanilla", or "loader: <reason>")
+    formats: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def kinds(self) -> frozenset[GroupKind]:
+        claimed = TRANSFORMER_KINDS | (EXPERT_KINDS if self.experts else frozenset())
+        return frozenset(kind for kind in claimed if kind not in self.refused)
+
+    def config_of(self, config: PretrainedConfig) -> PretrainedConfig:
+        """The (nested) config whose fields size the pruned blocks."""
+        return sub_config(config, self.config_path)
+
+    def refuse(self, kinds, reason: str) -> None:
+        for kind in kinds:
+            self.refused.setdefault(kind, reason)
