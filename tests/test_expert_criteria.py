@@ -21,6 +21,7 @@ import torch
 from list_moe import ListMoeConfig
 from safetensors.torch import save_file
 from test_experts import COUNT_FIELDS, RELOAD_SCRIPT, layers_of, logits, routers_exclude, tiny
+from test_experts_workflows import LOW_MEMORY, weights
 from tiny_models import calibration_windows
 from torch import nn
 
@@ -214,3 +215,21 @@ def test_per_expert_module_lists_refuse_output_error_and_merging():
             HFPruner(copy.deepcopy(model)).prune(criterion={"experts": criterion}, **common)
     with pytest.raises(InvalidPruningTargetError, match=r"per-expert module list.*expert_repair='none'"):
         HFPruner(copy.deepcopy(model)).prune(criterion={"experts": "frequency"}, expert_repair="merge", **common)
+
+
+def test_low_memory_scores_and_merges_as_in_memory(tmp_path):
+    """Layer by layer from the checkpoint (`low_memory=True`), `output_error` from each layer's own routing and
+    the merge repair give the in-memory prune's plan and tensors (the merge changes them: not plain removal)."""
+    dense, _ = tiny("mixtral", seed=5)
+    dense.save_pretrained(tmp_path / "dense", max_shard_size="100KB")
+    config = {**LOW_MEMORY, "criterion": {**LOW_MEMORY["criterion"], "experts": "output_error"}}
+    saved = {}
+    runs = (("in_memory", False, "merge"), ("layered", True, "merge"), ("plain", False, "none"))
+    for name, low_memory, repair in runs:
+        pruner = HFPruner.from_pretrained(tmp_path / "dense", low_memory=low_memory)
+        pruner.prune(**config, expert_repair=repair)
+        saved[name] = (pruner.plan.to_dict(), weights(pruner.save_pretrained(tmp_path / name)))
+    assert saved["layered"][0] == saved["in_memory"][0] == saved["plain"][0]
+    for key, tensor in saved["in_memory"][1].items():
+        torch.testing.assert_close(saved["layered"][1][key], tensor, rtol=0, atol=1e-6)
+    assert any(not torch.equal(saved["plain"][1][key], t) for key, t in saved["in_memory"][1].items())
