@@ -76,7 +76,7 @@ def train(model, data: torch.Tensor, settings: dict, seed: int, learning_rate: f
         use_cpu=not torch.cuda.is_available(),
         save_strategy="no",
         logging_steps=10,
-        disable_tqdm=True,
+        disable_tqdm=False,  # a progress bar over the optimizer steps (stderr)
         bf16=settings["precision"] == "bf16",
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=list(callbacks))
