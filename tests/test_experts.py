@@ -68,13 +68,8 @@ def layers_of(model: nn.Module) -> nn.ModuleList:
 
 
 @contextlib.contextmanager
-def routers_exclude(model: nn.Module, model_type: str, removed: dict[int, list[int]]):
-    """Inside: every router of a layer in `removed` gives those experts the logit −∞ (plain torch)."""
-    router = FAMILIES[model_type][1]
-    masks = {}
-    for index, experts in removed.items():
-        weight = layers_of(model)[index].get_submodule(router).weight
-        masks[id(weight)] = experts
+def weights_exclude(masks: dict[int, list[int]]):
+    """Inside: every `F.linear` with a weight whose id is in `masks` gives those output columns −∞ (plain torch)."""
     linear = torch.nn.functional.linear
 
     def patched(x, weight, bias=None):
@@ -85,6 +80,15 @@ def routers_exclude(model: nn.Module, model_type: str, removed: dict[int, list[i
         return out
 
     with mock.patch("torch.nn.functional.linear", patched):
+        yield
+
+
+@contextlib.contextmanager
+def routers_exclude(model: nn.Module, model_type: str, removed: dict[int, list[int]]):
+    """Inside: every router of a layer in `removed` gives those experts the logit −∞ (plain torch)."""
+    router = FAMILIES[model_type][1]
+    masks = {id(layers_of(model)[index].get_submodule(router).weight): experts for index, experts in removed.items()}
+    with weights_exclude(masks):
         yield
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from unittest import mock
 
 import pytest
 import torch
 import transformers
 from list_moe import ListMoeConfig
 from safetensors.torch import load_file
-from test_experts import COUNT_FIELDS, layers_of, reference, routers_exclude, tiny
+from test_experts import COUNT_FIELDS, layers_of, reference, routers_exclude, tiny, weights_exclude
 from tiny_models import calibration_windows
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -362,17 +361,7 @@ def list_moe_reference(dense, plan) -> tuple[nn.Module, dict[int, list[int]]]:
 @contextlib.contextmanager
 def gates_exclude(model, removed: dict[int, list[int]]):
     """Inside: the router `gate` of every layer in `removed` gives those experts the logit −∞ (plain torch)."""
-    masks = {id(layers_of(model)[index].mlp.gate.weight): experts for index, experts in removed.items()}
-    linear = torch.nn.functional.linear
-
-    def patched(x, weight, bias=None):
-        out = linear(x, weight, bias)
-        if id(weight) in masks:
-            out = out.clone()
-            out[..., masks[id(weight)]] = float("-inf")
-        return out
-
-    with mock.patch("torch.nn.functional.linear", patched):
+    with weights_exclude({id(layers_of(model)[index].mlp.gate.weight): experts for index, experts in removed.items()}):
         yield
 
 
