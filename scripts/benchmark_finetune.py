@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_file import LANGUAGE_MODELS, PACKAGES, language_model, open_results
+from results_file import LANGUAGE_MODELS, PACKAGES, language_model, open_results, training_precision
 from transformers import Trainer, TrainingArguments
 
 from hf_prune import Distillation, HFPruner, PruningCallback, PruningConfig
@@ -203,9 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distill-temperature", type=float, default=1.0, help="T of the distillation rows")
     parser.add_argument(
         "--precision",
-        choices=("bf16", "fp32"),
-        default="bf16",
-        help="training precision (bf16 autocast halves the step time on CPUs with avx512_bf16); evaluation is fp32",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="training precision; auto: bf16 autocast where the device computes bf16 natively (a CUDA GPU "
+        "with bf16, a CPU with avx512_bf16 or amx_bf16: half the step time), fp32 elsewhere (emulated bf16 "
+        "is many times slower); the settings record the resolved value; evaluation is fp32",
     )
     parser.add_argument(
         "--zero-shot-criteria",
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gradual_score": args.gradual_score,
         "distill_alpha": args.distill_alpha,
         "distill_temperature": args.distill_temperature,
-        "precision": args.precision,
+        "precision": training_precision(args.precision),
         "zero_shot_criteria": args.zero_shot_criteria.split(","),
         "damping": args.damping,
         "device": "cuda" if torch.cuda.is_available() else "cpu",

@@ -12,6 +12,7 @@ from script_modules import script_module
 
 from hf_prune import HFPruner, PruningConfig
 from hf_prune.calibration.data import DATA_DIR_VARIABLE
+from hf_prune.errors import UsageError
 
 
 @pytest.fixture(autouse=True)
@@ -113,3 +114,23 @@ def test_defaults_are_the_whole_test_split_and_the_config_damping(smollm2, monke
     settings = caught.value.args[0]
     assert settings["windows"] == 589  # every 512-token window of the WikiText-2 test split (SmolLM2 tokenizer)
     assert settings["damping"] == PruningConfig().damping
+    assert settings["precision"] in ("bf16", "fp32")  # `auto` is resolved before it is recorded
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"avx2": True, "avx512_bf16": False, "amx_bf16": False}, "fp32"),  # an AVX2-only EPYC: bf16 emulated
+        ({"avx512_f": True, "avx512_bf16": True}, "bf16"),  # Cooper Lake, Zen 4
+        ({"avx512_f": True, "avx512_bf16": False, "amx_bf16": True}, "bf16"),  # Sapphire Rapids AMX
+        ({}, "fp32"),
+    ],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(capabilities, expected, monkeypatch):
+    results_file = script_module("results_file")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert results_file.training_precision("auto", device="cpu") == expected
+    assert results_file.training_precision("bf16", device="cpu") == "bf16"  # asked for: kept
+    assert results_file.training_precision("fp32", device="cpu") == "fp32"
+    with pytest.raises(UsageError, match="--precision"):
+        results_file.training_precision("fp16", device="cpu")
