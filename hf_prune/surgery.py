@@ -95,11 +95,19 @@ def cut_layer(layer: nn.Module, adapter: ArchitectureAdapter, layer_plan: LayerP
         adapter.remove_branch(layer, branch)
 
 
+#: The attribute `drop_layers` leaves on a model whose layers it removed: `{"kept": [original indices], "fields":
+#: {config field: value before}}` (composed over repeated removals), so that a loader-format folder can rebuild
+#: the dense skeleton and drop the same layers (blocks built from their index or the layer count stay exact).
+DENSE_LAYERS = "hf_prune_dense_layers"
+
+
 def drop_layers(model: nn.Module, adapter: ArchitectureAdapter, kept: list[int]) -> None:
-    """Keep only the layers `kept` (original indices), renumbered, and rewrite the layer-count config fields."""
+    """Keep only the layers `kept` (original indices), renumbered, and rewrite the layer-count config fields;
+    `DENSE_LAYERS` records the original indices and the config fields as they were."""
     layers = adapter.layers(model)
     if len(kept) == len(layers):
         return
+    before = model.config.to_dict()
     adapter.set_layers(model, nn.ModuleList(layers[i] for i in kept))
     for new_index, (old_index, layer) in enumerate(zip(kept, adapter.layers(model))):
         # The KV cache is indexed by `layer_idx` (GPT-Neo: `layer_id`): renumber so generate() sees 0..n-1.
@@ -109,6 +117,11 @@ def drop_layers(model: nn.Module, adapter: ArchitectureAdapter, kept: list[int])
             if type(getattr(module, "layer_id", None)) is int and module.layer_id == old_index:
                 module.layer_id = new_index
     adapter.update_config_for_layers(model.config, kept)
+    after = model.config.to_dict()
+    previous = getattr(model, DENSE_LAYERS, None) or {"kept": list(range(len(layers))), "fields": {}}
+    fields = {key: value for key, value in before.items() if after.get(key) != value}
+    record = {"kept": [previous["kept"][i] for i in kept], "fields": fields | previous["fields"]}
+    object.__setattr__(model, DENSE_LAYERS, record)
 
 
 @torch.no_grad()

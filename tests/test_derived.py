@@ -431,30 +431,32 @@ def test_self_attention_heads_beside_cross_attention_and_without_a_head_size_att
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
 
 
-def test_leading_layers_built_by_index_are_kept_whole(tmp_path):
+def test_leading_layer_built_unlike_the_rest_is_removed_through_the_dense_stack(tmp_path):
     """ModernBERT builds its first layer without an attention norm: removing it cannot be expressed by a config
-    with fewer layers (verification shows it), removing any other can. The first layer is then kept whole even
-    where it scores lowest, the others are removed as usual: the cut equals a plain-torch reference that skips
-    the removed layer, and the folder reloads to it."""
+    with fewer layers (that config builds the new first layer without its norm), so the folder is written in the
+    loader format, which builds the dense stack and drops layer 0 again; the first layer is then removable like
+    any other (no fixed prefix). The cut equals a plain-torch reference that skips it, and the folder reloads
+    to it with the kept layer's norm."""
     derivation = verified_derivation(transformers.ModernBertConfig)
-    assert derivation.fixed_prefix and "layers" in derivation.kinds, derivation.refused
+    assert not derivation.fixed_prefix and "layers" in derivation.kinds, derivation.refused
     dense, inputs = build_tiny(transformers.ModernBertConfig, seed=2)
     assert dense.model.layers[0].attn_norm.__class__.__name__ == "Identity"
-    adapter = DerivedAdapter(derivation, "modernbert")
-    assert adapter.fixed_layers(dense) == {0}
     with torch.no_grad():
-        for layer in dense.model.layers[:1]:  # the lowest magnitude: chosen first were it removable
+        for layer in dense.model.layers[:1]:  # the lowest magnitude: chosen first
             for parameter in layer.parameters():
                 parameter.mul_(1e-3)
     pruner = HFPruner(copy.deepcopy(dense))
     pruner.prune(layers=1, **STRUCTURAL)
-    assert pruner.plan.layers[0].keep_layer and sum(not p.keep_layer for p in pruner.plan.layers) == 1
+    assert [p.keep_layer for p in pruner.plan.layers] == [False, True, True]
     reference = zeroed_reference(dense, pruner.plan, "model.layers", "", "", 16)
     with torch.no_grad():
         expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
     pruner.save_pretrained(tmp_path / "modernbert")
+    saved = json.loads((tmp_path / "modernbert" / "config.json").read_text())
+    assert saved["model_type"] == "hf_prune" and saved["hf_prune"]["dense_layers"]["kept"] == [1, 2]
     reloaded = load_pruned(tmp_path / "modernbert").eval()
+    assert reloaded.model.layers[0].attn_norm.__class__.__name__ != "Identity"
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
 
@@ -487,3 +489,40 @@ def test_tiny_inputs_the_forward_needs_come_from_the_config_class():
         expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
     assert all(len(p.query_heads) == 2 and len(p.neurons) == 30 for p in pruner.plan.layers)
+
+
+@pytest.mark.parametrize(
+    "config_class, attribute",
+    [(transformers.DiffLlamaConfig, "self_attn.lambda_init"), (transformers.MiniCPM3Config, "residual_scale")],
+)
+def test_layer_removal_where_blocks_are_built_from_their_index_or_the_layer_count(tmp_path, config_class, attribute):
+    """DiffLlama's attention sets `lambda_init` from its layer index, MiniCPM-3's block its residual scale from
+    the layer count: a config with fewer layers builds other blocks, so the folder is written in the loader
+    format, which builds the dense stack and drops the same layers. The cut and the reloaded folder equal a
+    plain-torch reference that skips the removed layer, and the kept blocks keep their attribute."""
+    dense, inputs = build_tiny(config_class, seed=2)
+    with torch.no_grad():
+        for parameter in dense.model.layers[0].parameters():  # the lowest magnitude: the later ones renumbered
+            parameter.mul_(1e-3)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(layers=1, **STRUCTURAL)
+    removed = [p.layer for p in pruner.plan.layers if not p.keep_layer]
+    assert removed == [0]
+    reference = zeroed_reference(dense, pruner.plan, "model.layers", "", "", 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    pruner.save_pretrained(tmp_path / "pruned")
+    saved = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert saved["model_type"] == "hf_prune", "a config with fewer layers builds other blocks: not vanilla"
+    assert saved["hf_prune"]["dense_layers"]["kept"] == [i for i in range(3) if i not in removed]
+    reloaded = load_pruned(tmp_path / "pruned").eval()
+    kept = [i for i in range(3) if i not in removed]
+    for block, index in zip(reloaded.model.layers, kept, strict=True):
+        original = dense.model.layers[index].get_submodule(attribute.rpartition(".")[0])
+        attribute_name = attribute.rpartition(".")[2]
+        assert getattr(block.get_submodule(attribute.rpartition(".")[0]), attribute_name) == getattr(
+            original, attribute_name
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)

@@ -30,8 +30,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..errors import PrunedCheckpointError
 from ..groups import ArchitectureAdapter
 from ..groups.base import set_config_field
+from ..surgery import DENSE_LAYERS, drop_layers
 from ..tracing.checkpoint import load_traced
 from .loader_format import (
+    LAYERS_FORMAT_VERSION,
     LOADER_FORMAT_VERSION,
     LOADER_MODEL_TYPE,
     STREAM_FORMAT_VERSION,
@@ -87,6 +89,9 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
     except Exception as error:  # the config class's own validation says why
         reason = str(error).strip().splitlines()[-1]
         return FormatDecision(False, f"{type(model.config).__name__} rejects the pruned shapes ({reason})", {})
+    dependence = layer_dependence(model, adapter)
+    if dependence:
+        return FormatDecision(False, dependence, {})
     actual = model.state_dict()
     mismatched = [
         name
@@ -106,6 +111,51 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
     return FormatDecision(True, "every layer has the same shape and the standard config fields express it", fields)
 
 
+#: Plain attributes a block sets from its index or from the layer count (`lambda_init`, `residual_scale`, ...).
+_SCALARS = (bool, int, float, str)
+
+
+def layer_dependence(model: PreTrainedModel, adapter: ArchitectureAdapter) -> str | None:
+    """Why a model whose layers were removed (`surgery.DENSE_LAYERS`) cannot be rebuilt from its config alone:
+    the first plain attribute (or module) of a kept block that differs between a model built from the pruned
+    config and the dense one with the same layers dropped (blocks built from their index: DiffLlama's
+    `lambda_init(layer_idx)`, Swin's shifted windows; or from the layer count: MiniCPM's residual scale), or
+    the first weight sized by the layer count (ESM's contact head); None where they agree. Both are built on
+    the meta device with their dense widths."""
+    record = getattr(model, DENSE_LAYERS, None)
+    if not record:
+        return None
+    config = model.config
+    dense_config = type(config).from_dict(config.to_dict() | record["fields"])
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(type(config).from_dict(config.to_dict()))
+            dense = type(model)(dense_config)
+        drop_layers(dense, adapter, record["kept"])
+    except Exception as error:  # the class refuses one of the configs: no vanilla claim
+        return f"the layer removal cannot be checked against a fresh model ({type(error).__name__}: {error})"
+    built_shapes, kept_shapes = fresh.state_dict(), dense.state_dict()
+    for name, tensor in kept_shapes.items():  # a weight sized by the layer count (ESM's contact head)
+        if name not in built_shapes or built_shapes[name].shape != tensor.shape:
+            shape = tuple(built_shapes[name].shape) if name in built_shapes else "absent"
+            return f"{name} is {tuple(tensor.shape)} in the kept model, {shape} in one built from the pruned config"
+    for index, (built, kept) in enumerate(zip(adapter.layers(fresh), adapter.layers(dense))):
+        kept_modules = dict(kept.named_modules())
+        for name, module in built.named_modules():
+            other = kept_modules.get(name)
+            where = f"layer {index}{'.' + name if name else ''}"
+            if type(other) is not type(module):
+                return f"{where} is built unlike the kept layer: {type(model).__name__} builds blocks by their index"
+            for key, value in vars(module).items():
+                if key != "training" and isinstance(value, _SCALARS) and vars(other).get(key) != value:
+                    return (
+                        f"{where}.{key} is {vars(other).get(key)!r} in the kept layer, {value!r} in a model built "
+                        f"from the pruned config: {type(model).__name__} builds blocks from their index or the layer "
+                        "count"
+                    )
+    return None
+
+
 # --------------------------------------------------------------------------- saving
 def write_loader_config(folder: Path, model: PreTrainedModel, adapter: ArchitectureAdapter) -> None:
     """Rewrite `config.json` into the loader format and add the remote code (see the module docstring)."""
@@ -116,9 +166,13 @@ def write_loader_config(folder: Path, model: PreTrainedModel, adapter: Architect
         "base_model_type": config["model_type"],
         "layers": [geometry.to_dict() for geometry in layer_geometries(model, adapter)],
     }
+    record = getattr(model, DENSE_LAYERS, None)
+    if record and layer_dependence(model, adapter):  # the loader builds the dense stack and drops these layers
+        config["hf_prune"] |= {"format_version": LAYERS_FORMAT_VERSION, "dense_layers": record}
     widths = stream_widths(model, adapter)
     if widths is not None:  # the config keeps the dense `hidden_sizes`; the loader cuts the streams to these
-        config["hf_prune"] |= {"format_version": STREAM_FORMAT_VERSION, "stream_widths": widths}
+        config["hf_prune"] |= {"stream_widths": widths}
+        config["hf_prune"]["format_version"] = max(config["hf_prune"]["format_version"], STREAM_FORMAT_VERSION)
     config["model_type"] = LOADER_MODEL_TYPE
     config["auto_map"] = write_remote_code(folder, type(model.config), config["architectures"][0])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -30,7 +30,9 @@ LOADER_MODEL_TYPE = "hf_prune"
 LOADER_FORMAT_VERSION = 1
 #: The version of folders that also record cut stage streams (`stream_widths`).
 STREAM_FORMAT_VERSION = 2
-READABLE_VERSIONS = (LOADER_FORMAT_VERSION, STREAM_FORMAT_VERSION)
+#: The version of folders that also record the removed layers (`dense_layers`: original indices and config fields).
+LAYERS_FORMAT_VERSION = 3
+READABLE_VERSIONS = (LOADER_FORMAT_VERSION, STREAM_FORMAT_VERSION, LAYERS_FORMAT_VERSION)
 
 
 def layer_geometries(model: nn.Module, adapter: ArchitectureAdapter) -> list[LayerGeometry]:
@@ -64,7 +66,13 @@ class HFPruneConfig(PretrainedConfig):
         fields = self.to_dict()
         for key in ("hf_prune", "model_type", "auto_map", "transformers_version"):
             fields.pop(key, None)
+        fields |= self.dense_layers().get("fields", {})  # the dense stack: the removed layers are dropped again
         return AutoConfig.for_model(self._metadata()["base_model_type"], **fields)
+
+    def dense_layers(self) -> dict:
+        """`{"kept": original indices of the saved layers, "fields": the config fields before the removal}`
+        (version 3; empty where the folder was built from its config alone)."""
+        return dict(self._metadata().get("dense_layers") or {})
 
     def layer_shapes(self) -> list[LayerGeometry]:
         return [LayerGeometry.from_dict(entry) for entry in self._metadata()["layers"]]
@@ -79,17 +87,24 @@ def shaped_class(
     adapter: ArchitectureAdapter,
     targets: list[LayerGeometry],
     widths: list[int] = (),
+    kept: list[int] | None = None,
 ):
     """A subclass of `model_class` that takes the saved per-layer shapes as soon as it is built,
-    so transformers' own `from_pretrained` (key renames, dtype, device_map, ...) fills it."""
+    so transformers' own `from_pretrained` (key renames, dtype, device_map, ...) fills it; with `kept`, the
+    config builds the dense stack and only those layers (original indices) stay."""
 
     class Shaped(model_class):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             dense = layer_geometries(self, adapter)
-            if len(dense) != len(targets):
-                raise PrunedCheckpointError(f"{len(targets)} saved layer shapes for {len(dense)} layers")
-            plans = [LayerPlan.first(i, d, t) for i, (d, t) in enumerate(zip(dense, targets))]
+            indices = list(range(len(dense))) if kept is None else list(kept)
+            if len(indices) != len(targets) or not set(indices) <= set(range(len(dense))):
+                raise PrunedCheckpointError(f"{len(targets)} saved layer shapes for {len(dense)} layers ({kept=})")
+            shapes = dict(zip(indices, targets))
+            plans = [
+                LayerPlan.first(i, d, shapes[i]) if i in shapes else LayerPlan(i, d, keep_layer=False)
+                for i, d in enumerate(dense)
+            ]
             streams = {stage: tuple(range(width)) for stage, width in enumerate(widths)}
             apply_plan(self, adapter, PruningPlan(plans, streams))
 
@@ -105,7 +120,8 @@ def load_shaped(
 ) -> PreTrainedModel:
     """`model_class` (a family class such as `LlamaForCausalLM`) cut to the saved shapes, weights loaded."""
     base = config.base_config()
-    shaped = shaped_class(model_class, get_adapter(base), config.layer_shapes(), config.stream_widths())
+    kept = config.dense_layers().get("kept")
+    shaped = shaped_class(model_class, get_adapter(base), config.layer_shapes(), config.stream_widths(), kept)
     return shaped.from_pretrained(name_or_path, *args, config=base, **from_pretrained_kwargs)
 
 
