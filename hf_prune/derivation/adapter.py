@@ -23,7 +23,7 @@ from .attention import fused_chunks
 from .fields import ALIASES, config_field, join, sub_config
 from .mlp import gate_up_rows
 from .record import Derivation
-from .stacks import fixed_prefix
+from .stacks import entry_field, fixed_prefix
 
 
 class DerivedAdapter(ArchitectureAdapter):
@@ -185,6 +185,12 @@ class DerivedAdapter(ArchitectureAdapter):
         (nested) config holding it."""
         path, _, name = self.layer_count_field(config).rpartition(".")
         config = sub_config(config, path)
+        name, index = entry_field(name)
+        if index is not None:  # one stage's blocks, counted by one entry of a per-stage list (`depths[i]`)
+            entries = list(getattr(config, name))
+            entries[index] = len(kept_layers)
+            setattr(config, name, type(getattr(config, name))(entries))
+            return
         old_count = getattr(config, name)
         setattr(config, name, len(kept_layers))
         for key, value in list(vars(config).items()):

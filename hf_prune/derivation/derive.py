@@ -27,7 +27,7 @@ from .attention import derive_attention
 from .experts import derive_experts, moe_output
 from .fields import ALIASES, config_value
 from .mlp import derive_mlp
-from .probes import first_line, model_output, projection_widths
+from .probes import first_line, model_output, projection_widths, stream_width
 from .record import Derivation
 from .shrink import (
     LIST_WIDTH,
@@ -38,7 +38,7 @@ from .shrink import (
     tiny_config,
     tiny_model_class,
 )
-from .stacks import find_stack, relative_layers_path
+from .stacks import entry_field, find_stack, relative_layers_path
 
 __all__ = [
     "LIST_WIDTH",
@@ -70,6 +70,8 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     projections = projection_widths(block)
     config = found.config_of(model.config)
     hidden = config_value(config, "hidden_size")
+    if entry_field(stack.count_field or "")[1] is not None:  # one stage of several widths: its own stream's
+        hidden = stream_width(model, inputs, block)
     if not isinstance(hidden, int):
         raise DerivedAdapterError(f"{type(config).__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
     derive_attention(found, model, inputs, block, projections, hidden)

@@ -26,6 +26,22 @@ def model_output(model: nn.Module, inputs: dict) -> torch.Tensor:
     return output[0]
 
 
+def stream_width(model: nn.Module, inputs: dict, block: nn.Module) -> int | None:
+    """The last dimension of the hidden states `block` receives (its first tensor argument) in one forward."""
+    seen = []
+
+    def record(module, args, kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        seen.append(tensors[0].shape[-1] if tensors else None)
+
+    handle = block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model_output(model, inputs)
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
 # --------------------------------------------------------------------------- dataflow probes
 def projection_widths(block: nn.Module) -> dict[str, tuple[int, int]]:
     """Every `Linear` / `Conv1D` of a block: name → (input width, output width)."""

@@ -39,6 +39,9 @@ HEAD_DIMS = (TINY["head_dim"], TINY["hidden_size"] // TINY["num_attention_heads"
 #: The KV head counts a tiny instance is tried with: `TINY`'s (grouped queries), then one per query head, for
 #: attention whose forward has no grouped queries (multi-head latent attention repeats no KV heads).
 KV_HEADS = (TINY["num_key_value_heads"], TINY["num_attention_heads"])
+#: The hidden sizes tried, in order, where `TINY`'s leaves the tiny model too large (hierarchical vision models
+#: whose stages double the first stage's width: Swin's `embed_dim * 2**i`).
+NARROW_HIDDEN = (32, 16)
 #: A tiny instance larger than this means the shrink missed a field: refused rather than built.
 MAX_TINY_PARAMETERS = 2_000_000
 #: Task heads tried, in order, for the tiny instance (the layers live in the base model either way).
@@ -84,13 +87,14 @@ WIDTHS: tuple[tuple[str, int], ...] = (
 )
 
 
-def _role(name: str, head_dim: int) -> int | None:
-    """The cap `SIZE_FIELDS` / `WIDTHS` give an integer field called `name`, or None (left as it is)."""
+def _role(name: str, head_dim: int, hidden: int = TINY["hidden_size"]) -> int | None:
+    """The cap `SIZE_FIELDS` / `WIDTHS` give an integer field called `name`, or None (left as it is); a hidden
+    width takes `hidden` (`NARROW_HIDDEN`)."""
     for pattern, role in SIZE_FIELDS:
         hit = re.fullmatch(pattern, name) if role == "layers" else re.search(pattern, name)
         if hit and role == "width":
-            cap = next(cap for width, cap in WIDTHS if re.search(width, name))
-            return head_dim if cap == TINY["head_dim"] else cap
+            pattern, cap = next((width, cap) for width, cap in WIDTHS if re.search(width, name))
+            return head_dim if cap == TINY["head_dim"] else hidden if pattern == "" else cap
         if hit:
             return TINY["num_hidden_layers"] if role == "layers" else role
     return None
@@ -149,6 +153,7 @@ def _shrink(
     shape_dims: frozenset = frozenset(),
     kv_heads: int = TINY["num_key_value_heads"],
     fill: bool = False,
+    hidden: int = TINY["hidden_size"],
 ):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -159,7 +164,9 @@ def _shrink(
         for canonical, value in TINY.items():
             name = config_field(config_class, canonical)
             if name is not None and not _int_list(values.get(name)):  # per-stage lists: `_shrink_list`
-                values[name] = {"head_dim": head_dim, "num_key_value_heads": kv_heads}.get(canonical, value)
+                values[name] = {"head_dim": head_dim, "num_key_value_heads": kv_heads, "hidden_size": hidden}.get(
+                    canonical, value
+                )
                 canonical_names.add(name)
     sub_configs = getattr(config_class, "sub_configs", None) or {}
     widest = max((max(v) for k, v in values.items() if _width_list(k, v)), default=0)
@@ -170,9 +177,9 @@ def _shrink(
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
             sub_class = sub_class if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) else None
-            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads, fill)
+            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads, fill, hidden)
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
-            cap = _role(key, head_dim)
+            cap = _role(key, head_dim, hidden)
             if cap is None and value in shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
                 cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
             if isinstance(cap, int) and value > cap:
@@ -262,13 +269,14 @@ def _tiny_config(
     shape_dims: frozenset = frozenset(),
     kv_heads: int = TINY["num_key_value_heads"],
     fill: bool = False,
+    hidden: int = TINY["hidden_size"],
 ) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
     first tiny model too large), also every integer field no name pattern covers whose value is one of them;
-    with `fill`, the unset defaults `fill_defaults` fills."""
+    with `fill`, the unset defaults `fill_defaults` fills; `hidden`: the hidden size (`NARROW_HIDDEN`)."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill)
+    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden)
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -350,6 +358,28 @@ def _checked_pixels(model: nn.Module, config: PretrainedConfig, inputs: dict) ->
     return processed
 
 
+#: Config fields holding the input image's size.
+IMAGE_SIZE = r"^(?:image_size|img_size)$"
+
+
+def _has_image_size(values: dict) -> bool:
+    return any(
+        re.search(IMAGE_SIZE, str(key)) or (isinstance(value, dict) and _has_image_size(value))
+        for key, value in values.items()
+    )
+
+
+def _default_image_size(config: PretrainedConfig, defaults: dict) -> None:
+    """The image sizes of `config` (and its nested configs) back to the class's defaults: windowed attention
+    whose windows must fit the last stage's feature map (Swin's relative position table is built for the
+    default window, `image_size / patch_size / 2**(stages - 1)` must not fall below it)."""
+    for key, value in defaults.items():
+        if re.search(IMAGE_SIZE, str(key)):
+            setattr(config, key, copy.deepcopy(value))
+        elif isinstance(value, dict) and isinstance(getattr(config, key, None), PretrainedConfig):
+            _default_image_size(getattr(config, key), value)
+
+
 def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.Module, dict]:
     """A tiny random instance (eval mode; norms and biases perturbed so masking bugs show) and its inputs.
 
@@ -357,16 +387,21 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     `d_model / n_head`), or the model's forward does (a rotary width that must equal the head size, an output
     projection sized by the hidden size), it is retried with `head_dim` = `hidden_size / num_attention_heads`,
     then both with one KV head per query head (`KV_HEADS`), then, where the class leaves defaults unset that
-    its forward needs (`fill_defaults`), all of them again with those filled. The model is built on the meta
+    its forward needs (`fill_defaults`), all of them again with those filled; then all of them with the class's
+    default image size (`_default_image_size`). The model is built on the meta
     device first to count its parameters without allocating them (`tiny_size`)."""
     first = None
-    attempts = [(head_dims, kv_heads) for kv_heads in KV_HEADS for head_dims in (HEAD_DIMS, HEAD_DIMS[1:])]
+    attempts = [(head_dims, kv_heads, False) for kv_heads in KV_HEADS for head_dims in (HEAD_DIMS, HEAD_DIMS[1:])]
     if fill_defaults(copy.deepcopy(default_values(config_class))):
-        attempts += [(head_dims, kv_heads, True) for head_dims, kv_heads in attempts]
-    for attempt, (head_dims, kv_heads, *fill) in enumerate(attempts):
+        attempts += [(head_dims, kv_heads, True) for head_dims, kv_heads, _ in attempts]
+    if _has_image_size(default_values(config_class)):  # windows that need the default resolution (Swin)
+        attempts += [(head_dims, kv_heads, fill, True) for head_dims, kv_heads, fill in attempts]
+    for attempt, (head_dims, kv_heads, fill, *image) in enumerate(attempts):
         try:
             model_class = tiny_model_class(config_class)
-            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, bool(fill))
+            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, fill)
+            if image:
+                _default_image_size(config, default_values(config_class))
             if shape_fields:
                 warnings.warn(f"{config_class.__name__}: shrunk by parameter shape only: {shape_fields}", stacklevel=2)
             torch.manual_seed(seed)
@@ -425,6 +460,14 @@ def tiny_size(
         size, _ = meta_size(model_class, config)
         if size <= MAX_TINY_PARAMETERS:
             return config, {key: value for key, value in changed.items() if key not in before}
+        for hidden in NARROW_HIDDEN:  # stages that double the hidden size (Swin's `embed_dim * 2**i`)
+            try:
+                config, _ = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, hidden=hidden)
+                narrow, _ = meta_size(model_class, config)
+            except Exception:  # a divisibility check of the class: the next width
+                continue
+            if narrow <= MAX_TINY_PARAMETERS:
+                return config, {}
         raise DerivedAdapterError(
             f"{config_class.__name__}: the generic shrink leaves {size:,} parameters (> {MAX_TINY_PARAMETERS:,}): "
             "some width or count field of this config is not one `SIZE_FIELDS` knows, nor a parameter shape shows."

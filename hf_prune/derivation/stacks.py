@@ -82,20 +82,52 @@ def _lowered_model(model: nn.Module, path: str, key: str, value: int) -> nn.Modu
     return None
 
 
+def _lowered_entry(model: nn.Module, path: str, key: str, index: int) -> nn.Module | None:
+    """`type(model)` built on the meta device with entry `index` of the list field `key` (of the config at
+    `path`) lowered by one (a per-stage depth: Swin's `depths[i]`); None where the class refuses it."""
+    lowered = copy.deepcopy(model.config)
+    owner = sub_config(lowered, path)
+    entries = list(getattr(owner, key))
+    entries[index] -= 1
+    try:
+        setattr(owner, key, type(getattr(owner, key))(entries))
+        with torch.device("meta"):
+            return type(model)(lowered)
+    except Exception:  # a consistency check of the class
+        return None
+
+
+def entry_field(field: str) -> tuple[str, int | None]:
+    """A count field's name and list index: `depths[2]` → ("depths", 2), `num_layers` → ("num_layers", None)."""
+    name, _, index = field.partition("[")
+    return name, int(index.rstrip("]")) if index else None
+
+
 def count_fields(model: nn.Module, stacks: dict[str, int]) -> dict[str, dict[str, int | None]]:
-    """Dotted integer field → the stacks whose length it changes when lowered by one (name → new length)."""
+    """Dotted integer field (or list entry, `depths[2]`: hierarchical models count each stage's blocks by one
+    entry of a per-stage list) → the stacks whose length it changes when lowered by one (name → new length)."""
     config, found = model.config, {}
     for path, nested in sub_configs(config):
         for key, value in vars(nested).items():
-            if type(value) is not int or value not in stacks.values() or key.endswith("_id"):
+            if isinstance(value, (list, tuple)) and value and all(type(v) is int for v in value):
+                candidates = [(f"{key}[{i}]", v, i) for i, v in enumerate(value) if v in stacks.values()]
+            elif type(value) is int and value in stacks.values() and not key.endswith("_id"):
+                candidates = [(key, value, None)]
+            else:
                 continue
-            smaller = _lowered_model(model, path, key, value)
-            if smaller is None:  # the class refuses the lowered value: not a count
-                continue
-            # a stack that is gone (inside a removed block) is not shortened
-            changed = {n: new for n, new in _lengths(smaller, stacks).items() if new is not None and new != stacks[n]}
-            if changed:
-                found[join(path, key)] = changed
+            for name, count, index in candidates:
+                if index is None:
+                    smaller = _lowered_model(model, path, key, count)
+                else:
+                    smaller = _lowered_entry(model, path, key, index)
+                if smaller is None:  # the class refuses the lowered value: not a count
+                    continue
+                # a stack that is gone (inside a removed block) is not shortened
+                changed = {
+                    n: new for n, new in _lengths(smaller, stacks).items() if new is not None and new != stacks[n]
+                }
+                if changed:
+                    found[join(path, name)] = changed
     return found
 
 
