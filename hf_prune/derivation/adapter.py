@@ -107,12 +107,15 @@ class DerivedAdapter(ArchitectureAdapter):
         return self._qkv(layer, geometry, 1, kv_head) + self._qkv(layer, geometry, 2, kv_head)
 
     def neuron_slices(self, layer: nn.Module, intermediate_size: int, neuron: int) -> list[TensorSlice]:
-        """A fused gate/up projection: the two rows of `neuron` (`mlp.gate_up_rows`) and its down column."""
+        """A fused gate/up projection: the two rows of `neuron` (`mlp.gate_up_rows`) and its down column; the
+        neuron's channel of any depthwise convolution between them (`Derivation.neuron_channels`)."""
+        names, end = self.derivation.neuron_channels, neuron + 1
+        channels = [piece for name in names for piece in output_slices(layer, name, neuron, end)]
         if self.gate_up_layout is None or self.experts_of(layer):
-            return super().neuron_slices(layer, intermediate_size, neuron)
+            return super().neuron_slices(layer, intermediate_size, neuron) + channels
         rows = gate_up_rows(self.gate_up_layout, intermediate_size, neuron)
         slices = [s for row in rows for s in output_slices(layer, self.up_proj, row, row + 1)]
-        return slices + input_slices(layer, self.down_proj, neuron, neuron + 1)
+        return slices + input_slices(layer, self.down_proj, neuron, neuron + 1) + channels
 
     def intermediate_size(self, layer: nn.Module) -> int | None:
         if self.experts_of(layer):

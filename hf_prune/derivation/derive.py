@@ -70,8 +70,8 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     projections = projection_widths(block)
     config = found.config_of(model.config)
     hidden = config_value(config, "hidden_size")
-    if entry_field(stack.count_field or "")[1] is not None:  # one stage of several widths: its own stream's
-        hidden = stream_width(model, inputs, block)
+    if entry_field(stack.count_field or "")[1] is not None or not isinstance(hidden, int):
+        hidden = stream_width(model, inputs, block)  # one stage of several widths (`hidden_sizes`): its own
     if not isinstance(hidden, int):
         raise DerivedAdapterError(f"{type(config).__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
     derive_attention(found, model, inputs, block, projections, hidden)

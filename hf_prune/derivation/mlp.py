@@ -1,14 +1,15 @@
 """Each block's MLP: producers `H → I` (one: plain, two: gated, or one fused gate/up `H → 2I`), the down projection
 `I → H`, with `I` the intermediate-size field (or half of it, where the field counts the fused rows; or, without
 one that fits, the one width the shapes show); each producer's neuron must reach only its own down-projection
-column, and the fused rows of neuron `n` (`GATE_UP_LAYOUTS`) only column `n`."""
+column, and the fused rows of neuron `n` (`GATE_UP_LAYOUTS`) only column `n`. A depthwise convolution over the
+`I` neurons between them (SegFormer's Mix-FFN) is per neuron: its channel `n` goes with neuron `n`."""
 
 from __future__ import annotations
 
 import torch
 
 from .attention import common_parent, hinted
-from .fields import ALIASES, config_value
+from .fields import ALIASES, config_value, join
 from .probes import adds_to_stream, output_of, reach
 from .record import Derivation
 
@@ -46,6 +47,15 @@ def _fused_layout(model, inputs, block, fused: str, down: str, width: int) -> st
     return f"rows of neuron 1 reach columns {seen} of {down}, neither layout of {GATE_UP_LAYOUTS}"
 
 
+def _per_channel(module, width: int) -> bool:
+    """A depthwise convolution over the `width` neurons (SegFormer's Mix-FFN between its two projections): each
+    neuron's own kernel and bias go with it."""
+    return (
+        isinstance(module, torch.nn.modules.conv._ConvNd)
+        and module.groups == module.in_channels == module.out_channels == width
+    )
+
+
 def derive_mlp(found: Derivation, model, inputs, block, projections, hidden: int) -> None:
     """Producers, down projection and module of the block's MLP; `mlp_width_scale` is the config field's value
     per neuron (2 where the field holds the fused projection's rows, as Moshi's `ffn_dim`)."""
@@ -78,6 +88,12 @@ def derive_mlp(found: Derivation, model, inputs, block, projections, hidden: int
         )
         return
     down = consumers[0]
+    mlp = common_parent([*(producers or fused), down])
+    found.neuron_channels = tuple(
+        join(mlp, name) if mlp else name
+        for name, module in (block.get_submodule(mlp) if mlp else block).named_modules()
+        if _per_channel(module, size)
+    )
     if producers:
         for name in producers:  # a neuron of each producer reaches only its own down-projection column
             reached = reach(model, inputs, block, name, 1, down)

@@ -36,6 +36,8 @@ class Derivation:
     gate_proj: str | None = None
     up_proj: str | None = None
     down_proj: str | None = None
+    #: depthwise convolutions over the MLP's neurons (channel `n` goes with neuron `n`: `mlp._per_channel`)
+    neuron_channels: tuple[str, ...] = ()
     #: a fused gate/up projection (`up_proj`, no `gate_proj`): its `mlp.GATE_UP_LAYOUTS` row layout
     gate_up_layout: str | None = None
     #: the intermediate-size field's value per neuron (2: it counts a fused projection's rows; None: the width

@@ -7,10 +7,13 @@ lowered by one, builds a model (on the meta device, shapes only) whose stack has
 other stack as it was. A field that shortens several stacks at once is shared: that stack's layers cannot
 be removed alone (the `layers` kind is refused), its heads and neurons still can.
 
+A list whose blocks receive hidden states of different widths is a list of stages, not of residual blocks:
+the block lists inside its stages are the stacks (each counted by one entry of a per-stage list, `depths[i]`).
 Of several stacks (encoder-decoder, a vision tower beside a language model, the per-block lists inside
-blocks), the one pruned is the outermost stack with a count field whose last block runs last in the
-forward of the tiny inputs: the decoder of an encoder-decoder, the language model of a multimodal model
-(its vision tower does not run on text inputs), the vision encoder of an image classifier.
+blocks, the stages of a hierarchical model), the one pruned is the outermost stack with a count field whose
+last block runs last in the forward of the tiny inputs: the decoder of an encoder-decoder, the language model
+of a multimodal model (its vision tower does not run on text inputs), the vision encoder of an image classifier,
+the last stage of a hierarchical one.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def candidate_stacks(model: nn.Module) -> dict[str, int]:
         if isinstance(module, nn.ModuleList)
         and len(module) >= 2
         and len({type(block) for block in module}) == 1
+        and not isinstance(module[0], (nn.ModuleList, nn.ModuleDict))  # lists of per-stage lists (PVT)
         and len(projection_widths(module[0])) >= 2
     }
 
@@ -148,11 +152,37 @@ def _run_order(model: nn.Module, inputs: dict, names: list[str]) -> dict[str, in
     return order
 
 
+def _widening(model: nn.Module, inputs: dict, names) -> set[str]:
+    """The stacks whose blocks receive hidden states of different widths in one forward: a list of stages
+    (SegFormer's `stages`, each of its own width), not of residual blocks; their blocks' lists are pruned."""
+    widths: dict[str, set] = {name: set() for name in names}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_floating_point()]
+            widths[name].add(tensors[0].shape[-1] if tensors else None)
+
+        return hook
+
+    handles = [
+        block.register_forward_pre_hook(record(name), with_kwargs=True)
+        for name in names
+        for block in model.get_submodule(name)
+    ]
+    try:
+        model_output(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name for name, seen in widths.items() if len(seen) > 1}
+
+
 def find_stack(model: nn.Module, inputs: dict) -> Stack:
     """The stack to prune and its count field (module docstring), or a typed refusal saying what was found."""
     stacks = candidate_stacks(model)
     fields = count_fields(model, stacks)
     counted = {name for changed in fields.values() for name, new in changed.items() if new == stacks[name] - 1}
+    counted -= _widening(model, inputs, counted)
     outer = [n for n in counted if not any(n.startswith(other + ".") for other in counted)]
     if not outer:
         raise DerivedAdapterError(
