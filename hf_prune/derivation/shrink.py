@@ -102,6 +102,8 @@ def _role(name: str, head_dim: int, hidden: int = TINY["hidden_size"]) -> int | 
 
 #: The widest entry of a per-stage width list (`hidden_sizes`, `embed_dims`, `in_channels`, ...) after shrinking.
 LIST_WIDTH = 128
+#: The widest entries tried, in order, where the class refuses the first (a divisibility check of its own).
+LIST_WIDTHS = (LIST_WIDTH, 2 * LIST_WIDTH)
 #: Per-stage list fields left as they are (kernels, patches, strides, ratios, ...), then those holding depths.
 LIST_KEPT = SIZE_FIELDS[0][0] + r"|kernel|patch|padding|pad|image|ratio|shape|train_size|level|scales|rates"
 LIST_DEPTHS = r"depth|repeat|blocks|layers"
@@ -154,6 +156,7 @@ def _shrink(
     kv_heads: int = TINY["num_key_value_heads"],
     fill: bool = False,
     hidden: int = TINY["hidden_size"],
+    list_width: int = LIST_WIDTH,
 ):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -171,13 +174,15 @@ def _shrink(
     sub_configs = getattr(config_class, "sub_configs", None) or {}
     widest = max((max(v) for k, v in values.items() if _width_list(k, v)), default=0)
     factor = 1
-    while widest // factor > LIST_WIDTH:
+    while widest // factor > list_width:
         factor *= 2
     for key, value in list(values.items()):
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
             sub_class = sub_class if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) else None
-            _shrink(sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads, fill, hidden)
+            _shrink(
+                sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads, fill, hidden, list_width
+            )
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
             cap = _role(key, head_dim, hidden)
             if cap is None and value in shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
@@ -270,13 +275,15 @@ def _tiny_config(
     kv_heads: int = TINY["num_key_value_heads"],
     fill: bool = False,
     hidden: int = TINY["hidden_size"],
+    list_width: int = LIST_WIDTH,
 ) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
     first tiny model too large), also every integer field no name pattern covers whose value is one of them;
-    with `fill`, the unset defaults `fill_defaults` fills; `hidden`: the hidden size (`NARROW_HIDDEN`)."""
+    with `fill`, the unset defaults `fill_defaults` fills; `hidden`: the hidden size (`NARROW_HIDDEN`);
+    `list_width`: the widest entry of a per-stage width list (`LIST_WIDTHS`)."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden)
+    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden, list_width)
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -446,23 +453,25 @@ def tiny_size(
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
     parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
     error = None
-    for head_dim in head_dims:
+    for head_dim, list_width in ((d, w) for d in head_dims for w in LIST_WIDTHS):
         try:
-            config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill)
+            config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, list_width=list_width)
             size, dims = meta_size(model_class, config)
-        except Exception as caught:  # a divisibility or consistency check of the class: try the next head size
-            error = error or caught
+        except Exception as caught:  # a divisibility or consistency check of the class: the next head size or
+            error = error or caught  # list width (MobileViT's stage widths must stay multiples of its heads)
             continue
         if size <= MAX_TINY_PARAMETERS:
             return config, {}
         before = changed
-        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads, fill)
+        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads, fill, list_width=list_width)
         size, _ = meta_size(model_class, config)
         if size <= MAX_TINY_PARAMETERS:
             return config, {key: value for key, value in changed.items() if key not in before}
         for hidden in NARROW_HIDDEN:  # stages that double the hidden size (Swin's `embed_dim * 2**i`)
             try:
-                config, _ = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, hidden=hidden)
+                config, _ = _tiny_config(
+                    config_class, head_dim, kv_heads=kv_heads, fill=fill, hidden=hidden, list_width=list_width
+                )
                 narrow, _ = meta_size(model_class, config)
             except Exception:  # a divisibility check of the class: the next width
                 continue
