@@ -25,16 +25,6 @@ from .groups.experts import COUNT_ATTRIBUTES
 from .plan import LayerPlan, PruningPlan
 
 
-def identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    """A removed layer's output: its input hidden states, in the container the layer returns (tuple or list)."""
-    hidden_states = args[0] if args else kwargs["hidden_states"]
-    if isinstance(output, tuple):
-        return (hidden_states, *output[1:])
-    if isinstance(output, list):  # OpenAI GPT's blocks return a list
-        return [hidden_states, *output[1:]]
-    return hidden_states
-
-
 def masked_slices(adapter: ArchitectureAdapter, layer: nn.Module, layer_plan: LayerPlan) -> list[TensorSlice]:
     """What masking zeroes in a kept layer: consumer slices of removed units, removed branches' output projections."""
     pieces = [piece for piece in layer_plan.removed_slices(adapter, layer) if piece.consumer]
@@ -52,7 +42,7 @@ def apply_masks(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPla
     for layer_plan in plan.layers:
         layer = layers[layer_plan.layer]
         if not layer_plan.keep_layer:
-            handles.append(layer.register_forward_hook(identity_hook, with_kwargs=True))
+            handles += adapter.skip_layer(model, layer_plan.layer)
             continue
         for piece in masked_slices(adapter, layer, layer_plan):
             layer.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()

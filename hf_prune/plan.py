@@ -188,8 +188,9 @@ class PruningPlan:
         pieces: list[tuple[nn.Module, TensorSlice]] = []
         for plan in self.layers:
             layer = layers[plan.layer]
-            if not plan.keep_layer:
-                pieces += [(layer, TensorSlice(name, 0, 0, p.shape[0])) for name, p in layer.named_parameters()]
+            if not plan.keep_layer:  # every part of the layer (`ArchitectureAdapter.layer_parts`)
+                for part in adapter.layer_parts(model, plan.layer):
+                    pieces += [(part, TensorSlice(name, 0, 0, p.shape[0])) for name, p in part.named_parameters()]
                 continue
             slices = list(plan.removed_slices(adapter, layer))
             for branch in plan.removed_branches():

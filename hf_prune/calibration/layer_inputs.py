@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UnsupportedArchitectureError
 from ..groups import ArchitectureAdapter
 from ..groups.base import replace_module
 
@@ -117,6 +118,12 @@ def capture_layer_inputs(
     layer's other arguments, per batch. What runs between layers outside the stack (`entries`)
     runs here on the first layer's hidden states, so its weights must be loaded."""
     layers = list(adapter.layers(model))  # a base adapter returns the live list, changed below
+    if layers and len(adapter.layer_parts(model, 0)) > 1:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} keeps each layer's parts in parallel lists (`layer_parts`): layers cannot be "
+            "run one at a time. Use a criterion that needs no layer-by-layer pass (criterion='magnitude') and "
+            "no sequential repair or low-memory mode."
+        )
     entries = {
         index: [part for name in names for part in _callables(model.get_submodule(name))]
         for index, names in adapter.layer_entries(model).items()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import re
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -18,6 +19,7 @@ from ..groups.base import (
     input_slices,
     out_features,
     output_slices,
+    replace_module,
 )
 from .attention import fused_chunks
 from .fields import ALIASES, config_field, join, sub_config
@@ -58,6 +60,57 @@ class DerivedAdapter(ArchitectureAdapter):
         self.expert_layout = derivation.experts
         #: kind → why it was refused (shown when a refused kind is asked for)
         self.refused = dict(derivation.refused)
+
+    def _parallel(self, model: nn.Module) -> list[str]:
+        """The qualified names of the parallel lists (`Derivation.parallel_lists`; empty where blocks are whole)."""
+        prefix = self.layers_name(model).removesuffix(self.layers_path)
+        return [prefix + name for name in self.derivation.parallel_lists]
+
+    def layer_parts(self, model: nn.Module, index: int) -> list[nn.Module]:
+        names = self._parallel(model)
+        return [model.get_submodule(name)[index] for name in names] if names else super().layer_parts(model, index)
+
+    def skip_layer(self, model: nn.Module, index: int) -> list:
+        """Parallel lists: the stream entering the first part of layer `index` leaves its last part unchanged."""
+        parts = self.layer_parts(model, index)
+        if len(parts) == 1:
+            return super().skip_layer(model, index)
+        stream = {}
+
+        def enter(module, args, kwargs):
+            stream["hidden"] = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+
+        def leave(module, args, kwargs, output):
+            hidden = stream.pop("hidden")
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return [
+            parts[0].register_forward_pre_hook(enter, with_kwargs=True),
+            parts[-1].register_forward_hook(leave, with_kwargs=True),
+        ]
+
+    def set_layers(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        """Parallel lists: every list keeps the entries of the kept layers; KV-cache indices (`layer_idx`,
+        `layer_id`) of the other lists' entries are renumbered as `surgery.drop_layers` does the blocks'. A module
+        attribute named as the count field and holding the count follows it."""
+        names = self._parallel(model)
+        old = list(self.layers(model))
+        key = entry_field(self.derivation.layers_field.rpartition(".")[2])[0] if self.derivation.layers_field else None
+        for module in model.modules():  # a copy of the count the forward loops over (XLM's `self.n_layers`)
+            if key and type(vars(module).get(key)) is int and vars(module)[key] == len(old):
+                setattr(module, key, len(layers))
+        if not names:
+            return super().set_layers(model, layers)
+        kept = [next(i for i, block in enumerate(old) if block is layer) for layer in layers]
+        for name in names:
+            entries = model.get_submodule(name)
+            replace_module(model, name, nn.ModuleList(entries[i] for i in kept))
+            for new_index, (old_index, entry) in enumerate(zip(kept, model.get_submodule(name))):
+                for module in entry.modules():
+                    if hasattr(module, "layer_idx"):
+                        module.layer_idx = new_index
+                    if type(getattr(module, "layer_id", None)) is int and module.layer_id == old_index:
+                        module.layer_id = new_index
 
     def fixed_layers(self, model: nn.Module) -> frozenset[int]:
         """The leading blocks built unlike the rest (`stacks.fixed_prefix`), where verification found that only

@@ -64,6 +64,7 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     layers_name = stack.name
     found.layers_path, found.config_path = relative_layers_path(model, layers_name), stack.config_path
     found.layers_field = stack.count_field
+    found.parallel_lists = tuple(relative_layers_path(model, name) for name in stack.parallel)
     if stack.count_field is None:
         found.refuse({"layers"}, f"no config field counts {layers_name} alone: {stack.shared}")
     block = model.get_submodule(layers_name)[0]

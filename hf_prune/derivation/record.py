@@ -19,6 +19,9 @@ class Derivation:
     layers_path: str = ""
     #: the dotted config field counting the layers (`stacks.find_stack`; None: `layers` is refused)
     layers_field: str | None = None
+    #: the parallel lists whose entry `i` together make up layer `i` (`stacks.Stack.parallel`, relative like
+    #: `layers_path`, in the order the forward runs them; empty: each block of `layers_path` is a whole layer)
+    parallel_lists: tuple[str, ...] = ()
     #: whether the leading blocks built unlike the rest (`stacks.fixed_prefix`) are kept whole, since removing
     #: the first block fails verification and removing any other passes
     fixed_prefix: bool = False

@@ -40,6 +40,9 @@ class Stack:
     config_path: str
     #: why `count_field` is None
     shared: str = ""
+    #: the sibling lists the count field shortens with this one, in the order the forward runs their entries
+    #: (XLM's `attentions`, `layer_norm1`, `ffns`, `layer_norm2`): layer `i` is entry `i` of each
+    parallel: tuple[str, ...] = ()
 
 
 def candidate_stacks(model: nn.Module) -> dict[str, int]:
@@ -177,6 +180,43 @@ def _widening(model: nn.Module, inputs: dict, names) -> set[str]:
     return {name for name, seen in widths.items() if len(seen) > 1}
 
 
+def _parallel_lists(model: nn.Module, inputs: dict, name: str, field: str, counted: set[str]) -> tuple[str, ...]:
+    """Where `field` shortens only `name` and lists beside it (the same parent, the same length; norms too, which
+    hold no projections): every such list, in the order the forward runs entry 0 of each; () otherwise."""
+    parent, length = name.rpartition(".")[0], len(model.get_submodule(name))
+    if any(other.rpartition(".")[0] != parent for other in counted):
+        return ()
+    path, _, key = field.rpartition(".")
+    key, index = entry_field(key)
+    value = getattr(sub_config(model.config, path), key)
+    smaller = _lowered_model(model, path, key, value) if index is None else _lowered_entry(model, path, key, index)
+    if smaller is None:
+        return ()
+    siblings = [
+        other
+        for other, module in model.get_submodule(parent).named_children()
+        if isinstance(module, nn.ModuleList) and len(module) == length
+    ]
+    names = [f"{parent}.{other}" if parent else other for other in siblings]
+    shortened = [n for n in names if _lengths(smaller, [n])[n] == length - 1]
+    order: dict[str, int] = {}
+
+    def record(n):
+        def hook(module, args):  # returns None: the arguments pass unchanged
+            order.setdefault(n, len(order))
+
+        return hook
+
+    handles = [model.get_submodule(n)[0].register_forward_pre_hook(record(n)) for n in shortened]
+    try:
+        model_output(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = sorted((n for n in shortened if n in order), key=order.get)
+    return tuple(ran) if name in ran and set(counted) <= set(ran) and len(ran) == len(shortened) else ()
+
+
 def find_stack(model: nn.Module, inputs: dict) -> Stack:
     """The stack to prune and its count field (module docstring), or a typed refusal saying what was found."""
     stacks = candidate_stacks(model)
@@ -196,6 +236,10 @@ def find_stack(model: nn.Module, inputs: dict) -> Stack:
     shared = [f for f, changed in fields.items() if changed.get(name) == stacks[name] - 1 and len(changed) > 1]
     field = own[0] if len(own) == 1 else None
     config_path = (field or (own + shared)[0]).rpartition(".")[0]
+    if not own and len(shared) == 1:
+        parallel = _parallel_lists(model, inputs, name, shared[0], set(fields[shared[0]]))
+        if parallel:
+            return Stack(name, shared[0], config_path, parallel=parallel)
     reason = "" if field else f"{own or shared} also count(s) {sorted(set(fields[(own + shared)[0]]) - {name})}"
     if len(own) > 1:
         reason = f"several fields count {name} alone ({own})"

@@ -181,6 +181,17 @@ class ArchitectureAdapter(ABC):
         are dropped (`surgery.drop_layers`), in the order of `kept`."""
         return [f"{self.layers_name(model)}.{position}" for position in range(len(kept))]
 
+    def layer_parts(self, model: nn.Module, index: int) -> list[nn.Module]:
+        """The modules that make up layer `index`, in the order the forward runs them: the layer itself, or, where
+        a model keeps each layer's parts in parallel lists (XLM's `attentions[i]`, `layer_norm1[i]`, `ffns[i]`,
+        `layer_norm2[i]`), each list's entry `index` (derived adapters: `Derivation.parallel_lists`)."""
+        return [self.layers(model)[index]]
+
+    def skip_layer(self, model: nn.Module, index: int) -> list:
+        """Hooks that make layer `index` pass its input hidden states on unchanged (the masked reference of its
+        removal); the caller removes them."""
+        return [self.layers(model)[index].register_forward_hook(identity_hook, with_kwargs=True)]
+
     def fixed_layers(self, model: nn.Module) -> frozenset[int]:
         """Layers that are never removed whole (their heads, neurons and branches still are): those the config
         builds differently by their index, so that a config with fewer layers cannot express their removal.
@@ -375,6 +386,16 @@ def out_features(module: nn.Module) -> int:
 
 def in_features(module: nn.Module) -> int:
     return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def identity_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    """A removed layer's output: its input hidden states, in the container the layer returns (tuple or list)."""
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (hidden_states, *output[1:])
+    if isinstance(output, list):  # OpenAI GPT's blocks return a list
+        return [hidden_states, *output[1:]]
+    return hidden_states
 
 
 def output_slices(layer: nn.Module, name: str, start: int, stop: int) -> list[TensorSlice]:

@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import UsageError
 from ..groups import ArchitectureAdapter
-from ..masking import hook_kept_experts, identity_hook, masked_slices
+from ..masking import hook_kept_experts, masked_slices
 from ..plan import PruningPlan
 
 
@@ -57,7 +57,7 @@ class TrainingMasks:
     def __init__(self, adapter: ArchitectureAdapter, plan: PruningPlan, keep_originals: bool = False):
         self.adapter = adapter
         self.plan = plan
-        self._layer_hooks: dict[int, RemovableHandle] = {}
+        self._layer_hooks: dict[int, list[RemovableHandle]] = {}
         #: layer → (the experts its router may select, the layer, the router hook)
         self._router_hooks: dict[int, tuple[tuple[int, ...], nn.Module, RemovableHandle]] = {}
         #: (parameter, dim) → (indices along dim, their original values), when `keep_originals`.
@@ -76,7 +76,7 @@ class TrainingMasks:
             layer = layers[layer_plan.layer]
             if not layer_plan.keep_layer:
                 if layer_plan.layer not in self._layer_hooks:
-                    self._layer_hooks[layer_plan.layer] = layer.register_forward_hook(identity_hook, with_kwargs=True)
+                    self._layer_hooks[layer_plan.layer] = self.adapter.skip_layer(model, layer_plan.layer)
                 continue
             for piece in masked_slices(self.adapter, layer, layer_plan):
                 layer.get_parameter(piece.parameter).narrow(piece.dim, piece.start, piece.stop - piece.start).zero_()
@@ -154,8 +154,9 @@ class TrainingMasks:
         return self._restored()
 
     def remove_hooks(self) -> None:
-        for handle in self._layer_hooks.values():
-            handle.remove()
+        for handles in self._layer_hooks.values():
+            for handle in handles:
+                handle.remove()
         self._layer_hooks.clear()
         for _, _, handle in self._router_hooks.values():
             handle.remove()
