@@ -348,14 +348,16 @@ def processor_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, to
     return None
 
 
-def _checked_pixels(model: nn.Module, config: PretrainedConfig, inputs: dict) -> dict[str, torch.Tensor]:
+def _checked_pixels(
+    model: nn.Module, config: PretrainedConfig, inputs: dict, processor: bool = True
+) -> dict[str, torch.Tensor]:
     """`inputs` where the forward takes them, else the image processor's (`processor_inputs`) where it takes
     those; else `inputs` (the caller's forward raises the first refusal)."""
     try:
         model_output(model, inputs)
         return inputs
     except Exception:
-        processed = processor_inputs(model, config)
+        processed = processor_inputs(model, config) if processor else None
     if processed is None:
         return inputs
     try:
@@ -376,15 +378,23 @@ def _has_image_size(values: dict) -> bool:
     )
 
 
-def _default_image_size(config: PretrainedConfig, defaults: dict) -> None:
-    """The image sizes of `config` (and its nested configs) back to the class's defaults: windowed attention
-    whose windows must fit the last stage's feature map (Swin's relative position table is built for the
-    default window, `image_size / patch_size / 2**(stages - 1)` must not fall below it)."""
+#: The factors the shrunk image size is grown by, in order, where the forward refuses it (capped at the default).
+IMAGE_GROWTH = (2, 4)
+
+
+def _grown_image_size(config: PretrainedConfig, defaults: dict, factor: int) -> None:
+    """The image sizes of `config` (and its nested configs) times `factor`, at most the class's defaults:
+    windowed attention whose windows must fit the last stage's feature map (Swin's relative position table is
+    built for its window, and `image_size / patch_size / 2**(stages - 1)` must not fall below it)."""
     for key, value in defaults.items():
-        if re.search(IMAGE_SIZE, str(key)):
-            setattr(config, key, copy.deepcopy(value))
-        elif isinstance(value, dict) and isinstance(getattr(config, key, None), PretrainedConfig):
-            _default_image_size(getattr(config, key), value)
+        current = getattr(config, key, None)
+        image = re.search(IMAGE_SIZE, str(key))
+        if image and type(value) is int and type(current) is int:
+            setattr(config, key, min(value, current * factor))
+        elif image and isinstance(value, (list, tuple)) and isinstance(current, (list, tuple)):
+            setattr(config, key, type(current)(min(v, c * factor) for v, c in zip(value, current)))
+        elif isinstance(value, dict) and isinstance(current, PretrainedConfig):
+            _grown_image_size(current, value, factor)
 
 
 def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.Module, dict]:
@@ -395,20 +405,21 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     projection sized by the hidden size), it is retried with `head_dim` = `hidden_size / num_attention_heads`,
     then both with one KV head per query head (`KV_HEADS`), then, where the class leaves defaults unset that
     its forward needs (`fill_defaults`), all of them again with those filled; then all of them with the class's
-    default image size (`_default_image_size`). The model is built on the meta
+    image size grown (`_grown_image_size`). The model is built on the meta
     device first to count its parameters without allocating them (`tiny_size`)."""
     first = None
     attempts = [(head_dims, kv_heads, False) for kv_heads in KV_HEADS for head_dims in (HEAD_DIMS, HEAD_DIMS[1:])]
     if fill_defaults(copy.deepcopy(default_values(config_class))):
         attempts += [(head_dims, kv_heads, True) for head_dims, kv_heads, _ in attempts]
-    if _has_image_size(default_values(config_class)):  # windows that need the default resolution (Swin)
-        attempts += [(head_dims, kv_heads, fill, True) for head_dims, kv_heads, fill in attempts]
+    growth = _has_image_size(default_values(config_class))
+    if growth:  # windows that need a larger resolution (Swin)
+        attempts += [(*base, factor) for factor in IMAGE_GROWTH for base in attempts]
     for attempt, (head_dims, kv_heads, fill, *image) in enumerate(attempts):
         try:
             model_class = tiny_model_class(config_class)
             config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, fill)
             if image:
-                _default_image_size(config, default_values(config_class))
+                _grown_image_size(config, default_values(config_class), image[0])
             if shape_fields:
                 warnings.warn(f"{config_class.__name__}: shrunk by parameter shape only: {shape_fields}", stacklevel=2)
             torch.manual_seed(seed)
@@ -419,7 +430,9 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
                         parameter.add_(0.1 * torch.randn_like(parameter))
             inputs = tiny_inputs(model, config)
             if "pixel_values" in inputs:  # pixels the forward refuses: its image processor's, where it takes those
-                inputs = _checked_pixels(model, config, inputs)
+                # (at its own size, often large: only with the largest grown image size, where sizes grow)
+                processor = not growth or image == [IMAGE_GROWTH[-1]]
+                inputs = _checked_pixels(model, config, inputs, processor=processor)
             if attempt < len(attempts) - 1:  # a shape the forward refuses: the next attempt
                 model_output(model, inputs)
             return model, inputs
