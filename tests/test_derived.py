@@ -526,3 +526,63 @@ def test_layer_removal_where_blocks_are_built_from_their_index_or_the_layer_coun
         )
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "config_class, field, channels",
+    [(transformers.SwinConfig, "depths[2]", ()), (transformers.SegformerConfig, "depths[2]", ("mlp.dwconv.dwconv",))],
+)
+def test_hierarchical_stage_counted_by_one_entry_of_a_depth_list(tmp_path, config_class, field, channels):
+    """Swin and SegFormer keep each stage's blocks in their own list, counted by one entry of `depths` (SegFormer's
+    list of stages is no stack: its blocks see different widths); the last stage is pruned, its MLP sized by its
+    own stream width, SegFormer's depthwise convolution between the two projections sliced with the neurons.
+    Neurons and a layer: the cut equals a plain-torch reference (removed neurons' down-projection columns zeroed,
+    the removed block skipped) and the folder reloads to it, with `depths` lowered in that entry only."""
+    derivation = verified_derivation(config_class)
+    assert derivation.layers_field == field and {"neurons", "layers"} <= derivation.kinds, derivation.refused
+    assert derivation.neuron_channels == channels
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, layers=1, **STRUCTURAL)
+    adapter = pruner.adapter
+    layers = adapter.layers_name(dense)
+    reference = zeroed_reference(dense, pruner.plan, layers, derivation.down_proj, "", 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    depths = list(dense.config.depths)
+    depths[2] -= 1
+    assert list(pruner.model.config.depths) == depths and len(pruner.model.get_submodule(layers)) == depths[2]
+    for name in channels:  # the depthwise kernels went with their neurons
+        width = adapter.intermediate_size(adapter.layers(pruner.model)[0])
+        assert adapter.layers(pruner.model)[0].get_submodule(name).weight.shape[0] == width
+    pruner.save_pretrained(tmp_path / "pruned")
+    reloaded = load_pruned(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_layers_kept_in_parallel_lists_are_removed_from_every_list(tmp_path):
+    """XLM keeps each layer's parts in parallel lists (`attentions`, `layer_norm1`, `ffns`, `layer_norm2`), all
+    counted by `n_layers`: a layer is entry i of each. Removing one equals a plain-torch reference that deletes
+    entry i from the four lists and lowers the model's own `n_layers`; the folder reloads to it."""
+    derivation = verified_derivation(transformers.XLMConfig)
+    assert derivation.parallel_lists == ("attentions", "layer_norm1", "ffns", "layer_norm2")
+    assert {"neurons", "layers"} <= derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(transformers.XLMConfig, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(layers=1, **STRUCTURAL)
+    (removed,) = [p.layer for p in pruner.plan.layers if not p.keep_layer]
+    reference = copy.deepcopy(dense)
+    for name in ("attentions", "layer_norm1", "ffns", "layer_norm2"):
+        entries = getattr(reference.transformer, name)
+        setattr(reference.transformer, name, torch.nn.ModuleList(m for i, m in enumerate(entries) if i != removed))
+    reference.transformer.n_layers -= 1
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    assert pruner.model.config.n_layers == 2
+    pruner.save_pretrained(tmp_path / "xlm")
+    reloaded = load_pruned(tmp_path / "xlm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
