@@ -157,6 +157,7 @@ def _shrink(
     fill: bool = False,
     hidden: int = TINY["hidden_size"],
     list_width: int = LIST_WIDTH,
+    scaled: bool = True,
 ):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -181,7 +182,17 @@ def _shrink(
             sub_class = sub_configs.get(key)
             sub_class = sub_class if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) else None
             _shrink(
-                sub_class, value, head_dim, changed, f"{path}{key}.", shape_dims, kv_heads, fill, hidden, list_width
+                sub_class,
+                value,
+                head_dim,
+                changed,
+                f"{path}{key}.",
+                shape_dims,
+                kv_heads,
+                fill,
+                hidden,
+                list_width,
+                scaled,
             )
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
             cap = _role(key, head_dim, hidden)
@@ -191,7 +202,7 @@ def _shrink(
                 values[key] = cap
         elif key not in canonical_names and _int_list(value):
             values[key] = _shrink_list(key, value, factor)
-        elif isinstance(value, float) and re.search(SCALED, key):
+        elif isinstance(value, float) and re.search(SCALED, key) and scaled:
             values[key] = min(value, 0.25)
     for key in BACKBONE_OUTPUTS:  # they name stages by index: the class's defaults follow the new stage count
         values.pop(key, None)
@@ -276,14 +287,16 @@ def _tiny_config(
     fill: bool = False,
     hidden: int = TINY["hidden_size"],
     list_width: int = LIST_WIDTH,
+    scaled: bool = True,
 ) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
     first tiny model too large), also every integer field no name pattern covers whose value is one of them;
     with `fill`, the unset defaults `fill_defaults` fills; `hidden`: the hidden size (`NARROW_HIDDEN`);
-    `list_width`: the widest entry of a per-stage width list (`LIST_WIDTHS`)."""
+    `list_width`: the widest entry of a per-stage width list (`LIST_WIDTHS`); `scaled`: whether `SCALED` floats
+    are capped (not where the class refuses them: Hiera's `embed_dim_multiplier` grows each stage's width)."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden, list_width)
+    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden, list_width, scaled)
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -466,9 +479,10 @@ def tiny_size(
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
     parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
     error = None
-    for head_dim, list_width in ((d, w) for d in head_dims for w in LIST_WIDTHS):
+    for head_dim, list_width, scaled in ((d, w, c) for d in head_dims for c in (True, False) for w in LIST_WIDTHS):
+        variant = {"list_width": list_width, "scaled": scaled}
         try:
-            config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, list_width=list_width)
+            config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, **variant)
             size, dims = meta_size(model_class, config)
         except Exception as caught:  # a divisibility or consistency check of the class: the next head size or
             error = error or caught  # list width (MobileViT's stage widths must stay multiples of its heads)
@@ -476,14 +490,14 @@ def tiny_size(
         if size <= MAX_TINY_PARAMETERS:
             return config, {}
         before = changed
-        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads, fill, list_width=list_width)
+        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads, fill, **variant)
         size, _ = meta_size(model_class, config)
         if size <= MAX_TINY_PARAMETERS:
             return config, {key: value for key, value in changed.items() if key not in before}
         for hidden in NARROW_HIDDEN:  # stages that double the hidden size (Swin's `embed_dim * 2**i`)
             try:
                 config, _ = _tiny_config(
-                    config_class, head_dim, kv_heads=kv_heads, fill=fill, hidden=hidden, list_width=list_width
+                    config_class, head_dim, kv_heads=kv_heads, fill=fill, hidden=hidden, **variant
                 )
                 narrow, _ = meta_size(model_class, config)
             except Exception:  # a divisibility check of the class: the next width
