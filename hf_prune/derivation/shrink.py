@@ -102,8 +102,10 @@ def _role(name: str, head_dim: int, hidden: int = TINY["hidden_size"]) -> int | 
 
 #: The widest entry of a per-stage width list (`hidden_sizes`, `embed_dims`, `in_channels`, ...) after shrinking.
 LIST_WIDTH = 128
-#: The widest entries tried, in order, where the class refuses the first (a divisibility check of its own).
-LIST_WIDTHS = (LIST_WIDTH, 2 * LIST_WIDTH)
+#: The variants of the shrink tried, in order, where the class refuses the plain one (one change each): per-stage
+#: width lists up to 256 wide (MobileViT's widths must stay multiples of its heads), `SCALED` floats left as they
+#: are (Hiera), per-layer lists keeping their last entries (NeoMME's pattern ends in a full-attention layer).
+VARIANTS = ({}, {"list_width": 2 * LIST_WIDTH}, {"scaled": False}, {"tail": True})
 #: Per-stage list fields left as they are (kernels, patches, strides, ratios, ...), then those holding depths.
 LIST_KEPT = SIZE_FIELDS[0][0] + r"|kernel|patch|padding|pad|image|ratio|shape|train_size|level|scales|rates"
 LIST_DEPTHS = r"depth|repeat|blocks|layers"
@@ -158,6 +160,7 @@ def _shrink(
     hidden: int = TINY["hidden_size"],
     list_width: int = LIST_WIDTH,
     scaled: bool = True,
+    tail: bool = False,
 ):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -193,6 +196,7 @@ def _shrink(
                 hidden,
                 list_width,
                 scaled,
+                tail,
             )
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
             cap = _role(key, head_dim, hidden)
@@ -217,7 +221,7 @@ def _shrink(
             values[key] = [v if v < vocab else vocab - 1 for v in value]
         for before, after in counts:  # per-layer lists and {layer index: ...} dicts follow the layer count
             if isinstance(value, list) and len(value) == before:
-                values[key] = value[:after]
+                values[key] = value[before - after :] if tail else value[:after]
             elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
                 values[key] = {k: v for k, v in value.items() if int(k) < after}
     _ids_follow_tables(values, old)
@@ -288,15 +292,18 @@ def _tiny_config(
     hidden: int = TINY["hidden_size"],
     list_width: int = LIST_WIDTH,
     scaled: bool = True,
+    tail: bool = False,
 ) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
     first tiny model too large), also every integer field no name pattern covers whose value is one of them;
     with `fill`, the unset defaults `fill_defaults` fills; `hidden`: the hidden size (`NARROW_HIDDEN`);
     `list_width`: the widest entry of a per-stage width list (`LIST_WIDTHS`); `scaled`: whether `SCALED` floats
-    are capped (not where the class refuses them: Hiera's `embed_dim_multiplier` grows each stage's width)."""
+    are capped (not where the class refuses them: Hiera's `embed_dim_multiplier` grows each stage's width);
+    `tail`: per-layer lists keep their last entries, not their first (a pattern of sliding-window layers that
+    ends in a full-attention one: NeoMME refuses three sliding ones)."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden, list_width, scaled)
+    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden, list_width, scaled, tail)
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -479,8 +486,7 @@ def tiny_size(
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
     parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
     error = None
-    for head_dim, list_width, scaled in ((d, w, c) for d in head_dims for c in (True, False) for w in LIST_WIDTHS):
-        variant = {"list_width": list_width, "scaled": scaled}
+    for head_dim, variant in ((d, v) for d in head_dims for v in VARIANTS):
         try:
             config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, **variant)
             size, dims = meta_size(model_class, config)
