@@ -529,17 +529,23 @@ def test_layer_removal_where_blocks_are_built_from_their_index_or_the_layer_coun
 
 
 @pytest.mark.parametrize(
-    "config_class, field, channels",
-    [(transformers.SwinConfig, "depths[2]", ()), (transformers.SegformerConfig, "depths[2]", ("mlp.dwconv.dwconv",))],
+    "config_class, stage, channels",
+    [
+        (transformers.SwinConfig, 2, ()),
+        (transformers.SegformerConfig, 2, ("mlp.dwconv.dwconv",)),
+        (transformers.PvtConfig, 3, ()),
+    ],
 )
-def test_hierarchical_stage_counted_by_one_entry_of_a_depth_list(tmp_path, config_class, field, channels):
-    """Swin and SegFormer keep each stage's blocks in their own list, counted by one entry of `depths` (SegFormer's
-    list of stages is no stack: its blocks see different widths); the last stage is pruned, its MLP sized by its
-    own stream width, SegFormer's depthwise convolution between the two projections sliced with the neurons.
+def test_hierarchical_stage_counted_by_one_entry_of_a_depth_list(tmp_path, config_class, stage, channels):
+    """Swin, SegFormer and PVT keep each stage's blocks in their own list, counted by one entry of `depths`
+    (SegFormer's list of stages is no stack: its blocks see different widths; PVT's list of per-stage lists
+    neither); the last stage is pruned, its MLP sized by its own stream width, SegFormer's depthwise
+    convolution between the two projections sliced with the neurons.
     Neurons and a layer: the cut equals a plain-torch reference (removed neurons' down-projection columns zeroed,
     the removed block skipped) and the folder reloads to it, with `depths` lowered in that entry only."""
     derivation = verified_derivation(config_class)
-    assert derivation.layers_field == field and {"neurons", "layers"} <= derivation.kinds, derivation.refused
+    assert derivation.layers_field == f"depths[{stage}]", derivation.layers_field
+    assert {"neurons", "layers"} <= derivation.kinds, derivation.refused
     assert derivation.neuron_channels == channels
     dense, inputs = build_tiny(config_class, seed=2)
     pruner = HFPruner(copy.deepcopy(dense))
@@ -551,8 +557,8 @@ def test_hierarchical_stage_counted_by_one_entry_of_a_depth_list(tmp_path, confi
         expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
     torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
     depths = list(dense.config.depths)
-    depths[2] -= 1
-    assert list(pruner.model.config.depths) == depths and len(pruner.model.get_submodule(layers)) == depths[2]
+    depths[stage] -= 1
+    assert list(pruner.model.config.depths) == depths and len(pruner.model.get_submodule(layers)) == depths[stage]
     for name in channels:  # the depthwise kernels went with their neurons
         width = adapter.intermediate_size(adapter.layers(pruner.model)[0])
         assert adapter.layers(pruner.model)[0].get_submodule(name).weight.shape[0] == width
@@ -586,3 +592,33 @@ def test_layers_kept_in_parallel_lists_are_removed_from_every_list(tmp_path):
     reloaded = load_pruned(tmp_path / "xlm").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_shrink_variants_where_the_class_refuses_the_plain_shrink():
+    """One change at a time where the plain shrink is refused, each checked against the class's own defaults:
+    Hiera keeps its per-stage width multiplier (capped, its widths vanish), NeoMME's per-layer pattern keeps its
+    last entries (it must hold a full-attention layer), MobileViT's stage widths stay multiples of its heads;
+    Swin's doubling stages get a narrower hidden size and a larger image (its windows must fit the last stage).
+    Every tiny model is under the cap and runs its inputs."""
+    defaults = {c: c().to_dict() for c in (transformers.HieraConfig, transformers.NeoMMEConfig)}
+    for config_class in (
+        transformers.HieraConfig,
+        transformers.NeoMMEConfig,
+        transformers.MobileViTConfig,
+        transformers.SwinConfig,
+    ):
+        model, inputs = build_tiny(config_class)
+        assert sum(p.numel() for p in model.parameters()) <= MAX_TINY_PARAMETERS
+        with torch.no_grad():
+            assert torch.isfinite(model(**inputs).logits).all()
+        config = model.config
+        if config_class is transformers.HieraConfig:
+            assert config.embed_dim_multiplier == defaults[config_class]["embed_dim_multiplier"] > 1
+        elif config_class is transformers.NeoMMEConfig:
+            count = config.num_hidden_layers
+            assert config.layer_types == defaults[config_class]["layer_types"][-count:]
+            assert "full_attention" in config.layer_types
+        elif config_class is transformers.MobileViTConfig:
+            assert all(width % config.num_attention_heads == 0 for width in config.hidden_sizes)
+        else:
+            assert config.embed_dim < 64 and inputs["pixel_values"].shape[-1] > 64
