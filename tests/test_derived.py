@@ -198,8 +198,9 @@ def test_mixture_of_experts_verified(config_class):
     derivation = verified_derivation(config_class)
     expected = {"heads", "kv_groups", "experts", "neurons", "attention_branches", "mlp_branches", "layers"}
     # GLM-4-MoE's layer 0 is dense (first_k_dense_replace): removing it leaves a config that builds the next, MoE,
-    # layer as dense, so the leading dense layers are kept whole and only MoE layers are removed
-    assert derivation.fixed_prefix == (config_class is transformers.Glm4MoeConfig)
+    # layer as dense, so that folder is written in the loader format, which builds the dense stack and drops
+    # layer 0 again (`layer_dependence`): no layer is kept whole
+    assert not derivation.fixed_prefix
     assert set(derivation.kinds) == expected, derivation.refused
 
 
@@ -467,7 +468,8 @@ def test_tiny_inputs_the_forward_needs_come_from_the_config_class():
     SigLIP-2 takes patch-packed pixels, which its own image processor prepares. The
     tiny instance fills the unset defaults only after the forward refused them and keeps the ids inside their
     tables. ESM's heads and neurons then cut equal to a plain-torch reference with their output columns
-    zeroed; its layers stay refused (the contact head is sized by layers × heads)."""
+    zeroed; its layers verify in the loader format (the contact head is sized by layers × heads: the folder
+    builds the dense stack and drops the removed layers again)."""
     markup = tiny_config(transformers.MarkupLMConfig)
     assert markup.tag_pad_id < markup.max_xpath_tag_unit_embeddings
     assert markup.subs_pad_id < markup.max_xpath_subs_unit_embeddings
@@ -479,7 +481,8 @@ def test_tiny_inputs_the_forward_needs_come_from_the_config_class():
         pixels
     )
     derivation = verified_derivation(transformers.EsmConfig)
-    assert {"heads", "neurons"} <= derivation.kinds and "layers" in derivation.refused, derivation.refused
+    assert {"heads", "neurons", "layers"} <= derivation.kinds, derivation.refused
+    assert derivation.formats["layers"].startswith("loader: esm.contact_head.regression.weight")
     dense, inputs = build_tiny(transformers.EsmConfig, seed=2)
     assert transformers.EsmConfig().pad_token_id is None and dense.config.pad_token_id is not None
     pruner = HFPruner(copy.deepcopy(dense))
