@@ -114,8 +114,20 @@ class DerivedAdapter(ArchitectureAdapter):
 
     def fixed_layers(self, model: nn.Module) -> frozenset[int]:
         """The leading blocks built unlike the rest (`stacks.fixed_prefix`), where verification found that only
-        they cannot be removed."""
-        return frozenset(range(fixed_prefix(self.layers(model)))) if self.derivation.fixed_prefix else frozenset()
+        they cannot be removed; and every layer whose removal alone the config class refuses (NeoMME's
+        `layer_types` must keep a full-attention layer)."""
+        count = len(self.layers(model))
+        fixed = set(range(fixed_prefix(self.layers(model)))) if self.derivation.fixed_prefix else set()
+        if self.derivation.layers_field is None:
+            return frozenset(fixed)
+        for index in range(count):
+            trial = copy.deepcopy(model.config)
+            try:
+                self.update_config_for_layers(trial, [i for i in range(count) if i != index])
+                type(trial).from_dict(trial.to_dict())
+            except Exception:  # the class's own validation: that layer stays
+                fixed.add(index)
+        return frozenset(fixed)
 
     def has_branch(self, layer: nn.Module, branch) -> bool:
         """A branch derivation did not resolve (no module or no consumer) is invisible: never touched."""

@@ -19,6 +19,7 @@ import copy
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
 
 #: Plain attributes a block sets from its index or from the layer count (`lambda_init`, `residual_scale`, ...).
 _SCALARS = (bool, int, float, str)
+#: Attributes that do nothing in eval mode (the training flag, dropout and stochastic-depth rates, which BEiT and
+#: Swin schedule by the block's index): never a reason to leave the vanilla format.
+_TRAINING_ONLY = r"^training$|drop|^p$"
 
 
 def layer_dependence(model: PreTrainedModel, adapter: ArchitectureAdapter) -> str | None:
@@ -147,9 +151,12 @@ def layer_dependence(model: PreTrainedModel, adapter: ArchitectureAdapter) -> st
             if type(other) is not type(module):
                 return f"{where} is built unlike the kept layer: {type(model).__name__} builds blocks by their index"
             for key, value in vars(module).items():
-                if key != "training" and isinstance(value, _SCALARS) and vars(other).get(key) != value:
+                if not isinstance(value, _SCALARS) or re.search(_TRAINING_ONLY, key):
+                    continue
+                kept_value = vars(other).get(key)
+                if not isinstance(kept_value, _SCALARS) or kept_value != value:
                     return (
-                        f"{where}.{key} is {vars(other).get(key)!r} in the kept layer, {value!r} in a model built "
+                        f"{where}.{key} is {kept_value!r} in the kept layer, {value!r} in a model built "
                         f"from the pruned config: {type(model).__name__} builds blocks from their index or the layer "
                         "count"
                     )
