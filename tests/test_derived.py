@@ -625,3 +625,26 @@ def test_shrink_variants_where_the_class_refuses_the_plain_shrink():
             assert all(width % config.num_attention_heads == 0 for width in config.hidden_sizes)
         else:
             assert config.embed_dim < 64 and inputs["pixel_values"].shape[-1] > 64
+
+
+def test_layers_whose_removal_the_config_refuses_are_kept_whole(tmp_path):
+    """NeoMME's `layer_types` must keep a full-attention layer: the tiny instance's only one is kept whole even
+    where it scores lowest, another is removed; the cut equals a plain-torch reference that skips it, and the
+    folder reloads to it."""
+    dense, inputs = build_tiny(transformers.NeoMMEConfig, seed=2)
+    full = dense.config.layer_types.index("full_attention")
+    assert dense.config.layer_types.count("full_attention") == 1
+    with torch.no_grad():
+        for parameter in dense.model.layers[full].parameters():  # the lowest magnitude: chosen first were it free
+            parameter.mul_(1e-3)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(layers=1, **STRUCTURAL)
+    assert pruner.plan.layers[full].keep_layer and sum(not p.keep_layer for p in pruner.plan.layers) == 1
+    reference = zeroed_reference(dense, pruner.plan, "model.layers", "", "", 16)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    pruner.save_pretrained(tmp_path / "neomme")
+    reloaded = load_pruned(tmp_path / "neomme").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
