@@ -114,8 +114,8 @@ def decide_format(model: PreTrainedModel, adapter: ArchitectureAdapter) -> Forma
 
 #: Plain attributes a block sets from its index or from the layer count (`lambda_init`, `residual_scale`, ...).
 _SCALARS = (bool, int, float, str)
-#: Attributes that do nothing in eval mode (the training flag, dropout and stochastic-depth rates, which BEiT and
-#: Swin schedule by the block's index): never a reason to leave the vanilla format.
+#: Attributes and modules that do nothing in eval mode (the training flag, dropout and stochastic-depth rates and
+#: modules, which BEiT and Swin schedule by the block's index): never a reason to leave the vanilla format.
 _TRAINING_ONLY = r"^training$|drop|^p$"
 
 
@@ -148,8 +148,10 @@ def layer_dependence(model: PreTrainedModel, adapter: ArchitectureAdapter) -> st
         for name, module in built.named_modules():
             other = kept_modules.get(name)
             where = f"layer {index}{'.' + name if name else ''}"
-            if type(other) is not type(module):
+            if type(other) is not type(module) and not re.search(_TRAINING_ONLY, name.rpartition(".")[2]):
                 return f"{where} is built unlike the kept layer: {type(model).__name__} builds blocks by their index"
+            if type(other) is not type(module):  # BEiT's `drop_path`: an identity at rate 0, in eval at any
+                continue
             for key, value in vars(module).items():
                 if not isinstance(value, _SCALARS) or re.search(_TRAINING_ONLY, key):
                     continue
