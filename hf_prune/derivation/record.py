@@ -45,6 +45,14 @@ class Derivation:
     head_dim_attribute: str = "head_dim"
     #: the head size, where no attribute holds it (forwards that split by `width // n_head`)
     head_dim: int | None = None
+    #: "headed" attention (no q/k/v layout: multi-head latent attention): every projection whose rows split evenly
+    #: into one chunk per head that reaches only its head's columns of `o_proj` (`attention.headed_attention`);
+    #: its head count is the integer attribute `head_count_attribute` of `heads_module`
+    head_producers: tuple[str, ...] = ()
+    head_count_attribute: str | None = None
+    #: parameters of the attention module (not its projections) with one dimension per query head, as (name in
+    #: the block, dimension): T5-style relative position buckets, attention sinks, per-head biases and kernels
+    head_parameters: tuple[tuple[str, int], ...] = ()
     #: attention attributes holding the query width `n·d` that forwards split or reshape by (`attention.py`)
     width_attributes: tuple[str, ...] = ("split_size", "all_head_size")
     removed_attention_output: str = "zeros_and_none"

@@ -53,28 +53,18 @@ _IN_PROGRESS: dict[type, DerivedAdapter] = {}
 def random_plan(
     model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed: int = 0, removed_layer: int | None = None
 ):
-    """A seeded plan that removes some groups of `kind` only (the same choice in every layer for uniform kinds;
-    for `layers`, layer `removed_layer` if given, else a random one)."""
+    """A seeded plan that removes some groups of `kind` only (for `heads` and `kv_groups` other heads in each layer,
+    so that per-head state shared across layers shows; the same neurons or experts in every layer; for `layers`,
+    layer `removed_layer` if given, else a random one)."""
 
     rng = random.Random(seed)
     plan = PruningPlan.keep_all(model, adapter)
     first = plan.layers[0].geometry
     if kind in ("neurons", "experts"):  # the first mixture-of-experts layer, if any (some models start dense)
         first = next((p.geometry for p in plan.layers if p.geometry.experts), first)
-    attention, size = first.attention, first.intermediate_size
-    if kind == "heads":  # one query head of every KV group (MHA: one head with its KV head)
-        if attention.heads_per_group > 1:
-            drop = {rng.choice(list(attention.heads_of_group(j))) for j in range(attention.num_kv_heads)}
-            kept_kv = tuple(range(attention.num_kv_heads))
-        else:
-            gone = rng.randrange(attention.num_kv_heads)
-            drop, kept_kv = {gone}, tuple(j for j in range(attention.num_kv_heads) if j != gone)
-        kept = tuple(h for h in range(attention.num_heads) if h not in drop)
-    elif kind == "kv_groups":
-        gone = rng.randrange(attention.num_kv_heads)
-        kept_kv = tuple(j for j in range(attention.num_kv_heads) if j != gone)
-        kept = tuple(h for j in kept_kv for h in attention.heads_of_group(j))
-    elif kind == "neurons":  # a quarter (in experts: keeping a multiple of EXPERT_WIDTH_MULTIPLE)
+    size = first.intermediate_size
+    offset = rng.randrange(64)  # each layer drops other heads (offset + its index): shared per-head state shows
+    if kind == "neurons":  # a quarter (in experts: keeping a multiple of EXPERT_WIDTH_MULTIPLE)
         keep = size - max(1, size // 4)
         if first.experts:
             keep = max(EXPERT_WIDTH_MULTIPLE, keep // EXPERT_WIDTH_MULTIPLE * EXPERT_WIDTH_MULTIPLE)
@@ -83,8 +73,9 @@ def random_plan(
         gone = rng.randrange(first.experts)
         kept_experts = tuple(e for e in range(first.experts) if e != gone)
     for index, layer_plan in enumerate(plan.layers):
-        if kind in ("heads", "kv_groups"):
-            layer_plan.query_heads, layer_plan.kv_heads = kept, kept_kv
+        if kind in ("heads", "kv_groups") and layer_plan.geometry.attention is not None:
+            kept = _kept_heads(layer_plan.geometry.attention, kind, offset + index)
+            layer_plan.query_heads, layer_plan.kv_heads = kept
         elif kind == "neurons":
             layer_plan.neurons = kept_neurons
         elif kind == "experts":
@@ -99,6 +90,17 @@ def random_plan(
         index = rng.choice(removable) if removed_layer is None else removed_layer
         plan.layers[index].keep_layer = False
     return plan
+
+
+def _kept_heads(attention, kind: GroupKind, choice: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The query and KV heads a layer keeps: for `heads`, all but one query head of every KV group (MHA: one head
+    with its KV head), for `kv_groups` all but one KV group; `choice` picks which."""
+    g, m = attention.heads_per_group, attention.num_kv_heads
+    if kind == "heads" and g > 1:
+        drop = {attention.heads_of_group(j)[choice % g] for j in range(m)}
+        return tuple(h for h in range(attention.num_heads) if h not in drop), tuple(range(m))
+    kept_kv = tuple(j for j in range(m) if j != choice % m)
+    return tuple(h for j in kept_kv for h in attention.heads_of_group(j)), kept_kv
 
 
 def check_kind(
