@@ -99,7 +99,9 @@ def test_multi_head_latent_attention_heads_read_from_the_dataflow(config_class):
         (transformers.LukeConfig, "attention.self.w2e_query, attention.self.e2w_query, attention.self.e2e_query"),
         # T5's relative-position bias lives in the first block and is shared by the others: cutting other heads in
         # each layer differs from the masked model
-        (transformers.T5Config, "cut and masked outputs differ"),
+        (transformers.T5Config, "relative_attention_bias.weight is in blocks [0] only"),
+        # BLOOM's ALiBi is computed once from the head count and handed to every block
+        (transformers.BloomConfig, "every block receives alibi (8, 1, 7) with one entry per head (4)"),
     ],
 )
 def test_heads_that_cannot_be_cut_alone_are_refused_with_the_reason(config_class, reason):

@@ -162,11 +162,11 @@ class DerivedAdapter(ArchitectureAdapter):
             config = getattr(module, "config", None)
             if isinstance(config, PretrainedConfig):
                 module.config = copy.copy(config)
-                for canonical, value in (
-                    ("num_attention_heads", geometry.num_heads),
-                    ("num_key_value_heads", geometry.num_kv_heads),
+                for canonical, value, role in (
+                    ("num_attention_heads", geometry.num_heads, self.derivation.heads_field),
+                    ("num_key_value_heads", geometry.num_kv_heads, self.derivation.kv_heads_field),
                 ):
-                    field_name = config_field(type(config), canonical)
+                    field_name = role or config_field(type(config), canonical)
                     if field_name and hasattr(config, field_name):
                         setattr(module.config, field_name, value)
 
@@ -187,8 +187,12 @@ class DerivedAdapter(ArchitectureAdapter):
             values |= {"num_attention_heads": attention.num_heads, "num_key_value_heads": attention.num_kv_heads}
             if not self.derivation.head_producers:  # headed attention: `o`'s head width, not the config's head_dim
                 values["head_dim"] = attention.head_dim
+        roles = {
+            "num_attention_heads": self.derivation.heads_field,
+            "num_key_value_heads": self.derivation.kv_heads_field,
+        }
         for canonical, value in values.items():
-            name = config_field(type(config), canonical)
+            name = roles.get(canonical) or config_field(type(config), canonical)
             if name and value is not None and (canonical != "head_dim" or getattr(config, name, None) is not None):
                 if canonical == "num_key_value_heads" and getattr(config, name, None) is None:
                     continue  # MHA families whose config has no KV field set

@@ -24,6 +24,10 @@ class Derivation:
     fixed_prefix: bool = False
     #: the dotted path of the (nested) config whose fields size the blocks ("" : the model's own config)
     config_path: str = ""
+    #: the config fields holding this stack's query and KV head counts, where they are not the canonical ones
+    #: (`fields.role_field`: Whisper's decoder stack → `decoder_attention_heads`)
+    heads_field: str | None = None
+    kv_heads_field: str | None = None
     attention_module: str | None = None
     mlp_module: str | None = None
     q_proj: str | None = None

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
@@ -196,7 +197,53 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
             where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
             where["experts"] = adapter.mlp_module
             where = where.get(kind, adapter.attention_module) or "the block"
-            derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {first_line(error)})")
+            why = f"verification failed in {where} ({type(error).__name__}: {first_line(error)})"
+            if kind == "heads":
+                why += shared_head_state(model, inputs, adapter)
+            derivation.refuse({kind}, why)
+
+
+@torch.no_grad()
+def shared_head_state(model: nn.Module, inputs: dict, adapter: DerivedAdapter) -> str:
+    """Why heads may fail, read from the dataflow (a sentence to append to the failure, else ""): a per-head
+    parameter only some blocks hold (T5's relative-position bias in the first block, whose bias every block then
+    adds), or a tensor with one entry per head (or per batch row and head) that the last block receives from
+    outside (a position bias or ALiBi computed once for every layer: BLOOM, MPT, MPNet). Either is shared by the
+    layers, so their heads cannot be chosen apart (a per-layer choice is what pruning makes)."""
+    layers = adapter.layers(model)
+    geometry = adapter.attention_geometry(layers[0])
+    if geometry is None:
+        return ""
+    n = geometry.num_heads
+    for name, _ in adapter.derivation.head_parameters:
+        holders = [i for i, layer in enumerate(layers) if name in dict(layer.named_parameters())]
+        if len(holders) < len(layers):
+            return (
+                f"; the per-head parameter {name} is in blocks {holders} only and the others read what it gives: "
+                "shared by the layers, their heads cannot be chosen apart"
+            )
+    batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+    received: list[str] = []
+
+    def record(module, args, kwargs):
+        named = [(f"argument {i}", a) for i, a in enumerate(args[1:], 1)] + list(kwargs.items())
+        for key, value in named:
+            if isinstance(value, torch.Tensor) and value.dim() > 1 and {n, batch * n} & set(value.shape[:2]):
+                received.append(f"{key} {tuple(value.shape)}")
+
+    handle = layers[-1].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model_output(model, inputs)
+    except Exception:  # the explanation is best effort; the refusal stands without it
+        return ""
+    finally:
+        handle.remove()
+    if not received:
+        return ""
+    return (
+        f"; every block receives {', '.join(received)} with one entry per head ({n}), computed outside the blocks "
+        "(a position bias or ALiBi shared by the layers): their heads cannot be chosen apart"
+    )
 
 
 def _check_first_layer(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:
