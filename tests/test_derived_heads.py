@@ -119,3 +119,16 @@ def test_verification_drops_other_heads_in_each_layer():
         kept = [(p.query_heads, p.kv_heads) for p in plan.layers]
         assert all(a != b for a, b in zip(kept, kept[1:])), (kind, kept)  # each layer unlike the one before
         assert all(len(q) < p.geometry.attention.num_heads for (q, _), p in zip(kept, plan.layers, strict=True))
+
+
+def test_per_head_output_gates_are_cut_with_their_query_head():
+    """Beam gates each head's output by `σ(gate_proj(x) + gate_bias)`: the gate's channel of head 1 reaches its
+    own column only (the query's every column of its head), so its rows and bias entry go with the query head."""
+    derivation = verified_derivation(transformers.BeamConfig)
+    assert {"heads", "kv_groups"} <= derivation.kinds, derivation.refused
+    assert derivation.q_proj == "self_attn.q_proj" and derivation.query_gates == ("self_attn.gate_proj",)
+    assert derivation.head_parameters == (("self_attn.gate_bias", 0),)
+    pruner = prune_heads_against_reference(transformers.BeamConfig)
+    for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
+        kept = len(layer_plan.query_heads)
+        assert layer.self_attn.gate_proj.out_features == layer.self_attn.q_proj.out_features == kept * 24

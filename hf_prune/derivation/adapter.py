@@ -115,6 +115,9 @@ class DerivedAdapter(ArchitectureAdapter):
             slices += input_slices(layer, self.o_proj, head * d, (head + 1) * d)
         elif self.qkv_proj is None:
             slices = super().query_head_slices(layer, geometry, head)
+            slices += [
+                s for gate in self.derivation.query_gates for s in output_slices(layer, gate, head * d, (head + 1) * d)
+            ]
         else:
             slices = self._qkv(layer, geometry, 0, head) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
         names = dict(layer.named_parameters())

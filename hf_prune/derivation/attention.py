@@ -125,20 +125,24 @@ def _attention_in(found, probe, model, inputs, block, projections, hidden, heads
             return None
         if len(consumers) != 1:
             continue
+        o, extras = consumers[0], []
+        if kv_width != q_width and len(outputs) > 1 and len(kv_outputs) == 2:  # a query and per-head gates
+            q, extras = _query_and_gates(probe, outputs, o, d)
+            outputs = [q] if q else outputs
         if kv_width != q_width and len(outputs) == 1 and len(kv_outputs) == 2:
             q, pair = outputs[0], kv_outputs
         elif kv_width == q_width and len(outputs) == 3:
             q, pair = hinted(outputs, "q")[0], [n for n in outputs if n != hinted(outputs, "q")[0]]
         else:
             continue
-        o = consumers[0]
         why, key, value = _query_key_value(probe, q, pair, o, heads, kv_heads, d)
         if why:
             return why
         found.q_proj, found.k_proj, found.v_proj, found.o_proj = q, key, value, o
-        _attention_module(found, model, inputs, block, [q, key, value, o])
+        found.query_gates = tuple(extras)
+        _attention_module(found, model, inputs, block, [q, key, value, o, *extras])
         _head_dim_attribute(found, block, d)
-        _head_parameters(found, block, heads, [q, key, value, o])
+        _head_parameters(found, block, heads, [q, key, value, o, *extras])
         return None
     return ""
 
@@ -209,6 +213,20 @@ def _head_count_attribute(found: Derivation, block: nn.Module, n: int) -> bool:
                 found.head_count_attribute = attribute
                 return True
     return False
+
+
+def _query_and_gates(probe, outputs: list[str], o: str, d: int) -> tuple[str | None, list[str]]:
+    """Of several `H → n·d` projections beside the KV pair, the query and the per-head output gates (Beam's
+    `gate_proj`: `attention · σ(gate)`), from the dataflow: channel `d + 1` (head 1) of the query reaches every
+    column of head 1 in `o` (through its scores), of a gate only its own column. (None, []) where that is not
+    what the dataflow shows."""
+    head = set(range(d, 2 * d))
+    reached = {name: probe(name, d + 1, o) for name in outputs}
+    queries = [name for name, r in reached.items() if len(r) > 1 and r <= head]
+    gates = [name for name, r in reached.items() if r == {d + 1}]
+    if len(queries) != 1 or len(gates) != len(outputs) - 1:
+        return None, []
+    return queries[0], gates
 
 
 def _query_key_value(probe, q: str, pair: list[str], o: str, n: int, m: int, d: int) -> tuple[str, str, str]:

@@ -35,6 +35,8 @@ class Derivation:
     qkv_proj: str | None = None
     qkv_layout: str | None = None
     k_proj: str | None = None
+    #: per-head gates of the attention output (`H → n·d` beside the query: Beam's `gate_proj`), cut like the query
+    query_gates: tuple[str, ...] = ()
     v_proj: str | None = None
     o_proj: str | None = None
     gate_proj: str | None = None
