@@ -132,3 +132,16 @@ def test_per_head_output_gates_are_cut_with_their_query_head():
     for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
         kept = len(layer_plan.query_heads)
         assert layer.self_attn.gate_proj.out_features == layer.self_attn.q_proj.out_features == kept * 24
+
+
+def test_per_head_biases_of_the_query_width_are_cut_in_head_chunks():
+    """DeBERTa adds `q_bias` and `v_bias` (`n·d` wide) per head after its fused q/k/v projection: entry `d + 1`
+    reaches head 1's columns only, so each head takes its `d` entries; the attention's output LayerNorm, as wide
+    (`n·d = H`), reaches nothing of the output projection's input and stays whole."""
+    derivation = verified_derivation(transformers.DebertaConfig)
+    assert "heads" in derivation.kinds, derivation.refused
+    assert set(derivation.head_width_parameters) == {("attention.self.q_bias", 0), ("attention.self.v_bias", 0)}
+    pruner = prune_heads_against_reference(transformers.DebertaConfig)
+    for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
+        assert layer.attention.self.q_bias.shape == (16 * len(layer_plan.query_heads),)
+        assert layer.attention.output.LayerNorm.weight.shape == (64,)

@@ -121,6 +121,11 @@ class DerivedAdapter(ArchitectureAdapter):
         else:
             slices = self._qkv(layer, geometry, 0, head) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
         names = dict(layer.named_parameters())
+        slices += [
+            s
+            for name, dim in self.derivation.head_width_parameters
+            for s in [TensorSlice(name, dim, head * d, (head + 1) * d)]
+        ]
         return slices + [
             TensorSlice(name, dim, head, head + 1) for name, dim in self.derivation.head_parameters if name in names
         ]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..kinds import ATTENTION_KINDS
 from .fields import ALIASES, config_field, config_value, role_field
-from .probes import output_of, reach, reach_many
+from .probes import output_of, parameter_reach, reach, reach_many
 from .record import Derivation
 
 #: Name hints, only to order projections whose shapes and dataflow are alike (never as evidence).
@@ -122,6 +122,7 @@ def _attention_in(found, probe, model, inputs, block, projections, hidden, heads
             _attention_module(found, model, inputs, block, [qkv, o])
             _head_dim_attribute(found, block, d)
             _head_parameters(found, block, heads, [qkv, o])
+            _head_width_parameters(found, model, inputs, block, heads, d, [qkv, o])
             return None
         if len(consumers) != 1:
             continue
@@ -143,6 +144,7 @@ def _attention_in(found, probe, model, inputs, block, projections, hidden, heads
         _attention_module(found, model, inputs, block, [q, key, value, o, *extras])
         _head_dim_attribute(found, block, d)
         _head_parameters(found, block, heads, [q, key, value, o, *extras])
+        _head_width_parameters(found, model, inputs, block, heads, d, [q, key, value, o, *extras])
         return None
     return ""
 
@@ -367,6 +369,25 @@ def _head_parameters(found: Derivation, block: nn.Module, heads: int, projection
             found.refuse(ATTENTION_KINDS, f"{name} {tuple(parameter.shape)} has several dimensions of the head count")
             return
         found.head_parameters += ((name, dims[0]),)
+
+
+def _head_width_parameters(found: Derivation, model, inputs, block, n: int, d: int, projections: list[str]) -> None:
+    """Every parameter of the attention module but its projections' with one dimension of the query width `n·d`
+    whose entry `d + 1` (head 1) reaches only head 1's columns of the output projection (DeBERTa's `q_bias`,
+    `v_bias`, added per head): `found.head_width_parameters`, sliced `d` entries per head. One over the stream
+    (a LayerNorm after the output projection, as wide when `n·d = H`) reaches nothing there and is left whole."""
+    if not found.attention_module:
+        return
+    prefix, owned = found.attention_module + ".", tuple(name + "." for name in projections)
+    head = set(range(d, 2 * d))
+    for name, parameter in block.get_submodule(found.attention_module).named_parameters():
+        name = prefix + name
+        dims = [i for i, size in enumerate(parameter.shape) if size == n * d]
+        if name.startswith(owned) or len(dims) != 1 or n in parameter.shape:
+            continue
+        reached = parameter_reach(model, inputs, block, name, dims[0], d + 1, found.o_proj)
+        if reached and reached <= head:
+            found.head_width_parameters += ((name, dims[0]),)
 
 
 def _head_dim_attribute(found: Derivation, block: nn.Module, head_dim: int) -> None:

@@ -96,6 +96,33 @@ def reach_many(
     return reached
 
 
+@torch.no_grad()
+def parameter_reach(
+    model: nn.Module, inputs: dict, block: nn.Module, parameter: str, dim: int, index: int, consumer: str
+) -> set[int]:
+    """The input columns of `consumer` that change when entry `index` along `dim` of `parameter` (a tensor of the
+    block) changes by seeded noise: `reach` for a parameter rather than a projection's output."""
+    seen: list[torch.Tensor] = []
+    handle = block.get_submodule(consumer).register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    tensor = block.get_parameter(parameter)
+    entry = tensor.narrow(dim, index, 1)
+    original = entry.clone()
+    try:
+        model_output(model, inputs)
+        noise = torch.randn(entry.shape, generator=torch.Generator().manual_seed(index), dtype=entry.dtype)
+        entry.add_(noise.to(entry.device))
+        model_output(model, inputs)
+    finally:
+        entry.copy_(original)
+        handle.remove()
+    if len(seen) < 2:
+        return set()
+    base, moved = seen[0], seen[1]
+    scale = base.abs().max().clamp(min=1e-3)
+    changed = ((moved - base).abs() > 1e-6 * scale).reshape(-1, base.shape[-1]).any(0)
+    return set(torch.nonzero(changed).flatten().tolist())
+
+
 def output_of(model, inputs, module: nn.Module):
     seen = []
     handle = module.register_forward_hook(lambda m, a, output: seen.append(output))

@@ -59,6 +59,9 @@ class Derivation:
     #: parameters of the attention module (not its projections) with one dimension per query head, as (name in
     #: the block, dimension): T5-style relative position buckets, attention sinks, per-head biases and kernels
     head_parameters: tuple[tuple[str, int], ...] = ()
+    #: parameters of the attention module with one dimension of the query width `n·d`, `d` entries per head
+    #: (DeBERTa's `q_bias`, `v_bias`), as (name in the block, dimension)
+    head_width_parameters: tuple[tuple[str, int], ...] = ()
     #: attention attributes holding the query width `n·d` that forwards split or reshape by (`attention.py`)
     width_attributes: tuple[str, ...] = ("split_size", "all_head_size")
     removed_attention_output: str = "zeros_and_none"
