@@ -16,7 +16,7 @@ from torch import nn
 
 from ..kinds import ATTENTION_KINDS
 from .fields import ALIASES, config_field, config_value, role_field
-from .probes import output_of, parameter_reach, reach, reach_many
+from .probes import modules_run, output_of, parameter_reach, reach, reach_many
 from .record import Derivation
 
 #: Name hints, only to order projections whose shapes and dataflow are alike (never as evidence).
@@ -162,6 +162,15 @@ def headed_attention(found: Derivation, model, inputs, block, projections: dict,
     latent `q_a_proj`, `kv_a_proj_with_mqa`) stay whole. One that reaches nothing on the tiny inputs (an
     attention used only with other inputs: Longformer's global projections) leaves the head layout unconfirmed:
     refused."""
+    ran = modules_run(model, inputs, block, list(projections))
+    for name in projections:  # beside projections that run, one that does not: its heads cannot be probed
+        parent = name.rpartition(".")[0]
+        if name not in ran and any(p in ran and p.rpartition(".")[0] == parent for p in projections):
+            idle = [p for p in projections if p not in ran and p.rpartition(".")[0] == parent]
+            return (
+                f"{', '.join(idle)} do not run on the tiny inputs, beside the other projections of {parent} (an "
+                "attention used with other inputs only): the heads they hold cannot be confirmed"
+            )
     first = ""
     outputs = [o for o, (width, out) in projections.items() if out == hidden and width % n == 0]
     base: dict = {}  # the consumers' inputs without noise, shared by every probe

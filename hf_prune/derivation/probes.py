@@ -123,6 +123,21 @@ def parameter_reach(
     return set(torch.nonzero(changed).flatten().tolist())
 
 
+@torch.no_grad()
+def modules_run(model: nn.Module, inputs: dict, block: nn.Module, names: list[str]) -> set[str]:
+    """Which of the block's modules `names` run in one forward on `inputs`."""
+    ran: set[str] = set()
+    handles = [
+        block.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: ran.add(name)) for name in names
+    ]
+    try:
+        model_output(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
+
+
 def output_of(model, inputs, module: nn.Module):
     seen = []
     handle = module.register_forward_hook(lambda m, a, output: seen.append(output))
