@@ -179,7 +179,7 @@ COMBINED = {
     "qwen3_moe": {"attention_heads": 1},
     "olmoe": {},  # heads refused by the derivation (q_norm over the whole projection)
     "granitemoe": {"attention_heads": 1},
-    "gpt_oss": {},  # heads refused by the derivation (per-head attention sinks)
+    "gpt_oss": {"attention_heads": 1},  # its per-head attention sinks go with their head
 }
 #: Types whose config derives the head size (or k_norm width) from the head count: heads need the loader format.
 LOADER = {"qwen2_moe", "qwen3_moe", "granitemoe"}

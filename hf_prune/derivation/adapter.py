@@ -138,8 +138,14 @@ class DerivedAdapter(ArchitectureAdapter):
         return name is not None and consumer is not None and super().has_branch(layer, branch)
 
     def attention_geometry(self, layer: nn.Module) -> AttentionGeometry | None:
-        if (self.q_proj is None and self.qkv_proj is None) or "heads" not in self.kinds:
+        headed = self.derivation.head_producers
+        if (self.q_proj is None and self.qkv_proj is None and not headed) or "heads" not in self.kinds:
             return None  # attention left untouched: its kinds are refused
+        if headed:  # one KV head per head (its rows are in the head's chunk of every producer)
+            if not self.has_branch(layer, "attention"):
+                return None
+            n = getattr(self._heads_module(layer), self.derivation.head_count_attribute)
+            return AttentionGeometry(n, n, in_features(layer.get_submodule(self.o_proj)) // n)
         d = self.derivation.head_dim
         if d is None:
             geometry = super().attention_geometry(layer)
@@ -161,12 +167,37 @@ class DerivedAdapter(ArchitectureAdapter):
         return output_slices(layer, self.qkv_proj, chunk * d, (chunk + 1) * d)
 
     def query_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, head: int) -> list[TensorSlice]:
-        if self.qkv_proj is None:
-            return super().query_head_slices(layer, geometry, head)
-        d = geometry.head_dim
-        return self._qkv(layer, geometry, 0, head) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
+        """The query rows and output columns of `head`, and its index in every per-head parameter the layer has
+        (`Derivation.head_parameters`)."""
+        d, n = geometry.head_dim, geometry.num_heads
+        if self.derivation.head_producers:  # headed attention: the head's chunk of rows of every producer
+            slices = [
+                piece
+                for name in self.derivation.head_producers
+                for w in [out_features(layer.get_submodule(name)) // n]
+                for piece in output_slices(layer, name, head * w, (head + 1) * w)
+            ]
+            slices += input_slices(layer, self.o_proj, head * d, (head + 1) * d)
+        elif self.qkv_proj is None:
+            slices = super().query_head_slices(layer, geometry, head)
+            slices += [
+                s for gate in self.derivation.query_gates for s in output_slices(layer, gate, head * d, (head + 1) * d)
+            ]
+        else:
+            slices = self._qkv(layer, geometry, 0, head) + input_slices(layer, self.o_proj, head * d, (head + 1) * d)
+        names = dict(layer.named_parameters())
+        slices += [
+            s
+            for name, dim in self.derivation.head_width_parameters
+            for s in [TensorSlice(name, dim, head * d, (head + 1) * d)]
+        ]
+        return slices + [
+            TensorSlice(name, dim, head, head + 1) for name, dim in self.derivation.head_parameters if name in names
+        ]
 
     def kv_head_slices(self, layer: nn.Module, geometry: AttentionGeometry, kv_head: int) -> list[TensorSlice]:
+        if self.derivation.head_producers:  # headed attention: all in the query head's slices
+            return []
         if self.qkv_proj is None:
             return super().kv_head_slices(layer, geometry, kv_head)
         return self._qkv(layer, geometry, 1, kv_head) + self._qkv(layer, geometry, 2, kv_head)
@@ -207,11 +238,11 @@ class DerivedAdapter(ArchitectureAdapter):
             config = getattr(module, "config", None)
             if isinstance(config, PretrainedConfig):
                 module.config = copy.copy(config)
-                for canonical, value in (
-                    ("num_attention_heads", geometry.num_heads),
-                    ("num_key_value_heads", geometry.num_kv_heads),
+                for canonical, value, role in (
+                    ("num_attention_heads", geometry.num_heads, self.derivation.heads_field),
+                    ("num_key_value_heads", geometry.num_kv_heads, self.derivation.kv_heads_field),
                 ):
-                    field_name = config_field(type(config), canonical)
+                    field_name = role or config_field(type(config), canonical)
                     if field_name and hasattr(config, field_name):
                         setattr(module.config, field_name, value)
 
@@ -229,13 +260,15 @@ class DerivedAdapter(ArchitectureAdapter):
             fields |= {layout.count_field: geometry.experts} if layout.count_field else {}
             fields |= {layout.width_field: geometry.intermediate_size} if layout.width_field else {}
         if attention is not None and "heads" in self.kinds:
-            values |= {
-                "num_attention_heads": attention.num_heads,
-                "num_key_value_heads": attention.num_kv_heads,
-                "head_dim": attention.head_dim,
-            }
+            values |= {"num_attention_heads": attention.num_heads, "num_key_value_heads": attention.num_kv_heads}
+            if not self.derivation.head_producers:  # headed attention: `o`'s head width, not the config's head_dim
+                values["head_dim"] = attention.head_dim
+        roles = {
+            "num_attention_heads": self.derivation.heads_field,
+            "num_key_value_heads": self.derivation.kv_heads_field,
+        }
         for canonical, value in values.items():
-            name = config_field(type(config), canonical)
+            name = roles.get(canonical) or config_field(type(config), canonical)
             if name and value is not None and (canonical != "head_dim" or getattr(config, name, None) is not None):
                 if canonical == "num_key_value_heads" and getattr(config, name, None) is None:
                     continue  # MHA families whose config has no KV field set

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..kinds import ATTENTION_KINDS
-from .fields import ALIASES, config_value
-from .probes import output_of, reach
+from .fields import ALIASES, config_field, config_value, role_field
+from .probes import modules_run, output_of, parameter_reach, reach, reach_many
 from .record import Derivation
 
 #: Name hints, only to order projections whose shapes and dataflow are alike (never as evidence).
@@ -53,11 +53,17 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     """The block's attention: read from all its projections, else from those of one submodule at a time (in
     registration order), so that a decoder block's self-attention is found beside its cross-attention."""
     config = found.config_of(model.config)
-    heads = config_value(config, "num_attention_heads")
+    found.heads_field = role_field(config, "num_attention_heads", found.layers_field)
+    found.kv_heads_field = role_field(config, "num_key_value_heads", found.layers_field)
+    if found.heads_field and not found.kv_heads_field:  # the canonical KV field: MHA where it is the heads' own
+        shared = config_field(type(config), "num_key_value_heads") == config_field(type(config), "num_attention_heads")
+        found.kv_heads_field = found.heads_field if shared else None
+    heads = getattr(config, found.heads_field) if found.heads_field else config_value(config, "num_attention_heads")
     if not isinstance(heads, int):
         found.refuse(ATTENTION_KINDS, f"no head-count field ({ALIASES['num_attention_heads']})")
         return
-    kv_heads = config_value(config, "num_key_value_heads") or heads
+    kv_heads = getattr(config, found.kv_heads_field) if found.kv_heads_field else None
+    kv_heads = kv_heads or config_value(config, "num_key_value_heads") or heads
     head_dims = [d for d in (config_value(config, "head_dim"), hidden // heads) if isinstance(d, int) and d > 0]
     scopes = [""] + [
         name for name, _ in block.named_modules() if name and sum(p.startswith(name + ".") for p in projections) >= 2
@@ -67,6 +73,12 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     for scope in scopes:
         inside = {n: shape for n, shape in projections.items() if n.startswith(scope + ".") or not scope}
         why = _attention_in(found, probe, model, inputs, block, inside, hidden, heads, kv_heads, head_dims)
+        if why is None:
+            return
+        first = first or why
+    for scope in scopes if not first else ():  # no q/k/v layout fits the widths: heads read from the dataflow
+        inside = {n: shape for n, shape in projections.items() if n.startswith(scope + ".") or not scope}
+        why = headed_attention(found, model, inputs, block, inside, hidden, heads)
         if why is None:
             return
         first = first or why
@@ -109,38 +121,170 @@ def _attention_in(found, probe, model, inputs, block, projections, hidden, heads
             found.width_attributes = WIDTH_ATTRIBUTES + FUSED_WIDTH_ATTRIBUTES
             _attention_module(found, model, inputs, block, [qkv, o])
             _head_dim_attribute(found, block, d)
+            _head_parameters(found, block, heads, [qkv, o])
+            _head_width_parameters(found, model, inputs, block, heads, d, [qkv, o])
             return None
         if len(consumers) != 1:
             continue
+        o, extras = consumers[0], []
+        if kv_width != q_width and len(outputs) > 1 and len(kv_outputs) == 2:  # a query and per-head gates
+            q, extras = _query_and_gates(probe, outputs, o, d)
+            outputs = [q] if q else outputs
         if kv_width != q_width and len(outputs) == 1 and len(kv_outputs) == 2:
             q, pair = outputs[0], kv_outputs
         elif kv_width == q_width and len(outputs) == 3:
             q, pair = hinted(outputs, "q")[0], [n for n in outputs if n != hinted(outputs, "q")[0]]
         else:
             continue
-        o = consumers[0]
-        # dataflow: a value channel reaches only its own column of each query head reading it;
-        # a key channel reaches its query heads' columns; a query channel its own head's columns.
-        group = heads // kv_heads
-        channel = d + 1 if kv_heads > 1 else 1  # channel 1 of KV head 1 (or 0)
-        kv_head = channel // d
-        own_columns = {h * d + channel % d for h in range(kv_head * group, (kv_head + 1) * group)}
-        head_columns = set(range(kv_head * group * d, (kv_head + 1) * group * d))
-        reached = {name: probe(name, channel, o) for name in pair}
-        values = [name for name in pair if reached[name] == own_columns]
-        keys = [name for name in pair if reached[name] and reached[name] <= head_columns and name not in values]
-        query_channel = (channel // d) * d + 1
-        query_reach = probe(q, query_channel, o)
-        if len(values) != 1 or len(keys) != 1 or not query_reach or not query_reach <= set(range(d, 2 * d)):
-            return (
-                f"{q}, {pair[0]}, {pair[1]} → {o}: the dataflow does not show a query, a key and a value "
-                f"(channel {channel} reaches {[sorted(reached[n]) for n in pair]})"
-            )
-        found.q_proj, found.k_proj, found.v_proj, found.o_proj = q, keys[0], values[0], o
-        _attention_module(found, model, inputs, block, [q, keys[0], values[0], o])
+        why, key, value = _query_key_value(probe, q, pair, o, heads, kv_heads, d)
+        if why:
+            return why
+        found.q_proj, found.k_proj, found.v_proj, found.o_proj = q, key, value, o
+        found.query_gates = tuple(extras)
+        _attention_module(found, model, inputs, block, [q, key, value, o, *extras])
         _head_dim_attribute(found, block, d)
+        _head_parameters(found, block, heads, [q, key, value, o, *extras])
+        _head_width_parameters(found, model, inputs, block, heads, d, [q, key, value, o, *extras])
         return None
     return ""
+
+
+def headed_attention(found: Derivation, model, inputs, block, projections: dict, hidden: int, n: int) -> str | None:
+    """Attention without a q/k/v layout (multi-head latent attention: DeepSeek-V2/V3's `q_b_proj` rows
+    `n·(d_nope + d_rope)`, `kv_b_proj` rows `n·(d_nope + d_v)`, `o_proj` columns `n·d_v`), read from the dataflow
+    alone (None: found; else why not, "" where nothing fits):
+
+    the output projection `o` (`n·d_o → H`) and every projection `P` (`→ n·w`) whose channels in chunk 1 (rows
+    `w … 2w-1`: the first and last probed) reach only the columns of head 1 in `o` (`d_o … 2d_o-1`). At least two
+    such producers, one of whose channels reaches several columns of its head (the query or key: attention mixes
+    a head's positions and its value columns; an MLP's neuron reaches its one column only). A head is then its
+    chunk of rows in every producer and its columns of `o`; projections that reach every head (the shared
+    latent `q_a_proj`, `kv_a_proj_with_mqa`) stay whole. One that reaches nothing on the tiny inputs (an
+    attention used only with other inputs: Longformer's global projections) leaves the head layout unconfirmed:
+    refused."""
+    ran = modules_run(model, inputs, block, list(projections))
+    for name in projections:  # beside projections that run, one that does not: its heads cannot be probed
+        parent = name.rpartition(".")[0]
+        if name not in ran and any(p in ran and p.rpartition(".")[0] == parent for p in projections):
+            idle = [p for p in projections if p not in ran and p.rpartition(".")[0] == parent]
+            return (
+                f"{', '.join(idle)} do not run on the tiny inputs, beside the other projections of {parent} (an "
+                "attention used with other inputs only): the heads they hold cannot be confirmed"
+            )
+    first = ""
+    outputs = [o for o, (width, out) in projections.items() if out == hidden and width % n == 0]
+    base: dict = {}  # the consumers' inputs without noise, shared by every probe
+    reached = functools.cache(lambda name, channel: reach_many(model, inputs, block, name, channel, outputs, base))
+    for o in outputs:
+        d = projections[o][0] // n
+        columns, producers, mixes, silent = set(range(d, 2 * d)), [], False, []
+        for name, (_, rows) in projections.items():
+            if name == o or rows % n or rows < n:
+                continue
+            w = rows // n
+            seen = [reached(name, w + 1 if w > 1 else w)[o]]
+            if seen[0] and seen[0] <= columns and w > 2:  # the chunk's last channel too, where its first fits
+                seen.append(reached(name, 2 * w - 1)[o])
+            if not any(seen):
+                silent.append(name)
+            elif all(r and r <= columns for r in seen):
+                producers.append(name)
+                mixes = mixes or any(len(r) > 1 for r in seen)
+        if len(producers) < 2 or not mixes:
+            continue
+        parent = common_parent([*producers, o])
+        silent = [name for name in silent if parent and name.startswith(parent + ".")]
+        if silent:
+            first = first or (
+                f"{', '.join(silent)} in {parent} reach nothing of {o} on the tiny inputs (an attention used with "
+                "other inputs only): the heads they hold cannot be confirmed"
+            )
+            continue
+        found.o_proj, found.head_producers = o, tuple(producers)
+        _attention_module(found, model, inputs, block, [*producers, o])
+        if found.attention_module and not _head_count_attribute(found, block, n):
+            found.refuse(
+                ATTENTION_KINDS - {"attention_branches"},
+                f"no integer attribute of {found.attention_module} holds the head count {n} "
+                f"({ALIASES['num_attention_heads']})",
+            )
+        _head_parameters(found, block, n, [*producers, o])
+        return None
+    return first
+
+
+def _head_count_attribute(found: Derivation, block: nn.Module, n: int) -> bool:
+    """The module under the attention module and its integer attribute holding the head count `n`."""
+    prefix = f"{found.attention_module}."
+    for name, module in block.get_submodule(found.attention_module).named_modules():
+        for attribute in ALIASES["num_attention_heads"]:
+            value = getattr(module, attribute, None)
+            if type(value) is int and value == n:
+                found.heads_module = (prefix + name).rstrip(".")
+                found.head_count_attribute = attribute
+                return True
+    return False
+
+
+def _query_and_gates(probe, outputs: list[str], o: str, d: int) -> tuple[str | None, list[str]]:
+    """Of several `H → n·d` projections beside the KV pair, the query and the per-head output gates (Beam's
+    `gate_proj`: `attention · σ(gate)`), from the dataflow: channel `d + 1` (head 1) of the query reaches every
+    column of head 1 in `o` (through its scores), of a gate only its own column. (None, []) where that is not
+    what the dataflow shows."""
+    head = set(range(d, 2 * d))
+    reached = {name: probe(name, d + 1, o) for name in outputs}
+    queries = [name for name, r in reached.items() if len(r) > 1 and r <= head]
+    gates = [name for name, r in reached.items() if r == {d + 1}]
+    if len(queries) != 1 or len(gates) != len(outputs) - 1:
+        return None, []
+    return queries[0], gates
+
+
+def _query_key_value(probe, q: str, pair: list[str], o: str, n: int, m: int, d: int) -> tuple[str, str, str]:
+    """Which of `pair` is the key and which the value, from the dataflow into `o` (why not, else ""):
+
+    a value channel reaches only its own column of each query head reading it, a key channel the columns of
+    those heads, a query channel its own head's columns. A per-head norm of the values (over `d`: Gemma-4's
+    `v_norm`) makes a value channel reach its heads' columns too: then both are alike, told apart by the
+    names (k before v), which no cut depends on (a KV head's key and value rows are removed together).
+    A channel that reaches columns of heads it does not feed (a norm over the whole `n·d` width, a sub-norm
+    before `o`, a mixing of heads) couples the heads: refused, since no head can be cut alone."""
+    group = n // m
+    channel = d + 1 if m > 1 else 1  # channel 1 of KV head 1 (or 0)
+    kv_head = channel // d
+    own_columns = {h * d + channel % d for h in range(kv_head * group, (kv_head + 1) * group)}
+    head_columns = set(range(kv_head * group * d, (kv_head + 1) * group * d))
+    reached = {name: probe(name, channel, o) for name in pair}
+    query_channel = (channel // d) * d + 1
+    query_reach = probe(q, query_channel, o)
+    coupled = [
+        (name, c, sorted(r - columns))
+        for name, c, r, columns in (
+            *((name, channel, reached[name], head_columns) for name in pair),
+            (q, query_channel, query_reach, set(range(query_channel // d * d, (query_channel // d + 1) * d))),
+        )
+        if r - columns
+    ]
+    if coupled:
+        name, c, outside = coupled[0]
+        return (
+            f"{name}, channel {c}, reaches {len(outside)} columns of {o} outside the heads it feeds ({outside[:8]}…): "
+            "the heads are coupled (a norm or mixing over the whole width, not per head), so none can be cut alone",
+            "",
+            "",
+        )
+    values = [name for name in pair if reached[name] == own_columns]
+    keys = [name for name in pair if reached[name] and name not in values]
+    if not values and len(keys) == 2:  # a per-head norm of the values: alike, ordered by the names
+        keys, values = hinted(pair, "k")[:1], hinted(pair, "k")[1:]
+    if len(values) != 1 or len(keys) != 1 or not query_reach:
+        return (
+            f"{q}, {pair[0]}, {pair[1]} → {o}: the dataflow does not show a query, a key and a value "
+            f"(channel {channel} reaches {[sorted(reached[n]) for n in pair]})",
+            "",
+            "",
+        )
+    return "", keys[0], values[0]
 
 
 #: Attention attributes holding the head size.
@@ -214,6 +358,45 @@ def _attention_module(found: Derivation, model, inputs, block, names: list[str])
         found.removed_attention_output = "zeros"
     else:
         found.refuse({"attention_branches"}, f"{found.attention_module} returns {type(output).__name__}")
+
+
+def _head_parameters(found: Derivation, block: nn.Module, heads: int, projections: list[str]) -> None:
+    """Every parameter of the attention module but its projections' with exactly one dimension of size `heads`
+    (`found.head_parameters`): sliced with its query head (a relative-position bias `(buckets, n)`, sinks `(n,)`,
+    per-head biases `(n, d)`, a per-head convolution `(n, 1, k, 1)`). One with several such dimensions cannot be
+    read: heads are refused. Verification decides whether the slicing is exact."""
+    if not found.attention_module:
+        return
+    prefix = found.attention_module + "."
+    owned = tuple(name + "." for name in projections)
+    for name, parameter in block.get_submodule(found.attention_module).named_parameters():
+        name = prefix + name
+        dims = [i for i, size in enumerate(parameter.shape) if size == heads]
+        if name.startswith(owned) or not dims:
+            continue
+        if len(dims) > 1:
+            found.refuse(ATTENTION_KINDS, f"{name} {tuple(parameter.shape)} has several dimensions of the head count")
+            return
+        found.head_parameters += ((name, dims[0]),)
+
+
+def _head_width_parameters(found: Derivation, model, inputs, block, n: int, d: int, projections: list[str]) -> None:
+    """Every parameter of the attention module but its projections' with one dimension of the query width `n·d`
+    whose entry `d + 1` (head 1) reaches only head 1's columns of the output projection (DeBERTa's `q_bias`,
+    `v_bias`, added per head): `found.head_width_parameters`, sliced `d` entries per head. One over the stream
+    (a LayerNorm after the output projection, as wide when `n·d = H`) reaches nothing there and is left whole."""
+    if not found.attention_module:
+        return
+    prefix, owned = found.attention_module + ".", tuple(name + "." for name in projections)
+    head = set(range(d, 2 * d))
+    for name, parameter in block.get_submodule(found.attention_module).named_parameters():
+        name = prefix + name
+        dims = [i for i, size in enumerate(parameter.shape) if size == n * d]
+        if name.startswith(owned) or len(dims) != 1 or n in parameter.shape:
+            continue
+        reached = parameter_reach(model, inputs, block, name, dims[0], d + 1, found.o_proj)
+        if reached and reached <= head:
+            found.head_width_parameters += ((name, dims[0]),)
 
 
 def _head_dim_attribute(found: Derivation, block: nn.Module, head_dim: int) -> None:

@@ -72,3 +72,28 @@ def sub_config(config: PretrainedConfig, path: str) -> PretrainedConfig:
 
 def join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
+
+
+def _tokens(name: str) -> set[str]:
+    return set(name.split("_")) - {""}
+
+
+def role_field(config: PretrainedConfig, canonical: str, layers_field: str | None) -> str | None:
+    """The field of `config` sizing `canonical` for the stack `layers_field` counts, where that stack has a role
+    the canonical count field does not name (`decoder_layers` → `decoder_attention_heads`, `num_decoder_layers` →
+    `num_decoder_attention_heads`): a field holding an int whose name has the role's words and, besides them, the
+    words of one alias of `canonical` (a leading `num` / `n` optional). None where the stack has no role or no
+    such field."""
+    name = (layers_field or "").rpartition(".")[2]
+    if not name or name in ALIASES["num_hidden_layers"]:
+        return None
+    role = _tokens(name) - {"num", "n", "layers", "layer", "hidden"}
+    if not role:
+        return None
+    for key, value in vars(config).items():
+        rest = _tokens(key) - role
+        if type(value) is not int or not role <= _tokens(key) or not rest:
+            continue
+        if any(_tokens(alias) - {"num", "n"} <= rest <= _tokens(alias) for alias in ALIASES[canonical]):
+            return key
+    return None

@@ -59,10 +59,25 @@ def reach(model: nn.Module, inputs: dict, block: nn.Module, producer: str, chann
     One forward with a forward hook adding seeded noise to that channel (noise, not a constant: a
     constant added to a key channel shifts every score of a row alike, which softmax ignores), against
     one without: the columns whose input moved (relative tolerance 1e-6) are the ones the channel reaches."""
-    seen: list[torch.Tensor] = []
+    return reach_many(model, inputs, block, producer, channel, [consumer])[consumer]
 
-    def record(module, args):
-        seen.append(args[0].detach().clone())
+
+@torch.no_grad()
+def reach_many(
+    model: nn.Module,
+    inputs: dict,
+    block: nn.Module,
+    producer: str,
+    channel: int,
+    consumers: list[str],
+    base: dict[str, list[torch.Tensor]] | None = None,
+) -> dict[str, set[int]]:
+    """`reach` into every one of `consumers` at once (two forwards in all; one where `base` holds the consumers'
+    inputs of the unchanged forward from an earlier call, which an empty `base` is filled with)."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in consumers}
+
+    def recorder(name):
+        return lambda module, args: seen[name].append(args[0].detach().clone())
 
     def bump(module, args, output):
         output = output.clone()
@@ -71,18 +86,72 @@ def reach(model: nn.Module, inputs: dict, block: nn.Module, producer: str, chann
         output[..., channel] += noise.to(output.device)
         return output
 
-    handles = [block.get_submodule(consumer).register_forward_pre_hook(record)]
-    model_output(model, inputs)
-    handles.append(block.get_submodule(producer).register_forward_hook(bump))
-    model_output(model, inputs)
-    for handle in handles:
+    handles = [block.get_submodule(name).register_forward_pre_hook(recorder(name)) for name in consumers]
+    try:
+        if base:
+            for name in consumers:
+                seen[name] += base[name][:1]
+        else:
+            model_output(model, inputs)
+            if base is not None:
+                base.update({name: list(tensors) for name, tensors in seen.items()})
+        handles.append(block.get_submodule(producer).register_forward_hook(bump))
+        model_output(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    reached = {}
+    for name, pair in seen.items():
+        if len(pair) < 2:  # the consumer never runs on these inputs (cross-attention without an encoder): unreached
+            reached[name] = set()
+            continue
+        base, moved = pair[0], pair[1]
+        scale = base.abs().max().clamp(min=1e-3)
+        changed = ((moved - base).abs() > 1e-6 * scale).reshape(-1, base.shape[-1]).any(0)
+        reached[name] = set(torch.nonzero(changed).flatten().tolist())
+    return reached
+
+
+@torch.no_grad()
+def parameter_reach(
+    model: nn.Module, inputs: dict, block: nn.Module, parameter: str, dim: int, index: int, consumer: str
+) -> set[int]:
+    """The input columns of `consumer` that change when entry `index` along `dim` of `parameter` (a tensor of the
+    block) changes by seeded noise: `reach` for a parameter rather than a projection's output."""
+    seen: list[torch.Tensor] = []
+    handle = block.get_submodule(consumer).register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    tensor = block.get_parameter(parameter)
+    entry = tensor.narrow(dim, index, 1)
+    original = entry.clone()
+    try:
+        model_output(model, inputs)
+        noise = torch.randn(entry.shape, generator=torch.Generator().manual_seed(index), dtype=entry.dtype)
+        entry.add_(noise.to(entry.device))
+        model_output(model, inputs)
+    finally:
+        entry.copy_(original)
         handle.remove()
-    if len(seen) < 2:  # the consumer never runs on these inputs (cross-attention without an encoder): unreached
+    if len(seen) < 2:
         return set()
     base, moved = seen[0], seen[1]
     scale = base.abs().max().clamp(min=1e-3)
     changed = ((moved - base).abs() > 1e-6 * scale).reshape(-1, base.shape[-1]).any(0)
     return set(torch.nonzero(changed).flatten().tolist())
+
+
+@torch.no_grad()
+def modules_run(model: nn.Module, inputs: dict, block: nn.Module, names: list[str]) -> set[str]:
+    """Which of the block's modules `names` run in one forward on `inputs`."""
+    ran: set[str] = set()
+    handles = [
+        block.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: ran.add(name)) for name in names
+    ]
+    try:
+        model_output(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
 
 
 def output_of(model, inputs, module: nn.Module):

@@ -27,6 +27,10 @@ class Derivation:
     fixed_prefix: bool = False
     #: the dotted path of the (nested) config whose fields size the blocks ("" : the model's own config)
     config_path: str = ""
+    #: the config fields holding this stack's query and KV head counts, where they are not the canonical ones
+    #: (`fields.role_field`: Whisper's decoder stack → `decoder_attention_heads`)
+    heads_field: str | None = None
+    kv_heads_field: str | None = None
     attention_module: str | None = None
     mlp_module: str | None = None
     q_proj: str | None = None
@@ -34,6 +38,8 @@ class Derivation:
     qkv_proj: str | None = None
     qkv_layout: str | None = None
     k_proj: str | None = None
+    #: per-head gates of the attention output (`H → n·d` beside the query: Beam's `gate_proj`), cut like the query
+    query_gates: tuple[str, ...] = ()
     v_proj: str | None = None
     o_proj: str | None = None
     gate_proj: str | None = None
@@ -50,6 +56,17 @@ class Derivation:
     head_dim_attribute: str = "head_dim"
     #: the head size, where no attribute holds it (forwards that split by `width // n_head`)
     head_dim: int | None = None
+    #: "headed" attention (no q/k/v layout: multi-head latent attention): every projection whose rows split evenly
+    #: into one chunk per head that reaches only its head's columns of `o_proj` (`attention.headed_attention`);
+    #: its head count is the integer attribute `head_count_attribute` of `heads_module`
+    head_producers: tuple[str, ...] = ()
+    head_count_attribute: str | None = None
+    #: parameters of the attention module (not its projections) with one dimension per query head, as (name in
+    #: the block, dimension): T5-style relative position buckets, attention sinks, per-head biases and kernels
+    head_parameters: tuple[tuple[str, int], ...] = ()
+    #: parameters of the attention module with one dimension of the query width `n·d`, `d` entries per head
+    #: (DeBERTa's `q_bias`, `v_bias`), as (name in the block, dimension)
+    head_width_parameters: tuple[tuple[str, int], ...] = ()
     #: attention attributes holding the query width `n·d` that forwards split or reshape by (`attention.py`)
     width_attributes: tuple[str, ...] = ("split_size", "all_head_size")
     removed_attention_output: str = "zeros_and_none"

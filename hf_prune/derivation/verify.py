@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.utils import logging as hf_logging
@@ -53,28 +54,18 @@ _IN_PROGRESS: dict[type, DerivedAdapter] = {}
 def random_plan(
     model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed: int = 0, removed_layer: int | None = None
 ):
-    """A seeded plan that removes some groups of `kind` only (the same choice in every layer for uniform kinds;
-    for `layers`, layer `removed_layer` if given, else a random one)."""
+    """A seeded plan that removes some groups of `kind` only (for `heads` and `kv_groups` other heads in each layer,
+    so that per-head state shared across layers shows; the same neurons or experts in every layer; for `layers`,
+    layer `removed_layer` if given, else a random one)."""
 
     rng = random.Random(seed)
     plan = PruningPlan.keep_all(model, adapter)
     first = plan.layers[0].geometry
     if kind in ("neurons", "experts"):  # the first mixture-of-experts layer, if any (some models start dense)
         first = next((p.geometry for p in plan.layers if p.geometry.experts), first)
-    attention, size = first.attention, first.intermediate_size
-    if kind == "heads":  # one query head of every KV group (MHA: one head with its KV head)
-        if attention.heads_per_group > 1:
-            drop = {rng.choice(list(attention.heads_of_group(j))) for j in range(attention.num_kv_heads)}
-            kept_kv = tuple(range(attention.num_kv_heads))
-        else:
-            gone = rng.randrange(attention.num_kv_heads)
-            drop, kept_kv = {gone}, tuple(j for j in range(attention.num_kv_heads) if j != gone)
-        kept = tuple(h for h in range(attention.num_heads) if h not in drop)
-    elif kind == "kv_groups":
-        gone = rng.randrange(attention.num_kv_heads)
-        kept_kv = tuple(j for j in range(attention.num_kv_heads) if j != gone)
-        kept = tuple(h for j in kept_kv for h in attention.heads_of_group(j))
-    elif kind == "neurons":  # a quarter (in experts: keeping a multiple of EXPERT_WIDTH_MULTIPLE)
+    size = first.intermediate_size
+    offset = rng.randrange(64)  # each layer drops other heads (offset + its index): shared per-head state shows
+    if kind == "neurons":  # a quarter (in experts: keeping a multiple of EXPERT_WIDTH_MULTIPLE)
         keep = size - max(1, size // 4)
         if first.experts:
             keep = max(EXPERT_WIDTH_MULTIPLE, keep // EXPERT_WIDTH_MULTIPLE * EXPERT_WIDTH_MULTIPLE)
@@ -83,8 +74,9 @@ def random_plan(
         gone = rng.randrange(first.experts)
         kept_experts = tuple(e for e in range(first.experts) if e != gone)
     for index, layer_plan in enumerate(plan.layers):
-        if kind in ("heads", "kv_groups"):
-            layer_plan.query_heads, layer_plan.kv_heads = kept, kept_kv
+        if kind in ("heads", "kv_groups") and layer_plan.geometry.attention is not None:
+            kept = _kept_heads(layer_plan.geometry.attention, kind, offset + index)
+            layer_plan.query_heads, layer_plan.kv_heads = kept
         elif kind == "neurons":
             layer_plan.neurons = kept_neurons
         elif kind == "experts":
@@ -99,6 +91,17 @@ def random_plan(
         index = rng.choice(removable) if removed_layer is None else removed_layer
         plan.layers[index].keep_layer = False
     return plan
+
+
+def _kept_heads(attention, kind: GroupKind, choice: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The query and KV heads a layer keeps: for `heads`, all but one query head of every KV group (MHA: one head
+    with its KV head), for `kv_groups` all but one KV group; `choice` picks which."""
+    g, m = attention.heads_per_group, attention.num_kv_heads
+    if kind == "heads" and g > 1:
+        drop = {attention.heads_of_group(j)[choice % g] for j in range(m)}
+        return tuple(h for h in range(attention.num_heads) if h not in drop), tuple(range(m))
+    kept_kv = tuple(j for j in range(m) if j != choice % m)
+    return tuple(h for j in kept_kv for h in attention.heads_of_group(j)), kept_kv
 
 
 def check_kind(
@@ -194,7 +197,53 @@ def check_kinds(derivation: Derivation, model: nn.Module, inputs: dict, model_ty
             where = {"neurons": adapter.mlp_module, "mlp_branches": adapter.mlp_module, "layers": adapter.layers_path}
             where["experts"] = adapter.mlp_module
             where = where.get(kind, adapter.attention_module) or "the block"
-            derivation.refuse({kind}, f"verification failed in {where} ({type(error).__name__}: {first_line(error)})")
+            why = f"verification failed in {where} ({type(error).__name__}: {first_line(error)})"
+            if kind == "heads":
+                why += shared_head_state(model, inputs, adapter)
+            derivation.refuse({kind}, why)
+
+
+@torch.no_grad()
+def shared_head_state(model: nn.Module, inputs: dict, adapter: DerivedAdapter) -> str:
+    """Why heads may fail, read from the dataflow (a sentence to append to the failure, else ""): a per-head
+    parameter only some blocks hold (T5's relative-position bias in the first block, whose bias every block then
+    adds), or a tensor with one entry per head (or per batch row and head) that the last block receives from
+    outside (a position bias or ALiBi computed once for every layer: BLOOM, MPT, MPNet). Either is shared by the
+    layers, so their heads cannot be chosen apart (a per-layer choice is what pruning makes)."""
+    layers = adapter.layers(model)
+    geometry = adapter.attention_geometry(layers[0])
+    if geometry is None:
+        return ""
+    n = geometry.num_heads
+    for name, _ in adapter.derivation.head_parameters:
+        holders = [i for i, layer in enumerate(layers) if name in dict(layer.named_parameters())]
+        if len(holders) < len(layers):
+            return (
+                f"; the per-head parameter {name} is in blocks {holders} only and the others read what it gives: "
+                "shared by the layers, their heads cannot be chosen apart"
+            )
+    batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+    received: list[str] = []
+
+    def record(module, args, kwargs):
+        named = [(f"argument {i}", a) for i, a in enumerate(args[1:], 1)] + list(kwargs.items())
+        for key, value in named:
+            if isinstance(value, torch.Tensor) and value.dim() > 1 and {n, batch * n} & set(value.shape[:2]):
+                received.append(f"{key} {tuple(value.shape)}")
+
+    handle = layers[-1].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model_output(model, inputs)
+    except Exception:  # the explanation is best effort; the refusal stands without it
+        return ""
+    finally:
+        handle.remove()
+    if not received:
+        return ""
+    return (
+        f"; every block receives {', '.join(received)} with one entry per head ({n}), computed outside the blocks "
+        "(a position bias or ALiBi shared by the layers): their heads cannot be chosen apart"
+    )
 
 
 def _check_first_layer(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:

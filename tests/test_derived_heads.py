@@ -1,0 +1,147 @@
+"""Derived heads beyond the q/k/v layouts (issue 15): per-head parameters, per-head value norms, multi-head latent
+attention read from the dataflow, and the typed refusals where heads are coupled or cannot be confirmed. Each
+pruned model is checked against a plain-torch reference: its removed heads' output-projection columns zeroed."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from tiny_models import STRUCTURAL
+
+from hf_prune import HFPruner
+from hf_prune.derivation.derive import DerivedAdapter, build_tiny
+from hf_prune.derivation.verify import random_plan, verified_derivation
+
+
+@torch.no_grad()
+def heads_zeroed(model, plan, layers: str, out: str):
+    """The reference in plain torch: each removed query head's columns of the output projection zeroed (the
+    head width is the projection's input width over the layer's original head count)."""
+    reference = copy.deepcopy(model)
+    blocks = reference.get_submodule(layers)
+    for layer_plan in plan.layers:
+        weight = blocks[layer_plan.layer].get_submodule(out).weight
+        width = weight.shape[1] // layer_plan.geometry.attention.num_heads
+        for head in set(range(layer_plan.geometry.attention.num_heads)) - set(layer_plan.query_heads):
+            weight[:, head * width : (head + 1) * width] = 0
+    return reference
+
+
+def prune_heads_against_reference(config_class, seed: int = 2) -> HFPruner:
+    """Half the heads by magnitude (other heads in each layer); logits equal the zeroed reference."""
+    dense, inputs = build_tiny(config_class, seed=seed)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    adapter = pruner.adapter
+    assert isinstance(adapter, DerivedAdapter), type(adapter)
+    assert len({p.query_heads for p in pruner.plan.layers}) > 1 or len(pruner.plan.layers) == 1
+    reference = heads_zeroed(dense, pruner.plan, adapter.layers_name(dense), adapter.o_proj)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    return pruner
+
+
+@pytest.mark.parametrize(
+    "config_class, parameters",
+    [
+        # UMT5: a relative-position bias (buckets, n) in every block's self-attention
+        (transformers.UMT5Config, {("layer.0.SelfAttention.relative_attention_bias.weight", 1)}),
+        # attention sinks, one logit per head
+        (transformers.GraniteSWAConfig, {("self_attn.sinks", 0)}),
+    ],
+)
+def test_per_head_parameters_are_sliced_with_their_head(config_class, parameters):
+    derivation = verified_derivation(config_class)
+    assert "heads" in derivation.kinds, derivation.refused
+    assert set(derivation.head_parameters) == parameters
+    pruner = prune_heads_against_reference(config_class)
+    for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
+        for name, dim in parameters:
+            assert layer.get_parameter(name).shape[dim] == len(layer_plan.query_heads)
+
+
+def test_per_head_value_norm_keys_and_values_told_apart_by_name():
+    """Gemma-4 normalises each head's values over its `d` channels: a value channel reaches its heads' columns
+    like a key channel does; the names order them, and the cut is exact either way."""
+    derivation = verified_derivation(transformers.Gemma4TextConfig)
+    assert {"heads", "kv_groups"} <= derivation.kinds, derivation.refused
+    assert (derivation.k_proj, derivation.v_proj) == ("self_attn.k_proj", "self_attn.v_proj")
+    prune_heads_against_reference(transformers.Gemma4TextConfig)
+
+
+@pytest.mark.parametrize("config_class", [transformers.DeepseekV3Config, transformers.MiniCPM3Config])
+def test_multi_head_latent_attention_heads_read_from_the_dataflow(config_class):
+    """MLA: a head is its chunk of `q_b_proj` rows (`d_nope + d_rope`), of `kv_b_proj` rows (`d_nope + d_v`) and
+    its `d_v` columns of `o_proj`; the shared latent projections stay whole."""
+    derivation = verified_derivation(config_class)
+    assert {"heads", "kv_groups"} <= derivation.kinds, derivation.refused
+    assert set(derivation.head_producers) == {"self_attn.q_b_proj", "self_attn.kv_b_proj"}
+    assert derivation.head_count_attribute == "num_heads"
+    pruner = prune_heads_against_reference(config_class)
+    for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
+        kept, attention = len(layer_plan.query_heads), layer.self_attn
+        assert attention.q_b_proj.out_features == kept * attention.qk_head_dim
+        assert attention.kv_b_proj.out_features == kept * (attention.qk_nope_head_dim + attention.v_head_dim)
+        assert attention.o_proj.in_features == kept * attention.v_head_dim
+        assert attention.q_a_proj.out_features == pruner.model.config.q_lora_rank  # the latent stays whole
+
+
+@pytest.mark.parametrize(
+    "config_class, reason",
+    [
+        # OLMo-2 normalises keys over the whole n·d width: a key channel moves every head
+        (transformers.Olmo2Config, "self_attn.k_proj, channel 17, reaches 32 columns of self_attn.o_proj outside"),
+        # LUKE's entity-aware queries run only with entity inputs: their heads cannot be confirmed
+        (transformers.LukeConfig, "attention.self.w2e_query, attention.self.e2w_query, attention.self.e2e_query"),
+        # T5's relative-position bias lives in the first block and is shared by the others: cutting other heads in
+        # each layer differs from the masked model
+        (transformers.T5Config, "relative_attention_bias.weight is in blocks [0] only"),
+        # BLOOM's ALiBi is computed once from the head count and handed to every block
+        (transformers.BloomConfig, "every block receives alibi (8, 1, 7) with one entry per head (4)"),
+    ],
+)
+def test_heads_that_cannot_be_cut_alone_are_refused_with_the_reason(config_class, reason):
+    derivation = verified_derivation(config_class)
+    assert "heads" in derivation.refused and reason in derivation.refused["heads"], derivation.refused
+    assert "neurons" in derivation.kinds
+
+
+def test_verification_drops_other_heads_in_each_layer():
+    """Shared per-head state (T5's position bias) shows only where layers keep different heads."""
+    model, _ = build_tiny(transformers.LlamaConfig)
+    adapter = DerivedAdapter(verified_derivation(transformers.LlamaConfig), "llama")
+    for kind in ("heads", "kv_groups"):
+        plan = random_plan(model, adapter, kind)
+        kept = [(p.query_heads, p.kv_heads) for p in plan.layers]
+        assert all(a != b for a, b in zip(kept, kept[1:])), (kind, kept)  # each layer unlike the one before
+        assert all(len(q) < p.geometry.attention.num_heads for (q, _), p in zip(kept, plan.layers, strict=True))
+
+
+def test_per_head_output_gates_are_cut_with_their_query_head():
+    """Beam gates each head's output by `σ(gate_proj(x) + gate_bias)`: the gate's channel of head 1 reaches its
+    own column only (the query's every column of its head), so its rows and bias entry go with the query head."""
+    derivation = verified_derivation(transformers.BeamConfig)
+    assert {"heads", "kv_groups"} <= derivation.kinds, derivation.refused
+    assert derivation.q_proj == "self_attn.q_proj" and derivation.query_gates == ("self_attn.gate_proj",)
+    assert derivation.head_parameters == (("self_attn.gate_bias", 0),)
+    pruner = prune_heads_against_reference(transformers.BeamConfig)
+    for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
+        kept = len(layer_plan.query_heads)
+        assert layer.self_attn.gate_proj.out_features == layer.self_attn.q_proj.out_features == kept * 24
+
+
+def test_per_head_biases_of_the_query_width_are_cut_in_head_chunks():
+    """DeBERTa adds `q_bias` and `v_bias` (`n·d` wide) per head after its fused q/k/v projection: entry `d + 1`
+    reaches head 1's columns only, so each head takes its `d` entries; the attention's output LayerNorm, as wide
+    (`n·d = H`), reaches nothing of the output projection's input and stays whole."""
+    derivation = verified_derivation(transformers.DebertaConfig)
+    assert "heads" in derivation.kinds, derivation.refused
+    assert set(derivation.head_width_parameters) == {("attention.self.q_bias", 0), ("attention.self.v_bias", 0)}
+    pruner = prune_heads_against_reference(transformers.DebertaConfig)
+    for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
+        assert layer.attention.self.q_bias.shape == (16 * len(layer_plan.query_heads),)
+        assert layer.attention.output.LayerNorm.weight.shape == (64,)
