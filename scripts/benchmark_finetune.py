@@ -17,6 +17,10 @@ SmolLM2-135M, MLP neurons −50%, causal-LM fine-tuning on 512-token windows of 
   gradual-repair gradual with `repair="lstsq"`: the consumers of the newly masked groups refitted at every event
   gradual-distill  gradual with `distill=Distillation(alpha, temperature)` (teacher: the unpruned model)
   gradual-both   gradual with both
+  callback-oneshot-distill  the callback's one-call path: `PruningCallback(PruningSchedule("oneshot"),
+                 distill=...)` runs the zero-shot prune (the seed's best zero-shot criterion, least-squares
+                 repair, calibrated on the first training windows) before step 0 and trains the masked model
+                 with distillation; cut at the end (one `trainer.train()`)
 
 Every prune uses `--damping` (default: `PruningConfig`'s). Quality: WikiText-2 *test* perplexity
 on every non-overlapping `--seq-len` window of the whole split (the zero-shot protocol); `--windows N`
@@ -45,7 +49,7 @@ import torch
 from results_file import LANGUAGE_MODELS, PACKAGES, language_model, open_results, training_precision
 from transformers import Trainer, TrainingArguments
 
-from hf_prune import Distillation, HFPruner, PruningCallback, PruningConfig
+from hf_prune import Distillation, HFPruner, PruningCallback, PruningConfig, PruningSchedule
 from hf_prune.calibration.data import data_file, wikitext2_test_text
 from hf_prune.criteria import available_criteria
 from hf_prune.evaluation import parameter_count, perplexity
@@ -53,7 +57,9 @@ from hf_prune.training.recovery import DistillationCallback, lora_for_recovery
 
 ONESHOT_ROWS = ("oneshot-full", "oneshot-lora", "oneshot-distill-full", "oneshot-distill-lora")
 GRADUAL_ROWS = ("gradual", "gradual-repair", "gradual-distill", "gradual-both")
-ROWS = ("dense", "zero-shot", *ONESHOT_ROWS, *GRADUAL_ROWS)
+#: Callback rows: the gradual schedule and the callback's one-shot schedule at step 0.
+CALLBACK_ROWS = (*GRADUAL_ROWS, "callback-oneshot-distill")
+ROWS = ("dense", "zero-shot", *ONESHOT_ROWS, *CALLBACK_ROWS)
 TARGET = {"mlp_neurons": 0.5}
 
 
@@ -101,7 +107,7 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
         return record
     model = copy.deepcopy(dense)
     start = time.perf_counter()
-    distill = row in ("oneshot-distill-full", "oneshot-distill-lora", "gradual-distill", "gradual-both")
+    distill = "distill" in row or row == "gradual-both"
     alpha, temperature = settings["distill_alpha"], settings["distill_temperature"]
     if row in ONESHOT_ROWS:
         criterion = results["rows"][f"zero-shot/seed{seed}"]["criterion"]
@@ -118,11 +124,17 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
             lora = lora_for_recovery(folder)
             record["train_loss"] = train(lora, data, settings, seed, settings["lr_lora"], work, recovery)
             model = lora.merge_and_unload()
-    elif row in GRADUAL_ROWS:
-        record["score"] = settings["gradual_score"]
-        config = PruningConfig(**TARGET, damping=settings["damping"])
+    elif row in CALLBACK_ROWS:
+        oneshot = row == "callback-oneshot-distill"
+        if oneshot:
+            record["criterion"] = results["rows"][f"zero-shot/seed{seed}"]["criterion"]
+        else:
+            record["score"] = settings["gradual_score"]
+        chosen = {"criterion": record["criterion"]} if oneshot else {}
+        config = PruningConfig(**TARGET, damping=settings["damping"], **chosen)
         callback = PruningCallback(
             config,
+            schedule=PruningSchedule("oneshot") if oneshot else None,
             score=settings["gradual_score"],
             pruned_dir=None,
             repair="lstsq" if row in ("gradual-repair", "gradual-both") else "none",
@@ -162,7 +174,7 @@ def table(results: dict, seeds: list[int], rows: list[str] = ROWS) -> str:
         train_s = statistics.mean(r["train_s"] for r in done)
         lines.append(f"{row:22}{cells}{means[row]:>10.2f}{train_s:>10.0f}  {method}")
     oneshot = {row: means[row] for row in ONESHOT_ROWS if row in means}
-    gradual = {row: means[row] for row in GRADUAL_ROWS if row in means}
+    gradual = {row: means[row] for row in CALLBACK_ROWS if row in means}
     if gradual and oneshot:
         best_row, best = min(oneshot.items(), key=lambda item: item[1])
         callback_row, mean = min(gradual.items(), key=lambda item: item[1])
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
     }
     results = open_results(args.output, settings, __file__, argv, parser, (*PACKAGES, "peft"))
-    if any(row.startswith("oneshot") for row in rows) and "zero-shot" not in rows:
+    if any("oneshot" in row for row in rows) and "zero-shot" not in rows:
         rows.insert(0, "zero-shot")  # the one-shot rows use each seed's best zero-shot criterion
     with tempfile.TemporaryDirectory(prefix="benchmark_finetune.") as scratch:
         # Seed-major order: an interrupted run leaves whole seeds, which already compare the rows.

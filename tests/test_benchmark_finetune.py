@@ -64,7 +64,8 @@ def test_tiny_benchmark_runs_every_row_and_resumes(smollm2, tmp_path, capsys, mo
     monkeypatch.setattr(HFPruner, "prune", recorded_prune)
     monkeypatch.setattr(benchmark, "PruningCallback", recorded_callback)
     results = benchmark.main(argv)
-    assert dampings == [0.03] * 10  # two zero-shot criteria, four one-shot rows, four callback rows
+    # two zero-shot criteria, four one-shot rows, five callback rows (the one-shot schedule's prune reads its config)
+    assert dampings == [0.03] * 11
     monkeypatch.undo()
 
     assert sorted(results["rows"]) == sorted(f"{row}/seed0" for row in benchmark.ROWS)
@@ -75,7 +76,8 @@ def test_tiny_benchmark_runs_every_row_and_resumes(smollm2, tmp_path, capsys, mo
     one_shot = results["rows"]["oneshot-full/seed0"]
     assert gradual["parameters"] == one_shot["parameters"] < results["rows"]["dense/seed0"]["parameters"]
     assert one_shot["criterion"] == results["rows"]["zero-shot/seed0"]["criterion"]
-    for row in (*benchmark.ONESHOT_ROWS, *benchmark.GRADUAL_ROWS):
+    assert results["rows"]["callback-oneshot-distill/seed0"]["criterion"] == one_shot["criterion"]
+    for row in (*benchmark.ONESHOT_ROWS, *benchmark.CALLBACK_ROWS):
         assert results["rows"][f"{row}/seed0"]["parameters"] == one_shot["parameters"], row
     assert results["settings"]["distill_alpha"] == 0.5 and results["settings"]["distill_temperature"] == 1.0
     printed = capsys.readouterr().out
