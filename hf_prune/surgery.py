@@ -15,6 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .groups import ArchitectureAdapter, TensorSlice
+from .groups.base import renumber_layer
 from .plan import LayerPlan, PruningPlan
 
 
@@ -110,12 +111,7 @@ def drop_layers(model: nn.Module, adapter: ArchitectureAdapter, kept: list[int])
     before = model.config.to_dict()
     adapter.set_layers(model, nn.ModuleList(layers[i] for i in kept))
     for new_index, (old_index, layer) in enumerate(zip(kept, adapter.layers(model))):
-        # The KV cache is indexed by `layer_idx` (GPT-Neo: `layer_id`): renumber so generate() sees 0..n-1.
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index
-            if type(getattr(module, "layer_id", None)) is int and module.layer_id == old_index:
-                module.layer_id = new_index
+        renumber_layer(layer, old_index, new_index)
     adapter.update_config_for_layers(model.config, kept)
     after = model.config.to_dict()
     previous = getattr(model, DENSE_LAYERS, None) or {"kept": list(range(len(layers))), "fields": {}}

@@ -19,6 +19,7 @@ from ..groups.base import (
     input_slices,
     out_features,
     output_slices,
+    renumber_layer,
     replace_module,
 )
 from .attention import fused_chunks
@@ -106,11 +107,7 @@ class DerivedAdapter(ArchitectureAdapter):
             entries = model.get_submodule(name)
             replace_module(model, name, nn.ModuleList(entries[i] for i in kept))
             for new_index, (old_index, entry) in enumerate(zip(kept, model.get_submodule(name))):
-                for module in entry.modules():
-                    if hasattr(module, "layer_idx"):
-                        module.layer_idx = new_index
-                    if type(getattr(module, "layer_id", None)) is int and module.layer_id == old_index:
-                        module.layer_id = new_index
+                renumber_layer(entry, old_index, new_index)
 
     def fixed_layers(self, model: nn.Module) -> frozenset[int]:
         """The leading blocks built unlike the rest (`stacks.fixed_prefix`), where verification found that only

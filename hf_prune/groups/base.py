@@ -429,6 +429,16 @@ def set_config_field(config: PretrainedConfig, name: str, value) -> None:
     setattr(config, key, value)
 
 
+def renumber_layer(layer: nn.Module, old_index: int, new_index: int) -> None:
+    """Give a kept block its new position: the KV cache is indexed by `layer_idx` (GPT-Neo: `layer_id`), so
+    after a removal `generate()` must see 0..n-1."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = new_index
+        if type(getattr(module, "layer_id", None)) is int and module.layer_id == old_index:
+            module.layer_id = new_index
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attribute = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, attribute, new)
