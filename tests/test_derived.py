@@ -648,3 +648,34 @@ def test_layers_whose_removal_the_config_refuses_are_kept_whole(tmp_path):
     reloaded = load_pruned(tmp_path / "neomme").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("config_class", [transformers.LayoutLMv3Config, transformers.LiltConfig])
+def test_proportional_shrink_keeps_widths_that_split_the_hidden_size(tmp_path, config_class):
+    """LayoutLMv3 concatenates 4 coordinate and 2 shape embeddings into the hidden size, LiLT splits its layout
+    stream into sixths: the plain shrink (hidden 64, every unplaced width 64) gives shapes its forward refuses,
+    so the last attempt is the proportional shrink (hidden 96, unplaced widths that divide the default hidden
+    size keep their share). Neurons and a layer: the cut equals a plain-torch reference with the removed
+    neurons' down-projection columns zeroed and the removed layer skipped, and the folder reloads to it."""
+    defaults = config_class().to_dict()
+    dense, inputs = build_tiny(config_class, seed=2)
+    config = dense.config
+    assert config.hidden_size == 96
+    if config_class is transformers.LayoutLMv3Config:  # 128 of 768 → 16 of 96, computed here independently
+        assert config.coordinate_size == defaults["coordinate_size"] * 96 // defaults["hidden_size"] == 16
+        assert 4 * config.coordinate_size + 2 * config.shape_size == config.hidden_size
+    derivation = verified_derivation(config_class)
+    assert {"neurons", "layers"} <= set(derivation.kinds)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(mlp_neurons=0.25, layers=1, **STRUCTURAL)
+    assert sum(not p.keep_layer for p in pruner.plan.layers) == 1
+    layers = f"{dense.base_model_prefix}.{derivation.layers_path}"
+    reference = zeroed_reference(dense, pruner.plan, layers, derivation.down_proj, "", 24)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    folder = tmp_path / config.model_type
+    pruner.save_pretrained(folder)
+    reloaded = load_pruned(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)

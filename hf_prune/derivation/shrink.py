@@ -100,6 +100,22 @@ def _role(name: str, head_dim: int, hidden: int = TINY["hidden_size"]) -> int | 
     return None
 
 
+#: The hidden size of the proportional shrink: a multiple of 6 and of `TINY`'s head count (LayoutLMv3 splits the
+#: hidden size into 4 coordinate and 2 shape embeddings, LiLT's layout stream into sixths).
+PROPORTIONAL_HIDDEN = 96
+
+
+def _proportional(name: str, value: int, default_hidden, hidden: int) -> int | None:
+    """`value · hidden / default_hidden` for a width no name pattern places (`SIZE_FIELDS`' catch-all: it would
+    become the hidden size) that divides the default hidden size into an integer share of the tiny one
+    (LayoutLMv3's `coordinate_size` 128 of 768 → 16 of 96), else None."""
+    if not isinstance(default_hidden, int) or not 0 < value < default_hidden or default_hidden % value:
+        return None
+    if _role(name, 0, hidden=-1) != -1 or (value * hidden) % default_hidden:
+        return None
+    return value * hidden // default_hidden
+
+
 #: The widest entry of a per-stage width list (`hidden_sizes`, `embed_dims`, `in_channels`, ...) after shrinking.
 LIST_WIDTH = 128
 #: The variants of the shrink tried, in order, where the class refuses the plain one (one change each): per-stage
@@ -161,6 +177,7 @@ def _shrink(
     list_width: int = LIST_WIDTH,
     scaled: bool = True,
     tail: bool = False,
+    proportional: bool = False,
 ):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
@@ -176,6 +193,8 @@ def _shrink(
                 )
                 canonical_names.add(name)
     sub_configs = getattr(config_class, "sub_configs", None) or {}
+    hidden_name = config_field(config_class, "hidden_size") if config_class is not None else None
+    default_hidden = old.get(hidden_name) if hidden_name else None
     widest = max((max(v) for k, v in values.items() if _width_list(k, v)), default=0)
     factor = 1
     while widest // factor > list_width:
@@ -197,12 +216,15 @@ def _shrink(
                 list_width,
                 scaled,
                 tail,
+                proportional,
             )
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
             cap = _role(key, head_dim, hidden)
             if cap is None and value in shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
                 cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
-            if isinstance(cap, int) and value > cap:
+            if proportional and _proportional(key, value, default_hidden, hidden) is not None:
+                values[key] = _proportional(key, value, default_hidden, hidden)
+            elif isinstance(cap, int) and value > cap:
                 values[key] = cap
         elif key not in canonical_names and _int_list(value):
             values[key] = _shrink_list(key, value, factor)
@@ -293,6 +315,7 @@ def _tiny_config(
     list_width: int = LIST_WIDTH,
     scaled: bool = True,
     tail: bool = False,
+    proportional: bool = False,
 ) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
     first tiny model too large), also every integer field no name pattern covers whose value is one of them;
@@ -300,10 +323,25 @@ def _tiny_config(
     `list_width`: the widest entry of a per-stage width list (`LIST_WIDTHS`); `scaled`: whether `SCALED` floats
     are capped (not where the class refuses them: Hiera's `embed_dim_multiplier` grows each stage's width);
     `tail`: per-layer lists keep their last entries, not their first (a pattern of sliding-window layers that
-    ends in a full-attention one: NeoMME refuses three sliding ones)."""
+    ends in a full-attention one: NeoMME refuses three sliding ones); `proportional`: widths no name pattern
+    places that divide the default hidden size keep their share of it (`_proportional`)."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(config_class, values, head_dim, changed, "", shape_dims, kv_heads, fill, hidden, list_width, scaled, tail)
+    _shrink(
+        config_class,
+        values,
+        head_dim,
+        changed,
+        "",
+        shape_dims,
+        kv_heads,
+        fill,
+        hidden,
+        list_width,
+        scaled,
+        tail,
+        proportional,
+    )
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -425,8 +463,8 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     projection sized by the hidden size), it is retried with `head_dim` = `hidden_size / num_attention_heads`,
     then both with one KV head per query head (`KV_HEADS`), then, where the class leaves defaults unset that
     its forward needs (`fill_defaults`), all of them again with those filled; then all of them with the class's
-    image size grown (`_grown_image_size`). The model is built on the meta
-    device first to count its parameters without allocating them (`tiny_size`)."""
+    image size grown (`_grown_image_size`); last with the proportional shrink (`tiny_size`). The model is built
+    on the meta device first to count its parameters without allocating them (`tiny_size`)."""
     first = None
     attempts = [(head_dims, kv_heads, False) for kv_heads in KV_HEADS for head_dims in (HEAD_DIMS, HEAD_DIMS[1:])]
     if fill_defaults(copy.deepcopy(default_values(config_class))):
@@ -434,10 +472,14 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     growth = _has_image_size(default_values(config_class))
     if growth:  # windows that need a larger resolution (Swin)
         attempts += [(*base, factor) for factor in IMAGE_GROWTH for base in attempts]
-    for attempt, (head_dims, kv_heads, fill, *image) in enumerate(attempts):
+    # last, the proportional shrink (hidden sizes split in sixths: LayoutLMv3, LiLT)
+    attempts += [(HEAD_DIMS, kv_heads, False, None, True) for kv_heads in KV_HEADS]
+    for attempt, (head_dims, kv_heads, fill, *rest) in enumerate(attempts):
+        image = [rest[0]] if rest and rest[0] is not None else []
+        proportional = len(rest) > 1 and rest[1]
         try:
             model_class = tiny_model_class(config_class)
-            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, fill)
+            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, fill, proportional)
             if image:
                 _grown_image_size(config, default_values(config_class), image[0])
             if shape_fields:
@@ -482,11 +524,15 @@ def tiny_size(
     head_dims: tuple[int, ...] = HEAD_DIMS,
     kv_heads: int = TINY["num_key_value_heads"],
     fill: bool = False,
+    proportional: bool = False,
 ) -> tuple[PretrainedConfig, dict]:
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
-    parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is."""
+    parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is. `proportional`:
+    the hidden size is `PROPORTIONAL_HIDDEN` and unplaced widths keep their share of it (`_proportional`)."""
     error = None
-    for head_dim, variant in ((d, v) for d in head_dims for v in VARIANTS):
+    share = {"hidden": PROPORTIONAL_HIDDEN, "proportional": True} if proportional else {}
+    variants = [{**variant, **share} for variant in VARIANTS]
+    for head_dim, variant in ((d, v) for d in head_dims for v in variants):
         try:
             config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, **variant)
             size, dims = meta_size(model_class, config)
@@ -503,7 +549,7 @@ def tiny_size(
         for hidden in NARROW_HIDDEN:  # stages that double the hidden size (Swin's `embed_dim * 2**i`)
             try:
                 config, _ = _tiny_config(
-                    config_class, head_dim, kv_heads=kv_heads, fill=fill, hidden=hidden, **variant
+                    config_class, head_dim, kv_heads=kv_heads, fill=fill, **{**variant, "hidden": hidden}
                 )
                 narrow, _ = meta_size(model_class, config)
             except Exception:  # a divisibility check of the class: the next width
