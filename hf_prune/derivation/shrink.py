@@ -11,6 +11,7 @@ import copy
 import inspect
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -164,21 +165,22 @@ def _shrink_list(key: str, value: list[int], factor: int) -> list[int]:
     return value
 
 
-def _shrink(
-    config_class,
-    values: dict,
-    head_dim: int,
-    changed: dict,
-    path: str,
-    shape_dims: frozenset = frozenset(),
-    kv_heads: int = TINY["num_key_value_heads"],
-    fill: bool = False,
-    hidden: int = TINY["hidden_size"],
-    list_width: int = LIST_WIDTH,
-    scaled: bool = True,
-    tail: bool = False,
-    proportional: bool = False,
-):
+@dataclass(frozen=True)
+class ShrinkRule:
+    """The settings of one shrink (`_tiny_config` documents each); nested configs are shrunk by the same rule."""
+
+    head_dim: int
+    shape_dims: frozenset = frozenset()
+    kv_heads: int = TINY["num_key_value_heads"]
+    fill: bool = False
+    hidden: int = TINY["hidden_size"]
+    list_width: int = LIST_WIDTH
+    scaled: bool = True
+    tail: bool = False
+    proportional: bool = False
+
+
+def _shrink(config_class, values: dict, rule: ShrinkRule, changed: dict, path: str):
     """Shrink one (possibly nested) config dict in place: the fields `ALIASES` names to `TINY`, every other
     integer size field to at most its `SIZE_FIELDS` cap, per-layer lists and `{layer: ...}` dicts to the new
     layer count, token ids into the small vocabulary; nested configs (dicts of the class's `sub_configs`, or
@@ -188,47 +190,35 @@ def _shrink(
         for canonical, value in TINY.items():
             name = config_field(config_class, canonical)
             if name is not None and not _int_list(values.get(name)):  # per-stage lists: `_shrink_list`
-                values[name] = {"head_dim": head_dim, "num_key_value_heads": kv_heads, "hidden_size": hidden}.get(
-                    canonical, value
-                )
+                values[name] = {
+                    "head_dim": rule.head_dim,
+                    "num_key_value_heads": rule.kv_heads,
+                    "hidden_size": rule.hidden,
+                }.get(canonical, value)
                 canonical_names.add(name)
     sub_configs = getattr(config_class, "sub_configs", None) or {}
     hidden_name = config_field(config_class, "hidden_size") if config_class is not None else None
     default_hidden = old.get(hidden_name) if hidden_name else None
     widest = max((max(v) for k, v in values.items() if _width_list(k, v)), default=0)
     factor = 1
-    while widest // factor > list_width:
+    while widest // factor > rule.list_width:
         factor *= 2
     for key, value in list(values.items()):
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
             sub_class = sub_class if isinstance(sub_class, type) and issubclass(sub_class, PretrainedConfig) else None
-            _shrink(
-                sub_class,
-                value,
-                head_dim,
-                changed,
-                f"{path}{key}.",
-                shape_dims,
-                kv_heads,
-                fill,
-                hidden,
-                list_width,
-                scaled,
-                tail,
-                proportional,
-            )
+            _shrink(sub_class, value, rule, changed, f"{path}{key}.")
         elif key not in canonical_names and isinstance(value, int) and not isinstance(value, bool):
-            cap = _role(key, head_dim, hidden)
-            if cap is None and value in shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
+            cap = _role(key, rule.head_dim, rule.hidden)
+            if cap is None and value in rule.shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
                 cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
-            if proportional and _proportional(key, value, default_hidden, hidden) is not None:
-                values[key] = _proportional(key, value, default_hidden, hidden)
+            if rule.proportional and _proportional(key, value, default_hidden, rule.hidden) is not None:
+                values[key] = _proportional(key, value, default_hidden, rule.hidden)
             elif isinstance(cap, int) and value > cap:
                 values[key] = cap
         elif key not in canonical_names and _int_list(value):
             values[key] = _shrink_list(key, value, factor)
-        elif isinstance(value, float) and re.search(SCALED, key) and scaled:
+        elif isinstance(value, float) and re.search(SCALED, key) and rule.scaled:
             values[key] = min(value, 0.25)
     for key in BACKBONE_OUTPUTS:  # they name stages by index: the class's defaults follow the new stage count
         values.pop(key, None)
@@ -243,11 +233,11 @@ def _shrink(
             values[key] = [v if v < vocab else vocab - 1 for v in value]
         for before, after in counts:  # per-layer lists and {layer index: ...} dicts follow the layer count
             if isinstance(value, list) and len(value) == before:
-                values[key] = value[before - after :] if tail else value[:after]
+                values[key] = value[before - after :] if rule.tail else value[:after]
             elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
                 values[key] = {k: v for k, v in value.items() if int(k) < after}
     _ids_follow_tables(values, old)
-    if fill:
+    if rule.fill:
         fill_defaults(values)
     for key, value in values.items():
         if isinstance(old.get(key), int) and isinstance(value, int) and old[key] != value and not key.endswith("_id"):
@@ -306,16 +296,7 @@ def tiny_config(config_class: type[PretrainedConfig], head_dim: int = TINY["head
 
 
 def _tiny_config(
-    config_class,
-    head_dim: int,
-    shape_dims: frozenset = frozenset(),
-    kv_heads: int = TINY["num_key_value_heads"],
-    fill: bool = False,
-    hidden: int = TINY["hidden_size"],
-    list_width: int = LIST_WIDTH,
-    scaled: bool = True,
-    tail: bool = False,
-    proportional: bool = False,
+    config_class, head_dim: int, shape_dims: frozenset = frozenset(), **options
 ) -> tuple[PretrainedConfig, dict]:
     """`tiny_config` and the changed fields; with `shape_dims` (the dimensions of the parameter shapes of a
     first tiny model too large), also every integer field no name pattern covers whose value is one of them;
@@ -327,21 +308,7 @@ def _tiny_config(
     places that divide the default hidden size keep their share of it (`_proportional`)."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
-    _shrink(
-        config_class,
-        values,
-        head_dim,
-        changed,
-        "",
-        shape_dims,
-        kv_heads,
-        fill,
-        hidden,
-        list_width,
-        scaled,
-        tail,
-        proportional,
-    )
+    _shrink(config_class, values, ShrinkRule(head_dim, shape_dims, **options), changed, "")
     values.pop("transformers_version", None)
     return config_class.from_dict(values), changed
 
@@ -542,7 +509,9 @@ def tiny_size(
         if size <= MAX_TINY_PARAMETERS:
             return config, {}
         before = changed
-        config, changed = _tiny_config(config_class, head_dim, frozenset(dims), kv_heads, fill, **variant)
+        config, changed = _tiny_config(
+            config_class, head_dim, frozenset(dims), kv_heads=kv_heads, fill=fill, **variant
+        )
         size, _ = meta_size(model_class, config)
         if size <= MAX_TINY_PARAMETERS:
             return config, {key: value for key, value in changed.items() if key not in before}
