@@ -25,6 +25,7 @@ from hf_prune.errors import DerivedAdapterError, InvalidPruningTargetError, Unsu
 from hf_prune.groups import get_adapter
 from hf_prune.groups.registry import _ADAPTERS
 from hf_prune.masking import apply_masks
+from hf_prune.tracing.pruner import mask_groups
 
 RELOAD_SCRIPT = Path(__file__).with_name("reload_checkpoints.py")
 #: Families with a hand-written adapter, and the kinds derivation must reproduce for each (post-LayerNorm
@@ -680,3 +681,27 @@ def test_proportional_shrink_keeps_widths_that_split_the_hidden_size(tmp_path, c
     reloaded = load_pruned(folder).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_channel_shrink_builds_convolutional_classifiers_the_plain_shrink_breaks():
+    """The last shrink (`ShrinkRule.channels`) for convolutional configs whose widths live outside the per-stage
+    lists. The relations each forward needs, computed here from the class defaults: HGNetV2's stem opens with
+    the image's 3 channels; TextNet's `stem_out_channels` is its first stage width; EfficientNet's `hidden_dim`
+    is `round_filters(1280)`, 1280 times the width coefficient. HGNetV2 and EfficientNet then prune traced
+    channels, and the cut equals the masked dense model."""
+    text = build_tiny(transformers.TextNetConfig)[0].config
+    assert text.stem_num_channels == 3 and text.stem_out_channels == text.hidden_sizes[0] < 64
+    for config_class in (transformers.HGNetV2Config, transformers.EfficientNetConfig):
+        dense, inputs = build_tiny(config_class, seed=2)
+        config = dense.config
+        if config_class is transformers.HGNetV2Config:
+            assert config.stem_channels[0] == config.num_channels == 3
+            assert config.stem_channels[-1] == config.stage_in_channels[0]
+        else:
+            assert config.hidden_dim == 1280 * config.width_coefficient < config_class().hidden_dim
+        pruner = HFPruner.from_model(copy.deepcopy(dense), example_inputs=inputs)
+        report = pruner.prune(channels=0.25, criterion="magnitude")
+        assert report.parameters_after < report.parameters_before
+        mask_groups(dense, pruner.removed)
+        with torch.no_grad():
+            torch.testing.assert_close(pruner.model(**inputs).logits, dense(**inputs).logits, atol=1e-5, rtol=0)

@@ -106,6 +106,12 @@ def _role(name: str, head_dim: int, hidden: int = TINY["hidden_size"]) -> int | 
 PROPORTIONAL_HIDDEN = 96
 
 
+#: The last shrinks `build_tiny` tries, in order, where every other one fails (`ShrinkRule` settings): the
+#: proportional shrink (hidden sizes split in sixths: LayoutLMv3, LiLT), then the channel shrink of
+#: convolutional configs (`_channel_width`; HGNetV2, TextNet, EfficientNet).
+LAST_SHRINKS = ({"hidden": PROPORTIONAL_HIDDEN, "proportional": True}, {"channels": True})
+
+
 def _proportional(name: str, value: int, default_hidden, hidden: int) -> int | None:
     """`value · hidden / default_hidden` for a width no name pattern places (`SIZE_FIELDS`' catch-all: it would
     become the hidden size) that divides the default hidden size into an integer share of the tiny one
@@ -115,6 +121,19 @@ def _proportional(name: str, value: int, default_hidden, hidden: int) -> int | N
     if _role(name, 0, hidden=-1) != -1 or (value * hidden) % default_hidden:
         return None
     return value * hidden // default_hidden
+
+
+def _channel_width(name: str, value: int, factor: int, width_ratio: float) -> int | None:
+    """The channel shrink of a convolutional config (`ShrinkRule.channels`) for one integer field, or None
+    where it does not apply: a `*_channels` count (not the image's, `IMAGE_CHANNELS`) is divided by the
+    per-stage width lists' `factor` (TextNet's `stem_out_channels` opens its `hidden_sizes`); a width no name
+    pattern places (the catch-all would make it the hidden size) narrows with the width multiplier, where the
+    result is whole (EfficientNet's `hidden_dim` 2560 = 1280 · 2.0 becomes 320 = 1280 · 0.25)."""
+    if re.search(r"channels$", name) and not re.search(IMAGE_CHANNELS, name):
+        return max(1, value // factor)
+    if width_ratio < 1 and _role(name, 0, hidden=-1) == -1 and (value * width_ratio).is_integer():
+        return max(1, int(value * width_ratio))
+    return None
 
 
 #: The widest entry of a per-stage width list (`hidden_sizes`, `embed_dims`, `in_channels`, ...) after shrinking.
@@ -130,6 +149,8 @@ LIST_DEPTHS = r"depth|repeat|blocks|layers"
 
 #: Float fields that scale every width or depth of a convolutional family (`depth_multiplier`, `width_coefficient`).
 SCALED = r"multiplier|coefficient"
+#: Integer fields holding the input image's channel count (`num_channels`, TextNet's `stem_num_channels`).
+IMAGE_CHANNELS = r"num_channels$"
 #: Backbone fields naming stages by index (`out_indices`, `out_features`): dropped, the class's defaults follow.
 BACKBONE_OUTPUTS = ("out_features", "out_indices", "stage_names")
 
@@ -148,14 +169,15 @@ def _width_list(key: str, value) -> bool:
     )
 
 
-def _shrink_list(key: str, value: list[int], factor: int) -> list[int]:
+def _shrink_list(key: str, value: list[int], factor: int, image_channels: int | None = None) -> list[int]:
     """The generic shrink rule for per-stage integer lists (convolutional and hierarchical vision configs):
     widths divided by `factor` (one power of two for every width list of the config, so the widest entry is
     at most `LIST_WIDTH` and every ratio and equality between lists holds, as `in_channels[i + 1] ==
     out_channels[i]`), depths capped at 2, head counts rounded down to a power of two at most `TINY`'s;
-    every other list (kernels, strides, ratios, ...) is left as it is."""
+    every other list (kernels, strides, ratios, ...) is left as it is. With `image_channels`, a width equal to
+    it is the image's channel count and stays (HGNetV2's `stem_channels` open with the input's 3)."""
     if _width_list(key, value):
-        return [max(1, v // factor) for v in value]
+        return [v if v == image_channels else max(1, v // factor) for v in value]
     if re.search(LIST_KEPT, key):
         return value
     if re.search(LIST_DEPTHS, key):
@@ -178,6 +200,7 @@ class ShrinkRule:
     scaled: bool = True
     tail: bool = False
     proportional: bool = False
+    channels: bool = False
 
 
 def _shrink(config_class, values: dict, rule: ShrinkRule, changed: dict, path: str):
@@ -203,6 +226,14 @@ def _shrink(config_class, values: dict, rule: ShrinkRule, changed: dict, path: s
     factor = 1
     while widest // factor > rule.list_width:
         factor *= 2
+    image_channels = values.get("num_channels") if rule.channels else None
+    width_ratio = 1.0  # `rule.channels`: how much the shrink narrows a width multiplier (EfficientNet's 2.0 → 0.25)
+    for key, value in values.items():
+        if rule.channels and rule.scaled and isinstance(value, float) and value > 0 and re.search(SCALED, key):
+            width_ratio = min(value, 0.25) / value if "width" in key else width_ratio
+    for key in canonical_names if rule.channels else ():  # EfficientNet's `hidden_dim` is no MLP width there
+        if type(old.get(key)) is int and _channel_width(key, old[key], factor, width_ratio) is not None:
+            values[key] = _channel_width(key, old[key], factor, width_ratio)
     for key, value in list(values.items()):
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
@@ -214,10 +245,12 @@ def _shrink(config_class, values: dict, rule: ShrinkRule, changed: dict, path: s
                 cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
             if rule.proportional and _proportional(key, value, default_hidden, rule.hidden) is not None:
                 values[key] = _proportional(key, value, default_hidden, rule.hidden)
+            elif rule.channels and _channel_width(key, value, factor, width_ratio) is not None:
+                values[key] = _channel_width(key, value, factor, width_ratio)
             elif isinstance(cap, int) and value > cap:
                 values[key] = cap
         elif key not in canonical_names and _int_list(value):
-            values[key] = _shrink_list(key, value, factor)
+            values[key] = _shrink_list(key, value, factor, image_channels)
         elif isinstance(value, float) and re.search(SCALED, key) and rule.scaled:
             values[key] = min(value, 0.25)
     for key in BACKBONE_OUTPUTS:  # they name stages by index: the class's defaults follow the new stage count
@@ -305,7 +338,9 @@ def _tiny_config(
     are capped (not where the class refuses them: Hiera's `embed_dim_multiplier` grows each stage's width);
     `tail`: per-layer lists keep their last entries, not their first (a pattern of sliding-window layers that
     ends in a full-attention one: NeoMME refuses three sliding ones); `proportional`: widths no name pattern
-    places that divide the default hidden size keep their share of it (`_proportional`)."""
+    places that divide the default hidden size keep their share of it (`_proportional`); `channels`: the
+    convolutional widths outside the per-stage lists follow them (`_channel_width`), and list entries equal to
+    the image's channel count stay."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
     _shrink(config_class, values, ShrinkRule(head_dim, shape_dims, **options), changed, "")
@@ -430,8 +465,9 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     projection sized by the hidden size), it is retried with `head_dim` = `hidden_size / num_attention_heads`,
     then both with one KV head per query head (`KV_HEADS`), then, where the class leaves defaults unset that
     its forward needs (`fill_defaults`), all of them again with those filled; then all of them with the class's
-    image size grown (`_grown_image_size`); last with the proportional shrink (`tiny_size`). The model is built
-    on the meta device first to count its parameters without allocating them (`tiny_size`)."""
+    image size grown (`_grown_image_size`); last with the proportional shrink, then the channel shrink
+    (`LAST_SHRINKS`). The model is built on the meta device first to count its parameters without allocating
+    them (`tiny_size`)."""
     first = None
     attempts = [(head_dims, kv_heads, False) for kv_heads in KV_HEADS for head_dims in (HEAD_DIMS, HEAD_DIMS[1:])]
     if fill_defaults(copy.deepcopy(default_values(config_class))):
@@ -439,14 +475,13 @@ def build_tiny(config_class: type[PretrainedConfig], seed: int = 0) -> tuple[nn.
     growth = _has_image_size(default_values(config_class))
     if growth:  # windows that need a larger resolution (Swin)
         attempts += [(*base, factor) for factor in IMAGE_GROWTH for base in attempts]
-    # last, the proportional shrink (hidden sizes split in sixths: LayoutLMv3, LiLT)
-    attempts += [(HEAD_DIMS, kv_heads, False, None, True) for kv_heads in KV_HEADS]
+    attempts += [(HEAD_DIMS, kv_heads, False, None, shrink) for shrink in LAST_SHRINKS for kv_heads in KV_HEADS]
     for attempt, (head_dims, kv_heads, fill, *rest) in enumerate(attempts):
         image = [rest[0]] if rest and rest[0] is not None else []
-        proportional = len(rest) > 1 and rest[1]
+        shrink = rest[1] if len(rest) > 1 else {}
         try:
             model_class = tiny_model_class(config_class)
-            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, fill, proportional)
+            config, shape_fields = tiny_size(config_class, model_class, head_dims, kv_heads, fill, shrink)
             if image:
                 _grown_image_size(config, default_values(config_class), image[0])
             if shape_fields:
@@ -491,14 +526,13 @@ def tiny_size(
     head_dims: tuple[int, ...] = HEAD_DIMS,
     kv_heads: int = TINY["num_key_value_heads"],
     fill: bool = False,
-    proportional: bool = False,
+    shrink: dict | None = None,
 ) -> tuple[PretrainedConfig, dict]:
     """The tiny config whose meta-built model is under `MAX_TINY_PARAMETERS`, and the fields only the
-    parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is. `proportional`:
-    the hidden size is `PROPORTIONAL_HIDDEN` and unplaced widths keep their share of it (`_proportional`)."""
+    parameter shapes named (see `tiny_config`'s `shape_dims`); a typed refusal when none is. `shrink`: settings
+    of the rule (`ShrinkRule`) every variant takes (`LAST_SHRINKS`)."""
     error = None
-    share = {"hidden": PROPORTIONAL_HIDDEN, "proportional": True} if proportional else {}
-    variants = [{**variant, **share} for variant in VARIANTS]
+    variants = [{**variant, **(shrink or {})} for variant in VARIANTS]
     for head_dim, variant in ((d, v) for d in head_dims for v in variants):
         try:
             config, changed = _tiny_config(config_class, head_dim, kv_heads=kv_heads, fill=fill, **variant)
