@@ -249,6 +249,8 @@ def _shrink(config_class, values: dict, rule: ShrinkRule, changed: dict, path: s
                 values[key] = _channel_width(key, value, factor, width_ratio)
             elif isinstance(cap, int) and value > cap:
                 values[key] = cap
+        elif rule.channels and re.search(IMAGE_SIZE, key) and _int_list(value):  # TextNet's (640, 640)
+            values[key] = [min(v, TINY["hidden_size"]) for v in value]  # as an integer image size becomes
         elif key not in canonical_names and _int_list(value):
             values[key] = _shrink_list(key, value, factor, image_channels)
         elif isinstance(value, float) and re.search(SCALED, key) and rule.scaled:
@@ -339,8 +341,8 @@ def _tiny_config(
     `tail`: per-layer lists keep their last entries, not their first (a pattern of sliding-window layers that
     ends in a full-attention one: NeoMME refuses three sliding ones); `proportional`: widths no name pattern
     places that divide the default hidden size keep their share of it (`_proportional`); `channels`: the
-    convolutional widths outside the per-stage lists follow them (`_channel_width`), and list entries equal to
-    the image's channel count stay."""
+    convolutional widths outside the per-stage lists follow them (`_channel_width`), list entries equal to
+    the image's channel count stay, and an image size given as a list is capped like an integer one."""
     values = copy.deepcopy(default_values(config_class))
     changed: dict[str, tuple[int, int]] = {}
     _shrink(config_class, values, ShrinkRule(head_dim, shape_dims, **options), changed, "")
