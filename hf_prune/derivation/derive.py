@@ -25,7 +25,7 @@ from ..errors import DerivedAdapterError
 from .adapter import DerivedAdapter
 from .attention import derive_attention
 from .experts import derive_experts, moe_output
-from .fields import ALIASES, config_value
+from .fields import ALIASES, config_value, entry_field
 from .mlp import derive_mlp
 from .probes import first_line, model_output, projection_widths, stream_width
 from .record import Derivation
@@ -38,7 +38,7 @@ from .shrink import (
     tiny_config,
     tiny_model_class,
 )
-from .stacks import entry_field, find_stack, relative_layers_path
+from .stacks import find_stack, relative_layers_path
 
 __all__ = [
     "LIST_WIDTH",
