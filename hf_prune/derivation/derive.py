@@ -18,6 +18,8 @@ saying what was found): state-space mixers, per-expert module lists.
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -35,6 +37,7 @@ from .shrink import (
     TINY,
     build_tiny,
     changed_fields,
+    grown_pixels,
     tiny_config,
     tiny_model_class,
 )
@@ -75,7 +78,17 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
         hidden = stream_width(model, inputs, block)  # one stage of several widths (`hidden_sizes`): its own
     if not isinstance(hidden, int):
         raise DerivedAdapterError(f"{type(config).__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
+    base = copy.deepcopy(found)
     derive_attention(found, model, inputs, block, projections, hidden)
+    if "heads" in found.refused and entry_field(found.heads_field or "")[1] is not None and "pixel_values" in inputs:
+        # one stage's attention over keys and values reduced by a strided convolution (SegFormer, PVT: `sr`) may
+        # see a single key on the tiny pixels, where softmax is constant and the keys reach nothing: larger pixels
+        grown = grown_pixels(model, inputs)
+        trial = copy.deepcopy(base)
+        if grown is not None:
+            derive_attention(trial, model, grown, block, projections, hidden)
+        if grown is not None and "heads" not in trial.refused:
+            found, inputs = trial, grown
     experts = _experts(model.get_submodule(layers_name))
     if experts:
         try:
