@@ -62,7 +62,9 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     if found.heads_field and not found.kv_heads_field:  # the canonical KV field: MHA where it is the heads' own
         shared = config_field(type(config), "num_key_value_heads") == config_field(type(config), "num_attention_heads")
         found.kv_heads_field = found.heads_field if shared else None
-    heads = field_value(config, found.heads_field) if found.heads_field else config_value(config, "num_attention_heads")
+    heads = (
+        field_value(config, found.heads_field) if found.heads_field else config_value(config, "num_attention_heads")
+    )
     if not isinstance(heads, int):
         found.refuse(ATTENTION_KINDS, f"no head-count field ({ALIASES['num_attention_heads']})")
         return
