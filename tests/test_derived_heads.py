@@ -11,8 +11,8 @@ import torch
 import transformers
 from tiny_models import STRUCTURAL
 
-from hf_prune import HFPruner
-from hf_prune.derivation.derive import DerivedAdapter, build_tiny
+from hf_prune import HFPruner, load_pruned
+from hf_prune.derivation.derive import DerivedAdapter, build_tiny, tiny_config
 from hf_prune.derivation.verify import random_plan, verified_derivation
 
 
@@ -62,6 +62,67 @@ def test_per_head_parameters_are_sliced_with_their_head(config_class, parameters
     for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
         for name, dim in parameters:
             assert layer.get_parameter(name).shape[dim] == len(layer_plan.query_heads)
+
+
+@pytest.mark.parametrize(
+    "config_class, field, parameters",
+    [
+        # Swin: each block's relative-position bias table, `((2w - 1)², n)`, one column per head
+        (transformers.SwinConfig, "num_heads", {("attention.relative_position_bias.relative_position_bias_table", 1)}),
+        # SegFormer: keys and values spatially reduced first (a strided convolution and a LayerNorm of the stage
+        # width, which stay whole)
+        (transformers.SegformerConfig, "num_attention_heads", set()),
+    ],
+)
+def test_stage_heads_counted_by_one_entry_of_a_per_stage_heads_list(tmp_path, config_class, field, parameters):
+    """Hierarchical models count the pruned (last) stage's heads by the entry of a per-stage list at the stage's
+    `depths` index (`num_heads[i]`). Half the heads of each block: the cut equals a plain-torch reference (the
+    removed heads' output-projection columns zeroed), per-head parameters go with their heads, the config fields
+    lower that one entry, and the folder reloads to the reference. The class derives the head size from the
+    stage's width, so fewer heads of the same size are written in the loader format."""
+    stage = len(tiny_config(config_class).depths) - 1
+    derivation = verified_derivation(config_class)
+    assert derivation.heads_field == f"{field}[{stage}]", derivation.heads_field
+    assert {"heads", "neurons", "layers"} <= derivation.kinds, derivation.refused
+    assert set(derivation.head_parameters) == parameters
+    assert derivation.formats["heads"].startswith("loader"), derivation.formats
+    dense, inputs = build_tiny(config_class, seed=2)
+    # at least 64 pixels: the last stage sees several keys and values after SegFormer's spatial reduction
+    size = max(64, inputs["pixel_values"].shape[-1])
+    inputs = {"pixel_values": torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))}
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    adapter = pruner.adapter
+    reference = heads_zeroed(dense, pruner.plan, adapter.layers_name(dense), adapter.o_proj)
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    heads = list(getattr(dense.config, field))
+    dense_layers = adapter.layers(dense)
+    for layer_plan, layer in zip(pruner.plan.layers, adapter.layers(pruner.model), strict=True):
+        kept, old = len(layer_plan.query_heads), dense_layers[layer_plan.layer]
+        assert 0 < kept < heads[stage]
+        assert layer.get_submodule(adapter.o_proj).in_features * heads[stage] == (
+            old.get_submodule(adapter.o_proj).in_features * kept
+        )
+        for name, dim in parameters:
+            assert layer.get_parameter(name).shape[dim] == kept
+        cut = {derivation.q_proj, derivation.k_proj, derivation.v_proj, derivation.o_proj} | {n for n, _ in parameters}
+        whole = [
+            (name, parameter)
+            for name, parameter in old.named_parameters()
+            if name.startswith(derivation.attention_module + ".") and not name.startswith(tuple(cut))
+        ]
+        assert bool(whole) == (config_class is transformers.SegformerConfig), whole
+        for name, parameter in whole:  # SegFormer's spatial reduction of keys and values stays whole
+            torch.testing.assert_close(layer.get_parameter(name), parameter, atol=0, rtol=0)
+    lowered = heads[:stage] + [len(pruner.plan.layers[0].query_heads)] + heads[stage + 1 :]
+    geometry = adapter.geometry(adapter.layers(pruner.model)[0])
+    assert adapter.config_fields(pruner.model.config, geometry)[field] == lowered
+    pruner.save_pretrained(tmp_path / "pruned")
+    reloaded = load_pruned(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_per_head_value_norm_keys_and_values_told_apart_by_name():

@@ -23,10 +23,10 @@ from ..groups.base import (
     replace_module,
 )
 from .attention import fused_chunks
-from .fields import ALIASES, config_field, join, sub_config
+from .fields import ALIASES, config_field, entry_field, join, sub_config, with_entry
 from .mlp import gate_up_rows
 from .record import Derivation
-from .stacks import entry_field, fixed_prefix
+from .stacks import fixed_prefix
 
 
 class DerivedAdapter(ArchitectureAdapter):
@@ -240,8 +240,8 @@ class DerivedAdapter(ArchitectureAdapter):
                     ("num_key_value_heads", geometry.num_kv_heads, self.derivation.kv_heads_field),
                 ):
                     field_name = role or config_field(type(config), canonical)
-                    if field_name and hasattr(config, field_name):
-                        setattr(module.config, field_name, value)
+                    if field_name and hasattr(config, entry_field(field_name)[0]):
+                        setattr(module.config, *with_entry(config, field_name, value))
 
     def config_fields(self, config: PretrainedConfig, geometry: LayerGeometry) -> dict:
         """The fields holding each pruned shape, named as the config class names them (dotted where the blocks'
@@ -267,8 +267,9 @@ class DerivedAdapter(ArchitectureAdapter):
         for canonical, value in values.items():
             name = roles.get(canonical) or config_field(type(config), canonical)
             if name and value is not None and (canonical != "head_dim" or getattr(config, name, None) is not None):
-                if canonical == "num_key_value_heads" and getattr(config, name, None) is None:
+                if canonical == "num_key_value_heads" and getattr(config, entry_field(name)[0], None) is None:
                     continue  # MHA families whose config has no KV field set
+                name, value = with_entry(config, name, value)  # one stage's entry (`num_heads[i]`): the whole list
                 fields[join(path, name)] = value
         return fields
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..kinds import ATTENTION_KINDS
-from .fields import ALIASES, config_field, config_value, role_field
+from .fields import ALIASES, config_field, config_value, field_value, role_field, stage_field
 from .probes import modules_run, output_of, parameter_reach, reach, reach_many
 from .record import Derivation
 
@@ -53,16 +53,22 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     """The block's attention: read from all its projections, else from those of one submodule at a time (in
     registration order), so that a decoder block's self-attention is found beside its cross-attention."""
     config = found.config_of(model.config)
-    found.heads_field = role_field(config, "num_attention_heads", found.layers_field)
-    found.kv_heads_field = role_field(config, "num_key_value_heads", found.layers_field)
+    found.heads_field = role_field(config, "num_attention_heads", found.layers_field) or stage_field(
+        config, "num_attention_heads", found.layers_field
+    )
+    found.kv_heads_field = role_field(config, "num_key_value_heads", found.layers_field) or stage_field(
+        config, "num_key_value_heads", found.layers_field
+    )
     if found.heads_field and not found.kv_heads_field:  # the canonical KV field: MHA where it is the heads' own
         shared = config_field(type(config), "num_key_value_heads") == config_field(type(config), "num_attention_heads")
         found.kv_heads_field = found.heads_field if shared else None
-    heads = getattr(config, found.heads_field) if found.heads_field else config_value(config, "num_attention_heads")
+    heads = (
+        field_value(config, found.heads_field) if found.heads_field else config_value(config, "num_attention_heads")
+    )
     if not isinstance(heads, int):
         found.refuse(ATTENTION_KINDS, f"no head-count field ({ALIASES['num_attention_heads']})")
         return
-    kv_heads = getattr(config, found.kv_heads_field) if found.kv_heads_field else None
+    kv_heads = field_value(config, found.kv_heads_field) if found.kv_heads_field else None
     kv_heads = kv_heads or config_value(config, "num_key_value_heads") or heads
     head_dims = [d for d in (config_value(config, "head_dim"), hidden // heads) if isinstance(d, int) and d > 0]
     scopes = [""] + [

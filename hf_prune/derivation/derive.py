@@ -18,6 +18,8 @@ saying what was found): state-space mixers, per-expert module lists.
 
 from __future__ import annotations
 
+import copy
+
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -25,7 +27,7 @@ from ..errors import DerivedAdapterError
 from .adapter import DerivedAdapter
 from .attention import derive_attention
 from .experts import derive_experts, moe_output
-from .fields import ALIASES, config_value
+from .fields import ALIASES, config_value, entry_field
 from .mlp import derive_mlp
 from .probes import first_line, model_output, projection_widths, stream_width
 from .record import Derivation
@@ -35,10 +37,11 @@ from .shrink import (
     TINY,
     build_tiny,
     changed_fields,
+    grown_pixels,
     tiny_config,
     tiny_model_class,
 )
-from .stacks import entry_field, find_stack, relative_layers_path
+from .stacks import find_stack, relative_layers_path
 
 __all__ = [
     "LIST_WIDTH",
@@ -75,7 +78,17 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
         hidden = stream_width(model, inputs, block)  # one stage of several widths (`hidden_sizes`): its own
     if not isinstance(hidden, int):
         raise DerivedAdapterError(f"{type(config).__name__}: no hidden-size field ({ALIASES['hidden_size']}).")
+    base = copy.deepcopy(found)
     derive_attention(found, model, inputs, block, projections, hidden)
+    if "heads" in found.refused and entry_field(found.heads_field or "")[1] is not None and "pixel_values" in inputs:
+        # one stage's attention over keys and values reduced by a strided convolution (SegFormer, PVT: `sr`) may
+        # see a single key on the tiny pixels, where softmax is constant and the keys reach nothing: larger pixels
+        grown = grown_pixels(model, inputs)
+        trial = copy.deepcopy(base)
+        if grown is not None:
+            derive_attention(trial, model, grown, block, projections, hidden)
+        if grown is not None and "heads" not in trial.refused:
+            found, inputs = trial, grown
     experts = _experts(model.get_submodule(layers_name))
     if experts:
         try:

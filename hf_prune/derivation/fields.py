@@ -78,6 +78,44 @@ def _tokens(name: str) -> set[str]:
     return set(name.split("_")) - {""}
 
 
+def entry_field(field: str) -> tuple[str, int | None]:
+    """A field's name and list index: `depths[2]` → ("depths", 2), `num_layers` → ("num_layers", None)."""
+    name, _, index = field.partition("[")
+    return name, int(index.rstrip("]")) if index else None
+
+
+def field_value(config: PretrainedConfig, field: str):
+    """The value of `config`'s field `field`, or of one entry of a list field (`num_heads[2]`)."""
+    name, index = entry_field(field)
+    value = getattr(config, name)
+    return value if index is None else value[index]
+
+
+def with_entry(config: PretrainedConfig, field: str, value) -> tuple[str, object]:
+    """The field to write and the value to write to it so that `field` holds `value`: the field itself, or for
+    one entry of a list field (`num_heads[2]`) the whole list with that entry replaced (its type kept)."""
+    name, index = entry_field(field)
+    if index is None:
+        return name, value
+    entries = list(getattr(config, name))
+    entries[index] = value
+    return name, type(getattr(config, name))(entries)
+
+
+def stage_field(config: PretrainedConfig, canonical: str, layers_field: str | None) -> str | None:
+    """`<list>[i]` where the stack is one stage of a hierarchical model, counted by entry `i` of a per-stage list
+    (`depths[i]`), and `config` holds `canonical` as a per-stage list as long (Swin's `num_heads = [3, 6, 12, 24]`,
+    SegFormer's and PVT's `num_attention_heads`): that stage's entry. None otherwise."""
+    counts, index = entry_field((layers_field or "").rpartition(".")[2])
+    name = config_field(type(config), canonical)
+    if index is None or not name:
+        return None
+    value, stages = getattr(config, name, None), getattr(config, counts, None)
+    if not isinstance(value, (list, tuple)) or not isinstance(stages, (list, tuple)) or len(value) != len(stages):
+        return None
+    return f"{name}[{index}]" if type(value[index]) is int else None
+
+
 def role_field(config: PretrainedConfig, canonical: str, layers_field: str | None) -> str | None:
     """The field of `config` sizing `canonical` for the stack `layers_field` counts, where that stack has a role
     the canonical count field does not name (`decoder_layers` → `decoder_attention_heads`, `num_decoder_layers` →

@@ -383,6 +383,20 @@ def tiny_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.T
     return {"input_ids": tokens}
 
 
+def grown_pixels(model: nn.Module, inputs: dict, factor: int = 2) -> dict[str, torch.Tensor] | None:
+    """Random pixels `factor` times as high and wide as `inputs`' (the same seed), for a forward whose last
+    stage sees too few positions on the tiny ones; None where the forward refuses them."""
+    pixels = inputs["pixel_values"]
+    generator = torch.Generator().manual_seed(1)
+    shape = (*pixels.shape[:-2], pixels.shape[-2] * factor, pixels.shape[-1] * factor)
+    grown = {**inputs, "pixel_values": torch.randn(shape, generator=generator, dtype=pixels.dtype)}
+    try:
+        model_output(model, grown)
+    except Exception:  # a size the model refuses (a fixed position table)
+        return None
+    return grown
+
+
 def processor_inputs(model: nn.Module, config: PretrainedConfig) -> dict[str, torch.Tensor] | None:
     """Pixels prepared by the model type's own image processor (transformers' auto mapping, each backend in
     turn) from two random images, for forwards that refuse plain `(batch, channels, height, width)` pixels

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import DerivedAdapterError
-from .fields import join, sub_config, sub_configs
+from .fields import entry_field, join, sub_config, sub_configs
 from .probes import model_output, projection_widths
 
 
@@ -102,12 +102,6 @@ def _lowered_entry(model: nn.Module, path: str, key: str, index: int) -> nn.Modu
             return type(model)(lowered)
     except Exception:  # a consistency check of the class
         return None
-
-
-def entry_field(field: str) -> tuple[str, int | None]:
-    """A count field's name and list index: `depths[2]` → ("depths", 2), `num_layers` → ("num_layers", None)."""
-    name, _, index = field.partition("[")
-    return name, int(index.rstrip("]")) if index else None
 
 
 def count_fields(model: nn.Module, stacks: dict[str, int]) -> dict[str, dict[str, int | None]]:
