@@ -113,7 +113,9 @@ def test_stage_heads_counted_by_one_entry_of_a_per_stage_heads_list(tmp_path, co
             for name, parameter in old.named_parameters()
             if name.startswith(derivation.attention_module + ".") and not name.startswith(tuple(cut))
         ]
-        assert bool(whole) == (config_class is transformers.SegformerConfig), whole
+        # (a stage without reduction, `sr_ratios[stage] == 1`, has none: the tiny build keeps 4 stages on 5.18)
+        reduced = config_class is transformers.SegformerConfig and dense.config.sr_ratios[stage] > 1
+        assert bool(whole) == reduced, whole
         for name, parameter in whole:  # SegFormer's spatial reduction of keys and values stays whole
             torch.testing.assert_close(layer.get_parameter(name), parameter, atol=0, rtol=0)
     lowered = heads[:stage] + [len(pruner.plan.layers[0].query_heads)] + heads[stage + 1 :]
