@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import transformers
-from tiny_models import STRUCTURAL
+from tiny_models import STRUCTURAL, calibration_windows
 
 from hf_prune import HFPruner, load_pruned
 from hf_prune.derivation.derive import DerivedAdapter, build_tiny, model_output
@@ -122,6 +122,14 @@ def test_tied_heads_are_drawn_and_kept_alike_in_every_layer():
     plan.layers[1].query_heads = plan.layers[1].query_heads[1:]
     with pytest.raises(InvalidPruningTargetError, match="keep the same heads in every layer"):
         apply_plan(copy.deepcopy(model), adapter, plan)
+
+
+def test_tied_heads_are_refused_where_layers_are_planned_one_at_a_time():
+    """Layer-by-layer planning sees one layer's scores: it cannot choose one head set for all layers."""
+    model, _ = build_tiny(transformers.CpmAntConfig)
+    calibration = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4}
+    with pytest.raises(InvalidPruningTargetError, match="share per-head state computed once for every layer"):
+        HFPruner(model).prune(attention_heads=0.5, propagate="pruned", **STRUCTURAL, **calibration)
 
 
 def test_verification_drops_other_heads_in_each_layer():

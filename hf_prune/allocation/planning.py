@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..criteria import Criterion, ScoringContext
-from ..errors import InvalidPruningTargetError
 from ..groups import ArchitectureAdapter, GroupKind
 from ..kinds import GROUP_KINDS
 from ..plan import LayerPlan, PruningPlan
@@ -98,17 +97,7 @@ def plan_layer(
     context: ScoringContext, criteria: Mapping[str, Criterion], layer_plan: LayerPlan, removal: RemovalCounts
 ) -> None:
     """Choose the heads, KV groups and neurons one kept layer keeps under the uniform counts,
-    reading only that layer (the low-memory mode plans layer by layer). Heads tied across layers
-    (`ArchitectureAdapter.tied_heads`) are chosen from every layer's scores at once: refused here."""
-    counts = removal.counts
-    heads = any(c.get(layer_plan.layer) for c in (counts.kv_groups, counts.heads_per_group, counts.mha_heads))
-    if context.adapter.tied_heads and heads and layer_plan.keep_attention and layer_plan.geometry.attention:
-        raise InvalidPruningTargetError(
-            "this model's attention heads share per-head state computed once for every layer (a position bias), so "
-            "every layer must keep the same heads, chosen from all layers' scores at once; planning one layer at a "
-            "time cannot: prune attention_heads / kv_groups with the one-pass prune (low_memory=False, "
-            "propagate='unpruned'), or leave them out here."
-        )
+    reading only that layer (the low-memory mode plans layer by layer)."""
     _select_groups(LayerScores(context, criteria), layer_plan, removal.counts, removal.neuron_kind)
 
 

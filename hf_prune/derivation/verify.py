@@ -209,8 +209,9 @@ def shared_head_state(model: nn.Module, inputs: dict, adapter: DerivedAdapter) -
     """Why heads may fail, read from the dataflow (a sentence to append to the failure, else ""): a per-head
     parameter only some blocks hold (T5's relative-position bias in the first block, whose bias every block then
     adds), or a tensor with one entry per head (or per batch row and head) that the last block receives from
-    outside (a position bias or ALiBi computed once for every layer: BLOOM, MPT, MPNet). Either is shared by the
-    layers, so their heads cannot be chosen apart (a per-layer choice is what pruning makes)."""
+    outside (a position bias or ALiBi computed once for every layer: BLOOM, MPT). Either is shared by the
+    layers, so their heads cannot be chosen apart (a per-layer choice is what pruning makes); `tie_heads` has
+    then failed to cut the same heads in every layer."""
     layers = adapter.layers(model)
     geometry = adapter.attention_geometry(layers[0])
     if geometry is None:
