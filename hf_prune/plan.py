@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import InvalidPruningTargetError
 from .groups import ArchitectureAdapter, AttentionGeometry, LayerGeometry, TensorSlice
 
 
@@ -178,6 +179,32 @@ class PruningPlan:
             slices += [piece for c in channels for piece in adapter.stage_channel_slices(model, stage, c, members)]
         return slices
 
+    def shared_heads(self, adapter: ArchitectureAdapter) -> tuple[tuple[int, ...], int] | None:
+        """Where the adapter's heads are tied across layers (`ArchitectureAdapter.tied_heads`): the heads every
+        layer that keeps its attention keeps, and the dense head count; None where heads are not tied or no layer
+        keeps its attention. Layers keeping different heads cannot be cut: `InvalidPruningTargetError`."""
+        if not adapter.tied_heads:
+            return None
+        kept = {
+            (p.query_heads, p.geometry.attention.num_heads)
+            for p in self.layers
+            if p.keep_layer and p.keep_attention and p.geometry.attention is not None
+        }
+        if len(kept) > 1:
+            raise InvalidPruningTargetError(
+                f"the plan keeps different query_heads in different layers ({sorted(kept)}), but this model's heads "
+                "share per-head state computed once for every layer (a position bias): keep the same heads in "
+                "every layer (the planner does so for such adapters)"
+            )
+        return next(iter(kept), None)
+
+    def removed_shared_head_slices(self, model: nn.Module, adapter: ArchitectureAdapter) -> list[TensorSlice]:
+        """Slices, named from the model root, of the removed heads' entries in per-head state the layers share."""
+        shared = self.shared_heads(adapter)
+        if shared is None or len(shared[0]) == shared[1]:
+            return []
+        return adapter.shared_head_slices(model, *shared)
+
     def removed_parameter_count(self, model: nn.Module, adapter: ArchitectureAdapter) -> int:
         """Parameters the plan removes, counted from the group slices (independent of surgery).
 
@@ -197,6 +224,7 @@ class PruningPlan:
                 slices += adapter.branch_slices(layer, branch)
             pieces += [(layer, piece) for piece in slices]
         pieces += [(model, piece) for piece in self.removed_stream_slices(model, adapter)]
+        pieces += [(model, piece) for piece in self.removed_shared_head_slices(model, adapter)]
         return removed_numel(pieces)
 
     def to_dict(self) -> dict:

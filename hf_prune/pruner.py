@@ -25,6 +25,7 @@ from .criteria.random import RandomCriterion
 from .engine.core import (
     calibration_summary,
     check_layer_local,
+    check_untied_heads,
     cut_checked,
     model_class_for,
     statistics_requirements,
@@ -306,6 +307,7 @@ class HFPruner:
                 "propagate='unpruned'."
             )
         check_layer_local(criteria, f"propagate={config.propagate!r}", "propagate='unpruned'")
+        check_untied_heads(self.adapter, targets, f"propagate={config.propagate!r}", "use propagate='unpruned'")
         windows = self._calibration_windows(config)
         # Every process plans alike: each layer's statistics are summed across processes first.
         plan = prune_layer_by_layer(

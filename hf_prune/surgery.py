@@ -1,7 +1,8 @@
 """Physical removal: slice parameters, swap removed branches for stand-ins, drop layers.
 
 Stream channels (`PruningPlan.stream_channels`) are cut first, on the dense model, where every
-name their groups hold still exists; then the layers; then removed layers go. Works on real
+name their groups hold still exists; then the removed heads' entries of per-head state the layers share
+(`PruningPlan.removed_shared_head_slices`); then the layers; then removed layers go. Works on real
 tensors and on meta tensors alike, so the same code shapes a loader-format checkpoint's skeleton
 before its weights are loaded.
 """
@@ -127,6 +128,9 @@ def apply_plan(model: nn.Module, adapter: ArchitectureAdapter, plan: PruningPlan
     stream_slices = plan.removed_stream_slices(model, adapter)
     if stream_slices:
         slice_tensors(model, stream_slices)
+    shared_slices = plan.removed_shared_head_slices(model, adapter)  # heads tied across layers: their shared state
+    if shared_slices:
+        slice_tensors(model, shared_slices)
     layers = adapter.layers(model)
     for layer_plan in plan.layers:
         if layer_plan.keep_layer:

@@ -9,11 +9,13 @@ import copy
 import pytest
 import torch
 import transformers
-from tiny_models import STRUCTURAL
+from tiny_models import STRUCTURAL, calibration_windows
 
 from hf_prune import HFPruner, load_pruned
-from hf_prune.derivation.derive import DerivedAdapter, build_tiny, tiny_config
+from hf_prune.derivation.derive import DerivedAdapter, build_tiny, model_output, tiny_config
 from hf_prune.derivation.verify import random_plan, verified_derivation
+from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.surgery import apply_plan
 
 
 @torch.no_grad()
@@ -160,17 +162,37 @@ def test_multi_head_latent_attention_heads_read_from_the_dataflow(config_class):
         (transformers.Olmo2Config, "self_attn.k_proj, channel 17, reaches 32 columns of self_attn.o_proj outside"),
         # LUKE's entity-aware queries run only with entity inputs: their heads cannot be confirmed
         (transformers.LukeConfig, "attention.self.w2e_query, attention.self.e2w_query, attention.self.e2e_query"),
-        # T5's relative-position bias lives in the first block and is shared by the others: cutting other heads in
-        # each layer differs from the masked model
-        (transformers.T5Config, "relative_attention_bias.weight is in blocks [0] only"),
         # BLOOM's ALiBi is computed once from the head count and handed to every block
         (transformers.BloomConfig, "every block receives alibi (8, 1, 7) with one entry per head (4)"),
+        # MPT's ALiBi slopes likewise: no parameter produces them, tying its heads is never tried
+        (transformers.MptConfig, "every block receives position_bias (4, 1, 128) with one entry per head (4)"),
     ],
 )
 def test_heads_that_cannot_be_cut_alone_are_refused_with_the_reason(config_class, reason):
     derivation = verified_derivation(config_class)
     assert "heads" in derivation.refused and reason in derivation.refused["heads"], derivation.refused
     assert "neurons" in derivation.kinds
+
+
+def test_tied_heads_are_drawn_and_kept_alike_in_every_layer():
+    """Where the layers share per-head state, verification's random plan drops the same heads everywhere, and a
+    plan keeping other heads in other layers is refused before any cut (a typed error saying why)."""
+    model, _ = build_tiny(transformers.MPNetConfig)
+    adapter = DerivedAdapter(verified_derivation(transformers.MPNetConfig), "mpnet")
+    plan = random_plan(model, adapter, "heads")
+    kept = {p.query_heads for p in plan.layers}
+    assert len(kept) == 1 and len(next(iter(kept))) < plan.layers[0].geometry.attention.num_heads, kept
+    plan.layers[1].query_heads = plan.layers[1].query_heads[1:]
+    with pytest.raises(InvalidPruningTargetError, match="keep the same heads in every layer"):
+        apply_plan(copy.deepcopy(model), adapter, plan)
+
+
+def test_tied_heads_are_refused_where_layers_are_planned_one_at_a_time():
+    """Layer-by-layer planning sees one layer's scores: it cannot choose one head set for all layers."""
+    model, _ = build_tiny(transformers.CpmAntConfig)
+    calibration = {"calibration": calibration_windows(), "num_samples": 8, "seq_len": 16, "batch_size": 4}
+    with pytest.raises(InvalidPruningTargetError, match="share per-head state computed once for every layer"):
+        HFPruner(model).prune(attention_heads=0.5, propagate="pruned", **STRUCTURAL, **calibration)
 
 
 def test_verification_drops_other_heads_in_each_layer():
@@ -209,3 +231,55 @@ def test_per_head_biases_of_the_query_width_are_cut_in_head_chunks():
     for layer_plan, layer in zip(pruner.plan.layers, pruner.adapter.layers(pruner.model), strict=True):
         assert layer.attention.self.q_bias.shape == (16 * len(layer_plan.query_heads),)
         assert layer.attention.output.LayerNorm.weight.shape == (64,)
+
+
+@pytest.mark.parametrize(
+    "config_class, producer, reload_class",
+    [
+        # T5's relative-position bias lives in the first block (of the decoder stack derivation finds); every other
+        # block reads the bias it gives. The encoder keeps its heads under the same `num_heads`: the loader format
+        (
+            transformers.T5Config,
+            "transformer.decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            None,
+        ),
+        # MPNet's is computed once in the encoder and handed to every layer; its config derives the head size from
+        # the head count (`hidden_size / num_attention_heads`), so fewer heads need the loader format too
+        (transformers.MPNetConfig, "mpnet.encoder.relative_attention_bias.weight", None),
+        # CPM-Ant's segment position bias, computed once in the model; `dim_head` is a field of its own, so the
+        # config's head count holds the cut: plain transformers reloads it
+        (transformers.CpmAntConfig, "cpmant.position_bias.relative_attention_bias", transformers.AutoModelForCausalLM),
+    ],
+)
+def test_heads_sharing_a_position_bias_are_cut_alike_in_every_layer(config_class, producer, reload_class, tmp_path):
+    """Per-head state computed once for every layer: head `j` of every layer is one group. Every layer keeps the
+    same heads, the bias keeps their columns, the saved folder holds the cut, and the logits equal the dense
+    model's with the removed heads' output-projection columns zeroed."""
+    derivation = verified_derivation(config_class)
+    assert derivation.tied_heads and "heads" in derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    adapter, kept = pruner.adapter, {p.query_heads for p in pruner.plan.layers}
+    n = pruner.plan.layers[0].geometry.attention.num_heads
+    assert len(kept) == 1 and len(next(iter(kept))) == n // 2, kept  # the same heads in every layer
+    with torch.no_grad():  # the reference in plain torch: the removed heads' columns of each layer's output zeroed
+        reference = copy.deepcopy(dense)
+        for layer in reference.get_submodule(adapter.layers_name(dense)):
+            weight = layer.get_submodule(adapter.o_proj).weight
+            width = weight.shape[1] // n
+            for head in set(range(n)) - set(next(iter(kept))):
+                weight[:, head * width : (head + 1) * width] = 0
+        expected = model_output(reference, inputs)
+        torch.testing.assert_close(model_output(pruner.model, inputs), expected, atol=1e-5, rtol=0)
+    assert pruner.model.get_parameter(producer).shape == (dense.get_parameter(producer).shape[0], n // 2)
+    folder = pruner.save_pretrained(tmp_path / "out")
+    if reload_class is None:
+        reloaded = load_pruned(folder).eval()
+    else:  # plain transformers: a vanilla folder whose config's head count is lowered
+        reloaded = reload_class.from_pretrained(folder).eval()
+        assert reloaded.config.num_attention_heads == n // 2
+    for layer in reloaded.get_submodule(adapter.layers_name(dense)):
+        assert layer.get_submodule(adapter.o_proj).in_features == n // 2 * width
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(reloaded, inputs), expected, atol=1e-5, rtol=0)

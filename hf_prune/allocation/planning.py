@@ -75,11 +75,14 @@ def _select_heads(scores: LayerScores, plan: LayerPlan, counts: Counts) -> None:
         plan.query_heads = tuple(kept)
 
 
-def _select_groups(scores: LayerScores, layer_plan: LayerPlan, counts: Counts, neuron_kind: GroupKind) -> None:
+def _select_groups(
+    scores: LayerScores, layer_plan: LayerPlan, counts: Counts, neuron_kind: GroupKind, head_scores=None
+) -> None:
+    """The groups one kept layer keeps; heads (and KV groups) ranked by `head_scores` where given (`tie_heads`)."""
     if not layer_plan.keep_layer:
         return
     if layer_plan.keep_attention and layer_plan.geometry.attention:
-        _select_heads(scores, layer_plan, counts)
+        _select_heads(head_scores or scores, layer_plan, counts)
     count = counts.neurons.get(layer_plan.layer, 0)
     if layer_plan.keep_mlp and count:
         removed = lowest(scores(layer_plan.layer, neuron_kind), count)
@@ -106,10 +109,30 @@ def build_plan(context: ScoringContext, criteria: Mapping[str, Criterion], remov
     remove_blocks(plan, removal, scores)
     counts = get_allocation(removal.allocation).counts(scores, plan, removal)
     counts.experts = counts.experts or removal.counts.experts  # experts go uniformly under every allocation
+    head_scores = tie_heads(scores, plan, counts) if context.adapter.tied_heads else None
     for layer_plan in plan.layers:
-        _select_groups(scores, layer_plan, counts, removal.neuron_kind)
+        _select_groups(scores, layer_plan, counts, removal.neuron_kind, head_scores)
     select_stream_channels(context, criteria, plan, removal)
     return plan
+
+
+def tie_heads(scores: LayerScores, plan: PruningPlan, counts: Counts) -> Callable[..., torch.Tensor]:
+    """One head set for every layer, where heads are tied across layers (`ArchitectureAdapter.tied_heads`: head `j`
+    of every layer is one group). Every layer that keeps its attention removes the same number of heads (KV
+    groups), the rounded mean of the allocation's counts over those layers, and ranks head `j` by
+    `Σ_l s_l(j)`, the sum of its scores over those layers (a coupled group's score is the sum of its members' in
+    Torch-Pruning: Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023), so that `query_heads` are
+    identical in every such layer. Returns the summed scores, read in place of each layer's own."""
+    tied = [p.layer for p in plan.layers if p.keep_layer and p.keep_attention and p.geometry.attention is not None]
+    for table in (counts.kv_groups, counts.heads_per_group, counts.mha_heads):
+        if tied and any(table.get(layer, 0) for layer in tied):
+            count = round(sum(table.get(layer, 0) for layer in tied) / len(tied))
+            table.update(dict.fromkeys(tied, count))
+
+    def summed(index: int, kind: GroupKind, criterion_kind: str | None = None) -> torch.Tensor:
+        return sum(scores(layer, kind, criterion_kind) for layer in tied)
+
+    return summed
 
 
 def select_stream_channels(

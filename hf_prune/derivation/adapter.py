@@ -59,8 +59,20 @@ class DerivedAdapter(ArchitectureAdapter):
             setattr(self, name, getattr(derivation, name))
         self.kinds = derivation.kinds
         self.expert_layout = derivation.experts
+        self.tied_heads = derivation.tied_heads
         #: kind → why it was refused (shown when a refused kind is asked for)
         self.refused = dict(derivation.refused)
+
+    def shared_head_slices(self, model: nn.Module, kept_heads: tuple[int, ...], num_heads: int) -> list[TensorSlice]:
+        """Each removed head's entry of every parameter producing the state the layers share
+        (`Derivation.shared_head_parameters`), named from the model root."""
+        prefix = self.layers_name(model).removesuffix(self.layers_path)
+        removed = sorted(set(range(num_heads)) - set(kept_heads))
+        return [
+            TensorSlice(prefix + name, dim, head, head + 1)
+            for name, dim in self.derivation.shared_head_parameters
+            for head in removed
+        ]
 
     def _parallel(self, model: nn.Module) -> list[str]:
         """The qualified names of the parallel lists (`Derivation.parallel_lists`; empty where blocks are whole)."""

@@ -64,6 +64,14 @@ class Derivation:
     #: parameters of the attention module (not its projections) with one dimension per query head, as (name in
     #: the block, dimension): T5-style relative position buckets, attention sinks, per-head biases and kernels
     head_parameters: tuple[tuple[str, int], ...] = ()
+    #: whether head `j` of every layer is one group (`verify.tie_heads`): per-head state computed once is shared by
+    #: the layers (T5's position bias in the first block, MPNet's, LayoutLMv3's and CPM-Ant's outside the blocks),
+    #: so every layer keeps the same heads
+    tied_heads: bool = False
+    #: the parameters outside the blocks producing that shared state, one entry per head along the dimension given
+    #: (MPNet's `encoder.relative_attention_bias.weight` columns, LayoutLMv3's `rel_pos_bias` rows), named like
+    #: `layers_path` (below the base model); sliced with the heads the layers keep
+    shared_head_parameters: tuple[tuple[str, int], ...] = ()
     #: parameters of the attention module with one dimension of the query width `n·d`, `d` entries per head
     #: (DeBERTa's `q_bias`, `v_bias`), as (name in the block, dimension)
     head_width_parameters: tuple[tuple[str, int], ...] = ()

@@ -55,7 +55,8 @@ def random_plan(
     model: nn.Module, adapter: DerivedAdapter, kind: GroupKind, seed: int = 0, removed_layer: int | None = None
 ):
     """A seeded plan that removes some groups of `kind` only (for `heads` and `kv_groups` other heads in each layer,
-    so that per-head state shared across layers shows; the same neurons or experts in every layer; for `layers`,
+    so that per-head state shared across layers shows, except where the adapter ties heads across layers
+    (`tied_heads`): the same heads in every layer then; the same neurons or experts in every layer; for `layers`,
     layer `removed_layer` if given, else a random one)."""
 
     rng = random.Random(seed)
@@ -75,7 +76,7 @@ def random_plan(
         kept_experts = tuple(e for e in range(first.experts) if e != gone)
     for index, layer_plan in enumerate(plan.layers):
         if kind in ("heads", "kv_groups") and layer_plan.geometry.attention is not None:
-            kept = _kept_heads(layer_plan.geometry.attention, kind, offset + index)
+            kept = _kept_heads(layer_plan.geometry.attention, kind, offset + (0 if adapter.tied_heads else index))
             layer_plan.query_heads, layer_plan.kv_heads = kept
         elif kind == "neurons":
             layer_plan.neurons = kept_neurons
@@ -208,42 +209,132 @@ def shared_head_state(model: nn.Module, inputs: dict, adapter: DerivedAdapter) -
     """Why heads may fail, read from the dataflow (a sentence to append to the failure, else ""): a per-head
     parameter only some blocks hold (T5's relative-position bias in the first block, whose bias every block then
     adds), or a tensor with one entry per head (or per batch row and head) that the last block receives from
-    outside (a position bias or ALiBi computed once for every layer: BLOOM, MPT, MPNet). Either is shared by the
-    layers, so their heads cannot be chosen apart (a per-layer choice is what pruning makes)."""
+    outside (a position bias or ALiBi computed once for every layer: BLOOM, MPT). Either is shared by the
+    layers, so their heads cannot be chosen apart (a per-layer choice is what pruning makes); `tie_heads` has
+    then failed to cut the same heads in every layer."""
     layers = adapter.layers(model)
     geometry = adapter.attention_geometry(layers[0])
     if geometry is None:
         return ""
     n = geometry.num_heads
-    for name, _ in adapter.derivation.head_parameters:
-        holders = [i for i, layer in enumerate(layers) if name in dict(layer.named_parameters())]
-        if len(holders) < len(layers):
-            return (
-                f"; the per-head parameter {name} is in blocks {holders} only and the others read what it gives: "
-                "shared by the layers, their heads cannot be chosen apart"
-            )
-    batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
-    received: list[str] = []
-
-    def record(module, args, kwargs):
-        named = [(f"argument {i}", a) for i, a in enumerate(args[1:], 1)] + list(kwargs.items())
-        for key, value in named:
-            if isinstance(value, torch.Tensor) and value.dim() > 1 and {n, batch * n} & set(value.shape[:2]):
-                received.append(f"{key} {tuple(value.shape)}")
-
-    handle = layers[-1].register_forward_pre_hook(record, with_kwargs=True)
+    for name, holders in _partly_held(adapter, layers):
+        return (
+            f"; the per-head parameter {name} is in blocks {holders} only and the others read what it gives: "
+            "shared by the layers, their heads cannot be chosen apart"
+        )
     try:
-        model_output(model, inputs)
+        received = [f"{key} {tuple(value.shape)}" for key, value in _received_per_head(model, inputs, layers[-1], n)]
     except Exception:  # the explanation is best effort; the refusal stands without it
         return ""
-    finally:
-        handle.remove()
     if not received:
         return ""
     return (
         f"; every block receives {', '.join(received)} with one entry per head ({n}), computed outside the blocks "
         "(a position bias or ALiBi shared by the layers): their heads cannot be chosen apart"
     )
+
+
+def _partly_held(adapter: DerivedAdapter, layers: nn.ModuleList) -> list[tuple[str, list[int]]]:
+    """The per-head parameters (`Derivation.head_parameters`) only some blocks hold, each with those blocks."""
+    held = []
+    for name, _ in adapter.derivation.head_parameters:
+        holders = [i for i, layer in enumerate(layers) if name in dict(layer.named_parameters())]
+        if len(holders) < len(layers):
+            held.append((name, holders))
+    return held
+
+
+@torch.no_grad()
+def _received_per_head(model: nn.Module, inputs: dict, layer: nn.Module, n: int) -> list[tuple[str, torch.Tensor]]:
+    """The tensors `layer` receives (beyond its hidden states) with one entry per head (or per batch row and head)
+    along one of their first two dimensions, in one forward: (argument, tensor)."""
+    batch = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
+    received: list[tuple[str, torch.Tensor]] = []
+
+    def record(module, args, kwargs):
+        named = [(f"argument {i}", a) for i, a in enumerate(args[1:], 1)] + list(kwargs.items())
+        for key, value in named:
+            if isinstance(value, torch.Tensor) and value.dim() > 1 and {n, batch * n} & set(value.shape[:2]):
+                received.append((key, value.detach().clone()))
+
+    handle = layer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model_output(model, inputs)
+    finally:
+        handle.remove()
+    return received
+
+
+def _moves_one_head(before: torch.Tensor, after: torch.Tensor, n: int, head: int) -> bool:
+    """Whether `after` differs from `before` in entry `head` of its head dimension (the first of its first two of
+    size `n`) and nowhere else."""
+    axis = next((i for i in (1, 0) if before.shape[i] == n), None)
+    if axis is None or before.shape != after.shape:
+        return False
+    changed = torch.ne(before, after).movedim(axis, 0)
+    return bool(changed[head].any()) and not bool(torch.cat([changed[:head], changed[head + 1 :]]).any())
+
+
+@torch.no_grad()
+def shared_head_producers(model: nn.Module, inputs: dict, adapter: DerivedAdapter, n: int):
+    """The parameters outside the blocks producing the per-head state every block receives (`_received_per_head`):
+    each with exactly one dimension of size `n` whose entry 1, moved by seeded noise, moves entry 1 of the head
+    dimension of a received tensor and nothing else (MPNet's `relative_attention_bias` columns, LayoutLMv3's
+    `rel_pos_bias`, `rel_pos_x_bias`, `rel_pos_y_bias` rows). Returns (name below the base model, head dimension)
+    pairs, `()` where the blocks receive no such state, None where some received tensor no parameter produces
+    (ALiBi computed from the head count: BLOOM, MPT)."""
+    layers_name = adapter.layers_name(model)
+    prefix = layers_name.removesuffix(adapter.layers_path)
+    inside = tuple(f"{name}." for name in (layers_name, *adapter._parallel(model)))
+    last = adapter.layers(model)[-1]
+    base = _received_per_head(model, inputs, last, n)
+    found, explained = [], set()
+    for name, parameter in model.named_parameters():
+        dims = [i for i, size in enumerate(parameter.shape) if size == n]
+        if not base or len(dims) != 1 or name.startswith(inside) or not name.startswith(prefix):
+            continue
+        entry = parameter.narrow(dims[0], 1, 1)
+        original = entry.clone()
+        try:
+            noise = torch.randn(entry.shape, generator=torch.Generator().manual_seed(1), dtype=entry.dtype)
+            entry.add_(noise.to(entry.device))
+            moved = _received_per_head(model, inputs, last, n)
+        finally:
+            entry.copy_(original)
+        changed = [i for i, ((_, a), (_, b)) in enumerate(zip(base, moved)) if not torch.equal(a, b)]
+        one_head = all(_moves_one_head(base[i][1], moved[i][1], n, 1) for i in changed)
+        if changed and len(moved) == len(base) and one_head:
+            found.append((name[len(prefix) :], dims[0]))
+            explained.update(changed)
+    return tuple(found) if len(explained) == len(base) else None
+
+
+def tie_heads(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> str | None:
+    """Heads tied across layers, where per-head state is computed once and shared by every block: a per-head
+    parameter only the first blocks hold (T5's `relative_attention_bias`, sliced there with its head), or one
+    produced outside the blocks (`shared_head_producers`, sliced with the heads every layer keeps). Head `j` of
+    every layer is then one group, as channels tied across modules are in Torch-Pruning (Fang et al., "DepGraph:
+    Towards Any Structural Pruning", CVPR 2023): cutting the same heads in every layer, and the producers' entries
+    of those heads, equals the masked model, and the config's head count holds the cut. `check_kind` decides;
+    returns its format, None where nothing is shared or the check fails (ALiBi slopes that change with the head
+    count: BLOOM, MPT), with the derivation left as it was."""
+    adapter = DerivedAdapter(derivation, model_type)
+    layers = adapter.layers(model)
+    geometry = adapter.attention_geometry(layers[0])
+    if geometry is None:
+        return None
+    try:
+        producers = shared_head_producers(model, inputs, adapter, geometry.num_heads)
+    except Exception:  # a forward failed while probing: nothing is tied
+        return None
+    if not _partly_held(adapter, layers) and not producers:
+        return None
+    derivation.tied_heads, derivation.shared_head_parameters = True, producers or ()
+    try:
+        return check_kind(model, inputs, DerivedAdapter(derivation, model_type), "heads")
+    except Exception:
+        derivation.tied_heads, derivation.shared_head_parameters = False, ()
+        return None
 
 
 def _check_first_layer(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> None:
@@ -268,20 +359,24 @@ def _check_first_layer(derivation: Derivation, model: nn.Module, inputs: dict, m
 
 def _check_heads(derivation: Derivation, model: nn.Module, inputs: dict, model_type: str) -> str:
     """`check_kind` for heads; where it fails and the attention module has an `embed_dim` it does not update
-    yet, once more with `embed_dim` updated too (forwards that reshape their output by it: XGLM, TrOCR); the
-    first failure is raised if that fails too."""
+    yet, once more with `embed_dim` updated too (forwards that reshape their output by it: XGLM, TrOCR); then with
+    the heads tied across layers where the blocks share per-head state (`tie_heads`); the first failure is raised
+    if those fail too."""
     try:
         return check_kind(model, inputs, DerivedAdapter(derivation, model_type), "heads")
-    except Exception:
-        if "embed_dim" in derivation.width_attributes:
-            raise
+    except Exception as error:
+        first = error
+    if "embed_dim" not in derivation.width_attributes:
         original = derivation.width_attributes
         derivation.width_attributes = original + ("embed_dim",)
         try:
             return check_kind(model, inputs, DerivedAdapter(derivation, model_type), "heads")
         except Exception:
             derivation.width_attributes = original
-        raise
+    tied = tie_heads(derivation, model, inputs, model_type)
+    if tied is None:
+        raise first
+    return tied
 
 
 @functools.cache

@@ -8,6 +8,7 @@ share, each defined once here:
 
 - `statistics_requirements`: which statistics the criteria and the repair read;
 - `check_layer_local`: the refusal of criteria that need whole-model passes, where layers go one at a time;
+- `check_untied_heads`: the refusal of heads tied across layers, where layers are planned one at a time;
 - `calibration_summary`: the report's calibration record (windows, tokens);
 - `repair.removed_layers.removed_run_cross_term`: what a run of removed layers added to the stream, for the
   repair that folds it in (the one-pass prune's `removed_layer_targets` walks the dense model to it);
@@ -142,6 +143,20 @@ def check_layer_local(criteria: Mapping[str, Criterion], mode: str, fix: str) ->
                 f"{mode} never runs (it measures one layer at a time); choose a layer-local criterion (one of "
                 f"{', '.join(local)}; e.g. criterion={{'{kind}': '{example}'}}) or {fix}."
             )
+
+
+def check_untied_heads(adapter: ArchitectureAdapter, removal: RemovalCounts, mode: str, fix: str) -> None:
+    """Refuse heads and KV groups where the adapter ties them across layers (`ArchitectureAdapter.tied_heads`: one
+    head set for every layer, chosen from all layers' scores at once) and `mode` plans one layer at a time."""
+    counts = removal.counts
+    if adapter.tied_heads and any(
+        any(c.values()) for c in (counts.kv_groups, counts.heads_per_group, counts.mha_heads)
+    ):
+        raise InvalidPruningTargetError(
+            "this model's attention heads share per-head state computed once for every layer (a position bias), so "
+            f"every layer must keep the same heads, chosen from all layers' scores at once; {mode} plans one layer "
+            f"at a time: {fix}, or leave attention_heads and kv_groups out."
+        )
 
 
 def calibration_summary(config: PruningConfig, windows: int, tokens: int) -> dict:

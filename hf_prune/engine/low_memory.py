@@ -67,6 +67,7 @@ from .core import (
     LayerSource,
     calibration_summary,
     check_layer_local,
+    check_untied_heads,
     detach_shared_config,
     layer_batches,
     model_class_for,
@@ -453,6 +454,7 @@ class LowMemoryPruner(HFPruner, reads_shards=True):
                 "the layer-by-layer mode never holds at once; load the model without low_memory."
             )
         check_layer_local(criteria, "low_memory=True", "load the model without low_memory")
+        check_untied_heads(self.adapter, targets, "low_memory=True", "load the model without low_memory")
         self._check_complete()
         self._check_format(self._shape_plan(config), config)
         batches, calibration = [], None

@@ -155,6 +155,14 @@ class ArchitectureAdapter(ABC):
     mlp_adds_to_stream: ClassVar[bool] = False
     #: Where the routed experts of a mixture-of-experts MLP live (`hf_prune.groups.experts`); None: dense MLPs.
     expert_layout: ClassVar[ExpertLayout | None] = None
+    #: Whether head `j` of every layer is one group (per-head state computed once and shared by the layers: T5's
+    #: position bias in the first block, MPNet's in the encoder): every kept layer keeps the same heads.
+    tied_heads: ClassVar[bool] = False
+
+    def shared_head_slices(self, model: nn.Module, kept_heads: tuple[int, ...], num_heads: int) -> list[TensorSlice]:
+        """Slices, named from the model root, of the removed heads' entries in per-head state the layers share
+        (`tied_heads`), for layers that keep `kept_heads` of `num_heads`; none by default."""
+        return []
 
     # ----------------------------------------------------------------- layer stack
     def layers_name(self, model: nn.Module) -> str:
