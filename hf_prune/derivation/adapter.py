@@ -28,6 +28,9 @@ from .mlp import gate_up_rows
 from .record import Derivation
 from .stacks import fixed_prefix
 
+#: The head attributes `ArchitectureAdapter.set_attention_geometry` updates on the attention module.
+HEAD_ATTRIBUTES = ("num_key_value_groups", "num_heads", "num_attention_heads", "num_key_value_heads", "all_head_size")
+
 
 class DerivedAdapter(ArchitectureAdapter):
     """An adapter whose names come from a verified `Derivation` rather than a hand-written file."""
@@ -228,9 +231,16 @@ class DerivedAdapter(ArchitectureAdapter):
         return super().intermediate_size(layer) if self.down_proj and "neurons" in self.kinds else None
 
     def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
-        """The generic head attributes, and a layer-local config copy for forwards that read head counts from it."""
-        super().set_attention_geometry(layer, geometry)
+        """The generic head attributes, and a layer-local config copy for forwards that read head counts from it;
+        a submodule holding the attention's own head attribute follows it (NeoMME's exclusive self-attention keeps
+        its own `num_key_value_groups`)."""
         heads = layer.get_submodule(self.heads_module or self.attention_module)
+        before = {name: getattr(heads, name) for name in HEAD_ATTRIBUTES if type(getattr(heads, name, None)) is int}
+        super().set_attention_geometry(layer, geometry)
+        for module in list(heads.modules())[1:]:
+            for name, value in before.items():
+                if getattr(module, name, None) == value and type(getattr(module, name)) is int:
+                    setattr(module, name, getattr(heads, name))
         for names, value in (
             (ALIASES["num_attention_heads"], geometry.num_heads),
             (ALIASES["num_key_value_heads"], geometry.num_kv_heads),
