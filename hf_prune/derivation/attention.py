@@ -94,9 +94,28 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     found.refuse(
         ATTENTION_KINDS,
         first
+        or _silent_attention(probe, projections, hidden, heads, head_dims)
         or f"no projections of widths {hidden}→{heads}×d and {heads}×d→{hidden} (d in {head_dims}) in "
         f"{type(block).__name__}; found {projections}",
     )
+
+
+def _silent_attention(probe, projections: dict, hidden: int, heads: int, head_dims: list[int]) -> str:
+    """Why projections of the q/k/v and output widths were not matched where none of them reaches another on the
+    tiny inputs (MRA's block-sparse attention returns zeros without its CUDA kernel): the heads cannot be
+    confirmed from the dataflow. "" otherwise."""
+    for d in dict.fromkeys(head_dims):
+        feeders = [n for n, (i, o) in projections.items() if i == hidden and o == heads * d]
+        outputs = [n for n, (i, o) in projections.items() if i == heads * d and o == hidden]
+        if len(feeders) < 3 or not outputs or any(probe(p, 1, o) for p in feeders for o in outputs if p != o):
+            continue
+        names = ", ".join(dict.fromkeys(feeders + outputs))
+        return (
+            f"the projections {names} ({hidden}→{heads}×{d}, {heads}×{d}→{hidden}) reach none of one another on the "
+            "tiny inputs (an attention whose output does not depend on them here: a kernel that does not run on this "
+            "device returns zeros, as MRA's without CUDA), so its heads cannot be confirmed and stay whole"
+        )
+    return ""
 
 
 def _cached_reach(seen: dict, model, inputs, block, producer: str, channel: int, consumer: str) -> set[int]:
