@@ -305,3 +305,29 @@ def test_group_layouts_give_the_rows_the_forwards_split_by():
         assert fused_chunks("m/1:qkv", n, m) == fused_chunks("grouped", n, m)
     with pytest.raises(DerivedAdapterError, match="do not split into its 4 groups"):
         fused_chunks("4:qvk", 7, 7)
+
+
+@pytest.mark.parametrize("config_class", [transformers.XLMConfig, transformers.FlaubertConfig])
+def test_heads_of_layers_kept_in_parallel_lists(config_class, tmp_path):
+    """XLM (and FlauBERT) keep layer i's attention in `attentions[i]` and its MLP in `ffns[i]`: heads are found in
+    the one, neurons in the other. Half the heads by magnitude equal the plain-torch reference (the removed heads'
+    columns of `attentions[i].out_lin` zeroed); each attention's `n_heads` follows; the folder reloads to it."""
+    derivation = verified_derivation(config_class)
+    assert derivation.q_proj == "attentions.q_lin" and derivation.o_proj == "attentions.out_lin"
+    assert {"heads", "neurons", "layers"} <= derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    assert len({p.query_heads for p in pruner.plan.layers}) > 1
+    assert all(len(p.query_heads) == 2 for p in pruner.plan.layers)  # of 4
+    reference = heads_zeroed(dense, pruner.plan, "transformer.attentions", "out_lin")
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    for layer_plan, attention in zip(pruner.plan.layers, pruner.model.transformer.attentions, strict=True):
+        assert attention.n_heads == len(layer_plan.query_heads)
+        assert attention.q_lin.out_features == attention.out_lin.in_features == 16 * attention.n_heads
+    pruner.save_pretrained(tmp_path / "pruned")
+    reloaded = load_pruned(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)

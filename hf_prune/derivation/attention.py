@@ -488,7 +488,7 @@ def _attention_module(found: Derivation, model, inputs, block, names: list[str])
         found.refuse({"attention_branches"}, f"the attention projections {names} have no module of their own")
         return
     output = output_of(model, inputs, block.get_submodule(found.attention_module))
-    if isinstance(output, tuple) and len(output) == 2:
+    if isinstance(output, tuple) and len(output) in (1, 2):  # (output, weights), or (output,) (XLM): read by index
         found.removed_attention_output = "zeros_and_none"
     elif isinstance(output, torch.Tensor):
         found.removed_attention_output = "zeros"
