@@ -89,7 +89,9 @@ def test_wrong_derivations_are_refused():
 def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
     """GPT-NeoX interleaves [q_h k_h v_h] per head, GPT-2 blocks [q | k | v], GPT-BigCode is multi-query [q | k | v]
     with one KV head: each is read chunk by chunk. The other layout claimed for GPT-NeoX cuts the wrong rows,
-    and verification refuses heads; CodeGen's [q v k] order is neither layout and is refused saying so."""
+    and verification refuses heads. CodeGen's `mp_num = 4` groups of [q v k] are read as such (a second instance
+    with twice the heads shows a fixed count of groups, not one per head); its forward splits by 4 whatever the
+    head count, so removing one head fails verification, which refuses heads saying so."""
     expected = {
         transformers.GPTNeoXConfig: "grouped",
         transformers.GPT2Config: "blocked",
@@ -106,7 +108,8 @@ def test_fused_layouts_are_read_from_the_dataflow_and_a_wrong_one_is_refused():
     assert "heads" in wrong.refused and "cut and masked outputs differ" in wrong.refused["heads"]
     assert {"neurons", "layers"} <= wrong.kinds
     codegen = verified_derivation(transformers.CodeGenConfig)
-    assert "heads" in codegen.refused and "neither layout" in codegen.refused["heads"], codegen.refused
+    assert codegen.qkv_layout == "4:qvk", codegen.refused
+    assert "heads" in codegen.refused and "verification failed" in codegen.refused["heads"], codegen.refused
 
 
 def test_nothing_derivable_is_a_typed_refusal():

@@ -12,9 +12,10 @@ import transformers
 from tiny_models import STRUCTURAL, calibration_windows
 
 from hf_prune import HFPruner, load_pruned
+from hf_prune.derivation.attention import fused_chunks
 from hf_prune.derivation.derive import DerivedAdapter, build_tiny, model_output, tiny_config
 from hf_prune.derivation.verify import random_plan, verified_derivation
-from hf_prune.errors import InvalidPruningTargetError
+from hf_prune.errors import DerivedAdapterError, InvalidPruningTargetError
 from hf_prune.surgery import apply_plan
 
 
@@ -166,6 +167,10 @@ def test_multi_head_latent_attention_heads_read_from_the_dataflow(config_class):
         (transformers.BloomConfig, "every block receives alibi (8, 1, 7) with one entry per head (4)"),
         # MPT's ALiBi slopes likewise: no parameter produces them, tying its heads is never tried
         (transformers.MptConfig, "every block receives position_bias (4, 1, 128) with one entry per head (4)"),
+        # MRA's block-sparse attention returns zeros without its CUDA kernel: q/k/v reach nothing on the CPU
+        (transformers.MraConfig, "attention.self.value, attention.output.dense (64→4×16, 4×16→64) reach none of"),
+        # CodeGen's forward splits q/k/v into mp_num = 4 groups whatever the head count: one head cannot go alone
+        (transformers.CodeGenConfig, "verification failed in attn"),
     ],
 )
 def test_heads_that_cannot_be_cut_alone_are_refused_with_the_reason(config_class, reason):
@@ -283,3 +288,46 @@ def test_heads_sharing_a_position_bias_are_cut_alike_in_every_layer(config_class
         assert layer.get_submodule(adapter.o_proj).in_features == n // 2 * width
     with torch.no_grad():
         torch.testing.assert_close(model_output(reloaded, inputs), expected, atol=1e-5, rtol=0)
+
+
+def test_group_layouts_give_the_rows_the_forwards_split_by():
+    """A fused layout of groups: CodeGen's forward reshapes the q/k/v rows into `mp_num = 4` groups, splits each
+    into [q | v | k] of `n·d / 4` rows and reads heads in order (plain torch below); "blocked" is one group, and
+    "grouped" one group per KV head, both in [q | k | v] order."""
+    n, d, mp = 8, 3, 4
+    rows = torch.arange(3 * n * d).reshape(mp, -1)
+    query, value, key = (part.reshape(mp, n // mp, d).reshape(n, d) for part in rows.split(n * d // mp, dim=-1))
+    chunks = fused_chunks("4:qvk", n, n)
+    for expected, heads in zip((query, key, value), chunks, strict=True):
+        assert [list(range(c * d, (c + 1) * d)) for c in heads] == expected.tolist()
+    for n, m in ((8, 8), (8, 2), (4, 1)):
+        assert fused_chunks("1:qkv", n, m) == fused_chunks("blocked", n, m)
+        assert fused_chunks("m/1:qkv", n, m) == fused_chunks("grouped", n, m)
+    with pytest.raises(DerivedAdapterError, match="do not split into its 4 groups"):
+        fused_chunks("4:qvk", 7, 7)
+
+
+@pytest.mark.parametrize("config_class", [transformers.XLMConfig, transformers.FlaubertConfig])
+def test_heads_of_layers_kept_in_parallel_lists(config_class, tmp_path):
+    """XLM (and FlauBERT) keep layer i's attention in `attentions[i]` and its MLP in `ffns[i]`: heads are found in
+    the one, neurons in the other. Half the heads by magnitude equal the plain-torch reference (the removed heads'
+    columns of `attentions[i].out_lin` zeroed); each attention's `n_heads` follows; the folder reloads to it."""
+    derivation = verified_derivation(config_class)
+    assert derivation.q_proj == "attentions.q_lin" and derivation.o_proj == "attentions.out_lin"
+    assert {"heads", "neurons", "layers"} <= derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(config_class, seed=2)
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    assert len({p.query_heads for p in pruner.plan.layers}) > 1
+    assert all(len(p.query_heads) == 2 for p in pruner.plan.layers)  # of 4
+    reference = heads_zeroed(dense, pruner.plan, "transformer.attentions", "out_lin")
+    with torch.no_grad():
+        expected, pruned = reference(**inputs).logits, pruner.model(**inputs).logits
+    torch.testing.assert_close(pruned, expected, atol=1e-5, rtol=0)
+    for layer_plan, attention in zip(pruner.plan.layers, pruner.model.transformer.attentions, strict=True):
+        assert attention.n_heads == len(layer_plan.query_heads)
+        assert attention.q_lin.out_features == attention.out_lin.in_features == 16 * attention.n_heads
+    pruner.save_pretrained(tmp_path / "pruned")
+    reloaded = load_pruned(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)

@@ -26,7 +26,7 @@ from .attention import fused_chunks
 from .fields import ALIASES, config_field, entry_field, join, sub_config, with_entry
 from .mlp import gate_up_rows
 from .record import Derivation
-from .stacks import fixed_prefix
+from .stacks import fixed_prefix, layer_parts
 
 #: The head attributes `ArchitectureAdapter.set_attention_geometry` updates on the attention module.
 HEAD_ATTRIBUTES = ("num_key_value_groups", "num_heads", "num_attention_heads", "num_key_value_heads", "all_head_size")
@@ -82,6 +82,11 @@ class DerivedAdapter(ArchitectureAdapter):
         prefix = self.layers_name(model).removesuffix(self.layers_path)
         return [prefix + name for name in self.derivation.parallel_lists]
 
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """Parallel lists: each layer as `stacks.LayerParts` (entry `i` of every list), as derivation read it."""
+        names = self._parallel(model)
+        return layer_parts(model, names) if names else super().layers(model)
+
     def layer_parts(self, model: nn.Module, index: int) -> list[nn.Module]:
         names = self._parallel(model)
         return [model.get_submodule(name)[index] for name in names] if names else super().layer_parts(model, index)
@@ -117,7 +122,7 @@ class DerivedAdapter(ArchitectureAdapter):
                 setattr(module, key, len(layers))
         if not names:
             return super().set_layers(model, layers)
-        kept = [next(i for i, block in enumerate(old) if block is layer) for layer in layers]
+        kept = [next(i for i, block in enumerate(old) if block.parts()[0] is layer.parts()[0]) for layer in layers]
         for name in names:
             entries = model.get_submodule(name)
             replace_module(model, name, nn.ModuleList(entries[i] for i in kept))

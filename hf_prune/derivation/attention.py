@@ -8,15 +8,18 @@ channel only the columns of its heads. Names are hints for the order only (q bef
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
 
 import torch
 from torch import nn
 
+from ..errors import DerivedAdapterError
+from ..groups.base import in_features, out_features
 from ..kinds import ATTENTION_KINDS
-from .fields import ALIASES, config_field, config_value, field_value, role_field, stage_field
-from .probes import modules_run, output_of, parameter_reach, reach, reach_many
+from .fields import ALIASES, config_field, config_value, field_value, role_field, stage_field, with_entry
+from .probes import first_line, modules_run, output_of, parameter_reach, reach, reach_many
 from .record import Derivation
 
 #: Name hints, only to order projections whose shapes and dataflow are alike (never as evidence).
@@ -91,9 +94,28 @@ def derive_attention(found: Derivation, model, inputs, block, projections, hidde
     found.refuse(
         ATTENTION_KINDS,
         first
+        or _silent_attention(probe, projections, hidden, heads, head_dims)
         or f"no projections of widths {hidden}→{heads}×d and {heads}×d→{hidden} (d in {head_dims}) in "
         f"{type(block).__name__}; found {projections}",
     )
+
+
+def _silent_attention(probe, projections: dict, hidden: int, heads: int, head_dims: list[int]) -> str:
+    """Why projections of the q/k/v and output widths were not matched where none of them reaches another on the
+    tiny inputs (MRA's block-sparse attention returns zeros without its CUDA kernel): the heads cannot be
+    confirmed from the dataflow. "" otherwise."""
+    for d in dict.fromkeys(head_dims):
+        feeders = [n for n, (i, o) in projections.items() if i == hidden and o == heads * d]
+        outputs = [n for n, (i, o) in projections.items() if i == heads * d and o == hidden]
+        if len(feeders) < 3 or not outputs or any(probe(p, 1, o) for p in feeders for o in outputs if p != o):
+            continue
+        names = ", ".join(dict.fromkeys(feeders + outputs))
+        return (
+            f"the projections {names} ({hidden}→{heads}×{d}, {heads}×{d}→{hidden}) reach none of one another on the "
+            "tiny inputs (an attention whose output does not depend on them here: a kernel that does not run on this "
+            "device returns zeros, as MRA's without CUDA), so its heads cannot be confirmed and stay whole"
+        )
+    return ""
 
 
 def _cached_reach(seen: dict, model, inputs, block, producer: str, channel: int, consumer: str) -> set[int]:
@@ -120,8 +142,9 @@ def _attention_in(found, probe, model, inputs, block, projections, hidden, heads
         outputs = [n for n in outputs if n not in consumers]
         if len(consumers) == 1 and len(fused) == 1 and not outputs:
             (qkv, m), o = next(iter(fused.items())), consumers[0]
-            layout = fused_layout(model, inputs, block, qkv, o, heads, m, d)
-            if layout not in FUSED_LAYOUTS:
+            wider = functools.partial(_wider_roles, found, model, inputs, block, qkv, o, hidden)
+            layout = fused_layout(model, inputs, block, qkv, o, heads, m, d, wider)
+            if not is_layout(layout):
                 return f"fused q/k/v projection {qkv} ({hidden}→{(heads + 2 * m) * d}): {layout}"
             found.qkv_proj, found.qkv_layout, found.o_proj = qkv, layout, o
             found.width_attributes = WIDTH_ATTRIBUTES + FUSED_WIDTH_ATTRIBUTES
@@ -302,27 +325,88 @@ FUSED_WIDTH_ATTRIBUTES = ("embed_dim",)
 #: Fused q/k/v row layouts, as the chunk (of `d` rows) holding each query head `h` and KV head `j`'s key and
 #: value, for `n` query heads, `m` KV heads and `G = n / m` query heads per KV head:
 #: "blocked" [q_0 … q_n-1 | k_0 … k_m-1 | v_0 … v_m-1] (GPT-2, MPT, GPT-BigCode), "grouped" per KV head
-#: [q_jG … q_jG+G-1 k_j v_j] (GPT-NeoX and BLOOM with G = 1, Falcon's GQA layout).
+#: [q_jG … q_jG+G-1 k_j v_j] (GPT-NeoX and BLOOM with G = 1, Falcon's GQA layout). Any other order or
+#: interleaving of groups is read from the dataflow too (`fused_layout`) and written `group_layout` does.
 FUSED_LAYOUTS = ("blocked", "grouped")
+#: The parts of a fused projection's group, in every order (q before k first: with `G = 1` they look alike).
+PART_ORDERS = ("qkv", "qvk", "vqk", "kqv", "kvq", "vkq")
+
+
+def group_layout(groups: str, order: str) -> str:
+    """A fused layout of groups, each holding its query heads, then its KV heads' keys and values, as blocks in
+    `order` (a permutation of "qkv"): `groups` "4" a fixed count of groups (CodeGen's `mp_num = 4`: [q v k]
+    per group), "m/2" one group per 2 KV heads; "blocked" is "1" with "qkv", "grouped" is "m/1" with "qkv"."""
+    return f"{groups}:{order}"
 
 
 def fused_chunks(layout: str, n: int, m: int) -> tuple[list[int], list[int], list[int]]:
     """The chunk index of every query head, KV head key and KV head value in the fused projection."""
     if layout == "blocked":
         return list(range(n)), [n + j for j in range(m)], [n + m + j for j in range(m)]
-    group = n // m
-    queries = [(h // group) * (group + 2) + h % group for h in range(n)]
-    return queries, [j * (group + 2) + group for j in range(m)], [j * (group + 2) + group + 1 for j in range(m)]
+    groups, _, order = ("m/1:qkv" if layout == "grouped" else layout).partition(":")
+    g = m // int(groups[2:]) if groups.startswith("m/") else int(groups)
+    if g < 1 or n % g or m % g or set(order) != set("qkv") or len(order) != 3:
+        raise DerivedAdapterError(
+            f"fused q/k/v layout {layout!r}: {n} query heads and {m} KV heads do not split into its {g} groups; "
+            "prune heads so that every group keeps the same number (or keep the attention whole)"
+        )
+    sizes = {"q": n // g, "k": m // g, "v": m // g}
+    width = sum(sizes.values())
+    offset = {part: sum(sizes[p] for p in order[: order.index(part)]) for part in "qkv"}
+    chunks = {
+        part: [(i // sizes[part]) * width + offset[part] + i % sizes[part] for i in range(n if part == "q" else m)]
+        for part in "qkv"
+    }
+    return chunks["q"], chunks["k"], chunks["v"]
 
 
-def fused_layout(model, inputs, block, qkv: str, o: str, n: int, m: int, d: int) -> str:
-    """Which of `FUSED_LAYOUTS` the dataflow shows, else a sentence saying what it shows.
+def is_layout(layout: str) -> bool:
+    """Whether `layout` is a fused layout (else the sentence `fused_layout` says what the chunks are)."""
+    return layout in FUSED_LAYOUTS or re.fullmatch(r"(\d+|m/\d+):[qkv]{3}", layout) is not None
 
-    Noise in channel 1 of each chunk of `d` rows reaches, in `o`'s input columns: a value chunk of KV head
-    `j` only column 1 of each of its query heads; a query chunk of head `h` only head `h`'s columns; a key
-    chunk of KV head `j` the columns of all its query heads. With one query head per KV head, query and
-    key both reach their head's columns only: told apart by the order (q before k), which no cut depends
-    on (a head's query, key and value are removed together)."""
+
+def _wider_roles(found: Derivation, model, inputs, block, qkv: str, o: str, hidden: int, n: int, m: int):
+    """(chunk roles, query heads, KV heads) of `qkv` in a second instance of the model with twice the heads (the
+    head-count fields doubled, and the KV one with them where it has as many; where the class or its forward
+    refuses the halved head size, the hidden size doubled too), else why there is none."""
+    name = next(name for name, module in model.named_modules() if module is block)
+    why = ""
+    for widen in (False, True):
+        config = copy.deepcopy(model.config)
+        owner = found.config_of(config)
+        heads = found.heads_field or config_field(type(owner), "num_attention_heads")
+        kv = found.kv_heads_field if found.kv_heads_field != heads else None
+        m2 = 2 * m if m == n or kv else m
+        try:
+            setattr(owner, *with_entry(owner, heads, 2 * n))
+            if kv:
+                setattr(owner, *with_entry(owner, kv, m2))
+            if widen:
+                setattr(owner, config_field(type(owner), "hidden_size"), 2 * hidden)
+            torch.manual_seed(0)
+            wider = type(model)(config).eval()
+            wider_block = wider.get_submodule(name)
+            rows = out_features(wider_block.get_submodule(qkv))
+            d2 = rows // (2 * n + 2 * m2)
+            if rows % (2 * n + 2 * m2) or in_features(wider_block.get_submodule(o)) != 2 * n * d2:
+                why = why or f"with {2 * n} heads, {qkv} has {rows} rows"
+                continue
+            roles = chunk_roles(wider, inputs, wider_block, qkv, o, 2 * n, m2, d2)
+        except Exception as error:  # the class refuses the doubled head count, or its forward does
+            why = why or f"no instance with {2 * n} heads: {first_line(error)}"
+            continue
+        return (roles, 2 * n, m2) if not isinstance(roles, str) else f"with {2 * n} heads, {roles}"
+    return why
+
+
+def chunk_roles(model, inputs, block, qkv: str, o: str, n: int, m: int, d: int) -> list[tuple[str, int]] | str:
+    """The role of every chunk of `d` rows of `qkv`, read from the dataflow into `o` (else a sentence saying what
+    a chunk reaches):
+
+    noise in channel 1 of a chunk reaches, in `o`'s input columns: a value chunk of KV head `j` only column 1 of
+    each of its query heads (("v", j)); a query chunk of head `h` only head `h`'s columns (("q", h)); a key chunk
+    of KV head `j` the columns of all its query heads (("k", j)). With one query head per KV head, query and key
+    both reach their head's columns only: ("qk", h)."""
     group = n // m
     seen: list[tuple[str, int]] = []
     for chunk in range(n + 2 * m):
@@ -340,16 +424,62 @@ def fused_layout(model, inputs, block, qkv: str, o: str, n: int, m: int, d: int)
             seen.append(("qk" if group == 1 else "k", touched[0] // group))
         else:
             return f"chunk {chunk} (rows {chunk * d}…{chunk * d + d - 1}) reaches columns {sorted(reached)} of {o}"
-    for layout in FUSED_LAYOUTS:
-        queries, keys, values = fused_chunks(layout, n, m)
-        expected = [None] * (n + 2 * m)
-        for h, chunk in enumerate(queries):
-            expected[chunk] = ("qk" if group == 1 else "q", h)
-        for j, (key, value) in enumerate(zip(keys, values)):
-            expected[key], expected[value] = ("qk" if group == 1 else "k", j), ("v", j)
-        if seen == expected:
-            return layout
-    return f"the chunks of {d} rows are {seen}, neither layout of {FUSED_LAYOUTS}"
+    return seen
+
+
+def _expected_roles(layout: str, n: int, m: int) -> list[tuple[str, int] | None]:
+    group, expected = n // m, [None] * (n + 2 * m)
+    queries, keys, values = fused_chunks(layout, n, m)
+    for h, chunk in enumerate(queries):
+        expected[chunk] = ("qk" if group == 1 else "q", h)
+    for j, (key, value) in enumerate(zip(keys, values)):
+        expected[key], expected[value] = ("qk" if group == 1 else "k", j), ("v", j)
+    return expected
+
+
+def layouts_of(seen: list[tuple[str, int]], n: int, m: int) -> list[tuple[int, str]]:
+    """Every (group count, part order) whose layout gives the chunk roles `seen`, fewest groups first; with one
+    query head per KV head, q before k (they look alike: a head's query and key go together)."""
+    return [
+        (g, order)
+        for g in range(1, m + 1)
+        if m % g == 0
+        for order in PART_ORDERS
+        if _expected_roles(group_layout(str(g), order), n, m) == seen
+    ]
+
+
+def fused_layout(model, inputs, block, qkv: str, o: str, n: int, m: int, d: int, wider=None) -> str:
+    """The layout the dataflow shows (`chunk_roles`): "blocked", "grouped", else `group_layout`'s, else a
+    sentence saying what the chunks are.
+
+    One group, or one per KV head in "qkv" order, are the named layouts, as before. `g` groups in another order
+    (1 < g) hold either a fixed count of groups or one per `m / g` KV heads, alike on one instance: `wider(n, m)`
+    gives the chunk roles, head counts and head size of a second instance with twice the heads, whose group
+    count tells them apart (None: refused, saying so)."""
+    seen = chunk_roles(model, inputs, block, qkv, o, n, m, d)
+    if isinstance(seen, str):
+        return seen
+    found = layouts_of(seen, n, m)
+    if not found:
+        return f"the chunks of {d} rows are {seen}, no layout of groups of [q, k, v] parts in any order"
+    g, order = found[0]
+    if g == 1 and order == "qkv":
+        return "blocked"
+    if g == m and order == "qkv":
+        return "grouped"
+    if g == 1:
+        return group_layout("1", order)
+    second = wider(n, m) if wider else "no second instance"
+    if isinstance(second, str):
+        return f"{g} groups of [{', '.join(order)}] chunks: a fixed count or one per {m // g} KV heads? ({second})"
+    roles, n2, m2 = second
+    g2 = next((count for count, part_order in layouts_of(roles, n2, m2) if part_order == order), None)
+    if g2 == g:
+        return group_layout(str(g), order)
+    if g2 is not None and m2 // g2 == m // g:
+        return group_layout(f"m/{m // g}", order)
+    return f"{g} groups of [{', '.join(order)}] chunks with {n} heads, but {roles} with {n2}"
 
 
 def _attention_module(found: Derivation, model, inputs, block, names: list[str]) -> None:
@@ -358,7 +488,7 @@ def _attention_module(found: Derivation, model, inputs, block, names: list[str])
         found.refuse({"attention_branches"}, f"the attention projections {names} have no module of their own")
         return
     output = output_of(model, inputs, block.get_submodule(found.attention_module))
-    if isinstance(output, tuple) and len(output) == 2:
+    if isinstance(output, tuple) and len(output) in (1, 2):  # (output, weights), or (output,) (XLM): read by index
         found.removed_attention_output = "zeros_and_none"
     elif isinstance(output, torch.Tensor):
         found.removed_attention_output = "zeros"

@@ -41,7 +41,7 @@ from .shrink import (
     tiny_config,
     tiny_model_class,
 )
-from .stacks import find_stack, relative_layers_path
+from .stacks import find_stack, layer_parts, relative_layers_path
 
 __all__ = [
     "LIST_WIDTH",
@@ -71,6 +71,8 @@ def derive(config_class: type[PretrainedConfig]) -> tuple[Derivation, nn.Module,
     if stack.count_field is None:
         found.refuse({"layers"}, f"no config field counts {layers_name} alone: {stack.shared}")
     block = model.get_submodule(layers_name)[0]
+    if stack.parallel:  # layer 0's entry of every parallel list: the attention and the MLP are in different lists
+        block = layer_parts(model, list(stack.parallel))[0]
     projections = projection_widths(block)
     config = found.config_of(model.config)
     hidden = config_value(config, "hidden_size")

@@ -261,3 +261,40 @@ def fixed_prefix(blocks: nn.ModuleList) -> int:
     while count < len(structures) and structures[count] != common:
         count += 1
     return count
+
+
+class LayerParts(nn.Module):
+    """Layer `index` of a model that keeps each layer's parts in parallel lists (XLM's `attentions[i]`,
+    `layer_norm1[i]`, `ffns[i]`, `layer_norm2[i]`: `Stack.parallel`): entry `index` of every list, as a child named
+    after its list, so that the attention in one list and the MLP in another are found and cut by names inside
+    one layer (`attentions.q_lin`, `ffns.lin1`). It is not run itself: a pre-hook on it goes to its first part
+    (the layer's input), a hook to its last (its output), and a part replaced here is replaced in its list."""
+
+    def __init__(self, lists: dict[str, nn.ModuleList], index: int):
+        super().__init__()
+        self.__dict__["_lists"], self.__dict__["_index"] = lists, index
+        for name, entries in lists.items():
+            super().__setattr__(name, entries[index])
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__.get("_lists", {}):
+            self._lists[name][self._index] = value
+        super().__setattr__(name, value)
+
+    def parts(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self._lists]
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        return self.parts()[0].register_forward_pre_hook(*args, **kwargs)
+
+    def register_forward_hook(self, *args, **kwargs):
+        return self.parts()[-1].register_forward_hook(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("LayerParts is not run: the model runs its parts from their lists")
+
+
+def layer_parts(model: nn.Module, names: list[str]) -> nn.ModuleList:
+    """Every layer of the parallel lists `names` (qualified, in the order the forward runs them) as `LayerParts`."""
+    lists = {name.rpartition(".")[2]: model.get_submodule(name) for name in names}
+    return nn.ModuleList(LayerParts(lists, index) for index in range(len(next(iter(lists.values())))))
