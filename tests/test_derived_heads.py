@@ -331,3 +331,29 @@ def test_heads_of_layers_kept_in_parallel_lists(config_class, tmp_path):
     reloaded = load_pruned(tmp_path / "pruned").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DeepseekV32Config"), reason="no DeepSeek-V3.2 in this release")
+def test_a_token_selector_the_attention_consults_stays_whole():
+    """DeepSeek-V3.2's `indexer` picks the tokens each query attends to, from the hidden states and the shared
+    query latent: it reads no head, so it stays whole and the heads are cut around it. With the indexer keeping
+    3 of the 7 tokens (the sparse path, which changes the output), the cut equals the reference (removed heads'
+    `o_proj` columns zeroed); Longformer's idle global projections, siblings of its q/k/v, stay refused."""
+    derivation = verified_derivation(transformers.DeepseekV32Config)
+    assert "heads" in derivation.kinds, derivation.refused
+    dense, inputs = build_tiny(transformers.DeepseekV32Config, seed=2)
+    with torch.no_grad():
+        full = dense(**inputs).logits
+        for layer in dense.model.layers:
+            layer.self_attn.indexer.index_topk = 3
+        assert not torch.allclose(dense(**inputs).logits, full, atol=1e-3)  # the selection matters
+    pruner = HFPruner(copy.deepcopy(dense))
+    pruner.prune(attention_heads=0.5, **STRUCTURAL)
+    reference = heads_zeroed(dense, pruner.plan, pruner.adapter.layers_name(dense), pruner.adapter.o_proj)
+    with torch.no_grad():
+        torch.testing.assert_close(pruner.model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=0)
+    for layer, old in zip(pruner.adapter.layers(pruner.model), dense.model.layers, strict=True):
+        assert layer.self_attn.o_proj.in_features < old.self_attn.o_proj.in_features
+        for name, parameter in old.self_attn.indexer.named_parameters():
+            torch.testing.assert_close(layer.self_attn.indexer.get_parameter(name), parameter, atol=0, rtol=0)
+    assert "heads" in verified_derivation(transformers.LongformerConfig).refused

@@ -223,6 +223,7 @@ def headed_attention(found: Derivation, model, inputs, block, projections: dict,
             continue
         parent = common_parent([*producers, o])
         silent = [name for name in silent if parent and name.startswith(parent + ".")]
+        silent = [n_ for n_ in silent if not _consulted_apart(model, inputs, block, n_, producers, projections, n)]
         if silent:
             first = first or (
                 f"{', '.join(silent)} in {parent} reach nothing of {o} on the tiny inputs (an attention used with "
@@ -240,6 +241,23 @@ def headed_attention(found: Derivation, model, inputs, block, projections: dict,
         _head_parameters(found, block, n, [*producers, o])
         return None
     return first
+
+
+def _consulted_apart(model, inputs, block, name: str, producers: list[str], projections: dict, n: int) -> bool:
+    """Whether `name`, a projection under the attention that reaches nothing of its output on the tiny inputs,
+    belongs to a computation the attention consults apart from its heads, which stays whole: it lives in a child
+    module no head producer lives in (DeepSeek-V3.2's `indexer`, which picks the tokens to attend to from the
+    hidden states and the shared query latent) and no head producer's channel reaches its input (a head's
+    channel 1 of each producer: it reads no head). A sibling of the producers (Longformer's global q/k/v, idle
+    on inputs without global tokens) is not: the heads it holds cannot be confirmed."""
+    module = name.rpartition(".")[0]
+    if any(producer.startswith(module + ".") or producer.rpartition(".")[0] == module for producer in producers):
+        return False
+    for producer in producers:
+        width = projections[producer][1] // n
+        if reach_many(model, inputs, block, producer, width + 1 if width > 1 else width, [name])[name]:
+            return False
+    return True
 
 
 def _head_count_attribute(found: Derivation, block: nn.Module, n: int) -> bool:
