@@ -27,7 +27,11 @@ on every non-overlapping `--seq-len` window of the whole split (the zero-shot pr
 scores the first N only (quick mode). Wall time: pruning + training (`train_s`), evaluation (`eval_s`).
 Results go to `--output` (JSON) after every row, with every setting that changes the numbers
 (results_file.py); finished rows are skipped when the script runs again with the same settings, and
-other settings are refused. Prints the command that reproduces the table above it.
+other settings are refused. Prints the command that reproduces the table above it. A trained row also
+saves a Trainer checkpoint every `--save-steps` optimizer steps under `--work` (the newest only): a run
+stopped inside a row resumes from it (the same prune first, then `trainer.train(resume_from_checkpoint=...)`,
+which restores the weights, optimizer, schedule, RNG and the callback's masks), and a finished row's folder
+is removed.
 
     python scripts/benchmark_finetune.py                              # hours on 2 CPU cores
     python scripts/benchmark_finetune.py --rows gradual --seeds 0
@@ -40,8 +44,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -70,7 +74,10 @@ def windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
 
 
 def train(model, data: torch.Tensor, settings: dict, seed: int, learning_rate: float, work: Path, callbacks=()):
+    """`settings["steps"]` optimizer steps; a checkpoint every `settings["save_steps"]` into `work`, where the
+    newest one a stopped run left is resumed from."""
     rows = [{"input_ids": row, "labels": row} for row in data]
+    resumed = sorted(work.glob("checkpoint-*"), key=lambda folder: int(folder.name.rpartition("-")[2]))
     args = TrainingArguments(
         output_dir=str(work),
         max_steps=settings["steps"],
@@ -80,13 +87,17 @@ def train(model, data: torch.Tensor, settings: dict, seed: int, learning_rate: f
         seed=seed,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
+        save_total_limit=1,
         logging_steps=10,
         disable_tqdm=False,  # a progress bar over the optimizer steps (stderr)
         bf16=settings["precision"] == "bf16",
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=list(callbacks))
-    return trainer.train().training_loss
+    if resumed:
+        print(f"resuming from {resumed[-1]}", flush=True)
+    return trainer.train(resume_from_checkpoint=str(resumed[-1]) if resumed else None).training_loss
 
 
 def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dict, results: dict, work: Path) -> dict:
@@ -131,6 +142,8 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
         else:
             record["score"] = settings["gradual_score"]
         chosen = {"criterion": record["criterion"]} if oneshot else {}
+        # the teacher passed, not taken from the model at step 0: a resumed run's model is already masked
+        teacher = copy.deepcopy(dense) if distill else None
         config = PruningConfig(**TARGET, damping=settings["damping"], **chosen)
         callback = PruningCallback(
             config,
@@ -138,7 +151,7 @@ def run_row(row: str, seed: int, dense, tokenizer, data, test_ids, settings: dic
             score=settings["gradual_score"],
             pruned_dir=None,
             repair="lstsq" if row in ("gradual-repair", "gradual-both") else "none",
-            distill=Distillation(alpha=alpha, temperature=temperature) if distill else None,
+            distill=Distillation(alpha=alpha, temperature=temperature, teacher=teacher) if distill else None,
         )
         if callback.score == "l0":
             callback.attach_gates(model)  # before the Trainer builds its optimizer
@@ -228,7 +241,17 @@ def main(argv: list[str] | None = None) -> dict:
         "obs is the best one-pass MLP -50%% criterion of scripts/benchmark_zero_shot.py",
     )
     parser.add_argument("--output", default="outputs/benchmark_finetune.json")
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="where trained rows keep their checkpoints until they finish (default: beside --output, <output>.work/)",
+    )
+    parser.add_argument(
+        "--save-steps", type=int, default=10, help="a trained row's checkpoint interval (resume after a stop)"
+    )
     args = parser.parse_args(argv)
+    if args.save_steps < 1:
+        parser.error(f"--save-steps must be a positive number of optimizer steps, got {args.save_steps}")
     torch.set_num_threads(args.threads)
 
     rows = [row for row in args.rows.split(",") if row]
@@ -264,17 +287,22 @@ def main(argv: list[str] | None = None) -> dict:
     results = open_results(args.output, settings, __file__, argv, parser, (*PACKAGES, "peft"))
     if any("oneshot" in row for row in rows) and "zero-shot" not in rows:
         rows.insert(0, "zero-shot")  # the one-shot rows use each seed's best zero-shot criterion
-    with tempfile.TemporaryDirectory(prefix="benchmark_finetune.") as scratch:
-        # Seed-major order: an interrupted run leaves whole seeds, which already compare the rows.
-        for seed in seeds:
-            for row in [r for r in ROWS if r in rows and not (r == "dense" and seed != seeds[0])]:
-                key = f"{row}/seed{seed}"
-                if key in results:
-                    continue
-                print(f"running {key} ...", flush=True)
-                work = Path(scratch) / key
-                record = run_row(row, seed, dense, tokenizer, data, test_ids, settings, results.as_dict(), work)
-                results.save_row(key, record)
+    # Checkpoints are not a setting: a resumed row computes what an uninterrupted one does.
+    scratch = Path(args.work) if args.work else Path(args.output).with_suffix(".work")
+    run_settings = {**settings, "save_steps": args.save_steps}
+    # Seed-major order: an interrupted run leaves whole seeds, which already compare the rows.
+    for seed in seeds:
+        for row in [r for r in ROWS if r in rows and not (r == "dense" and seed != seeds[0])]:
+            key = f"{row}/seed{seed}"
+            if key in results:
+                continue
+            print(f"running {key} ...", flush=True)
+            work = scratch / row / f"seed{seed}"
+            record = run_row(row, seed, dense, tokenizer, data, test_ids, run_settings, results.as_dict(), work)
+            results.save_row(key, record)
+            shutil.rmtree(work, ignore_errors=True)
+    if scratch.is_dir() and not any(scratch.rglob("checkpoint-*")):
+        shutil.rmtree(scratch, ignore_errors=True)
     results.report(table(results.as_dict(), seeds, rows))
     return results.as_dict()
 

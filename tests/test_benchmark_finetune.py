@@ -136,3 +136,43 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_instructions(capabil
     assert results_file.training_precision("fp32", device="cpu") == "fp32"
     with pytest.raises(UsageError, match="--precision"):
         results_file.training_precision("fp16", device="cpu")
+
+
+class Stopped(Exception):
+    """The stand-in for a run killed inside a trained row."""
+
+
+@pytest.mark.parametrize("row", ["oneshot-distill-full", "gradual-both"])
+def test_a_row_stopped_inside_resumes_from_its_checkpoint(row, smollm2, tmp_path, capsys, monkeypatch):
+    """Killed after optimizer step 3 of 4 (checkpoints every 2 steps), the row resumes from step 2 on the next
+    run: the same prune, then the weights, optimizer, schedule, RNG and the callback's masks and Gram
+    accumulators from the checkpoint. Its perplexity equals an uninterrupted run's, and its work folder goes."""
+    if not Path(os.environ.get(DATA_DIR_VARIABLE, "/nonexistent"), "wikitext-2").is_dir():
+        pytest.skip(f"needs WikiText-2 under ${DATA_DIR_VARIABLE}")
+    benchmark = script_module("benchmark_finetune")
+    argv = ["--model", "tiny", "--steps", "4", "--windows-per-step", "2", "--seq-len", "64", "--windows", "2"]
+    argv += ["--seeds", "0", "--zero-shot-criteria", "magnitude", "--save-steps", "2", "--rows", row]
+    whole = benchmark.main([*argv, "--output", str(tmp_path / "whole.json")])["rows"][f"{row}/seed0"]
+
+    steps = []
+    step = benchmark.Trainer.training_step
+
+    def killed(self, *args, **kwargs):
+        if len(steps) == 3:
+            raise Stopped
+        steps.append(self.state.global_step)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark.Trainer, "training_step", killed)
+    output = tmp_path / "stopped.json"
+    with pytest.raises(Stopped):
+        benchmark.main([*argv, "--output", str(output)])
+    monkeypatch.undo()
+    work = output.with_suffix(".work")
+    assert [folder.name for folder in work.rglob("checkpoint-*")] == ["checkpoint-2"]
+    capsys.readouterr()
+    resumed = benchmark.main([*argv, "--output", str(output)])["rows"][f"{row}/seed0"]
+    assert "resuming from" in capsys.readouterr().out
+    assert resumed["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    assert resumed["parameters"] == whole["parameters"]
+    assert not work.exists()
