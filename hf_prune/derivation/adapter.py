@@ -28,9 +28,6 @@ from .mlp import gate_up_rows
 from .record import Derivation
 from .stacks import fixed_prefix, layer_parts
 
-#: The head attributes `ArchitectureAdapter.set_attention_geometry` updates on the attention module.
-HEAD_ATTRIBUTES = ("num_key_value_groups", "num_heads", "num_attention_heads", "num_key_value_heads", "all_head_size")
-
 
 class DerivedAdapter(ArchitectureAdapter):
     """An adapter whose names come from a verified `Derivation` rather than a hand-written file."""
@@ -240,7 +237,9 @@ class DerivedAdapter(ArchitectureAdapter):
         a submodule holding the attention's own head attribute follows it (NeoMME's exclusive self-attention keeps
         its own `num_key_value_groups`)."""
         heads = layer.get_submodule(self.heads_module or self.attention_module)
-        before = {name: getattr(heads, name) for name in HEAD_ATTRIBUTES if type(getattr(heads, name, None)) is int}
+        before = {
+            name: getattr(heads, name) for name in self.head_attributes if type(getattr(heads, name, None)) is int
+        }
         super().set_attention_geometry(layer, geometry)
         for module in list(heads.modules())[1:]:
             for name, value in before.items():

@@ -232,8 +232,8 @@ def _shrink(config_class, values: dict, rule: ShrinkRule, changed: dict, path: s
         if rule.channels and rule.scaled and isinstance(value, float) and value > 0 and re.search(SCALED, key):
             width_ratio = min(value, 0.25) / value if "width" in key else width_ratio
     for key in canonical_names if rule.channels else ():  # EfficientNet's `hidden_dim` is no MLP width there
-        if type(old.get(key)) is int and _channel_width(key, old[key], factor, width_ratio) is not None:
-            values[key] = _channel_width(key, old[key], factor, width_ratio)
+        if type(old.get(key)) is int and (width := _channel_width(key, old[key], factor, width_ratio)) is not None:
+            values[key] = width
     for key, value in list(values.items()):
         if isinstance(value, dict) and (key in sub_configs or "model_type" in value):
             sub_class = sub_configs.get(key)
@@ -243,10 +243,10 @@ def _shrink(config_class, values: dict, rule: ShrinkRule, changed: dict, path: s
             cap = _role(key, rule.head_dim, rule.hidden)
             if cap is None and value in rule.shape_dims and not any(re.search(p, key) for p, _ in SIZE_FIELDS[:1]):
                 cap = SHAPE_CAP  # no name says what it sizes, but a parameter shape shows it does
-            if rule.proportional and _proportional(key, value, default_hidden, rule.hidden) is not None:
-                values[key] = _proportional(key, value, default_hidden, rule.hidden)
-            elif rule.channels and _channel_width(key, value, factor, width_ratio) is not None:
-                values[key] = _channel_width(key, value, factor, width_ratio)
+            share = _proportional(key, value, default_hidden, rule.hidden) if rule.proportional else None
+            width = _channel_width(key, value, factor, width_ratio) if rule.channels else None
+            if share is not None or width is not None:
+                values[key] = share if share is not None else width
             elif isinstance(cap, int) and value > cap:
                 values[key] = cap
         elif rule.channels and re.search(IMAGE_SIZE, key) and _int_list(value):  # TextNet's (640, 640)

@@ -333,8 +333,17 @@ class ArchitectureAdapter(ABC):
         ]
 
     # ----------------------------------------------------------------- module updates
+    #: The head attributes `set_attention_geometry` updates on the attention module.
+    head_attributes: ClassVar[tuple[str, ...]] = (
+        "num_key_value_groups",
+        "num_heads",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "all_head_size",
+    )
+
     def set_attention_geometry(self, layer: nn.Module, geometry: AttentionGeometry) -> None:
-        """Update the attention module's head attributes after its projections were sliced."""
+        """Update the attention module's head attributes (`head_attributes`) after its projections were sliced."""
         attention = self._heads_module(layer)
         if hasattr(attention, "num_key_value_groups"):
             attention.num_key_value_groups = geometry.heads_per_group
